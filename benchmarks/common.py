@@ -1,0 +1,139 @@
+"""Shared by the benchmarks: the baby GPT recipe, a hand-written reference loop, machine facts."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tessera.config import Recipe  # noqa: E402
+from tessera.core.callback import Callback  # noqa: E402
+from tessera.models.gpt import GPT, GPTConfig  # noqa: E402
+
+BABY_GPT = dict(n_layer=4, n_head=4, d_model=128, block_size=64)
+
+
+def baby_recipe(steps: int, batch_size: int = 12, **sections: dict[str, Any]) -> Recipe:
+    """The baby GPT of the issue: 4 layers, 4 heads, width 128, context 64, AdamW; no eval, no checkpoints."""
+    data: dict[str, Any] = {
+        "seed": 1,
+        "model": dict(BABY_GPT),
+        "data": {"corpus": str(REPO / "data" / "shakespeare")},
+        "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.99]},
+        "scheduler": {"name": "cosine", "warmup": "10ba"},
+        "train": {"max_duration": f"{steps}ba", "global_batch_size": batch_size, "grad_clip_norm": 1.0},
+        "eval": {"interval": "1000000ba"},
+        "checkpoint": {"interval": "1000000ba", "keep": 1},
+        "logging": {"console": False, "jsonl": True},
+    }
+    for name, values in sections.items():
+        data[name] = {**data.get(name, {}), **values}
+    return Recipe.model_validate(data)
+
+
+def cosine_lr(step: int, total: int, warmup: int, base: float, final_fraction: float = 0.1) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class HandwrittenLoop:
+    """What a PyTorch user writes by hand: same model, batches, AdamW, schedule and clipping.
+
+    ``step()`` runs one optimizer step and returns (wall seconds, loss), so a
+    benchmark can interleave it with Tessera's steps and compare the two
+    under the same machine conditions.
+    """
+
+    def __init__(self, recipe: Recipe, data, steps: int) -> None:
+        torch.manual_seed(recipe.seed)
+        m = recipe.model
+        self.model = GPT(GPTConfig(vocab_size=data.tokenizer.vocab_size, block_size=m.block_size,
+                                   n_layer=m.n_layer, n_head=m.n_head, d_model=m.d_model))
+        torch.manual_seed(recipe.seed)  # Tessera reseeds per rank after building the model
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        opt = recipe.optimizer
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=opt.lr, betas=opt.betas, eps=opt.eps,
+        )
+        self.recipe, self.steps, self.step_index = recipe, steps, 0
+        self.warmup = int(recipe.scheduler.warmup.removesuffix("ba"))
+        self.batches = data.train_batches(0, 0)
+
+    def step(self) -> tuple[float, float]:
+        start = time.perf_counter()
+        batch = next(self.batches)
+        opt = self.recipe.optimizer
+        lr = cosine_lr(self.step_index, self.steps, self.warmup, opt.lr, self.recipe.scheduler.final_lr_fraction)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        logits = self.model(batch.inputs)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.targets.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.train.grad_clip_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        value = loss.item()
+        self.step_index += 1
+        return time.perf_counter() - start, value
+
+
+def handwritten_losses(recipe: Recipe, data, steps: int) -> list[float]:
+    loop = HandwrittenLoop(recipe, data, steps)
+    return [loop.step()[1] for _ in range(steps)]
+
+
+class PairedSteps(Callback):
+    """Interleaves a hand-written step after every Tessera step and times both.
+
+    Tessera's step is timed from the end of the previous hand-written step to
+    its own BATCH_END, so it holds exactly one Tessera step (data, events,
+    logging, schedule, clipping, optimizer) and nothing of the other loop.
+    """
+
+    def __init__(self, hand: HandwrittenLoop) -> None:
+        self.hand = hand
+        self.tessera: list[float] = []
+        self.handwritten: list[float] = []
+        self._last = 0.0
+
+    def fit_start(self, state, logger) -> None:
+        self._last = time.perf_counter()
+
+    def batch_end(self, state, logger) -> None:
+        self.tessera.append(time.perf_counter() - self._last)
+        self.handwritten.append(self.hand.step()[0])
+        self._last = time.perf_counter()
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def emit(result: dict[str, Any]) -> None:
+    """Every benchmark ends by printing exactly one JSON line (and saving it under benchmarks/results/)."""
+    line = json.dumps(result, sort_keys=False)
+    out = REPO / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{result['benchmark']}.json").write_text(line + "\n")
+    print(line, flush=True)

@@ -1,0 +1,11 @@
+"""Run every benchmark in turn; each prints its own JSON line."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHMARKS = ["trainer_overhead.py", "shakespeare_quality.py"]
+
+failed = [name for name in BENCHMARKS if subprocess.call([sys.executable, str(HERE / name)]) != 0]
+sys.exit(1 if failed else 0)

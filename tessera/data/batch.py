@@ -1,0 +1,59 @@
+"""The unit the trainer moves around: inputs, targets and where each example came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+IGNORE_INDEX = -100  # a target position with this id adds nothing to the loss
+
+
+@dataclass
+class Batch:
+    """One batch or microbatch.
+
+    ``sample_ids`` are the dataset-global example indices and ``provenance``
+    the class index of each example (a row of ``-1`` where the data has no
+    classes). Both ride along with the inputs so that nothing downstream ever
+    has to guess which example a row came from: the governance layer routes
+    and accounts by them, and algorithms that reorder or drop rows must keep
+    them aligned (``select`` does).
+    """
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    sample_ids: torch.Tensor
+    provenance: torch.Tensor
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.inputs.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.inputs.numel())
+
+    def to(self, device: torch.device | str) -> "Batch":
+        if self.inputs.device == torch.device(device):
+            return self
+        return replace(
+            self,
+            inputs=self.inputs.to(device, non_blocking=True),
+            targets=self.targets.to(device, non_blocking=True),
+        )
+
+    def select(self, rows: slice | torch.Tensor) -> "Batch":
+        return Batch(
+            inputs=self.inputs[rows],
+            targets=self.targets[rows],
+            sample_ids=self.sample_ids[rows],
+            provenance=self.provenance[rows],
+        )
+
+    def split(self, microbatch_size: int) -> list["Batch"]:
+        """Consecutive microbatches of at most ``microbatch_size`` rows."""
+        n = self.num_samples
+        if microbatch_size >= n:
+            return [self]
+        return [self.select(slice(i, i + microbatch_size)) for i in range(0, n, microbatch_size)]

@@ -1,0 +1,65 @@
+"""Load a trained run for generation, without its corpus or recipe file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tessera.build import build_model
+from tessera.checkpoint import CheckpointStore, load_checkpoint
+from tessera.config import Recipe
+from tessera.data.tokenizer import CharTokenizer
+from tessera.errors import CheckpointError, TesseraError
+from tessera.models.gpt import GPT
+
+
+@dataclass
+class Generator:
+    model: GPT
+    tokenizer: CharTokenizer
+
+    def sample(
+        self,
+        prompt: str,
+        max_new_tokens: int,
+        temperature: float = 0.8,
+        top_k: int | None = None,
+        rng: torch.Generator | None = None,
+    ) -> str:
+        if not prompt:
+            raise TesseraError("the prompt is empty")
+        if temperature <= 0:
+            raise TesseraError(f"temperature must be positive, got {temperature}")
+        try:
+            ids = self.tokenizer.encode(prompt, where="prompt")
+        except ValueError as error:
+            raise TesseraError(str(error)) from None
+        context = torch.as_tensor(ids, dtype=torch.long)[None, :]
+        out = self.model.generate(context, max_new_tokens, temperature=temperature, top_k=top_k, generator=rng)
+        return self.tokenizer.decode(out[0].tolist())
+
+
+def load_generator(run_dir: Path, checkpoint: str | None = None, weights: str = "auto") -> Generator:
+    if checkpoint is None:
+        if not Path(run_dir).is_dir():
+            raise CheckpointError(f"{run_dir}: run directory not found")
+        latest = CheckpointStore(Path(run_dir) / "checkpoints", keep=1).latest()
+        if latest is None:
+            raise CheckpointError(f"{run_dir}: no checkpoint yet (train first)")
+        checkpoint = str(latest)
+    payload = load_checkpoint(checkpoint)
+    recipe = Recipe.model_validate(payload["recipe"])
+    tokenizer = CharTokenizer.from_json(payload["tokenizer"])
+    model = build_model(recipe, tokenizer.vocab_size)
+    model.load_state_dict(payload["model"])
+    averages = payload["algorithms"].get("EMA", {}).get("averages")
+    if weights == "ema" and averages is None:
+        raise CheckpointError(f"{checkpoint}: --weights ema, but this run has no EMA weights")
+    if weights in ("ema", "auto") and averages is not None:
+        with torch.no_grad():  # by parameter, so tied weights (head = tok_emb) stay tied
+            for name, parameter in model.named_parameters():
+                parameter.copy_(averages[name])
+    model.eval()
+    return Generator(model=model, tokenizer=tokenizer)

@@ -1,0 +1,385 @@
+"""The training loop, in one file, top to bottom.
+
+Read ``Trainer.fit`` first: it is the loop of ``tessera.core.event.Event``
+with the events fired where the docstring there says. Everything else in
+this file is setup (``__init__``), one optimizer step (``_train_batch``),
+evaluation, and checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+
+from tessera import distributed
+from tessera.algorithms import build_algorithms
+from tessera.build import build_data, build_logger_destinations, build_model, resolve_device
+from tessera.checkpoint import FORMAT_VERSION, CheckpointStore, atomic_write_bytes, checkpoint_name, load_checkpoint
+from tessera.config import RESUMABLE_CHANGES, Recipe
+from tessera.core.algorithm import Algorithm
+from tessera.core.callback import Callback
+from tessera.core.engine import Engine
+from tessera.core.event import Event
+from tessera.core.state import State
+from tessera.core.time import Time, Timestamp
+from tessera.data.batch import Batch
+from tessera.data.lm import CorpusData
+from tessera.determinism import capture_rng_state, configure_determinism, restore_rng_state, seed_everything
+from tessera.errors import CheckpointError, RecipeError
+from tessera.loggers.logger import Logger
+from tessera.optim import LRSchedule, build_optimizer
+from tessera.precision import autocast, check_precision, grad_scaler
+
+
+@dataclass
+class FitResult:
+    """What a finished ``fit`` reports (also printed as the run summary)."""
+
+    run_dir: Path
+    timestamp: Timestamp
+    train_loss: float
+    eval_metrics: dict[str, float]
+    seconds: float
+    tokens_per_second: float
+    resumed_from: Timestamp | None
+    checkpoint: Path | None
+    parameters: int
+
+
+class Trainer:
+    """Trains the model a recipe describes, resuming from the run directory if it can.
+
+    ``model`` and ``data`` default to what the recipe builds; pass your own
+    to train something else with the same loop (the model needs ``forward``,
+    ``loss`` returning a *summed* loss, and ``loss_units``).
+    """
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        run_dir: str | Path,
+        *,
+        model: torch.nn.Module | None = None,
+        data: CorpusData | None = None,
+        algorithms: Sequence[Algorithm] | None = None,
+        callbacks: Sequence[Callback] = (),
+    ) -> None:
+        self.recipe = recipe
+        self.run_dir = Path(run_dir)
+        configure_determinism(recipe.train.deterministic)
+        requested = recipe.train.device
+        self.dist = distributed.init_distributed("cuda" if requested == "cuda" or (
+            requested == "auto" and torch.cuda.is_available()) else "cpu")
+        self.device = resolve_device(requested, self.dist)
+        check_precision(recipe.train.precision, self.device)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        distributed.barrier(self.dist)
+
+        # Same seed on every rank for the data order and the initial weights...
+        seed_everything(recipe.seed)
+        self.data = data or build_data(recipe, self.dist)
+        self.model = (model or build_model(recipe, self.data.tokenizer.vocab_size)).to(self.device)
+        # ...then a per-rank stream for dropout and anything else random in the loop.
+        seed_everything(recipe.seed + self.dist.rank)
+
+        self.optimizer = build_optimizer(self.model, recipe.optimizer)
+        self.schedule = LRSchedule(recipe.scheduler, recipe.optimizer.lr)
+        self.scaler = grad_scaler(recipe.train.precision, self.device)
+        self.microbatches_per_rank = self._microbatches_per_rank()
+        self.log_every = Time.parse(recipe.logging.interval)
+        self.eval_every = Time.parse(recipe.eval.interval)
+        self.checkpoint_every = Time.parse(recipe.checkpoint.interval)
+
+        self.state = State(
+            model=self.model,
+            optimizer=self.optimizer,
+            max_duration=Time.parse(recipe.train.max_duration),
+            data_shape=self.data.shape,
+            device=self.device,
+        )
+        self.logger = Logger(self.state, build_logger_destinations(recipe, self.run_dir, self.dist))
+        self.algorithms = list(build_algorithms(recipe.algorithms) if algorithms is None else algorithms)
+        self.engine = Engine(self.state, self.logger, self.algorithms, callbacks)
+        self.checkpoints = CheckpointStore(self.run_dir / "checkpoints", keep=recipe.checkpoint.keep)
+
+        # What runs the forward pass: DDP (if several processes) and torch.compile (if asked) wrap
+        # the model; algorithms and checkpoints always see the plain module in ``state.model``.
+        self._ddp: DistributedDataParallel | None = None
+        self._forward_model: torch.nn.Module = self.model
+        if self.dist.enabled:
+            self._ddp = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+            self._forward_model = self._ddp
+        if recipe.train.compile:
+            self._forward_model = torch.compile(self._forward_model)
+
+        # Dedupe keys: an evaluation is per batch count (the weights), a checkpoint per timestamp.
+        self._evaluated_at = -1
+        self._checkpointed_at: Timestamp | None = None
+        self.engine.run(Event.INIT)
+        self.resumed_from = self._resume()
+        self._last_checkpoint: Path | None = self.checkpoints.latest() if self.dist.is_main else None
+        self._last_loss = float("nan")
+        if self.dist.is_main:
+            self._write_run_files()
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> FitResult:
+        state, engine = self.state, self.engine
+        start_time, start_tokens = time.perf_counter(), state.timestamp.token
+        self.logger.log_hyperparameters(self.recipe.to_dict())
+        try:
+            engine.run(Event.FIT_START)
+            while not state.is_done:
+                if state.timestamp.batch_in_epoch == 0:
+                    engine.run(Event.EPOCH_START)
+                batches = self.data.train_batches(
+                    state.timestamp.epoch, state.timestamp.batch_in_epoch, self.dist.rank, self.dist.world_size
+                )
+                for batch in batches:
+                    loss_sum, loss_units = self._train_batch(batch)
+                    if state.due_at_batch_end(self.log_every) or state.is_done:
+                        self._last_loss = self._global_mean_loss(loss_sum, loss_units)
+                        self.logger.log_metrics(
+                            {"train/loss": self._last_loss, "train/lr": self.optimizer.param_groups[0]["lr"]}
+                        )
+                    engine.run(Event.BATCH_END)
+                    if state.due_at_batch_end(self.eval_every) or state.is_done:
+                        self.evaluate()
+                    if state.due_at_batch_end(self.checkpoint_every) or state.is_done:
+                        self.save_checkpoint(Event.BATCH_CHECKPOINT)
+                    if state.is_done:
+                        break
+                else:
+                    state.timestamp = state.timestamp.after_epoch()
+                    engine.run(Event.EPOCH_END)
+                    if state.due_at_epoch_end(self.eval_every) or state.is_done:
+                        self.evaluate()
+                    if state.due_at_epoch_end(self.checkpoint_every) or state.is_done:
+                        self.save_checkpoint(Event.EPOCH_CHECKPOINT)
+            engine.run(Event.FIT_END)
+        finally:
+            engine.close()
+        seconds = time.perf_counter() - start_time
+        return FitResult(
+            run_dir=self.run_dir,
+            timestamp=state.timestamp,
+            train_loss=self._last_loss,
+            eval_metrics=dict(state.eval_metrics),
+            seconds=seconds,
+            tokens_per_second=(state.timestamp.token - start_tokens) / seconds if seconds > 0 else 0.0,
+            resumed_from=self.resumed_from,
+            checkpoint=self._last_checkpoint,
+            parameters=sum(p.numel() for p in self.model.parameters()),
+        )
+
+    def _train_batch(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over this rank's share of a global batch.
+
+        Returns this rank's summed loss and the global batch's loss units
+        (their ratio, summed over ranks, is the batch's mean loss).
+        """
+        state, engine = self.state, self.engine
+        engine.run(Event.BATCH_START)
+        self.schedule.apply(state)
+        state.batch = batch.to(self.device)
+        engine.run(Event.AFTER_DATALOADER)
+        full_batch = state.batch
+
+        # The loss of every microbatch is divided by the target count of the whole global batch,
+        # so accumulated gradients equal one big batch's, whatever the microbatch split.
+        loss_units = self.model.loss_units(full_batch.targets).to(torch.float32)
+        loss_units = distributed.all_reduce_sum(loss_units, self.dist)
+        scale = self.dist.world_size / loss_units  # DDP averages over ranks; undo that
+        total_loss = torch.zeros((), device=self.device)
+
+        microbatches = full_batch.split(-(-full_batch.num_samples // self.microbatches_per_rank))
+        for index, microbatch in enumerate(microbatches):
+            state.batch = microbatch
+            is_last = index == len(microbatches) - 1
+            with self._no_sync_unless(is_last):
+                engine.run(Event.BEFORE_FORWARD)
+                with autocast(self.recipe.train.precision, self.device):
+                    state.outputs = self._forward_model(state.batch.inputs)
+                engine.run(Event.AFTER_FORWARD)
+                engine.run(Event.BEFORE_LOSS)
+                state.loss = self.model.loss(state.outputs, state.batch.targets)
+                engine.run(Event.AFTER_LOSS)
+                engine.run(Event.BEFORE_BACKWARD)
+                scaled = state.loss * scale
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                engine.run(Event.AFTER_BACKWARD)
+            total_loss += state.loss.detach()
+        state.batch, state.outputs, state.loss = full_batch, None, None
+
+        engine.run(Event.BEFORE_OPTIMIZER_STEP)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.recipe.train.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.train.grad_clip_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        engine.run(Event.AFTER_OPTIMIZER_STEP)
+
+        state.timestamp = state.timestamp.after_batch(
+            samples=self.data.shape.global_batch_size, tokens=full_batch.num_tokens * self.dist.world_size
+        )
+        return total_loss, loss_units
+
+    def _global_mean_loss(self, local_loss_sum: torch.Tensor, loss_units: torch.Tensor) -> float:
+        total = distributed.all_reduce_sum(local_loss_sum.clone(), self.dist)
+        return float(total / loss_units)
+
+    def _no_sync_unless(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Under DDP, all-reduce gradients only on the last microbatch of a step."""
+        if sync or self._ddp is None:
+            return contextlib.nullcontext()
+        return self._ddp.no_sync()
+
+    def _microbatches_per_rank(self) -> int:
+        per_rank = self.recipe.train.global_batch_size // self.dist.world_size
+        size = self.recipe.train.microbatch_size or per_rank
+        if per_rank % size:
+            raise RecipeError(f"train.microbatch_size ({size}) must divide the per-process batch ({per_rank})")
+        return per_rank // size
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean validation loss over the recipe's fixed validation subset."""
+        state = self.state
+        if self._evaluated_at == state.timestamp.batch:
+            return state.eval_metrics
+        self.engine.run(Event.EVAL_START)
+        was_training = self.model.training
+        self.model.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        batches = self.data.eval_batches(
+            self.recipe.eval.batch_size, self.recipe.eval.max_samples, self.dist.rank, self.dist.world_size
+        )
+        for batch in batches:
+            batch = batch.to(self.device)
+            with autocast(self.recipe.train.precision, self.device):
+                logits = self.model(batch.inputs)
+            totals[0] += self.model.loss(logits, batch.targets).double()
+            totals[1] += self.model.loss_units(batch.targets).double()
+        distributed.all_reduce_sum(totals, self.dist)
+        self.model.train(was_training)
+        state.eval_metrics = {"eval/loss": float(totals[0] / totals[1].clamp(min=1))}
+        self.logger.log_metrics(state.eval_metrics)
+        self.engine.run(Event.EVAL_END)
+        self._evaluated_at = state.timestamp.batch
+        return state.eval_metrics
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, event: Event) -> None:
+        """Write the complete training state (main rank), then fire ``event``."""
+        state = self.state
+        if self._checkpointed_at == state.timestamp:
+            return
+        rng_states = distributed.all_gather_object(capture_rng_state(), self.dist)
+        if self.dist.is_main:
+            position = self.data.sampler.position(state.timestamp.epoch, state.timestamp.batch_in_epoch)
+            payload = {
+                "format": FORMAT_VERSION,
+                "recipe": self.recipe.to_dict(),
+                "recipe_fingerprint": self.recipe.fingerprint(ignore=RESUMABLE_CHANGES),
+                "timestamp": state.timestamp.state_dict(),
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.schedule.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "rng": rng_states,
+                "sampler": self.data.sampler.state_dict(position),
+                "tokenizer": self.data.tokenizer.to_json(),
+                "eval_metrics": dict(state.eval_metrics),
+                "evaluated_at": self._evaluated_at,
+                "algorithms": {a.name: a.state_dict() for a in self.algorithms},
+                "callbacks": {type(c).__name__: c.state_dict() for c in self.engine.callbacks},
+            }
+            name = checkpoint_name(state.timestamp.epoch, state.timestamp.batch)
+            self._last_checkpoint = self.checkpoints.save(payload, name)
+        distributed.barrier(self.dist)
+        self._checkpointed_at = state.timestamp
+        self.engine.run(event)
+
+    def _resume(self) -> Timestamp | None:
+        """Autoresume from the run directory, else start from ``checkpoint.load_path`` if set."""
+        config = self.recipe.checkpoint
+        if self.dist.is_main:
+            self.checkpoints.remove_partial_writes()
+        latest = self.checkpoints.latest() if config.autoresume else None
+        if latest is not None:
+            payload = load_checkpoint(latest)
+            self._check_same_recipe(payload, latest)
+        elif config.load_path:
+            payload = load_checkpoint(config.load_path)
+        else:
+            return None
+        where = latest or config.load_path
+        try:
+            self.model.load_state_dict(payload["model"])
+            self.optimizer.load_state_dict(payload["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            reason = str(error).splitlines()[0]
+            raise CheckpointError(f"{where}: does not fit this model/optimizer ({reason})") from None
+        if self.scaler is not None and payload["scaler"] is not None:
+            self.scaler.load_state_dict(payload["scaler"])
+        position = self.data.sampler.check_resumable(payload["sampler"])
+        timestamp = Timestamp.from_state_dict(payload["timestamp"])
+        if position.epoch != timestamp.epoch:
+            raise CheckpointError(f"{where}: sampler epoch {position.epoch} != timestamp epoch {timestamp.epoch}")
+        self.state.timestamp = timestamp
+        self.state.eval_metrics = dict(payload["eval_metrics"])
+        self._evaluated_at = int(payload["evaluated_at"])
+        self._checkpointed_at = timestamp
+        for algorithm in self.algorithms:
+            algorithm.load_state_dict(payload["algorithms"].get(algorithm.name, {}))
+        for callback in self.engine.callbacks:
+            saved = payload["callbacks"].get(type(callback).__name__)
+            if saved is not None:
+                callback.load_state_dict(saved)
+        rng = payload["rng"]
+        restore_rng_state(rng[self.dist.rank] if len(rng) == self.dist.world_size else rng[0])
+        return timestamp
+
+    def _check_same_recipe(self, payload: dict[str, Any], path: Path) -> None:
+        if payload["recipe_fingerprint"] == self.recipe.fingerprint(ignore=RESUMABLE_CHANGES):
+            return
+        differences = _dict_differences(payload["recipe"], self.recipe.to_dict())
+        changed = [key for key in differences if not any(key == r or key.startswith(r + ".") for r in RESUMABLE_CHANGES)]
+        raise CheckpointError(
+            f"{path}: this run directory was trained with a different recipe "
+            f"(changed: {', '.join(changed) or 'unknown'}); use another --run-dir or restore the recipe"
+        )
+
+    def _write_run_files(self) -> None:
+        recipe_text = yaml.safe_dump(self.recipe.to_dict(), sort_keys=False)
+        atomic_write_bytes(self.run_dir / "recipe.yaml", recipe_text.encode())
+        atomic_write_bytes(self.run_dir / "vocab.json", self.data.tokenizer.to_json().encode())
+
+
+def _dict_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        found: list[str] = []
+        for key in keys:
+            found += _dict_differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return found
+    return [] if old == new else [prefix.rstrip(".")]

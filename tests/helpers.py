@@ -1,0 +1,63 @@
+"""Helpers shared by tests that train (kept out of conftest so they can be imported by name)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tessera.checkpoint import CheckpointStore, load_checkpoint
+from tessera.config import Recipe
+from tessera.core.callback import Callback
+from tessera.loggers.jsonl import read_metrics
+
+
+class CrashAt(Callback):
+    """Raises at the end of a given batch, like a process dying between two steps."""
+
+    class Crash(RuntimeError):
+        pass
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+
+    def batch_end(self, state, logger) -> None:
+        if state.timestamp.batch == self.batch:
+            raise CrashAt.Crash(f"crash at batch {self.batch}")
+
+
+def latest_payload(run_dir: Path) -> dict[str, Any]:
+    latest = CheckpointStore(Path(run_dir) / "checkpoints", keep=1).latest()
+    assert latest is not None, f"no checkpoint in {run_dir}"
+    return load_checkpoint(latest)
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["ba"], r["train/loss"]) for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "train/loss" in r]
+
+
+def eval_losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["ba"], r["eval/loss"]) for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "eval/loss" in r]
+
+
+def assert_tree_equal(a: Any, b: Any, path: str = "") -> None:
+    """Bitwise equality of nested dicts/lists of tensors and plain values."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), path
+        assert a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a, b), f"tensors differ at {path}"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"keys differ at {path}: {set(a) ^ set(b)}"
+        for key in a:
+            assert_tree_equal(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_tree_equal(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def recipe(data: dict[str, Any]) -> Recipe:
+    return Recipe.model_validate(data)

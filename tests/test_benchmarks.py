@@ -1,0 +1,31 @@
+"""The benchmark scripts run, print one JSON line, and the quality claim holds on a short run."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def _run(script: str, *args: str) -> dict:
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1, done.stdout
+    return json.loads(lines[0])
+
+
+def test_trainer_overhead_reports_a_ratio():
+    result = _run("trainer_overhead.py", "--steps", "6", "--runs", "2")
+    assert result["benchmark"] == "trainer_overhead" and result["ratio"] > 0
+    assert len(result["per_run_ratios"]) == 2
+
+
+def test_trainer_matches_handwritten_loop_bitwise():
+    result = _run("shakespeare_quality.py", "--steps", "25", "--skip-demo")
+    assert result["max_abs_loss_diff"] == 0.0

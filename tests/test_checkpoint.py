@@ -1,0 +1,122 @@
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tessera.checkpoint import CheckpointStore, load_checkpoint
+from tessera.errors import CheckpointError
+
+
+def _payload(value: int) -> dict:
+    return {"format": 1, "weights": torch.full((4,), float(value)), "meta": {"step": value}}
+
+
+def test_keep_last_k_and_latest_pointer(tmp_path):
+    store = CheckpointStore(tmp_path / "ckpt", keep=2)
+    for batch in (10, 20, 30):
+        store.save(_payload(batch), f"ep0-ba{batch}.pt")
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert names == ["ep0-ba20.pt", "ep0-ba20.pt.sha256", "ep0-ba30.pt", "ep0-ba30.pt.sha256", "latest"]
+    assert store.latest().name == "ep0-ba30.pt"
+    assert load_checkpoint(store.latest())["meta"] == {"step": 30}
+
+
+def test_pruning_orders_by_batch_not_by_name(tmp_path):
+    store = CheckpointStore(tmp_path, keep=1)
+    store.save(_payload(9), "ep0-ba9.pt")
+    store.save(_payload(10), "ep0-ba10.pt")
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["ep0-ba10.pt"]
+
+
+def test_flipped_byte_is_detected(tmp_path):
+    store = CheckpointStore(tmp_path, keep=1)
+    path = store.save(_payload(1), "ep0-ba1.pt")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(path)
+
+
+def test_truncated_checkpoint_without_sidecar(tmp_path):
+    store = CheckpointStore(tmp_path, keep=1)
+    path = store.save(_payload(1), "ep0-ba1.pt")
+    path.with_name(path.name + ".sha256").unlink()
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt or truncated") as info:
+        load_checkpoint(path)
+    assert "\n" not in str(info.value)
+
+
+def test_not_a_tessera_checkpoint_and_missing(tmp_path):
+    torch.save({"hello": 1}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a Tessera checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_code_in_a_checkpoint_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"format": 1, "x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_partial_writes_are_removed_and_latest_survives(tmp_path):
+    store = CheckpointStore(tmp_path, keep=3)
+    store.save(_payload(1), "ep0-ba1.pt")
+    (tmp_path / ".ep0-ba2.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    assert store.latest().name == "ep0-ba1.pt"
+    assert [p.name for p in store.remove_partial_writes()] == [".ep0-ba2.pt.abc123.tmp"]
+    (tmp_path / "latest").write_text("ep0-ba7.pt\n")
+    with pytest.raises(CheckpointError, match="points at 'ep0-ba7.pt'"):
+        store.latest()
+
+
+def test_memory_url(tmp_path):
+    import fsspec
+
+    path = CheckpointStore(tmp_path, keep=1).save(_payload(5), "ep0-ba5.pt")
+    with fsspec.open("memory://ckpt/ep0-ba5.pt", "wb") as handle:
+        handle.write(path.read_bytes())
+    assert load_checkpoint("memory://ckpt/ep0-ba5.pt")["meta"] == {"step": 5}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A real HTTP server on loopback serving tmp_path, stopped after the test."""
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def test_http_url(tmp_path, http_server):
+    CheckpointStore(tmp_path, keep=1).save(_payload(7), "ep0-ba7.pt")
+    assert load_checkpoint(f"{http_server}/ep0-ba7.pt")["meta"] == {"step": 7}
+    with pytest.raises(CheckpointError, match="not found|cannot read"):
+        load_checkpoint(f"{http_server}/missing.pt")

@@ -1,0 +1,131 @@
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from tessera.data.corpus import CorpusError, load_corpus
+from tessera.data.lm import CorpusData, CorpusDataConfig
+from tessera.data.sampler import DeterministicSampler
+from tessera.data.tokenizer import CharTokenizer
+
+from conftest import SHAKESPEARE
+
+
+def test_full_shakespeare_corpus_loads_and_verifies():
+    works = load_corpus(SHAKESPEARE)
+    assert len(works) == 42
+    assert {w.genre for w in works} == {"comedy", "tragedy", "history", "poetry", "romance"}
+    assert "tragedy/hamlet" in {w.class_name for w in works}
+
+
+def test_tampered_text_fails_with_its_name(tmp_path, tiny_corpus):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(tiny_corpus, corpus)
+    text = (corpus / "macbeth.txt").read_text()
+    (corpus / "macbeth.txt").write_text(text.replace("a", "o", 1))
+    with pytest.raises(CorpusError, match=r"macbeth\.txt: sha256 .* does not match"):
+        load_corpus(corpus)
+
+
+def test_missing_text_and_manifest(tmp_path, tiny_corpus):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(tiny_corpus, corpus)
+    (corpus / "sonnets.txt").unlink()
+    with pytest.raises(CorpusError, match="'sonnets' not found"):
+        load_corpus(corpus)
+    with pytest.raises(CorpusError, match="manifest not found"):
+        load_corpus(tmp_path / "nowhere")
+
+
+def test_tokenizer_round_trip_and_unknown_character():
+    tokenizer = CharTokenizer.from_texts(["hello world", "HELLO WORLD!"])
+    ids = tokenizer.encode("hello WORLD!")
+    assert tokenizer.decode(ids.tolist()) == "hello WORLD!"
+    assert CharTokenizer.from_json(tokenizer.to_json()).chars == tokenizer.chars
+    with pytest.raises(ValueError, match=r"'z' at position 3"):
+        tokenizer.encode("helz", where="prompt")
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        tokenizer.encode("h\U0001F600")
+
+
+def _data(corpus, **overrides):
+    config = dict(corpus=corpus, seq_len=16, global_batch_size=8, seed=5)
+    config.update(overrides)
+    return CorpusData(CorpusDataConfig(**config))
+
+
+def test_windows_stay_inside_one_work_and_split_is_per_work(tiny_corpus):
+    data = _data(tiny_corpus)
+    works = load_corpus(tiny_corpus)
+    for index in range(0, len(data.train), 37):
+        batch = data.train.gather(torch.tensor([index]))
+        text = data.tokenizer.decode(batch.inputs[0].tolist()) + data.tokenizer.decode(batch.targets[0, -1:].tolist())
+        owner = works[int(batch.provenance[0])]
+        assert text in owner.text[: int(len(owner.text) * 0.9)]
+    for index in range(0, len(data.val), 11):
+        batch = data.val.gather(torch.tensor([index]))
+        owner = works[int(batch.provenance[0])]
+        assert data.tokenizer.decode(batch.inputs[0].tolist()) in owner.text[int(len(owner.text) * 0.9):]
+    assert set(data.val.classes.tolist()) == {0, 1, 2, 3}
+    assert torch.equal(data.train.gather(torch.tensor([3])).targets[0, :-1], data.train.gather(torch.tensor([3])).inputs[0, 1:])
+
+
+def test_order_is_pure_function_of_seed_epoch_fingerprint():
+    a = DeterministicSampler(100, 10, seed=1, fingerprint="ab" * 32)
+    b = DeterministicSampler(100, 10, seed=1, fingerprint="ab" * 32)
+    assert torch.equal(a.epoch_order(3), b.epoch_order(3))
+    assert not torch.equal(a.epoch_order(3), a.epoch_order(4))
+    assert not torch.equal(a.epoch_order(3), DeterministicSampler(100, 10, seed=2, fingerprint="ab" * 32).epoch_order(3))
+    assert not torch.equal(a.epoch_order(3), DeterministicSampler(100, 10, seed=1, fingerprint="cd" * 32).epoch_order(3))
+    assert sorted(a.epoch_order(0).tolist()) == list(range(100))
+    assert a.batches_per_epoch == 10
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_ranks_together_see_the_global_batch(tiny_corpus, world_size):
+    data = _data(tiny_corpus)
+    for epoch in (0, 1):
+        single = list(data.train_batches(epoch, 0))
+        per_rank = [list(data.train_batches(epoch, 0, rank, world_size)) for rank in range(world_size)]
+        for index, batch in enumerate(single):
+            union = torch.cat([per_rank[r][index].sample_ids for r in range(world_size)])
+            assert torch.equal(union, batch.sample_ids)
+            assert torch.equal(torch.cat([per_rank[r][index].inputs for r in range(world_size)]), batch.inputs)
+
+
+def test_mid_epoch_resume_continues_on_the_same_samples_at_another_world_size(tiny_corpus):
+    data = _data(tiny_corpus)
+    everything = list(data.train_batches(1, 0))
+    state = data.sampler.state_dict(data.sampler.position(epoch=1, batch_in_epoch=7))
+    position = data.sampler.check_resumable(state)
+    assert (position.epoch, position.samples_seen) == (1, 56)
+    resumed = list(data.train_batches(position.epoch, position.samples_seen // 8, rank=0, world_size=1))
+    assert [b.sample_ids.tolist() for b in resumed] == [b.sample_ids.tolist() for b in everything[7:]]
+    two_ranks = [list(data.train_batches(1, 7, rank, 2)) for rank in range(2)]
+    assert torch.equal(torch.cat([two_ranks[0][0].sample_ids, two_ranks[1][0].sample_ids]), everything[7].sample_ids)
+
+
+def test_resume_refuses_changed_data_or_seed(tiny_corpus):
+    data = _data(tiny_corpus)
+    state = data.sampler.state_dict(data.sampler.position(0, 2))
+    other = _data(tiny_corpus, seed=6)
+    with pytest.raises(ValueError, match="seed"):
+        other.sampler.check_resumable(state)
+    longer = _data(tiny_corpus, seq_len=12)
+    with pytest.raises(ValueError, match="fingerprint"):
+        longer.sampler.check_resumable(state)
+
+
+def test_eval_subset_is_fixed_and_split_across_ranks(tiny_corpus):
+    data = _data(tiny_corpus)
+    whole = torch.cat([b.sample_ids for b in data.eval_batches(10, 40)])
+    assert whole.numel() == 40 and torch.equal(whole, torch.cat([b.sample_ids for b in data.eval_batches(7, 40)]))
+    halves = [torch.cat([b.sample_ids for b in data.eval_batches(10, 40, r, 2)]) for r in range(2)]
+    assert torch.equal(torch.cat(halves), whole)
+    assert np.unique(data.val.classes[whole].numpy()).size == 4
+
+
+def test_too_small_dataset_for_batch(tiny_corpus):
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        _data(tiny_corpus, global_batch_size=100_000)
