@@ -1,5 +1,6 @@
 # Two entry points, both from a fresh clone:
-#   make demo   create .venv, install Tessera, train the Shakespeare demo, sample from it
+#   make demo   create .venv, install Tessera, run the governed Shakespeare demo (keys, signed
+#               taxonomy, tagged shards, verification, training, sampling)
 #   make test   create .venv, install Tessera with test extras, run the whole suite
 # torch is pinned through constraints.txt to the CPU wheel on the build machines'
 # local disk; pyproject.toml keeps the wide range users need.
@@ -9,7 +10,6 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 PYTEST_ARGS ?=
-DEMO_RUN ?= runs/demo
 
 .PHONY: demo test test-fast bench clean
 
@@ -25,9 +25,39 @@ $(VENV)/.test-installed: $(VENV)/.core-installed
 	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,mlflow]"
 	touch $@
 
-demo: $(VENV)/.core-installed
-	$(BIN)/tessera train recipes/shakespeare.yaml --run-dir $(DEMO_RUN)
-	$(BIN)/tessera sample $(DEMO_RUN) --prompt "ROMEO:" --tokens 400
+# The governed demo, step by step as a user would do it. Each step is a file target, so a
+# second `make demo` reuses what exists (and training resumes). `rm -rf demo` starts over.
+DEMO := demo
+T := $(BIN)/tessera
+
+$(DEMO)/keys/trainer.pub: | $(VENV)/.core-installed
+	@echo "== 1. one Ed25519 key pair per authority"
+	for name in data-governance gutenberg-tagger model-risk trainer; do \
+		$(T) keys new $$name --dir $(DEMO)/keys || exit 1; done
+
+$(DEMO)/taxonomy.yaml.sig: $(DEMO)/keys/trainer.pub
+	@echo "== 2. the taxonomy: one class per work under its genre, signed by data governance"
+	$(T) taxonomy init $(DEMO)/taxonomy.yaml --force --name shakespeare \
+		--classes-from data/shakespeare/manifest.csv --class-template 'gutenberg/{genre}/{work}' \
+		--data-governance $(DEMO)/keys/data-governance.pub \
+		--tagger gutenberg-tagger=$(DEMO)/keys/gutenberg-tagger.pub:gutenberg \
+		--model-risk $(DEMO)/keys/model-risk.pub --trainer $(DEMO)/keys/trainer.pub \
+		--deletable gutenberg/tragedy/hamlet
+	$(T) sign $(DEMO)/taxonomy.yaml --key $(DEMO)/keys/data-governance.key
+
+$(DEMO)/dataset/manifest.json: $(DEMO)/taxonomy.yaml.sig
+	@echo "== 3. tag every example and write signed shards"
+	$(T) data prepare --source data/shakespeare --class-template 'gutenberg/{genre}/{work}' \
+		--taxonomy $(DEMO)/taxonomy.yaml --trust $(DEMO)/keys/data-governance.pub \
+		--key $(DEMO)/keys/gutenberg-tagger.key --out $(DEMO)/dataset --name shakespeare --overwrite
+
+demo: $(DEMO)/dataset/manifest.json
+	@echo "== 4. verify every signature, shard and example"
+	$(T) data verify $(DEMO)/dataset --taxonomy $(DEMO)/taxonomy.yaml --trust $(DEMO)/keys/data-governance.pub
+	@echo "== 5. train from the signed dataset (rerun to resume)"
+	$(T) train recipes/shakespeare.yaml --run-dir $(DEMO)/run
+	@echo "== 6. sample"
+	$(T) sample $(DEMO)/run --prompt "ROMEO:" --tokens 400
 
 # pytest exits 5 when it collects nothing; make treats that as the failure it is.
 test: $(VENV)/.test-installed
@@ -40,4 +70,4 @@ bench: $(VENV)/.test-installed
 	$(BIN)/python benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs demo .pytest_cache

@@ -7,9 +7,12 @@ from pathlib import Path
 import torch
 
 from tessera.config import Recipe
-from tessera.data.lm import CorpusData, CorpusDataConfig
+from tessera.data.lm import LanguageModelData, OrderConfig, corpus_data, dataset_data, mixture_data
+from tessera.data.shards import CacheConfig
 from tessera.distributed import DistInfo
 from tessera.errors import RecipeError
+from tessera.governance.keys import PublicKey
+from tessera.governance.taxonomy import Taxonomy
 from tessera.loggers.console import ConsoleLogger
 from tessera.loggers.jsonl import JSONLLogger
 from tessera.loggers.logger import LoggerDestination
@@ -25,22 +28,50 @@ def resolve_device(choice: str, dist: DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
-def build_data(recipe: Recipe, dist: DistInfo) -> CorpusData:
-    if recipe.train.global_batch_size % dist.world_size:
+def build_data(recipe: Recipe, dist: DistInfo) -> LanguageModelData:
+    config, train = recipe.data, recipe.train
+    if train.global_batch_size % dist.world_size:
         raise RecipeError(
-            f"train.global_batch_size ({recipe.train.global_batch_size}) must be divisible by "
+            f"train.global_batch_size ({train.global_batch_size}) must be divisible by "
             f"the number of processes ({dist.world_size})"
         )
-    return CorpusData(
-        CorpusDataConfig(
-            corpus=recipe.data.corpus,
-            seq_len=recipe.seq_len,
-            global_batch_size=recipe.train.global_batch_size,
-            val_fraction=recipe.data.val_fraction,
-            shuffle=recipe.data.shuffle,
-            seed=recipe.seed,
-        )
+    order = OrderConfig(
+        global_batch_size=train.global_batch_size,
+        seed=recipe.seed,
+        shuffle=config.shuffle,
+        batching=config.batching,
+        class_unit=class_unit(recipe),
+        shuffle_block_shards=config.shuffle_block_shards,
     )
+    if config.corpus is not None:
+        data = corpus_data(config.corpus, recipe.seq_len, order, config.val_fraction, config.class_template)
+        data.workers = config.workers
+        return data
+    assert config.taxonomy is not None and config.trust is not None
+    taxonomy = Taxonomy.load(config.taxonomy, trust=PublicKey.load(config.trust))
+    options = dict(
+        storage_options=config.storage_options,
+        cache=CacheConfig(config.cache_dir, config.cache_limit),
+        verify=config.verify,
+        memory_shards=config.memory_shards,
+        workers=config.workers,
+    )
+    if config.mixture:
+        urls, weights = [m.url for m in config.mixture], [m.weight for m in config.mixture]
+        return mixture_data(urls, weights, taxonomy, recipe.seq_len, order, **options)
+    assert config.url is not None
+    return dataset_data(config.url, taxonomy, recipe.seq_len, order, **options)
+
+
+def class_unit(recipe: Recipe) -> int | None:
+    """per_class batching: how many consecutive examples share a class (must be a multiple of the microbatch)."""
+    if recipe.data.batching != "per_class":
+        return None
+    unit = recipe.data.class_unit or recipe.train.microbatch_size or recipe.train.global_batch_size
+    micro = recipe.train.microbatch_size
+    if micro is not None and unit % micro:
+        raise RecipeError(f"data.class_unit ({unit}) must be a multiple of train.microbatch_size ({micro})")
+    return unit
 
 
 def build_model(recipe: Recipe, vocab_size: int) -> GPT:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,11 +44,63 @@ class ModelConfig(Section):
     alibi: bool = False
 
 
+def _parse_bytes(value: Any) -> int:
+    """``10GB``, ``512MiB``, ``1e9`` or a plain integer number of bytes."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9.]+(?:[eE][0-9]+)?)\s*([KMGT]i?B|B)?\s*", str(value))
+    if not match:
+        raise ValueError(f"invalid size {value!r}: expected e.g. '512MB', '10GB', '2GiB' or a number of bytes")
+    units = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+    return int(float(match.group(1)) * units[match.group(2)])
+
+
+class MixtureEntry(Section):
+    url: str
+    weight: float = Field(gt=0.0)
+
+
 class DataConfig(Section):
-    corpus: Path = Field(Path("data/shakespeare"), description="folder with manifest.csv and the texts")
+    # A raw corpus folder (no governance) ...
+    corpus: Path | None = Field(None, description="folder with manifest.csv and the texts (raw, unsigned)")
+    class_template: str = Field("{genre}/{work}", description="class of each corpus document, from its CSV columns")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="corpus only: last fraction of each text")
+    # ... or a prepared, signed dataset at any fsspec URL.
+    url: str | None = Field(None, json_schema_extra={"path": True}, description="prepared dataset (path or fsspec URL)")
+    mixture: list[MixtureEntry] = Field(default_factory=list, description="several prepared datasets with weights")
+    taxonomy: Path | None = Field(None, description="signed taxonomy the dataset was tagged under")
+    trust: Path | None = Field(None, description="public key of the data-governance authority (the trust anchor)")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="passed to fsspec (e.g. endpoint_url)")
+    cache_dir: Path = Field(Path("~/.cache/tessera/shards"), description="local cache for remote shards")
+    cache_limit: int = Field(10 * 10**9, gt=0, description="cache size limit, e.g. '10GB'")
+    verify: Literal["eager", "lazy"] = Field("eager", description="eager: check every shard before training")
+    memory_shards: int = Field(8, ge=2, description="decoded shards kept in memory per process (at least 2)")
+    # How examples are ordered and batched.
     seq_len: int | None = Field(None, ge=1, description="training window; defaults to model.block_size")
-    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     shuffle: bool = True
+    batching: Literal["random", "stratified", "per_class"] = "random"
+    class_unit: int | None = Field(None, ge=1, description="per_class: examples per single-class unit "
+                                   "(default: train.microbatch_size, else the global batch)")
+    shuffle_block_shards: int | None = Field(None, ge=1, description="random: shuffle within blocks of this many shards")
+    workers: int = Field(0, ge=0, description="loader worker processes (the order does not depend on it)")
+
+    _check_cache_limit = field_validator("cache_limit", mode="before")(_parse_bytes)
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataConfig":
+        given = [name for name in ("corpus", "url", "mixture") if getattr(self, name)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of data.corpus (a raw corpus), data.url (a prepared dataset) "
+                             "or data.mixture (several prepared datasets)")
+        if given[0] != "corpus" and (self.taxonomy is None or self.trust is None):
+            raise ValueError(f"data.{given[0]} needs data.taxonomy and data.trust (the data-governance public key)")
+        return self
 
 
 class OptimizerConfig(Section):
@@ -118,7 +171,7 @@ class Recipe(Section):
     seed: int = 17
     run_dir: Path | None = None
     model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
+    data: DataConfig = DataConfig(corpus=Path("data/shakespeare"))
     optimizer: OptimizerConfig = OptimizerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     train: TrainConfig = TrainConfig()
@@ -155,10 +208,19 @@ class Recipe(Section):
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-# Settings a resumed run may change without invalidating the checkpoint:
-# extending or shortening training, and how it is observed.
+# Settings a resumed run may change without invalidating the checkpoint: extending or shortening
+# training, how it is observed, and where the (same, fingerprint-checked) data is read from.
 RESUMABLE_CHANGES = (
     "run_dir",
+    "data.url",
+    "data.taxonomy",
+    "data.trust",
+    "data.storage_options",
+    "data.cache_dir",
+    "data.cache_limit",
+    "data.verify",
+    "data.memory_shards",
+    "data.workers",
     "train.max_duration",
     "checkpoint.keep",
     "checkpoint.load_path",
@@ -175,9 +237,13 @@ def _path_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             found += _path_fields(annotation, f"{prefix}{name}.")
-        elif annotation is Path or annotation == (Path | None):
+        elif annotation is Path or annotation == (Path | None) or (field.json_schema_extra or {}).get("path"):
             found.append(f"{prefix}{name}")
     return found
+
+
+def _is_relative_path(value: Any) -> bool:
+    return isinstance(value, str) and "://" not in value and not value.startswith("~") and not Path(value).is_absolute()
 
 
 def _get(data: dict, dotted: str) -> Any:
@@ -247,11 +313,14 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
     for dotted in _path_fields(Recipe):
         value = _get(data, dotted)
-        if isinstance(value, str) and not Path(value).is_absolute():
+        if _is_relative_path(value):
             _set(data, dotted, str((path.parent / value).resolve()), str(path))
+    for entry in _get(data, "data.mixture") or []:  # a list: resolve its URLs here
+        if isinstance(entry, dict) and _is_relative_path(entry.get("url")):
+            entry["url"] = str((path.parent / entry["url"]).resolve())
     for text in overrides:
         key, value = parse_override(text)
-        if key in _path_fields(Recipe) and isinstance(value, str):
+        if key in _path_fields(Recipe) and _is_relative_path(value):
             value = str(Path(value).resolve())
         _set(data, key, value, f"{path} (--set {text})")
     try:

@@ -20,6 +20,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # whether we created the process group (and so must destroy it)
 
     @property
     def is_main(self) -> bool:
@@ -35,11 +36,12 @@ def init_distributed(device_type: str) -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo()
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         backend = "nccl" if device_type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=10))
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                    local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+                    local_rank=int(os.environ.get("LOCAL_RANK", "0")), owns_group=owns)
 
 
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
@@ -70,5 +72,7 @@ def barrier(info: DistInfo) -> None:
 
 
 def shutdown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+    """Tear down a process group we created: left to interpreter exit, gloo can abort the process."""
+    if info.owns_group and dist.is_initialized():
+        dist.barrier()  # every rank has finished its collectives before any rank tears down
         dist.destroy_process_group()

@@ -9,6 +9,8 @@ evaluation, and checkpoints.
 from __future__ import annotations
 
 import contextlib
+import gc
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,7 @@ from tessera.core.event import Event
 from tessera.core.state import State
 from tessera.core.time import Time, Timestamp
 from tessera.data.batch import Batch
-from tessera.data.lm import CorpusData
+from tessera.data.lm import LanguageModelData
 from tessera.determinism import capture_rng_state, configure_determinism, restore_rng_state, seed_everything
 from tessera.errors import CheckpointError, RecipeError
 from tessera.loggers.logger import Logger
@@ -67,7 +69,7 @@ class Trainer:
         run_dir: str | Path,
         *,
         model: torch.nn.Module | None = None,
-        data: CorpusData | None = None,
+        data: LanguageModelData | None = None,
         algorithms: Sequence[Algorithm] | None = None,
         callbacks: Sequence[Callback] = (),
     ) -> None:
@@ -131,6 +133,22 @@ class Trainer:
         self._last_loss = float("nan")
         if self.dist.is_main:
             self._write_run_files()
+
+    def close(self) -> None:
+        """Release what the trainer opened: data readers, DDP, and a process group it created.
+
+        The order matters: DDP's reducer must go while the process group is
+        still registered, or its destructor tears the group down holding the
+        GIL that gloo's worker thread needs (a deadlock at exit).
+        """
+        for source in (self.data.train, self.data.val):
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+        self._ddp = None
+        self._forward_model = self.model
+        gc.collect()
+        distributed.shutdown(self.dist)
 
     # ------------------------------------------------------------------ the loop
 
@@ -308,6 +326,7 @@ class Trainer:
                 "rng": rng_states,
                 "sampler": self.data.sampler.state_dict(position),
                 "tokenizer": self.data.tokenizer.to_json(),
+                "data": dict(self.data.provenance),
                 "eval_metrics": dict(state.eval_metrics),
                 "evaluated_at": self._evaluated_at,
                 "algorithms": {a.name: a.state_dict() for a in self.algorithms},
@@ -370,9 +389,12 @@ class Trainer:
         )
 
     def _write_run_files(self) -> None:
+        """What an auditor needs to read the run: recipe, vocabulary, and where the data came from."""
         recipe_text = yaml.safe_dump(self.recipe.to_dict(), sort_keys=False)
         atomic_write_bytes(self.run_dir / "recipe.yaml", recipe_text.encode())
         atomic_write_bytes(self.run_dir / "vocab.json", self.data.tokenizer.to_json().encode())
+        data = {**self.data.provenance, "fingerprint": self.data.fingerprint, "classes": self.data.class_names}
+        atomic_write_bytes(self.run_dir / "data.json", (json.dumps(data, indent=1) + "\n").encode())
 
 
 def _dict_differences(old: Any, new: Any, prefix: str = "") -> list[str]:

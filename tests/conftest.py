@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import hashlib
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -81,3 +85,143 @@ def tessera_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 30
         timeout=timeout,
         cwd=REPO,
     )
+
+
+# ---------------------------------------------------------------- governed data
+
+
+@dataclasses.dataclass(frozen=True)
+class Governed:
+    """Keys, a signed taxonomy and a prepared, signed dataset made from the tiny corpus."""
+
+    root: Path
+    keys: Path
+    taxonomy: Path
+    dataset: Path
+
+    @property
+    def trust(self) -> Path:
+        return self.keys / "data-governance.pub"
+
+    def key(self, name: str) -> Path:
+        return self.keys / f"{name}.key"
+
+    def recipe(self, **sections: dict[str, Any]) -> dict[str, Any]:
+        data = {"corpus": None, "url": str(self.dataset), "taxonomy": str(self.taxonomy), "trust": str(self.trust),
+                "cache_dir": str(self.root / "cache")}
+        data.update(sections.pop("data", {}))
+        return tiny_recipe(Path("unused"), data=data, **sections)
+
+
+CLASS_TEMPLATE = "gutenberg/{genre}/{work}"
+
+
+def make_governance(root: Path, corpus: Path, shard_examples: int = 200) -> Governed:
+    from tessera.data.prepare import PrepareOptions, prepare_dataset
+    from tessera.data.sources import classes_from_mapping, documents_from_folder
+    from tessera.governance.keys import PublicKey, SigningKey, sign_bytes, write_key_pair
+    from tessera.governance.taxonomy import Taxonomy, taxonomy_yaml
+
+    keys = root / "keys"
+    for name in ("data-governance", "tagger", "comedy-tagger", "model-risk", "trainer"):
+        write_key_pair(name, keys)
+    pub = lambda name: PublicKey.load(keys / f"{name}.pub").text  # noqa: E731
+    authorities = {
+        "data-governance": {"role": "data-governance", "key": pub("data-governance")},
+        "tagger": {"role": "tagging", "key": pub("tagger"), "may_tag": ["gutenberg"]},
+        "comedy-tagger": {"role": "tagging", "key": pub("comedy-tagger"), "may_tag": ["gutenberg/comedy"]},
+        "model-risk": {"role": "model-risk", "key": pub("model-risk")},
+        "trainer": {"role": "trainer", "key": pub("trainer")},
+    }
+    classes = classes_from_mapping(corpus / "manifest.csv", CLASS_TEMPLATE)
+    taxonomy_path = root / "taxonomy.yaml"
+    taxonomy_path.write_text(taxonomy_yaml("tiny", classes + ["gutenberg/history"], authorities), encoding="utf-8")
+    signature = sign_bytes(taxonomy_path.read_bytes(), SigningKey.load(keys / "data-governance.key"))
+    (root / "taxonomy.yaml.sig").write_text(signature.to_json(), encoding="utf-8")
+    taxonomy = Taxonomy.load(taxonomy_path, PublicKey.load(keys / "data-governance.pub"))
+    prepare_dataset(
+        documents_from_folder(corpus, template=CLASS_TEMPLATE),
+        taxonomy,
+        SigningKey.load(keys / "tagger.key"),
+        str(root / "dataset"),
+        PrepareOptions(name="tiny", seq_len=16, shard_examples=shard_examples),
+        show_progress=False,
+    )
+    return Governed(root=root, keys=keys, taxonomy=taxonomy_path, dataset=root / "dataset")
+
+
+@pytest.fixture(scope="session")
+def governed(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path) -> Governed:
+    return make_governance(tmp_path_factory.mktemp("governed"), tiny_corpus)
+
+
+@pytest.fixture
+def governed_copy(governed: Governed, tmp_path: Path) -> Governed:
+    """A private copy to tamper with."""
+    root = tmp_path / "governed"
+    shutil.copytree(governed.root, root)
+    return Governed(root=root, keys=root / "keys", taxonomy=root / "taxonomy.yaml", dataset=root / "dataset")
+
+
+# ---------------------------------------------------------------- real servers on loopback
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen) -> None:
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("server did not start")
+
+
+@pytest.fixture
+def http_server():
+    """Serve a folder over real HTTP on loopback; stopped after the test."""
+    processes = []
+
+    def serve(folder):
+        port = free_port()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(folder)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        processes.append(process)
+        wait_for_port(port, process)
+        return f"http://127.0.0.1:{port}"
+
+    yield serve
+    for process in processes:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """A real S3-compatible server (moto in server mode) on loopback; stopped after the test."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    wait_for_port(port, process)
+    endpoint = f"http://127.0.0.1:{port}"
+    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="corpora")
+    yield endpoint
+    process.terminate()
+    process.wait(timeout=10)

@@ -29,3 +29,10 @@ def test_trainer_overhead_reports_a_ratio():
 def test_trainer_matches_handwritten_loop_bitwise():
     result = _run("shakespeare_quality.py", "--steps", "25", "--skip-demo")
     assert result["max_abs_loss_diff"] == 0.0
+
+
+def test_data_throughput_reports_ratios():
+    result = _run("data_throughput.py", "--passes", "1")
+    assert result["benchmark"] == "data_throughput"
+    assert result["ratio"] > 0 and result["ratio_batch64"] > 0 and result["verify_seconds_per_gb"] > 0
+    assert result["samples_per_pass"] > 70_000

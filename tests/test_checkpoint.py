@@ -1,8 +1,3 @@
-import socket
-import subprocess
-import sys
-import time
-
 import pytest
 import torch
 
@@ -89,34 +84,9 @@ def test_memory_url(tmp_path):
     assert load_checkpoint("memory://ckpt/ep0-ba5.pt")["meta"] == {"step": 5}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def http_server(tmp_path):
-    """A real HTTP server on loopback serving tmp_path, stopped after the test."""
-    port = _free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    process.terminate()
-    process.wait(timeout=10)
-
-
 def test_http_url(tmp_path, http_server):
     CheckpointStore(tmp_path, keep=1).save(_payload(7), "ep0-ba7.pt")
-    assert load_checkpoint(f"{http_server}/ep0-ba7.pt")["meta"] == {"step": 7}
+    url = http_server(tmp_path)
+    assert load_checkpoint(f"{url}/ep0-ba7.pt")["meta"] == {"step": 7}
     with pytest.raises(CheckpointError, match="not found|cannot read"):
-        load_checkpoint(f"{http_server}/missing.pt")
+        load_checkpoint(f"{url}/missing.pt")

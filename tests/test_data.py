@@ -4,18 +4,23 @@ import numpy as np
 import pytest
 import torch
 
-from tessera.data.corpus import CorpusError, load_corpus
-from tessera.data.lm import CorpusData, CorpusDataConfig
-from tessera.data.sampler import DeterministicSampler
+from tessera.data.lm import OrderConfig, corpus_data
+from tessera.data.sampler import DeterministicSampler, RandomOrder
+from tessera.data.sources import documents_from_folder
 from tessera.data.tokenizer import CharTokenizer
+from tessera.errors import DataError
 
 from conftest import SHAKESPEARE
+
+
+def load_corpus(folder):
+    return list(documents_from_folder(folder, template="{genre}/{work}"))
 
 
 def test_full_shakespeare_corpus_loads_and_verifies():
     works = load_corpus(SHAKESPEARE)
     assert len(works) == 42
-    assert {w.genre for w in works} == {"comedy", "tragedy", "history", "poetry", "romance"}
+    assert {w.class_name.split("/")[0] for w in works} == {"comedy", "tragedy", "history", "poetry", "romance"}
     assert "tragedy/hamlet" in {w.class_name for w in works}
 
 
@@ -24,7 +29,7 @@ def test_tampered_text_fails_with_its_name(tmp_path, tiny_corpus):
     shutil.copytree(tiny_corpus, corpus)
     text = (corpus / "macbeth.txt").read_text()
     (corpus / "macbeth.txt").write_text(text.replace("a", "o", 1))
-    with pytest.raises(CorpusError, match=r"macbeth\.txt: sha256 .* does not match"):
+    with pytest.raises(DataError, match=r"macbeth\.txt: sha256 does not match"):
         load_corpus(corpus)
 
 
@@ -32,9 +37,9 @@ def test_missing_text_and_manifest(tmp_path, tiny_corpus):
     corpus = tmp_path / "corpus"
     shutil.copytree(tiny_corpus, corpus)
     (corpus / "sonnets.txt").unlink()
-    with pytest.raises(CorpusError, match="'sonnets' not found"):
+    with pytest.raises(DataError, match="sonnets.txt.gz not found"):
         load_corpus(corpus)
-    with pytest.raises(CorpusError, match="manifest not found"):
+    with pytest.raises(DataError, match="mapping CSV not found"):
         load_corpus(tmp_path / "nowhere")
 
 
@@ -49,10 +54,8 @@ def test_tokenizer_round_trip_and_unknown_character():
         tokenizer.encode("h\U0001F600")
 
 
-def _data(corpus, **overrides):
-    config = dict(corpus=corpus, seq_len=16, global_batch_size=8, seed=5)
-    config.update(overrides)
-    return CorpusData(CorpusDataConfig(**config))
+def _data(corpus, seq_len=16, **order):
+    return corpus_data(corpus, seq_len, OrderConfig(**{"global_batch_size": 8, "seed": 5, **order}))
 
 
 def test_windows_stay_inside_one_work_and_split_is_per_work(tiny_corpus):
@@ -61,23 +64,26 @@ def test_windows_stay_inside_one_work_and_split_is_per_work(tiny_corpus):
     for index in range(0, len(data.train), 37):
         batch = data.train.gather(torch.tensor([index]))
         text = data.tokenizer.decode(batch.inputs[0].tolist()) + data.tokenizer.decode(batch.targets[0, -1:].tolist())
-        owner = works[int(batch.provenance[0])]
+        owner = works[int(batch.provenance[0, 0])]
         assert text in owner.text[: int(len(owner.text) * 0.9)]
     for index in range(0, len(data.val), 11):
         batch = data.val.gather(torch.tensor([index]))
-        owner = works[int(batch.provenance[0])]
+        owner = works[int(batch.provenance[0, 0])]
         assert data.tokenizer.decode(batch.inputs[0].tolist()) in owner.text[int(len(owner.text) * 0.9):]
     assert set(data.val.classes.tolist()) == {0, 1, 2, 3}
     assert torch.equal(data.train.gather(torch.tensor([3])).targets[0, :-1], data.train.gather(torch.tensor([3])).inputs[0, 1:])
 
 
+def _sampler(seed=1, fingerprint="ab" * 32):
+    return DeterministicSampler(RandomOrder(100), 10, seed=seed, fingerprint=fingerprint, num_samples=100)
+
+
 def test_order_is_pure_function_of_seed_epoch_fingerprint():
-    a = DeterministicSampler(100, 10, seed=1, fingerprint="ab" * 32)
-    b = DeterministicSampler(100, 10, seed=1, fingerprint="ab" * 32)
+    a, b = _sampler(), _sampler()
     assert torch.equal(a.epoch_order(3), b.epoch_order(3))
     assert not torch.equal(a.epoch_order(3), a.epoch_order(4))
-    assert not torch.equal(a.epoch_order(3), DeterministicSampler(100, 10, seed=2, fingerprint="ab" * 32).epoch_order(3))
-    assert not torch.equal(a.epoch_order(3), DeterministicSampler(100, 10, seed=1, fingerprint="cd" * 32).epoch_order(3))
+    assert not torch.equal(a.epoch_order(3), _sampler(seed=2).epoch_order(3))
+    assert not torch.equal(a.epoch_order(3), _sampler(fingerprint="cd" * 32).epoch_order(3))
     assert sorted(a.epoch_order(0).tolist()) == list(range(100))
     assert a.batches_per_epoch == 10
 
@@ -127,5 +133,5 @@ def test_eval_subset_is_fixed_and_split_across_ranks(tiny_corpus):
 
 
 def test_too_small_dataset_for_batch(tiny_corpus):
-    with pytest.raises(ValueError, match="fewer than one global batch"):
+    with pytest.raises(DataError, match="fewer than one global batch"):
         _data(tiny_corpus, global_batch_size=100_000)

@@ -1,28 +1,25 @@
 """DDP under real torchrun with 2 gloo processes on CPU."""
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+import torch
 
-from conftest import REPO, tessera_cli, tiny_recipe, write_recipe
-from helpers import eval_losses, latest_payload, losses
+from tessera.core.callback import Callback
+from tessera.trainer import Trainer
+
+from conftest import REPO, free_port, tessera_cli, tiny_recipe, write_recipe
+from helpers import eval_losses, latest_payload, losses, recipe
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def torchrun(nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-        "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "tessera", *args,
+        "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "tessera", *args,
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
@@ -48,7 +45,7 @@ def test_two_gloo_ranks_match_single_process(tmp_path, tiny_corpus):
     assert max(abs(a - b) for (_, a), (_, b) in zip(eval_losses(tmp_path / "single"), eval_losses(tmp_path / "ddp"))) < 1e-4
     payload = latest_payload(tmp_path / "ddp")
     assert len(payload["rng"]) == 2 and payload["timestamp"]["sample"] == 24 * 8
-    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["checkpoints", "metrics.jsonl", "recipe.yaml", "vocab.json"]
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["checkpoints", "data.json", "metrics.jsonl", "recipe.yaml", "vocab.json"]
 
 
 def test_ddp_run_resumes_after_the_job_is_restarted(tmp_path, tiny_corpus):
@@ -60,3 +57,35 @@ def test_ddp_run_resumes_after_the_job_is_restarted(tmp_path, tiny_corpus):
     assert second.returncode == 0, second.stderr[-3000:]
     assert [b for b, _ in losses(tmp_path / "run")] == list(range(1, 17))
     assert latest_payload(tmp_path / "run")["timestamp"]["batch"] == 16
+
+
+class RecordSamples(Callback):
+    def __init__(self):
+        self.ids = {}
+
+    def after_dataloader(self, state, logger):
+        self.ids[state.timestamp.batch + 1] = state.batch.sample_ids.clone()
+
+
+def test_checkpoint_at_world_size_2_resumes_at_world_size_1_on_the_same_samples(governed, tmp_path):
+    # A constant learning rate, so that stopping the first leg at 8ba does not change its schedule.
+    config = governed.recipe(train={"max_duration": "16ba"}, checkpoint={"interval": "4ba"},
+                             scheduler={"name": "constant", "warmup": "0ba"})
+    path = write_recipe(tmp_path / "recipe.yaml", config)
+
+    reference = RecordSamples()
+    Trainer(recipe(config), tmp_path / "reference", callbacks=[reference]).fit()
+
+    first = torchrun(2, "train", str(path), "--run-dir", str(tmp_path / "elastic"), "--set", "train.max_duration=8ba")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert len(latest_payload(tmp_path / "elastic")["rng"]) == 2
+    resumed = RecordSamples()
+    trainer = Trainer(recipe(config), tmp_path / "elastic", callbacks=[resumed])
+    assert trainer.resumed_from.batch == 8
+    trainer.fit()
+    assert sorted(resumed.ids) == list(range(9, 17))
+    for step, ids in resumed.ids.items():
+        assert torch.equal(ids, reference.ids[step]), step
+    a, b = losses(tmp_path / "reference"), losses(tmp_path / "elastic")
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 17))
+    assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-4

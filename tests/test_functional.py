@@ -63,19 +63,19 @@ def test_warmup_sequence_length_by_hand():
 
 def _batch():
     window = torch.arange(2 * 9).view(2, 9)
-    return Batch(inputs=window[:, :-1], targets=window[:, 1:], sample_ids=torch.tensor([5, 7]), provenance=torch.tensor([0, 1]))
+    return Batch(inputs=window[:, :-1], targets=window[:, 1:], sample_ids=torch.tensor([5, 7]), provenance=torch.tensor([[0], [1]]))
 
 
 def test_set_batch_sequence_length_truncate():
     short = set_batch_sequence_length(_batch(), 3)
     assert short.inputs.tolist() == [[0, 1, 2], [9, 10, 11]]
     assert short.targets.tolist() == [[1, 2, 3], [10, 11, 12]]
-    assert short.sample_ids.tolist() == [5, 7] and short.provenance.tolist() == [0, 1]
+    assert short.sample_ids.tolist() == [5, 7] and short.provenance.tolist() == [[0], [1]]
 
 
 def test_set_batch_sequence_length_reshape_keeps_tokens_and_provenance():
     short = set_batch_sequence_length(_batch(), 4, truncate=False)
     assert short.inputs.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [9, 10, 11, 12], [13, 14, 15, 16]]
     assert short.targets.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8], [10, 11, 12, 13], [14, 15, 16, 17]]
-    assert short.sample_ids.tolist() == [5, 5, 7, 7] and short.provenance.tolist() == [0, 0, 1, 1]
+    assert short.sample_ids.tolist() == [5, 5, 7, 7] and short.provenance.tolist() == [[0], [0], [1], [1]]
     assert set_batch_sequence_length(_batch(), 8) is not None and set_batch_sequence_length(_batch(), 99).inputs.shape == (2, 8)

@@ -6,10 +6,10 @@ import argparse
 import sys
 from typing import Sequence
 
-from tessera.cli import sample, train
+from tessera.cli import data, keys, sample, taxonomy, train
 from tessera.errors import TesseraError
 
-COMMANDS = (train, sample)
+COMMANDS = (train, sample, keys, taxonomy, data)
 
 
 def build_parser() -> argparse.ArgumentParser:

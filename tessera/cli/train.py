@@ -49,9 +49,12 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     trainer = Trainer(recipe, resolve_run_dir(recipe, args.recipe, args.run_dir))
-    result = trainer.fit()
-    if trainer.dist.is_main:
-        print_summary(result)
+    try:
+        result = trainer.fit()
+        if trainer.dist.is_main:
+            print_summary(result)
+    finally:
+        trainer.close()
     return 0
 
 

@@ -13,12 +13,13 @@ IGNORE_INDEX = -100  # a target position with this id adds nothing to the loss
 class Batch:
     """One batch or microbatch.
 
-    ``sample_ids`` are the dataset-global example indices and ``provenance``
-    the class index of each example (a row of ``-1`` where the data has no
-    classes). Both ride along with the inputs so that nothing downstream ever
-    has to guess which example a row came from: the governance layer routes
-    and accounts by them, and algorithms that reorder or drop rows must keep
-    them aligned (``select`` does).
+    ``sample_ids`` [B] are the dataset-global example indices. ``provenance``
+    [B, K] holds the class indices of each example: one column for plain
+    examples; an example made from several (MixUp, CutMix) lists each of its
+    classes, padded with ``-1``. Both ride along with the inputs so that
+    nothing downstream ever has to guess which example a row came from: the
+    governance layer routes and accounts by them, and algorithms that
+    reorder or drop rows must keep them aligned (``select`` does).
     """
 
     inputs: torch.Tensor

@@ -1,18 +1,169 @@
 """Sample order as a pure function of (seed, epoch, dataset fingerprint).
 
 Nothing about the order depends on the number of ranks or loader workers:
-the global batch ``k`` of epoch ``e`` is always the same set of examples, and
-each rank takes a fixed slice of it. The sampler's whole state is
-``(epoch, samples seen)``, so a run resumes mid-epoch exactly, even on a
-different number of ranks.
+global batch ``k`` of epoch ``e`` is always the same list of examples, and
+rank ``r`` of ``w`` takes its ``r``-th contiguous ``1/w`` of it. The
+sampler's whole state is ``(epoch, samples seen)``, so a run resumes
+mid-epoch exactly, even on a different number of ranks.
+
+Batching modes (``data.batching``):
+
+- ``random``: a permutation of all examples, or with ``shuffle_block_shards``
+  a shuffle of shards in blocks and of examples inside each block (for
+  streaming datasets larger than the cache);
+- ``stratified``: every global batch holds each class in proportion to its
+  share of the dataset, to within one example (each prefix of the epoch too);
+- ``per_class``: the epoch is cut into single-class units of ``unit``
+  examples; a global batch is a sequence of units, so every microbatch whose
+  size divides ``unit`` comes from exactly one class.
+
+Several datasets mix with fixed weights (``MixtureOrder``), each batch
+holding each dataset's share to within one example.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
+
+
+def _rng(seed: int, epoch: int, fingerprint: str, *extra: int) -> np.random.Generator:
+    fp = int(hashlib.sha256(fingerprint.encode()).hexdigest()[:16], 16)
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, fp, *extra])))
+
+
+class SampleOrder(Protocol):
+    """One epoch's global order: ``batches_per_epoch * global_batch_size`` example indices."""
+
+    def batches_per_epoch(self, global_batch_size: int) -> int: ...
+
+    def epoch_order(self, epoch: int, seed: int, fingerprint: str, global_batch_size: int) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class RandomOrder:
+    num_samples: int
+    shuffle: bool = True
+    shard_sizes: tuple[int, ...] | None = None
+    block_shards: int | None = None
+
+    def batches_per_epoch(self, global_batch_size: int) -> int:
+        return self.num_samples // global_batch_size
+
+    def epoch_order(self, epoch: int, seed: int, fingerprint: str, global_batch_size: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_samples)
+        rng = _rng(seed, epoch, fingerprint)
+        if self.block_shards is None or self.shard_sizes is None:
+            return rng.permutation(self.num_samples)
+        starts = np.concatenate([[0], np.cumsum(self.shard_sizes)])
+        shards = rng.permutation(len(self.shard_sizes))
+        pieces = []
+        for b in range(0, len(shards), self.block_shards):
+            block = np.concatenate([np.arange(starts[s], starts[s + 1]) for s in shards[b : b + self.block_shards]])
+            pieces.append(rng.permutation(block))
+        return np.concatenate(pieces)
+
+
+@dataclass(frozen=True)
+class StratifiedOrder:
+    classes: np.ndarray  # class index of every example
+
+    def batches_per_epoch(self, global_batch_size: int) -> int:
+        return len(self.classes) // global_batch_size
+
+    def epoch_order(self, epoch: int, seed: int, fingerprint: str, global_batch_size: int) -> np.ndarray:
+        rng = _rng(seed, epoch, fingerprint)
+        labels, counts = np.unique(self.classes, return_counts=True)
+        slots = _interleave(counts)
+        members = [rng.permutation(np.flatnonzero(self.classes == label)) for label in labels]
+        order = np.empty(len(self.classes), dtype=np.int64)
+        for c, indices in enumerate(members):
+            order[slots == c] = indices
+        usable = self.batches_per_epoch(global_batch_size) * global_batch_size
+        batches = order[:usable].reshape(-1, global_batch_size)
+        return rng.permuted(batches, axis=1).reshape(-1)  # mix classes inside each batch
+
+
+@dataclass(frozen=True)
+class PerClassOrder:
+    classes: np.ndarray
+    unit: int
+
+    def _units(self, rng: np.random.Generator) -> np.ndarray:
+        units = []
+        for label in np.unique(self.classes):
+            members = rng.permutation(np.flatnonzero(self.classes == label))
+            whole = len(members) // self.unit * self.unit
+            units.append(members[:whole].reshape(-1, self.unit))
+        stacked = np.concatenate(units) if units else np.zeros((0, self.unit), dtype=np.int64)
+        return stacked[rng.permutation(len(stacked))]
+
+    def batches_per_epoch(self, global_batch_size: int) -> int:
+        if global_batch_size % self.unit:
+            raise ValueError(f"global batch {global_batch_size} is not a whole number of class units of {self.unit}")
+        whole_units = sum(int(n) // self.unit for n in np.unique(self.classes, return_counts=True)[1])
+        return whole_units // (global_batch_size // self.unit)
+
+    def epoch_order(self, epoch: int, seed: int, fingerprint: str, global_batch_size: int) -> np.ndarray:
+        units = self._units(_rng(seed, epoch, fingerprint))
+        usable = self.batches_per_epoch(global_batch_size) * (global_batch_size // self.unit)
+        return units[:usable].reshape(-1)
+
+
+def _interleave(counts: np.ndarray) -> np.ndarray:
+    """Owner of each slot when item m of owner c sits at virtual time (m + 0.5) / n_c.
+
+    Merging by time keeps every prefix within one item of each owner's exact
+    share (Webster's method), so proportions hold batch by batch.
+    """
+    times = np.concatenate([(np.arange(n) + 0.5) / n for n in counts])
+    owner = np.repeat(np.arange(len(counts)), counts)
+    return owner[np.lexsort((owner, times))]
+
+
+@dataclass(frozen=True)
+class MixtureOrder:
+    """Several datasets, concatenated in one index space, drawn in fixed proportions.
+
+    Each dataset is an endless stream of its own permutations (a small
+    dataset repeats, a large one is sampled), so the proportions hold in
+    every batch however the sizes compare. An epoch is as many batches as all
+    datasets together hold examples.
+    """
+
+    sizes: tuple[int, ...]
+    weights: tuple[float, ...]
+
+    def batches_per_epoch(self, global_batch_size: int) -> int:
+        return sum(self.sizes) // global_batch_size
+
+    def _slots_per_epoch(self, total: int) -> np.ndarray:
+        share = np.asarray(self.weights, dtype=np.float64) / sum(self.weights) * total
+        slots = np.floor(share).astype(np.int64)
+        slots[np.argsort(-(share - slots), kind="stable")[: total - slots.sum()]] += 1
+        return slots
+
+    def epoch_order(self, epoch: int, seed: int, fingerprint: str, global_batch_size: int) -> np.ndarray:
+        total = self.batches_per_epoch(global_batch_size) * global_batch_size
+        slots = self._slots_per_epoch(total)
+        owners = _interleave(slots)
+        offsets = np.concatenate([[0], np.cumsum(self.sizes)])
+        order = np.empty(total, dtype=np.int64)
+        for d, (size, count) in enumerate(zip(self.sizes, slots)):
+            positions = epoch * count + np.arange(count)  # where this epoch continues dataset d's stream
+            picked = np.empty(count, dtype=np.int64)
+            for round_ in np.unique(positions // size):
+                here = positions // size == round_
+                permutation = _rng(seed, int(round_), fingerprint, d).permutation(size)
+                picked[here] = permutation[positions[here] % size]
+            order[owners == d] = picked + offsets[d]
+        batches = order.reshape(-1, global_batch_size)
+        return _rng(seed, epoch, fingerprint, len(self.sizes)).permuted(batches, axis=1).reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -23,7 +174,7 @@ class SamplerPosition:
 
 class DeterministicSampler:
     def __init__(
-        self, num_samples: int, global_batch_size: int, seed: int, fingerprint: str, shuffle: bool = True
+        self, order: SampleOrder, global_batch_size: int, seed: int, fingerprint: str, num_samples: int
     ) -> None:
         if global_batch_size < 1:
             raise ValueError("global_batch_size must be at least 1")
@@ -31,28 +182,20 @@ class DeterministicSampler:
             raise ValueError(
                 f"the dataset has {num_samples} samples, fewer than one global batch of {global_batch_size}"
             )
-        self.num_samples = num_samples
+        self.order = order
         self.global_batch_size = global_batch_size
         self.seed = seed
         self.fingerprint = fingerprint
-        self.shuffle = shuffle
+        self.batches_per_epoch = order.batches_per_epoch(global_batch_size)
+        if self.batches_per_epoch < 1:
+            raise ValueError(f"not one whole global batch of {global_batch_size} per epoch with this batching")
         self._cached_epoch: int | None = None
         self._cached_order: torch.Tensor | None = None
 
-    @property
-    def batches_per_epoch(self) -> int:
-        """Whole global batches only: the tail of a shuffled epoch is dropped, never padded."""
-        return self.num_samples // self.global_batch_size
-
     def epoch_order(self, epoch: int) -> torch.Tensor:
         if self._cached_epoch != epoch:
-            if self.shuffle:
-                entropy = [self.seed, epoch, int(self.fingerprint[:16], 16)]
-                generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
-                order = generator.permutation(self.num_samples)
-            else:
-                order = np.arange(self.num_samples)
-            self._cached_order = torch.from_numpy(order.astype(np.int64))
+            order = self.order.epoch_order(epoch, self.seed, self.fingerprint, self.global_batch_size)
+            self._cached_order = torch.from_numpy(np.asarray(order, dtype=np.int64))
             self._cached_epoch = epoch
         assert self._cached_order is not None
         return self._cached_order
@@ -86,15 +229,30 @@ class DeterministicSampler:
 
     def check_resumable(self, state: dict) -> SamplerPosition:
         """The position to resume from, after checking the data order is the one checkpointed."""
-        for key in ("seed", "fingerprint"):
+        for key in ("seed", "fingerprint", "global_batch_size"):
             if state[key] != getattr(self, key):
                 raise ValueError(
                     f"cannot resume: the checkpoint's sampler {key} {state[key]!r} differs from this run's "
-                    f"{getattr(self, key)!r} (the data or seed changed)"
+                    f"{getattr(self, key)!r} (the data, seed or batch size changed)"
                 )
-        if state["samples_seen"] % self.global_batch_size:
-            raise ValueError(
-                f"cannot resume: {state['samples_seen']} samples seen is not a whole number of "
-                f"global batches of {self.global_batch_size}"
-            )
         return SamplerPosition(epoch=int(state["epoch"]), samples_seen=int(state["samples_seen"]))
+
+
+def make_order(
+    mode: str,
+    classes: torch.Tensor,
+    shuffle: bool = True,
+    unit: int | None = None,
+    shard_sizes: Sequence[int] | None = None,
+    block_shards: int | None = None,
+) -> SampleOrder:
+    labels = classes.numpy() if isinstance(classes, torch.Tensor) else np.asarray(classes)
+    if mode == "random":
+        return RandomOrder(len(labels), shuffle, tuple(shard_sizes) if shard_sizes else None, block_shards)
+    if mode == "stratified":
+        return StratifiedOrder(labels)
+    if mode == "per_class":
+        if unit is None or unit < 1:
+            raise ValueError("per_class batching needs a unit (the microbatch size) of at least 1")
+        return PerClassOrder(labels, unit)
+    raise ValueError(f"unknown batching mode {mode!r} (random, stratified, per_class)")

@@ -52,5 +52,5 @@ class TokenWindows:
             inputs=window[:, :-1],
             targets=window[:, 1:],
             sample_ids=indices,
-            provenance=self.classes[indices],
+            provenance=self.classes[indices].unsqueeze(1),
         )

@@ -42,6 +42,6 @@ def set_batch_sequence_length(batch: Batch, seq_len: int, truncate: bool = True)
     return Batch(
         inputs=batch.inputs[:, :usable].reshape(-1, seq_len),
         targets=batch.targets[:, :usable].reshape(-1, seq_len),
-        sample_ids=batch.sample_ids.repeat_interleave(pieces),
-        provenance=batch.provenance.repeat_interleave(pieces),
+        sample_ids=batch.sample_ids.repeat_interleave(pieces, dim=0),
+        provenance=batch.provenance.repeat_interleave(pieces, dim=0),
     )

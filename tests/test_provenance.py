@@ -1,0 +1,189 @@
+"""Guarantee G2, fail closed: every tampering of a real prepared dataset stops loading before any gradient."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tessera.build import build_data
+from tessera.data.manifest import canonical_json
+from tessera.distributed import DistInfo
+from tessera.errors import TesseraError
+from tessera.governance.keys import SigningKey, sign_bytes
+from tessera.trainer import Trainer
+
+from conftest import tessera_cli, write_recipe
+from helpers import recipe
+
+
+def _manifest(g):
+    return json.loads((g.dataset / "manifest.json").read_text())
+
+
+def _resign(g, manifest, key_name="tagger"):
+    raw = canonical_json(manifest)
+    (g.dataset / "manifest.json").write_bytes(raw)
+    (g.dataset / "manifest.json.sig").write_text(sign_bytes(raw, SigningKey.load(g.key(key_name))).to_json())
+
+
+def _rewrite_shard(path, change):
+    table = pq.read_table(path)
+    columns = {name: table.column(name).to_pylist() for name in table.column_names}
+    change(columns)
+    tokens = pa.FixedSizeListArray.from_arrays(
+        pa.array([t for row in columns["tokens"] for t in row], pa.uint16()), len(columns["tokens"][0])
+    )
+    rebuilt = pa.table({
+        "id": pa.array(columns["id"], pa.string()),
+        "class": pa.array(columns["class"], pa.string()).dictionary_encode(),
+        "tokens": tokens,
+        "content_sha256": pa.array(columns["content_sha256"], pa.binary(32)),
+    })
+    pq.write_table(rebuilt, path, compression="zstd")
+
+
+def _refuses(g, pattern, lazy=False):
+    """Loading fails with one line matching ``pattern``, and training never starts."""
+    config = recipe(g.recipe(data={"verify": "lazy" if lazy else "eager"}))
+    with pytest.raises(TesseraError, match=pattern) as info:
+        build_data(config, DistInfo())
+    assert "\n" not in str(info.value)
+    run_dir = g.root / "run"
+    with pytest.raises(TesseraError, match=pattern):
+        Trainer(config, run_dir).fit()
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
+    return str(info.value)
+
+
+def test_untampered_dataset_loads(governed):
+    data = build_data(recipe(governed.recipe()), DistInfo())
+    assert len(data.train) == sum(_manifest(governed)["splits"]["train"]["class_counts"].values())
+    assert data.provenance["manifest_root"] == _manifest(governed)["merkle_root"]
+
+
+def test_flipped_shard_byte(governed_copy):
+    shard = governed_copy.dataset / "train-00002.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    shard.write_bytes(bytes(data))
+    _refuses(governed_copy, r"train-00002\.parquet: ")
+
+
+def test_example_content_changed(governed_copy):
+    def change(columns):
+        columns["tokens"][5] = [(t + 1) % 20 for t in columns["tokens"][5]]
+
+    _rewrite_shard(governed_copy.dataset / "train-00001.parquet", change)
+    message = _refuses(governed_copy, r"train-00001\.parquet: example '.*/train/\d+': content does not match")
+    assert "content_sha256" in message
+
+
+def test_example_content_and_hash_changed_together(governed_copy):
+    from tessera.data.manifest import content_sha256
+    import numpy as np
+
+    def change(columns):
+        columns["tokens"][3] = [(t + 1) % 20 for t in columns["tokens"][3]]
+        columns["content_sha256"][3] = content_sha256(np.array(columns["tokens"][3]))
+
+    _rewrite_shard(governed_copy.dataset / "train-00000.parquet", change)
+    _refuses(governed_copy, r"train-00000\.parquet: an example's id or content hash differs from what was signed \(Merkle root mismatch\)")
+
+
+def test_example_class_changed(governed_copy):
+    def change(columns):
+        columns["class"][7] = "gutenberg/comedy/tempest" if "tempest" not in columns["class"][7] else "gutenberg/poetry/sonnets"
+
+    _rewrite_shard(governed_copy.dataset / "train-00003.parquet", change)
+    _refuses(governed_copy, r"train-00003\.parquet: example '.*': class '.*' differs from the signed class")
+
+
+def test_manifest_altered_after_signing(governed_copy):
+    manifest = _manifest(governed_copy)
+    manifest["splits"]["train"]["examples"] += 1
+    (governed_copy.dataset / "manifest.json").write_bytes(canonical_json(manifest))
+    _refuses(governed_copy, r"manifest\.json: signature does not match the content")
+
+
+def test_manifest_not_signed(governed_copy):
+    (governed_copy.dataset / "manifest.json.sig").unlink()
+    _refuses(governed_copy, r"manifest\.json: not signed")
+
+
+def test_manifest_signed_by_a_non_tagging_authority(governed_copy):
+    _resign(governed_copy, _manifest(governed_copy), key_name="model-risk")
+    _refuses(governed_copy, r"manifest\.json: signed by key \w+, which is no tagging authority")
+
+
+def test_signer_not_authorised_for_a_class(governed_copy):
+    _resign(governed_copy, _manifest(governed_copy), key_name="comedy-tagger")  # may tag gutenberg/comedy only
+    _refuses(governed_copy, r"signer 'comedy-tagger' is not authorised to tag class 'gutenberg/(poetry|tragedy)/")
+
+
+def test_class_missing_from_taxonomy(governed_copy):
+    manifest = _manifest(governed_copy)
+    shard = manifest["splits"]["train"]["shards"][0]
+    old = shard["classes"][0][0]
+    shard["classes"][0][0] = "gutenberg/tragedy/cardenio"
+    counts = manifest["splits"]["train"]["class_counts"]
+    counts["gutenberg/tragedy/cardenio"] = counts.pop(old)
+    _resign(governed_copy, manifest)
+    _refuses(governed_copy, r"train-00000\.parquet: class 'gutenberg/tragedy/cardenio' is not in taxonomy 'tiny'")
+
+
+def test_taxonomy_unsigned(governed_copy):
+    (governed_copy.root / "taxonomy.yaml.sig").unlink()
+    _refuses(governed_copy, r"taxonomy\.yaml: not signed")
+
+
+def test_taxonomy_altered(governed_copy):
+    path = governed_copy.taxonomy
+    path.write_text(path.read_text().replace("deletable", "deletable") + "\n# edited\n")
+    _refuses(governed_copy, r"taxonomy\.yaml: signature does not match the content")
+
+
+def test_taxonomy_signed_by_someone_else(governed_copy):
+    path = governed_copy.taxonomy
+    signature = sign_bytes(path.read_bytes(), SigningKey.load(governed_copy.key("tagger")))
+    (governed_copy.root / "taxonomy.yaml.sig").write_text(signature.to_json())
+    _refuses(governed_copy, r"taxonomy\.yaml: signed by key \w+, not by the trusted data-governance key")
+
+
+def test_dataset_prepared_under_another_taxonomy(governed_copy, governed):
+    text = governed_copy.taxonomy.read_text().replace("taxonomy: tiny", "taxonomy: tiny-v2")
+    governed_copy.taxonomy.write_text(text)
+    signature = sign_bytes(governed_copy.taxonomy.read_bytes(), SigningKey.load(governed_copy.key("data-governance")))
+    (governed_copy.root / "taxonomy.yaml.sig").write_text(signature.to_json())
+    _refuses(governed_copy, r"manifest\.json: prepared under taxonomy \w+\.\.\., not the given taxonomy")
+
+
+def test_missing_shard(governed_copy):
+    (governed_copy.dataset / "val-00000.parquet").unlink()
+    _refuses(governed_copy, r"val-00000\.parquet: shard listed in the manifest is missing")
+
+
+def test_lazy_verification_stops_at_the_bad_shard(governed_copy):
+    def change(columns):
+        columns["tokens"][0] = [(t + 1) % 20 for t in columns["tokens"][0]]
+
+    _rewrite_shard(governed_copy.dataset / "train-00004.parquet", change)
+    config = recipe(governed_copy.recipe(data={"verify": "lazy"}, train={"max_duration": "1ep"}))
+    trainer = Trainer(config, governed_copy.root / "lazy")  # lazy: nothing read yet beyond what eval needs
+    with pytest.raises(TesseraError, match=r"train-00004\.parquet: example '.*': content does not match"):
+        trainer.fit()
+
+
+def test_cli_fails_closed_with_one_line_and_nonzero_exit(governed_copy, tmp_path):
+    def change(columns):
+        columns["class"][0] = "gutenberg/comedy/tempest" if "tempest" not in columns["class"][0] else "gutenberg/poetry/sonnets"
+
+    _rewrite_shard(governed_copy.dataset / "train-00000.parquet", change)
+    path = write_recipe(tmp_path / "r.yaml", governed_copy.recipe())
+    result = tessera_cli("train", str(path), "--run-dir", str(tmp_path / "run"))
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "train-00000.parquet: example '" in lines[0], result.stderr
+    verify = tessera_cli("data", "verify", str(governed_copy.dataset), "--taxonomy", str(governed_copy.taxonomy),
+                         "--trust", str(governed_copy.trust))
+    assert verify.returncode != 0 and "differs from the signed class" in verify.stderr
