@@ -27,6 +27,7 @@ import fsspec
 import torch
 
 from tessera.errors import CheckpointError
+from tessera.io import atomic_write_bytes
 
 FORMAT_VERSION = 1
 LATEST = "latest"
@@ -46,29 +47,6 @@ class _HashingWriter(io.RawIOBase):
     def write(self, data: bytes) -> int:  # type: ignore[override]
         self.digest.update(data)
         return self._handle.write(data)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def checkpoint_name(epoch: int, batch: int) -> str:

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tessera import distributed
 from tessera.algorithms import build_algorithms
 from tessera.build import build_data, build_logger_destinations, build_model, resolve_device
-from tessera.checkpoint import FORMAT_VERSION, CheckpointStore, atomic_write_bytes, checkpoint_name, load_checkpoint
+from tessera.checkpoint import FORMAT_VERSION, CheckpointStore, checkpoint_name, load_checkpoint
 from tessera.config import RESUMABLE_CHANGES, Recipe
 from tessera.core.algorithm import Algorithm
 from tessera.core.callback import Callback
@@ -35,6 +35,7 @@ from tessera.data.batch import Batch
 from tessera.data.lm import LanguageModelData
 from tessera.determinism import capture_rng_state, configure_determinism, restore_rng_state, seed_everything
 from tessera.errors import CheckpointError, RecipeError
+from tessera.io import atomic_write_bytes
 from tessera.loggers.logger import Logger
 from tessera.optim import LRSchedule, build_optimizer
 from tessera.precision import autocast, check_precision, grad_scaler

@@ -119,3 +119,20 @@ def test_shorter_seq_len_than_prepared_is_truncated_and_longer_refused(governed)
     assert next(data.train_batches(0, 0)).inputs.shape[1] == 8
     with pytest.raises(DataError, match="fewer than seq_len 24"):
         build_data(recipe(governed.recipe(model={"block_size": 32}, data={"seq_len": 24})), DistInfo())
+
+
+@pytest.mark.parametrize("batching", ["random", "stratified", "per_class"])
+def test_crash_and_resume_on_a_signed_dataset_is_bitwise_exact(governed, tmp_path, batching):
+    from helpers import CrashAt, assert_tree_equal, latest_payload
+
+    config = recipe(governed.recipe(data={"batching": batching},
+                                    train={"max_duration": "20ba", "microbatch_size": 4},
+                                    checkpoint={"interval": "5ba"}, model={"dropout": 0.1}))
+    Trainer(config, tmp_path / "reference").fit()
+    with pytest.raises(CrashAt.Crash):
+        Trainer(config, tmp_path / "resumed", callbacks=[CrashAt(12)]).fit()
+    Trainer(config, tmp_path / "resumed").fit()
+    a, b = latest_payload(tmp_path / "reference"), latest_payload(tmp_path / "resumed")
+    for key in ("model", "optimizer", "rng", "sampler", "data"):
+        assert_tree_equal(a[key], b[key], key)
+    assert losses(tmp_path / "reference") == losses(tmp_path / "resumed")

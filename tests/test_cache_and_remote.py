@@ -11,7 +11,7 @@ from tessera.distributed import DistInfo
 from tessera.errors import DataError
 from tessera.trainer import Trainer
 
-from conftest import tessera_cli, write_recipe
+from conftest import tessera_cli
 from helpers import losses, recipe
 
 

@@ -114,3 +114,19 @@ def test_prepare_from_a_jsonl_table(tmp_path, governed):
     assert done.returncode == 0, done.stderr
     manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
     assert set(manifest["splits"]["train"]["class_counts"]) == {"gutenberg/tragedy/hamlet", "gutenberg/comedy/tempest"}
+
+
+def test_prepare_from_a_parquet_table(tmp_path, governed):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = ["Now is the winter of our discontent made glorious summer. " * 6, "Full fathom five thy father lies. " * 9]
+    pq.write_table(pa.table({"body": texts, "label": ["gutenberg/history", "gutenberg/comedy/tempest"]}),
+                   tmp_path / "table.parquet")
+    done = tessera_cli("data", "prepare", "--source", str(tmp_path / "table.parquet"), "--text-column", "body",
+                       "--class-column", "label", "--taxonomy", str(governed.taxonomy), "--key", str(governed.key("tagger")),
+                       "--out", str(tmp_path / "ds"), "--seq-len", "16")
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    assert set(manifest["splits"]["train"]["class_counts"]) == {"gutenberg/history", "gutenberg/comedy/tempest"}
+    assert tessera_cli("data", "verify", str(tmp_path / "ds"), "--taxonomy", str(governed.taxonomy)).returncode == 0

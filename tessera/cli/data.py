@@ -121,7 +121,7 @@ def run_verify(args: argparse.Namespace) -> int:
         for split in manifest.data["splits"]:
             reader = ShardedSplit(manifest, split, taxonomy, options, cache=None, memory_shards=1)
             task = progress.add_task(f"verifying {split}", total=len(reader.shards))
-            reader.verify_all(lambda entry: progress.advance(task))
+            reader.verify_all(lambda entry, task=task: progress.advance(task))
             total_bytes += sum(entry.bytes for entry in reader.shards)
     seconds = time.perf_counter() - started
     table = Table(title=f"{args.url}: verified", title_justify="left")

@@ -15,6 +15,7 @@ from tessera.governance.keys import (
     write_key_pair,
 )
 from tessera.errors import TesseraError
+from tessera.io import atomic_write_text
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -54,9 +55,7 @@ def run_sign(args: argparse.Namespace) -> int:
         raise TesseraError(f"{args.file}: file not found")
     key = SigningKey.load(args.key)
     out = signature_path(args.file)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(sign_bytes(args.file.read_bytes(), key).to_json(), encoding="utf-8")
-    tmp.replace(out)
+    atomic_write_text(out, sign_bytes(args.file.read_bytes(), key).to_json())
     print(f"{out}  signed by key {key.public.key_id}")
     return 0
 

@@ -11,6 +11,7 @@ from rich.tree import Tree
 from tessera.data.sources import classes_from_mapping
 from tessera.errors import TesseraError
 from tessera.governance.keys import PublicKey
+from tessera.io import atomic_write_text
 from tessera.governance.taxonomy import Taxonomy, taxonomy_yaml
 
 
@@ -74,9 +75,7 @@ def run_init(args: argparse.Namespace) -> int:
     text = taxonomy_yaml(args.name, classes, authorities, args.deletable)
     Taxonomy.parse(text.encode(), str(args.out))  # refuse to write what would not load
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(args.out)
+    atomic_write_text(args.out, text)
     print(f"{args.out}: {len(classes)} classes, {len(authorities)} authorities; "
           f"now sign it: tessera sign {args.out} --key <data-governance.key>")
     return 0

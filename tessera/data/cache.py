@@ -24,12 +24,12 @@ import contextlib
 import fcntl
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
 from tessera.errors import DataError
+from tessera.io import atomic_write_bytes, atomic_write_text
 
 SUFFIX = ".shard"
 
@@ -60,10 +60,7 @@ class ShardCache:
         return json.loads(path.read_text(encoding="utf-8"))
 
     def _write_index(self, index: dict) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".index.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(index, handle, indent=1, sort_keys=True)
-        os.replace(tmp, self.directory / "index.json")
+        atomic_write_text(self.directory / "index.json", json.dumps(index, indent=1, sort_keys=True))
 
     def _path(self, digest: str) -> Path:
         return self.directory / f"{digest}{SUFFIX}"
@@ -160,10 +157,7 @@ class ShardCache:
             raise DataError(f"downloaded {len(data):,} bytes for shard {digest[:12]}..., the manifest says {size:,}")
         with self._locked() as index:
             self._make_room(index, size, exclude=digest)
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".download.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            os.replace(tmp, path)
+            atomic_write_bytes(path, data)
             index["entries"][digest] = {"bytes": size, "mtime_ns": path.stat().st_mtime_ns, "verified": False}
             self._touch(digest)
             self.pin(digest)

@@ -36,6 +36,7 @@ from tessera.data.manifest import (
 from tessera.data.sources import Document
 from tessera.data.tokenizer import CharTokenizer
 from tessera.errors import DataError
+from tessera.io import atomic_write_bytes
 from tessera.governance import merkle
 from tessera.governance.keys import SigningKey, sign_bytes
 from tessera.governance.taxonomy import Taxonomy
@@ -96,13 +97,59 @@ def _shard_bytes(examples: list[_Example], length: int, dtype: Any) -> bytes:
     return sink.getvalue()
 
 
+class _SplitWriter:
+    """Cuts one split's examples into shards, writes them, and builds the split's manifest entry."""
+
+    def __init__(
+        self, split: str, fs: fsspec.AbstractFileSystem, root: str, length: int, dtype: Any, shard_examples: int
+    ) -> None:
+        self.split, self.fs, self.root, self.length, self.dtype = split, fs, root, length, dtype
+        self.shard_examples = shard_examples
+        self.shards: list[dict[str, Any]] = []
+        self.leaves: list[bytes] = []
+        self.counts: dict[str, int] = {}
+        self.pending: list[_Example] = []
+
+    def add(self, example: _Example) -> None:
+        self.pending.append(example)
+        self.counts[example.class_name] = self.counts.get(example.class_name, 0) + 1
+        if len(self.pending) == self.shard_examples:
+            self._flush()
+
+    def _flush(self) -> None:
+        name = f"{self.split}-{len(self.shards):05d}.parquet"
+        data = _shard_bytes(self.pending, self.length, self.dtype)
+        _write(self.fs, f"{self.root}/{name}", data)
+        leaves = [merkle.leaf_hash(leaf_bytes(e.example_id, e.class_name, e.digest)) for e in self.pending]
+        self.shards.append({
+            "name": name,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data),
+            "examples": len(self.pending),
+            "first_example": len(self.leaves),
+            "merkle_root": merkle.root(leaves).hex(),
+            "classes": run_length([e.class_name for e in self.pending]),
+        })
+        self.leaves.extend(leaves)
+        self.pending = []
+
+    def finish(self, seq_len: int) -> dict[str, Any]:
+        if self.pending:
+            self._flush()
+        if not self.leaves:
+            raise DataError(f"the {self.split} split is empty: documents are shorter than seq_len {seq_len}")
+        return {
+            "examples": len(self.leaves),
+            "class_counts": dict(sorted(self.counts.items())),
+            "merkle_root": merkle.root(self.leaves).hex(),
+            "shards": self.shards,
+        }
+
+
 def _write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write whole files; on a local disk via a temporary name and a rename."""
+    """Write whole files: atomically on a local disk; object stores write whole objects anyway."""
     if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
-        tmp = f"{path}.tmp"
-        with fs.open(tmp, "wb") as handle:
-            handle.write(data)
-        fs.mv(tmp, path)
+        atomic_write_bytes(path, data)
     else:
         with fs.open(path, "wb") as handle:
             handle.write(data)
@@ -136,46 +183,16 @@ def prepare_dataset(
     with Progress(disable=not show_progress, transient=True) as progress:
         task = progress.add_task("preparing", total=len(docs) * len(SPLITS))
         for split in SPLITS:
-            shards, split_leaves, counts, pending = [], [], {}, []
-
-            def flush() -> None:
-                name = f"{split}-{len(shards):05d}.parquet"
-                data = _shard_bytes(pending, length, dtype)
-                _write(fs, f"{root}/{name}", data)
-                leaves = [merkle.leaf_hash(leaf_bytes(e.example_id, e.class_name, e.digest)) for e in pending]
-                shards.append({
-                    "name": name,
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                    "bytes": len(data),
-                    "examples": len(pending),
-                    "first_example": len(split_leaves),
-                    "merkle_root": merkle.root(leaves).hex(),
-                    "classes": run_length([e.class_name for e in pending]),
-                })
-                split_leaves.extend(leaves)
-                pending.clear()
-
+            writer = _SplitWriter(split, fs, root, length, dtype, options.shard_examples)
             for doc in docs:
                 ids = tokenizer.encode(doc.text, where=doc.doc_id)
                 cut = int(len(ids) * (1.0 - options.val_fraction))
                 part = ids[:cut] if split == "train" else ids[cut:]
                 for example in _windows(doc.doc_id, split, doc.class_name, part, options.seq_len):
-                    pending.append(example)
-                    counts[doc.class_name] = counts.get(doc.class_name, 0) + 1
-                    if len(pending) == options.shard_examples:
-                        flush()
+                    writer.add(example)
                 progress.advance(task)
-            if pending:
-                flush()
-            if not split_leaves:
-                raise DataError(f"the {split} split is empty: documents are shorter than seq_len {options.seq_len}")
-            splits[split] = {
-                "examples": len(split_leaves),
-                "class_counts": dict(sorted(counts.items())),
-                "merkle_root": merkle.root(split_leaves).hex(),
-                "shards": shards,
-            }
-            all_leaves.extend(split_leaves)
+            splits[split] = writer.finish(options.seq_len)
+            all_leaves.extend(writer.leaves)
 
     manifest = {
         "format": FORMAT,
