@@ -51,13 +51,19 @@ $(DEMO)/dataset/manifest.json: $(DEMO)/taxonomy.yaml.sig
 		--taxonomy $(DEMO)/taxonomy.yaml --trust $(DEMO)/keys/data-governance.pub \
 		--key $(DEMO)/keys/gutenberg-tagger.key --out $(DEMO)/dataset --name shakespeare --overwrite
 
-demo: $(DEMO)/dataset/manifest.json
-	@echo "== 4. verify every signature, shard and example"
+$(DEMO)/policy.yaml.sig: $(DEMO)/dataset/manifest.json recipes/governance/shakespeare-policy.yaml
+	@echo "== 4. bind the routing policy to this taxonomy and model (prints who may update what, when); model risk signs it"
+	$(T) policy check recipes/governance/shakespeare-policy.yaml --recipe recipes/shakespeare.yaml --bind $(DEMO)/policy.yaml
+	$(T) sign $(DEMO)/policy.yaml --key $(DEMO)/keys/model-risk.key
+
+demo: $(DEMO)/policy.yaml.sig
+	@echo "== 5. verify every signature, shard and example"
 	$(T) data verify $(DEMO)/dataset --taxonomy $(DEMO)/taxonomy.yaml --trust $(DEMO)/keys/data-governance.pub
-	@echo "== 5. train from the signed dataset (rerun to resume)"
+	@echo "== 6. train from the signed dataset under the signed policy (rerun to resume)"
 	$(T) train recipes/shakespeare.yaml --run-dir $(DEMO)/run
-	@echo "== 6. sample"
-	$(T) sample $(DEMO)/run --prompt "ROMEO:" --tokens 400
+	@echo "== 7. sample: the shared model, then with Hamlet's adapter switched on"
+	$(T) sample $(DEMO)/run --prompt "ROMEO:" --tokens 300
+	$(T) sample $(DEMO)/run --prompt "HAMLET." --tokens 300 --adapter gutenberg/tragedy/hamlet
 
 # pytest exits 5 when it collects nothing; make treats that as the failure it is.
 test: $(VENV)/.test-installed

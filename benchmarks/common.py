@@ -8,6 +8,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,43 @@ class PairedSteps(Callback):
         self.tessera.append(time.perf_counter() - self._last)
         self.handwritten.append(self.hand.step()[0])
         self._last = time.perf_counter()
+
+
+@dataclass(frozen=True)
+class Governed:
+    root: Path
+    taxonomy: Path
+    trust: Path
+    dataset: Path
+    model_risk_key: Path
+
+
+def governed_shakespeare(root: Path, shard_examples: int = 20_000) -> Governed:
+    """Keys, a signed taxonomy and the prepared, signed Shakespeare dataset, made the way the demo makes them."""
+    from tessera.data.prepare import PrepareOptions, prepare_dataset
+    from tessera.data.sources import classes_from_mapping, documents_from_folder
+    from tessera.governance.keys import PublicKey, SigningKey, sign_bytes, write_key_pair
+    from tessera.governance.taxonomy import Taxonomy, taxonomy_yaml
+
+    corpus, template = REPO / "data" / "shakespeare", "gutenberg/{genre}/{work}"
+    keys = root / "keys"
+    for name in ("data-governance", "tagger", "model-risk"):
+        write_key_pair(name, keys)
+    pub = lambda name: PublicKey.load(keys / f"{name}.pub").text  # noqa: E731
+    authorities = {
+        "data-governance": {"role": "data-governance", "key": pub("data-governance")},
+        "tagger": {"role": "tagging", "key": pub("tagger"), "may_tag": ["gutenberg"]},
+        "model-risk": {"role": "model-risk", "key": pub("model-risk")},
+    }
+    path = root / "taxonomy.yaml"
+    path.write_text(taxonomy_yaml("shakespeare", classes_from_mapping(corpus / "manifest.csv", template), authorities))
+    (root / "taxonomy.yaml.sig").write_text(
+        sign_bytes(path.read_bytes(), SigningKey.load(keys / "data-governance.key")).to_json())
+    taxonomy = Taxonomy.load(path, PublicKey.load(keys / "data-governance.pub"))
+    prepare_dataset(documents_from_folder(corpus, template=template), taxonomy, SigningKey.load(keys / "tagger.key"),
+                    str(root / "dataset"), PrepareOptions(name="shakespeare", shard_examples=shard_examples),
+                    show_progress=False)
+    return Governed(root, path, keys / "data-governance.pub", root / "dataset", keys / "model-risk.key")
 
 
 def machine() -> dict[str, Any]:

@@ -32,38 +32,15 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from common import REPO, emit, machine
+from common import emit, governed_shakespeare, machine
 
 from tessera.data.lm import OrderConfig, dataset_data
 from tessera.data.manifest import ShardEntry, verify_shard
-from tessera.data.prepare import PrepareOptions, prepare_dataset
 from tessera.data.shards import CacheConfig
-from tessera.data.sources import classes_from_mapping, documents_from_folder
-from tessera.governance.keys import PublicKey, SigningKey, sign_bytes, write_key_pair
-from tessera.governance.taxonomy import Taxonomy, taxonomy_yaml
+from tessera.governance.keys import PublicKey
+from tessera.governance.taxonomy import Taxonomy
 
-CORPUS = REPO / "data" / "shakespeare"
 BATCH_SIZES = (64, 512)  # samples of 64 tokens: 4k and 32k tokens per batch
-TEMPLATE = "gutenberg/{genre}/{work}"
-
-
-def prepare(root: Path, shard_examples: int) -> tuple[Taxonomy, Path]:
-    keys = root / "keys"
-    for name in ("data-governance", "tagger"):
-        write_key_pair(name, keys)
-    authorities = {
-        "data-governance": {"role": "data-governance", "key": PublicKey.load(keys / "data-governance.pub").text},
-        "tagger": {"role": "tagging", "key": PublicKey.load(keys / "tagger.pub").text, "may_tag": ["gutenberg"]},
-    }
-    path = root / "taxonomy.yaml"
-    path.write_text(taxonomy_yaml("shakespeare", classes_from_mapping(CORPUS / "manifest.csv", TEMPLATE), authorities))
-    (root / "taxonomy.yaml.sig").write_text(
-        sign_bytes(path.read_bytes(), SigningKey.load(keys / "data-governance.key")).to_json())
-    taxonomy = Taxonomy.load(path, PublicKey.load(keys / "data-governance.pub"))
-    prepare_dataset(documents_from_folder(CORPUS, template=TEMPLATE), taxonomy, SigningKey.load(keys / "tagger.key"),
-                    str(root / "dataset"), PrepareOptions(name="shakespeare", shard_examples=shard_examples),
-                    show_progress=False)
-    return taxonomy, root / "dataset"
 
 
 def free_port() -> int:
@@ -116,7 +93,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        taxonomy, dataset = prepare(root, args.shard_examples)
+        governed = governed_shakespeare(root, args.shard_examples)
+        taxonomy = Taxonomy.load(governed.taxonomy, PublicKey.load(governed.trust))
+        dataset = governed.dataset
         port = free_port()
         server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
                                    "--directory", str(dataset)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

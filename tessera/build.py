@@ -16,6 +16,7 @@ from tessera.governance.taxonomy import Taxonomy
 from tessera.loggers.console import ConsoleLogger
 from tessera.loggers.jsonl import JSONLLogger
 from tessera.loggers.logger import LoggerDestination
+from tessera.models.adapters import add_class_adapters
 from tessera.models.gpt import GPT, GPTConfig
 
 
@@ -39,7 +40,7 @@ def build_data(recipe: Recipe, dist: DistInfo) -> LanguageModelData:
         global_batch_size=train.global_batch_size,
         seed=recipe.seed,
         shuffle=config.shuffle,
-        batching=config.batching,
+        batching=recipe.batching,
         class_unit=class_unit(recipe),
         shuffle_block_shards=config.shuffle_block_shards,
     )
@@ -65,7 +66,7 @@ def build_data(recipe: Recipe, dist: DistInfo) -> LanguageModelData:
 
 def class_unit(recipe: Recipe) -> int | None:
     """per_class batching: how many consecutive examples share a class (must be a multiple of the microbatch)."""
-    if recipe.data.batching != "per_class":
+    if recipe.batching != "per_class":
         return None
     unit = recipe.data.class_unit or recipe.train.microbatch_size or recipe.train.global_batch_size
     micro = recipe.train.microbatch_size
@@ -74,9 +75,10 @@ def class_unit(recipe: Recipe) -> int | None:
     return unit
 
 
-def build_model(recipe: Recipe, vocab_size: int) -> GPT:
+def build_model(recipe: Recipe, vocab_size: int, class_names: list[str] | None = None) -> GPT:
+    """The recipe's model, with per-class adapters attached if the recipe asks for them."""
     config = recipe.model
-    return GPT(
+    model = GPT(
         GPTConfig(
             vocab_size=vocab_size,
             block_size=config.block_size,
@@ -89,6 +91,14 @@ def build_model(recipe: Recipe, vocab_size: int) -> GPT:
             alibi=config.alibi,
         )
     )
+    if config.adapters.classes:
+        unknown = [c for c in config.adapters.classes if c not in (class_names or [])]
+        if unknown:
+            raise RecipeError(f"model.adapters: class '{unknown[0]}' is not in the taxonomy")
+        targets = [f"blocks.{i}.mlp" for i in range(config.n_layer)]
+        add_class_adapters(model, targets, config.adapters.classes, class_names or [], config.d_model,
+                           config.adapters.hidden)
+    return model
 
 
 def build_logger_destinations(recipe: Recipe, run_dir: Path, dist: DistInfo) -> list[LoggerDestination]:

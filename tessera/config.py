@@ -32,6 +32,11 @@ def _time(value: Any) -> str:
     return str(Time.parse(value))
 
 
+class AdapterConfig(Section):
+    classes: list[str] = Field(default_factory=list, description="classes that get their own adapter in every block")
+    hidden: int = Field(32, ge=1, description="width of each adapter's hidden layer")
+
+
 class ModelConfig(Section):
     name: Literal["gpt"] = "gpt"
     n_layer: int = Field(4, ge=1)
@@ -42,6 +47,11 @@ class ModelConfig(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = True
     alibi: bool = False
+    adapters: AdapterConfig = AdapterConfig()
+
+
+class GovernanceConfig(Section):
+    policy: Path | None = Field(None, description="routing policy signed by the model-risk authority")
 
 
 def _parse_bytes(value: Any) -> int:
@@ -79,7 +89,8 @@ class DataConfig(Section):
     # How examples are ordered and batched.
     seq_len: int | None = Field(None, ge=1, description="training window; defaults to model.block_size")
     shuffle: bool = True
-    batching: Literal["random", "stratified", "per_class"] = "random"
+    batching: Literal["random", "stratified", "per_class"] | None = Field(
+        None, description="default: per_class under a routing policy, else random")
     class_unit: int | None = Field(None, ge=1, description="per_class: examples per single-class unit "
                                    "(default: train.microbatch_size, else the global batch)")
     shuffle_block_shards: int | None = Field(None, ge=1, description="random: shuffle within blocks of this many shards")
@@ -178,6 +189,7 @@ class Recipe(Section):
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+    governance: GovernanceConfig = GovernanceConfig()
     algorithms: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -185,6 +197,10 @@ class Recipe(Section):
         seq_len = self.data.seq_len or self.model.block_size
         if seq_len > self.model.block_size:
             raise ValueError(f"data.seq_len ({seq_len}) exceeds model.block_size ({self.model.block_size})")
+        if self.governance.policy is not None and self.data.taxonomy is None:
+            raise ValueError("governance.policy needs a prepared dataset (data.url with data.taxonomy)")
+        if self.model.adapters.classes and self.data.taxonomy is None:
+            raise ValueError("model.adapters names classes: it needs data.taxonomy")
         if self.model.d_model % self.model.n_head:
             raise ValueError(f"model.d_model ({self.model.d_model}) is not divisible by model.n_head ({self.model.n_head})")
         return self
@@ -192,6 +208,11 @@ class Recipe(Section):
     @property
     def seq_len(self) -> int:
         return self.data.seq_len or self.model.block_size
+
+    @property
+    def batching(self) -> str:
+        """``per_class`` under a policy (routing and per-class accounting are then free), else ``random``."""
+        return self.data.batching or ("per_class" if self.governance.policy else "random")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from tessera.models.gpt import GPT
 class Generator:
     model: GPT
     tokenizer: CharTokenizer
+    adapters: list[str] = field(default_factory=list)  # per-class adapters switched on while generating
 
     def sample(
         self,
@@ -37,11 +38,16 @@ class Generator:
         except ValueError as error:
             raise TesseraError(str(error)) from None
         context = torch.as_tensor(ids, dtype=torch.long)[None, :]
+        gates = getattr(self.model, "adapter_gates", None)
+        if gates is not None:
+            gates.set_on(self.adapters, batch_size=1)
         out = self.model.generate(context, max_new_tokens, temperature=temperature, top_k=top_k, generator=rng)
         return self.tokenizer.decode(out[0].tolist())
 
 
-def load_generator(run_dir: Path, checkpoint: str | None = None, weights: str = "auto") -> Generator:
+def load_generator(
+    run_dir: Path, checkpoint: str | None = None, weights: str = "auto", adapters: list[str] | None = None
+) -> Generator:
     if checkpoint is None:
         if not Path(run_dir).is_dir():
             raise CheckpointError(f"{run_dir}: run directory not found")
@@ -52,8 +58,13 @@ def load_generator(run_dir: Path, checkpoint: str | None = None, weights: str = 
     payload = load_checkpoint(checkpoint)
     recipe = Recipe.model_validate(payload["recipe"])
     tokenizer = CharTokenizer.from_json(payload["tokenizer"])
-    model = build_model(recipe, tokenizer.vocab_size)
+    model = build_model(recipe, tokenizer.vocab_size, payload.get("classes"))
     model.load_state_dict(payload["model"])
+    gates = getattr(model, "adapter_gates", None)
+    unknown = [a for a in adapters or [] if gates is None or a not in gates.adapter_classes]
+    if unknown:
+        available = ", ".join(gates.adapter_classes) if gates is not None else "none"
+        raise TesseraError(f"{checkpoint}: no adapter for class '{unknown[0]}' (this run has: {available})")
     averages = payload["algorithms"].get("EMA", {}).get("averages")
     if weights == "ema" and averages is None:
         raise CheckpointError(f"{checkpoint}: --weights ema, but this run has no EMA weights")
@@ -62,4 +73,4 @@ def load_generator(run_dir: Path, checkpoint: str | None = None, weights: str = 
             for name, parameter in model.named_parameters():
                 parameter.copy_(averages[name])
     model.eval()
-    return Generator(model=model, tokenizer=tokenizer)
+    return Generator(model=model, tokenizer=tokenizer, adapters=list(adapters or []))

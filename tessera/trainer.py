@@ -35,8 +35,11 @@ from tessera.data.batch import Batch
 from tessera.data.lm import LanguageModelData
 from tessera.determinism import capture_rng_state, configure_determinism, restore_rng_state, seed_everything
 from tessera.errors import CheckpointError, RecipeError
+from tessera.governance.policy import Policy, model_fingerprint
+from tessera.governance.routing import Router
 from tessera.io import atomic_write_bytes
 from tessera.loggers.logger import Logger
+from tessera.models.adapters import set_row_classes
 from tessera.optim import LRSchedule, build_optimizer
 from tessera.precision import autocast, check_precision, grad_scaler
 
@@ -89,7 +92,7 @@ class Trainer:
         # Same seed on every rank for the data order and the initial weights...
         seed_everything(recipe.seed)
         self.data = data or build_data(recipe, self.dist)
-        self.model = (model or build_model(recipe, self.data.tokenizer.vocab_size)).to(self.device)
+        self.model = (model or build_model(recipe, self.data.tokenizer.vocab_size, self.data.class_names)).to(self.device)
         # ...then a per-rank stream for dropout and anything else random in the loop.
         seed_everything(recipe.seed + self.dist.rank)
 
@@ -111,6 +114,7 @@ class Trainer:
         self.logger = Logger(self.state, build_logger_destinations(recipe, self.run_dir, self.dist))
         self.algorithms = list(build_algorithms(recipe.algorithms) if algorithms is None else algorithms)
         self.engine = Engine(self.state, self.logger, self.algorithms, callbacks)
+        self.policy, self.router = self._build_router()
         self.checkpoints = CheckpointStore(self.run_dir / "checkpoints", keep=recipe.checkpoint.keep)
 
         # What runs the forward pass: DDP (if several processes) and torch.compile (if asked) wrap
@@ -135,6 +139,21 @@ class Trainer:
         if self.dist.is_main:
             self._write_run_files()
 
+    def _build_router(self) -> tuple[Policy | None, Router | None]:
+        """Routing is on when a policy is configured or an algorithm (layer freezing) adds rules."""
+        policy = None
+        if self.recipe.governance.policy is not None:
+            taxonomy = self.data.taxonomy
+            if taxonomy is None:
+                raise RecipeError("governance.policy needs a prepared dataset with a taxonomy")
+            policy = Policy.load(self.recipe.governance.policy, taxonomy)
+            shapes = [(n, tuple(p.shape)) for n, p in self.model.named_parameters()]
+            policy.check(taxonomy, [n for n, _ in shapes], model_fingerprint(shapes), str(self.recipe.governance.policy))
+        rules = [rule for a in self.algorithms if hasattr(a, "routing_rules") for rule in a.routing_rules(self.model)]
+        if policy is None and not rules:
+            return None, None
+        return policy, Router(self.model, self.data.class_names, policy, rules, self.state.batches_in, self.dist)
+
     def close(self) -> None:
         """Release what the trainer opened: data readers, DDP, and a process group it created.
 
@@ -146,6 +165,8 @@ class Trainer:
             close = getattr(source, "close", None)
             if close is not None:
                 close()
+        if self.router is not None:
+            self.router.close()
         self._ddp = None
         self._forward_model = self.model
         gc.collect()
@@ -221,6 +242,9 @@ class Trainer:
         loss_units = distributed.all_reduce_sum(loss_units, self.dist)
         scale = self.dist.world_size / loss_units  # DDP averages over ranks; undo that
         total_loss = torch.zeros((), device=self.device)
+        router = self.router
+        if router is not None:
+            router.start_step()
 
         microbatches = full_batch.split(-(-full_batch.num_samples // self.microbatches_per_rank))
         for index, microbatch in enumerate(microbatches):
@@ -228,24 +252,40 @@ class Trainer:
             is_last = index == len(microbatches) - 1
             with self._no_sync_unless(is_last):
                 engine.run(Event.BEFORE_FORWARD)
-                with autocast(self.recipe.train.precision, self.device):
-                    state.outputs = self._forward_model(state.batch.inputs)
-                engine.run(Event.AFTER_FORWARD)
-                engine.run(Event.BEFORE_LOSS)
-                state.loss = self.model.loss(state.outputs, state.batch.targets)
-                engine.run(Event.AFTER_LOSS)
-                engine.run(Event.BEFORE_BACKWARD)
-                scaled = state.loss * scale
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-                engine.run(Event.AFTER_BACKWARD)
+                set_row_classes(self.model, state.batch.provenance)
+                # [governance] decide which parameters may learn from each row of this microbatch
+                plan = router.plan(state.batch.provenance, state.timestamp.batch) if router is not None else None
+                try:
+                    with autocast(self.recipe.train.precision, self.device):
+                        state.outputs = self._forward_model(state.batch.inputs)
+                    engine.run(Event.AFTER_FORWARD)
+                    engine.run(Event.BEFORE_LOSS)
+                    state.loss = self.model.loss(state.outputs, state.batch.targets)
+                    engine.run(Event.AFTER_LOSS)
+                    engine.run(Event.BEFORE_BACKWARD)
+                    scaled = state.loss * scale
+                    scaled = self.scaler.scale(scaled) if self.scaler else scaled
+                    if plan is None:
+                        scaled.backward()
+                    elif plan.inputs:  # only routed parameters receive (or even compute) a gradient
+                        torch.autograd.backward(scaled, inputs=plan.inputs)
+                    engine.run(Event.AFTER_BACKWARD)
+                finally:
+                    if router is not None:
+                        router.end_microbatch()
             total_loss += state.loss.detach()
         state.batch, state.outputs, state.loss = full_batch, None, None
+        if router is not None:
+            router.synchronize()  # all ranks: the same routed gradients, the same updated parameters
 
         engine.run(Event.BEFORE_OPTIMIZER_STEP)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.recipe.train.grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.train.grad_clip_norm)
+            if router is not None:  # per cell: one class's gradients never change another cell's clipping
+                router.clip(self.recipe.train.grad_clip_norm, state.timestamp.batch)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.train.grad_clip_norm)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -264,8 +304,9 @@ class Trainer:
         return float(total / loss_units)
 
     def _no_sync_unless(self, sync: bool) -> contextlib.AbstractContextManager:
-        """Under DDP, all-reduce gradients only on the last microbatch of a step."""
-        if sync or self._ddp is None:
+        """Under DDP, all-reduce gradients only on the last microbatch of a step (never when routing:
+        the router all-reduces the routed gradients itself)."""
+        if (sync and self.router is None) or self._ddp is None:
             return contextlib.nullcontext()
         return self._ddp.no_sync()
 
@@ -293,6 +334,7 @@ class Trainer:
         )
         for batch in batches:
             batch = batch.to(self.device)
+            set_row_classes(self.model, batch.provenance)
             with autocast(self.recipe.train.precision, self.device):
                 logits = self.model(batch.inputs)
             totals[0] += self.model.loss(logits, batch.targets).double()
@@ -328,6 +370,8 @@ class Trainer:
                 "sampler": self.data.sampler.state_dict(position),
                 "tokenizer": self.data.tokenizer.to_json(),
                 "data": dict(self.data.provenance),
+                "classes": list(self.data.class_names),
+                "policy_fingerprint": self.policy.fingerprint if self.policy else None,
                 "eval_metrics": dict(state.eval_metrics),
                 "evaluated_at": self._evaluated_at,
                 "algorithms": {a.name: a.state_dict() for a in self.algorithms},
@@ -353,6 +397,8 @@ class Trainer:
         else:
             return None
         where = latest or config.load_path
+        if latest is not None and payload.get("policy_fingerprint") != (self.policy.fingerprint if self.policy else None):
+            raise CheckpointError(f"{where}: trained under another routing policy (or none); use another --run-dir")
         try:
             self.model.load_state_dict(payload["model"])
             self.optimizer.load_state_dict(payload["optimizer"])

@@ -225,3 +225,19 @@ def s3_server(monkeypatch):
     yield endpoint
     process.terminate()
     process.wait(timeout=10)
+
+
+def write_policy(g: Governed, path: Path, rules: list, exclusive: list | None = None, default: str = "allow",
+                 sign_with: str | None = "model-risk", **extra: Any) -> Path:
+    """A policy bound to the governed taxonomy, signed by the model-risk key (or another, or none)."""
+    from tessera.governance.keys import SigningKey, sign_bytes
+    from tessera.governance.taxonomy import Taxonomy
+
+    taxonomy = Taxonomy.parse(g.taxonomy.read_bytes(), str(g.taxonomy))
+    spec = {"policy": path.stem, "taxonomy": {"name": taxonomy.name, "fingerprint": taxonomy.fingerprint},
+            "default": default, "rules": rules, "exclusive": exclusive or [], **extra}
+    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    if sign_with is not None:
+        signature = sign_bytes(path.read_bytes(), SigningKey.load(g.key(sign_with)))
+        path.with_name(path.name + ".sig").write_text(signature.to_json(), encoding="utf-8")
+    return path

@@ -36,3 +36,9 @@ def test_data_throughput_reports_ratios():
     assert result["benchmark"] == "data_throughput"
     assert result["ratio"] > 0 and result["ratio_batch64"] > 0 and result["verify_seconds_per_gb"] > 0
     assert result["samples_per_pass"] > 70_000
+
+
+def test_routing_overhead_reports_both_ratios():
+    result = _run("routing_overhead.py", "--steps", "6", "--runs", "1")
+    assert result["benchmark"] == "routing_overhead" and result["ratio"] > 0 and result["ratio_mixed"] > 0
+    assert result["routing_signatures_per_mixed_batch"] > 1.5

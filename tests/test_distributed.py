@@ -11,7 +11,7 @@ from tessera.core.callback import Callback
 from tessera.trainer import Trainer
 
 from conftest import REPO, free_port, tessera_cli, tiny_recipe, write_recipe
-from helpers import eval_losses, latest_payload, losses, recipe
+from helpers import assert_tree_equal, eval_losses, latest_payload, losses, recipe
 
 pytestmark = pytest.mark.slow
 
@@ -88,4 +88,51 @@ def test_checkpoint_at_world_size_2_resumes_at_world_size_1_on_the_same_samples(
         assert torch.equal(ids, reference.ids[step]), step
     a, b = losses(tmp_path / "reference"), losses(tmp_path / "elastic")
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 17))
+    assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-4
+
+
+RANK_PROBE = """
+import sys
+import torch
+from tessera.config import load_recipe
+from tessera.trainer import Trainer
+
+recipe = load_recipe(sys.argv[1])
+trainer = Trainer(recipe, sys.argv[2])
+trainer.fit()
+rank = trainer.dist.rank
+torch.save({n: p.detach().clone() for n, p in trainer.model.named_parameters()}, f"{sys.argv[2]}/rank{rank}.pt")
+trainer.close()
+"""
+
+
+def test_routed_ddp_ranks_agree_and_match_one_process(governed, tmp_path):
+    from conftest import write_policy
+
+    policy = write_policy(governed, tmp_path / "policy.yaml", [
+        {"classes": ["gutenberg/tragedy/macbeth"], "params": ["tok_emb", "blocks.0"], "action": "deny"},
+        {"classes": ["*"], "params": ["blocks.1.mlp"], "action": "deny", "phase": "6ba..1000ba"},
+    ])
+    config = governed.recipe(governance={"policy": str(policy)}, data={"batching": "random"},
+                             train={"max_duration": "12ba", "microbatch_size": 2})
+    path = write_recipe(tmp_path / "recipe.yaml", config)
+    script = tmp_path / "probe.py"
+    script.write_text(RANK_PROBE)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+               f"--master-port={free_port()}", str(script), str(path), str(tmp_path / "ddp")]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = torch.load(tmp_path / "ddp" / "rank0.pt"), torch.load(tmp_path / "ddp" / "rank1.pt")
+    assert_tree_equal(rank0, rank1, "rank 0 vs rank 1")
+
+    single = Trainer(recipe(config), tmp_path / "single")
+    before = {n: p.detach().clone() for n, p in single.model.named_parameters()}
+    single.fit()
+    after = dict(single.model.named_parameters())
+    for name, value in rank0.items():
+        torch.testing.assert_close(value, after[name].detach(), rtol=0, atol=2e-5, msg=name)
+    frozen_late = [n for n in before if n.startswith("blocks.1.mlp.")]
+    assert all(not torch.equal(before[n], after[n]) for n in frozen_late)  # trained during the first 6 batches
+    a, b = losses(tmp_path / "single"), losses(tmp_path / "ddp")
     assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-4

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ValidationError
 
 from tessera.algorithms.ema import EMA, EMAConfig
 from tessera.algorithms.label_smoothing import LabelSmoothing, LabelSmoothingConfig
+from tessera.algorithms.layer_freezing import LayerFreezing, LayerFreezingConfig
 from tessera.algorithms.seq_length_warmup import SequenceLengthWarmup, SequenceLengthWarmupConfig
 from tessera.core.algorithm import Algorithm
 from tessera.errors import RecipeError
@@ -16,10 +17,11 @@ from tessera.errors import RecipeError
 REGISTRY: dict[str, tuple[type[Algorithm], type[BaseModel]]] = {
     "ema": (EMA, EMAConfig),
     "label_smoothing": (LabelSmoothing, LabelSmoothingConfig),
+    "layer_freezing": (LayerFreezing, LayerFreezingConfig),
     "sequence_length_warmup": (SequenceLengthWarmup, SequenceLengthWarmupConfig),
 }
 
-__all__ = ["EMA", "LabelSmoothing", "SequenceLengthWarmup", "REGISTRY", "build_algorithms"]
+__all__ = ["EMA", "LabelSmoothing", "LayerFreezing", "SequenceLengthWarmup", "REGISTRY", "build_algorithms"]
 
 
 def validate_algorithm_configs(configs: Mapping[str, Mapping[str, Any] | None], where: str) -> None:

@@ -6,10 +6,10 @@ import argparse
 import sys
 from typing import Sequence
 
-from tessera.cli import data, keys, sample, taxonomy, train
+from tessera.cli import data, keys, policy, sample, taxonomy, train
 from tessera.errors import TesseraError
 
-COMMANDS = (train, sample, keys, taxonomy, data)
+COMMANDS = (train, sample, keys, taxonomy, data, policy)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,6 +27,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default="auto",
         help="'ema' uses the EMA algorithm's average weights; 'auto' uses them when the run has them",
     )
+    parser.add_argument(
+        "--adapter", dest="adapters", action="append", default=[], metavar="CLASS",
+        help="switch on the per-class adapter of CLASS (repeatable; default: the shared model alone)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -37,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.tokens < 1:
         raise TesseraError(f"--tokens must be at least 1, got {args.tokens}")
-    generator = load_generator(args.run_dir, checkpoint=args.checkpoint, weights=args.weights)
+    generator = load_generator(args.run_dir, checkpoint=args.checkpoint, weights=args.weights, adapters=args.adapters)
     text = generator.sample(
         args.prompt,
         max_new_tokens=args.tokens,

@@ -23,6 +23,18 @@ class DataShape:
     def samples_per_epoch(self) -> int:
         return self.batches_per_epoch * self.global_batch_size
 
+    def batches_in(self, time: Time, max_duration: Time) -> float:
+        """``time`` as a (possibly fractional) number of batches, in a run of ``max_duration``."""
+        if time.unit is TimeUnit.DURATION:
+            return time.value * self.batches_in(max_duration, max_duration)
+        if time.unit is TimeUnit.EPOCH:
+            return float(time.value * self.batches_per_epoch)
+        if time.unit is TimeUnit.BATCH:
+            return float(time.value)
+        if time.unit is TimeUnit.SAMPLE:
+            return time.value / self.global_batch_size
+        return time.value / (self.global_batch_size * self.tokens_per_sample)
+
 
 @dataclass
 class State:
@@ -51,16 +63,7 @@ class State:
 
     def batches_in(self, time: Time) -> float:
         """``time`` as a (possibly fractional) number of batches."""
-        shape = self.data_shape
-        if time.unit is TimeUnit.DURATION:
-            return time.value * self.batches_in(self.max_duration)
-        if time.unit is TimeUnit.EPOCH:
-            return float(time.value * shape.batches_per_epoch)
-        if time.unit is TimeUnit.BATCH:
-            return float(time.value)
-        if time.unit is TimeUnit.SAMPLE:
-            return time.value / shape.global_batch_size
-        return time.value / (shape.global_batch_size * shape.tokens_per_sample)
+        return self.data_shape.batches_in(time, self.max_duration)
 
     def fraction_of_training(self, time: Time) -> float:
         """How much of ``max_duration`` a time is (``'0.25dur'`` -> 0.25)."""

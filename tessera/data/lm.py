@@ -63,6 +63,7 @@ class LanguageModelData:
     provenance: dict[str, Any] = field(default_factory=dict)  # what the run directory records about the data
     sample_order: SampleOrder | None = None  # default: from ``order.batching``
     workers: int = 0
+    taxonomy: Taxonomy | None = None  # for prepared datasets: the verified taxonomy
 
     def __post_init__(self) -> None:
         shard_sizes = getattr(self.train, "shard_sizes", lambda: None)()
@@ -199,6 +200,7 @@ def dataset_data(
             "taxonomy_fingerprint": taxonomy.fingerprint,
         },
         workers=workers,
+        taxonomy=taxonomy,
     )
 
 
@@ -265,6 +267,7 @@ def mixture_data(
         provenance={"source": "mixture", "weights": list(weights), "datasets": [p.provenance for p in parts]},
         sample_order=MixtureOrder(tuple(len(p.train) for p in parts), tuple(weights)),
         workers=parts[0].workers,
+        taxonomy=taxonomy,
     )
 
 

@@ -157,7 +157,9 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {length} exceeds block_size {self.config.block_size}")
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(length, device=idx.device))
+            # Positions per row (not one shared row): routing can then split the lookup by example.
+            positions = torch.arange(length, device=idx.device).expand(idx.shape[0], length)
+            x = x + self.pos_emb(positions)
         x = self.drop(x)
         for block in self.blocks:
             x = block(x)
