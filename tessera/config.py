@@ -50,8 +50,17 @@ class ModelConfig(Section):
     adapters: AdapterConfig = AdapterConfig()
 
 
+class LedgerConfig(Section):
+    enabled: bool = Field(False, description="write the learning-dynamics ledger (one signed entry per step)")
+    key: Path | None = Field(None, description="the trainer authority's Ed25519 private key; signs tree heads")
+    entropy_every: int = Field(50, ge=0, description="steps between entropy profiles (0: never)")
+    probe_samples: int = Field(2, ge=1, description="validation examples per class in the entropy probe")
+    flush_every: int = Field(50, ge=1, description="steps between commits to ledger.sqlite")
+
+
 class GovernanceConfig(Section):
     policy: Path | None = Field(None, description="routing policy signed by the model-risk authority")
+    ledger: LedgerConfig = Field(default_factory=LedgerConfig)
 
 
 def _parse_bytes(value: Any) -> int:
@@ -197,6 +206,8 @@ class Recipe(Section):
         seq_len = self.data.seq_len or self.model.block_size
         if seq_len > self.model.block_size:
             raise ValueError(f"data.seq_len ({seq_len}) exceeds model.block_size ({self.model.block_size})")
+        if self.governance.ledger.enabled and self.governance.ledger.key is None:
+            raise ValueError("governance.ledger.enabled needs governance.ledger.key (the trainer's private key)")
         if self.governance.policy is not None and self.data.taxonomy is None:
             raise ValueError("governance.policy needs a prepared dataset (data.url with data.taxonomy)")
         if self.model.adapters.classes and self.data.taxonomy is None:
@@ -232,6 +243,8 @@ class Recipe(Section):
 # Settings a resumed run may change without invalidating the checkpoint: extending or shortening
 # training, how it is observed, and where the (same, fingerprint-checked) data is read from.
 RESUMABLE_CHANGES = (
+    "governance.ledger.key",
+    "governance.ledger.flush_every",
     "run_dir",
     "data.url",
     "data.taxonomy",

@@ -35,6 +35,9 @@ from tessera.data.batch import Batch
 from tessera.data.lm import LanguageModelData
 from tessera.determinism import capture_rng_state, configure_determinism, restore_rng_state, seed_everything
 from tessera.errors import CheckpointError, RecipeError
+from tessera.governance.keys import SigningKey
+from tessera.governance.ledger.entropy import probe_batch
+from tessera.governance.ledger.writer import Ledger
 from tessera.governance.policy import Policy, model_fingerprint
 from tessera.governance.routing import Router
 from tessera.io import atomic_write_bytes
@@ -115,6 +118,7 @@ class Trainer:
         self.algorithms = list(build_algorithms(recipe.algorithms) if algorithms is None else algorithms)
         self.engine = Engine(self.state, self.logger, self.algorithms, callbacks)
         self.policy, self.router = self._build_router()
+        self.ledger = self._build_ledger()
         self.checkpoints = CheckpointStore(self.run_dir / "checkpoints", keep=recipe.checkpoint.keep)
 
         # What runs the forward pass: DDP (if several processes) and torch.compile (if asked) wrap
@@ -150,9 +154,34 @@ class Trainer:
             shapes = [(n, tuple(p.shape)) for n, p in self.model.named_parameters()]
             policy.check(taxonomy, [n for n, _ in shapes], model_fingerprint(shapes), str(self.recipe.governance.policy))
         rules = [rule for a in self.algorithms if hasattr(a, "routing_rules") for rule in a.routing_rules(self.model)]
-        if policy is None and not rules:
+        if policy is None and not rules and not self.recipe.governance.ledger.enabled:
             return None, None
         return policy, Router(self.model, self.data.class_names, policy, rules, self.state.batches_in, self.dist)
+
+    def _build_ledger(self) -> Ledger | None:
+        """The learning-dynamics ledger, signed with the trainer authority's key (the taxonomy's, if it names one)."""
+        config = self.recipe.governance.ledger
+        if not config.enabled:
+            return None
+        key = SigningKey.load(config.key)
+        taxonomy = self.data.taxonomy
+        expected = taxonomy.key_of_role("trainer") if taxonomy is not None else None
+        if expected is not None and expected.key_id != key.public.key_id:
+            raise RecipeError(
+                f"governance.ledger.key ({config.key}): key {key.public.key_id} is not the trainer key "
+                f"{expected.key_id} the taxonomy {taxonomy.name!r} names"
+            )
+        fingerprints = {
+            "policy": self.policy.fingerprint if self.policy else None,
+            "taxonomy": self.data.provenance.get("taxonomy_fingerprint"),
+            "dataset": self.data.fingerprint,
+        }
+        probe = probe_batch(self.data.val, config.probe_samples, len(self.data.class_names)) if config.entropy_every else None
+        return Ledger(
+            self.run_dir, key, self.router, list(self.data.class_names), fingerprints, probe=probe,
+            entropy_every=config.entropy_every, flush_every=config.flush_every, dist=self.dist,
+            recipe_fingerprint=self.recipe.fingerprint(ignore=RESUMABLE_CHANGES),
+        )
 
     def close(self) -> None:
         """Release what the trainer opened: data readers, DDP, and a process group it created.
@@ -167,6 +196,8 @@ class Trainer:
                 close()
         if self.router is not None:
             self.router.close()
+        if self.ledger is not None:
+            self.ledger.close()
         self._ddp = None
         self._forward_model = self.model
         gc.collect()
@@ -232,9 +263,12 @@ class Trainer:
         state, engine = self.state, self.engine
         engine.run(Event.BATCH_START)
         self.schedule.apply(state)
-        state.batch = batch.to(self.device)
+        state.batch = loaded = batch.to(self.device)
         engine.run(Event.AFTER_DATALOADER)
         full_batch = state.batch
+        ledger = self.ledger
+        if ledger is not None:
+            ledger.start_step(loaded, full_batch)  # which examples the step trains on, which were dropped
 
         # The loss of every microbatch is divided by the target count of the whole global batch,
         # so accumulated gradients equal one big batch's, whatever the microbatch split.
@@ -247,6 +281,8 @@ class Trainer:
             router.start_step()
 
         microbatches = full_batch.split(-(-full_batch.num_samples // self.microbatches_per_rank))
+        if ledger is not None:  # one routing signature per backward pass: its gradient is its contribution
+            microbatches = [part for microbatch in microbatches for part in microbatch.split_by_signature()]
         for index, microbatch in enumerate(microbatches):
             state.batch = microbatch
             is_last = index == len(microbatches) - 1
@@ -268,7 +304,11 @@ class Trainer:
                     if plan is None:
                         scaled.backward()
                     elif plan.inputs:  # only routed parameters receive (or even compute) a gradient
+                        if ledger is not None:
+                            ledger.before_backward(plan, state.batch)
                         torch.autograd.backward(scaled, inputs=plan.inputs)
+                        if ledger is not None:
+                            ledger.after_backward()
                     engine.run(Event.AFTER_BACKWARD)
                 finally:
                     if router is not None:
@@ -279,6 +319,9 @@ class Trainer:
             router.synchronize()  # all ranks: the same routed gradients, the same updated parameters
 
         engine.run(Event.BEFORE_OPTIMIZER_STEP)
+        if ledger is not None:  # [ledger] per-class, per-layer contributions to the final gradient
+            ledger.gradient_statistics(1.0 / self.scaler.get_scale() if self.scaler is not None else 1.0)
+        scale_before = self.scaler.get_scale() if self.scaler is not None else None
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.recipe.train.grad_clip_norm is not None:
@@ -297,6 +340,11 @@ class Trainer:
         state.timestamp = state.timestamp.after_batch(
             samples=self.data.shape.global_batch_size, tokens=full_batch.num_tokens * self.dist.world_size
         )
+        if ledger is not None:  # [ledger entry] for the step just taken
+            skipped = self.scaler is not None and self.scaler.get_scale() < scale_before  # inf/nan: step skipped
+            global_loss = distributed.all_reduce_sum(total_loss.clone(), self.dist) / loss_units
+            ledger.after_optimizer_step(state.timestamp.batch, state.timestamp.state_dict(), global_loss,
+                                        self.router.step_updated, skipped)
         return total_loss, loss_units
 
     def _global_mean_loss(self, local_loss_sum: torch.Tensor, loss_units: torch.Tensor) -> float:
@@ -376,6 +424,8 @@ class Trainer:
                 "evaluated_at": self._evaluated_at,
                 "algorithms": {a.name: a.state_dict() for a in self.algorithms},
                 "callbacks": {type(c).__name__: c.state_dict() for c in self.engine.callbacks},
+                "ledger": None if self.ledger is None else {
+                    "head": self.ledger.sign(final=state.is_done), "recorder": self.ledger.state_dict()},
             }
             name = checkpoint_name(state.timestamp.epoch, state.timestamp.batch)
             self._last_checkpoint = self.checkpoints.save(payload, name)
@@ -395,6 +445,8 @@ class Trainer:
         elif config.load_path:
             payload = load_checkpoint(config.load_path)
         else:
+            if self.ledger is not None:
+                self.ledger.start(None)
             return None
         where = latest or config.load_path
         if latest is not None and payload.get("policy_fingerprint") != (self.policy.fingerprint if self.policy else None):
@@ -421,6 +473,13 @@ class Trainer:
             saved = payload["callbacks"].get(type(callback).__name__)
             if saved is not None:
                 callback.load_state_dict(saved)
+        if self.ledger is not None:  # continue this run's ledger; a checkpoint of another run starts a new one
+            saved = payload.get("ledger") if latest is not None else None
+            if latest is not None and saved is None:
+                raise CheckpointError(f"{where}: written without a ledger; use another --run-dir to record one")
+            self.ledger.start(saved["head"] if saved else None)
+            if saved:
+                self.ledger.load_state_dict(saved["recorder"])
         rng = payload["rng"]
         restore_rng_state(rng[self.dist.rank] if len(rng) == self.dist.world_size else rng[0])
         return timestamp

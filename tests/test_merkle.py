@@ -4,7 +4,7 @@ import hashlib
 
 import pytest
 
-from tessera.governance import merkle
+from tessera.governance.ledger import merkle
 
 # The CT reference leaves and the published tree heads for sizes 0..8 (RFC 6962 test vectors,
 # as used by google/certificate-transparency and transparency-dev/merkle).
@@ -138,3 +138,13 @@ def test_out_of_range_inputs():
         merkle.consistency_proof(0, HASHES)
     assert not merkle.verify_inclusion(0, 0, HASHES[0], [], bytes.fromhex(ROOTS[0]))
     assert not merkle.verify_consistency(2, 1, [], HASHES[0], HASHES[0])
+
+
+@pytest.mark.parametrize("size", range(0, 70))
+def test_frontier_roots_equal_the_tree_roots_at_every_size(size):
+    leaves = _tree(size)
+    frontier = merkle.Frontier()
+    for n, leaf in enumerate(leaves, 1):
+        frontier.append(leaf)
+        assert frontier.size == n and frontier.root() == merkle.root(leaves[:n])
+    assert frontier.root() == merkle.root(leaves)

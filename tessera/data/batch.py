@@ -52,6 +52,15 @@ class Batch:
             provenance=self.provenance[rows],
         )
 
+    def split_by_signature(self) -> list["Batch"]:
+        """One batch per distinct set of classes (in order of first appearance); ``[self]`` if only one."""
+        keys = self.provenance.sort(dim=1).values
+        unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
+        if unique.shape[0] == 1:
+            return [self]
+        first = [int((inverse == k).nonzero()[0]) for k in range(unique.shape[0])]
+        return [self.select((inverse == k).nonzero().flatten()) for k in sorted(range(len(first)), key=first.__getitem__)]
+
     def split(self, microbatch_size: int) -> list["Batch"]:
         """Consecutive microbatches of at most ``microbatch_size`` rows."""
         n = self.num_samples

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tessera.errors import DataError
-from tessera.governance import merkle
+from tessera.governance.ledger import merkle
 from tessera.governance.keys import Signature, SignatureError, verify_bytes
 from tessera.governance.taxonomy import Taxonomy
 

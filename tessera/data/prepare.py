@@ -37,7 +37,7 @@ from tessera.data.sources import Document
 from tessera.data.tokenizer import CharTokenizer
 from tessera.errors import DataError
 from tessera.io import atomic_write_bytes
-from tessera.governance import merkle
+from tessera.governance.ledger import merkle
 from tessera.governance.keys import SigningKey, sign_bytes
 from tessera.governance.taxonomy import Taxonomy
 

@@ -165,6 +165,10 @@ class GPT(nn.Module):
             x = block(x)
         return self.head(self.ln_f(x))
 
+    def representation_layers(self) -> dict[str, nn.Module]:
+        """Where the ledger's entropy profile looks: the embedding, each block's output, the final norm."""
+        return {"tok_emb": self.tok_emb, **{f"blocks.{i}": b for i, b in enumerate(self.blocks)}, "ln_f": self.ln_f}
+
     @staticmethod
     def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Summed cross-entropy; ``targets`` are ids [B, T] or a distribution [B, T, V]."""

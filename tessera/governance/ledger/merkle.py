@@ -47,6 +47,36 @@ def root(leaf_hashes: Sequence[bytes]) -> bytes:
     return level[0]
 
 
+class Frontier:
+    """A growing tree kept as its perfect subtrees, so appending and taking the root are O(log n).
+
+    The trainer appends one leaf per step and signs roots at checkpoints;
+    ``tessera ledger verify`` checks every signed tree head in one pass over
+    the entries instead of rebuilding the tree for each.
+    """
+
+    def __init__(self) -> None:
+        self.size = 0
+        self._subtrees: list[tuple[int, bytes]] = []  # (leaves, hash), sizes strictly decreasing
+
+    def append(self, leaf: bytes) -> None:
+        self.size += 1
+        size, node = 1, leaf
+        while self._subtrees and self._subtrees[-1][0] == size:
+            left = self._subtrees.pop()[1]
+            size, node = size * 2, node_hash(left, node)
+        self._subtrees.append((size, node))
+
+    def root(self) -> bytes:
+        """RFC 6962's root: the perfect subtrees folded from the right (each split is a power of two)."""
+        if not self._subtrees:
+            return hashlib.sha256(b"").digest()
+        node = self._subtrees[-1][1]
+        for _, left in reversed(self._subtrees[:-1]):
+            node = node_hash(left, node)
+        return node
+
+
 def inclusion_proof(index: int, leaf_hashes: Sequence[bytes]) -> list[bytes]:
     """The audit path PATH(index, D[n]) of RFC 6962 section 2.1.1."""
     n = len(leaf_hashes)

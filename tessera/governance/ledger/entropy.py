@@ -1,0 +1,95 @@
+"""Spectral entropy of each layer's representation, per class, on a fixed probe set.
+
+For the token representations X (rows: the probe tokens of one class,
+columns: features) of a layer, with singular values s_i and p_i = s_i^2 /
+sum s^2, the spectral entropy is ``-sum p_i log p_i / log(rank bound)``, in
+[0, 1]: near 0 when the class's representations collapse onto a few
+directions, near 1 when they spread over all of them. Tracked over training
+per class, it shows which layers specialise on which data.
+
+The probe is fixed for the whole run (the first ``samples_per_class``
+validation examples of each class), so entries are comparable over time
+and the same after a resume. It runs in eval mode without gradients and
+consumes no random numbers, so recording it does not change training.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tessera.data.batch import Batch
+from tessera.models.adapters import set_row_classes
+
+
+def representation_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's own choice (``representation_layers()``) or every module that owns parameters."""
+    chosen = getattr(model, "representation_layers", None)
+    if chosen is not None:
+        return dict(chosen())
+    return {name: m for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}
+
+
+def probe_batch(val, samples_per_class: int, n_classes: int) -> Batch | None:
+    """The first ``samples_per_class`` validation examples of every class that has any."""
+    classes = torch.as_tensor(val.classes)
+    picked = []
+    for c in range(n_classes):
+        picked.append((classes == c).nonzero().flatten()[:samples_per_class])
+    indices = torch.cat(picked) if picked else torch.zeros(0, dtype=torch.long)
+    return val.gather(indices) if indices.numel() else None
+
+
+def spectral_entropy(x: torch.Tensor) -> torch.Tensor:
+    """Normalised spectral entropy of each matrix in a [N, rows, features] stack."""
+    power = torch.linalg.svdvals(x) ** 2
+    p = power / power.sum(dim=1, keepdim=True).clamp(min=1e-30)
+    entropy = -(p * torch.log(p.clamp(min=1e-30))).sum(dim=1)
+    return entropy / torch.log(torch.tensor(float(max(2, min(x.shape[1:]))), device=x.device))
+
+
+class EntropyProbe:
+    def __init__(self, model: nn.Module, probe: Batch, class_names: list[str]) -> None:
+        self.model, self.probe = model, probe
+        self.layers = representation_layers(model)
+        self.layer_names = list(self.layers)
+        row_class = probe.provenance[:, 0]
+        self.classes = sorted(set(row_class.tolist()))
+        self.class_names = [class_names[c] for c in self.classes]
+        self._rows = [(row_class == c).nonzero().flatten() for c in self.classes]
+
+    @torch.no_grad()
+    def measure(self) -> torch.Tensor:
+        """[classes, layers] normalised spectral entropies (on the model's device)."""
+        captured: dict[str, torch.Tensor] = {}
+        hooks = [module.register_forward_hook(self._capture(name, captured)) for name, module in self.layers.items()]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            device = next(self.model.parameters()).device
+            batch = self.probe.to(device)
+            set_row_classes(self.model, batch.provenance)
+            self.model(batch.inputs)
+        finally:
+            self.model.train(was_training)
+            for hook in hooks:
+                hook.remove()
+        result = torch.zeros(len(self.classes), len(self.layer_names), device=device)
+        for j, name in enumerate(self.layer_names):
+            output = captured.get(name)
+            if output is None:
+                continue
+            blocks = [output.index_select(0, rows.to(device)).reshape(-1, output.shape[-1]).float()
+                      for rows in self._rows]
+            if len({b.shape for b in blocks}) == 1:  # one batched SVD when every class has as many probe rows
+                result[:, j] = spectral_entropy(torch.stack(blocks))
+            else:
+                result[:, j] = torch.cat([spectral_entropy(b[None]) for b in blocks])
+        return result
+
+    @staticmethod
+    def _capture(name: str, captured: dict[str, torch.Tensor]):
+        def hook(module, inputs, output):
+            if isinstance(output, torch.Tensor) and output.dim() >= 2:
+                captured[name] = output.detach()
+        return hook

@@ -1,0 +1,267 @@
+"""The trainer's side of the ledger: measure each step, append it, sign tree heads at checkpoints.
+
+The trainer calls, per step: ``start_step`` (the loader's batch, and the
+batch after algorithms), ``before_backward``/``after_backward`` around each
+microbatch, ``gradient_statistics`` once gradients are final,
+``after_optimizer_step`` once the weights moved; and ``sign`` when it writes a
+checkpoint or finishes.
+
+Nothing here waits for the device in the loop: a step's numbers stay
+tensors in ``pending`` and become entries every ``flush_every`` steps (one
+transaction: a crash loses no committed entry). A checkpoint flushes, signs
+a tree head and stores it in the checkpoint; resuming from that checkpoint
+checks the ledger's first ``size`` entries still hash to the head's root and
+drops whatever a crashed run appended after it, so the resumed run writes
+the same entries an uninterrupted one would (G7).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tessera import distributed
+from tessera.data.batch import Batch
+from tessera.distributed import DistInfo
+from tessera.governance.keys import SigningKey
+from tessera.governance.ledger import merkle
+from tessera.governance.ledger.entropy import EntropyProbe
+from tessera.governance.ledger.entry import ZERO_HASH, TreeHead, encode_entry
+from tessera.governance.ledger.recorder import UPDATE_SHARE_RULE, ContributionRecorder, signature_key
+from tessera.governance.ledger.store import FORMAT, LedgerError, LedgerStore, ledger_path
+from tessera.governance.routing import MicrobatchPlan, Router
+
+CONTRIBUTION_RULE = (
+    "per layer and routing signature s (a class, or classes joined by '+' for a mixed example): norm = |G_s|, "
+    "share = <G_s, G>/|G|^2, G_s the summed gradient of the step's examples with signature s, G the layer's step "
+    "gradient, both before clipping; shares of a layer sum to 1"
+)
+LAYER_FIELDS = ["updated", "update_norm", "relative_update", "cosine_previous_update", "parameter_norm",
+                "gradient_norm"]
+
+
+@dataclass
+class _PendingStep:
+    step: int
+    time: dict[str, int]
+    loss: torch.Tensor
+    examples: list[int]
+    dropped: list[int]
+    counts: dict[str, int]
+    skipped: bool
+    updated: np.ndarray
+    signatures: list[str]
+    gradient: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # norms [S, L], dots [S, L], |G|^2 [L]
+    update: tuple[torch.Tensor, ...]
+    entropy: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Ledger:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        key: SigningKey,
+        router: Router,
+        class_names: list[str],
+        fingerprints: dict[str, str | None],
+        *,
+        probe: Batch | None = None,
+        entropy_every: int = 50,
+        flush_every: int = 50,
+        dist: DistInfo = DistInfo(),
+        recipe_fingerprint: str = "",
+    ) -> None:
+        self.key, self.dist = key, dist
+        self.class_names = class_names
+        self.fingerprints = fingerprints
+        self.recorder = ContributionRecorder(router, dist)
+        self.entropy = EntropyProbe(router.model, probe, class_names) if probe is not None and entropy_every else None
+        self.entropy_every, self.flush_every = entropy_every, flush_every
+        self.pending: list[_PendingStep] = []
+        self.genesis = {
+            "kind": "run",
+            "format": int(FORMAT),
+            "classes": list(class_names),
+            "layers": [{"name": n, "parameters": p} for n, p in
+                       zip(self.recorder.layer_names, self.recorder.layer_parameters)],
+            "layer_fields": LAYER_FIELDS,
+            "contribution_rule": CONTRIBUTION_RULE,
+            "update_share_rule": UPDATE_SHARE_RULE,
+            "fingerprints": fingerprints,
+            "recipe_fingerprint": recipe_fingerprint,
+            "trainer_key": key.public.key_id,
+            "entropy": None if self.entropy is None else {
+                "every": entropy_every, "layers": self.entropy.layer_names, "classes": self.entropy.class_names,
+                "probe_examples": probe.sample_ids.tolist(),
+            },
+        }
+        self.store: LedgerStore | None = None
+        self.frontier = merkle.Frontier()
+        self._previous_leaf = ZERO_HASH
+        if dist.is_main:
+            self.store = LedgerStore(ledger_path(run_dir), create=True)
+        self._step_examples: tuple[list[int], list[int], dict[str, int]] = ([], [], {})
+        self._before: list[torch.Tensor] = []
+        self._gradient: tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    # ---------------------------------------------------------------- start and resume
+
+    def start(self, head: dict[str, Any] | None) -> None:
+        """Continue the log a checkpoint's tree head describes, or start a new one (``head`` None)."""
+        if self.store is None:
+            return
+        if head is None:
+            self.store.truncate(0)
+            self.store.set_meta({"format": FORMAT, "trainer_public_key": self.key.public.text})
+            self._append_bodies([self.genesis])
+            return
+        size, expected = int(head["size"]), bytes.fromhex(head["root"])
+        leaves = self.store.leaves(stop=size)
+        if len(leaves) < size or merkle.root(leaves) != expected:
+            raise LedgerError(
+                f"{self.store.path}: its first {size} entries do not match the checkpoint's signed tree head "
+                f"(root {expected.hex()[:16]}...); the ledger was altered or belongs to another run"
+            )
+        self.store.truncate(size)  # what a crashed run appended after this checkpoint
+        for leaf in leaves:
+            self.frontier.append(leaf)
+        self._previous_leaf = leaves[-1] if leaves else ZERO_HASH
+
+    # ---------------------------------------------------------------- per step
+
+    def start_step(self, loaded: Batch, trained: Batch) -> None:
+        """The examples the loader gave this step, and those still in it after algorithms ran."""
+        kept = trained.sample_ids.tolist()
+        kept_set = set(kept)
+        dropped = [i for i in loaded.sample_ids.tolist() if i not in kept_set]
+        counts: dict[str, int] = {}
+        for row in trained.provenance.tolist():
+            for c in set(row):
+                if c >= 0:
+                    counts[self.class_names[c]] = counts.get(self.class_names[c], 0) + 1
+        self._step_examples = (kept, dropped, counts)
+        self.recorder.start_step()
+
+    def before_backward(self, plan: MicrobatchPlan, microbatch: Batch) -> None:
+        first = microbatch.provenance[0].tolist()
+        self.recorder.before_backward(plan, signature_key([c for c in first if c >= 0], self.class_names))
+
+    def after_backward(self) -> None:
+        self.recorder.after_backward()
+
+    def gradient_statistics(self, inv_scale: float = 1.0) -> None:
+        """Gradients are final (summed over ranks, unscaled, not yet clipped): measure contributions."""
+        self._gradient = self.recorder.gradient_statistics(inv_scale)
+        self._before = self.recorder.snapshot_parameters()
+
+    def after_optimizer_step(self, step: int, time: dict[str, int], loss: torch.Tensor, updated: np.ndarray,
+                             skipped: bool = False) -> None:
+        assert self._gradient is not None, "gradient_statistics must run before the optimizer step"
+        signatures, norms, dots, gradient_sq = self._gradient
+        update = self.recorder.update_statistics(self._before)
+        self._before, self._gradient = [], None
+        examples, dropped, counts = self._step_examples
+        if self.dist.enabled:
+            gathered = distributed.all_gather_object((examples, dropped, counts), self.dist)
+            examples = [i for part in gathered for i in part[0]]
+            dropped = [i for part in gathered for i in part[1]]
+            counts = {}
+            for part in gathered:
+                for name, n in part[2].items():
+                    counts[name] = counts.get(name, 0) + n
+        entropy = None
+        if self.entropy is not None and step % self.entropy_every == 0:
+            entropy = self.entropy.measure()
+        if not self.dist.is_main:
+            return
+        self.pending.append(_PendingStep(
+            step=step, time=time, loss=loss.detach(), examples=examples, dropped=dropped, counts=counts,
+            skipped=skipped, updated=self.recorder.layer_flags(updated) & (not skipped), signatures=signatures,
+            gradient=(norms, dots, gradient_sq), update=update, entropy=entropy,
+        ))
+        if len(self.pending) >= self.flush_every:
+            self.flush()
+
+    # ---------------------------------------------------------------- writing
+
+    def flush(self) -> None:
+        if self.store is None or not self.pending:
+            return
+        bodies = [self._body(p) for p in self.pending]
+        self._append_bodies(bodies)
+        self.pending = []
+
+    def _append_bodies(self, bodies: list[dict[str, Any]]) -> None:
+        rows = []
+        for body in bodies:
+            index = self.frontier.size
+            data = encode_entry(index, self._previous_leaf, body)
+            leaf = merkle.leaf_hash(data)
+            rows.append((index, int(body.get("step", 0)), leaf, data))
+            self.frontier.append(leaf)
+            self._previous_leaf = leaf
+        self.store.append(rows)
+
+    def _body(self, p: _PendingStep) -> dict[str, Any]:
+        norms, dots, gradient_sq = (t.cpu().double().numpy() for t in p.gradient)
+        update_norm, before_norm, after_norm, dot_previous, previous_norm = (t.cpu().double().numpy()
+                                                                             for t in p.update)
+        layers = []
+        for j in range(len(self.recorder.layer_names)):
+            relative = update_norm[j] / before_norm[j] if before_norm[j] > 0 else None
+            cosine = (dot_previous[j] / (update_norm[j] * previous_norm[j])
+                      if update_norm[j] > 0 and previous_norm[j] > 0 else None)
+            layers.append([int(p.updated[j]), float(update_norm[j]), None if relative is None else float(relative),
+                           None if cosine is None else float(cosine), float(after_norm[j]),
+                           float(np.sqrt(gradient_sq[j]))])
+        contributions = {}
+        for s, signature in enumerate(p.signatures):
+            cells = [[j, float(norms[s, j]), float(dots[s, j] / gradient_sq[j]) if gradient_sq[j] > 0 else 0.0]
+                     for j in range(norms.shape[1]) if norms[s, j] > 0]
+            contributions[signature] = cells
+        body: dict[str, Any] = {
+            "kind": "step",
+            "step": p.step,
+            "time": p.time,
+            "loss": float(p.loss),
+            "examples": p.examples,
+            "dropped": p.dropped,
+            "counts": p.counts,
+            "skipped": p.skipped,
+            "fingerprints": self.fingerprints,
+            "layers": layers,
+            "contributions": contributions,
+        }
+        if p.entropy is not None:
+            body["entropy"] = p.entropy.cpu().double().numpy().tolist()
+        return body
+
+    def sign(self, final: bool) -> dict[str, Any] | None:
+        """Commit what is pending and sign the tree head (main rank; other ranks return None)."""
+        if self.store is None:
+            return None
+        self.flush()
+        timestamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        unsigned = TreeHead(size=self.frontier.size, root=self.frontier.root(), timestamp=timestamp, final=final)
+        head = TreeHead(size=unsigned.size, root=unsigned.root, timestamp=timestamp, final=final,
+                        key_id=self.key.public.key_id, signature=self.key.sign(unsigned.message()))
+        self.store.add_head(head)
+        return head.to_json()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.recorder.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.recorder.load_state_dict(state)
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.flush()
+            self.store.close()
+            self.store = None
