@@ -3,6 +3,7 @@
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -20,6 +21,9 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def _recipe(tmp_path, tiny_corpus):
+    from tessera.governance.keys import write_key_pair
+
+    key, _ = write_key_pair("trainer", tmp_path / "keys")
     config = tiny_recipe(
         tiny_corpus,
         model={"dropout": 0.1},
@@ -27,6 +31,7 @@ def _recipe(tmp_path, tiny_corpus):
         eval={"interval": "40ba"},
         checkpoint={"interval": "20ba", "keep": 2},
         algorithms={"ema": {"half_life": "10ba"}},
+        governance={"ledger": {"enabled": True, "key": str(key), "entropy_every": 25, "flush_every": 7}},
     )
     return write_recipe(tmp_path / "recipe.yaml", config)
 
@@ -37,6 +42,13 @@ def _assert_same_run(reference, resumed):
         assert_tree_equal(a[key], b[key], key)
     assert losses(reference) == losses(resumed)
     assert eval_losses(reference) == eval_losses(resumed)
+    # G7 for the ledger: the same entries, byte for byte, and the same signed roots.
+    with sqlite3.connect(reference / "ledger.sqlite") as x, sqlite3.connect(resumed / "ledger.sqlite") as y:
+        query = "SELECT idx, step, leaf, data FROM entries ORDER BY idx"
+        assert x.execute(query).fetchall() == y.execute(query).fetchall()
+        query = "SELECT size, root, final FROM heads ORDER BY size"
+        assert x.execute(query).fetchall() == y.execute(query).fetchall()
+    assert tessera_cli("ledger", "verify", str(resumed), "--deep").returncode == 0
 
 
 def _latest_name(run_dir):

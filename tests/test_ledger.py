@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
 import json
 import sqlite3
 from pathlib import Path
 
 import pytest
 
+from tessera.core.algorithm import Algorithm
+from tessera.core.event import Event
+
 from conftest import write_policy
 from helpers import recipe as make_recipe
 
-HAMLET, TEMPEST = "gutenberg/tragedy/hamlet", "gutenberg/comedy/tempest"
+HAMLET, TEMPEST, SONNETS = "gutenberg/tragedy/hamlet", "gutenberg/comedy/tempest", "gutenberg/poetry/sonnets"
 
 
 def ledger_recipe(governed, **sections):
@@ -51,6 +57,468 @@ def test_a_governed_run_writes_one_verifiable_entry_per_step(governed, tmp_path)
     body = entries(run)
     assert body[0]["kind"] == "run" and [e["step"] for e in body[1:]] == list(range(1, 11))
     assert report.entries == 11 and report.last_head["final"]
-    assert all(len(e["examples"]) == 8 for e in body[1:])
+    assert all(sum(len(ids) for ids in e["examples"].values()) == 8 for e in body[1:])
     assert sum(body[1]["counts"].values()) == 8
     assert [("entropy" in e) for e in body[1:]] == [s % 4 == 0 for s in range(1, 11)]
+
+
+# ------------------------------------------------------------------ shared runs
+
+@pytest.fixture(scope="module")
+def policy_run(governed, tmp_path_factory):
+    """A run under a known policy: histories/poetry never reach the embedding; Hamlet is confined to its adapter.
+
+    Checkpoints every step, so tests can replay any step from the weights before it.
+    """
+    root = tmp_path_factory.mktemp("policy_run")
+    policy = write_policy(governed, root / "policy.yaml",
+                          [{"classes": ["gutenberg/poetry"], "params": ["tok_emb.*"], "action": "deny"}],
+                          [{"classes": [HAMLET], "params": ["@adapter"]}])
+    run = train(governed, root / "run", governance={"policy": str(policy)},
+                model={"adapters": {"classes": [HAMLET], "hidden": 8}},
+                train={"max_duration": "8ba", "microbatch_size": 2}, data={"batching": "per_class"},
+                checkpoint={"interval": "1ba", "keep": 100})
+    return run
+
+
+def _copy_run(run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    target = tmp_path / "copy"
+    shutil.copytree(run, target)
+    return target
+
+
+def _verify(run: Path, deep: bool = False, key: Path | None = None):
+    from tessera.governance.keys import PublicKey
+    from tessera.governance.ledger.verify import verify_ledger
+
+    return verify_ledger(run, PublicKey.load(key) if key else None, deep=deep)
+
+
+# ------------------------------------------------------------------ G3: tamper evidence
+
+def _rewrite(run: Path, index: int, data: bytes, *, rehash: bool) -> None:
+    """Store new bytes for an entry; with ``rehash`` also its leaf and every later entry's chain link."""
+    from tessera.governance.ledger.entry import HEADER_SIZE, HEADER, MAGIC
+
+    with sqlite3.connect(run / "ledger.sqlite") as db:
+        rows = db.execute("SELECT idx, data FROM entries WHERE idx >= ? ORDER BY idx", (index,)).fetchall()
+        previous = None
+        for idx, old in rows:
+            new = data if idx == index else old
+            if previous is not None:
+                new = HEADER.pack(MAGIC, idx, previous) + new[HEADER_SIZE:]
+            leaf = hashlib.sha256(b"\x00" + new).digest()
+            if idx == index or rehash:
+                db.execute("UPDATE entries SET data = ?, leaf = ? WHERE idx = ?",
+                           (new, leaf if rehash else db.execute("SELECT leaf FROM entries WHERE idx = ?",
+                                                                (idx,)).fetchone()[0], idx))
+            if not rehash:
+                break
+            previous = leaf
+
+
+def _mutate_field(data: bytes, key: str) -> bytes:
+    from tessera.governance.ledger.entry import HEADER_SIZE, canonical_json
+
+    body = json.loads(data[HEADER_SIZE:])
+    value = body[key]
+    if isinstance(value, bool):
+        body[key] = not value
+    elif isinstance(value, (int, float)):
+        body[key] = value + 1
+    elif isinstance(value, str):
+        body[key] = value + "x"
+    elif isinstance(value, list):
+        body[key] = value[1:] if value else [0]
+    elif isinstance(value, dict):
+        body[key] = {**value, "tampered": 1}
+    else:
+        body[key] = 1
+    return data[:HEADER_SIZE] + canonical_json(body)
+
+
+def test_changing_any_field_of_any_entry_is_detected_and_located(policy_run, tmp_path):
+    with sqlite3.connect(policy_run / "ledger.sqlite") as db:
+        originals = db.execute("SELECT idx, data FROM entries ORDER BY idx").fetchall()
+    checked = 0
+    for index, data in originals:
+        from tessera.governance.ledger.entry import HEADER_SIZE
+
+        for key in json.loads(data[HEADER_SIZE:]):
+            run = _copy_run(policy_run, tmp_path / f"{index}-{key}")
+            _rewrite(run, index, _mutate_field(data, key), rehash=False)
+            report = _verify(run)
+            assert not report.ok and report.problem.startswith(f"entry {index} "), (index, key, report.problem)
+            assert "does not match its leaf hash" in report.problem
+            checked += 1
+    assert checked > 100
+
+
+def test_an_edit_with_recomputed_hashes_is_caught_by_the_signed_root(policy_run, tmp_path):
+    run = _copy_run(policy_run, tmp_path)
+    with sqlite3.connect(run / "ledger.sqlite") as db:
+        data = db.execute("SELECT data FROM entries WHERE idx = 5").fetchone()[0]
+    _rewrite(run, 5, _mutate_field(data, "loss"), rehash=True)
+    report = _verify(run)
+    assert not report.ok and report.problem.startswith("tree head at size 6:")
+    assert "entries 5..5" in report.problem
+
+
+@pytest.mark.parametrize("attack, expected", [
+    ("delete", "entry 3: missing"),
+    ("insert", "entry 4 (step 3): its header says index 3"),
+    ("reorder", "entry 3 (step 4): its header says index 4"),
+    ("truncate", "tree head at size 8: the ledger has only 7 entries"),
+    ("truncate_with_heads", "is not the final one"),
+    ("append", "not covered by a signed tree head"),
+    ("head_root", "tree head at size 4: its signed root does not match"),
+    ("head_forged", "tree head at size 4: signature is not valid"),
+    ("head_final_flag", "tree head at size 8: signature is not valid"),
+])
+def test_deleting_inserting_reordering_truncating_and_forging_are_detected(policy_run, tmp_path, attack, expected):
+    run = _copy_run(policy_run, tmp_path)
+    with sqlite3.connect(run / "ledger.sqlite") as db:
+        rows = db.execute("SELECT idx, step, leaf, data FROM entries ORDER BY idx").fetchall()
+        if attack == "delete":
+            db.execute("DELETE FROM entries WHERE idx = 3")
+        elif attack == "insert":  # a copy of entry 3 slotted in after it; everything after moves up
+            db.execute("DELETE FROM entries WHERE idx >= 4")
+            db.executemany("INSERT INTO entries VALUES (?, ?, ?, ?)",
+                           [(i + 1, s, leaf, data) for i, s, leaf, data in rows[3:]])
+        elif attack == "reorder":
+            a, b = rows[3], rows[4]
+            db.execute("UPDATE entries SET step = ?, leaf = ?, data = ? WHERE idx = 3", b[1:])
+            db.execute("UPDATE entries SET step = ?, leaf = ?, data = ? WHERE idx = 4", a[1:])
+        elif attack == "truncate":
+            db.execute("DELETE FROM entries WHERE idx >= 7")
+        elif attack == "truncate_with_heads":
+            db.execute("DELETE FROM entries WHERE idx >= 7")
+            db.execute("DELETE FROM heads WHERE size > 7")
+        elif attack == "append":  # a well-formed, correctly chained entry that no head signed
+            from tessera.governance.ledger.entry import encode_entry
+
+            last = rows[-1]
+            data = encode_entry(last[0] + 1, last[2], {"kind": "step", "step": last[1] + 1})
+            db.execute("INSERT INTO entries VALUES (?, ?, ?, ?)",
+                       (last[0] + 1, last[1] + 1, hashlib.sha256(b"\x00" + data).digest(), data))
+        elif attack == "head_root":
+            db.execute("UPDATE heads SET root = ? WHERE size = 4", (bytes(32),))
+        elif attack == "head_forged":
+            db.execute("UPDATE heads SET signature = ? WHERE size = 4", (bytes(64),))
+        elif attack == "head_final_flag":  # pretend training finished at step 7
+            db.execute("UPDATE heads SET final = 1 WHERE size = 8")
+            db.execute("DELETE FROM heads WHERE size > 8")
+            db.execute("DELETE FROM entries WHERE idx >= 8")
+    report = _verify(run)
+    assert not report.ok and expected in report.problem, report.problem
+
+
+def test_resigning_with_another_key_fails_against_the_trainer_key(policy_run, governed, tmp_path):
+    from tessera.governance.keys import SigningKey
+    from tessera.governance.ledger.entry import TreeHead
+
+    run = _copy_run(policy_run, tmp_path)
+    impostor = SigningKey.load(governed.key("model-risk"))
+    with sqlite3.connect(run / "ledger.sqlite") as db:
+        rows = db.execute("SELECT size, root, timestamp, final FROM heads").fetchall()
+        for size, root, timestamp, final in rows:
+            head = TreeHead(size=size, root=root, timestamp=timestamp, final=bool(final))
+            db.execute("UPDATE heads SET key_id = ?, signature = ? WHERE size = ?",
+                       (impostor.public.key_id, impostor.sign(head.message()), size))
+        db.execute("UPDATE meta SET value = ? WHERE key = 'trainer_public_key'", (impostor.public.text,))
+    report = _verify(run, key=governed.keys / "trainer.pub")
+    assert not report.ok and "signature is not valid for trainer key" in report.problem
+    assert _verify(run).ok  # integrity alone holds: which is why the auditor passes --pubkey
+    assert _verify(policy_run, deep=True, key=governed.keys / "trainer.pub").ok
+
+
+def test_ledger_verify_command_exit_codes_and_messages(policy_run, governed, tmp_path):
+    from conftest import tessera_cli
+
+    good = tessera_cli("ledger", "verify", str(policy_run), "--pubkey", str(governed.keys / "trainer.pub"))
+    assert good.returncode == 0 and "ledger OK: 9 entries" in good.stdout
+    run = _copy_run(policy_run, tmp_path)
+    with sqlite3.connect(run / "ledger.sqlite") as db:
+        db.execute("DELETE FROM entries WHERE idx = 2")
+    bad = tessera_cli("ledger", "verify", str(run))
+    assert bad.returncode == 1 and "entry 2: missing" in bad.stderr
+    missing = tessera_cli("ledger", "verify", str(tmp_path / "nowhere"))
+    assert missing.returncode != 0 and "no ledger here" in missing.stderr
+
+
+def _fold(index: int, size: int, leaf: bytes, path: list[bytes]) -> bytes:
+    """RFC 9162 2.1.3.2, written out independently of tessera's merkle module."""
+    fn, sn, r = index, size - 1, leaf
+    for p in path:
+        if fn & 1 or fn == sn:
+            r = hashlib.sha256(b"\x01" + p + r).digest()
+            while not fn & 1 and fn:
+                fn, sn = fn >> 1, sn >> 1
+        else:
+            r = hashlib.sha256(b"\x01" + r + p).digest()
+        fn, sn = fn >> 1, sn >> 1
+    return r
+
+
+def test_inclusion_proof_checks_without_tessera(policy_run, governed):
+    import base64
+
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from conftest import tessera_cli
+
+    result = tessera_cli("ledger", "proof", str(policy_run), "--step", "5")
+    assert result.returncode == 0, result.stderr
+    proof = json.loads(result.stdout)
+    entry = base64.b64decode(proof["entry_base64"])
+    leaf = hashlib.sha256(b"\x00" + entry).digest()
+    head = proof["tree_head"]
+    path = [bytes.fromhex(p) for p in proof["audit_path"]]
+    assert _fold(proof["leaf_index"], head["size"], leaf, path).hex() == head["root"]
+    assert _fold(proof["leaf_index"], head["size"], hashlib.sha256(b"\x00" + entry + b" ").digest(),
+                 path).hex() != head["root"]
+    public = load_pem_private_key(governed.key("trainer").read_bytes(), None).public_key()
+    public.verify(bytes.fromhex(head["signature"]), head["message"].encode())  # raises if forged
+    assert json.loads(head["message"])["root"] == head["root"]
+
+
+def test_show_and_export(policy_run, tmp_path):
+    import pyarrow.parquet as pq
+
+    from conftest import tessera_cli
+
+    listing = tessera_cli("ledger", "show", str(policy_run))
+    assert listing.returncode == 0 and len(listing.stdout.strip().splitlines()) == 8
+    one = tessera_cli("ledger", "show", str(policy_run), "--step", "3", "--json")
+    assert json.loads(one.stdout)["entry"]["step"] == 3
+    assert tessera_cli("ledger", "show", str(policy_run), "--step", "99").returncode != 0
+    for fmt in ("jsonl", "parquet"):
+        out = tmp_path / f"ledger.{fmt}"
+        assert tessera_cli("ledger", "export", str(policy_run), "--format", fmt, "--out", str(out)).returncode == 0
+        rows = ([json.loads(line) for line in out.read_text().splitlines()] if fmt == "jsonl"
+                else pq.read_table(out).to_pylist())
+        assert [r["index"] for r in rows] == list(range(9))
+        assert [r["step"] for r in rows][1:] == list(range(1, 9))
+
+
+# ------------------------------------------------------------------ G4: accuracy against a replay
+
+@pytest.fixture(scope="module")
+def mixed_run(governed, tmp_path_factory):
+    """No policy, random batches: several classes per microbatch, which the ledger splits by signature."""
+    root = tmp_path_factory.mktemp("mixed_run")
+    return train(governed, root / "run", train={"max_duration": "6ba"}, checkpoint={"interval": "1ba", "keep": 100})
+
+
+def _allowed(run_name: str, class_name: str, parameter: str) -> bool:
+    """The policy_run's policy, written out by hand (independent of the router)."""
+    if run_name == "mixed":
+        return True
+    hamlet_adapter = ".adapters.gutenberg_tragedy_hamlet." in parameter
+    if class_name == HAMLET:
+        return hamlet_adapter
+    if hamlet_adapter:
+        return False
+    return not (class_name.startswith("gutenberg/poetry") and parameter.startswith("tok_emb."))
+
+
+@pytest.mark.parametrize("which", ["policy", "mixed"])
+def test_recorded_contributions_equal_an_independent_replay(which, policy_run, mixed_run, governed):
+    import torch
+
+    from tessera.build import build_data, build_model
+    from tessera.checkpoint import load_checkpoint
+    from tessera.config import load_recipe
+    from tessera.distributed import DistInfo
+    from tessera.models.adapters import set_row_classes
+
+    run = policy_run if which == "policy" else mixed_run
+    recipe = load_recipe(run / "recipe.yaml")
+    data = build_data(recipe, DistInfo())
+    body = entries(run)
+    layers = body[0]["layers"]
+    checked = 0
+    for entry in body[2:]:
+        step = entry["step"]
+        before = load_checkpoint(run / "checkpoints" / f"ep0-ba{step - 1}.pt")["model"]
+        after = load_checkpoint(run / "checkpoints" / f"ep0-ba{step}.pt")["model"]
+        model = build_model(recipe, data.tokenizer.vocab_size, data.class_names)
+        model.load_state_dict(before)
+        params = dict(model.named_parameters())
+        all_ids = [i for ids in entry["examples"].values() for i in ids]
+        units = float(model.loss_units(data.train.gather(torch.tensor(all_ids)).targets))
+        grads = {}
+        for class_name, ids in entry["examples"].items():
+            batch = data.train.gather(torch.tensor(ids))
+            set_row_classes(model, batch.provenance)
+            loss = model.loss(model(batch.inputs), batch.targets) / units
+            names = [n for n in params if _allowed(which, class_name, n)]
+            grads[class_name] = dict(zip(names, torch.autograd.grad(loss, [params[n] for n in names])))
+        for j, layer in enumerate(layers):
+            total = {n: sum(g[n] for g in grads.values() if n in g) for n in layer["parameters"]}
+            total = {n: t for n, t in total.items() if isinstance(t, torch.Tensor)}
+            total_sq = sum(float((t.double() ** 2).sum()) for t in total.values())
+            recorded = {sig: (norm, share) for sig, cells in entry["contributions"].items()
+                        for layer_index, norm, share in cells if layer_index == j}
+            for class_name, g in grads.items():
+                mine = [g[n] for n in layer["parameters"] if n in g]
+                norm = sum(float((t.double() ** 2).sum()) for t in mine) ** 0.5
+                if not mine or norm == 0:
+                    assert class_name not in recorded, (step, layer["name"], class_name)
+                    continue
+                share = sum(float((g[n].double() * total[n].double()).sum()) for n in layer["parameters"]
+                            if n in g) / total_sq
+                got_norm, got_share = recorded[class_name]
+                assert got_norm == pytest.approx(norm, rel=1e-5, abs=1e-9), (step, layer["name"], class_name)
+                assert got_share == pytest.approx(share, abs=1e-6), (step, layer["name"], class_name)
+                checked += 1
+            moved = any(not torch.equal(before[n], after[n]) for n in layer["parameters"])
+            assert bool(entry["layers"][j][0]) == moved, (step, layer["name"])
+            update = sum(float(((after[n].double() - before[n].double()) ** 2).sum()) for n in layer["parameters"])
+            assert entry["layers"][j][1] == pytest.approx(update ** 0.5, rel=1e-4, abs=1e-9)
+    assert checked > 50
+
+
+def test_recording_does_not_change_training(governed, tmp_path):
+    """Per-class batches: the weights after training are bitwise those of the same run without a ledger."""
+    from helpers import assert_tree_equal, latest_payload
+
+    from tessera.trainer import Trainer
+
+    sections = dict(train={"max_duration": "6ba", "microbatch_size": 2}, data={"batching": "per_class"})
+    with_ledger = train(governed, tmp_path / "on", **sections)
+    plain = Trainer(make_recipe(governed.recipe(**sections)), tmp_path / "off")
+    plain.fit()
+    plain.close()
+    assert_tree_equal(latest_payload(with_ledger)["model"], latest_payload(tmp_path / "off")["model"])
+    assert_tree_equal(latest_payload(with_ledger)["optimizer"], latest_payload(tmp_path / "off")["optimizer"])
+
+
+class DropFirstTwo(Algorithm):
+    """A stand-in for selective backprop: drops two examples of every batch after loading."""
+
+    def match(self, event, state):
+        return event == Event.AFTER_DATALOADER
+
+    def apply(self, event, state, logger):
+        state.batch = state.batch.select(slice(2, None))
+
+
+def test_dropped_examples_are_recorded_as_not_contributing(governed, tmp_path):
+    from tessera.governance.ledger.audit import Ledger
+    from tessera.trainer import Trainer
+
+    trainer = Trainer(make_recipe(ledger_recipe(governed, train={"max_duration": "3ba"})), tmp_path / "run",
+                      algorithms=[DropFirstTwo()])
+    trainer.fit()
+    trainer.close()
+    body = entries(tmp_path / "run")[1:]
+    for entry in body:
+        kept = {i for ids in entry["examples"].values() for i in ids}
+        assert len(entry["dropped"]) == 2 and len(kept) == 6 and not kept & set(entry["dropped"])
+    victim = body[0]["dropped"][0]
+    answer = Ledger.load(tmp_path / "run").example(victim)
+    assert answer["dropped_in_steps"] == "1" and answer["appearances"] == []
+
+
+def test_a_ledger_key_that_is_not_the_taxonomys_trainer_key_refuses_to_train(governed, tmp_path):
+    from tessera.errors import TesseraError
+    from tessera.trainer import Trainer
+
+    recipe = make_recipe(ledger_recipe(governed, ledger={"key": str(governed.key("model-risk"))}))
+    with pytest.raises(TesseraError, match="is not the trainer key"):
+        Trainer(recipe, tmp_path / "run")
+
+
+def test_a_ledger_edited_behind_a_checkpoint_refuses_to_resume(governed, tmp_path):
+    from tessera.errors import TesseraError
+    from tessera.trainer import Trainer
+
+    run = train(governed, tmp_path / "run", train={"max_duration": "4ba"}, checkpoint={"interval": "2ba"})
+    with sqlite3.connect(run / "ledger.sqlite") as db:
+        db.execute("UPDATE entries SET leaf = ? WHERE idx = 1", (bytes(32),))
+    longer = make_recipe(ledger_recipe(governed, train={"max_duration": "6ba"}, checkpoint={"interval": "2ba"}))
+    with pytest.raises(TesseraError, match="do not match the checkpoint's signed tree head"):
+        Trainer(longer, run)
+
+
+# ------------------------------------------------------------------ audit answers
+
+def test_audit_answers_follow_the_known_policy(policy_run):
+    from tessera.governance.ledger.audit import AuditError, Ledger
+
+    ledger = Ledger.load(policy_run)
+    embedding = ledger.layer("tok_emb")
+    assert SONNETS not in embedding["classes"] and {HAMLET} & set(embedding["classes"]) == set()
+    assert embedding["classes"] and sum(r["share_of_total"] for r in embedding["classes"].values()) == \
+        pytest.approx(1.0)
+    poetry = ledger.for_class("gutenberg/poetry")
+    assert "tok_emb" in poetry["layers_never_touched"] and poetry["layers_touched"]
+    hamlet = ledger.for_class(HAMLET)
+    assert hamlet["layers_touched"] and all(".adapters.gutenberg_tragedy_hamlet." in name
+                                            for name in hamlet["layers_touched"])
+    adapter = ledger.layer("blocks.0.mlp.adapters.gutenberg_tragedy_hamlet.fc")
+    assert set(adapter["classes"]) == {HAMLET}
+    assert ledger.parameter("head.weight" if False else "tok_emb.weight")["layer"] == "tok_emb"
+    some_id = next(iter(ledger.steps[0]["examples"][HAMLET]))
+    example = ledger.example(some_id)
+    assert example["appearances"][0]["step"] == 1 and example["appearances"][0]["classes"] == [HAMLET]
+    assert set(example["appearances"][0]["layers"]) <= set(hamlet["layers_touched"])
+    with pytest.raises(AuditError, match="no such layer"):
+        ledger.layer("blocks.9")
+    with pytest.raises(AuditError, match="not a class"):
+        ledger.for_class("gutenberg/opera")
+
+
+def test_audit_command_line(policy_run, tmp_path):
+    from conftest import tessera_cli
+
+    result = tessera_cli("audit", str(policy_run), "--class", "gutenberg/poetry", "--json")
+    assert result.returncode == 0, result.stderr
+    assert "tok_emb" in json.loads(result.stdout)["layers_never_touched"]
+    assert "tok_emb" in tessera_cli("audit", str(policy_run), "--layer", "tok_emb").stdout
+    bad = tessera_cli("audit", str(policy_run), "--layer", "nope")
+    assert bad.returncode != 0 and "--layer 'nope': no such layer" in bad.stderr
+    run = _copy_run(policy_run, tmp_path)
+    with sqlite3.connect(run / "ledger.sqlite") as db:
+        db.execute("DELETE FROM entries WHERE idx = 4")
+    refused = tessera_cli("audit", str(run), "--layer", "tok_emb")
+    assert refused.returncode != 0 and "failed verification" in refused.stderr
+
+
+def test_the_report_renders_in_headless_chromium(policy_run, tmp_path):
+    import shutil
+    import subprocess
+
+    import matplotlib.image
+
+    from conftest import tessera_cli
+
+    report = tmp_path / "report.html"
+    result = tessera_cli("audit", str(policy_run), "--report", str(report))
+    assert result.returncode == 0 and str(report) in result.stdout
+    page = report.read_text()
+    assert "VERIFIED" in page and not re.search(r'(src|href)="(https?:)?//', page)  # nothing to fetch
+    for figure in ("heatmap", "updates", "composition", "entropy"):
+        assert f'<figure id="{figure}">' in page
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("TESSERA_REQUIRE_BROWSER"):
+            pytest.fail("chromium is required here (make test installs it) but is not on PATH")
+        pytest.skip("no chromium on this machine (make test installs it)")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([chromium, *flags, "--dump-dom", report.as_uri()], capture_output=True, text=True,
+                         timeout=120)
+    assert dom.stdout.count("<svg") >= 4, "the browser did not parse the plots"
+    shot = tmp_path / "report.png"
+    subprocess.run([chromium, *flags, f"--screenshot={shot}", "--window-size=1200,3000", report.as_uri()],
+                   capture_output=True, timeout=120)
+    pixels = matplotlib.image.imread(shot)[..., :3]
+    assert pixels.shape[:2] == (3000, 1200)
+    colourful = (pixels.max(axis=2) - pixels.min(axis=2)) > 0.3  # plots; text and tables are grey
+    assert colourful.mean() > 0.02, "the screenshot shows no plots"
+    assert colourful[:1500].any() and colourful[1500:].any()

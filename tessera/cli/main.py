@@ -6,10 +6,10 @@ import argparse
 import sys
 from typing import Sequence
 
-from tessera.cli import data, keys, policy, sample, taxonomy, train
+from tessera.cli import audit, data, keys, ledger, policy, sample, taxonomy, train
 from tessera.errors import TesseraError
 
-COMMANDS = (train, sample, keys, taxonomy, data, policy)
+COMMANDS = (train, sample, keys, taxonomy, data, policy, ledger, audit)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TesseraError as error:
         print(f"tessera: error: {error}", file=sys.stderr)
         return error.exit_code
+    except BrokenPipeError:  # `tessera ledger show RUN | head`: the reader left; not an error
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("tessera: interrupted", file=sys.stderr)
         return 130

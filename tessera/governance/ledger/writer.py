@@ -50,9 +50,8 @@ class _PendingStep:
     step: int
     time: dict[str, int]
     loss: torch.Tensor
-    examples: list[int]
+    examples: dict[str, list[int]]
     dropped: list[int]
-    counts: dict[str, int]
     skipped: bool
     updated: np.ndarray
     signatures: list[str]
@@ -140,12 +139,10 @@ class Ledger:
         kept = trained.sample_ids.tolist()
         kept_set = set(kept)
         dropped = [i for i in loaded.sample_ids.tolist() if i not in kept_set]
-        counts: dict[str, int] = {}
-        for row in trained.provenance.tolist():
-            for c in set(row):
-                if c >= 0:
-                    counts[self.class_names[c]] = counts.get(self.class_names[c], 0) + 1
-        self._step_examples = (kept, dropped, counts)
+        by_signature: dict[str, list[int]] = {}
+        for example, row in zip(kept, trained.provenance.tolist()):
+            by_signature.setdefault(signature_key([c for c in row if c >= 0], self.class_names), []).append(example)
+        self._step_examples = (by_signature, dropped)
         self.recorder.start_step()
 
     def before_backward(self, plan: MicrobatchPlan, microbatch: Batch) -> None:
@@ -166,22 +163,21 @@ class Ledger:
         signatures, norms, dots, gradient_sq = self._gradient
         update = self.recorder.update_statistics(self._before)
         self._before, self._gradient = [], None
-        examples, dropped, counts = self._step_examples
-        if self.dist.enabled:
-            gathered = distributed.all_gather_object((examples, dropped, counts), self.dist)
-            examples = [i for part in gathered for i in part[0]]
-            dropped = [i for part in gathered for i in part[1]]
-            counts = {}
-            for part in gathered:
-                for name, n in part[2].items():
-                    counts[name] = counts.get(name, 0) + n
+        examples, dropped = self._step_examples
+        if self.dist.enabled:  # rank order: the global batch's order
+            gathered = distributed.all_gather_object((examples, dropped), self.dist)
+            examples = {}
+            for part, _ in gathered:
+                for signature, ids in part.items():
+                    examples.setdefault(signature, []).extend(ids)
+            dropped = [i for _, part in gathered for i in part]
         entropy = None
         if self.entropy is not None and step % self.entropy_every == 0:
             entropy = self.entropy.measure()
         if not self.dist.is_main:
             return
         self.pending.append(_PendingStep(
-            step=step, time=time, loss=loss.detach(), examples=examples, dropped=dropped, counts=counts,
+            step=step, time=time, loss=loss.detach(), examples=examples, dropped=dropped,
             skipped=skipped, updated=self.recorder.layer_flags(updated) & (not skipped), signatures=signatures,
             gradient=(norms, dots, gradient_sq), update=update, entropy=entropy,
         ))
@@ -232,7 +228,7 @@ class Ledger:
             "loss": float(p.loss),
             "examples": p.examples,
             "dropped": p.dropped,
-            "counts": p.counts,
+            "counts": _class_counts(p.examples),
             "skipped": p.skipped,
             "fingerprints": self.fingerprints,
             "layers": layers,
@@ -265,3 +261,12 @@ class Ledger:
             self.flush()
             self.store.close()
             self.store = None
+
+
+def _class_counts(examples: dict[str, list[int]]) -> dict[str, int]:
+    """Examples per class (a mixed example counts for each of its classes)."""
+    counts: dict[str, int] = {}
+    for signature, ids in examples.items():
+        for name in signature.split("+"):
+            counts[name] = counts.get(name, 0) + len(ids)
+    return dict(sorted(counts.items()))
