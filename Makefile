@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast bench browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -64,10 +64,22 @@ demo: $(DEMO)/policy.yaml.sig
 	@echo "== 7. sample: the shared model, then with Hamlet's adapter switched on"
 	$(T) sample $(DEMO)/run --prompt "ROMEO:" --tokens 300
 	$(T) sample $(DEMO)/run --prompt "HAMLET." --tokens 300 --adapter gutenberg/tragedy/hamlet
+	@echo "== 8. audit: verify the ledger against the trainer key; who reached the embedding; the HTML report"
+	$(T) ledger verify $(DEMO)/run --pubkey $(DEMO)/keys/trainer.pub
+	$(T) audit $(DEMO)/run --layer tok_emb --pubkey $(DEMO)/keys/trainer.pub
+	$(T) audit $(DEMO)/run --class gutenberg/tragedy/hamlet --pubkey $(DEMO)/keys/trainer.pub
+	$(T) audit $(DEMO)/run --report $(DEMO)/report.html --pubkey $(DEMO)/keys/trainer.pub
+
+# The audit report's test renders it in headless Chromium (Debian's package; installed here when
+# apt-get can, as CI's root can). Without it that one test fails in `make test` rather than skipping.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+		(apt-get install -y -qq chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)) \
+		|| echo "warning: could not install chromium"; }
 
 # pytest exits 5 when it collects nothing; make treats that as the failure it is.
-test: $(VENV)/.test-installed
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+test: $(VENV)/.test-installed browser
+	TESSERA_REQUIRE_BROWSER=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.test-installed
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

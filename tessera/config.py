@@ -54,7 +54,8 @@ class LedgerConfig(Section):
     enabled: bool = Field(False, description="write the learning-dynamics ledger (one signed entry per step)")
     key: Path | None = Field(None, description="the trainer authority's Ed25519 private key; signs tree heads")
     entropy_every: int = Field(50, ge=0, description="steps between entropy profiles (0: never)")
-    probe_samples: int = Field(2, ge=1, description="validation examples per class in the entropy probe")
+    probe_samples: int = Field(1, ge=1, description="validation examples per class in the entropy probe")
+    probe_tokens: int = Field(32, ge=2, description="token positions per class the entropy is computed over")
     flush_every: int = Field(50, ge=1, description="steps between commits to ledger.sqlite")
 
 

@@ -179,7 +179,7 @@ class Trainer:
         probe = probe_batch(self.data.val, config.probe_samples, len(self.data.class_names)) if config.entropy_every else None
         return Ledger(
             self.run_dir, key, self.router, list(self.data.class_names), fingerprints, probe=probe,
-            entropy_every=config.entropy_every, flush_every=config.flush_every, dist=self.dist,
+            entropy_every=config.entropy_every, probe_tokens=config.probe_tokens, flush_every=config.flush_every, dist=self.dist,
             recipe_fingerprint=self.recipe.fingerprint(ignore=RESUMABLE_CHANGES),
         )
 

@@ -42,3 +42,13 @@ def test_routing_overhead_reports_both_ratios():
     result = _run("routing_overhead.py", "--steps", "6", "--runs", "1")
     assert result["benchmark"] == "routing_overhead" and result["ratio"] > 0 and result["ratio_mixed"] > 0
     assert result["routing_signatures_per_mixed_batch"] > 1.5
+
+
+def test_ledger_overhead_reports_a_ratio():
+    result = _run("ledger_overhead.py", "--steps", "6", "--runs", "1")
+    assert result["benchmark"] == "ledger_overhead" and result["ratio"] > 0 and result["ledger_bytes_per_step"] > 0
+
+
+def test_ledger_verify_reports_entries_per_second():
+    result = _run("ledger_verify.py", "--entries", "3000", "--runs", "1")
+    assert result["benchmark"] == "ledger_verify" and result["entries_per_s"] > 0 and result["entries"] == 3000

@@ -72,6 +72,7 @@ class Ledger:
         *,
         probe: Batch | None = None,
         entropy_every: int = 50,
+        probe_tokens: int = 32,
         flush_every: int = 50,
         dist: DistInfo = DistInfo(),
         recipe_fingerprint: str = "",
@@ -80,7 +81,7 @@ class Ledger:
         self.class_names = class_names
         self.fingerprints = fingerprints
         self.recorder = ContributionRecorder(router, dist)
-        self.entropy = EntropyProbe(router.model, probe, class_names) if probe is not None and entropy_every else None
+        self.entropy = EntropyProbe(router.model, probe, class_names, probe_tokens) if probe is not None and entropy_every else None
         self.entropy_every, self.flush_every = entropy_every, flush_every
         self.pending: list[_PendingStep] = []
         self.genesis = {
@@ -96,7 +97,7 @@ class Ledger:
             "recipe_fingerprint": recipe_fingerprint,
             "trainer_key": key.public.key_id,
             "entropy": None if self.entropy is None else {
-                "every": entropy_every, "layers": self.entropy.layer_names, "classes": self.entropy.class_names,
+                "every": entropy_every, "tokens_per_class": probe_tokens, "layers": self.entropy.layer_names, "classes": self.entropy.class_names,
                 "probe_examples": probe.sample_ids.tolist(),
             },
         }
@@ -106,7 +107,6 @@ class Ledger:
         if dist.is_main:
             self.store = LedgerStore(ledger_path(run_dir), create=True)
         self._step_examples: tuple[list[int], list[int], dict[str, int]] = ([], [], {})
-        self._before: list[torch.Tensor] = []
         self._gradient: tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     # ---------------------------------------------------------------- start and resume
@@ -155,14 +155,14 @@ class Ledger:
     def gradient_statistics(self, inv_scale: float = 1.0) -> None:
         """Gradients are final (summed over ranks, unscaled, not yet clipped): measure contributions."""
         self._gradient = self.recorder.gradient_statistics(inv_scale)
-        self._before = self.recorder.snapshot_parameters()
+        self.recorder.snapshot_parameters()
 
     def after_optimizer_step(self, step: int, time: dict[str, int], loss: torch.Tensor, updated: np.ndarray,
                              skipped: bool = False) -> None:
         assert self._gradient is not None, "gradient_statistics must run before the optimizer step"
         signatures, norms, dots, gradient_sq = self._gradient
-        update = self.recorder.update_statistics(self._before)
-        self._before, self._gradient = [], None
+        update = self.recorder.update_statistics()
+        self._gradient = None
         examples, dropped = self._step_examples
         if self.dist.enabled:  # rank order: the global batch's order
             gathered = distributed.all_gather_object((examples, dropped), self.dist)

@@ -1,0 +1,91 @@
+"""Ledger verification speed: entries checked per second on a 100k-entry ledger.
+
+The ledger is written with the real encoder and store: step entries shaped
+like the baby GPT's (27 layers, 3 classes per step, about 5.6 kB each, as
+``ledger_overhead`` measures), a signed tree head every 1,000 entries and a
+final one. ``tessera ledger verify``'s check (every leaf, the hash chain, the
+tree and every signature) is then timed; median of several runs.
+Goal: >= 100,000 entries/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from common import emit, machine
+
+from tessera.governance.keys import SigningKey
+from tessera.governance.ledger import merkle
+from tessera.governance.ledger.entry import ZERO_HASH, TreeHead, encode_entry
+from tessera.governance.ledger.store import LedgerStore, ledger_path
+from tessera.governance.ledger.verify import verify_ledger
+
+LAYERS, CLASSES = 27, ["gutenberg/tragedy/hamlet", "gutenberg/comedy/tempest", "gutenberg/history/henry_v"]
+
+
+def body(step: int, rng: random.Random) -> dict:
+    return {
+        "kind": "step", "step": step, "time": {"batch": step, "epoch": 0, "sample": 12 * step, "token": 768 * step},
+        "loss": rng.random() * 4, "examples": {c: [rng.randrange(10**6) for _ in range(4)] for c in CLASSES},
+        "dropped": [], "counts": {c: 4 for c in CLASSES}, "skipped": False,
+        "fingerprints": {"policy": "ab" * 32, "taxonomy": "cd" * 32, "dataset": "ef" * 32},
+        "layers": [[1] + [rng.random() for _ in range(5)] for _ in range(LAYERS)],
+        "contributions": {c: [[j, rng.random(), rng.random()] for j in range(LAYERS)] for c in CLASSES},
+    }
+
+
+def build(run_dir: Path, entries: int, key: SigningKey) -> int:
+    store = LedgerStore(ledger_path(run_dir), create=True)
+    store.set_meta({"format": "1", "trainer_public_key": key.public.text})
+    rng, frontier, previous, rows = random.Random(0), merkle.Frontier(), ZERO_HASH, []
+    template = [body(s, rng) for s in range(1, 101)]  # encode real bodies; vary the step
+    for index in range(entries):
+        content = dict(template[index % 100], step=index) if index else {"kind": "run"}
+        data = encode_entry(index, previous, content)
+        leaf = merkle.leaf_hash(data)
+        rows.append((index, index, leaf, data))
+        frontier.append(leaf)
+        previous = leaf
+        if frontier.size % 1000 == 0 or index == entries - 1:
+            head = TreeHead(frontier.size, frontier.root(), "2026-01-01T00:00:00+00:00", index == entries - 1)
+            signed = TreeHead(head.size, head.root, head.timestamp, head.final, key.public.key_id,
+                              key.sign(head.message()))
+            store.append(rows, signed)
+            rows = []
+    size = ledger_path(run_dir).stat().st_size
+    store.close()
+    return size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--entries", type=int, default=100_000)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    key = SigningKey.generate()
+    with tempfile.TemporaryDirectory() as tmp:
+        size = build(Path(tmp), args.entries, key)
+        rates = []
+        for _ in range(args.runs):
+            started = time.perf_counter()
+            report = verify_ledger(tmp, key.public)
+            rates.append(args.entries / (time.perf_counter() - started))
+            assert report.ok and report.entries == args.entries, report.problem
+    emit({
+        "benchmark": "ledger_verify",
+        "entries_per_s": round(statistics.median(rates)),
+        "goal": ">= 100000",
+        "runs_entries_per_s": [round(r) for r in rates],
+        "entries": args.entries,
+        "ledger_bytes": size,
+        "machine": machine(),
+    })
+
+
+if __name__ == "__main__":
+    main()
