@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -27,7 +25,7 @@ import fsspec
 import torch
 
 from tessera.errors import CheckpointError
-from tessera.io import atomic_write_bytes
+from tessera.io import atomic_write_bytes, atomic_writer
 
 FORMAT_VERSION = 1
 LATEST = "latest"
@@ -82,17 +80,9 @@ class CheckpointStore:
     def save(self, payload: dict[str, Any], name: str) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / name
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                writer = _HashingWriter(handle)
-                torch.save(payload, writer)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_writer(path) as handle:
+            writer = _HashingWriter(handle)
+            torch.save(payload, writer)
         atomic_write_bytes(self.directory / f"{name}.sha256", f"{writer.digest.hexdigest()}  {name}\n".encode())
         atomic_write_bytes(self.directory / LATEST, f"{name}\n".encode())
         self._prune()

@@ -23,8 +23,8 @@ HAMLET, MACBETH, TEMPEST, SONNETS = ("gutenberg/tragedy/hamlet", "gutenberg/trag
                                      "gutenberg/comedy/tempest", "gutenberg/poetry/sonnets")
 
 
-class PerturbClass:
-    """Replaces every example of one class by other (fixed, random) content and labels."""
+class WrappedSource:
+    """An example source that changes what another one gathers (subclasses say how)."""
 
     def __init__(self, source, class_index: int) -> None:
         self.source, self.class_index = source, class_index
@@ -32,6 +32,10 @@ class PerturbClass:
 
     def __len__(self):
         return len(self.source)
+
+
+class PerturbClass(WrappedSource):
+    """Replaces every example of one class by other (fixed, random) content and labels."""
 
     def gather(self, indices):
         batch = self.source.gather(indices)
@@ -43,15 +47,8 @@ class PerturbClass:
         return Batch(window[:, :-1], window[:, 1:], batch.sample_ids, batch.provenance)
 
 
-class AlsoClass:
+class AlsoClass(WrappedSource):
     """Gives every third row a second class, as MixUp would (provenance [B, 2])."""
-
-    def __init__(self, source, class_index: int) -> None:
-        self.source, self.class_index = source, class_index
-        self.classes, self.fingerprint = source.classes, source.fingerprint
-
-    def __len__(self):
-        return len(self.source)
 
     def gather(self, indices):
         batch = self.source.gather(indices)

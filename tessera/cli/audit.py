@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         elif args.example is not None:
             answer = ledger.example(args.example)
         else:
-            answer = {"classes": {c: ledger.for_class(c)["layers_touched"].__len__() for c in ledger.run["classes"]}}
+            answer = {"classes": {c: len(ledger.for_class(c)["layers_touched"]) for c in ledger.run["classes"]}}
     except AuditError as error:
         raise TesseraError(str(error)) from None
     if args.json:

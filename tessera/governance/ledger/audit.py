@@ -17,6 +17,7 @@ from typing import Any, Iterator
 from tessera.errors import TesseraError
 from tessera.governance.ledger.entry import decode_entry
 from tessera.governance.ledger.store import LedgerStore, ledger_path
+from tessera.governance.taxonomy import Taxonomy
 
 
 class AuditError(TesseraError):
@@ -37,10 +38,6 @@ def step_ranges(steps: list[int]) -> str:
 
 def _signature_classes(signature: str) -> list[str]:
     return signature.split("+")
-
-
-def _covers(node: str, name: str) -> bool:
-    return name == node or name.startswith(node + "/")
 
 
 @dataclass
@@ -107,18 +104,18 @@ class Ledger:
         raise AuditError(f"--param {name!r}: no such parameter in this run")
 
     def for_class(self, node: str) -> dict[str, Any]:
-        if not any(_covers(node, c) for c in self.run["classes"]):
+        if not any(Taxonomy.covers(node, c) for c in self.run["classes"]):
             raise AuditError(f"--class {node!r}: not a class of this run's taxonomy")
         touched: dict[int, list[int]] = {}
         seen_steps: list[int] = []
         examples = 0
         for entry in self.steps:
-            count = sum(n for c, n in entry["counts"].items() if _covers(node, c))
+            count = sum(n for c, n in entry["counts"].items() if Taxonomy.covers(node, c))
             if count:
                 seen_steps.append(entry["step"])
                 examples += count
             for signature, cells in entry["contributions"].items():
-                if any(_covers(node, c) for c in _signature_classes(signature)):
+                if any(Taxonomy.covers(node, c) for c in _signature_classes(signature)):
                     for layer, norm, _ in cells:
                         if norm > 0:
                             steps = touched.setdefault(layer, [])

@@ -92,12 +92,8 @@ class ContributionRecorder:
         for layer in range(len(self.layer_names)):
             members = [k for k, i in enumerate(self._flat_order) if layer_of[i] == layer]
             self._layer_spans.append((self._segments[members[0]][0], self._segments[members[-1]][1]))
-        total = int(bounds[-1])
-        device = self.params[0].device
-        self._before = torch.empty(total, device=device)
-        self._after = torch.empty(total, device=device)
-        self._update = torch.zeros(total, device=device)
-        self._previous = torch.zeros(total, device=device)
+        self._before = torch.empty(0)  # this step's parameters before the optimizer, flat
+        self._previous = torch.zeros(int(bounds[-1]), device=self.params[0].device)  # last step's update, flat
         self._where_cache: dict[tuple[int, ...], torch.Tensor] = {}
         self._microbatches: list[tuple[str, dict[int, torch.Tensor]]] = []
         self._stash: list[torch.Tensor | None] = []
@@ -195,16 +191,15 @@ class ContributionRecorder:
     def update_statistics(self) -> tuple[torch.Tensor, ...]:
         """Per layer: the update's norm, the parameters' norms before and after, and the update's dot
         product with the previous step's (the cosine's parts, so nothing waits for the device here)."""
-        self._after = self._flatten_parameters()
-        self._update = self._after - self._before
-        u, prev, before, after = self._update, self._previous, self._before, self._after
+        after = self._flatten_parameters()
+        u, prev, before = after - self._before, self._previous, self._before
         rows = []
         for a, b in self._layer_spans:
             rows.append(torch.stack([torch.vdot(u[a:b], u[a:b]), torch.vdot(before[a:b], before[a:b]),
                                      torch.vdot(after[a:b], after[a:b]), torch.vdot(u[a:b], prev[a:b]),
                                      torch.vdot(prev[a:b], prev[a:b])]))
         table = torch.stack(rows).T.float()  # [5, L]
-        self._previous = self._update  # this update is the next one's previous
+        self._previous = u  # this update is the next one's previous
         update_sq, before_sq, after_sq, dot_previous, previous_sq = table
         return update_sq.sqrt(), before_sq.sqrt(), after_sq.sqrt(), dot_previous, previous_sq.sqrt()
 

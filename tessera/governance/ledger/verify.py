@@ -16,7 +16,7 @@ covers, or a ledger whose last head is not the final one (cut short).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tessera.governance.keys import PublicKey
@@ -34,7 +34,6 @@ class VerifyReport:
     key_id: str | None = None
     key_source: str = ""
     last_head: dict | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def verify_ledger(run_dir: str | Path, public_key: PublicKey | None = None, deep: bool = False) -> VerifyReport:

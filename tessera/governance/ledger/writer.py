@@ -18,7 +18,7 @@ the same entries an uninterrupted one would (G7).
 from __future__ import annotations
 
 import datetime as _dt
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,6 @@ class _PendingStep:
     gradient: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # norms [S, L], dots [S, L], |G|^2 [L]
     update: tuple[torch.Tensor, ...]
     entropy: torch.Tensor | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Ledger:
