@@ -462,9 +462,10 @@ def test_audit_answers_follow_the_known_policy(policy_run):
     adapter = ledger.layer("blocks.0.mlp.adapters.gutenberg_tragedy_hamlet.fc")
     assert set(adapter["classes"]) == {HAMLET}
     assert ledger.parameter("head.weight" if False else "tok_emb.weight")["layer"] == "tok_emb"
-    some_id = next(iter(ledger.steps[0]["examples"][HAMLET]))
-    example = ledger.example(some_id)
-    assert example["appearances"][0]["step"] == 1 and example["appearances"][0]["classes"] == [HAMLET]
+    # Keys are new each session, so the dataset fingerprint (and the sample order) is too: find Hamlet.
+    first = next(e for e in ledger.steps if HAMLET in e["examples"])
+    example = ledger.example(first["examples"][HAMLET][0])
+    assert example["appearances"][0]["step"] == first["step"] and example["appearances"][0]["classes"] == [HAMLET]
     assert set(example["appearances"][0]["layers"]) <= set(hamlet["layers_touched"])
     with pytest.raises(AuditError, match="no such layer"):
         ledger.layer("blocks.9")
