@@ -303,12 +303,10 @@ class Trainer:
                     scaled = self.scaler.scale(scaled) if self.scaler else scaled
                     if plan is None:
                         scaled.backward()
+                    elif ledger is not None and plan.inputs:  # [ledger] this signature's gradient, kept apart
+                        ledger.backward(scaled, plan, state.batch)
                     elif plan.inputs:  # only routed parameters receive (or even compute) a gradient
-                        if ledger is not None:
-                            ledger.before_backward(plan, state.batch)
                         torch.autograd.backward(scaled, inputs=plan.inputs)
-                        if ledger is not None:
-                            ledger.after_backward()
                     engine.run(Event.AFTER_BACKWARD)
                 finally:
                     if router is not None:

@@ -136,3 +136,35 @@ def test_routed_ddp_ranks_agree_and_match_one_process(governed, tmp_path):
     assert all(not torch.equal(before[n], after[n]) for n in frozen_late)  # trained during the first 6 batches
     a, b = losses(tmp_path / "single"), losses(tmp_path / "ddp")
     assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-4
+
+
+def test_two_rank_ledger_equals_one_process_ledger(governed, tmp_path):
+    """Rank 0 writes one ledger for the global batch: the same examples, contributions and updates as one process."""
+    from test_ledger import entries, ledger_recipe
+
+    config = ledger_recipe(governed, data={"batching": "random"}, train={"max_duration": "6ba", "microbatch_size": 2},
+                           ledger={"flush_every": 2})
+    path = write_recipe(tmp_path / "recipe.yaml", config)
+    ddp = torchrun(2, "train", str(path), "--run-dir", str(tmp_path / "ddp"))
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = Trainer(recipe(config), tmp_path / "single")
+    single.fit()
+    single.close()
+    assert tessera_cli("ledger", "verify", str(tmp_path / "ddp")).returncode == 0
+
+    two, one = entries(tmp_path / "ddp"), entries(tmp_path / "single")
+    assert len(two) == len(one) == 7
+    assert two[0]["layers"] == one[0]["layers"]
+    for a, b in zip(two[1:], one[1:]):
+        assert {s: sorted(ids) for s, ids in a["examples"].items()} == {s: sorted(ids) for s, ids in b["examples"].items()}
+        assert a["counts"] == b["counts"] and a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert set(a["contributions"]) == set(b["contributions"]) and len(a["contributions"]) > 1
+        for signature, cells in b["contributions"].items():
+            got = {layer: (norm, share) for layer, norm, share in a["contributions"][signature]}
+            assert set(got) == {layer for layer, _, _ in cells}, signature
+            for layer, norm, share in cells:
+                assert got[layer][0] == pytest.approx(norm, rel=1e-4, abs=1e-7), (a["step"], signature, layer)
+                assert got[layer][1] == pytest.approx(share, abs=1e-4), (a["step"], signature, layer)
+        for x, y in zip(a["layers"], b["layers"]):
+            assert x[0] == y[0]  # updated flag
+            assert x[1] == pytest.approx(y[1], rel=1e-3, abs=1e-8) and x[4] == pytest.approx(y[4], rel=1e-5)

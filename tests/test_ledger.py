@@ -523,3 +523,43 @@ def test_the_report_renders_in_headless_chromium(policy_run, tmp_path):
     colourful = (pixels.max(axis=2) - pixels.min(axis=2)) > 0.3  # plots; text and tables are grey
     assert colourful.mean() > 0.02, "the screenshot shows no plots"
     assert colourful[:1500].any() and colourful[1500:].any()
+
+
+@pytest.mark.parametrize("rows_per_class", [[1, 1, 1], [2, 1, 3]], ids=["uniform", "ragged"])
+def test_entropy_profile_matches_an_independent_svd(rows_per_class):
+    """Each class's tokens at each representation layer, evenly spaced, against numpy's SVD."""
+    import numpy as np
+    import torch
+
+    from tessera.data.batch import Batch
+    from tessera.governance.ledger.entropy import EntropyProbe
+    from tessera.models.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=17, n_layer=2, n_head=2, d_model=16, block_size=12))
+    classes = [c for c, n in enumerate(rows_per_class) for _ in range(n)]
+    inputs = torch.randint(0, 17, (len(classes), 12))
+    probe = Batch(inputs=inputs, targets=inputs, sample_ids=torch.arange(len(classes)),
+                  provenance=torch.tensor(classes)[:, None])
+    tokens = 10
+    measured = EntropyProbe(model, probe, ["a", "b", "c"], tokens_per_class=tokens).measure().numpy()
+
+    outputs = {}
+    layers = model.representation_layers()
+    hooks = [m.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out.detach()))
+             for name, m in layers.items()]
+    model.eval()
+    with torch.no_grad():
+        model(inputs)
+    for h in hooks:
+        h.remove()
+    for j, name in enumerate(layers):
+        for c in range(3):
+            x = outputs[name].numpy()[np.array(classes) == c].reshape(-1, 16).astype(np.float64)
+            if x.shape[0] > tokens:
+                x = x[np.round(np.linspace(0, x.shape[0] - 1, tokens)).astype(int)]
+            s = np.linalg.svd(x, compute_uv=False)
+            p = s**2 / (s**2).sum()
+            p = p[p > 0]
+            expected = -(p * np.log(p)).sum() / np.log(max(2, min(x.shape)))
+            assert measured[c, j] == pytest.approx(expected, abs=2e-4), (name, c)

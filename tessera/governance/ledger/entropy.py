@@ -82,24 +82,29 @@ class EntropyProbe:
             for hook in hooks:
                 hook.remove()
         result = torch.zeros(len(self.classes), len(self.layer_names), device=device)
+        uniform = len({len(rows) for rows in self._rows}) == 1
         for j, name in enumerate(self.layer_names):
             output = captured.get(name)
             if output is None:
                 continue
-            blocks = [self._tokens(output.index_select(0, rows.to(device)).reshape(-1, output.shape[-1]).float())
-                      for rows in self._rows]
-            if len({b.shape for b in blocks}) == 1:  # one batched SVD when every class has as many probe rows
-                result[:, j] = spectral_entropy(torch.stack(blocks))
+            if uniform:  # every class has as many probe rows: gather all at once, one batched eigensolve
+                grouped = output.index_select(0, torch.cat(self._rows).to(device))
+                grouped = grouped.reshape(len(self._rows), -1, output.shape[-1])
+                picked = self._positions(grouped.shape[1], device)
+                result[:, j] = spectral_entropy(grouped.index_select(1, picked).float())
             else:
-                result[:, j] = torch.cat([spectral_entropy(b[None]) for b in blocks])
+                for k, rows in enumerate(self._rows):
+                    tokens = output.index_select(0, rows.to(device)).reshape(-1, output.shape[-1])
+                    result[k, j] = spectral_entropy(tokens.index_select(0, self._positions(tokens.shape[0], device))
+                                                    .float()[None])[0]
         return result
 
-    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """At most ``tokens_per_class`` rows, evenly spaced (the cost grows with the cube of this)."""
-        if x.shape[0] <= self.tokens_per_class:
-            return x
-        return x.index_select(0, torch.linspace(0, x.shape[0] - 1, self.tokens_per_class, device=x.device)
-                              .round().long())
+    def _positions(self, rows: int, device: torch.device) -> torch.Tensor:
+        """At most ``tokens_per_class`` of ``rows`` token rows, evenly spaced (the cost grows with the cube
+        of this)."""
+        if rows <= self.tokens_per_class:
+            return torch.arange(rows, device=device)
+        return torch.linspace(0, rows - 1, self.tokens_per_class, device=device).round().long()
 
     @staticmethod
     def _capture(name: str, captured: dict[str, torch.Tensor]):

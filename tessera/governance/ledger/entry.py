@@ -19,7 +19,6 @@ update-share rule); every later entry is one optimizer step (kind ``step``).
 from __future__ import annotations
 
 import json
-import math
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -35,15 +34,27 @@ class EntryFormatError(ValueError):
     """Bytes that are not a ledger entry."""
 
 
+def _canonical_float(value: float) -> float | str:
+    if value - value == 0.0:  # finite (inf - inf and nan - nan are nan)
+        return float(f"{value:.9g}")
+    return "nan" if value != value else ("inf" if value > 0 else "-inf")
+
+
 def _canonical_value(value: Any) -> Any:
-    if isinstance(value, float):
-        if math.isfinite(value):
-            return float(f"{value:.9g}")
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
+    # Exact type checks first: entries are mostly lists of floats, and this runs for every number written.
+    kind = type(value)
+    if kind is float:
+        return _canonical_float(value)
+    if kind is list or kind is tuple:
+        return [_canonical_float(v) if type(v) is float else _canonical_value(v) for v in value]
+    if kind is dict:
         return {str(k): _canonical_value(v) for k, v in value.items()}
+    if isinstance(value, float):
+        return _canonical_float(float(value))
     if isinstance(value, (list, tuple)):
         return [_canonical_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _canonical_value(v) for k, v in value.items()}
     return value
 
 

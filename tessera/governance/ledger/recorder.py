@@ -6,10 +6,13 @@ and a policy can route.
 
 **Contributions.** Each microbatch holds one routing signature (a class, or
 several classes for a mixed example), so the gradient its backward pass
-produces is that signature's contribution. The recorder captures it without
-copying: before the backward it moves the accumulated ``.grad`` aside, after
-it keeps the fresh gradient and puts back ``accumulated + fresh``, the same
-sum autograd would have made (training is bitwise unchanged by recording).
+produces is that signature's contribution. The recorder asks autograd for
+that gradient (``torch.autograd.grad``, which leaves ``.grad`` alone), adds
+it to its signature's running sum and to the step's gradient, and points each
+parameter's ``.grad`` at its slice of that step gradient: ``0 + g1 + g2 ...``
+in microbatch order, the same sums autograd's own accumulation makes, so
+training is bitwise unchanged by recording. All three live in one flat
+:class:`~tessera.governance.ledger.layout.FlatLayout` each.
 For every layer and signature s it records ``|G_s|`` and the share
 ``<G_s, G> / |G|^2`` of the layer's step gradient G. The shares of a layer
 sum to 1 and a zero share means no gradient at all: an exact, additive
@@ -27,15 +30,14 @@ parameter norm after the step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from tessera import distributed
 from tessera.distributed import DistInfo
+from tessera.governance.ledger.layout import FlatLayout
 from tessera.governance.routing import MicrobatchPlan, Router
 
 UPDATE_SHARE_RULE = (
@@ -49,28 +51,13 @@ def signature_key(classes: Sequence[int], class_names: Sequence[str]) -> str:
     return "+".join(class_names[c] for c in sorted(set(classes)))
 
 
-@dataclass
-class StepStatistics:
-    """One step's numbers, still tensors (so recording never waits for the device)."""
-
-    signatures: list[str]
-    signature_norms: torch.Tensor  # [S, L]
-    signature_dots: torch.Tensor  # [S, L]  <G_s, G>
-    gradient_sq: torch.Tensor  # [L]  |G|^2
-    update_norm: torch.Tensor  # [L]
-    parameter_norm_before: torch.Tensor  # [L]
-    parameter_norm: torch.Tensor  # [L]
-    update_dot_previous: torch.Tensor  # [L]
-    previous_update_norm: torch.Tensor  # [L]
-    updated: np.ndarray  # [L] bool
-
-
 class ContributionRecorder:
     """Captures per-signature gradients in the microbatch loop and reduces them to per-layer numbers."""
 
     def __init__(self, router: Router, dist: DistInfo = DistInfo()) -> None:
         self.router, self.dist = router, dist
         self.params = router.params
+        self.names = router.names
         self._index = {id(p): i for i, p in enumerate(self.params)}
         # A layer is a module with parameters of its own; a tied parameter belongs to its first owner.
         self.layer_names, self.layer_parameters = [], []
@@ -83,124 +70,153 @@ class ContributionRecorder:
                 self.layer_names.append(name or "(model)")
                 self.layer_parameters.append([router.names[i] for i in own])
         self.layer_of = torch.from_numpy(layer_of)
-        # Flat, layer-contiguous copies of the parameters make the update statistics a few large
-        # operations instead of several per parameter (what keeps the ledger's cost small).
-        self._flat_order = sorted(range(len(self.params)), key=lambda i: (layer_of[i], i))
-        bounds = np.cumsum([0] + [self.params[i].numel() for i in self._flat_order])
-        self._segments = [(int(bounds[k]), int(bounds[k + 1])) for k in range(len(self._flat_order))]
-        self._layer_spans = []
-        for layer in range(len(self.layer_names)):
-            members = [k for k, i in enumerate(self._flat_order) if layer_of[i] == layer]
-            self._layer_spans.append((self._segments[members[0]][0], self._segments[members[-1]][1]))
-        self._before = torch.empty(0)  # this step's parameters before the optimizer, flat
-        self._previous = torch.zeros(int(bounds[-1]), device=self.params[0].device)  # last step's update, flat
-        self._where_cache: dict[tuple[int, ...], torch.Tensor] = {}
-        self._microbatches: list[tuple[str, dict[int, torch.Tensor]]] = []
-        self._stash: list[torch.Tensor | None] = []
-        self._inputs: list[nn.Parameter] = []
+        self.layout = FlatLayout([p.numel() for p in self.params], layer_of, len(self.layer_names))
+        self._shapes = [p.shape for p in self.params]
+        device = self.params[0].device
+        # Row 0: the step's gradient (what .grad points into); rows 1..: one per signature, grown on demand.
+        # A row is written by copy where a parameter first appears in a step and by addition after that;
+        # slices a step never wrote still hold an older step's numbers ("dirty") and are zeroed before use.
+        self._rows = torch.zeros(2, self.layout.size, device=device)
+        self._row_views = [self.layout.views(row, self._shapes) for row in self._rows]
+        self._written = np.zeros((2, len(self.params)), dtype=bool)
+        self._dirty = np.zeros((2, len(self.params)), dtype=bool)
+        self._signatures: dict[str, int] = {}
+        self._bound = np.zeros(len(self.params), dtype=bool)  # .grad points into row 0
+        # Parameters before the step, after it, this update, the previous update (rows 2 and 3 swap roles).
+        self._updates = torch.zeros(4, self.layout.size, device=device)
+        self._update_views = [self.layout.views(row, self._shapes) for row in self._updates[:2]]
+        self._current, self._previous = 2, 3
+        self._inputs_cache: dict[tuple[int, ...], list[int]] = {}
 
     # ---------------------------------------------------------------- microbatches
 
     def start_step(self) -> None:
-        self._microbatches = []
+        self._signatures = {}
+        self._written[:] = False
+        self._bound[:] = False
 
-    def before_backward(self, plan: MicrobatchPlan, signature: str) -> None:
-        self._signature, self._inputs = signature, plan.inputs
-        self._stash = [p.grad for p in plan.inputs]
-        for p in plan.inputs:
-            p.grad = None
+    def backward(self, loss: torch.Tensor, plan: MicrobatchPlan, signature: str) -> None:
+        """Backward for one single-signature microbatch: its gradient is kept apart and added to ``.grad``."""
+        grads = torch.autograd.grad(loss, plan.inputs, allow_unused=True)
+        key = tuple(id(p) for p in plan.inputs)
+        if key not in self._inputs_cache:
+            self._inputs_cache[key] = [self._index[id(p)] for p in plan.inputs]
+        indices, fresh = [], []
+        for i, g in zip(self._inputs_cache[key], grads):
+            if g is not None:
+                indices.append(i)
+                fresh.append(g)
+        if not indices:
+            return
+        row = self._row_for(signature)
+        self._bind(indices)
+        self._accumulate(0, indices, fresh)
+        self._accumulate(row, indices, fresh)
 
-    def after_backward(self) -> None:
-        fresh: dict[int, torch.Tensor] = {}
-        for p, stashed in zip(self._inputs, self._stash):
-            grad = p.grad
-            if grad is not None:
-                fresh[self._index[id(p)]] = grad
-                if stashed is not None:
-                    p.grad = stashed + grad  # out of place: ``grad`` stays this microbatch's
-                elif self.dist.enabled:
-                    p.grad = grad.clone()  # the router all-reduces .grad in place; keep this rank's part apart
-            else:
-                p.grad = stashed
-        self._microbatches.append((self._signature, fresh))
-        self._stash, self._inputs = [], []
+    def _accumulate(self, row: int, indices: list[int], grads: list[torch.Tensor]) -> None:
+        """``row += grads`` on these parameters' slices (``0 + g`` is ``g``, so a first write copies)."""
+        views, written = self._row_views[row], self._written[row]
+        first = [k for k, i in enumerate(indices) if not written[i]]
+        if len(first) == len(indices):
+            torch._foreach_copy_([views[i] for i in indices], grads)
+        elif not first:
+            torch._foreach_add_([views[i] for i in indices], grads)
+        else:
+            again = [k for k, i in enumerate(indices) if written[i]]
+            torch._foreach_copy_([views[indices[k]] for k in first], [grads[k] for k in first])
+            torch._foreach_add_([views[indices[k]] for k in again], [grads[k] for k in again])
+        written[indices] = True
+
+    def _row_for(self, signature: str) -> int:
+        if signature not in self._signatures:
+            row = len(self._signatures) + 1
+            if row >= self._rows.shape[0]:  # more signatures in one step than ever before: grow
+                grown = torch.zeros(2 * row, self.layout.size, device=self._rows.device)
+                grown[:row].copy_(self._rows[:row])
+                self._rows = grown
+                self._row_views = [self.layout.views(r, self._shapes) for r in self._rows]
+                for i in np.flatnonzero(self._bound):  # .grad must keep pointing at the step gradient
+                    self.params[i].grad = self._row_views[0][i]
+                extra = np.zeros((2 * row - self._written.shape[0], len(self.params)), dtype=bool)
+                self._written = np.concatenate([self._written, extra])
+                self._dirty = np.concatenate([self._dirty, extra])
+            self._signatures[signature] = row
+        return self._signatures[signature]
+
+    def _bind(self, indices: Sequence[int]) -> None:
+        """Point ``.grad`` of these parameters at their slice of the step gradient (once per step)."""
+        views = self._row_views[0]
+        for i in indices:
+            if not self._bound[i]:
+                p = self.params[i]
+                if p.grad is not None:  # a gradient from outside the recorder: it is part of the step's
+                    views[i].copy_(p.grad)
+                    self._written[0, i] = True
+                p.grad = views[i]
+                self._bound[i] = True
+
+    def _clean(self, rows: int) -> None:
+        """Zero the slices of the first ``rows`` rows that this step did not write."""
+        for r in range(rows):
+            stale = np.flatnonzero(self._dirty[r] & ~self._written[r])
+            if stale.size:
+                torch._foreach_zero_([self._row_views[r][i] for i in stale])
+            self._dirty[r] = self._written[r]
 
     # ---------------------------------------------------------------- the step
-
-    def _where(self, indices: tuple[int, ...]) -> torch.Tensor:
-        if indices not in self._where_cache:
-            self._where_cache[indices] = self.layer_of[list(indices)].to(self.params[0].device)
-        return self._where_cache[indices]
 
     def gradient_statistics(self, inv_scale: float = 1.0) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-signature norms and dots with the step gradient, per layer. Call after gradients are final
         (summed over ranks, unscaled) and before clipping."""
-        sums: dict[str, dict[int, torch.Tensor]] = {}
-        for signature, grads in self._microbatches:
-            target = sums.setdefault(signature, {})
-            for i, g in grads.items():
-                target[i] = g if i not in target else target[i] + g
-        self._microbatches = []
+        # Gradients the recorder did not make (another rank's parameters under DDP) join the step gradient.
+        self._bind([i for i, p in enumerate(self.params) if p.grad is not None])
+        self._clean(len(self._signatures) + 1)
+        signatures = sorted(self._signatures)
+        order: list[int] | None = None
         if self.dist.enabled:
-            sums = self._all_reduce(sums)
-        signatures = sorted(sums)
-        n_layers = len(self.layer_names)
-        device = self.params[0].device
-        norms_sq = torch.zeros(len(signatures), n_layers, device=device)
-        dots = torch.zeros(len(signatures), n_layers, device=device)
-        for s, signature in enumerate(signatures):
-            indices = tuple(sums[signature])
-            if not indices:
-                continue
-            grads = [sums[signature][i].reshape(-1) for i in indices]
-            totals = [self.params[i].grad.reshape(-1) for i in indices]
-            where = self._where(indices)
-            norms_sq[s].index_add_(0, where, torch.stack(torch._foreach_norm(grads)).float() ** 2)
-            dots[s].index_add_(0, where, torch.stack([torch.vdot(g, t) for g, t in zip(grads, totals)]).float())
-        with_grad = tuple(i for i, p in enumerate(self.params) if p.grad is not None)
-        gradient_sq = torch.zeros(n_layers, device=device)
-        if with_grad:
-            gradient_sq.index_add_(0, self._where(with_grad),
-                                   torch.stack(torch._foreach_norm([self.params[i].grad for i in with_grad])).float() ** 2)
-        return signatures, norms_sq.sqrt() * inv_scale, dots * inv_scale**2, gradient_sq * inv_scale**2
+            signatures, rows = self._all_reduce(signatures)
+        else:
+            rows = self._rows[:len(signatures) + 1]
+            order = [0] + [self._signatures[s] for s in signatures]
+            if order == list(range(len(order))):
+                order = None
+        norms_sq = self.layout.norms_sq(rows)
+        gradient_sq = norms_sq[0]
+        if len(signatures) == 1:  # one signature: its gradient is the step's, bit for bit
+            dots = gradient_sq[None].clone()
+        else:
+            dots = self.layout.dots(rows[1:], rows[0])
+        if order is not None:  # rows in the order signatures appeared; entries list them sorted
+            norms_sq, dots = norms_sq[order], dots[[k - 1 for k in order[1:]]]
+        return signatures, norms_sq[1:].sqrt() * inv_scale, dots * inv_scale**2, gradient_sq * inv_scale**2
 
-    def _all_reduce(self, sums: dict[str, dict[int, torch.Tensor]]) -> dict[str, dict[int, torch.Tensor]]:
-        """Every rank ends with every signature's global contribution (mean over ranks, like the gradient)."""
-        everyone = sorted({s for part in distributed.all_gather_object(sorted(sums), self.dist) for s in part})
-        reduced: dict[str, dict[int, torch.Tensor]] = {}
-        for signature in everyone:
-            mine = sums.get(signature, {})
-            present = torch.zeros(len(self.params), dtype=torch.int32)
-            present[list(mine)] = 1
-            distributed.all_reduce_sum(present, self.dist)
-            indices = present.nonzero().flatten().tolist()
-            tensors = [mine[i].clone() if i in mine else torch.zeros_like(self.params[i]) for i in indices]
-            flat = torch._utils._flatten_dense_tensors(tensors)
-            distributed.all_reduce_sum(flat, self.dist)
-            flat.div_(self.dist.world_size)
-            reduced[signature] = dict(zip(indices, torch._utils._unflatten_dense_tensors(flat, tensors)))
-        return reduced
-
-    def _flatten_parameters(self) -> torch.Tensor:
-        # A fresh tensor: ``torch.cat(out=...)`` measured 4x slower here (CPU, 2 threads).
-        return torch.cat([self.params[i].detach().reshape(-1) for i in self._flat_order])
+    def _all_reduce(self, local: list[str]) -> tuple[list[str], torch.Tensor]:
+        """Every rank ends with every signature's global contribution (mean over ranks, like the gradient).
+        Row 0 (the step gradient) is already global: the router synchronised it."""
+        everyone = sorted({s for part in distributed.all_gather_object(local, self.dist) for s in part})
+        rows = torch.zeros(len(everyone) + 1, self.layout.size, device=self._rows.device)
+        for k, signature in enumerate(everyone):
+            if signature in self._signatures:
+                rows[k + 1].copy_(self._rows[self._signatures[signature]])
+        distributed.all_reduce_sum(rows[1:], self.dist)
+        rows[1:].div_(self.dist.world_size)
+        rows[0].copy_(self._rows[0])
+        return everyone, rows
 
     def snapshot_parameters(self) -> None:
-        self._before = self._flatten_parameters()
+        torch._foreach_copy_(self._update_views[0], [p.detach() for p in self.params])
 
     def update_statistics(self) -> tuple[torch.Tensor, ...]:
         """Per layer: the update's norm, the parameters' norms before and after, and the update's dot
         product with the previous step's (the cosine's parts, so nothing waits for the device here)."""
-        after = self._flatten_parameters()
-        u, prev, before = after - self._before, self._previous, self._before
-        rows = []
-        for a, b in self._layer_spans:
-            rows.append(torch.stack([torch.vdot(u[a:b], u[a:b]), torch.vdot(before[a:b], before[a:b]),
-                                     torch.vdot(after[a:b], after[a:b]), torch.vdot(u[a:b], prev[a:b]),
-                                     torch.vdot(prev[a:b], prev[a:b])]))
-        table = torch.stack(rows).T.float()  # [5, L]
-        self._previous = u  # this update is the next one's previous
-        update_sq, before_sq, after_sq, dot_previous, previous_sq = table
+        torch._foreach_copy_(self._update_views[1], [p.detach() for p in self.params])
+        rows = self._updates
+        torch.sub(rows[1], rows[0], out=rows[self._current])
+        norms_sq = self.layout.norms_sq(rows)
+        dot_previous = self.layout.dots(rows[self._current:self._current + 1], rows[self._previous])[0]
+        before_sq, after_sq = norms_sq[0], norms_sq[1]
+        update_sq, previous_sq = norms_sq[self._current], norms_sq[self._previous]
+        self._current, self._previous = self._previous, self._current  # this update is the next one's previous
         return update_sq.sqrt(), before_sq.sqrt(), after_sq.sqrt(), dot_previous, previous_sq.sqrt()
 
     def layer_flags(self, parameter_flags: np.ndarray) -> np.ndarray:
@@ -211,9 +227,15 @@ class ContributionRecorder:
     # ---------------------------------------------------------------- resume
 
     def state_dict(self) -> dict:
-        return {"previous_update": self._previous.cpu().clone()}
+        """The previous update, by parameter name (independent of the flat layout)."""
+        previous = self.layout.views(self._updates[self._previous], self._shapes)
+        return {"previous_update": {name: v.cpu().clone() for name, v in zip(self.names, previous)}}
 
     def load_state_dict(self, state: dict) -> None:
         saved = state.get("previous_update")
-        if isinstance(saved, torch.Tensor) and saved.shape == self._previous.shape:
-            self._previous.copy_(saved.to(self._previous.device))
+        if not isinstance(saved, dict):
+            return
+        previous = self.layout.views(self._updates[self._previous], self._shapes)
+        for name, view in zip(self.names, previous):
+            if name in saved and saved[name].shape == view.shape:
+                view.copy_(saved[name].to(view.device))

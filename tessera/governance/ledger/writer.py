@@ -1,8 +1,7 @@
 """The trainer's side of the ledger: measure each step, append it, sign tree heads at checkpoints.
 
 The trainer calls, per step: ``start_step`` (the loader's batch, and the
-batch after algorithms), ``before_backward``/``after_backward`` around each
-microbatch, ``gradient_statistics`` once gradients are final,
+batch after algorithms), ``backward`` for each microbatch (instead of its own), ``gradient_statistics`` once gradients are final,
 ``after_optimizer_step`` once the weights moved; and ``sign`` when it writes a
 checkpoint or finishes.
 
@@ -144,12 +143,10 @@ class Ledger:
         self._step_examples = (by_signature, dropped)
         self.recorder.start_step()
 
-    def before_backward(self, plan: MicrobatchPlan, microbatch: Batch) -> None:
+    def backward(self, loss: torch.Tensor, plan: MicrobatchPlan, microbatch: Batch) -> None:
+        """The backward pass of one single-signature microbatch, its contribution kept apart."""
         first = microbatch.provenance[0].tolist()
-        self.recorder.before_backward(plan, signature_key([c for c in first if c >= 0], self.class_names))
-
-    def after_backward(self) -> None:
-        self.recorder.after_backward()
+        self.recorder.backward(loss, plan, signature_key([c for c in first if c >= 0], self.class_names))
 
     def gradient_statistics(self, inv_scale: float = 1.0) -> None:
         """Gradients are final (summed over ranks, unscaled, not yet clipped): measure contributions."""
