@@ -43,6 +43,8 @@ def build_data(recipe: Recipe, dist: DistInfo) -> LanguageModelData:
         batching=recipe.batching,
         class_unit=class_unit(recipe),
         shuffle_block_shards=config.shuffle_block_shards,
+        exclude_classes=tuple(config.exclude_classes),
+        late_classes=tuple(config.late_classes),
     )
     if config.corpus is not None:
         data = corpus_data(config.corpus, recipe.seq_len, order, config.val_fraction, config.class_template)

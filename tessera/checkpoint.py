@@ -67,6 +67,14 @@ class CheckpointStore:
                 removed.append(leftover)
         return removed
 
+    def all(self) -> list[Path]:
+        """Every checkpoint in the folder, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        found = [((int(m.group(2)), int(m.group(1))), path) for path in self.directory.iterdir()
+                 if (m := _NAME.match(path.name))]
+        return [path for _, path in sorted(found)]
+
     def latest(self) -> Path | None:
         pointer = self.directory / LATEST
         if not pointer.is_file():
@@ -77,13 +85,16 @@ class CheckpointStore:
             raise CheckpointError(f"{pointer}: points at '{name}', which is not a checkpoint in {self.directory}")
         return path
 
-    def save(self, payload: dict[str, Any], name: str) -> Path:
+    def save(self, payload: dict[str, Any], name: str, keep_always: bool = False) -> Path:
+        """Write atomically with a sha256 sidecar; ``keep_always`` exempts it from pruning (a ``.keep`` marker)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / name
         with atomic_writer(path) as handle:
             writer = _HashingWriter(handle)
             torch.save(payload, writer)
         atomic_write_bytes(self.directory / f"{name}.sha256", f"{writer.digest.hexdigest()}  {name}\n".encode())
+        if keep_always:
+            atomic_write_bytes(self.directory / f"{name}.keep", b"")
         atomic_write_bytes(self.directory / LATEST, f"{name}\n".encode())
         self._prune()
         return path
@@ -92,7 +103,7 @@ class CheckpointStore:
         found = []
         for path in self.directory.iterdir():
             match = _NAME.match(path.name)
-            if match:
+            if match and not path.with_name(path.name + ".keep").exists():
                 found.append(((int(match.group(2)), int(match.group(1))), path))
         found.sort()
         for _, path in found[: max(0, len(found) - self.keep)]:

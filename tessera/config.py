@@ -105,6 +105,11 @@ class DataConfig(Section):
                                    "(default: train.microbatch_size, else the global batch)")
     shuffle_block_shards: int | None = Field(None, ge=1, description="random: shuffle within blocks of this many shards")
     workers: int = Field(0, ge=0, description="loader worker processes (the order does not depend on it)")
+    # Deletion (G5): the counterfactual of forgetting a class, and an order that keeps forgetting cheap.
+    exclude_classes: list[str] = Field(default_factory=list, description="leave these classes out of training "
+                                       "(taxonomy nodes cover their subtrees; evaluation keeps them)")
+    late_classes: list[str] = Field(default_factory=list, description="place these classes last in every epoch, "
+                                    "so forgetting them replays only the tail")
 
     _check_cache_limit = field_validator("cache_limit", mode="before")(_parse_bytes)
 
@@ -174,6 +179,8 @@ class CheckpointConfig(Section):
     keep: int = Field(3, ge=1, description="how many recent checkpoints to keep")
     load_path: str | None = Field(None, description="start from this checkpoint (path or fsspec URL)")
     autoresume: bool = True
+    before_late_classes: bool = Field(True, description="with data.late_classes: also checkpoint just before "
+                                      "they begin each epoch, and keep that checkpoint (a deletion restarts there)")
 
     _check_interval = field_validator("interval", mode="before")(_time)
 

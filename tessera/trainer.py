@@ -38,6 +38,7 @@ from tessera.errors import CheckpointError, RecipeError
 from tessera.governance.keys import SigningKey
 from tessera.governance.ledger.entropy import probe_batch
 from tessera.governance.ledger.writer import Ledger
+from tessera.governance.deletion import FORK_CHANGES, read_fork
 from tessera.governance.policy import Policy, model_fingerprint
 from tessera.governance.routing import Router
 from tessera.io import atomic_write_bytes
@@ -120,6 +121,10 @@ class Trainer:
         self.policy, self.router = self._build_router()
         self.ledger = self._build_ledger()
         self.checkpoints = CheckpointStore(self.run_dir / "checkpoints", keep=recipe.checkpoint.keep)
+        # Deletion-aware training: a kept checkpoint just before the late classes begin in each epoch,
+        # so forgetting one of them replays only the epoch's tail (None: no such checkpoint).
+        late = self.data.first_late_batch() if recipe.checkpoint.before_late_classes else None
+        self._late_starts_at = late if late else None
 
         # What runs the forward pass: DDP (if several processes) and torch.compile (if asked) wrap
         # the model; algorithms and checkpoints always see the plain module in ``state.model``.
@@ -227,8 +232,9 @@ class Trainer:
                     engine.run(Event.BATCH_END)
                     if state.due_at_batch_end(self.eval_every) or state.is_done:
                         self.evaluate()
-                    if state.due_at_batch_end(self.checkpoint_every) or state.is_done:
-                        self.save_checkpoint(Event.BATCH_CHECKPOINT)
+                    before_late = state.timestamp.batch_in_epoch == self._late_starts_at  # [deletion-aware]
+                    if state.due_at_batch_end(self.checkpoint_every) or state.is_done or before_late:
+                        self.save_checkpoint(Event.BATCH_CHECKPOINT, keep_always=before_late)
                     if state.is_done:
                         break
                 else:
@@ -395,8 +401,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save_checkpoint(self, event: Event) -> None:
-        """Write the complete training state (main rank), then fire ``event``."""
+    def save_checkpoint(self, event: Event, keep_always: bool = False) -> None:
+        """Write the complete training state (main rank), then fire ``event``. ``keep_always``: never pruned."""
         state = self.state
         if self._checkpointed_at == state.timestamp:
             return
@@ -426,7 +432,7 @@ class Trainer:
                     "head": self.ledger.sign(final=state.is_done), "recorder": self.ledger.state_dict()},
             }
             name = checkpoint_name(state.timestamp.epoch, state.timestamp.batch)
-            self._last_checkpoint = self.checkpoints.save(payload, name)
+            self._last_checkpoint = self.checkpoints.save(payload, name, keep_always=keep_always)
         distributed.barrier(self.dist)
         self._checkpointed_at = state.timestamp
         self.engine.run(event)
@@ -437,14 +443,19 @@ class Trainer:
         if self.dist.is_main:
             self.checkpoints.remove_partial_writes()
         latest = self.checkpoints.latest() if config.autoresume else None
+        # A run forked from another to forget a class (``tessera forget``) starts from the parent's
+        # checkpoint, with that class excluded and a new ledger that names the parent's tree head.
+        fork = read_fork(self.run_dir)
+        forked = False
         if latest is not None:
             payload = load_checkpoint(latest)
-            self._check_same_recipe(payload, latest)
+            forked = fork is not None and (payload.get("ledger") or {}).get("head") == fork["parent"]["head"]
+            self._check_same_recipe(payload, latest, also_allowed=FORK_CHANGES if forked else ())
         elif config.load_path:
             payload = load_checkpoint(config.load_path)
         else:
             if self.ledger is not None:
-                self.ledger.start(None)
+                self.ledger.start(None, parent=fork["parent"] if fork else None)
             return None
         where = latest or config.load_path
         if latest is not None and payload.get("policy_fingerprint") != (self.policy.fingerprint if self.policy else None):
@@ -475,18 +486,21 @@ class Trainer:
             saved = payload.get("ledger") if latest is not None else None
             if latest is not None and saved is None:
                 raise CheckpointError(f"{where}: written without a ledger; use another --run-dir to record one")
-            self.ledger.start(saved["head"] if saved else None)
+            self.ledger.start(None if forked or not saved else saved["head"], parent=fork["parent"] if forked else None)
             if saved:
                 self.ledger.load_state_dict(saved["recorder"])
         rng = payload["rng"]
         restore_rng_state(rng[self.dist.rank] if len(rng) == self.dist.world_size else rng[0])
         return timestamp
 
-    def _check_same_recipe(self, payload: dict[str, Any], path: Path) -> None:
+    def _check_same_recipe(self, payload: dict[str, Any], path: Path, also_allowed: tuple[str, ...] = ()) -> None:
         if payload["recipe_fingerprint"] == self.recipe.fingerprint(ignore=RESUMABLE_CHANGES):
             return
+        allowed = RESUMABLE_CHANGES + also_allowed
         differences = _dict_differences(payload["recipe"], self.recipe.to_dict())
-        changed = [key for key in differences if not any(key == r or key.startswith(r + ".") for r in RESUMABLE_CHANGES)]
+        changed = [key for key in differences if not any(key == r or key.startswith(r + ".") for r in allowed)]
+        if not changed:
+            return
         raise CheckpointError(
             f"{path}: this run directory was trained with a different recipe "
             f"(changed: {', '.join(changed) or 'unknown'}); use another --run-dir or restore the recipe"

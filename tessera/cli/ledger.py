@@ -57,7 +57,18 @@ def run_verify(args: argparse.Namespace) -> int:
     from tessera.governance.keys import PublicKey
     from tessera.governance.ledger.verify import verify_ledger
 
+    from tessera.governance.deletion import CERTIFICATE, verify_certificate
+
     key = PublicKey.load(args.pubkey) if args.pubkey else None
+    certificate = args.run_dir / CERTIFICATE
+    if certificate.is_file():  # a run made by `tessera forget`: the certificate, the parent and this ledger
+        problem = verify_certificate(args.run_dir, key)
+        if problem is not None:
+            print(f"deletion certificate FAILED verification: {problem}", file=sys.stderr)
+            return 1
+        print(f"deletion certificate OK: {certificate}")
+        if not (args.run_dir / "ledger.sqlite").is_file():
+            return 0
     report = verify_ledger(args.run_dir, key, deep=args.deep)
     if not report.ok:
         print(f"ledger FAILED verification: {report.problem}", file=sys.stderr)

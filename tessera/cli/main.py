@@ -6,10 +6,10 @@ import argparse
 import sys
 from typing import Sequence
 
-from tessera.cli import audit, data, keys, ledger, policy, sample, taxonomy, train
+from tessera.cli import audit, data, forget, keys, ledger, policy, sample, taxonomy, train
 from tessera.errors import TesseraError
 
-COMMANDS = (train, sample, keys, taxonomy, data, policy, ledger, audit)
+COMMANDS = (train, sample, keys, taxonomy, data, policy, ledger, audit, forget)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,8 @@ import torch
 
 from tessera.core.state import DataShape
 from tessera.data.batch import Batch
-from tessera.data.sampler import DeterministicSampler, MixtureOrder, SampleOrder, make_order
+from tessera.data.sampler import (DeterministicSampler, FilteredOrder, MixtureOrder, PerClassOrder, RandomOrder,
+                                  SampleOrder, make_order)
 from tessera.data.shards import CacheConfig, ShardedSplit, open_tokenizer, read_manifest
 from tessera.data.sources import documents_from_folder
 from tessera.data.tokenizer import CharTokenizer
@@ -51,6 +52,8 @@ class OrderConfig:
     batching: str = "random"
     class_unit: int | None = None
     shuffle_block_shards: int | None = None
+    exclude_classes: tuple[str, ...] = ()  # taxonomy nodes (a node covers its subtree) left out of training
+    late_classes: tuple[str, ...] = ()  # placed last in every epoch
 
 
 @dataclass
@@ -76,6 +79,8 @@ class LanguageModelData:
                 shard_sizes=shard_sizes,
                 block_shards=self.order.shuffle_block_shards,
             )
+            if self.order.exclude_classes or self.order.late_classes:
+                sample_order = self._filtered(sample_order)
             self.sampler = DeterministicSampler(
                 sample_order, self.order.global_batch_size, self.order.seed, self.train.fingerprint, len(self.train)
             )
@@ -87,6 +92,27 @@ class LanguageModelData:
             global_batch_size=self.order.global_batch_size,
             tokens_per_sample=seq_len,
         )
+
+    def _filtered(self, inner: SampleOrder) -> FilteredOrder:
+        if not isinstance(inner, (RandomOrder, PerClassOrder)):
+            raise ValueError("exclude_classes and late_classes work with batching random or per_class")
+        chosen = {}
+        for option in ("exclude_classes", "late_classes"):
+            found: set[int] = set()
+            for node in getattr(self.order, option):
+                covered = {i for i, name in enumerate(self.class_names) if Taxonomy.covers(node, name)}
+                if not covered:
+                    raise ValueError(f"{option}: {node!r} names no class of this dataset")
+                found |= covered
+            chosen[option] = frozenset(found)
+        classes = self.train.classes
+        labels = classes.numpy() if isinstance(classes, torch.Tensor) else np.asarray(classes)
+        return FilteredOrder(inner, labels, chosen["exclude_classes"], chosen["late_classes"] - chosen["exclude_classes"])
+
+    def first_late_batch(self) -> int | None:
+        """Where, in every epoch, the late classes begin (a deletion-aware checkpoint goes just before)."""
+        order = self.sampler.order
+        return order.first_late_batch(self.order.global_batch_size) if isinstance(order, FilteredOrder) else None
 
     @property
     def fingerprint(self) -> str:

@@ -68,6 +68,9 @@ class RandomOrder:
             pieces.append(rng.permutation(block))
         return np.concatenate(pieces)
 
+    def full_order(self, epoch: int, seed: int, fingerprint: str) -> np.ndarray:
+        return self.epoch_order(epoch, seed, fingerprint, 1)
+
 
 @dataclass(frozen=True)
 class StratifiedOrder:
@@ -113,6 +116,69 @@ class PerClassOrder:
         units = self._units(_rng(seed, epoch, fingerprint))
         usable = self.batches_per_epoch(global_batch_size) * (global_batch_size // self.unit)
         return units[:usable].reshape(-1)
+
+    def full_order(self, epoch: int, seed: int, fingerprint: str) -> np.ndarray:
+        """Every whole unit of the epoch, before cutting to whole batches."""
+        return self._units(_rng(seed, epoch, fingerprint)).reshape(-1)
+
+    def countable(self, keep: np.ndarray) -> int:
+        """Examples in whole units of the classes ``keep`` [C bool] marks."""
+        labels, counts = np.unique(self.classes, return_counts=True)
+        return int(sum(n // self.unit * self.unit for label, n in zip(labels, counts) if keep[label]))
+
+
+@dataclass(frozen=True)
+class FilteredOrder:
+    """Another order with some classes left out, and some placed last, in every epoch.
+
+    Leaving a class out *filters* the full order: every other example keeps
+    its place relative to the rest, so up to a class's first appearance the
+    filtered stream and the original are the same batches. That is what lets
+    a deletion restart from a checkpoint taken before the class appeared and
+    replay to the exact weights of a run that never had it (G5).
+
+    Placing classes last (a deletion-aware order) puts that checkpoint late
+    in the epoch, so forgetting them replays only the tail.
+    """
+
+    inner: RandomOrder | PerClassOrder
+    classes: np.ndarray  # class index of every example
+    excluded: frozenset[int]
+    late: frozenset[int] = frozenset()
+
+    def _masks(self) -> tuple[np.ndarray, np.ndarray]:
+        n = int(self.classes.max()) + 1 if len(self.classes) else 0
+        keep = np.ones(n, dtype=bool)
+        keep[sorted(self.excluded)] = False
+        late = np.zeros(n, dtype=bool)
+        late[sorted(self.late)] = True
+        return keep, late
+
+    def _count(self, keep: np.ndarray) -> int:
+        if isinstance(self.inner, PerClassOrder):
+            return self.inner.countable(keep)
+        return int(keep[self.classes].sum())
+
+    def batches_per_epoch(self, global_batch_size: int) -> int:
+        if isinstance(self.inner, PerClassOrder):
+            self.inner.batches_per_epoch(global_batch_size)  # checks the batch is whole units
+        return self._count(self._masks()[0]) // global_batch_size
+
+    def first_late_batch(self, global_batch_size: int) -> int | None:
+        """Index (in each epoch) of the first batch that may hold a late class; None without late classes."""
+        if not self.late:
+            return None
+        keep, late = self._masks()
+        return self._count(keep & ~late) // global_batch_size
+
+    def epoch_order(self, epoch: int, seed: int, fingerprint: str, global_batch_size: int) -> np.ndarray:
+        order = self.inner.full_order(epoch, seed, fingerprint)
+        keep, late = self._masks()
+        order = order[keep[self.classes[order]]]
+        if self.late:
+            is_late = late[self.classes[order]]
+            order = np.concatenate([order[~is_late], order[is_late]])
+        return order[: self.batches_per_epoch(global_batch_size) * global_batch_size]
 
 
 def _interleave(counts: np.ndarray) -> np.ndarray:

@@ -109,14 +109,15 @@ class Ledger:
 
     # ---------------------------------------------------------------- start and resume
 
-    def start(self, head: dict[str, Any] | None) -> None:
-        """Continue the log a checkpoint's tree head describes, or start a new one (``head`` None)."""
+    def start(self, head: dict[str, Any] | None, parent: dict[str, Any] | None = None) -> None:
+        """Continue the log a checkpoint's tree head describes, or start a new one (``head`` None); a new
+        log of a run forked from another (a deletion) names the parent's signed tree head first."""
         if self.store is None:
             return
         if head is None:
             self.store.truncate(0)
             self.store.set_meta({"format": FORMAT, "trainer_public_key": self.key.public.text})
-            self._append_bodies([self.genesis])
+            self._append_bodies([self.genesis if parent is None else dict(self.genesis, parent=parent)])
             return
         size, expected = int(head["size"]), bytes.fromhex(head["root"])
         leaves = self.store.leaves(stop=size)

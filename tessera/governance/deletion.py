@@ -1,0 +1,520 @@
+"""Forgetting a provenance class: exact replay (G5) or structural ablation (G6), with a signed certificate.
+
+**Plan.** The parent's ledger (verified first) says in which step a class
+first contributed; the parent's checkpoints say where training can restart
+before that step. Replaying from there costs ``steps after the fork`` out of
+the run's steps; a class present from step 0 replays from the start.
+
+**Exact.** The fork checkpoint is copied into a new run directory whose
+recipe adds the class to ``data.exclude_classes``; the trainer resumes there.
+Exclusion filters the data order (every other example keeps its place), so
+the replay trains on exactly the batches a run that never had the class
+trains on after the fork, and, the state at the fork being the same, ends
+in the same weights (bitwise on CPU in deterministic mode). ``fork.json``
+tells the trainer to start a new ledger whose first entry references the
+parent's signed tree head at the fork.
+
+**Ablate.** A class that an exclusive policy rule confines to its own
+parameters (its adapter) has its parameters reset, to their initial values
+or zero, and their optimizer state cleared; nothing else changes. The
+ledger is the evidence: in no step did the class contribute to any other
+layer, and no other class contributed to its layers. The honest limit: the
+rest of the model saw the class's inputs in the forward pass (only its
+gradients were confined), and what other classes' adapters learned from
+shared representations is not undone.
+
+**Certificate.** ``deletion-certificate.json``: class, mode, parent tree
+head, fork step, checkpoint hash, steps replayed, hash of the final weights,
+the new ledger's final head, held-out loss per class before and after;
+signed (Ed25519) by the trainer key. ``tessera ledger verify`` checks it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tessera.errors import TesseraError
+from tessera.governance.keys import PublicKey, SigningKey
+from tessera.governance.ledger.entry import TreeHead, decode_entry
+from tessera.governance.ledger.store import FORMAT, LedgerStore, ledger_path
+from tessera.governance.ledger.verify import verify_ledger
+from tessera.governance.taxonomy import Taxonomy
+
+CERTIFICATE = "deletion-certificate.json"
+FORK = "fork.json"
+CERTIFICATE_VERSION = "tessera-deletion-certificate/1"
+FORK_CHANGES = ("data.exclude_classes",)  # what a forked run may change against its parent's checkpoint
+ABLATION_LIMIT = (
+    "ablation removes what the class's gradients wrote into its confined parameters; the rest of the model "
+    "never received its gradients (ledger evidence) but did process its inputs in the forward pass, so "
+    "representations other classes learned on may still reflect it indirectly"
+)
+
+
+class DeletionError(TesseraError):
+    """A deletion that cannot be planned, run or certified."""
+
+
+def read_fork(run: Path) -> dict[str, Any] | None:
+    """The run's ``fork.json`` (written by ``forget``), or None for an ordinary run."""
+    path = Path(run) / FORK
+    if not path.is_file():
+        return None
+    try:
+        fork = json.loads(path.read_text())
+        fork["parent"]["head"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise DeletionError(f"{path}: not a fork description ({error})") from None
+    return fork
+
+
+# ---------------------------------------------------------------------------------------------- plan
+
+
+@dataclass
+class DeletionPlan:
+    parent: Path
+    node: str
+    classes: list[str]  # the dataset classes the node covers
+    total_steps: int
+    first_step: int | None  # the first step with an example of the class; None: it never contributed
+    fork_step: int  # restart after this many steps (0: from the initial weights)
+    fork_checkpoint: Path | None
+    ablation: str  # "possible: ..." or why not
+    confined: list[str] = field(default_factory=list)  # parameters an exclusive rule gives the class
+
+    @property
+    def steps_to_replay(self) -> int:
+        return 0 if self.first_step is None else self.total_steps - self.fork_step
+
+    @property
+    def cost_ratio(self) -> float:
+        return self.steps_to_replay / max(1, self.total_steps)
+
+    def describe(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(parent=str(self.parent), fork_checkpoint=self.fork_checkpoint and self.fork_checkpoint.name,
+                   steps_to_replay=self.steps_to_replay, estimated_cost_vs_full_retrain=round(self.cost_ratio, 4))
+        return out
+
+
+def _step_entries(run: Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[TreeHead]]:
+    store = LedgerStore(ledger_path(run))
+    try:
+        bodies = [decode_entry(data).body for _, _, _, data in store.rows()]
+        heads = store.heads()
+    finally:
+        store.close()
+    return bodies[0], bodies[1:], heads
+
+
+def _covered(node: str, signature: str) -> bool:
+    return any(Taxonomy.covers(node, name) for name in signature.split("+"))
+
+
+def plan_deletion(parent: str | Path, node: str) -> DeletionPlan:
+    """What forgetting ``node`` from the run in ``parent`` takes, read from its verified ledger."""
+    from tessera.checkpoint import CheckpointStore
+
+    parent = Path(parent)
+    if not ledger_path(parent).is_file():
+        raise DeletionError(f"{parent}: no ledger.sqlite; only runs trained with governance.ledger can be forgotten from")
+    report = verify_ledger(parent)
+    if not report.ok:
+        raise DeletionError(f"{parent}: the ledger does not verify ({report.problem}); refusing to plan from it")
+    genesis, steps, _ = _step_entries(parent)
+    classes = [c for c in genesis["classes"] if Taxonomy.covers(node, c)]
+    if not classes:
+        raise DeletionError(f"--class {node!r} names no class of this run (classes: {', '.join(genesis['classes'])})")
+    first = next((e["step"] for e in steps if any(_covered(node, s) for s in e["examples"])), None)
+    total = steps[-1]["step"] if steps else 0
+    fork_step, fork_checkpoint = 0, None
+    if first is not None:
+        for path in CheckpointStore(parent / "checkpoints", keep=1).all():
+            batch = int(path.name.split("-ba")[1].split(".")[0])
+            if batch < first and batch >= fork_step:
+                fork_step, fork_checkpoint = batch, path
+    ablation, confined = _ablation(parent, node)
+    return DeletionPlan(parent, node, classes, total, first, fork_step, fork_checkpoint, ablation, confined)
+
+
+def _ablation(parent: Path, node: str) -> tuple[str, list[str]]:
+    """Whether an exclusive rule of the run's policy confines ``node``, and to which parameters."""
+    from tessera.config import load_recipe
+    from tessera.governance.policy import Policy
+
+    recipe = load_recipe(parent / "recipe.yaml")
+    if recipe.governance.policy is None:
+        return "not possible: the run has no routing policy, so no exclusive rule confines the class", []
+    from tessera.governance.keys import PublicKey as _Key
+
+    taxonomy = Taxonomy.load(recipe.data.taxonomy, _Key.load(recipe.data.trust)) if recipe.data.taxonomy else None
+    policy = Policy.load(recipe.governance.policy, taxonomy) if taxonomy else Policy.parse(
+        Path(recipe.governance.policy).read_bytes(), str(recipe.governance.policy))
+    recorded = _step_entries(parent)[0].get("fingerprints", {}).get("policy")
+    if recorded and recorded != policy.fingerprint:
+        raise DeletionError(f"{recipe.governance.policy}: not the policy the run was trained under (ledger: {recorded[:16]}...)")
+    names = list(torch.load(_latest(parent), map_location="cpu", weights_only=False)["model"])
+    for rule, params in zip(policy.exclusive, policy.exclusive_parameters(names)):
+        if any(Taxonomy.covers(c, node) for c in rule.classes):
+            return f"possible: exclusive rule for {', '.join(rule.classes)} confines it to {len(params)} parameters", sorted(params)
+    return f"not possible: no exclusive rule of policy {recipe.governance.policy} confines {node!r}", []
+
+
+def _latest(run: Path) -> Path:
+    from tessera.checkpoint import CheckpointStore
+
+    latest = CheckpointStore(run / "checkpoints", keep=1).latest()
+    if latest is None:
+        raise DeletionError(f"{run}: no checkpoint")
+    return latest
+
+
+# ---------------------------------------------------------------------------------------------- hashes
+
+
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """A layout-independent hash of model weights: names, dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def loss_by_class(recipe_path: Path, checkpoint: Path | None, max_samples: int | None = None) -> dict[str, float]:
+    """Held-out loss of every class (mean per target token) for the weights in ``checkpoint``."""
+    from tessera.build import build_data, build_model
+    from tessera.config import load_recipe
+    from tessera.determinism import seed_everything
+    from tessera.distributed import DistInfo
+    from tessera.models.adapters import set_row_classes
+
+    recipe = load_recipe(recipe_path)
+    seed_everything(recipe.seed)
+    data = build_data(recipe, DistInfo())
+    try:
+        model = build_model(recipe, data.tokenizer.vocab_size, data.class_names)
+        if checkpoint is not None:
+            model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
+        model.eval()
+        totals: dict[int, list[float]] = {}
+        for batch in data.eval_batches(recipe.eval.batch_size, max_samples):
+            set_row_classes(model, batch.provenance)
+            logits = model(batch.inputs)
+            for row in range(batch.num_samples):
+                c = int(batch.provenance[row, 0])
+                part = totals.setdefault(c, [0.0, 0.0])
+                part[0] += float(model.loss(logits[row:row + 1], batch.targets[row:row + 1]))
+                part[1] += float(model.loss_units(batch.targets[row:row + 1]))
+    finally:
+        for source in (data.train, data.val):
+            getattr(source, "close", lambda: None)()
+    return {data.class_names[c]: round(s / max(n, 1.0), 6) for c, (s, n) in sorted(totals.items())}
+
+
+# ---------------------------------------------------------------------------------------------- certificate
+
+
+def _message(certificate: dict[str, Any]) -> bytes:
+    unsigned = {k: v for k, v in certificate.items() if k not in ("signature", "key_id")}
+    return json.dumps(unsigned, sort_keys=True, separators=(",", ":")).encode()
+
+
+def sign_certificate(certificate: dict[str, Any], key: SigningKey) -> dict[str, Any]:
+    certificate = dict(certificate, key_id=key.public.key_id)
+    certificate["signature"] = key.sign(_message(certificate)).hex()
+    return certificate
+
+
+def write_certificate(out: Path, certificate: dict[str, Any]) -> Path:
+    from tessera.io import atomic_write_bytes
+
+    path = out / CERTIFICATE
+    atomic_write_bytes(path, (json.dumps(certificate, indent=1, sort_keys=True) + "\n").encode())
+    return path
+
+
+def _head_ok(head: dict[str, Any], key: PublicKey) -> bool:
+    """The head's signature holds and its signed message states its own size, root, time and flag."""
+    try:
+        message = json.loads(head["message"])
+        same = all(message[k] == head[k] for k in ("size", "root", "timestamp", "final"))
+        return same and key.verify(bytes.fromhex(head["signature"]), head["message"].encode())
+    except (KeyError, ValueError, TypeError):
+        return False
+
+
+def verify_certificate(run: str | Path, public_key: PublicKey | None = None) -> str | None:
+    """None if the run's deletion certificate holds; else what is wrong, in one line."""
+    from tessera.governance.ledger import merkle
+
+    run = Path(run)
+    path = run / CERTIFICATE
+    try:
+        certificate = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        return f"{path}: cannot read the certificate ({error})"
+    parent = certificate.get("parent") or {}
+    parent_run = Path(parent.get("run_dir", ""))
+    key = public_key
+    if key is None:
+        store = LedgerStore(ledger_path(parent_run)) if ledger_path(parent_run).is_file() else None
+        if store is None:
+            return f"{path}: no --pubkey and the parent ledger {parent_run} is not there to name the trainer key"
+        key = PublicKey.parse(store.get_meta("trainer_public_key") or "", f"{parent_run} trainer key")
+        store.close()
+    if certificate.get("version") != CERTIFICATE_VERSION:
+        return f"{path}: not a {CERTIFICATE_VERSION}"
+    if certificate.get("key_id") != key.key_id or not key.verify(bytes.fromhex(certificate.get("signature", "")),
+                                                                  _message(certificate)):
+        return f"{path}: the signature does not verify under trainer key {key.key_id}"
+    head = parent.get("head") or {}
+    if not _head_ok(head, key):
+        return f"{path}: the parent tree head's signature does not verify"
+    if ledger_path(parent_run).is_file():  # the parent is here: its ledger must still hold that head
+        report = verify_ledger(parent_run, key)
+        if not report.ok:
+            return f"{path}: the parent ledger {parent_run} does not verify ({report.problem})"
+        store = LedgerStore(ledger_path(parent_run))
+        try:
+            leaves = store.leaves(stop=int(head["size"]))
+        finally:
+            store.close()
+        if len(leaves) < int(head["size"]) or merkle.root(leaves).hex() != head["root"]:
+            return f"{path}: the parent ledger's first {head['size']} entries no longer match the certified head"
+    if certificate["mode"] == "noop":
+        return None
+    if not ledger_path(run).is_file():
+        return f"{path}: the run has no ledger"
+    report = verify_ledger(run, key)
+    if not report.ok:
+        return f"{path}: the run's ledger does not verify ({report.problem})"
+    genesis, _, heads = _step_entries(run)
+    if (genesis.get("parent") or {}).get("head") != head:
+        return f"{path}: the run's ledger does not start from the certified parent head"
+    if not heads or heads[-1].root.hex() != certificate["ledger_head"]["root"] or heads[-1].size != certificate["ledger_head"]["size"]:
+        return f"{path}: the run's last signed tree head is not the certified one"
+    final = torch.load(_latest(run), map_location="cpu", weights_only=False)["model"]
+    if weights_sha256(final) != certificate["final_weights_sha256"]:
+        return f"{path}: the final weights do not match the certified hash"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- forget
+
+
+def _base_certificate(plan: DeletionPlan, mode: str, parent_head: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "version": CERTIFICATE_VERSION,
+        "class": plan.node,
+        "classes": plan.classes,
+        "mode": mode,
+        "parent": {"run_dir": str(plan.parent.resolve()), "head": parent_head},
+        "first_contribution_step": plan.first_step,
+        "fork_step": plan.fork_step,
+        "full_retrain_steps": plan.total_steps,
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _final_head(run: Path) -> dict[str, Any]:
+    _, _, heads = _step_entries(run)
+    if not heads:
+        raise DeletionError(f"{run}: the ledger has no signed tree head")
+    h = heads[-1]
+    return {"size": h.size, "root": h.root.hex(), "timestamp": h.timestamp, "final": h.final, "key_id": h.key_id,
+            "signature": h.signature.hex(), "message": h.message().decode()}
+
+
+def _prepare_out(out: Path) -> None:
+    if out.exists() and any(out.iterdir()):
+        raise DeletionError(f"--out {out}: exists and is not empty; name a new run directory")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def forget(parent: str | Path, node: str, out: str | Path, key: SigningKey, mode: str = "exact",
+           reset: str = "initial", max_eval_samples: int | None = None) -> dict[str, Any]:
+    """Forget ``node`` from the run in ``parent`` into the new run directory ``out``; returns the certificate."""
+    plan = plan_deletion(parent, node)
+    parent, out = Path(parent), Path(out)
+    parent_final = _final_head(parent)
+    if key.public.key_id != parent_final["key_id"]:
+        raise DeletionError(f"the signing key {key.public.key_id} is not the parent run's trainer key "
+                            f"{parent_final['key_id']}")
+    before = loss_by_class(parent / "recipe.yaml", _latest(parent), max_eval_samples)
+    if mode == "ablate":
+        if not plan.confined:
+            raise DeletionError(f"cannot ablate {node!r}: {plan.ablation}; use --mode exact")
+        _prepare_out(out)
+        certificate = _ablate(plan, out, key, reset, parent_final)
+    elif plan.first_step is None:
+        _prepare_out(out)
+        certificate = _base_certificate(plan, "noop", parent_final)
+        certificate.update(steps_replayed=0, final_weights_sha256=weights_sha256(
+            torch.load(_latest(parent), map_location="cpu", weights_only=False)["model"]),
+            note=f"{node} never contributed to a step of this run: nothing to forget; the parent's weights stand")
+        after_checkpoint = None
+        certificate["evaluation"] = {"before": before, "after": before}
+        write_certificate(out, sign_certificate(certificate, key))
+        return certificate
+    elif mode == "exact":
+        _prepare_out(out)
+        certificate = _replay(plan, out, key, parent_final)
+    else:
+        raise DeletionError(f"--mode {mode!r}: choose exact or ablate")
+    after_checkpoint = _latest(out)
+    certificate["evaluation"] = {"before": before,
+                                 "after": loss_by_class(out / "recipe.yaml", after_checkpoint, max_eval_samples)}
+    write_certificate(out, sign_certificate(certificate, key))
+    return certificate
+
+
+def _replay(plan: DeletionPlan, out: Path, key: SigningKey, parent_final: dict[str, Any]) -> dict[str, Any]:
+    from tessera.config import load_recipe
+    from tessera.trainer import Trainer
+
+    if plan.fork_checkpoint is not None:
+        payload_head = torch.load(plan.fork_checkpoint, map_location="cpu", weights_only=False)["ledger"]["head"]
+        (out / "checkpoints").mkdir()
+        for suffix in ("", ".sha256"):
+            shutil.copy2(plan.fork_checkpoint.with_name(plan.fork_checkpoint.name + suffix),
+                         out / "checkpoints" / (plan.fork_checkpoint.name + suffix))
+        (out / "checkpoints" / "latest").write_text(plan.fork_checkpoint.name + "\n")
+        checkpoint_hash = file_sha256(plan.fork_checkpoint)
+    else:  # the class was there from the first step: replay from the initial weights
+        payload_head, checkpoint_hash = parent_final, None
+    parent_ref = {"run_dir": str(plan.parent.resolve()), "head": payload_head, "fork_step": plan.fork_step,
+                  "forgotten": plan.node, "mode": "exact"}
+    from tessera.io import atomic_write_bytes
+
+    atomic_write_bytes(out / FORK, (json.dumps({"parent": parent_ref}, indent=1) + "\n").encode())
+    recipe = load_recipe(plan.parent / "recipe.yaml")
+    excluded = sorted(set(recipe.data.exclude_classes) | {plan.node})
+    recipe = load_recipe(plan.parent / "recipe.yaml", [f"data.exclude_classes={json.dumps(excluded)}",
+                                                       f"run_dir={out}"])
+    trainer = Trainer(recipe, out)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    certificate = _base_certificate(plan, "exact", payload_head)
+    certificate.update(
+        checkpoint={"name": plan.fork_checkpoint.name, "sha256": checkpoint_hash} if plan.fork_checkpoint else None,
+        steps_replayed=plan.steps_to_replay,
+        replayed_from_start=plan.fork_checkpoint is None,
+        counterfactual=f"tessera train RECIPE --set 'data.exclude_classes={json.dumps(excluded)}'",
+        final_weights_sha256=weights_sha256(torch.load(_latest(out), map_location="cpu", weights_only=False)["model"]),
+        ledger_head=_final_head(out),
+    )
+    return certificate
+
+
+def _ablate(plan: DeletionPlan, out: Path, key: SigningKey, reset: str, parent_final: dict[str, Any]) -> dict[str, Any]:
+    from tessera.build import build_data, build_model
+    from tessera.checkpoint import CheckpointStore, checkpoint_name
+    from tessera.config import load_recipe
+    from tessera.determinism import seed_everything
+    from tessera.distributed import DistInfo
+    from tessera.governance.ledger import merkle
+    from tessera.governance.ledger.entry import ZERO_HASH, encode_entry
+
+    if reset not in ("initial", "zero"):
+        raise DeletionError(f"--reset {reset!r}: choose initial or zero")
+    genesis, steps, _ = _step_entries(plan.parent)
+    layer_names = [layer["name"] for layer in genesis["layers"]]
+    layer_of = {p: layer["name"] for layer in genesis["layers"] for p in layer["parameters"]}
+    confined_layers = sorted({layer_of[p] for p in plan.confined if p in layer_of})
+    touched, intruders, steps_with = set(), set(), []
+    for entry in steps:
+        for signature, cells in entry["contributions"].items():
+            layers = {layer_names[cell[0]] for cell in cells}
+            if _covered(plan.node, signature):
+                touched |= layers
+                steps_with.append(entry["step"])
+            elif layers & set(confined_layers):
+                intruders.add(signature)
+    outside = sorted(touched - set(confined_layers))
+    if outside or intruders:
+        raise DeletionError(
+            f"cannot ablate {plan.node!r}: the ledger shows its gradient in {', '.join(outside) or 'no other layer'} "
+            f"and other classes in its layers ({', '.join(sorted(intruders)) or 'none'}); use --mode exact")
+
+    latest = _latest(plan.parent)
+    payload = torch.load(latest, map_location="cpu", weights_only=False)
+    recipe_path = plan.parent / "recipe.yaml"
+    recipe = load_recipe(recipe_path)
+    if reset == "initial":
+        seed_everything(recipe.seed)
+        data = build_data(recipe, DistInfo())
+        initial = build_model(recipe, data.tokenizer.vocab_size, data.class_names).state_dict()
+        for source in (data.train, data.val):
+            getattr(source, "close", lambda: None)()
+    model = payload["model"]
+    for name in plan.confined:
+        model[name] = initial[name].clone() if reset == "initial" else torch.zeros_like(model[name])
+    names = list(model)
+    for index, state in payload["optimizer"]["state"].items():  # Adam's moments hold the class's gradients too
+        if isinstance(index, int) and index < len(names) and names[index] in plan.confined:
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor) and v.shape == model[names[index]].shape:
+                    state[k] = torch.zeros_like(v)
+
+    # The new run's ledger: one entry naming the parent head and what was reset, then a final signed head.
+    body = dict(genesis, parent={"run_dir": str(plan.parent.resolve()), "head": parent_final,
+                                 "fork_step": plan.total_steps, "forgotten": plan.node, "mode": "ablate"},
+                ablation={"reset": reset, "parameters": plan.confined, "layers": confined_layers})
+    data_bytes = encode_entry(0, ZERO_HASH, body)
+    leaf = merkle.leaf_hash(data_bytes)
+    store = LedgerStore(ledger_path(out), create=True)
+    try:
+        store.set_meta({"format": FORMAT, "trainer_public_key": key.public.text})
+        store.append([(0, 0, leaf, data_bytes)])
+        stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        unsigned = TreeHead(size=1, root=merkle.root([leaf]), timestamp=stamp, final=True)
+        head = TreeHead(size=1, root=unsigned.root, timestamp=stamp, final=True, key_id=key.public.key_id,
+                        signature=key.sign(unsigned.message()))
+        store.add_head(head)
+    finally:
+        store.close()
+    payload["ledger"] = {"head": head.to_json(), "recorder": payload["ledger"]["recorder"]} if payload.get("ledger") else None
+    timestamp = payload["timestamp"]
+    CheckpointStore(out / "checkpoints", keep=1).save(payload, checkpoint_name(timestamp["epoch"], timestamp["batch"]))
+    shutil.copy2(recipe_path, out / "recipe.yaml")
+    for extra in ("vocab.json", "data.json"):
+        if (plan.parent / extra).is_file():
+            shutil.copy2(plan.parent / extra, out / extra)
+    certificate = _base_certificate(plan, "ablate", parent_final)
+    certificate.update(
+        checkpoint={"name": latest.name, "sha256": file_sha256(latest)},
+        steps_replayed=0,
+        reset={"to": reset, "parameters": plan.confined},
+        evidence={"layers_with_class_gradient": sorted(touched), "confined_layers": confined_layers,
+                  "steps_with_class_gradient": len(steps_with), "other_classes_in_confined_layers": [],
+                  "steps_checked": len(steps)},
+        limits=ABLATION_LIMIT,
+        final_weights_sha256=weights_sha256(model),
+        ledger_head=head.to_json(),
+    )
+    return certificate

@@ -1,0 +1,188 @@
+"""Deletion (G5, G6): exact forgetting equals the counterfactual bit for bit; ablation touches only what it says."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tessera_cli, write_policy
+from helpers import assert_tree_equal, latest_payload, recipe
+from test_ledger import HAMLET, TEMPEST, entries, ledger_recipe, train
+
+SONNETS = "gutenberg/poetry/sonnets"
+
+
+def first_late_batch(config: dict) -> int:
+    from tessera.build import build_data
+    from tessera.distributed import DistInfo
+
+    data = build_data(recipe(config), DistInfo())
+    try:
+        return data.first_late_batch()
+    finally:
+        data.train.close(), data.val.close()
+
+
+def late_config(governed, **data):
+    """TEMPEST placed last in the epoch, so it first appears mid-training; deterministic CPU training."""
+    probe = ledger_recipe(governed, data={"batching": "random", "late_classes": [TEMPEST], **data})
+    late = first_late_batch(probe)
+    assert late > 4
+    return ledger_recipe(governed, data={"batching": "random", "late_classes": [TEMPEST], **data},
+                         train={"max_duration": f"{late + 5}ba", "deterministic": True},
+                         checkpoint={"interval": "4ba", "keep": 1}), late
+
+
+def _train_config(config: dict, run_dir: Path) -> Path:
+    from tessera.trainer import Trainer
+
+    trainer = Trainer(recipe(config), run_dir)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def parent(governed, tmp_path_factory):
+    root = tmp_path_factory.mktemp("deletion")
+    config, late = late_config(governed)
+    return _train_config(config, root / "parent"), config, late
+
+
+def test_exact_forget_equals_the_counterfactual_run_bitwise(parent, tmp_path):
+    run, config, late = parent
+    plan = tessera_cli("forget", str(run), "--class", TEMPEST, "--dry-run", "--json")
+    assert plan.returncode == 0, plan.stderr
+    described = json.loads(plan.stdout)
+    assert described["first_step"] == late + 1 and described["fork_step"] == late
+    assert described["steps_to_replay"] == 5 and described["fork_checkpoint"] == f"ep0-ba{late}.pt"
+    assert described["ablation"].startswith("not possible")
+
+    out = tmp_path / "forgot"
+    done = tessera_cli("forget", str(run), "--class", TEMPEST, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "steps replayed: 5" in done.stdout
+
+    counterfactual = _train_config({**config, "data": {**config["data"], "exclude_classes": [TEMPEST]}},
+                                   tmp_path / "counterfactual")
+    assert_tree_equal(latest_payload(out)["model"], latest_payload(counterfactual)["model"], "forgotten vs counterfactual")
+    assert not torch.equal(latest_payload(out)["model"]["tok_emb.weight"], latest_payload(run)["model"]["tok_emb.weight"])
+
+    forgotten, reference = entries(out), entries(counterfactual)
+    assert forgotten[0]["parent"]["fork_step"] == late and forgotten[0]["parent"]["head"]["size"] == late + 1
+    assert [e["step"] for e in forgotten[1:]] == list(range(late + 1, late + 6))
+    after_fork = [e for e in reference[1:] if e["step"] > late]
+    assert forgotten[1:] == after_fork  # the ledger after the fork is the counterfactual's, field for field
+    assert all(TEMPEST not in e["counts"] for e in forgotten[1:])
+    assert any(TEMPEST in e["counts"] for e in entries(run)[1:])
+
+    verified = tessera_cli("ledger", "verify", str(out))
+    assert verified.returncode == 0, verified.stderr
+    certificate = json.loads((out / "deletion-certificate.json").read_text())
+    assert certificate["mode"] == "exact" and certificate["steps_replayed"] == 5
+    before, after = certificate["evaluation"]["before"], certificate["evaluation"]["after"]
+    assert set(before) == set(after) and TEMPEST in after
+    evaluated = tessera_cli("eval", str(counterfactual), "--by-class", "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["by_class"][TEMPEST] == after[TEMPEST]  # same weights, same loss
+
+
+def test_a_class_that_never_contributed_is_a_noop_with_a_certificate(parent, tmp_path):
+    run, _, _ = parent
+    assert tessera_cli("forget", str(run), "--class", "gutenberg/history", "--dry-run").stdout.find("no-op") >= 0
+    out = tmp_path / "noop"
+    done = tessera_cli("forget", str(run), "--class", "gutenberg/history", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    certificate = json.loads((out / "deletion-certificate.json").read_text())
+    assert certificate["mode"] == "noop" and certificate["steps_replayed"] == 0 and "never contributed" in certificate["note"]
+    assert tessera_cli("ledger", "verify", str(out)).returncode == 0
+
+
+def test_a_class_present_from_the_start_replays_from_the_initial_weights(parent):
+    run, _, late = parent
+    plan = json.loads(tessera_cli("forget", str(run), "--class", HAMLET, "--dry-run", "--json").stdout)
+    assert plan["fork_step"] == 0 and plan["fork_checkpoint"] is None
+    assert plan["steps_to_replay"] == plan["total_steps"] == late + 5
+    text = tessera_cli("forget", str(run), "--class", HAMLET, "--dry-run").stdout
+    assert "the initial weights" in text and "100% of a full retrain" in text
+
+
+def test_tampered_parent_ledger_or_certificate_fails_verification(parent, tmp_path):
+    import shutil
+
+    run, _, _ = parent
+    copy = tmp_path / "parent"
+    shutil.copytree(run, copy)
+    out = tmp_path / "noop"
+    assert tessera_cli("forget", str(copy), "--class", "gutenberg/history", "--out", str(out)).returncode == 0
+    path = out / "deletion-certificate.json"
+    original = path.read_text()
+
+    certificate = json.loads(original)
+    certificate["evaluation"]["after"][TEMPEST] = 0.0
+    path.write_text(json.dumps(certificate))
+    failed = tessera_cli("ledger", "verify", str(out))
+    assert failed.returncode == 1 and "signature does not verify" in failed.stderr
+
+    path.write_text(original)
+    assert tessera_cli("ledger", "verify", str(out)).returncode == 0
+    with sqlite3.connect(copy / "ledger.sqlite") as db:  # one byte of the parent's third entry
+        (data,) = db.execute("SELECT data FROM entries WHERE idx = 2").fetchone()
+        db.execute("UPDATE entries SET data = ? WHERE idx = 2", (data[:-2] + bytes([data[-2] ^ 1]) + data[-1:],))
+    failed = tessera_cli("ledger", "verify", str(out))
+    assert failed.returncode == 1 and "parent ledger" in failed.stderr
+    refused = tessera_cli("forget", str(copy), "--class", TEMPEST, "--dry-run")
+    assert refused.returncode != 0 and "does not verify" in refused.stderr
+
+
+def test_ablation_resets_only_the_confined_parameters(governed, tmp_path):
+    policy = write_policy(governed, tmp_path / "policy.yaml", [], [{"classes": [HAMLET], "params": ["@adapter"]}])
+    run = train(governed, tmp_path / "run", governance={"policy": str(policy)},
+                model={"adapters": {"classes": [HAMLET], "hidden": 8}},
+                train={"max_duration": "6ba", "microbatch_size": 2}, data={"batching": "per_class"})
+    refused = tessera_cli("forget", str(run), "--class", TEMPEST, "--mode", "ablate", "--out", str(tmp_path / "no"))
+    assert refused.returncode != 0 and "no exclusive rule" in refused.stderr and "use --mode exact" in refused.stderr
+    assert not (tmp_path / "no").exists() or not any((tmp_path / "no").iterdir())
+
+    for reset in ("initial", "zero"):
+        out = tmp_path / f"ablated-{reset}"
+        done = tessera_cli("forget", str(run), "--class", HAMLET, "--mode", "ablate", "--reset", reset, "--out", str(out))
+        assert done.returncode == 0, done.stderr
+        before, after = latest_payload(run)["model"], latest_payload(out)["model"]
+        certificate = json.loads((out / "deletion-certificate.json").read_text())
+        confined = set(certificate["reset"]["parameters"])
+        assert confined and all("adapter" in name for name in confined)
+        assert certificate["evidence"]["other_classes_in_confined_layers"] == []
+        assert "forward pass" in certificate["limits"]
+        from tessera.build import build_model
+        from tessera.determinism import seed_everything
+
+        for name, value in after.items():
+            if name not in confined:
+                assert torch.equal(value, before[name]), name  # every other parameter bitwise unchanged
+            elif reset == "zero":
+                assert torch.count_nonzero(value) == 0, name
+            else:
+                assert not torch.equal(value, before[name]) or torch.count_nonzero(before[name]) == 0, name
+        if reset == "initial":  # the values a fresh model of the same recipe starts from
+            from tessera.build import build_data
+            from tessera.distributed import DistInfo
+
+            config = recipe(ledger_recipe(governed, governance={"policy": str(policy)},
+                                          model={"adapters": {"classes": [HAMLET], "hidden": 8}},
+                                          train={"max_duration": "6ba", "microbatch_size": 2},
+                                          data={"batching": "per_class"}))
+            seed_everything(config.seed)
+            data = build_data(config, DistInfo())
+            initial = build_model(config, data.tokenizer.vocab_size, data.class_names).state_dict()
+            data.train.close(), data.val.close()
+            for name in confined:
+                assert torch.equal(after[name], initial[name]), name
+        verified = tessera_cli("ledger", "verify", str(out))
+        assert verified.returncode == 0, verified.stderr
