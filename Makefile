@@ -69,6 +69,11 @@ demo: $(DEMO)/policy.yaml.sig
 	$(T) audit $(DEMO)/run --layer tok_emb --pubkey $(DEMO)/keys/trainer.pub
 	$(T) audit $(DEMO)/run --class gutenberg/tragedy/hamlet --pubkey $(DEMO)/keys/trainer.pub
 	$(T) audit $(DEMO)/run --report $(DEMO)/report.html --pubkey $(DEMO)/keys/trainer.pub
+	@echo "== 9. forget Hamlet: the plan from the ledger, then ablation of its confined adapter, a signed certificate, per-class losses"
+	$(T) forget $(DEMO)/run --class gutenberg/tragedy/hamlet --dry-run
+	rm -rf $(DEMO)/run-without-hamlet
+	$(T) forget $(DEMO)/run --class gutenberg/tragedy/hamlet --mode ablate --out $(DEMO)/run-without-hamlet --eval-samples 2000
+	$(T) ledger verify $(DEMO)/run-without-hamlet --pubkey $(DEMO)/keys/trainer.pub
 
 # The audit report's test renders it in headless Chromium (Debian's package; installed here when
 # apt-get can, as CI's root can). Without it that one test fails in `make test` rather than skipping.

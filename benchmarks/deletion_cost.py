@@ -1,0 +1,126 @@
+"""Deletion cost: forgetting a class that entered at 75% of training, exactly, vs retraining without it.
+
+The baby GPT on three signed Shakespeare plays plus a fourth, The Comedy of
+Errors, placed last in the epoch (``data.late_classes``, the deletion-aware
+order) so that it first appears at 75% of the run; the other plays are left
+out (``data.exclude_classes``) to keep the run short. The parent run trains
+with the ledger on and deterministic mode. Then, in the same process:
+
+- ``forget``: ``tessera forget --mode exact`` (plan from the ledger, replay
+  from the kept checkpoint before the class, sign the certificate, evaluate
+  per-class loss before and after), timed whole;
+- ``retrain``: the counterfactual, the same recipe with the class excluded
+  from the start, timed whole.
+
+``ratio`` = forget time / retrain time (goal <= 0.3), ``bitwise_equal``:
+whether the two final weights are identical, and the forgotten class's
+held-out loss after forgetting next to the counterfactual's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import BABY_GPT, emit, governed_shakespeare, machine
+
+from tessera.config import Recipe
+from tessera.checkpoint import CheckpointStore
+from tessera.governance.deletion import forget, loss_by_class, weights_sha256
+from tessera.governance.keys import SigningKey, write_key_pair
+from tessera.trainer import Trainer
+
+FORGET = "gutenberg/comedy/comedy_of_errors"
+KEEP = {FORGET, "gutenberg/comedy/as_you_like_it", "gutenberg/comedy/alls_well_that_ends_well"}
+
+
+def recipe(governed, key: Path, classes: list[str], steps: int | None, exclude_forgotten: bool = False) -> Recipe:
+    excluded = [c for c in classes if c not in KEEP] + ([FORGET] if exclude_forgotten else [])
+    return Recipe.model_validate({
+        "seed": 1,
+        "model": dict(BABY_GPT),
+        "data": {"url": str(governed.dataset), "taxonomy": str(governed.taxonomy), "trust": str(governed.trust),
+                 "batching": "random", "exclude_classes": excluded, "late_classes": [FORGET]},
+        "optimizer": {"name": "adamw", "lr": 1e-3},
+        "scheduler": {"warmup": "10ba"},
+        "train": {"max_duration": f"{steps or 1}ba", "global_batch_size": 12, "grad_clip_norm": 1.0,
+                  "deterministic": True},
+        "eval": {"interval": "1000000ba", "max_samples": 12},
+        "checkpoint": {"interval": "1000000ba"},
+        "logging": {"console": False, "jsonl": False},
+        "governance": {"ledger": {"enabled": True, "key": str(key), "entropy_every": 50, "flush_every": 50}},
+    })
+
+
+def latest(run: Path) -> Path:
+    found = CheckpointStore(run / "checkpoints", keep=1).latest()
+    assert found is not None, run
+    return found
+
+
+def fit(config: Recipe, run_dir: Path) -> Trainer:
+    trainer = Trainer(config, run_dir)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return trainer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=3, help="forget/retrain pairs (the parent is trained once)")
+    parser.add_argument("--eval-samples", type=int, default=240)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        governed = governed_shakespeare(root)
+        key, _ = write_key_pair("trainer", root / "trainer-key")
+        from tessera.governance.taxonomy import Taxonomy
+
+        nodes = list(Taxonomy.parse(governed.taxonomy.read_bytes(), str(governed.taxonomy)).classes)
+        classes = [c for c in nodes if not any(other.startswith(c + "/") for other in nodes)]  # the plays
+        probe = Trainer(recipe(governed, key, classes, None), root / "probe2")
+        late, per_epoch = probe.data.first_late_batch(), probe.data.shape.batches_per_epoch
+        probe.close()
+        steps = min(per_epoch, round(late / 0.75))
+        parent = root / "parent"
+        fit(recipe(governed, key, classes, steps), parent)
+        ratios, forget_s, retrain_s, equal, losses = [], [], [], [], []
+        for run in range(args.runs):
+            started = time.perf_counter()
+            certificate = forget(parent, FORGET, root / f"forgot-{run}", SigningKey.load(key), "exact",
+                                 max_eval_samples=args.eval_samples)
+            forget_s.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            fit(recipe(governed, key, classes, steps, exclude_forgotten=True), root / f"retrain-{run}")
+            retrain_s.append(time.perf_counter() - started)
+            ratios.append(forget_s[-1] / retrain_s[-1])
+            a, b = latest(root / f"forgot-{run}"), latest(root / f"retrain-{run}")
+            equal.append(weights_sha256(torch.load(a, weights_only=False)["model"])
+                         == weights_sha256(torch.load(b, weights_only=False)["model"]))
+            counterfactual = loss_by_class(root / f"retrain-{run}" / "recipe.yaml", b, args.eval_samples)
+            losses.append((certificate["evaluation"]["before"][FORGET], certificate["evaluation"]["after"][FORGET],
+                           counterfactual[FORGET]))
+    emit({
+        "benchmark": "deletion_cost",
+        "ratio": round(statistics.median(ratios), 4),
+        "goal": "<= 0.3, bitwise equal",
+        "bitwise_equal": all(equal),
+        "ratios": [round(r, 4) for r in ratios],
+        "forget_s": [round(s, 2) for s in forget_s],
+        "retrain_s": [round(s, 2) for s in retrain_s],
+        "steps": steps,
+        "class_enters_at_step": late + 1,
+        "forgotten_class_loss": {"parent": losses[0][0], "after_forget": losses[0][1], "counterfactual": losses[0][2]},
+        "runs": args.runs,
+        "machine": machine(),
+    })
+
+
+if __name__ == "__main__":
+    main()
