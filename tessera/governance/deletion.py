@@ -142,11 +142,11 @@ def plan_deletion(parent: str | Path, node: str) -> DeletionPlan:
             batch = int(path.name.split("-ba")[1].split(".")[0])
             if batch < first and batch >= fork_step:
                 fork_step, fork_checkpoint = batch, path
-    ablation, confined = _ablation(parent, node)
+    ablation, confined = _ablation(parent, node, genesis)
     return DeletionPlan(parent, node, classes, total, first, fork_step, fork_checkpoint, ablation, confined)
 
 
-def _ablation(parent: Path, node: str) -> tuple[str, list[str]]:
+def _ablation(parent: Path, node: str, genesis: dict[str, Any]) -> tuple[str, list[str]]:
     """Whether an exclusive rule of the run's policy confines ``node``, and to which parameters."""
     from tessera.config import load_recipe
     from tessera.governance.policy import Policy
@@ -159,14 +159,23 @@ def _ablation(parent: Path, node: str) -> tuple[str, list[str]]:
     taxonomy = Taxonomy.load(recipe.data.taxonomy, _Key.load(recipe.data.trust)) if recipe.data.taxonomy else None
     policy = Policy.load(recipe.governance.policy, taxonomy) if taxonomy else Policy.parse(
         Path(recipe.governance.policy).read_bytes(), str(recipe.governance.policy))
-    recorded = _step_entries(parent)[0].get("fingerprints", {}).get("policy")
+    recorded = genesis.get("fingerprints", {}).get("policy")
     if recorded and recorded != policy.fingerprint:
         raise DeletionError(f"{recipe.governance.policy}: not the policy the run was trained under (ledger: {recorded[:16]}...)")
-    names = list(torch.load(_latest(parent), map_location="cpu", weights_only=False)["model"])
+    names = list(_load(_latest(parent))["model"])
     for rule, params in zip(policy.exclusive, policy.exclusive_parameters(names)):
         if any(Taxonomy.covers(c, node) for c in rule.classes):
             return f"possible: exclusive rule for {', '.join(rule.classes)} confines it to {len(params)} parameters", sorted(params)
     return f"not possible: no exclusive rule of policy {recipe.governance.policy} confines {node!r}", []
+
+
+def _load(checkpoint: Path) -> dict[str, Any]:
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)
+
+
+def _close(data) -> None:
+    for source in (data.train, data.val):
+        getattr(source, "close", lambda: None)()
 
 
 def _latest(run: Path) -> Path:
@@ -217,7 +226,7 @@ def loss_by_class(recipe_path: Path, checkpoint: Path | None, max_samples: int |
     try:
         model = build_model(recipe, data.tokenizer.vocab_size, data.class_names)
         if checkpoint is not None:
-            model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
+            model.load_state_dict(_load(checkpoint)["model"])
         model.eval()
         totals: dict[int, list[float]] = {}
         for batch in data.eval_batches(recipe.eval.batch_size, max_samples):
@@ -229,8 +238,7 @@ def loss_by_class(recipe_path: Path, checkpoint: Path | None, max_samples: int |
                 part[0] += float(model.loss(logits[row:row + 1], batch.targets[row:row + 1]))
                 part[1] += float(model.loss_units(batch.targets[row:row + 1]))
     finally:
-        for source in (data.train, data.val):
-            getattr(source, "close", lambda: None)()
+        _close(data)
     return {data.class_names[c]: round(s / max(n, 1.0), 6) for c, (s, n) in sorted(totals.items())}
 
 
@@ -316,7 +324,7 @@ def verify_certificate(run: str | Path, public_key: PublicKey | None = None) -> 
         return f"{path}: the run's ledger does not start from the certified parent head"
     if not heads or heads[-1].root.hex() != certificate["ledger_head"]["root"] or heads[-1].size != certificate["ledger_head"]["size"]:
         return f"{path}: the run's last signed tree head is not the certified one"
-    final = torch.load(_latest(run), map_location="cpu", weights_only=False)["model"]
+    final = _load(_latest(run))["model"]
     if weights_sha256(final) != certificate["final_weights_sha256"]:
         return f"{path}: the final weights do not match the certified hash"
     return None
@@ -340,12 +348,14 @@ def _base_certificate(plan: DeletionPlan, mode: str, parent_head: dict[str, Any]
 
 
 def _final_head(run: Path) -> dict[str, Any]:
-    _, _, heads = _step_entries(run)
+    store = LedgerStore(ledger_path(run))
+    try:
+        heads = store.heads()
+    finally:
+        store.close()
     if not heads:
         raise DeletionError(f"{run}: the ledger has no signed tree head")
-    h = heads[-1]
-    return {"size": h.size, "root": h.root.hex(), "timestamp": h.timestamp, "final": h.final, "key_id": h.key_id,
-            "signature": h.signature.hex(), "message": h.message().decode()}
+    return heads[-1].to_json()
 
 
 def _prepare_out(out: Path) -> None:
@@ -373,9 +383,8 @@ def forget(parent: str | Path, node: str, out: str | Path, key: SigningKey, mode
         _prepare_out(out)
         certificate = _base_certificate(plan, "noop", parent_final)
         certificate.update(steps_replayed=0, final_weights_sha256=weights_sha256(
-            torch.load(_latest(parent), map_location="cpu", weights_only=False)["model"]),
+            _load(_latest(parent))["model"]),
             note=f"{node} never contributed to a step of this run: nothing to forget; the parent's weights stand")
-        after_checkpoint = None
         certificate["evaluation"] = {"before": before, "after": before}
         write_certificate(out, sign_certificate(certificate, key))
         return certificate
@@ -396,7 +405,7 @@ def _replay(plan: DeletionPlan, out: Path, key: SigningKey, parent_final: dict[s
     from tessera.trainer import Trainer
 
     if plan.fork_checkpoint is not None:
-        payload_head = torch.load(plan.fork_checkpoint, map_location="cpu", weights_only=False)["ledger"]["head"]
+        payload_head = _load(plan.fork_checkpoint)["ledger"]["head"]
         (out / "checkpoints").mkdir()
         for suffix in ("", ".sha256"):
             shutil.copy2(plan.fork_checkpoint.with_name(plan.fork_checkpoint.name + suffix),
@@ -425,7 +434,7 @@ def _replay(plan: DeletionPlan, out: Path, key: SigningKey, parent_final: dict[s
         steps_replayed=plan.steps_to_replay,
         replayed_from_start=plan.fork_checkpoint is None,
         counterfactual=f"tessera train RECIPE --set 'data.exclude_classes={json.dumps(excluded)}'",
-        final_weights_sha256=weights_sha256(torch.load(_latest(out), map_location="cpu", weights_only=False)["model"]),
+        final_weights_sha256=weights_sha256(_load(_latest(out))["model"]),
         ledger_head=_final_head(out),
     )
     return certificate
@@ -462,15 +471,14 @@ def _ablate(plan: DeletionPlan, out: Path, key: SigningKey, reset: str, parent_f
             f"and other classes in its layers ({', '.join(sorted(intruders)) or 'none'}); use --mode exact")
 
     latest = _latest(plan.parent)
-    payload = torch.load(latest, map_location="cpu", weights_only=False)
+    payload = _load(latest)
     recipe_path = plan.parent / "recipe.yaml"
     recipe = load_recipe(recipe_path)
     if reset == "initial":
         seed_everything(recipe.seed)
         data = build_data(recipe, DistInfo())
         initial = build_model(recipe, data.tokenizer.vocab_size, data.class_names).state_dict()
-        for source in (data.train, data.val):
-            getattr(source, "close", lambda: None)()
+        _close(data)
     model = payload["model"]
     for name in plan.confined:
         model[name] = initial[name].clone() if reset == "initial" else torch.zeros_like(model[name])
