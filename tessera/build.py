@@ -18,6 +18,7 @@ from tessera.loggers.jsonl import JSONLLogger
 from tessera.loggers.logger import LoggerDestination
 from tessera.models.adapters import add_class_adapters
 from tessera.models.gpt import GPT, GPTConfig
+from tessera.models.resnet import ResNet, ResNetConfig
 
 
 def resolve_device(choice: str, dist: DistInfo) -> torch.device:
@@ -46,6 +47,10 @@ def build_data(recipe: Recipe, dist: DistInfo) -> LanguageModelData:
         exclude_classes=tuple(config.exclude_classes),
         late_classes=tuple(config.late_classes),
     )
+    if config.images is not None:
+        from tessera.data.images import digits_data
+
+        return digits_data(order, config.image_size)
     if config.corpus is not None:
         data = corpus_data(config.corpus, recipe.seq_len, order, config.val_fraction, config.class_template)
         data.workers = config.workers
@@ -77,9 +82,16 @@ def class_unit(recipe: Recipe) -> int | None:
     return unit
 
 
-def build_model(recipe: Recipe, vocab_size: int, class_names: list[str] | None = None) -> GPT:
-    """The recipe's model, with per-class adapters attached if the recipe asks for them."""
+def build_model(recipe: Recipe, vocab_size: int, class_names: list[str] | None = None) -> torch.nn.Module:
+    """The recipe's model, with per-class adapters attached if the recipe asks for them.
+
+    For ``resnet`` the classes are the labels (``vocab_size`` is unused).
+    """
     config = recipe.model
+    if config.name == "resnet":
+        return ResNet(ResNetConfig(num_classes=len(class_names or []), in_channels=1,
+                                   widths=tuple(config.resnet.widths), blocks_per_stage=config.resnet.blocks_per_stage,
+                                   dropout=config.dropout))
     model = GPT(
         GPTConfig(
             vocab_size=vocab_size,
@@ -101,6 +113,12 @@ def build_model(recipe: Recipe, vocab_size: int, class_names: list[str] | None =
         add_class_adapters(model, targets, config.adapters.classes, class_names or [], config.d_model,
                            config.adapters.hidden)
     return model
+
+
+def build_model_for(recipe: Recipe, data: LanguageModelData) -> torch.nn.Module:
+    """The recipe's model sized for ``data`` (its vocabulary, or its classes for images)."""
+    vocab_size = data.tokenizer.vocab_size if data.tokenizer is not None else 0
+    return build_model(recipe, vocab_size, data.class_names)
 
 
 def build_logger_destinations(recipe: Recipe, run_dir: Path, dist: DistInfo) -> list[LoggerDestination]:

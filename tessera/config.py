@@ -37,8 +37,13 @@ class AdapterConfig(Section):
     hidden: int = Field(32, ge=1, description="width of each adapter's hidden layer")
 
 
+class ResNetSection(Section):
+    widths: list[int] = Field(default_factory=lambda: [16, 32, 64], description="channels of each stage")
+    blocks_per_stage: int = Field(1, ge=1)
+
+
 class ModelConfig(Section):
-    name: Literal["gpt"] = "gpt"
+    name: Literal["gpt", "resnet"] = Field("gpt", description="gpt (text) or resnet (data.images)")
     n_layer: int = Field(4, ge=1)
     n_head: int = Field(4, ge=1)
     d_model: int = Field(128, ge=1)
@@ -48,6 +53,7 @@ class ModelConfig(Section):
     bias: bool = True
     alibi: bool = False
     adapters: AdapterConfig = AdapterConfig()
+    resnet: ResNetSection = ResNetSection()
 
 
 class LedgerConfig(Section):
@@ -89,6 +95,10 @@ class DataConfig(Section):
     # ... or a prepared, signed dataset at any fsspec URL.
     url: str | None = Field(None, json_schema_extra={"path": True}, description="prepared dataset (path or fsspec URL)")
     mixture: list[MixtureEntry] = Field(default_factory=list, description="several prepared datasets with weights")
+    # ... or a bundled image task (offline).
+    images: Literal["digits"] | None = Field(None, description="digits: scikit-learn's handwritten digits "
+                                             "(needs the [vision] extra), for model.name resnet")
+    image_size: int = Field(32, ge=8, description="images: side length the digits are upsampled to")
     taxonomy: Path | None = Field(None, description="signed taxonomy the dataset was tagged under")
     trust: Path | None = Field(None, description="public key of the data-governance authority (the trust anchor)")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="passed to fsspec (e.g. endpoint_url)")
@@ -120,11 +130,11 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
-        given = [name for name in ("corpus", "url", "mixture") if getattr(self, name)]
+        given = [name for name in ("corpus", "url", "mixture", "images") if getattr(self, name)]
         if len(given) != 1:
-            raise ValueError("give exactly one of data.corpus (a raw corpus), data.url (a prepared dataset) "
-                             "or data.mixture (several prepared datasets)")
-        if given[0] != "corpus" and (self.taxonomy is None or self.trust is None):
+            raise ValueError("give exactly one of data.corpus (a raw corpus), data.url (a prepared dataset), "
+                             "data.mixture (several prepared datasets) or data.images (a bundled image task)")
+        if given[0] not in ("corpus", "images") and (self.taxonomy is None or self.trust is None):
             raise ValueError(f"data.{given[0]} needs data.taxonomy and data.trust (the data-governance public key)")
         return self
 
@@ -211,6 +221,9 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":
+        if (self.model.name == "resnet") != (self.data.images is not None):
+            raise ValueError(f"model.name {self.model.name!r} does not fit the data: use model.name resnet "
+                             "with data.images, gpt with text")
         seq_len = self.data.seq_len or self.model.block_size
         if seq_len > self.model.block_size:
             raise ValueError(f"data.seq_len ({seq_len}) exceeds model.block_size ({self.model.block_size})")

@@ -57,6 +57,8 @@ def load_generator(
         checkpoint = str(latest)
     payload = load_checkpoint(checkpoint)
     recipe = Recipe.model_validate(payload["recipe"])
+    if payload.get("tokenizer") is None:
+        raise CheckpointError(f"{checkpoint}: not a text model (no tokenizer in the checkpoint); nothing to sample")
     tokenizer = CharTokenizer.from_json(payload["tokenizer"])
     model = build_model(recipe, tokenizer.vocab_size, payload.get("classes"))
     model.load_state_dict(payload["model"])

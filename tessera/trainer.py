@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from tessera import distributed
 from tessera.algorithms import build_algorithms
-from tessera.build import build_data, build_logger_destinations, build_model, resolve_device
+from tessera.build import build_data, build_logger_destinations, build_model_for, resolve_device
 from tessera.checkpoint import FORMAT_VERSION, CheckpointStore, checkpoint_name, load_checkpoint
 from tessera.config import RESUMABLE_CHANGES, Recipe
 from tessera.core.algorithm import Algorithm
@@ -30,6 +30,7 @@ from tessera.core.callback import Callback
 from tessera.core.engine import Engine
 from tessera.core.event import Event
 from tessera.core.state import State
+from tessera.core.surgery import applied_surgery, apply_surgery
 from tessera.core.time import Time, Timestamp
 from tessera.data.batch import Batch
 from tessera.data.lm import LanguageModelData
@@ -96,7 +97,9 @@ class Trainer:
         # Same seed on every rank for the data order and the initial weights...
         seed_everything(recipe.seed)
         self.data = data or build_data(recipe, self.dist)
-        self.model = (model or build_model(recipe, self.data.tokenizer.vocab_size, self.data.class_names)).to(self.device)
+        self.algorithms = list(build_algorithms(recipe.algorithms) if algorithms is None else algorithms)
+        # Model surgery, in its fixed order, before anything else holds the parameters (tessera/core/surgery.py).
+        self.model = apply_surgery(model or build_model_for(recipe, self.data), self.algorithms).to(self.device)
         # ...then a per-rank stream for dropout and anything else random in the loop.
         seed_everything(recipe.seed + self.dist.rank)
 
@@ -116,10 +119,10 @@ class Trainer:
             device=self.device,
         )
         self.logger = Logger(self.state, build_logger_destinations(recipe, self.run_dir, self.dist))
-        self.algorithms = list(build_algorithms(recipe.algorithms) if algorithms is None else algorithms)
         self.engine = Engine(self.state, self.logger, self.algorithms, callbacks)
         self.policy, self.router = self._build_router()
         self.ledger = self._build_ledger()
+        self._check_algorithms()
         self.checkpoints = CheckpointStore(self.run_dir / "checkpoints", keep=recipe.checkpoint.keep)
         # Deletion-aware training: a kept checkpoint just before the late classes begin in each epoch,
         # so forgetting one of them replays only the epoch's tail (None: no such checkpoint).
@@ -162,6 +165,19 @@ class Trainer:
         if policy is None and not rules and not self.recipe.governance.ledger.enabled:
             return None, None
         return policy, Router(self.model, self.data.class_names, policy, rules, self.state.batches_in, self.dist)
+
+    def _check_algorithms(self) -> None:
+        """Refuse combinations an algorithm declares it cannot honour, naming the algorithm."""
+        if self.router is not None:
+            unsafe = [a.name for a in self.algorithms if not a.routing_safe]
+            if unsafe:
+                raise RecipeError(f"algorithm {unsafe[0]} computes gradients outside the routed backward pass; "
+                                  "it cannot run with a routing policy or the ledger on")
+        if self.recipe.train.precision == "amp_fp16":
+            scaled = [a.name for a in self.algorithms if a.needs_unscaled_gradients]
+            if scaled:
+                raise RecipeError(f"algorithm {scaled[0]} reads gradients, which amp_fp16 keeps loss-scaled "
+                                  "until the step; use amp_bf16 or fp32")
 
     def _build_ledger(self) -> Ledger | None:
         """The learning-dynamics ledger, signed with the trainer authority's key (the taxonomy's, if it names one)."""
@@ -373,14 +389,15 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean validation loss over the recipe's fixed validation subset."""
+        """Mean validation loss (and accuracy, for classifiers) over the recipe's fixed validation subset."""
         state = self.state
         if self._evaluated_at == state.timestamp.batch:
             return state.eval_metrics
         self.engine.run(Event.EVAL_START)
         was_training = self.model.training
         self.model.eval()
-        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        classifier = hasattr(self.model, "accuracy_counts")
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)
         batches = self.data.eval_batches(
             self.recipe.eval.batch_size, self.recipe.eval.max_samples, self.dist.rank, self.dist.world_size
         )
@@ -391,9 +408,13 @@ class Trainer:
                 logits = self.model(batch.inputs)
             totals[0] += self.model.loss(logits, batch.targets).double()
             totals[1] += self.model.loss_units(batch.targets).double()
+            if classifier:
+                totals[2] += self.model.accuracy_counts(logits, batch.targets).double()
         distributed.all_reduce_sum(totals, self.dist)
         self.model.train(was_training)
         state.eval_metrics = {"eval/loss": float(totals[0] / totals[1].clamp(min=1))}
+        if classifier:
+            state.eval_metrics["eval/accuracy"] = float(totals[2] / totals[1].clamp(min=1))
         self.logger.log_metrics(state.eval_metrics)
         self.engine.run(Event.EVAL_END)
         self._evaluated_at = state.timestamp.batch
@@ -420,13 +441,14 @@ class Trainer:
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "rng": rng_states,
                 "sampler": self.data.sampler.state_dict(position),
-                "tokenizer": self.data.tokenizer.to_json(),
+                "tokenizer": self.data.tokenizer.to_json() if self.data.tokenizer is not None else None,
                 "data": dict(self.data.provenance),
                 "classes": list(self.data.class_names),
                 "policy_fingerprint": self.policy.fingerprint if self.policy else None,
                 "eval_metrics": dict(state.eval_metrics),
                 "evaluated_at": self._evaluated_at,
                 "algorithms": {a.name: a.state_dict() for a in self.algorithms},
+                "surgery": applied_surgery(self.model),
                 "callbacks": {type(c).__name__: c.state_dict() for c in self.engine.callbacks},
                 "ledger": None if self.ledger is None else {
                     "head": self.ledger.sign(final=state.is_done), "recorder": self.ledger.state_dict()},
@@ -458,6 +480,9 @@ class Trainer:
                 self.ledger.start(None, parent=fork["parent"] if fork else None)
             return None
         where = latest or config.load_path
+        if payload.get("surgery", []) != applied_surgery(self.model):
+            raise CheckpointError(f"{where}: written for a model with surgery {payload.get('surgery', [])}, "
+                                  f"this one has {applied_surgery(self.model)}; use the same algorithms")
         if latest is not None and payload.get("policy_fingerprint") != (self.policy.fingerprint if self.policy else None):
             raise CheckpointError(f"{where}: trained under another routing policy (or none); use another --run-dir")
         try:
@@ -510,9 +535,12 @@ class Trainer:
         """What an auditor needs to read the run: recipe, vocabulary, and where the data came from."""
         recipe_text = yaml.safe_dump(self.recipe.to_dict(), sort_keys=False)
         atomic_write_bytes(self.run_dir / "recipe.yaml", recipe_text.encode())
-        atomic_write_bytes(self.run_dir / "vocab.json", self.data.tokenizer.to_json().encode())
+        if self.data.tokenizer is not None:
+            atomic_write_bytes(self.run_dir / "vocab.json", self.data.tokenizer.to_json().encode())
         data = {**self.data.provenance, "fingerprint": self.data.fingerprint, "classes": self.data.class_names}
         atomic_write_bytes(self.run_dir / "data.json", (json.dumps(data, indent=1) + "\n").encode())
+        methods = {"surgery": applied_surgery(self.model), "algorithms": [a.describe() for a in self.algorithms]}
+        atomic_write_bytes(self.run_dir / "algorithms.json", (json.dumps(methods, indent=1) + "\n").encode())
 
 
 def _dict_differences(old: Any, new: Any, prefix: str = "") -> list[str]:

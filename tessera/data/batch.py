@@ -9,6 +9,19 @@ import torch
 IGNORE_INDEX = -100  # a target position with this id adds nothing to the loss
 
 
+def union_provenance(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Row-wise union of two provenance matrices [B, K1], [B, K2] -> [B, K1 + K2], each class once, ``-1`` padded.
+
+    What an example made from two others (MixUp, CutMix) belongs to: both
+    sources' classes. Duplicates become ``-1`` so a mix of two examples of
+    the same class is simply that class.
+    """
+    both = torch.cat([first, second], dim=1).sort(dim=1, descending=True).values
+    repeated = torch.zeros_like(both, dtype=torch.bool)
+    repeated[:, 1:] = both[:, 1:] == both[:, :-1]
+    return both.masked_fill(repeated, -1).sort(dim=1, descending=True).values
+
+
 @dataclass
 class Batch:
     """One batch or microbatch.

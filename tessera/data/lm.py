@@ -58,9 +58,15 @@ class OrderConfig:
 
 @dataclass
 class LanguageModelData:
+    """Training and validation examples with classes, a deterministic order, and what the run records.
+
+    Despite the name (kept for the public API) it also carries image tasks
+    (``tessera.data.images``), which have no tokenizer.
+    """
+
     train: ExampleSource
     val: ExampleSource
-    tokenizer: CharTokenizer
+    tokenizer: CharTokenizer | None  # None for tasks without text (images)
     class_names: list[str]
     order: OrderConfig
     provenance: dict[str, Any] = field(default_factory=dict)  # what the run directory records about the data
@@ -86,11 +92,12 @@ class LanguageModelData:
             )
         except ValueError as error:
             raise DataError(f"data: {error}") from None
-        seq_len = self.train.gather(torch.tensor([0])).inputs.shape[1]
+        # A "token" is one input element: a character for text, a pixel value for images.
+        elements = self.train.gather(torch.tensor([0])).inputs[0].numel()
         self.shape = DataShape(
             batches_per_epoch=self.sampler.batches_per_epoch,
             global_batch_size=self.order.global_batch_size,
-            tokens_per_sample=seq_len,
+            tokens_per_sample=elements,
         )
 
     def _filtered(self, inner: SampleOrder) -> FilteredOrder:

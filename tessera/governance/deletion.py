@@ -214,7 +214,7 @@ def file_sha256(path: Path) -> str:
 @torch.no_grad()
 def loss_by_class(recipe_path: Path, checkpoint: Path | None, max_samples: int | None = None) -> dict[str, float]:
     """Held-out loss of every class (mean per target token) for the weights in ``checkpoint``."""
-    from tessera.build import build_data, build_model
+    from tessera.build import build_data, build_model_for
     from tessera.config import load_recipe
     from tessera.determinism import seed_everything
     from tessera.distributed import DistInfo
@@ -224,7 +224,7 @@ def loss_by_class(recipe_path: Path, checkpoint: Path | None, max_samples: int |
     seed_everything(recipe.seed)
     data = build_data(recipe, DistInfo())
     try:
-        model = build_model(recipe, data.tokenizer.vocab_size, data.class_names)
+        model = build_model_for(recipe, data)
         if checkpoint is not None:
             model.load_state_dict(_load(checkpoint)["model"])
         model.eval()
@@ -441,7 +441,7 @@ def _replay(plan: DeletionPlan, out: Path, key: SigningKey, parent_final: dict[s
 
 
 def _ablate(plan: DeletionPlan, out: Path, key: SigningKey, reset: str, parent_final: dict[str, Any]) -> dict[str, Any]:
-    from tessera.build import build_data, build_model
+    from tessera.build import build_data, build_model_for
     from tessera.checkpoint import CheckpointStore, checkpoint_name
     from tessera.config import load_recipe
     from tessera.determinism import seed_everything
@@ -477,7 +477,7 @@ def _ablate(plan: DeletionPlan, out: Path, key: SigningKey, reset: str, parent_f
     if reset == "initial":
         seed_everything(recipe.seed)
         data = build_data(recipe, DistInfo())
-        initial = build_model(recipe, data.tokenizer.vocab_size, data.class_names).state_dict()
+        initial = build_model_for(recipe, data).state_dict()
         _close(data)
     model = payload["model"]
     for name in plan.confined:

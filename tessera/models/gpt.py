@@ -180,6 +180,18 @@ class GPT(nn.Module):
         )
 
     @staticmethod
+    def example_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of each row [B] over its scored positions (selective backprop ranks by it)."""
+        logits = logits.float()
+        if targets.dim() == logits.dim():
+            per_position = -(targets * F.log_softmax(logits, dim=-1)).sum(-1)
+            valid = targets.sum(-1) > 0
+        else:
+            per_position = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+            valid = targets != IGNORE_INDEX
+        return per_position.sum(1) / valid.sum(1).clamp(min=1)
+
+    @staticmethod
     def loss_units(targets: torch.Tensor) -> torch.Tensor:
         """How many target positions ``loss`` sums over (the normaliser for the mean)."""
         if targets.is_floating_point():  # a distribution per position; ignored rows are all zero

@@ -1,0 +1,118 @@
+"""Algorithms under governance: what they change is what the ledger records, and the engine refuses what
+an algorithm says it cannot honour. Model surgery: one fixed order, recorded, checked on resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tessera.core.callback import Callback
+from tessera.errors import CheckpointError, RecipeError
+from tessera.trainer import Trainer
+
+from helpers import recipe
+from test_algorithms import digits_recipe
+from test_ledger import entries
+
+pytest.importorskip("sklearn")
+
+
+class BatchCapture(Callback):
+    """What each step loaded and what it trained on, after the algorithms ran (callbacks run after them)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def after_dataloader(self, state, logger):
+        self.steps.append((state.batch.sample_ids.clone(), state.batch.provenance.clone()))
+
+
+def ledger_digits(governed, algorithms, steps=3):
+    return digits_recipe(algorithms=algorithms, train={"max_duration": f"{steps}ba", "microbatch_size": None},
+                         governance={"ledger": {"enabled": True, "key": str(governed.key("trainer")),
+                                                "entropy_every": 0}})
+
+
+def test_mixup_examples_count_under_both_classes_in_the_ledger(governed, tmp_path):
+    capture = BatchCapture()
+    trainer = Trainer(recipe(ledger_digits(governed, {"mixup": {"alpha": 1.0}})), tmp_path / "run", callbacks=[capture])
+    trainer.fit()
+    trainer.close()
+    classes = trainer.data.class_names
+    steps = [e for e in entries(tmp_path / "run") if e.get("kind") == "step"]
+    assert len(steps) == 3
+    saw_mixed = False
+    for entry, (ids, provenance) in zip(steps, capture.steps):
+        expected, counts = {}, {}
+        for example, row in zip(ids.tolist(), provenance.tolist()):
+            names = sorted(classes[c] for c in set(row) if c >= 0)
+            saw_mixed |= len(names) == 2
+            expected.setdefault("+".join(names), []).append(example)
+            for name in names:
+                counts[name] = counts.get(name, 0) + 1
+        assert {k: sorted(v) for k, v in entry["examples"].items()} == {k: sorted(v) for k, v in expected.items()}
+        assert entry["counts"] == dict(sorted(counts.items()))
+        assert sum(entry["counts"].values()) > len(ids)  # mixed examples are counted once per class
+    assert saw_mixed
+
+
+def test_selective_backprop_records_the_dropped_examples(governed, tmp_path):
+    loaded = BatchCapture()
+    algorithms = {"selective_backprop": {"start": 0.0, "end": 1.0, "keep": 0.5, "interrupt": 0}}
+    trainer = Trainer(recipe(ledger_digits(governed, algorithms)), tmp_path / "run", callbacks=[loaded])
+    batches = list(trainer.data.train_batches(0, 0))[:3]  # what the loader gives, before the algorithm
+    trainer.fit()
+    trainer.close()
+    steps = [e for e in entries(tmp_path / "run") if e.get("kind") == "step"]
+    for entry, batch, (kept, _) in zip(steps, batches, loaded.steps):
+        trained = sorted(i for ids in entry["examples"].values() for i in ids)
+        assert trained == sorted(kept.tolist()) and len(trained) == batch.num_samples // 2
+        assert sorted(entry["dropped"]) == sorted(set(batch.sample_ids.tolist()) - set(trained))
+
+
+@pytest.mark.parametrize("algorithms, message", [
+    ({"sam": {}}, "SAM computes gradients outside the routed backward"),
+    ({"gradient_clipping": {"clipping_type": "norm", "clipping_threshold": 1.0}}, "GradientClipping computes"),
+])
+def test_algorithms_that_cannot_honour_routing_are_refused(governed, tmp_path, algorithms, message):
+    with pytest.raises(RecipeError, match=message):
+        Trainer(recipe(ledger_digits(governed, algorithms)), tmp_path / "run")
+
+
+def test_adaptive_clipping_runs_under_the_ledger(governed, tmp_path):
+    algorithms = {"gradient_clipping": {"clipping_type": "adaptive", "clipping_threshold": 0.01}}
+    trainer = Trainer(recipe(ledger_digits(governed, algorithms, steps=2)), tmp_path / "run")
+    trainer.fit()
+    trainer.close()
+    assert len([e for e in entries(tmp_path / "run") if e.get("kind") == "step"]) == 2
+
+
+def test_surgery_order_is_fixed_whatever_the_recipe_order(tmp_path):
+    listed = {"stochastic_depth": {"drop_rate": 0.1}, "blurpool": {"min_channels": 1},
+              "squeeze_excite": {"min_channels": 8, "latent_channels": 2}, "ghost_batchnorm": {"ghost_batch_size": 8}}
+    reversed_order = dict(reversed(list(listed.items())))
+    a = Trainer(recipe(digits_recipe(algorithms=listed)), tmp_path / "a")
+    b = Trainer(recipe(digits_recipe(algorithms=reversed_order)), tmp_path / "b")
+    assert a.model.tessera_surgery == b.model.tessera_surgery == [
+        "SqueezeExcite", "BlurPool", "GhostBatchNorm", "StochasticDepth"]
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    recorded = json.loads((tmp_path / "a" / "algorithms.json").read_text())
+    assert recorded["surgery"] == a.model.tessera_surgery
+    assert {m["name"]: m["changes"] for m in recorded["algorithms"]}["BlurPool"] == ["model"]
+    # applying the same surgery again changes nothing
+    from tessera.core.surgery import apply_surgery
+
+    again = apply_surgery(a.model, a.algorithms)
+    assert again is a.model and list(again.state_dict()) == list(sa)
+
+
+def test_resuming_with_other_surgery_is_refused(tmp_path):
+    from tessera.algorithms import BlurPool
+
+    config = recipe(digits_recipe(train={"max_duration": "4ba"}))
+    Trainer(config, tmp_path / "run").fit()
+    with pytest.raises(CheckpointError, match="surgery"):
+        Trainer(config, tmp_path / "run", algorithms=[BlurPool(min_channels=1)])
