@@ -39,7 +39,8 @@ def baby_recipe(steps: int, batch_size: int = 12, **sections: dict[str, Any]) ->
         "logging": {"console": False, "jsonl": True},
     }
     for name, values in sections.items():
-        data[name] = {**data.get(name, {}), **values}
+        merge = isinstance(values, dict) and isinstance(data.get(name, {}), dict)
+        data[name] = {**data.get(name, {}), **values} if merge else values
     return Recipe.model_validate(data)
 
 

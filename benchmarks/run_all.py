@@ -6,7 +6,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = ["trainer_overhead.py", "shakespeare_quality.py", "data_throughput.py", "routing_overhead.py", "ledger_overhead.py",
-              "ledger_verify.py", "deletion_cost.py"]
+              "ledger_verify.py", "deletion_cost.py", "time_to_quality_gpt.py", "time_to_quality_vision.py",
+              "algorithm_pareto.py"]
 
 failed = [name for name in BENCHMARKS if subprocess.call([sys.executable, str(HERE / name)]) != 0]
 sys.exit(1 if failed else 0)

@@ -115,10 +115,22 @@ def build_model(recipe: Recipe, vocab_size: int, class_names: list[str] | None =
     return model
 
 
-def build_model_for(recipe: Recipe, data: LanguageModelData) -> torch.nn.Module:
-    """The recipe's model sized for ``data`` (its vocabulary, or its classes for images)."""
+def build_model_for(recipe: Recipe, data: LanguageModelData, surgery: bool = True) -> torch.nn.Module:
+    """The recipe's model sized for ``data`` (its vocabulary, or its classes for images).
+
+    ``surgery``: with the recipe's model surgery applied, so a checkpoint of the trained model fits it.
+    """
     vocab_size = data.tokenizer.vocab_size if data.tokenizer is not None else 0
-    return build_model(recipe, vocab_size, data.class_names)
+    model = build_model(recipe, vocab_size, data.class_names)
+    return with_recipe_surgery(model, recipe) if surgery else model
+
+
+def with_recipe_surgery(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
+    """``model`` after the surgery of the recipe's algorithms (``tessera/core/surgery.py``)."""
+    from tessera.algorithms import build_algorithms
+    from tessera.core.surgery import apply_surgery
+
+    return apply_surgery(model, build_algorithms(recipe.algorithms))
 
 
 def build_logger_destinations(recipe: Recipe, run_dir: Path, dist: DistInfo) -> list[LoggerDestination]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from tessera.build import build_model
+from tessera.build import build_model, with_recipe_surgery
 from tessera.checkpoint import CheckpointStore, load_checkpoint
 from tessera.config import Recipe
 from tessera.data.tokenizer import CharTokenizer
@@ -60,7 +60,7 @@ def load_generator(
     if payload.get("tokenizer") is None:
         raise CheckpointError(f"{checkpoint}: not a text model (no tokenizer in the checkpoint); nothing to sample")
     tokenizer = CharTokenizer.from_json(payload["tokenizer"])
-    model = build_model(recipe, tokenizer.vocab_size, payload.get("classes"))
+    model = with_recipe_surgery(build_model(recipe, tokenizer.vocab_size, payload.get("classes")), recipe)
     model.load_state_dict(payload["model"])
     gates = getattr(model, "adapter_gates", None)
     unknown = [a for a in adapters or [] if gates is None or a not in gates.adapter_classes]

@@ -99,7 +99,8 @@ class Trainer:
         self.data = data or build_data(recipe, self.dist)
         self.algorithms = list(build_algorithms(recipe.algorithms) if algorithms is None else algorithms)
         # Model surgery, in its fixed order, before anything else holds the parameters (tessera/core/surgery.py).
-        self.model = apply_surgery(model or build_model_for(recipe, self.data), self.algorithms).to(self.device)
+        self.model = apply_surgery(model or build_model_for(recipe, self.data, surgery=False),
+                                   self.algorithms).to(self.device)
         # ...then a per-rank stream for dropout and anything else random in the loop.
         seed_everything(recipe.seed + self.dist.rank)
 

@@ -447,3 +447,10 @@ def test_running_average_is_the_mean_of_the_states():
         states.append(model.weight.detach().clone())
         count = update_running_average(average, model, count)
     assert count == 3 and torch.allclose(average["weight"], torch.stack(states).mean(0), atol=1e-6)
+
+
+def test_label_smoothing_composes_with_mixed_targets():
+    from tessera.functional.label_smoothing import smooth_labels
+
+    mixed = torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.0, 0.0]])
+    assert torch.allclose(smooth_labels(mixed, 3, 0.3), torch.tensor([[0.59, 0.31, 0.1], [0.0, 0.0, 0.0]]))

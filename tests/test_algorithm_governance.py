@@ -116,3 +116,22 @@ def test_resuming_with_other_surgery_is_refused(tmp_path):
     Trainer(config, tmp_path / "run").fit()
     with pytest.raises(CheckpointError, match="surgery"):
         Trainer(config, tmp_path / "run", algorithms=[BlurPool(min_channels=1)])
+
+
+def test_a_run_with_surgery_can_be_sampled_and_evaluated_per_class(tmp_path, tiny_corpus):
+    from conftest import tiny_recipe
+    from tessera.governance.deletion import loss_by_class
+    from tessera.generation import load_generator
+    from tessera.checkpoint import CheckpointStore
+
+    config = tiny_recipe(tiny_corpus, algorithms={"gated_linear_units": {}, "alibi": {}},
+                         train={"max_duration": "4ba"})
+    trainer = Trainer(recipe(config), tmp_path / "run")
+    trainer.fit()
+    trainer.close()
+    generator = load_generator(tmp_path / "run")
+    assert "blocks.0.mlp.gate.weight" in dict(generator.model.named_parameters())
+    assert isinstance(generator.sample("ROMEO", max_new_tokens=5, rng=torch.Generator().manual_seed(1)), str)
+    latest = CheckpointStore(tmp_path / "run" / "checkpoints", keep=1).latest()
+    losses = loss_by_class(tmp_path / "run" / "recipe.yaml", latest, 16)
+    assert losses and all(v > 0 for v in losses.values())

@@ -3,6 +3,7 @@ crashed and resumed equals the uninterrupted run bitwise."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +120,54 @@ def test_algorithm_trains_acts_and_resumes_bitwise(name, tmp_path, tiny_corpus, 
         assert trajectory == baselines[task], f"{name} should leave a CPU fp32 run unchanged"
     else:
         assert [loss for _, loss in trajectory] == pytest.approx([loss for _, loss in baselines[task]], rel=2e-3), f"{name} changed the math"
+
+
+def shipped_stacks() -> dict[str, dict[str, Any]]:
+    import yaml
+
+    from conftest import REPO
+
+    found = {}
+    for path in sorted((REPO / "recipes").glob("*.yaml")):
+        algorithms = (yaml.safe_load(path.read_text()) or {}).get("algorithms") or {}
+        if algorithms:
+            found[path.stem] = algorithms
+    return found
+
+
+def stack_pairs() -> list[tuple[str, str, str]]:
+    import itertools
+
+    return [(stack, a, b) for stack, algorithms in shipped_stacks().items()
+            for a, b in itertools.combinations(sorted(algorithms), 2)]
+
+
+def test_the_shipped_recipes_hold_stacks():
+    assert {"digits-mild", "digits-medium", "digits-hot", "shakespeare-speed"} <= set(shipped_stacks())
+
+
+@pytest.mark.parametrize("stack, first, second", stack_pairs())
+def test_every_pair_in_a_shipped_stack_trains_together(stack, first, second, tmp_path, tiny_corpus):
+    options = shipped_stacks()[stack]
+    task = "text" if stack.startswith("shakespeare") else "images"
+    config = config_for(task, {first: options[first], second: options[second]}, tiny_corpus)
+    config["train"]["max_duration"] = "6ba"
+    trainer = Trainer(recipe(config), tmp_path / "run")
+    result = trainer.fit()
+    trainer.close()
+    assert result.timestamp.batch == 6 and torch.isfinite(torch.tensor(result.train_loss))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["digits-hot", "shakespeare-speed"])
+def test_a_shipped_stack_trains_from_the_command_line(name, tmp_path):
+    from conftest import REPO, tessera_cli
+
+    done = tessera_cli("train", str(REPO / "recipes" / f"{name}.yaml"), "--set", "train.max_duration=4ba",
+                       "--set", "eval.max_samples=64", "--set", "logging.progress=lines", "--run-dir", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    recorded = json.loads((tmp_path / "run" / "algorithms.json").read_text())
+    import yaml
+
+    listed = yaml.safe_load((REPO / "recipes" / f"{name}.yaml").read_text())["algorithms"]
+    assert len(recorded["algorithms"]) == len(listed)

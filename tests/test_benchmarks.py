@@ -52,3 +52,31 @@ def test_ledger_overhead_reports_a_ratio():
 def test_ledger_verify_reports_entries_per_second():
     result = _run("ledger_verify.py", "--entries", "3000", "--runs", "1")
     assert result["benchmark"] == "ledger_verify" and result["entries_per_s"] > 0 and result["entries"] == 3000
+
+
+def test_deletion_cost_reports_a_ratio_and_bitwise_equality():
+    result = _run("deletion_cost.py", "--runs", "1", "--eval-samples", "24")
+    assert result["benchmark"] == "deletion_cost" and result["ratio"] > 0 and result["bitwise_equal"] is True
+    assert result["class_enters_at_step"] > 0.7 * result["steps"]
+
+
+def test_time_to_quality_gpt_reports_a_speedup():
+    result = _run("time_to_quality_gpt.py", "--steps", "24", "--seeds", "1", "--budgets", "1.0",
+                  "--eval-every", "8", "--eval-samples", "32")
+    assert result["benchmark"] == "time_to_quality_gpt" and len(result["target_eval_loss"]) == 1
+    assert result["seconds_to_target"]["baseline"][0] > 0  # the baseline reaches its own final loss
+
+
+def test_time_to_quality_vision_reports_speedups_per_stack():
+    result = _run("time_to_quality_vision.py", "--seeds", "1", "--epochs", "1", "--budgets", "1.0",
+                  "--stacks", "digits,digits-mild", "--target", "0.05")
+    assert result["benchmark"] == "time_to_quality_vision" and result["speedup_by_stack"]["digits-mild"] > 0
+
+
+def test_algorithm_pareto_writes_its_table(tmp_path):
+    table = tmp_path / "table.md"
+    result = _run("algorithm_pareto.py", "--only", "label_smoothing", "--epochs", "0.5", "--steps", "8",
+                  "--markdown", str(table))
+    methods = {(r["task"], r["method"]) for r in result["rows"]}
+    assert {("vision", "baseline"), ("vision", "label_smoothing"), ("text", "label_smoothing")} <= methods
+    assert "| vision | label_smoothing |" in table.read_text()

@@ -35,7 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from tessera.build import build_model
+    from tessera.build import build_model, with_recipe_surgery
     from tessera.config import load_recipe
     from tessera.core.state import DataShape
     from tessera.core.time import Time
@@ -52,7 +52,7 @@ def run_check(args: argparse.Namespace) -> int:
         raise TesseraError(f"{args.recipe}: a policy needs a recipe with data.url, data.taxonomy and data.trust")
     taxonomy = Taxonomy.load(data.taxonomy, PublicKey.load(data.trust))
     manifest = read_manifest(data.url, taxonomy, data.storage_options)
-    model = build_model(recipe, open_tokenizer(manifest).vocab_size, list(taxonomy.classes))
+    model = with_recipe_surgery(build_model(recipe, open_tokenizer(manifest).vocab_size, list(taxonomy.classes)), recipe)
     shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
     fingerprint = model_fingerprint(shapes)
 
