@@ -1,8 +1,9 @@
 """algorithm_pareto: training time and final quality of each algorithm alone, and of the shipped stacks.
 
 Image methods run on the digits ResNet (recipes/digits.yaml at ``--epochs``), text methods on the baby
-GPT (``--steps``), each with the options of ``OPTIONS`` below, in one run on one machine, each arm
-beside a baseline measured in the same run. Prints one JSON line (``ratio``: the fastest arm's time
+GPT (``--steps``), each with the options of ``VISION``/``TEXT`` below, in one run on one machine. The
+baseline runs three times per task (first, in the middle, last) and its median is the reference, so
+a drift of the machine during the run shows up instead of skewing every ratio. Prints one JSON line (``ratio``: the fastest arm's time
 against its baseline) and, with ``--markdown FILE``, writes the table docs/algorithms.md quotes.
 """
 
@@ -66,19 +67,23 @@ def main() -> None:
     args = parser.parse_args()
     only = set(filter(None, args.only.split(",")))
 
-    rows = []
-    arms = [("vision", "baseline", {})] + [("vision", n, {n: o}) for n, o in VISION.items()]
-    arms += [("vision", f"stack: {s}", yaml.safe_load(open(REPO / "recipes" / f"digits-{s}.yaml"))["algorithms"])
-             for s in ("mild", "medium", "hot")]
-    arms += [("text", "baseline", {})] + [("text", n, {n: o}) for n, o in TEXT.items()]
-    arms += [("text", "stack: speed", yaml.safe_load(open(REPO / "recipes" / "shakespeare-speed.yaml"))["algorithms"])]
+    stacks = {"vision": [(f"stack: {s}", yaml.safe_load(open(REPO / "recipes" / f"digits-{s}.yaml"))["algorithms"])
+                         for s in ("mild", "medium", "hot")],
+              "text": [("stack: speed", yaml.safe_load(open(REPO / "recipes" / "shakespeare-speed.yaml"))["algorithms"])]}
+    arms = []
+    for task, methods in (("vision", VISION), ("text", TEXT)):
+        chosen = [(n, {n: o}) for n, o in methods.items() if not only or n in only] + stacks[task]
+        middle = len(chosen) // 2  # the baseline runs three times (start, middle, end): the machine drifts
+        arms += [(task, b, m) for b, m in [("baseline", {})] + chosen[:middle] + [("baseline", {})]
+                 + chosen[middle:] + [("baseline", {})]]
+    measured: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for task, name, algorithms in arms:
-        if only and name != "baseline" and name not in only:
-            continue
-        results = [vision_arm(algorithms, args.epochs, s) if task == "vision" else text_arm(algorithms, args.steps, s)
-                   for s in range(1, args.seeds + 1)]
-        rows.append({"task": task, "method": name, "seconds": statistics.median(r[0] for r in results),
-                     "quality": statistics.median(r[1] for r in results)})
+        for s in range(1, args.seeds + 1):
+            result = vision_arm(algorithms, args.epochs, s) if task == "vision" else text_arm(algorithms, args.steps, s)
+            measured.setdefault((task, name), []).append(result)
+    rows = [{"task": task, "method": name, "seconds": statistics.median(r[0] for r in results),
+             "quality": statistics.median(r[1] for r in results), "runs": len(results)}
+            for (task, name), results in measured.items()]
 
     for row in rows:
         base = next(r for r in rows if r["task"] == row["task"] and r["method"] == "baseline")

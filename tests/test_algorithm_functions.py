@@ -253,8 +253,9 @@ def test_noop_model_outputs_zeros_of_the_right_shape_and_keeps_the_loss():
     out = vision(images(3))
     assert out.shape == (3, 10) and not out.any()
     assert float(vision.loss(out, torch.tensor([0, 1, 2]))) == pytest.approx(3 * math.log(10))
+    assert int(vision.accuracy_counts(out, torch.tensor([0, 1, 2]))) == 1  # argmax of zeros: class 0
     text = apply_noop_model(gpt())
-    assert text(torch.zeros(2, 5, dtype=torch.long)).shape == (2, 5, 11)
+    assert text(torch.zeros(2, 5, dtype=torch.long)).shape == (2, 5, 11) and not hasattr(text, "accuracy_counts")
 
 
 # ---------------------------------------------------------------- gyro dropout

@@ -135,3 +135,93 @@ def test_a_run_with_surgery_can_be_sampled_and_evaluated_per_class(tmp_path, tin
     latest = CheckpointStore(tmp_path / "run" / "checkpoints", keep=1).latest()
     losses = loss_by_class(tmp_path / "run" / "recipe.yaml", latest, 16)
     assert losses and all(v > 0 for v in losses.values())
+
+
+def _entropy_freezing_run(governed, run_dir, policy=None, crash_at=None):
+    from helpers import CrashAt
+    from test_ledger import ledger_recipe
+
+    sections = {"algorithms": {"layer_freezing": {"mode": "entropy", "tolerance": 0.2, "patience": 1}},
+                "ledger": {"entropy_every": 2}, "train": {"max_duration": "12ba"}, "checkpoint": {"interval": "4ba"}}
+    if policy is not None:
+        sections["governance"] = {"policy": str(policy)}
+        sections["data"] = {"batching": "per_class"}
+    trainer = Trainer(recipe(ledger_recipe(governed, **sections)), run_dir,
+                      callbacks=[CrashAt(crash_at)] if crash_at else [])
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return trainer
+
+
+def _frozen_layers(run_dir):
+    """For each ledger layer, the steps in which it was updated."""
+    body = entries(run_dir)
+    names = [layer["name"] for layer in body[0]["layers"]]
+    updated = {name: [] for name in names}
+    for entry in body[1:]:
+        for name, row in zip(names, entry["layers"]):
+            if row[0]:
+                updated[name].append(entry["step"])
+    return updated
+
+
+def test_entropy_driven_freezing_freezes_settled_layers_and_the_ledger_shows_it(governed, tmp_path):
+    trainer = _entropy_freezing_run(governed, tmp_path / "run")
+    frozen = trainer.algorithms[0].state_dict()["frozen"]
+    assert frozen, "nothing settled within tolerance 0.2"
+    updated = _frozen_layers(tmp_path / "run")
+    for unit, last_step in frozen.items():
+        layers = [name for name in updated if name == unit or name.startswith(unit + ".")]
+        assert layers, unit
+        for name in layers:  # trained up to the profile that found it settled, never after
+            assert updated[name] and max(updated[name]) == last_step < 12, (name, updated[name], last_step)
+
+
+def test_entropy_driven_freezing_never_freezes_what_the_policy_says_must_keep_learning(governed, tmp_path):
+    from conftest import write_policy
+
+    policy = write_policy(governed, tmp_path / "policy.yaml",
+                          [{"classes": ["gutenberg"], "params": ["tok_emb.*", "blocks.0.*"], "action": "allow"}])
+    trainer = _entropy_freezing_run(governed, tmp_path / "run", policy=policy)
+    frozen = trainer.algorithms[0].state_dict()["frozen"]
+    assert frozen and "tok_emb" not in frozen and "blocks.0" not in frozen
+    updated = _frozen_layers(tmp_path / "run")
+    assert updated["tok_emb"] and max(updated["tok_emb"]) == 12
+
+
+def test_entropy_driven_freezing_resumes_bitwise(governed, tmp_path):
+    from helpers import CrashAt, assert_tree_equal, latest_payload
+
+    _entropy_freezing_run(governed, tmp_path / "reference")
+    with pytest.raises(CrashAt.Crash):
+        _entropy_freezing_run(governed, tmp_path / "resumed", crash_at=10)
+    _entropy_freezing_run(governed, tmp_path / "resumed")
+    a, b = latest_payload(tmp_path / "reference"), latest_payload(tmp_path / "resumed")
+    for key in ("model", "optimizer", "algorithms"):
+        assert_tree_equal(a[key], b[key], key)
+    assert a["algorithms"]["LayerFreezing"]["frozen"]
+    assert _frozen_layers(tmp_path / "reference") == _frozen_layers(tmp_path / "resumed")
+
+
+def test_entropy_driven_freezing_needs_the_ledger(tmp_path, tiny_corpus):
+    from conftest import tiny_recipe
+
+    config = tiny_recipe(tiny_corpus, algorithms={"layer_freezing": {"mode": "entropy"}}, train={"max_duration": "2ba"})
+    with pytest.raises(ValueError, match="entropy_every"):
+        Trainer(recipe(config), tmp_path / "run").fit()
+
+
+def test_batch_transforms_run_in_the_documented_order_whatever_the_recipe_order():
+    from tessera.algorithms import build_algorithms
+    from tessera.core.event import Event
+    from tessera.core.passes import order_for_event
+
+    listed = {"channels_last": {}, "selective_backprop": {}, "progressive_resizing": {}, "mixup": {}, "cutout": {},
+              "randaugment": {}, "sequence_length_warmup": {"duration": "0.5dur"}}
+    expected = ["SequenceLengthWarmup", "RandAugment", "CutOut", "MixUp", "ProgressiveResizing", "SelectiveBackprop",
+                "ChannelsLast"]
+    for configs in (listed, dict(reversed(list(listed.items())))):
+        ordered = order_for_event(build_algorithms(configs), Event.AFTER_DATALOADER)
+        assert [a.name for a in ordered if a.match is not None] == expected

@@ -45,6 +45,13 @@ def _images(state: State, method: str) -> torch.Tensor:
     return inputs
 
 
+# Order on AFTER_DATALOADER (lower first), so a recipe's listing order never matters:
+# per-image augmentations, then occlusion, then mixing two images (each already augmented), then the
+# size changes (which every earlier transform saw at full size); selective backprop scores what will be
+# trained (order 50) and channels-last converts the final tensor (order 100).
+AUGMENT, OCCLUDE, MIX, RESIZE = -30, -20, -10, 0
+
+
 class BatchTransform(Algorithm):
     """Base: configured by keyword arguments; ``transform`` rewrites ``state.batch`` after loading."""
 
@@ -83,6 +90,7 @@ class CutOut(BatchTransform):
     """
 
     config_model = CutOutConfig
+    order = OCCLUDE
 
     def transform(self, state: State) -> None:
         images = _images(state, "CutOut")
@@ -107,6 +115,7 @@ class ColOut(BatchTransform):
     """
 
     config_model = ColOutConfig
+    order = RESIZE
 
     def transform(self, state: State) -> None:
         images = _images(state, "ColOut")
@@ -132,6 +141,7 @@ class MixUp(BatchTransform):
     """
 
     config_model = MixUpConfig
+    order = MIX
 
     def transform(self, state: State) -> None:
         _images(state, "MixUp")
@@ -158,6 +168,7 @@ class CutMix(BatchTransform):
     """
 
     config_model = CutMixConfig
+    order = MIX
 
     def transform(self, state: State) -> None:
         images = _images(state, "CutMix")
@@ -189,6 +200,7 @@ class RandAugment(BatchTransform):
     """
 
     config_model = RandAugmentConfig
+    order = AUGMENT
 
     def transform(self, state: State) -> None:
         images = _images(state, "RandAugment")
@@ -218,6 +230,7 @@ class AugMix(BatchTransform):
     """
 
     config_model = AugMixConfig
+    order = AUGMENT
 
     def transform(self, state: State) -> None:
         images = _images(state, "AugMix")
@@ -247,6 +260,7 @@ class ProgressiveResizing(BatchTransform):
     """
 
     config_model = ProgressiveResizingConfig
+    order = RESIZE
 
     def transform(self, state: State) -> None:
         images = _images(state, "ProgressiveResizing")

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from tessera.core.algorithm import Algorithm
 from tessera.core.event import Event
 from tessera.core.state import State
 from tessera.core.time import Time, TimeUnit
-from tessera.functional.layer_freezing import freeze_times, freezing_units
+from tessera.functional.layer_freezing import freeze_times, freezing_units, settled, unit_entropies
 from tessera.governance.policy import Rule
 from tessera.loggers.logger import Logger
 
 
 class LayerFreezingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    mode: Literal["schedule", "entropy"] = Field("schedule", description="schedule: Composer's bottom-up "
+                                                 "schedule; entropy: freeze each layer once its entropy settles")
     freeze_start: float = Field(0.5, ge=0.0, lt=1.0)
     freeze_level: float = Field(1.0, ge=0.0, le=1.0)
+    tolerance: float = Field(0.01, gt=0.0, description="entropy: largest relative change that counts as settled")
+    patience: int = Field(2, ge=1, description="entropy: consecutive settled profiles before a layer freezes")
 
 
 class LayerFreezing(Algorithm):
@@ -35,19 +41,38 @@ class LayerFreezing(Algorithm):
         Hyperparameters: ``freeze_start`` 0.5, ``freeze_level`` 1.0.
         Source: Brock et al., "FreezeOut: Accelerate Training by
         Progressively Freezing Layers", 2017; Composer's LayerFreezing.
-        Measured in Tessera: not yet measured.
+        Measured in Tessera: see docs/algorithms.md.
 
     Tessera implements freezing as deny rules for every class, compiled into
     the routing allow-matrix with any governance policy (the freezing rules
-    come first, so nothing the policy allows can unfreeze a layer). It does
-    not act on events itself: the router enforces the schedule.
+    come first, so nothing the policy allows can unfreeze a layer). With the
+    schedule it does not act on events itself: the router enforces it.
+
+    ``mode: entropy`` (needs the ledger with ``entropy_every`` > 0) freezes a
+    layer (a unit of ``freezing_units``) once its spectral entropy on the
+    ledger's probe has changed by at most ``tolerance`` (relative) for
+    ``patience`` consecutive profiles: what it represents has settled. A
+    layer the policy explicitly allows some class to update is never frozen
+    (the policy says it must keep learning). Decisions are made from the
+    profile the ledger records, take effect from the next step, and are
+    checkpointed and replayed on resume.
     """
 
-    def __init__(self, freeze_start: float = 0.5, freeze_level: float = 1.0) -> None:
-        config = LayerFreezingConfig(freeze_start=freeze_start, freeze_level=freeze_level)
-        self.freeze_start, self.freeze_level = config.freeze_start, config.freeze_level
+    changes = frozenset({"gradients"})
+
+    def __init__(self, mode: str = "schedule", freeze_start: float = 0.5, freeze_level: float = 1.0,
+                 tolerance: float = 0.01, patience: int = 2) -> None:
+        config = LayerFreezingConfig(mode=mode, freeze_start=freeze_start, freeze_level=freeze_level,
+                                     tolerance=tolerance, patience=patience)
+        self.mode, self.freeze_start, self.freeze_level = config.mode, config.freeze_start, config.freeze_level
+        self.tolerance, self.patience = config.tolerance, config.patience
+        self._previous: dict[str, float] = {}
+        self._streak: dict[str, int] = {}
+        self._frozen: dict[str, int] = {}  # unit -> the last step that updated it
 
     def routing_rules(self, model) -> list[Rule]:
+        if self.mode == "entropy":
+            return []
         units = freezing_units(model)
         rules = []
         for unit, start in zip(units, freeze_times(len(units), self.freeze_start, self.freeze_level)):
@@ -57,7 +82,49 @@ class LayerFreezing(Algorithm):
         return rules
 
     def match(self, event: Event, state: State) -> bool:
-        return False
+        if self.mode != "entropy":
+            return False
+        if event is Event.FIT_START:
+            return True
+        profile = state.entropy_profile
+        return event is Event.BATCH_END and profile is not None and profile[0] == state.timestamp.batch
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
-        pass
+        router = state.router
+        if event is Event.FIT_START:
+            if router is None or not hasattr(router, "freeze"):
+                raise ValueError("layer_freezing mode 'entropy' needs the ledger's entropy profiles: "
+                                 "set governance.ledger.enabled and governance.ledger.entropy_every > 0")
+            for unit, batch in self._frozen.items():  # a resumed run: the same freezing as before the crash
+                router.freeze(self._unit_parameters(router, unit), batch)
+            return
+        assert state.entropy_profile is not None
+        step, layer_names, entropies = state.entropy_profile
+        units = freezing_units(state.model)
+        protected = router.protected_parameters()
+        for unit, value in unit_entropies(units, layer_names, entropies).items():
+            if unit in self._frozen:
+                continue
+            previous = self._previous.get(unit)
+            self._streak[unit] = self._streak.get(unit, 0) + 1 if previous is not None and settled(
+                previous, value, self.tolerance) else 0
+            self._previous[unit] = value
+            parameters = self._unit_parameters(router, unit)
+            if self._streak[unit] >= self.patience and parameters and not set(parameters) & protected:
+                self._frozen[unit] = step  # the router counts completed batches: every step after ``step``
+                router.freeze(parameters, step)
+                logger.log_metrics({f"layer_freezing/frozen_after_step/{unit}": float(step)})
+
+    @staticmethod
+    def _unit_parameters(router, unit: str) -> list[str]:
+        return [n for n in router.names if n == unit or n.startswith(unit + ".")]
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.mode != "entropy":
+            return {}
+        return {"previous": dict(self._previous), "streak": dict(self._streak), "frozen": dict(self._frozen)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._previous = dict(state.get("previous", {}))
+        self._streak = dict(state.get("streak", {}))
+        self._frozen = dict(state.get("frozen", {}))

@@ -45,6 +45,7 @@ class SelectiveBackprop(Algorithm):
     """
 
     changes = frozenset({"batch"})
+    order = 50  # after every other batch transform: it scores the rows as they will be trained
 
     def __init__(self, start: float = 0.5, end: float = 0.9, keep: float = 0.5, scale_factor: float = 1.0,
                  interrupt: int = 2) -> None:

@@ -333,6 +333,7 @@ class ChannelsLast(SurgeryAlgorithm):
     """
 
     changes = frozenset({"model", "batch"})
+    order = 100  # converts the batch after every other transform has made its final tensor
 
     def surgery(self, model: nn.Module) -> nn.Module:
         self.replaced = 1

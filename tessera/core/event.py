@@ -42,7 +42,7 @@ class Event(str, Enum):
     carries that batch's evaluation and a resumed run never loses or repeats it.
 
     Algorithms run in their (pass-sorted) order on every event except the
-    ``AFTER_*`` ones, where they run in reverse, so that an algorithm that
+    ``AFTER_*`` ones (``AFTER_DATALOADER`` aside), where they run in reverse, so that an algorithm that
     changed something on ``BEFORE_X`` can undo it on ``AFTER_X`` with every
     later change already undone. Callbacks run after algorithms, loggers last.
     """
@@ -70,5 +70,6 @@ class Event(str, Enum):
 
     @property
     def is_after_event(self) -> bool:
-        """``AFTER_*`` events run algorithms last-in, first-out."""
-        return self.value.startswith("after_")
+        """``AFTER_*`` events run algorithms last-in, first-out, except ``AFTER_DATALOADER``: it closes no
+        ``BEFORE_*`` change, it is where batch transforms happen, in their declared order."""
+        return self.value.startswith("after_") and self is not Event.AFTER_DATALOADER

@@ -56,6 +56,10 @@ class State:
     loss: torch.Tensor | None = None
     eval_metrics: dict[str, float] = field(default_factory=dict)
     stop_training: bool = False
+    # Governance, for the algorithms that work with it: the router (None when routing is off) and the
+    # ledger's latest entropy profile (step, layer names, [classes, layers] entropies).
+    router: Any = None
+    entropy_profile: tuple[int, list[str], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.max_duration.unit is TimeUnit.DURATION:

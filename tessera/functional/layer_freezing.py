@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+
+import torch
 from torch import nn
 
 
@@ -48,3 +50,19 @@ def freezing_units(model: nn.Module) -> list[str]:
             units.append(name)
     return units
 
+
+
+def unit_entropies(units: list[str], layer_names: list[str], entropies: torch.Tensor) -> dict[str, float]:
+    """Mean entropy (over classes and over the unit's own layers) of each unit that has measured layers."""
+    per_layer = entropies.double().mean(0).cpu()
+    found = {}
+    for unit in units:
+        columns = [j for j, name in enumerate(layer_names) if name == unit or name.startswith(unit + ".")]
+        if columns:
+            found[unit] = float(per_layer[columns].mean())
+    return found
+
+
+def settled(previous: float, current: float, tolerance: float) -> bool:
+    """Whether an entropy moved by at most ``tolerance`` of its size between two profiles."""
+    return abs(current - previous) <= tolerance * max(abs(previous), 1e-12)

@@ -9,7 +9,7 @@ from torch import nn
 class NoOpModel(nn.Module):
     """Outputs zeros of the original model's output shape through one scalar parameter.
 
-    It keeps the original's ``loss``, ``loss_units`` and ``example_losses``,
+    It keeps the original's ``loss``, ``loss_units``, ``example_losses`` (and ``accuracy_counts``),
     so the trainer, its algorithms and the governance layer run unchanged:
     what remains of a step's time is data loading, bookkeeping and logging.
     """
@@ -26,6 +26,8 @@ class NoOpModel(nn.Module):
         self.token_model = hasattr(config, "vocab_size")
         self.weight = nn.Parameter(torch.zeros(()))
         self._original_type = type(original)
+        if hasattr(self._original_type, "accuracy_counts"):  # a classifier: evaluation still reports accuracy
+            self.accuracy_counts = self._original_type.accuracy_counts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         leading = tuple(x.shape[:2]) if self.token_model else (x.shape[0],)

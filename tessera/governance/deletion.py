@@ -211,35 +211,49 @@ def file_sha256(path: Path) -> str:
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
-@torch.no_grad()
 def loss_by_class(recipe_path: Path, checkpoint: Path | None, max_samples: int | None = None) -> dict[str, float]:
     """Held-out loss of every class (mean per target token) for the weights in ``checkpoint``."""
+    return losses_by_class(recipe_path, [checkpoint], max_samples)[0]
+
+
+@torch.no_grad()
+def losses_by_class(recipe_path: Path, checkpoints: list[Path | None],
+                    max_samples: int | None = None) -> list[dict[str, float]]:
+    """``loss_by_class`` for several checkpoints of one recipe, reading the held-out data once.
+
+    Shards are verified as they are read (``verify: lazy``): evaluation reads
+    only the validation shards, and a bad one still fails closed.
+    """
     from tessera.build import build_data, build_model_for
     from tessera.config import load_recipe
     from tessera.determinism import seed_everything
     from tessera.distributed import DistInfo
     from tessera.models.adapters import set_row_classes
 
-    recipe = load_recipe(recipe_path)
+    recipe = load_recipe(recipe_path, ["data.verify=lazy"])
     seed_everything(recipe.seed)
     data = build_data(recipe, DistInfo())
     try:
+        batches = list(data.eval_batches(recipe.eval.batch_size, max_samples))
         model = build_model_for(recipe, data)
-        if checkpoint is not None:
-            model.load_state_dict(_load(checkpoint)["model"])
-        model.eval()
-        totals: dict[int, list[float]] = {}
-        for batch in data.eval_batches(recipe.eval.batch_size, max_samples):
-            set_row_classes(model, batch.provenance)
-            logits = model(batch.inputs)
-            for row in range(batch.num_samples):
-                c = int(batch.provenance[row, 0])
-                part = totals.setdefault(c, [0.0, 0.0])
-                part[0] += float(model.loss(logits[row:row + 1], batch.targets[row:row + 1]))
-                part[1] += float(model.loss_units(batch.targets[row:row + 1]))
+        results = []
+        for checkpoint in checkpoints:
+            if checkpoint is not None:
+                model.load_state_dict(_load(checkpoint)["model"])
+            model.eval()
+            totals: dict[int, list[float]] = {}
+            for batch in batches:
+                set_row_classes(model, batch.provenance)
+                logits = model(batch.inputs)
+                for row in range(batch.num_samples):
+                    c = int(batch.provenance[row, 0])
+                    part = totals.setdefault(c, [0.0, 0.0])
+                    part[0] += float(model.loss(logits[row:row + 1], batch.targets[row:row + 1]))
+                    part[1] += float(model.loss_units(batch.targets[row:row + 1]))
+            results.append({data.class_names[c]: round(s / max(n, 1.0), 6) for c, (s, n) in sorted(totals.items())})
     finally:
         _close(data)
-    return {data.class_names[c]: round(s / max(n, 1.0), 6) for c, (s, n) in sorted(totals.items())}
+    return results
 
 
 # ---------------------------------------------------------------------------------------------- certificate
@@ -373,7 +387,7 @@ def forget(parent: str | Path, node: str, out: str | Path, key: SigningKey, mode
     if key.public.key_id != parent_final["key_id"]:
         raise DeletionError(f"the signing key {key.public.key_id} is not the parent run's trainer key "
                             f"{parent_final['key_id']}")
-    before = loss_by_class(parent / "recipe.yaml", _latest(parent), max_eval_samples)
+    parent_checkpoint = _latest(parent)
     if mode == "ablate":
         if not plan.confined:
             raise DeletionError(f"cannot ablate {node!r}: {plan.ablation}; use --mode exact")
@@ -385,6 +399,7 @@ def forget(parent: str | Path, node: str, out: str | Path, key: SigningKey, mode
         certificate.update(steps_replayed=0, final_weights_sha256=weights_sha256(
             _load(_latest(parent))["model"]),
             note=f"{node} never contributed to a step of this run: nothing to forget; the parent's weights stand")
+        before = loss_by_class(parent / "recipe.yaml", parent_checkpoint, max_eval_samples)
         certificate["evaluation"] = {"before": before, "after": before}
         write_certificate(out, sign_certificate(certificate, key))
         return certificate
@@ -393,9 +408,10 @@ def forget(parent: str | Path, node: str, out: str | Path, key: SigningKey, mode
         certificate = _replay(plan, out, key, parent_final)
     else:
         raise DeletionError(f"--mode {mode!r}: choose exact or ablate")
-    after_checkpoint = _latest(out)
-    certificate["evaluation"] = {"before": before,
-                                 "after": loss_by_class(out / "recipe.yaml", after_checkpoint, max_eval_samples)}
+    # Before and after on the same held-out examples, read once (the parent's recipe: evaluation
+    # keeps every class, whatever training excluded).
+    before, after = losses_by_class(parent / "recipe.yaml", [parent_checkpoint, _latest(out)], max_eval_samples)
+    certificate["evaluation"] = {"before": before, "after": after}
     write_certificate(out, sign_certificate(certificate, key))
     return certificate
 

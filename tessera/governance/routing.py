@@ -117,6 +117,8 @@ class Router:
 
     def _compile(self, policy: Policy | None, extra: list[Rule], batches_in: Callable[[Time], float]) -> list[Phase]:
         rules = extra + (policy.expanded_rules() if policy else [])
+        self._policy_allows = {n for r in (policy.expanded_rules() if policy else []) if r.action == "allow"
+                               for n in self.names if any(matches(pat, n) for pat in r.params)}
         default = policy.default if policy else "allow"
         n_classes, n_params = len(self.class_names), len(self.names)
         covers = np.array([[r.covers(c) for c in self.class_names] for r in rules], dtype=bool).reshape(len(rules), n_classes)
@@ -155,6 +157,35 @@ class Router:
             if not phases or not np.array_equal(phases[-1].allowed, allowed):
                 phases.append(Phase(start_batch=start, allowed=allowed))
         return phases
+
+    def protected_parameters(self) -> set[str]:
+        """Parameters the policy explicitly allows some class to update: they must keep learning, so
+        nothing (an entropy-driven freezing, say) may freeze them."""
+        return set(self._policy_allows)
+
+    def freeze(self, names: Sequence[str], from_batch: int) -> None:
+        """Deny every class the parameters ``names`` from ``from_batch`` on (idempotent).
+
+        For decisions taken during training (entropy-driven layer freezing): the
+        caller records them, and replays them after a resume, so the phases are
+        the same in the resumed run.
+        """
+        unknown = [n for n in names if n not in self.names]
+        if unknown:
+            raise RoutingError(f"cannot freeze {unknown[0]!r}: not a parameter of this model")
+        protected = set(names) & self._policy_allows
+        if protected:
+            raise RoutingError(f"cannot freeze {sorted(protected)[0]!r}: the policy says it must keep learning")
+        mask = np.array([n in set(names) for n in self.names], dtype=bool)
+        index = bisect.bisect_right(self._starts, from_batch) - 1
+        if self.phases[index].start_batch != from_batch:
+            self.phases.insert(index + 1, Phase(start_batch=from_batch, allowed=self.phases[index].allowed.copy()))
+        for phase in self.phases:
+            if phase.start_batch >= from_batch:
+                phase.allowed = phase.allowed & ~mask[None, :]
+        self._starts = [p.start_batch for p in self.phases]
+        for cache in (self._signature_cache, self._group_cache, self._plan_cache, self._cells):
+            cache.clear()
 
     def phase_at(self, batch: int) -> Phase:
         return self.phases[bisect.bisect_right(self._starts, batch) - 1]

@@ -81,6 +81,7 @@ class Ledger:
         self.recorder = ContributionRecorder(router, dist)
         self.entropy = EntropyProbe(router.model, probe, class_names, probe_tokens) if probe is not None and entropy_every else None
         self.entropy_every, self.flush_every = entropy_every, flush_every
+        self.last_entropy: tuple[int, torch.Tensor] | None = None  # (step, [classes, layers]) of the latest profile
         self.pending: list[_PendingStep] = []
         self.genesis = {
             "kind": "run",
@@ -171,6 +172,7 @@ class Ledger:
         entropy = None
         if self.entropy is not None and step % self.entropy_every == 0:
             entropy = self.entropy.measure()
+            self.last_entropy = (step, entropy)  # every rank: the same model, the same probe
         if not self.dist.is_main:
             return
         self.pending.append(_PendingStep(
