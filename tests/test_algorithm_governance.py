@@ -172,11 +172,12 @@ def test_entropy_driven_freezing_freezes_settled_layers_and_the_ledger_shows_it(
     frozen = trainer.algorithms[0].state_dict()["frozen"]
     assert frozen, "nothing settled within tolerance 0.2"
     updated = _frozen_layers(tmp_path / "run")
+    assert min(frozen.values()) < 12  # at least one layer froze with steps left to skip
     for unit, last_step in frozen.items():
         layers = [name for name in updated if name == unit or name.startswith(unit + ".")]
         assert layers, unit
         for name in layers:  # trained up to the profile that found it settled, never after
-            assert updated[name] and max(updated[name]) == last_step < 12, (name, updated[name], last_step)
+            assert updated[name] and max(updated[name]) == last_step, (name, updated[name], last_step)
 
 
 def test_entropy_driven_freezing_never_freezes_what_the_policy_says_must_keep_learning(governed, tmp_path):
