@@ -62,7 +62,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=5.0)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--only", default="", help="comma-separated method names (default: all)")
+    parser.add_argument("--only", default="", help="comma-separated method names, 'stacks' for the shipped "
+                        "stacks (default: all)")
     parser.add_argument("--markdown", type=Path, help="write the table here")
     args = parser.parse_args()
     only = set(filter(None, args.only.split(",")))
@@ -72,7 +73,8 @@ def main() -> None:
               "text": [("stack: speed", yaml.safe_load(open(REPO / "recipes" / "shakespeare-speed.yaml"))["algorithms"])]}
     arms = []
     for task, methods in (("vision", VISION), ("text", TEXT)):
-        chosen = [(n, {n: o}) for n, o in methods.items() if not only or n in only] + stacks[task]
+        chosen = [(n, {n: o}) for n, o in methods.items() if not only or n in only]
+        chosen += stacks[task] if not only or "stacks" in only else []
         middle = len(chosen) // 2  # the baseline runs three times (start, middle, end): the machine drifts
         arms += [(task, b, m) for b, m in [("baseline", {})] + chosen[:middle] + [("baseline", {})]
                  + chosen[middle:] + [("baseline", {})]]

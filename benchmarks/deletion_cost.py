@@ -38,16 +38,21 @@ FORGET = "gutenberg/comedy/comedy_of_errors"
 KEEP = {FORGET, "gutenberg/comedy/as_you_like_it", "gutenberg/comedy/alls_well_that_ends_well"}
 
 
-def recipe(governed, key: Path, classes: list[str], steps: int | None, exclude_forgotten: bool = False) -> Recipe:
+TINY_GPT = dict(n_layer=1, n_head=2, d_model=32, block_size=64)  # smoke tests: the same run, far less compute
+
+
+def recipe(governed, key: Path, classes: list[str], steps: int | None, exclude_forgotten: bool = False,
+           batch_size: int = 12, tiny: bool = False) -> Recipe:
     excluded = [c for c in classes if c not in KEEP] + ([FORGET] if exclude_forgotten else [])
     return Recipe.model_validate({
         "seed": 1,
-        "model": dict(BABY_GPT),
+        "model": dict(TINY_GPT if tiny else BABY_GPT),
         "data": {"url": str(governed.dataset), "taxonomy": str(governed.taxonomy), "trust": str(governed.trust),
-                 "batching": "random", "exclude_classes": excluded, "late_classes": [FORGET]},
+                 "batching": "random", "exclude_classes": excluded, "late_classes": [FORGET],
+                 "verify": "lazy"},  # both arms verify each shard as they read it (forget's replay does)
         "optimizer": {"name": "adamw", "lr": 1e-3},
         "scheduler": {"warmup": "10ba"},
-        "train": {"max_duration": f"{steps or 1}ba", "global_batch_size": 12, "grad_clip_norm": 1.0,
+        "train": {"max_duration": f"{steps or 1}ba", "global_batch_size": batch_size, "grad_clip_norm": 1.0,
                   "deterministic": True},
         "eval": {"interval": "1000000ba", "max_samples": 12},
         "checkpoint": {"interval": "1000000ba"},
@@ -75,6 +80,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=3, help="forget/retrain pairs (the parent is trained once)")
     parser.add_argument("--eval-samples", type=int, default=240)
+    parser.add_argument("--batch-size", type=int, default=12, help="larger: fewer, bigger steps (smoke tests)")
+    parser.add_argument("--tiny", action="store_true", help="a 1-layer, 32-wide GPT (smoke tests)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -84,12 +91,12 @@ def main() -> None:
 
         nodes = list(Taxonomy.parse(governed.taxonomy.read_bytes(), str(governed.taxonomy)).classes)
         classes = [c for c in nodes if not any(other.startswith(c + "/") for other in nodes)]  # the plays
-        probe = Trainer(recipe(governed, key, classes, None), root / "probe2")
+        probe = Trainer(recipe(governed, key, classes, None, batch_size=args.batch_size, tiny=args.tiny), root / "probe2")
         late, per_epoch = probe.data.first_late_batch(), probe.data.shape.batches_per_epoch
         probe.close()
         steps = min(per_epoch, round(late / 0.75))
         parent = root / "parent"
-        fit(recipe(governed, key, classes, steps), parent)
+        fit(recipe(governed, key, classes, steps, batch_size=args.batch_size, tiny=args.tiny), parent)
         ratios, forget_s, retrain_s, equal, losses = [], [], [], [], []
         for run in range(args.runs):
             started = time.perf_counter()
@@ -97,7 +104,8 @@ def main() -> None:
                                  max_eval_samples=args.eval_samples)
             forget_s.append(time.perf_counter() - started)
             started = time.perf_counter()
-            fit(recipe(governed, key, classes, steps, exclude_forgotten=True), root / f"retrain-{run}")
+            fit(recipe(governed, key, classes, steps, exclude_forgotten=True, batch_size=args.batch_size, tiny=args.tiny),
+                root / f"retrain-{run}")
             retrain_s.append(time.perf_counter() - started)
             ratios.append(forget_s[-1] / retrain_s[-1])
             a, b = latest(root / f"forgot-{run}"), latest(root / f"retrain-{run}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = ["trainer_overhead.py", "shakespeare_quality.py", "data_throughput.py", "routing_overhead.py", "ledger_overhead.py",
-              "ledger_verify.py", "deletion_cost.py", "time_to_quality_gpt.py", "time_to_quality_vision.py",
+              "ledger_verify.py", "deletion_cost.py", "deletion_tradeoff.py", "time_to_quality_gpt.py", "time_to_quality_vision.py",
               "algorithm_pareto.py"]
 
 failed = [name for name in BENCHMARKS if subprocess.call([sys.executable, str(HERE / name)]) != 0]

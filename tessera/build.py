@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -47,6 +48,8 @@ def build_data(recipe: Recipe, dist: DistInfo) -> LanguageModelData:
         exclude_classes=tuple(config.exclude_classes),
         late_classes=tuple(config.late_classes),
     )
+    if config.deletable_late and config.url is None and not config.mixture:
+        raise RecipeError("data.deletable_late needs a prepared dataset (data.url) whose taxonomy marks classes deletable")
     if config.images is not None:
         from tessera.data.images import digits_data
 
@@ -57,6 +60,9 @@ def build_data(recipe: Recipe, dist: DistInfo) -> LanguageModelData:
         return data
     assert config.taxonomy is not None and config.trust is not None
     taxonomy = Taxonomy.load(config.taxonomy, trust=PublicKey.load(config.trust))
+    if config.deletable_late:  # the classes data governance marked deletable go last in every epoch
+        late = tuple(dict.fromkeys(order.late_classes + tuple(sorted(taxonomy.deletable))))
+        order = dataclasses.replace(order, late_classes=late)
     options = dict(
         storage_options=config.storage_options,
         cache=CacheConfig(config.cache_dir, config.cache_limit),

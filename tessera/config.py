@@ -118,6 +118,8 @@ class DataConfig(Section):
     # Deletion (G5): the counterfactual of forgetting a class, and an order that keeps forgetting cheap.
     exclude_classes: list[str] = Field(default_factory=list, description="leave these classes out of training "
                                        "(taxonomy nodes cover their subtrees; evaluation keeps them)")
+    deletable_late: bool = Field(False, description="place the classes the taxonomy marks deletable last in every "
+                                 "epoch (with late_classes)")
     late_classes: list[str] = Field(default_factory=list, description="place these classes last in every epoch, "
                                     "so forgetting them replays only the tail")
 

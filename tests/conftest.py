@@ -116,7 +116,7 @@ class Governed:
 CLASS_TEMPLATE = "gutenberg/{genre}/{work}"
 
 
-def make_governance(root: Path, corpus: Path, shard_examples: int = 200) -> Governed:
+def make_governance(root: Path, corpus: Path, shard_examples: int = 200, deletable: tuple[str, ...] = ()) -> Governed:
     from tessera.data.prepare import PrepareOptions, prepare_dataset
     from tessera.data.sources import classes_from_mapping, documents_from_folder
     from tessera.governance.keys import PublicKey, SigningKey, sign_bytes, write_key_pair
@@ -135,7 +135,7 @@ def make_governance(root: Path, corpus: Path, shard_examples: int = 200) -> Gove
     }
     classes = classes_from_mapping(corpus / "manifest.csv", CLASS_TEMPLATE)
     taxonomy_path = root / "taxonomy.yaml"
-    taxonomy_path.write_text(taxonomy_yaml("tiny", classes + ["gutenberg/history"], authorities), encoding="utf-8")
+    taxonomy_path.write_text(taxonomy_yaml("tiny", classes + ["gutenberg/history"], authorities, list(deletable)), encoding="utf-8")
     signature = sign_bytes(taxonomy_path.read_bytes(), SigningKey.load(keys / "data-governance.key"))
     (root / "taxonomy.yaml.sig").write_text(signature.to_json(), encoding="utf-8")
     taxonomy = Taxonomy.load(taxonomy_path, PublicKey.load(keys / "data-governance.pub"))

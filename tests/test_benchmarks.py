@@ -55,7 +55,7 @@ def test_ledger_verify_reports_entries_per_second():
 
 
 def test_deletion_cost_reports_a_ratio_and_bitwise_equality():
-    result = _run("deletion_cost.py", "--runs", "1", "--eval-samples", "24")
+    result = _run("deletion_cost.py", "--runs", "1", "--eval-samples", "24", "--batch-size", "96", "--tiny")
     assert result["benchmark"] == "deletion_cost" and result["ratio"] > 0 and result["bitwise_equal"] is True
     assert result["class_enters_at_step"] > 0.7 * result["steps"]
 
@@ -80,3 +80,10 @@ def test_algorithm_pareto_writes_its_table(tmp_path):
     methods = {(r["task"], r["method"]) for r in result["rows"]}
     assert {("vision", "baseline"), ("vision", "label_smoothing"), ("text", "label_smoothing")} <= methods
     assert "| vision | label_smoothing |" in table.read_text()
+
+
+def test_deletion_tradeoff_reports_both_orders():
+    result = _run("deletion_tradeoff.py", "--eval-samples", "48", "--batch-size", "96", "--tiny")
+    late, shuffled = result["late"], result["shuffled"]
+    assert result["benchmark"] == "deletion_tradeoff" and late["first_step_of_class"] > shuffled["first_step_of_class"]
+    assert late["steps_to_replay"] < shuffled["steps_to_replay"] and 0 < result["ratio"] < 1

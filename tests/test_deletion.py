@@ -186,3 +186,33 @@ def test_ablation_resets_only_the_confined_parameters(governed, tmp_path):
                 assert torch.equal(after[name], initial[name]), name
         verified = tessera_cli("ledger", "verify", str(out))
         assert verified.returncode == 0, verified.stderr
+
+
+def test_deletable_classes_of_the_taxonomy_go_last(tmp_path, tiny_corpus):
+    from conftest import make_governance
+    from tessera.build import build_data
+    from tessera.distributed import DistInfo
+    from tessera.errors import RecipeError
+    from test_ledger import HAMLET
+
+    marked = make_governance(tmp_path / "gov", tiny_corpus, deletable=(HAMLET,))
+
+    def data(**options):
+        return build_data(recipe(marked.recipe(data={"batching": "random", **options})), DistInfo())
+
+    by_taxonomy, by_name, plain = data(deletable_late=True), data(late_classes=[HAMLET]), data()
+    assert by_taxonomy.first_late_batch() == by_name.first_late_batch() and by_taxonomy.first_late_batch() > 0
+    assert torch.equal(by_taxonomy.sampler.global_batch(0, 0), by_name.sampler.global_batch(0, 0))
+    assert plain.first_late_batch() is None
+    hamlet = by_taxonomy.class_names.index(HAMLET)
+    first = by_taxonomy.first_late_batch()
+    early = torch.cat([by_taxonomy.sampler.global_batch(0, b) for b in range(first)])
+    assert not (by_taxonomy.train.classes[early] == hamlet).any()
+    with pytest.raises(RecipeError, match="deletable_late"):
+        build_data(recipe(tiny_recipe_for_corpus(tiny_corpus, deletable_late=True)), DistInfo())
+
+
+def tiny_recipe_for_corpus(corpus, **data):
+    from conftest import tiny_recipe
+
+    return tiny_recipe(corpus, data={"corpus": str(corpus), **data})

@@ -1,0 +1,72 @@
+"""deletion_tradeoff: what the deletion-aware order costs in quality, and what it saves a deletion.
+
+The deletion_cost setup (baby GPT, three comedies, one epoch, deterministic, ledger on), trained
+twice from the same seed: with The Comedy of Errors placed last (``data.late_classes``, plus the
+kept checkpoint before it) and in the ordinary shuffled order. For each: the held-out loss per class
+and overall, and the deletion plan for that class from the verified ledger (steps to replay, against
+a full retrain). JSON ``ratio`` = the late order's replayed share / the shuffled order's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from common import emit, governed_shakespeare, machine
+from deletion_cost import FORGET, fit, latest, recipe
+
+from tessera.governance.deletion import loss_by_class, plan_deletion
+from tessera.governance.keys import write_key_pair
+from tessera.governance.taxonomy import Taxonomy
+from tessera.trainer import Trainer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--eval-samples", type=int, default=480)
+    parser.add_argument("--batch-size", type=int, default=12, help="larger: fewer, bigger steps (smoke tests)")
+    parser.add_argument("--tiny", action="store_true", help="a 1-layer, 32-wide GPT (smoke tests)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        governed = governed_shakespeare(root)
+        key, _ = write_key_pair("trainer", root / "trainer-key")
+        nodes = list(Taxonomy.parse(governed.taxonomy.read_bytes(), str(governed.taxonomy)).classes)
+        classes = [c for c in nodes if not any(other.startswith(c + "/") for other in nodes)]
+        probe = Trainer(recipe(governed, key, classes, None, batch_size=args.batch_size, tiny=args.tiny), root / "probe")
+        steps = probe.data.shape.batches_per_epoch
+        probe.close()
+        arms = {}
+        for name, late in (("late", True), ("shuffled", False)):
+            config = recipe(governed, key, classes, steps, batch_size=args.batch_size, tiny=args.tiny)
+            if not late:
+                config = config.model_copy(update={"data": config.data.model_copy(update={"late_classes": []})})
+            run = root / name
+            fit(config, run)
+            plan = plan_deletion(run, FORGET)
+            losses = loss_by_class(run / "recipe.yaml", latest(run), args.eval_samples)
+            arms[name] = {
+                "first_step_of_class": plan.first_step,
+                "steps_to_replay": plan.steps_to_replay,
+                "replayed_share": round(plan.steps_to_replay / plan.total_steps, 4),
+                "forgotten_class_loss": losses[FORGET],
+                "other_classes_mean_loss": round(sum(v for k, v in losses.items() if k != FORGET)
+                                                 / max(1, len(losses) - 1), 6),
+                "checkpoints_kept": len(list((run / "checkpoints").glob("*.pt"))),
+            }
+    late, shuffled = arms["late"], arms["shuffled"]
+    emit({
+        "benchmark": "deletion_tradeoff",
+        "ratio": round(late["replayed_share"] / max(shuffled["replayed_share"], 1e-9), 4),
+        "late": late,
+        "shuffled": shuffled,
+        "forgotten_class_loss_cost": round(late["forgotten_class_loss"] - shuffled["forgotten_class_loss"], 6),
+        "other_classes_loss_cost": round(late["other_classes_mean_loss"] - shuffled["other_classes_mean_loss"], 6),
+        "steps": steps,
+        "machine": machine(),
+    })
+
+
+if __name__ == "__main__":
+    main()
