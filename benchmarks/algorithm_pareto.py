@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated method names, 'stacks' for the shipped "
                         "stacks (default: all)")
     parser.add_argument("--markdown", type=Path, help="write the table here")
+    parser.add_argument("--baseline-runs", type=int, default=3, choices=[1, 2, 3],
+                        help="baseline runs per task, spread over the invocation (their median is the reference)")
     args = parser.parse_args()
     only = set(filter(None, args.only.split(",")))
 
@@ -76,8 +78,9 @@ def main() -> None:
         chosen = [(n, {n: o}) for n, o in methods.items() if not only or n in only]
         chosen += stacks[task] if not only or "stacks" in only else []
         middle = len(chosen) // 2  # the baseline runs three times (start, middle, end): the machine drifts
-        arms += [(task, b, m) for b, m in [("baseline", {})] + chosen[:middle] + [("baseline", {})]
-                 + chosen[middle:] + [("baseline", {})]]
+        repeats = [("baseline", {})] if args.baseline_runs >= 2 else []
+        arms += [(task, b, m) for b, m in [("baseline", {})] + chosen[:middle] + repeats[:1]
+                 + chosen[middle:] + (repeats if args.baseline_runs >= 3 else [])]
     measured: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for task, name, algorithms in arms:
         for s in range(1, args.seeds + 1):
