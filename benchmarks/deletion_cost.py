@@ -23,7 +23,9 @@ import argparse
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from common import BABY_GPT, emit, governed_shakespeare, machine
@@ -61,6 +63,35 @@ def recipe(governed, key: Path, classes: list[str], steps: int | None, exclude_f
     })
 
 
+@dataclass
+class Setup:
+    """The governed Shakespeare dataset, a trainer key, the plays, and where the forgotten class begins."""
+
+    governed: Any
+    key: Path
+    classes: list[str]
+    late: int
+    per_epoch: int
+    batch_size: int
+    tiny: bool
+
+    def recipe(self, steps: int | None, exclude_forgotten: bool = False) -> Recipe:
+        return recipe(self.governed, self.key, self.classes, steps, exclude_forgotten, self.batch_size, self.tiny)
+
+
+def prepare(root: Path, batch_size: int = 12, tiny: bool = False) -> Setup:
+    from tessera.governance.taxonomy import Taxonomy
+
+    governed = governed_shakespeare(root)
+    key, _ = write_key_pair("trainer", root / "trainer-key")
+    nodes = list(Taxonomy.parse(governed.taxonomy.read_bytes(), str(governed.taxonomy)).classes)
+    classes = [c for c in nodes if not any(other.startswith(c + "/") for other in nodes)]  # the plays
+    probe = Trainer(recipe(governed, key, classes, None, batch_size=batch_size, tiny=tiny), root / "probe")
+    late, per_epoch = probe.data.first_late_batch(), probe.data.shape.batches_per_epoch
+    probe.close()
+    return Setup(governed, key, classes, late, per_epoch, batch_size, tiny)
+
+
 def latest(run: Path) -> Path:
     found = CheckpointStore(run / "checkpoints", keep=1).latest()
     assert found is not None, run
@@ -85,18 +116,11 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        governed = governed_shakespeare(root)
-        key, _ = write_key_pair("trainer", root / "trainer-key")
-        from tessera.governance.taxonomy import Taxonomy
-
-        nodes = list(Taxonomy.parse(governed.taxonomy.read_bytes(), str(governed.taxonomy)).classes)
-        classes = [c for c in nodes if not any(other.startswith(c + "/") for other in nodes)]  # the plays
-        probe = Trainer(recipe(governed, key, classes, None, batch_size=args.batch_size, tiny=args.tiny), root / "probe2")
-        late, per_epoch = probe.data.first_late_batch(), probe.data.shape.batches_per_epoch
-        probe.close()
-        steps = min(per_epoch, round(late / 0.75))
+        setup = prepare(root, args.batch_size, args.tiny)
+        key, late = setup.key, setup.late
+        steps = min(setup.per_epoch, round(late / 0.75))
         parent = root / "parent"
-        fit(recipe(governed, key, classes, steps, batch_size=args.batch_size, tiny=args.tiny), parent)
+        fit(setup.recipe(steps), parent)
         ratios, forget_s, retrain_s, equal, losses = [], [], [], [], []
         for run in range(args.runs):
             started = time.perf_counter()
@@ -104,8 +128,7 @@ def main() -> None:
                                  max_eval_samples=args.eval_samples)
             forget_s.append(time.perf_counter() - started)
             started = time.perf_counter()
-            fit(recipe(governed, key, classes, steps, exclude_forgotten=True, batch_size=args.batch_size, tiny=args.tiny),
-                root / f"retrain-{run}")
+            fit(setup.recipe(steps, exclude_forgotten=True), root / f"retrain-{run}")
             retrain_s.append(time.perf_counter() - started)
             ratios.append(forget_s[-1] / retrain_s[-1])
             a, b = latest(root / f"forgot-{run}"), latest(root / f"retrain-{run}")

@@ -13,13 +13,10 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from common import emit, governed_shakespeare, machine
-from deletion_cost import FORGET, fit, latest, recipe
+from common import emit, machine
+from deletion_cost import FORGET, fit, latest, prepare
 
 from tessera.governance.deletion import loss_by_class, plan_deletion
-from tessera.governance.keys import write_key_pair
-from tessera.governance.taxonomy import Taxonomy
-from tessera.trainer import Trainer
 
 
 def main() -> None:
@@ -30,16 +27,11 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        governed = governed_shakespeare(root)
-        key, _ = write_key_pair("trainer", root / "trainer-key")
-        nodes = list(Taxonomy.parse(governed.taxonomy.read_bytes(), str(governed.taxonomy)).classes)
-        classes = [c for c in nodes if not any(other.startswith(c + "/") for other in nodes)]
-        probe = Trainer(recipe(governed, key, classes, None, batch_size=args.batch_size, tiny=args.tiny), root / "probe")
-        steps = probe.data.shape.batches_per_epoch
-        probe.close()
+        setup = prepare(root, args.batch_size, args.tiny)
+        steps = setup.per_epoch
         arms = {}
         for name, late in (("late", True), ("shuffled", False)):
-            config = recipe(governed, key, classes, steps, batch_size=args.batch_size, tiny=args.tiny)
+            config = setup.recipe(steps)
             if not late:
                 config = config.model_copy(update={"data": config.data.model_copy(update={"late_classes": []})})
             run = root / name

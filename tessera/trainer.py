@@ -367,8 +367,7 @@ class Trainer:
             global_loss = distributed.all_reduce_sum(total_loss.clone(), self.dist) / loss_units
             ledger.after_optimizer_step(state.timestamp.batch, state.timestamp.state_dict(), global_loss,
                                         self.router.step_updated, skipped)
-            if ledger.last_entropy is not None and ledger.last_entropy[0] == state.timestamp.batch:
-                state.entropy_profile = (ledger.last_entropy[0], ledger.entropy.layer_names, ledger.last_entropy[1])
+            state.entropy_profile = ledger.last_entropy
         return total_loss, loss_units
 
     def _global_mean_loss(self, local_loss_sum: torch.Tensor, loss_units: torch.Tensor) -> float:

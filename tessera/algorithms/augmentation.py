@@ -12,9 +12,9 @@ from dataclasses import replace
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from tessera.core.algorithm import Algorithm
+from tessera.algorithms.configured import ConfiguredAlgorithm, NoOptions
 from tessera.core.event import Event
 from tessera.core.state import State
 from tessera.functional.augment import augmix_batch, randaugment_batch
@@ -24,8 +24,7 @@ from tessera.functional.progressive_resizing import resize_batch, resizing_scale
 from tessera.loggers.logger import Logger
 
 
-class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+_Config = NoOptions
 
 
 def _num_classes(state: State) -> int:
@@ -52,15 +51,10 @@ def _images(state: State, method: str) -> torch.Tensor:
 AUGMENT, OCCLUDE, MIX, RESIZE = -30, -20, -10, 0
 
 
-class BatchTransform(Algorithm):
+class BatchTransform(ConfiguredAlgorithm):
     """Base: configured by keyword arguments; ``transform`` rewrites ``state.batch`` after loading."""
 
     changes = frozenset({"batch"})
-    config_model: type[BaseModel] = _Config
-
-    def __init__(self, **options: object) -> None:
-        for key, value in self.config_model.model_validate(options).model_dump().items():
-            setattr(self, key, value)
 
     def match(self, event: Event, state: State) -> bool:
         return event is Event.AFTER_DATALOADER

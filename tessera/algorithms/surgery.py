@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
-from tessera.core.algorithm import Algorithm
+from tessera.algorithms.configured import ConfiguredAlgorithm, NoOptions
 from tessera.core.event import Event
 from tessera.core.state import State
 from tessera.functional.alibi import apply_alibi
@@ -31,19 +31,16 @@ from tessera.functional.weight_standardization import apply_weight_standardizati
 from tessera.loggers.logger import Logger
 
 
-class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+_Config = NoOptions
 
 
-class SurgeryAlgorithm(Algorithm):
+class SurgeryAlgorithm(ConfiguredAlgorithm):
     """Base: configured by keyword arguments, acts only through ``surgery``; ``replaced`` counts what it changed."""
 
     changes = frozenset({"model"})
-    config_model: type[BaseModel] = _Config
 
     def __init__(self, **options: Any) -> None:
-        for key, value in self.config_model.model_validate(options).model_dump().items():
-            setattr(self, key, value)
+        super().__init__(**options)
         self.replaced = 0
 
     def match(self, event: Event, state: State) -> bool:

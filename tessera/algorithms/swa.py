@@ -52,12 +52,15 @@ class SWA(Algorithm):
         config = SWAConfig(swa_start=swa_start, swa_end=swa_end, update_interval=update_interval, swa_lr=swa_lr)
         self.swa_start, self.swa_end = config.swa_start, config.swa_end
         self.update_interval, self.swa_lr = config.update_interval, config.swa_lr
+        # Parsed once: ``match`` runs on every event of every step.
+        self._start, self._end = Time.parse(self.swa_start), Time.parse(self.swa_end)
+        self._interval = Time.parse(self.update_interval)
         self._average: dict[str, torch.Tensor] = {}
         self._count = 0
         self._done = False
 
     def match(self, event: Event, state: State) -> bool:
-        return event in (Event.AFTER_DATALOADER, Event.BATCH_END) and state.reached(Time.parse(self.swa_start))
+        return event in (Event.AFTER_DATALOADER, Event.BATCH_END) and state.reached(self._start)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event is Event.AFTER_DATALOADER:  # after the schedule set this batch's rate
@@ -68,12 +71,12 @@ class SWA(Algorithm):
             return
         if self._done:
             return
-        start = round(state.batches_in(Time.parse(self.swa_start)))
-        every = max(1, round(state.batches_in(Time.parse(self.update_interval))))
+        start = round(state.batches_in(self._start))
+        every = max(1, round(state.batches_in(self._interval)))
         if (state.timestamp.batch - start) % every == 0:
             self._count = update_running_average(self._average, state.model, self._count)
             logger.log_metrics({"swa/models_averaged": self._count})
-        if state.reached(Time.parse(self.swa_end)) and self._count:
+        if state.reached(self._end) and self._count:
             state.model.load_state_dict(self._average)
             self._done = True
 

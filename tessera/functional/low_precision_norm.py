@@ -28,9 +28,8 @@ class LowPrecisionLayerNorm(nn.LayerNorm):
         dtype = _autocast_dtype(x)
         if dtype is None:
             return super().forward(x)
-        with torch.autocast("cuda", enabled=False):
-            return F.layer_norm(x.to(dtype), self.normalized_shape, _cast(self.weight, dtype), _cast(self.bias, dtype),
-                                self.eps)
+        return _uncast(F.layer_norm, x.to(dtype), self.normalized_shape, _cast(self.weight, dtype),
+                       _cast(self.bias, dtype), self.eps)
 
 
 class LowPrecisionGroupNorm(nn.GroupNorm):
@@ -38,9 +37,14 @@ class LowPrecisionGroupNorm(nn.GroupNorm):
         dtype = _autocast_dtype(x)
         if dtype is None:
             return super().forward(x)
-        with torch.autocast("cuda", enabled=False):
-            return F.group_norm(x.to(dtype), self.num_groups, _cast(self.weight, dtype), _cast(self.bias, dtype),
-                                self.eps)
+        return _uncast(F.group_norm, x.to(dtype), self.num_groups, _cast(self.weight, dtype),
+                       _cast(self.bias, dtype), self.eps)
+
+
+def _uncast(norm, *args) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """Run ``norm`` with autocast off, so it stays in the dtype its inputs were cast to."""
+    with torch.autocast("cuda", enabled=False):
+        return norm(*args)
 
 
 def _swap_class(model: nn.Module, original: type, replacement: type) -> int:

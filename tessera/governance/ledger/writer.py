@@ -81,7 +81,8 @@ class Ledger:
         self.recorder = ContributionRecorder(router, dist)
         self.entropy = EntropyProbe(router.model, probe, class_names, probe_tokens) if probe is not None and entropy_every else None
         self.entropy_every, self.flush_every = entropy_every, flush_every
-        self.last_entropy: tuple[int, torch.Tensor] | None = None  # (step, [classes, layers]) of the latest profile
+        # The latest profile, (step, layer names, [classes, layers] entropies): what State.entropy_profile holds.
+        self.last_entropy: tuple[int, list[str], torch.Tensor] | None = None
         self.pending: list[_PendingStep] = []
         self.genesis = {
             "kind": "run",
@@ -172,7 +173,7 @@ class Ledger:
         entropy = None
         if self.entropy is not None and step % self.entropy_every == 0:
             entropy = self.entropy.measure()
-            self.last_entropy = (step, entropy)  # every rank: the same model, the same probe
+            self.last_entropy = (step, self.entropy.layer_names, entropy)  # every rank: same model, same probe
         if not self.dist.is_main:
             return
         self.pending.append(_PendingStep(
