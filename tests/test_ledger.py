@@ -234,6 +234,80 @@ def test_resigning_with_another_key_fails_against_the_trainer_key(policy_run, go
     assert _verify(policy_run, deep=True, key=governed.keys / "trainer.pub").ok
 
 
+def _synthetic_ledger(run: Path, key, size: int, head_sizes: list[int], magic: bytes | None = None) -> None:
+    """A ledger written entry by entry with the real encoder (or, with ``magic``, an older format's header)."""
+    from tessera.governance.ledger import merkle
+    from tessera.governance.ledger.entry import HEADER, ZERO_HASH, TreeHead, canonical_json, encode_entry
+    from tessera.governance.ledger.store import LedgerStore, ledger_path
+
+    run.mkdir(parents=True, exist_ok=True)
+    store = LedgerStore(ledger_path(run), create=True)
+    store.set_meta({"format": "2", "trainer_public_key": key.public.text})
+    frontier, previous, rows = merkle.Frontier(), ZERO_HASH, []
+    for index in range(size):
+        body = {"kind": "run"} if index == 0 else {
+            "kind": "step", "step": index, "loss": 1.0 / index, "layers": [[1, 0.5, None, 0.25, 2.0, 0.125]] * 3,
+            "contributions": {HAMLET: [[0, 0.5, 0.75], [2, 0.25, 1.0]], TEMPEST: [[0, 0.125, 0.25]]}}
+        data = (HEADER.pack(magic, index, previous) + canonical_json(body) if magic
+                else encode_entry(index, previous, body))
+        leaf = merkle.leaf_hash(data)
+        rows.append((index, index, leaf, data))
+        frontier.append(leaf)
+        previous = leaf
+        if frontier.size in head_sizes:
+            head = TreeHead(frontier.size, frontier.root(), "2026-01-01T00:00:00+00:00", frontier.size == size)
+            store.append(rows, TreeHead(head.size, head.root, head.timestamp, head.final, key.public.key_id,
+                                        key.sign(head.message())))
+            rows = []
+    store.append(rows)
+    store.close()
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 16, 4096])
+def test_verification_read_in_chunks_names_the_same_problems(tmp_path, monkeypatch, chunk):
+    """verify checks whole chunks at once and walks entry by entry only where a chunk fails: wherever the
+    chunk edges and the signed heads fall, it accepts the intact ledger and names the same first problem."""
+    from tessera.governance.keys import SigningKey
+    from tessera.governance.ledger import verify
+
+    monkeypatch.setattr(verify, "CHUNK", chunk)
+    key = SigningKey.generate()
+    run = tmp_path / "run"
+    _synthetic_ledger(run, key, 50, [7, 20, 33, 50])
+    report = verify.verify_ledger(run, key.public)
+    assert report.ok and report.entries == 50 and report.heads == 4, report.problem
+    assert verify.verify_ledger(run, key.public, deep=True).ok
+    with sqlite3.connect(run / "ledger.sqlite") as db:
+        data = db.execute("SELECT data FROM entries WHERE idx = 25").fetchone()[0]
+    edited = _copy_run(run, tmp_path / "edited")
+    _rewrite(edited, 25, _mutate_field(data, "loss"), rehash=False)
+    assert verify.verify_ledger(edited, key.public).problem == (
+        "entry 25 (step 25): content does not match its leaf hash (edited after it was written)")
+    rehashed = _copy_run(run, tmp_path / "rehashed")
+    _rewrite(rehashed, 25, _mutate_field(data, "loss"), rehash=True)
+    assert verify.verify_ledger(rehashed, key.public).problem.startswith(
+        "tree head at size 33: its signed root does not match entries 20..32")
+    deleted = _copy_run(run, tmp_path / "deleted")
+    with sqlite3.connect(deleted / "ledger.sqlite") as db:
+        db.execute("DELETE FROM entries WHERE idx = 40")
+    assert verify.verify_ledger(deleted, key.public).problem.startswith("entry 40: missing")
+
+
+def test_format_1_ledgers_still_verify_and_read(tmp_path):
+    """Entries written before the numeric tables were packed (b"TSL1", every number in decimal)."""
+    from tessera.governance.keys import SigningKey
+    from tessera.governance.ledger.audit import Ledger
+    from tessera.governance.ledger.verify import verify_ledger
+
+    key = SigningKey.generate()
+    _synthetic_ledger(tmp_path / "old", key, 12, [5, 12], magic=b"TSL1")
+    report = verify_ledger(tmp_path / "old", key.public, deep=True)
+    assert report.ok, report.problem
+    steps = Ledger.load(tmp_path / "old").steps
+    assert steps[0]["layers"][0] == [1, 0.5, None, 0.25, 2.0, 0.125]
+    assert steps[0]["contributions"][HAMLET] == [[0, 0.5, 0.75], [2, 0.25, 1.0]]
+
+
 def test_ledger_verify_command_exit_codes_and_messages(policy_run, governed, tmp_path):
     from conftest import tessera_cli
 

@@ -1,6 +1,7 @@
 """RFC 6962 Merkle trees against Certificate Transparency's published test vectors."""
 
 import hashlib
+import random
 
 import pytest
 
@@ -148,3 +149,20 @@ def test_frontier_roots_equal_the_tree_roots_at_every_size(size):
         frontier.append(leaf)
         assert frontier.size == n and frontier.root() == merkle.root(leaves[:n])
     assert frontier.root() == merkle.root(leaves)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_frontier_extend_builds_the_same_tree_as_appending_one_by_one(seed):
+    """Verification extends the tree a run at a time; any cut of the leaves into runs gives the same roots."""
+    rng = random.Random(seed)
+    leaves = _tree(rng.randrange(1, 300))
+    one_by_one, in_runs = merkle.Frontier(), merkle.Frontier()
+    for leaf in leaves:
+        one_by_one.append(leaf)
+    position = 0
+    while position < len(leaves):
+        run = rng.randrange(1, 70)
+        in_runs.extend(leaves[position:position + run])
+        position = min(len(leaves), position + run)
+        assert in_runs.size == position and in_runs.root() == merkle.root(leaves[:position])
+    assert in_runs.root() == one_by_one.root() and in_runs.size == one_by_one.size

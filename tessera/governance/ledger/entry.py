@@ -2,15 +2,31 @@
 
 An entry is a fixed 44-byte header followed by a canonical JSON body::
 
-    b"TSL1" | index (u64, big-endian) | previous entry's leaf hash (32 bytes) | body
+    b"TSL2" | index (u64, big-endian) | previous entry's leaf hash (32 bytes) | body
 
-The header makes the chain checkable without parsing JSON (``tessera ledger
-verify`` reads 100k+ entries a second); the body is ``json.dumps`` with
-sorted keys, no spaces and no NaN (non-finite floats are written as the
-strings ``"nan"``, ``"inf"``, ``"-inf"``), so the same content always gives
-the same bytes and the same leaf hash. Floats are rounded to float32
-precision (9 significant digits): the statistics are float32 on the device,
-more digits would only record noise.
+The header makes the chain checkable without parsing the body. The body is
+``json.dumps`` with sorted keys, no spaces and no NaN, so the same content
+always gives the same bytes and the same leaf hash.
+
+**Packed tables.** A step entry is mostly numbers: per layer six statistics,
+per class and layer a norm and a share, every K steps an entropy matrix.
+Written as decimal JSON they made an entry ~5.5 kB and verification spent
+most of its time hashing digits. They are stored instead as
+``{"f32": base64 of little-endian float32, "shape": [rows, columns]}``
+(float32 is what the device measured; decimal added only noise digits), one
+NaN bit pattern for "undefined" (a relative update of a zero-norm layer, a
+cosine without a previous update), which cuts an entry by half. Any base64
+and IEEE-754 tool reads them; :func:`decode_entry` turns them back into the
+plain lists every reader uses (``layers``: ``[updated, update_norm,
+relative_update|null, cosine|null, parameter_norm, gradient_norm]`` per layer;
+``contributions``: ``{signature: [[layer, norm, share], ...]}`` for the layers with a positive norm
+(stored dense, zeros elsewhere); ``entropy``:
+``[classes][layers]``), with non-finite numbers as the strings ``"nan"``,
+``"inf"``, ``"-inf"`` so exports stay valid JSON. Other floats are JSON
+numbers rounded to float32 precision (9 significant digits).
+
+Entries written by format 1 (``b"TSL1"``, every number in decimal) are still
+read and verified.
 
 Entry 0 describes the run (kind ``run``: layers, classes, fingerprints, the
 update-share rule); every later entry is one optimizer step (kind ``step``).
@@ -18,16 +34,24 @@ update-share rule); every later entry is one optimizer step (kind ``step``).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any
 
-MAGIC = b"TSL1"
+import numpy as np
+
+MAGIC = b"TSL2"
+LEGACY_MAGIC = b"TSL1"  # format 1: the same body with every number in decimal
+MAGICS = (MAGIC, LEGACY_MAGIC)
 HEADER = struct.Struct(">4sQ32s")
 HEADER_SIZE = HEADER.size  # 44
 ZERO_HASH = bytes(32)
 HEAD_VERSION = "tessera-ledger-tree-head/1"
+NULLABLE_LAYER_COLUMNS = (2, 3)  # relative update and cosine: undefined when a norm they divide by is 0
 
 
 class EntryFormatError(ValueError):
@@ -41,7 +65,7 @@ def _canonical_float(value: float) -> float | str:
 
 
 def _canonical_value(value: Any) -> Any:
-    # Exact type checks first: entries are mostly lists of floats, and this runs for every number written.
+    # Exact type checks first: this runs for every value written.
     kind = type(value)
     if kind is float:
         return _canonical_float(value)
@@ -59,11 +83,113 @@ def _canonical_value(value: Any) -> Any:
 
 
 def canonical_json(body: dict[str, Any]) -> bytes:
+    """The JSON layer alone: sorted keys, no spaces, floats to 9 digits, non-finite as strings."""
     return json.dumps(_canonical_value(body), sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
+# ------------------------------------------------------------------ packed tables
+
+def _float32(value: Any) -> float:
+    """A logical number as the float32 table stores it: null is NaN, "nan"/"inf"/"-inf" are themselves."""
+    return math.nan if value is None else float(value)
+
+
+def _pack(rows: list[list[float]], columns: int) -> dict[str, Any]:
+    table = np.array(rows, dtype="<f4").reshape(len(rows), columns)
+    table[np.isnan(table)] = np.nan  # one NaN bit pattern, so equal content gives equal bytes
+    return {"f32": base64.b64encode(table.tobytes()).decode("ascii"), "shape": [len(rows), columns]}
+
+
+def _unpack(packed: Any, field: str) -> list[list[float]]:
+    if (type(packed) is not dict or packed.keys() != {"f32", "shape"} or type(packed["f32"]) is not str
+            or type(packed["shape"]) is not list or len(packed["shape"]) != 2
+            or any(type(n) is not int or n < 0 for n in packed["shape"])):
+        raise EntryFormatError(f"{field}: not a packed float32 table")
+    try:
+        raw = base64.b64decode(packed["f32"], validate=True)
+    except (binascii.Error, ValueError):
+        raise EntryFormatError(f"{field}: not base64") from None
+    rows, columns = packed["shape"]
+    if len(raw) != 4 * rows * columns:
+        raise EntryFormatError(f"{field}: {len(raw)} bytes do not hold a {rows} x {columns} float32 table")
+    return np.frombuffer(raw, dtype="<f4").reshape(rows, columns).astype(np.float64).tolist()
+
+
+def _number(value: float) -> float | str:
+    if value - value == 0.0:
+        return value
+    return "nan" if value != value else ("inf" if value > 0 else "-inf")
+
+
+def _logical_row(row: list[float]) -> list[Any]:
+    return [_number(v) for v in row]
+
+
+def _pack_cells(cells: list[list[Any]]) -> dict[str, Any]:
+    """A signature's cells as a dense (norm, share) table over layers 0..last; a layer it did not touch has
+    norm 0 and is not a cell (the writer lists exactly the layers with a positive norm)."""
+    rows = [[0.0, 0.0] for _ in range(1 + max((int(cell[0]) for cell in cells), default=-1))]
+    for layer, norm, share in cells:
+        rows[int(layer)] = [_float32(norm), _float32(share)]
+    return _pack(rows, 2)
+
+
+def pack_body(body: dict[str, Any]) -> dict[str, Any]:
+    """A step entry's numeric tables as packed float32; other entries unchanged."""
+    if body.get("kind") != "step":
+        return body
+    packed = dict(body)
+    if "layers" in body:
+        layers = body["layers"]
+        width = len(layers[0]) if layers else 0
+        packed["layers"] = _pack([[_float32(v) for v in row] for row in layers], width)
+    if "contributions" in body:
+        packed["contributions"] = {signature: _pack_cells(cells) for signature, cells in body["contributions"].items()}
+    if "entropy" in body:
+        entropy = body["entropy"]
+        width = len(entropy[0]) if entropy else 0
+        packed["entropy"] = _pack([[_float32(v) for v in row] for row in entropy], width)
+    return packed
+
+
+def unpack_body(stored: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`pack_body`: plain lists, null where a nullable statistic is NaN."""
+    if stored.get("kind") != "step":
+        return stored
+    body = dict(stored)
+    if "layers" in stored:
+        layers = []
+        for row in _unpack(stored["layers"], "layers"):
+            if row and row[0] not in (0.0, 1.0):
+                raise EntryFormatError("layers: the updated flag must be 0 or 1")
+            logical = _logical_row(row)
+            if row:
+                logical[0] = int(row[0])
+            for column in NULLABLE_LAYER_COLUMNS:
+                if column < len(row) and row[column] != row[column]:
+                    logical[column] = None
+            layers.append(logical)
+        body["layers"] = layers
+    if "contributions" in stored:
+        if type(stored["contributions"]) is not dict:
+            raise EntryFormatError("contributions: not a table per signature")
+        contributions = {}
+        for signature, packed in stored["contributions"].items():
+            table = _unpack(packed, f"contributions[{signature}]")
+            if table and len(table[0]) != 2:
+                raise EntryFormatError(f"contributions[{signature}]: not a (norm, share) table")
+            contributions[signature] = [[layer, _number(norm), _number(share)]
+                                        for layer, (norm, share) in enumerate(table) if norm > 0]
+        body["contributions"] = contributions
+    if "entropy" in stored:
+        body["entropy"] = [_logical_row(row) for row in _unpack(stored["entropy"], "entropy")]
+    return body
+
+
+# ------------------------------------------------------------------ entries
+
 def encode_entry(index: int, previous_leaf: bytes, body: dict[str, Any]) -> bytes:
-    return HEADER.pack(MAGIC, index, previous_leaf) + canonical_json(body)
+    return HEADER.pack(MAGIC, index, previous_leaf) + canonical_json(pack_body(body))
 
 
 @dataclass(frozen=True)
@@ -74,7 +200,7 @@ class Entry:
 
 
 def decode_header(data: bytes) -> tuple[int, bytes]:
-    if len(data) < HEADER_SIZE or data[:4] != MAGIC:
+    if len(data) < HEADER_SIZE or data[:4] not in MAGICS:
         raise EntryFormatError("not a ledger entry (bad header)")
     _, index, previous = HEADER.unpack_from(data)
     return index, previous
@@ -83,12 +209,18 @@ def decode_header(data: bytes) -> tuple[int, bytes]:
 def decode_entry(data: bytes) -> Entry:
     index, previous = decode_header(data)
     try:
-        body = json.loads(data[HEADER_SIZE:])
+        stored = json.loads(data[HEADER_SIZE:])
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise EntryFormatError(f"body is not JSON ({error.msg if hasattr(error, 'msg') else error})") from None
-    if not isinstance(body, dict) or body.get("kind") not in ("run", "step"):
+    if not isinstance(stored, dict) or stored.get("kind") not in ("run", "step"):
         raise EntryFormatError("body is not a run or step entry")
-    if canonical_json(body) != data[HEADER_SIZE:]:
+    if data[:4] == LEGACY_MAGIC:
+        body = stored
+        canonical = canonical_json(body)
+    else:
+        body = unpack_body(stored)
+        canonical = canonical_json(pack_body(body))
+    if canonical != data[HEADER_SIZE:]:
         raise EntryFormatError("body is not in canonical form")
     return Entry(index, previous, body)
 

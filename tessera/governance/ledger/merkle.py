@@ -60,8 +60,29 @@ class Frontier:
         self._subtrees: list[tuple[int, bytes]] = []  # (leaves, hash), sizes strictly decreasing
 
     def append(self, leaf: bytes) -> None:
-        self.size += 1
-        size, node = 1, leaf
+        self._push(1, leaf)
+
+    def extend(self, leaves: Sequence[bytes]) -> None:
+        """Append many leaves: the same tree as appending them one by one, built a level at a time.
+
+        The run is cut into the largest perfect subtrees that start where the tree ends (a subtree of
+        2**k leaves must start at a multiple of 2**k), each hashed bottom-up in one list comprehension
+        per level, which is what lets verification keep up with hashing the entries themselves.
+        """
+        position, end = 0, len(leaves)
+        while position < end:
+            size = self.size & -self.size or 1 << (end - position).bit_length()
+            while size > end - position:
+                size >>= 1
+            level = leaves[position:position + size]
+            sha256 = hashlib.sha256
+            while len(level) > 1:
+                level = [sha256(_NODE + level[i] + level[i + 1]).digest() for i in range(0, len(level), 2)]
+            self._push(size, level[0])
+            position += size
+
+    def _push(self, size: int, node: bytes) -> None:
+        self.size += size
         while self._subtrees and self._subtrees[-1][0] == size:
             left = self._subtrees.pop()[1]
             size, node = size * 2, node_hash(left, node)
