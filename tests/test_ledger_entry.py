@@ -113,3 +113,27 @@ def test_format_1_entries_decode_as_before():
         decode_entry(old.replace(b'"loss":2.5', b'"loss":2.50'))
     with pytest.raises(EntryFormatError, match="bad header"):
         decode_entry(b"TSL9" + old[4:])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_layer_gram_matrices_equal_float64_dot_products(seed):
+    """FlatLayout.gram gives every per-layer norm and dot product the recorder records, in one pass."""
+    import torch
+
+    from tessera.governance.ledger.layout import FlatLayout
+
+    rng = np.random.default_rng(seed)
+    numels = rng.choice([0, 3, 8, 64, 500], size=12).tolist()
+    n_layers = 5
+    layer_of = rng.integers(-1, n_layers, size=12)  # -1: a parameter no layer owns (not laid out)
+    layout = FlatLayout(numels, layer_of, n_layers)
+    rows = torch.randn(4, layout.size, generator=torch.Generator().manual_seed(seed))
+    rows[2, : layout.size // 3] = 0.0  # a signature that never reached some layers: exactly zero there
+    gram = layout.gram(rows)
+    assert gram.shape == (n_layers, 4, 4)
+    for layer, (a, b) in enumerate(layout.layer_spans):
+        block = rows[:, a:b].double()
+        assert b - a == sum(n for n, owner in zip(numels, layer_of) if owner == layer)
+        assert torch.allclose(gram[layer].double(), block @ block.T, rtol=1e-5, atol=1e-4)
+        if b > a and not rows[2, a:b].any():
+            assert gram[layer, 2, 2] == 0.0 and (gram[layer, 2] == 0.0).all()

@@ -99,6 +99,32 @@ def test_example_class_changed(governed_copy):
     _refuses(governed_copy, r"train-00003\.parquet: example '.*': class '.*' differs from the signed class")
 
 
+def test_a_shard_verified_once_in_a_process_is_not_rehashed_row_by_row_but_changed_bytes_still_fail(
+        governed_copy, monkeypatch):
+    """Deletion builds the same data twice in one process; the second build trusts only identical bytes."""
+    from tessera.data import manifest as manifest_module
+
+    monkeypatch.setattr(manifest_module, "_VERIFIED_ENTRIES", set())
+    config = recipe(governed_copy.recipe(data={"verify": "eager"}))
+    first = build_data(config, DistInfo())
+    assert len(manifest_module._VERIFIED_ENTRIES) == sum(
+        len(split["shards"]) for split in _manifest(governed_copy)["splits"].values())
+
+    def no_row_checks(runs):
+        raise AssertionError("rows were checked again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(manifest_module, "expand_runs", no_row_checks)
+        second = build_data(config, DistInfo())
+    assert len(second.train) == len(first.train)
+
+    def change(columns):
+        columns["tokens"][5] = [(t + 1) % 20 for t in columns["tokens"][5]]
+
+    _rewrite_shard(governed_copy.dataset / "train-00001.parquet", change)
+    _refuses(governed_copy, r"train-00001\.parquet: example '.*/train/\d+': content does not match")
+
+
 def test_manifest_altered_after_signing(governed_copy):
     manifest = _manifest(governed_copy)
     manifest["splits"]["train"]["examples"] += 1

@@ -100,7 +100,7 @@ def _pack(rows: list[list[float]], columns: int) -> dict[str, Any]:
     return {"f32": base64.b64encode(table.tobytes()).decode("ascii"), "shape": [len(rows), columns]}
 
 
-def _unpack(packed: Any, field: str) -> list[list[float]]:
+def _unpack(packed: Any, field: str) -> np.ndarray:
     if (type(packed) is not dict or packed.keys() != {"f32", "shape"} or type(packed["f32"]) is not str
             or type(packed["shape"]) is not list or len(packed["shape"]) != 2
             or any(type(n) is not int or n < 0 for n in packed["shape"])):
@@ -112,7 +112,7 @@ def _unpack(packed: Any, field: str) -> list[list[float]]:
     rows, columns = packed["shape"]
     if len(raw) != 4 * rows * columns:
         raise EntryFormatError(f"{field}: {len(raw)} bytes do not hold a {rows} x {columns} float32 table")
-    return np.frombuffer(raw, dtype="<f4").reshape(rows, columns).astype(np.float64).tolist()
+    return np.frombuffer(raw, dtype="<f4").reshape(rows, columns).astype(np.float64)
 
 
 def _number(value: float) -> float | str:
@@ -121,8 +121,13 @@ def _number(value: float) -> float | str:
     return "nan" if value != value else ("inf" if value > 0 else "-inf")
 
 
-def _logical_row(row: list[float]) -> list[Any]:
-    return [_number(v) for v in row]
+def _logical_rows(table: np.ndarray, nullable: tuple[int, ...] = ()) -> list[list[Any]]:
+    """Plain lists; only the few non-finite cells are visited one by one (null where nullable and NaN)."""
+    rows = table.tolist()
+    for r, c in zip(*np.nonzero(~np.isfinite(table))):
+        value = rows[r][c]
+        rows[r][c] = None if c in nullable and value != value else _number(value)
+    return rows
 
 
 def _pack_cells(cells: list[list[Any]]) -> dict[str, Any]:
@@ -158,17 +163,13 @@ def unpack_body(stored: dict[str, Any]) -> dict[str, Any]:
         return stored
     body = dict(stored)
     if "layers" in stored:
-        layers = []
-        for row in _unpack(stored["layers"], "layers"):
-            if row and row[0] not in (0.0, 1.0):
+        table = _unpack(stored["layers"], "layers")
+        layers = _logical_rows(table, NULLABLE_LAYER_COLUMNS)
+        if table.shape[1]:
+            if not np.isin(table[:, 0], (0.0, 1.0)).all():
                 raise EntryFormatError("layers: the updated flag must be 0 or 1")
-            logical = _logical_row(row)
-            if row:
-                logical[0] = int(row[0])
-            for column in NULLABLE_LAYER_COLUMNS:
-                if column < len(row) and row[column] != row[column]:
-                    logical[column] = None
-            layers.append(logical)
+            for row in layers:
+                row[0] = int(row[0])
         body["layers"] = layers
     if "contributions" in stored:
         if type(stored["contributions"]) is not dict:
@@ -176,13 +177,14 @@ def unpack_body(stored: dict[str, Any]) -> dict[str, Any]:
         contributions = {}
         for signature, packed in stored["contributions"].items():
             table = _unpack(packed, f"contributions[{signature}]")
-            if table and len(table[0]) != 2:
+            if table.size and table.shape[1] != 2:
                 raise EntryFormatError(f"contributions[{signature}]: not a (norm, share) table")
-            contributions[signature] = [[layer, _number(norm), _number(share)]
-                                        for layer, (norm, share) in enumerate(table) if norm > 0]
+            positive = (table[:, 0] > 0).tolist() if table.size else []
+            contributions[signature] = [[layer, norm, share] for layer, ((norm, share), kept)
+                                        in enumerate(zip(_logical_rows(table), positive)) if kept]
         body["contributions"] = contributions
     if "entropy" in stored:
-        body["entropy"] = [_logical_row(row) for row in _unpack(stored["entropy"], "entropy")]
+        body["entropy"] = _logical_rows(_unpack(stored["entropy"], "entropy"))
     return body
 
 
@@ -206,7 +208,9 @@ def decode_header(data: bytes) -> tuple[int, bytes]:
     return index, previous
 
 
-def decode_entry(data: bytes) -> Entry:
+def decode_entry(data: bytes, canonical: bool = True) -> Entry:
+    """The entry in ``data``; ``canonical=False`` skips re-encoding the body to check it is the one
+    spelling of its content (half the cost), for readers of a ledger that was just verified."""
     index, previous = decode_header(data)
     try:
         stored = json.loads(data[HEADER_SIZE:])
@@ -214,13 +218,10 @@ def decode_entry(data: bytes) -> Entry:
         raise EntryFormatError(f"body is not JSON ({error.msg if hasattr(error, 'msg') else error})") from None
     if not isinstance(stored, dict) or stored.get("kind") not in ("run", "step"):
         raise EntryFormatError("body is not a run or step entry")
-    if data[:4] == LEGACY_MAGIC:
-        body = stored
-        canonical = canonical_json(body)
-    else:
-        body = unpack_body(stored)
-        canonical = canonical_json(pack_body(body))
-    if canonical != data[HEADER_SIZE:]:
+    body = stored if data[:4] == LEGACY_MAGIC else unpack_body(stored)
+    if not canonical:
+        return Entry(index, previous, body)
+    if canonical_json(body if data[:4] == LEGACY_MAGIC else pack_body(body)) != data[HEADER_SIZE:]:
         raise EntryFormatError("body is not in canonical form")
     return Entry(index, previous, body)
 

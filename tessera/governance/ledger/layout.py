@@ -3,10 +3,14 @@
 On a CPU the ledger's per-step cost was almost all operator overhead: a
 dot product per parameter per class adds up to hundreds of tiny calls a step.
 Laying the parameters out layer by layer, with layers of equal size next to
-each other, turns "the norm of each layer" into one batched reduction per
-group of equal-sized layers (a GPT has a handful of groups, however deep) and
-"the dot product of each layer" into one matrix-vector product per layer,
-reading the data in place. Nothing is padded: the layout is exact.
+each other (a GPT has a handful of sizes, however deep), turns "every norm
+and every dot product of R rows, per layer" into one batched matrix product
+per group of equal-sized layers: :meth:`FlatLayout.gram`, the per-layer Gram
+matrix, which reads each row once and reads the data in place. Nothing is
+padded: the layout is exact. (Separate batched norms and per-layer
+matrix-vector products read the rows 3R - 2 times; on the 2-core build
+machine they took 17-21 ms where the Gram matrix takes 4-6 ms, four rows of
+the baby GPT's 0.8M parameters.)
 """
 
 from __future__ import annotations
@@ -49,18 +53,13 @@ class FlatLayout:
         """One view per parameter into ``flat`` (a vector of ``size``), shaped like the parameter."""
         return [flat[o:o + n].view(shape) for o, n, shape in zip(self.offsets.tolist(), self.numels, shapes)]
 
-    def norms_sq(self, rows: torch.Tensor) -> torch.Tensor:
-        """[R, L]: the squared norm of every layer's slice of every row of ``rows`` [R, size]."""
-        out = torch.zeros(rows.shape[0], self.n_layers, device=rows.device, dtype=torch.float32)
+    def gram(self, rows: torch.Tensor) -> torch.Tensor:
+        """[L, R, R]: per layer, the dot product of every pair of rows of ``rows`` [R, size] (float32)."""
+        count_rows = rows.shape[0]
+        out = torch.zeros(self.n_layers, count_rows, count_rows, device=rows.device, dtype=torch.float32)
         for start, count, numel, layers in self.groups:
             if numel == 0:
                 continue
-            block = rows[:, start:start + count * numel].view(rows.shape[0], count, numel)
-            out[:, layers.to(rows.device)] = torch.linalg.vector_norm(block, dim=2).float() ** 2
+            block = rows[:, start:start + count * numel].view(count_rows, count, numel).transpose(0, 1)
+            out[layers.to(rows.device)] = torch.bmm(block, block.transpose(1, 2)).float()
         return out
-
-    def dots(self, rows: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-        """[R, L]: every layer's dot product between each row of ``rows`` [R, size] and ``vector`` [size]."""
-        columns = [rows[:, a:b] @ vector[a:b] if b > a else rows.new_zeros(rows.shape[0])
-                   for a, b in self.layer_spans]
-        return torch.stack(columns, dim=1).float()

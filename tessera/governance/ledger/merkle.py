@@ -38,9 +38,9 @@ def root(leaf_hashes: Sequence[bytes]) -> bytes:
     """
     if not leaf_hashes:
         return hashlib.sha256(b"").digest()
-    level = list(leaf_hashes)
+    level, sha256 = list(leaf_hashes), hashlib.sha256
     while len(level) > 1:
-        paired = [node_hash(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+        paired = [sha256(_NODE + level[i] + level[i + 1]).digest() for i in range(0, len(level) - 1, 2)]
         if len(level) % 2:
             paired.append(level[-1])
         level = paired

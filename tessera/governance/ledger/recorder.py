@@ -180,12 +180,13 @@ class ContributionRecorder:
             order = [0] + [self._signatures[s] for s in signatures]
             if order == list(range(len(order))):
                 order = None
-        norms_sq = self.layout.norms_sq(rows)
+        gram = self.layout.gram(rows)  # [L, S+1, S+1]: every norm and dot product in one read of the rows
+        norms_sq = gram.diagonal(dim1=1, dim2=2).T.contiguous()  # [S+1, L]
         gradient_sq = norms_sq[0]
         if len(signatures) == 1:  # one signature: its gradient is the step's, bit for bit
             dots = gradient_sq[None].clone()
         else:
-            dots = self.layout.dots(rows[1:], rows[0])
+            dots = gram[:, 1:, 0].T.contiguous()  # [S, L]: each signature's gradient with the step's
         if order is not None:  # rows in the order signatures appeared; entries list them sorted
             norms_sq, dots = norms_sq[order], dots[[k - 1 for k in order[1:]]]
         return signatures, norms_sq[1:].sqrt() * inv_scale, dots * inv_scale**2, gradient_sq * inv_scale**2
@@ -212,8 +213,9 @@ class ContributionRecorder:
         torch._foreach_copy_(self._update_views[1], [p.detach() for p in self.params])
         rows = self._updates
         torch.sub(rows[1], rows[0], out=rows[self._current])
-        norms_sq = self.layout.norms_sq(rows)
-        dot_previous = self.layout.dots(rows[self._current:self._current + 1], rows[self._previous])[0]
+        gram = self.layout.gram(rows)  # [L, 4, 4]: before, after, this update, the previous one
+        norms_sq = gram.diagonal(dim1=1, dim2=2).T
+        dot_previous = gram[:, self._current, self._previous]
         before_sq, after_sq = norms_sq[0], norms_sq[1]
         update_sq, previous_sq = norms_sq[self._current], norms_sq[self._previous]
         self._current, self._previous = self._previous, self._current  # this update is the next one's previous
