@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from tessera.checkpoint import CheckpointStore, load_checkpoint
@@ -61,3 +62,18 @@ def assert_tree_equal(a: Any, b: Any, path: str = "") -> None:
 
 def recipe(data: dict[str, Any]) -> Recipe:
     return Recipe.model_validate(data)
+
+
+def crash_and_resume(tmp_path: Path, config: dict[str, Any], crash_at: int) -> tuple[Path, Path, int]:
+    """Train uninterrupted into ``reference``; train again into ``resumed``, crash after batch ``crash_at``,
+    rerun to resume and finish. Returns both run directories and the batch the rerun resumed from."""
+    from tessera.trainer import Trainer
+
+    reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
+    Trainer(recipe(config), reference_dir).fit()
+    with pytest.raises(CrashAt.Crash):
+        Trainer(recipe(config), resumed_dir, callbacks=[CrashAt(crash_at)]).fit()
+    resumed = Trainer(recipe(config), resumed_dir)
+    assert resumed.resumed_from is not None and resumed.resumed_from.batch < crash_at
+    resumed.fit()
+    return reference_dir, resumed_dir, resumed.resumed_from.batch

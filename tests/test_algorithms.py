@@ -14,7 +14,7 @@ from tessera.algorithms import REGISTRY
 from tessera.trainer import Trainer
 
 from conftest import tiny_recipe
-from helpers import CrashAt, assert_tree_equal, eval_losses, latest_payload, losses, recipe
+from helpers import assert_tree_equal, crash_and_resume, eval_losses, latest_payload, losses, recipe
 
 pytest.importorskip("sklearn")  # the image task's data ships inside scikit-learn
 
@@ -98,13 +98,8 @@ def baselines(tmp_path_factory, tiny_corpus) -> dict[str, list[tuple[int, float]
 def test_algorithm_trains_acts_and_resumes_bitwise(name, tmp_path, tiny_corpus, baselines):
     task, options, effect = CASES[name]
     config = config_for(task, {name: options}, tiny_corpus)
-    reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
-    Trainer(recipe(config), reference_dir).fit()
-    with pytest.raises(CrashAt.Crash):
-        Trainer(recipe(config), resumed_dir, callbacks=[CrashAt(6)]).fit()
-    resumed = Trainer(recipe(config), resumed_dir)
-    assert resumed.resumed_from is not None and resumed.resumed_from.batch == 4
-    resumed.fit()
+    reference_dir, resumed_dir, resumed_from = crash_and_resume(tmp_path, config, crash_at=6)
+    assert resumed_from == 4
 
     a, b = latest_payload(reference_dir), latest_payload(resumed_dir)
     for key in ("model", "optimizer", "algorithms", "timestamp", "rng", "eval_metrics", "surgery"):

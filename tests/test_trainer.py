@@ -8,7 +8,7 @@ from tessera.errors import CheckpointError, RecipeError
 from tessera.trainer import Trainer
 
 from conftest import tiny_recipe
-from helpers import CrashAt, assert_tree_equal, eval_losses, latest_payload, losses, recipe
+from helpers import assert_tree_equal, crash_and_resume, eval_losses, latest_payload, losses, recipe
 
 
 class GradientCapture(Callback):
@@ -55,17 +55,6 @@ def test_training_reduces_loss_and_writes_run_dir(tmp_path, tiny_corpus):
     assert names == ["ep0-ba32.pt", "ep0-ba40.pt"]  # keep: 2
 
 
-def _crash_and_resume(tmp_path, config, crash_at):
-    reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
-    Trainer(recipe(config), reference_dir).fit()
-    with pytest.raises(CrashAt.Crash):
-        Trainer(recipe(config), resumed_dir, callbacks=[CrashAt(crash_at)]).fit()
-    resumed = Trainer(recipe(config), resumed_dir)
-    assert resumed.resumed_from is not None and resumed.resumed_from.batch < crash_at
-    resumed.fit()
-    return reference_dir, resumed_dir
-
-
 ALGORITHM_CASES = {
     "none": {},
     "label_smoothing": {"label_smoothing": {"smoothing": 0.1}},
@@ -85,7 +74,7 @@ ALGORITHM_CASES = {
 @pytest.mark.parametrize("case", sorted(ALGORITHM_CASES))
 def test_crash_and_resume_is_bitwise_exact(tmp_path, tiny_corpus, case):
     config = tiny_recipe(tiny_corpus, algorithms=ALGORITHM_CASES[case], model={"dropout": 0.1}, train={"max_duration": "24ba", "microbatch_size": 4})
-    reference, resumed = _crash_and_resume(tmp_path, config, crash_at=13)
+    reference, resumed, _ = crash_and_resume(tmp_path, config, crash_at=13)
     a, b = latest_payload(reference), latest_payload(resumed)
     for key in ("model", "optimizer", "algorithms", "timestamp", "rng", "sampler", "eval_metrics"):
         assert_tree_equal(a[key], b[key], key)
@@ -97,7 +86,7 @@ def test_crash_and_resume_is_bitwise_exact(tmp_path, tiny_corpus, case):
 def test_resume_across_epoch_boundary(tmp_path, tiny_corpus):
     config = tiny_recipe(tiny_corpus, train={"max_duration": "2ep", "global_batch_size": 128},
                          eval={"interval": "1ep"}, checkpoint={"interval": "3ba"})
-    reference, resumed = _crash_and_resume(tmp_path, config, crash_at=11)
+    reference, resumed, _ = crash_and_resume(tmp_path, config, crash_at=11)
     assert_tree_equal(latest_payload(reference)["model"], latest_payload(resumed)["model"])
     assert losses(reference) == losses(resumed) and eval_losses(reference) == eval_losses(resumed)
     assert latest_payload(resumed)["timestamp"]["epoch"] == 2

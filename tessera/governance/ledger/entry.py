@@ -58,10 +58,15 @@ class EntryFormatError(ValueError):
     """Bytes that are not a ledger entry."""
 
 
-def _canonical_float(value: float) -> float | str:
-    if value - value == 0.0:  # finite (inf - inf and nan - nan are nan)
-        return float(f"{value:.9g}")
+def _number(value: float) -> float | str:
+    """A float as JSON can hold it: itself if finite (inf - inf and nan - nan are nan), else a string."""
+    if value - value == 0.0:
+        return value
     return "nan" if value != value else ("inf" if value > 0 else "-inf")
+
+
+def _canonical_float(value: float) -> float | str:
+    return float(f"{value:.9g}") if value - value == 0.0 else _number(value)
 
 
 def _canonical_value(value: Any) -> Any:
@@ -94,6 +99,10 @@ def _float32(value: Any) -> float:
     return math.nan if value is None else float(value)
 
 
+def _pack_matrix(rows: list[list[Any]]) -> dict[str, Any]:
+    return _pack([[_float32(v) for v in row] for row in rows], len(rows[0]) if rows else 0)
+
+
 def _pack(rows: list[list[float]], columns: int) -> dict[str, Any]:
     table = np.array(rows, dtype="<f4").reshape(len(rows), columns)
     table[np.isnan(table)] = np.nan  # one NaN bit pattern, so equal content gives equal bytes
@@ -113,12 +122,6 @@ def _unpack(packed: Any, field: str) -> np.ndarray:
     if len(raw) != 4 * rows * columns:
         raise EntryFormatError(f"{field}: {len(raw)} bytes do not hold a {rows} x {columns} float32 table")
     return np.frombuffer(raw, dtype="<f4").reshape(rows, columns).astype(np.float64)
-
-
-def _number(value: float) -> float | str:
-    if value - value == 0.0:
-        return value
-    return "nan" if value != value else ("inf" if value > 0 else "-inf")
 
 
 def _logical_rows(table: np.ndarray, nullable: tuple[int, ...] = ()) -> list[list[Any]]:
@@ -145,15 +148,11 @@ def pack_body(body: dict[str, Any]) -> dict[str, Any]:
         return body
     packed = dict(body)
     if "layers" in body:
-        layers = body["layers"]
-        width = len(layers[0]) if layers else 0
-        packed["layers"] = _pack([[_float32(v) for v in row] for row in layers], width)
+        packed["layers"] = _pack_matrix(body["layers"])
     if "contributions" in body:
         packed["contributions"] = {signature: _pack_cells(cells) for signature, cells in body["contributions"].items()}
     if "entropy" in body:
-        entropy = body["entropy"]
-        width = len(entropy[0]) if entropy else 0
-        packed["entropy"] = _pack([[_float32(v) for v in row] for row in entropy], width)
+        packed["entropy"] = _pack_matrix(body["entropy"])
     return packed
 
 
@@ -218,10 +217,9 @@ def decode_entry(data: bytes, canonical: bool = True) -> Entry:
         raise EntryFormatError(f"body is not JSON ({error.msg if hasattr(error, 'msg') else error})") from None
     if not isinstance(stored, dict) or stored.get("kind") not in ("run", "step"):
         raise EntryFormatError("body is not a run or step entry")
-    body = stored if data[:4] == LEGACY_MAGIC else unpack_body(stored)
-    if not canonical:
-        return Entry(index, previous, body)
-    if canonical_json(body if data[:4] == LEGACY_MAGIC else pack_body(body)) != data[HEADER_SIZE:]:
+    legacy = data[:4] == LEGACY_MAGIC
+    body = stored if legacy else unpack_body(stored)
+    if canonical and canonical_json(body if legacy else pack_body(body)) != data[HEADER_SIZE:]:
         raise EntryFormatError("body is not in canonical form")
     return Entry(index, previous, body)
 

@@ -66,19 +66,15 @@ class Frontier:
         """Append many leaves: the same tree as appending them one by one, built a level at a time.
 
         The run is cut into the largest perfect subtrees that start where the tree ends (a subtree of
-        2**k leaves must start at a multiple of 2**k), each hashed bottom-up in one list comprehension
-        per level, which is what lets verification keep up with hashing the entries themselves.
+        2**k leaves must start at a multiple of 2**k), each hashed by :func:`root` a level at a time,
+        which is what lets verification keep up with hashing the entries themselves.
         """
         position, end = 0, len(leaves)
         while position < end:
             size = self.size & -self.size or 1 << (end - position).bit_length()
             while size > end - position:
                 size >>= 1
-            level = leaves[position:position + size]
-            sha256 = hashlib.sha256
-            while len(level) > 1:
-                level = [sha256(_NODE + level[i] + level[i + 1]).digest() for i in range(0, len(level), 2)]
-            self._push(size, level[0])
+            self._push(size, root(leaves[position:position + size]))
             position += size
 
     def _push(self, size: int, node: bytes) -> None:
