@@ -107,12 +107,17 @@ def fit(config: Recipe, run_dir: Path) -> Trainer:
     return trainer
 
 
+def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of :func:`prepare`, shared by the deletion benchmarks."""
+    parser.add_argument("--batch-size", type=int, default=12, help="larger: fewer, bigger steps (smoke tests)")
+    parser.add_argument("--tiny", action="store_true", help="a 1-layer, 32-wide GPT (smoke tests)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=3, help="forget/retrain pairs (the parent is trained once)")
     parser.add_argument("--eval-samples", type=int, default=240)
-    parser.add_argument("--batch-size", type=int, default=12, help="larger: fewer, bigger steps (smoke tests)")
-    parser.add_argument("--tiny", action="store_true", help="a 1-layer, 32-wide GPT (smoke tests)")
+    add_setup_arguments(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from common import emit, machine
-from deletion_cost import FORGET, fit, latest, prepare
+from deletion_cost import FORGET, add_setup_arguments, fit, latest, prepare
 
 from tessera.governance.deletion import loss_by_class, plan_deletion
 
@@ -22,8 +22,7 @@ from tessera.governance.deletion import loss_by_class, plan_deletion
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--eval-samples", type=int, default=480)
-    parser.add_argument("--batch-size", type=int, default=12, help="larger: fewer, bigger steps (smoke tests)")
-    parser.add_argument("--tiny", action="store_true", help="a 1-layer, 32-wide GPT (smoke tests)")
+    add_setup_arguments(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
