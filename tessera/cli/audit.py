@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from tessera.governance.ledger.verify import verify_ledger
 
     verified = verify_ledger(args.run_dir, PublicKey.load(args.pubkey) if args.pubkey else None)
-    console = Console()
+    console = Console(soft_wrap=True)  # long paths and names stay on one line, whatever the width
     if args.report is not None:
         from tessera.governance.ledger.report import write_report
 

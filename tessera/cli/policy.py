@@ -89,7 +89,7 @@ def print_matrix(router, classes: list[str], total_batches: float) -> None:
     layers: dict[str, list[int]] = {}
     for i, name in enumerate(router.names):
         layers.setdefault(name.rsplit(".", 1)[0], []).append(i)
-    console = Console()
+    console = Console(soft_wrap=True)  # long paths and names stay on one line, whatever the width
     starts = [p.start_batch for p in router.phases] + [int(total_batches)]
     for phase, end in zip(router.phases, starts[1:]):
         columns: dict[bytes, list[str]] = {}

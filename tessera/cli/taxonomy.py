@@ -91,7 +91,7 @@ def run_show(args: argparse.Namespace) -> int:
         parent = name.rsplit("/", 1)[0] if "/" in name else ""
         label = name.rsplit("/", 1)[-1] + ("  [red]deletable[/red]" if name in taxonomy.deletable else "")
         nodes[name] = nodes[parent].add(label)
-    console = Console()
+    console = Console(soft_wrap=True)  # long paths and names stay on one line, whatever the width
     console.print(tree)
     for authority in taxonomy.authorities.values():
         key = authority.key.key_id if authority.key else "-"
