@@ -56,7 +56,8 @@ def tiny_recipe(corpus: Path, **sections: dict[str, Any]) -> dict[str, Any]:
         "data": {"corpus": str(corpus)},
         "optimizer": {"name": "adamw", "lr": 3e-3},
         "scheduler": {"warmup": "4ba"},
-        "train": {"max_duration": "24ba", "global_batch_size": 8},
+        # CPU unless a test asks for CUDA: bitwise expectations and tolerances are the CPU's, on any machine.
+        "train": {"max_duration": "24ba", "global_batch_size": 8, "device": "cpu"},
         "eval": {"interval": "8ba", "max_samples": 32, "batch_size": 16},
         "checkpoint": {"interval": "8ba", "keep": 2},
         "logging": {"console": False},
