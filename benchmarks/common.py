@@ -131,8 +131,9 @@ class Governed:
     model_risk_key: Path
 
 
-def governed_shakespeare(root: Path, shard_examples: int = 20_000) -> Governed:
-    """Keys, a signed taxonomy and the prepared, signed Shakespeare dataset, made the way the demo makes them."""
+def governed_shakespeare(root: Path, shard_examples: int = 20_000, seq_len: int = 64) -> Governed:
+    """Keys, a signed taxonomy and the prepared, signed Shakespeare dataset (examples of ``seq_len`` tokens),
+    made the way the demo makes them."""
     from tessera.data.prepare import PrepareOptions, prepare_dataset
     from tessera.data.sources import classes_from_mapping, documents_from_folder
     from tessera.governance.keys import PublicKey, SigningKey, sign_bytes, write_key_pair
@@ -154,19 +155,23 @@ def governed_shakespeare(root: Path, shard_examples: int = 20_000) -> Governed:
         sign_bytes(path.read_bytes(), SigningKey.load(keys / "data-governance.key")).to_json())
     taxonomy = Taxonomy.load(path, PublicKey.load(keys / "data-governance.pub"))
     prepare_dataset(documents_from_folder(corpus, template=template), taxonomy, SigningKey.load(keys / "tagger.key"),
-                    str(root / "dataset"), PrepareOptions(name="shakespeare", shard_examples=shard_examples),
+                    str(root / "dataset"), PrepareOptions(name="shakespeare", shard_examples=shard_examples, seq_len=seq_len),
                     show_progress=False)
     return Governed(root, path, keys / "data-governance.pub", root / "dataset", keys / "model-risk.key")
 
 
 def machine() -> dict[str, Any]:
-    return {
+    """What the numbers were measured on; ``gpu`` names the CUDA device where one is visible."""
+    facts: dict[str, Any] = {
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
+    if torch.cuda.is_available():
+        facts["gpu"] = torch.cuda.get_device_name()
+    return facts
 
 
 def emit(result: dict[str, Any]) -> None:

@@ -11,6 +11,13 @@ periodic entropy and commit costs count), median over runs. Goal <= 1.03.
 The ledger's cost is per step and per parameter, training's per token, so
 ``ratio_large_batch`` repeats the measurement at a larger global batch (same
 three microbatches and signatures, four times the tokens each).
+
+``--device cuda`` measures on a GPU (``auto``, the default, takes one where
+there is one); each timed step then ends with a device synchronisation, so
+work queued by one trainer is never billed to the other. On a GPU the baby
+GPT's step is a few milliseconds of kernel launches, so ``--n-layer``,
+``--d-model``, ``--n-head``, ``--block-size`` and ``--precision`` also measure a
+model whose step the GPU's arithmetic, not Python, dominates.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from common import BABY_GPT, emit, governed_shakespeare, machine
 
 from tessera.config import Recipe
@@ -29,16 +37,17 @@ from tessera.governance.keys import write_key_pair
 from tessera.trainer import Trainer
 
 
-def recipe(governed, steps: int, key: Path | None, batch: int = 12) -> Recipe:
+def recipe(governed, steps: int, key: Path | None, batch: int = 12, device: str = "auto",
+           model: dict | None = None, precision: str = "fp32") -> Recipe:
     return Recipe.model_validate({
         "seed": 1,
-        "model": dict(BABY_GPT),
+        "model": dict(model or BABY_GPT),
         "data": {"url": str(governed.dataset), "taxonomy": str(governed.taxonomy), "trust": str(governed.trust),
                  "batching": "per_class"},
         "optimizer": {"name": "adamw", "lr": 1e-3},
         "scheduler": {"warmup": "10ba"},
         "train": {"max_duration": f"{steps}ba", "global_batch_size": batch, "microbatch_size": batch // 3,
-                  "grad_clip_norm": 1.0},
+                  "grad_clip_norm": 1.0, "device": device, "precision": precision},
         "eval": {"interval": "1000000ba", "max_samples": 12},
         "checkpoint": {"interval": "1000000ba"},
         "logging": {"console": False, "jsonl": False},
@@ -50,31 +59,39 @@ def recipe(governed, steps: int, key: Path | None, batch: int = 12) -> Recipe:
 class PairedTrainers(Callback):
     def __init__(self, twin: Trainer) -> None:
         self.twin = twin
+        self.sync = torch.cuda.synchronize if twin.device.type == "cuda" else (lambda: None)
         self.batches = twin.data.train_batches(0, 0)
         self.recorded: list[float] = []
         self.plain: list[float] = []
         self._last = 0.0
 
     def fit_start(self, state, logger) -> None:
+        self.sync()
         self._last = time.perf_counter()
 
     def batch_end(self, state, logger) -> None:
+        self.sync()
         self.recorded.append(time.perf_counter() - self._last)
         started = time.perf_counter()
         self.twin._train_batch(next(self.batches))
+        self.sync()
         self.plain.append(time.perf_counter() - started)
         self._last = time.perf_counter()
 
 
-def measure(governed, root: Path, key: Path, steps: int, batch: int, run: int) -> tuple[float, int]:
-    twin = Trainer(recipe(governed, steps, None, batch), root / f"plain-{batch}-{run}")
+def measure(governed, root: Path, key: Path, steps: int, batch: int, run: int,
+            args: argparse.Namespace) -> tuple[float, int, str]:
+    model = {"n_layer": args.n_layer, "n_head": args.n_head, "d_model": args.d_model, "block_size": args.block_size}
+    twin = Trainer(recipe(governed, steps, None, batch, args.device, model, args.precision),
+                   root / f"plain-{batch}-{run}")
     pairs = PairedTrainers(twin)
-    recorded = Trainer(recipe(governed, steps, key, batch), root / f"ledger-{batch}-{run}", callbacks=[pairs])
+    recorded = Trainer(recipe(governed, steps, key, batch, args.device, model, args.precision),
+                       root / f"ledger-{batch}-{run}", callbacks=[pairs])
     recorded.fit()
     recorded.close()
     twin.close()
     entry_bytes = (root / f"ledger-{batch}-{run}" / "ledger.sqlite").stat().st_size // (steps + 1)
-    return sum(pairs.recorded[5:]) / sum(pairs.plain[5:]), entry_bytes
+    return sum(pairs.recorded[5:]) / sum(pairs.plain[5:]), entry_bytes, twin.device.type
 
 
 def main() -> None:
@@ -83,17 +100,25 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--large-batch", type=int, default=48,
                         help="also measure at this global batch (same 3 microbatches, more tokens each); 0: skip")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where both trainers run (auto: a GPU if there is one)")
+    parser.add_argument("--precision", choices=["fp32", "amp_bf16", "amp_fp16"], default="fp32")
+    for name, default in BABY_GPT.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default,
+                            help=f"model size (default: the baby GPT's {default})")
     args = parser.parse_args()
-    ratios, large, entry_bytes = [], [], 0
+    if args.steps <= 5:
+        parser.error(f"--steps {args.steps}: the first 5 steps are warm-up, measure more than that")
+    ratios, large, entry_bytes, device = [], [], 0, "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        governed = governed_shakespeare(root)
+        governed = governed_shakespeare(root, seq_len=args.block_size)
         key, _ = write_key_pair("trainer", root / "trainer-key")
         for run in range(args.runs):
-            ratio, entry_bytes = measure(governed, root, key, args.steps, 12, run)
+            ratio, entry_bytes, device = measure(governed, root, key, args.steps, 12, run, args)
             ratios.append(ratio)
             if args.large_batch:
-                large.append(measure(governed, root, key, args.steps, args.large_batch, run)[0])
+                large.append(measure(governed, root, key, args.steps, args.large_batch, run, args)[0])
     result = {
         "benchmark": "ledger_overhead",
         "ratio": round(statistics.median(ratios), 4),
@@ -102,6 +127,9 @@ def main() -> None:
         "ledger_bytes_per_step": entry_bytes,
         "steps": args.steps,
         "runs": args.runs,
+        "device": device,
+        "precision": args.precision,
+        "model": {name: getattr(args, name) for name in BABY_GPT},
         "machine": machine(),
     }
     if large:

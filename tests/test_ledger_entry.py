@@ -115,18 +115,20 @@ def test_format_1_entries_decode_as_before():
         decode_entry(b"TSL9" + old[4:])
 
 
+@pytest.mark.parametrize("chunk", [1 << 16, 32], ids=["whole", "chunked"])
 @pytest.mark.parametrize("seed", range(5))
-def test_layer_gram_matrices_equal_float64_dot_products(seed):
-    """FlatLayout.gram gives every per-layer norm and dot product the recorder records, in one pass."""
+def test_layer_gram_matrices_equal_float64_dot_products(seed, chunk):
+    """FlatLayout.gram gives every per-layer norm and dot product the recorder records, in one pass; with
+    ``chunk`` 32 large layers are summed in pieces (503 elements, a prime, cannot be: it is summed whole)."""
     import torch
 
     from tessera.governance.ledger.layout import FlatLayout
 
     rng = np.random.default_rng(seed)
-    numels = rng.choice([0, 3, 8, 64, 500], size=12).tolist()
+    numels = rng.choice([0, 3, 8, 64, 500, 503], size=12).tolist()
     n_layers = 5
     layer_of = rng.integers(-1, n_layers, size=12)  # -1: a parameter no layer owns (not laid out)
-    layout = FlatLayout(numels, layer_of, n_layers)
+    layout = FlatLayout(numels, layer_of, n_layers, chunk=chunk)
     rows = torch.randn(4, layout.size, generator=torch.Generator().manual_seed(seed))
     rows[2, : layout.size // 3] = 0.0  # a signature that never reached some layers: exactly zero there
     gram = layout.gram(rows)
@@ -137,3 +139,13 @@ def test_layer_gram_matrices_equal_float64_dot_products(seed):
         assert torch.allclose(gram[layer].double(), block @ block.T, rtol=1e-5, atol=1e-4)
         if b > a and not rows[2, a:b].any():
             assert gram[layer, 2, 2] == 0.0 and (gram[layer, 2] == 0.0).all()
+
+
+def test_chunk_lengths_divide_the_layer():
+    from tessera.governance.ledger.layout import chunk_length
+
+    assert chunk_length(768 * 3072 + 3072) == 49216 and (768 * 3072 + 3072) % 49216 == 0
+    assert chunk_length(1536) == 1536  # short enough to sum whole
+    assert chunk_length(1 << 20) == 1 << 16
+    assert chunk_length(1_000_003) == 1_000_003  # a prime: no divisor, summed whole
+    assert chunk_length(500, longest=32) == 25 and chunk_length(503, longest=32) == 503

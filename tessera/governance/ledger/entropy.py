@@ -42,19 +42,33 @@ def probe_batch(val, samples_per_class: int, n_classes: int) -> Batch | None:
 
 
 def spectral_entropy(x: torch.Tensor) -> torch.Tensor:
-    """Normalised spectral entropy of each matrix in a [N, rows, features] stack.
+    """Normalised spectral entropy of each matrix in a [N, rows, features] stack."""
+    return gram_entropy(smaller_gram(x), torch.full((x.shape[0],), float(min(x.shape[1:]))))
 
-    The squared singular values are the eigenvalues of the smaller Gram
-    matrix, which is several times cheaper than an SVD for these shapes.
-    """
-    gram = x @ x.transpose(1, 2) if x.shape[1] <= x.shape[2] else x.transpose(1, 2) @ x
+
+def smaller_gram(x: torch.Tensor) -> torch.Tensor:
+    """[N, r, r] with r = min(rows, features): its eigenvalues are the squared singular values of ``x``,
+    several times cheaper to find than by an SVD for these shapes."""
+    return x @ x.transpose(1, 2) if x.shape[1] <= x.shape[2] else x.transpose(1, 2) @ x
+
+
+def gram_entropy(gram: torch.Tensor, rank_bound: torch.Tensor) -> torch.Tensor:
+    """Normalised spectral entropies of a [N, r, r] stack of Gram matrices, each by its own rank bound [N]."""
     power = torch.linalg.eigvalsh(gram).clamp(min=0)
     p = power / power.sum(dim=1, keepdim=True).clamp(min=1e-30)
     entropy = -(p * torch.log(p.clamp(min=1e-30))).sum(dim=1)
-    return entropy / torch.log(torch.tensor(float(max(2, min(x.shape[1:]))), device=x.device))
+    return entropy / torch.log(rank_bound.to(entropy).clamp(min=2))
 
 
 class EntropyProbe:
+    """Measures every (class, layer) cell with one eigensolve per Gram-matrix shape (usually one in all).
+
+    The Gram matrices are formed on the model's device; their eigenvalues are
+    found on the CPU: they are tiny (at most ``tokens_per_class`` square), and
+    on a GPU a batched eigensolver call costs milliseconds of launches and a
+    synchronisation per call, where the CPU solves all of them in well under one.
+    """
+
     def __init__(self, model: nn.Module, probe: Batch, class_names: list[str], tokens_per_class: int = 32) -> None:
         self.tokens_per_class = tokens_per_class
         self.model, self.probe = model, probe
@@ -64,10 +78,12 @@ class EntropyProbe:
         self.classes = sorted(set(row_class.tolist()))
         self.class_names = [class_names[c] for c in self.classes]
         self._rows = [(row_class == c).nonzero().flatten() for c in self.classes]
+        self._uniform = len({len(rows) for rows in self._rows}) == 1
+        self._on_device: dict[tuple, torch.Tensor] = {}  # index tensors, moved to the device once
 
     @torch.no_grad()
     def measure(self) -> torch.Tensor:
-        """[classes, layers] normalised spectral entropies (on the model's device)."""
+        """[classes, layers] normalised spectral entropies (a CPU tensor)."""
         captured: dict[str, torch.Tensor] = {}
         hooks = [module.register_forward_hook(self._capture(name, captured)) for name, module in self.layers.items()]
         was_training = self.model.training
@@ -81,30 +97,53 @@ class EntropyProbe:
             self.model.train(was_training)
             for hook in hooks:
                 hook.remove()
-        result = torch.zeros(len(self.classes), len(self.layer_names), device=device)
-        uniform = len({len(rows) for rows in self._rows}) == 1
+        # Gram matrices grouped by shape, with the (class, layer) cell and rank bound of each.
+        stacks: dict[tuple[int, ...], tuple[list[torch.Tensor], list[tuple[int, int]], list[int]]] = {}
         for j, name in enumerate(self.layer_names):
             output = captured.get(name)
             if output is None:
                 continue
-            if uniform:  # every class has as many probe rows: gather all at once, one batched eigensolve
-                grouped = output.index_select(0, torch.cat(self._rows).to(device))
-                grouped = grouped.reshape(len(self._rows), -1, output.shape[-1])
-                picked = self._positions(grouped.shape[1], device)
-                result[:, j] = spectral_entropy(grouped.index_select(1, picked).float())
+            if self._uniform:  # every class has as many probe rows: gather all at once
+                grouped = output.index_select(0, self._index("all", device)).reshape(len(self._rows), -1,
+                                                                                    output.shape[-1])
+                parts = [(list(range(len(self._rows))), grouped.index_select(1, self._positions(grouped.shape[1],
+                                                                                                 device)))]
             else:
-                for k, rows in enumerate(self._rows):
-                    tokens = output.index_select(0, rows.to(device)).reshape(-1, output.shape[-1])
-                    result[k, j] = spectral_entropy(tokens.index_select(0, self._positions(tokens.shape[0], device))
-                                                    .float()[None])[0]
+                parts = []
+                for k in range(len(self._rows)):
+                    tokens = output.index_select(0, self._index(k, device)).reshape(-1, output.shape[-1])
+                    parts.append(([k], tokens.index_select(0, self._positions(tokens.shape[0], device))[None]))
+            for ks, x in parts:
+                gram = smaller_gram(x.float())
+                grams, cells, bounds = stacks.setdefault(tuple(gram.shape[1:]), ([], [], []))
+                grams.append(gram)
+                cells.extend((k, j) for k in ks)
+                bounds.extend([min(x.shape[1:])] * len(ks))
+        result = torch.zeros(len(self.classes), len(self.layer_names))
+        for grams, cells, bounds in stacks.values():
+            values = gram_entropy(torch.cat(grams).cpu(), torch.tensor(bounds, dtype=torch.float32))
+            ks, js = zip(*cells)
+            result[list(ks), list(js)] = values
         return result
+
+    def _index(self, which: int | str, device: torch.device) -> torch.Tensor:
+        key = (which, device)
+        if key not in self._on_device:
+            rows = torch.cat(self._rows) if which == "all" else self._rows[int(which)]
+            self._on_device[key] = rows.to(device)
+        return self._on_device[key]
 
     def _positions(self, rows: int, device: torch.device) -> torch.Tensor:
         """At most ``tokens_per_class`` of ``rows`` token rows, evenly spaced (the cost grows with the cube
         of this)."""
-        if rows <= self.tokens_per_class:
-            return torch.arange(rows, device=device)
-        return torch.linspace(0, rows - 1, self.tokens_per_class, device=device).round().long()
+        key = ("positions", rows, device)
+        if key not in self._on_device:
+            if rows <= self.tokens_per_class:
+                positions = torch.arange(rows)
+            else:
+                positions = torch.linspace(0, rows - 1, self.tokens_per_class).round().long()
+            self._on_device[key] = positions.to(device)
+        return self._on_device[key]
 
     @staticmethod
     def _capture(name: str, captured: dict[str, torch.Tensor]):

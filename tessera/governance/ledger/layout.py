@@ -23,7 +23,7 @@ import torch
 
 
 class FlatLayout:
-    def __init__(self, numels: Sequence[int], layer_of: np.ndarray, n_layers: int) -> None:
+    def __init__(self, numels: Sequence[int], layer_of: np.ndarray, n_layers: int, chunk: int = 1 << 16) -> None:
         members: list[list[int]] = [[] for _ in range(n_layers)]
         for i, layer in enumerate(layer_of):
             if layer >= 0:
@@ -48,18 +48,55 @@ class FlatLayout:
         self.numels = list(numels)
         self.size = position
         self.n_layers = n_layers
+        self._order_on: dict[torch.device, torch.Tensor] = {}
+        self._chunks = [chunk_length(numel, chunk) for _, _, numel, _ in self.groups]
 
     def views(self, flat: torch.Tensor, shapes: Sequence[torch.Size]) -> list[torch.Tensor]:
         """One view per parameter into ``flat`` (a vector of ``size``), shaped like the parameter."""
         return [flat[o:o + n].view(shape) for o, n, shape in zip(self.offsets.tolist(), self.numels, shapes)]
 
     def gram(self, rows: torch.Tensor) -> torch.Tensor:
-        """[L, R, R]: per layer, the dot product of every pair of rows of ``rows`` [R, size] (float32)."""
+        """[L, R, R]: per layer, the dot product of every pair of rows of ``rows`` [R, size] (float32).
+
+        One batched product per group, then one gather into layer order with an
+        index kept on the rows' device (moving it there each call would make a
+        GPU wait for all queued work, once per group). A large layer is cut
+        into chunks of equal length and their Grams summed: a product of a few
+        rows over millions of elements is otherwise one long reduction per
+        layer, which cuBLAS runs on a handful of the GPU's multiprocessors
+        (measured on an H100: 46 ms a step for a 12-layer, 768-wide GPT, where
+        the chunked product reads the same bytes at memory speed).
+        """
         count_rows = rows.shape[0]
-        out = torch.zeros(self.n_layers, count_rows, count_rows, device=rows.device, dtype=torch.float32)
-        for start, count, numel, layers in self.groups:
+        blocks = []
+        for (start, count, numel, _), chunk in zip(self.groups, self._chunks):
             if numel == 0:
+                blocks.append(rows.new_zeros(count, count_rows, count_rows))
                 continue
-            block = rows[:, start:start + count * numel].view(count_rows, count, numel).transpose(0, 1)
-            out[layers.to(rows.device)] = torch.bmm(block, block.transpose(1, 2)).float()
-        return out
+            pieces = numel // chunk  # chunk divides numel: the view below needs no copy
+            block = rows[:, start:start + count * numel].view(count_rows, count * pieces, chunk).transpose(0, 1)
+            gram = torch.bmm(block, block.transpose(1, 2))
+            blocks.append(gram.view(count, pieces, count_rows, count_rows).sum(1) if pieces > 1 else gram)
+        return torch.cat(blocks).float().index_select(0, self._layer_order(rows.device))
+
+    def _layer_order(self, device: torch.device) -> torch.Tensor:
+        """Position of each layer in the groups' order, on ``device`` (cached)."""
+        if device not in self._order_on:
+            position = torch.empty(self.n_layers, dtype=torch.long)
+            position[torch.cat([layers for _, _, _, layers in self.groups])] = torch.arange(self.n_layers)
+            self._order_on[device] = position.to(device)
+        return self._order_on[device]
+
+
+def chunk_length(numel: int, longest: int = 1 << 16) -> int:
+    """The longest divisor of ``numel`` of at most ``longest`` elements, if one of at least ``longest // 32``
+    exists; otherwise ``numel`` itself (one piece: a layer without such a divisor is summed whole)."""
+    if numel <= longest:
+        return max(numel, 1)
+    best = 0
+    for small in range(1, int(numel ** 0.5) + 1):
+        if numel % small == 0:
+            for divisor in (small, numel // small):
+                if divisor <= longest:
+                    best = max(best, divisor)
+    return best if best >= max(2, longest // 32) else numel

@@ -171,15 +171,11 @@ class ContributionRecorder:
         # Gradients the recorder did not make (another rank's parameters under DDP) join the step gradient.
         self._bind([i for i, p in enumerate(self.params) if p.grad is not None])
         self._clean(len(self._signatures) + 1)
-        signatures = sorted(self._signatures)
-        order: list[int] | None = None
         if self.dist.enabled:
-            signatures, rows = self._all_reduce(signatures)
-        else:
+            signatures, rows = self._all_reduce(sorted(self._signatures))
+        else:  # rows in the order signatures first appeared (an entry's tables are keyed, not ordered, by them)
+            signatures = sorted(self._signatures, key=self._signatures.__getitem__)
             rows = self._rows[:len(signatures) + 1]
-            order = [0] + [self._signatures[s] for s in signatures]
-            if order == list(range(len(order))):
-                order = None
         gram = self.layout.gram(rows)  # [L, S+1, S+1]: every norm and dot product in one read of the rows
         norms_sq = gram.diagonal(dim1=1, dim2=2).T.contiguous()  # [S+1, L]
         gradient_sq = norms_sq[0]
@@ -187,8 +183,6 @@ class ContributionRecorder:
             dots = gradient_sq[None].clone()
         else:
             dots = gram[:, 1:, 0].T.contiguous()  # [S, L]: each signature's gradient with the step's
-        if order is not None:  # rows in the order signatures appeared; entries list them sorted
-            norms_sq, dots = norms_sq[order], dots[[k - 1 for k in order[1:]]]
         return signatures, norms_sq[1:].sqrt() * inv_scale, dots * inv_scale**2, gradient_sq * inv_scale**2
 
     def _all_reduce(self, local: list[str]) -> tuple[list[str], torch.Tensor]:

@@ -189,7 +189,10 @@ class Ledger:
     def flush(self) -> None:
         if self.store is None or not self.pending:
             return
-        bodies = [self._body(p) for p in self.pending]
+        # One device-to-host copy for every pending number: one synchronisation per flush, not eight per step.
+        host = iter(_to_host([t for p in self.pending for t in (p.loss, *p.gradient, *p.update)]))
+        bodies = [self._body(p, next(host), [next(host) for _ in p.gradient], [next(host) for _ in p.update])
+                  for p in self.pending]
         self._append_bodies(bodies)
         self.pending = []
 
@@ -204,10 +207,10 @@ class Ledger:
             self._previous_leaf = leaf
         self.store.append(rows)
 
-    def _body(self, p: _PendingStep) -> dict[str, Any]:
-        norms, dots, gradient_sq = (t.cpu().double().numpy() for t in p.gradient)
-        update_norm, before_norm, after_norm, dot_previous, previous_norm = (t.cpu().double().numpy()
-                                                                             for t in p.update)
+    def _body(self, p: _PendingStep, loss: np.ndarray, gradient: list[np.ndarray],
+              update: list[np.ndarray]) -> dict[str, Any]:
+        norms, dots, gradient_sq = gradient
+        update_norm, before_norm, after_norm, dot_previous, previous_norm = update
         layers = []
         for j in range(len(self.recorder.layer_names)):
             relative = update_norm[j] / before_norm[j] if before_norm[j] > 0 else None
@@ -225,7 +228,7 @@ class Ledger:
             "kind": "step",
             "step": p.step,
             "time": p.time,
-            "loss": float(p.loss),
+            "loss": float(loss),
             "examples": p.examples,
             "dropped": p.dropped,
             "counts": _class_counts(p.examples),
@@ -261,6 +264,15 @@ class Ledger:
             self.flush()
             self.store.close()
             self.store = None
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
+    """float64 numpy copies of ``tensors``, through one transfer where they live on an accelerator."""
+    if all(t.device.type == "cpu" for t in tensors):
+        return [t.detach().double().numpy() for t in tensors]
+    flat = torch.cat([t.detach().reshape(-1).double() for t in tensors]).cpu().numpy()
+    ends = np.cumsum([t.numel() for t in tensors])
+    return [part.reshape(t.shape) for part, t in zip(np.split(flat, ends[:-1]), tensors)]
 
 
 def _class_counts(examples: dict[str, list[int]]) -> dict[str, int]:
