@@ -471,6 +471,39 @@ def _replayed_cells(run: Path, which: str, rel: float = 1e-5, abs: float = 1e-6)
     return checked
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_ledger_never_waits_for_the_gpu_between_flushes(governed, tmp_path, monkeypatch):
+    """The ledger's per-step code runs under CUDA's sync debug mode "error": a device-to-host copy, a
+    synchronising host-to-device copy or a stream synchronisation inside it raises. Only the flush
+    (here: at the end) and the entropy probe (off here) may wait for the device. (The backward pass
+    itself, ``autograd.grad``, is training's, not the ledger's, and is left out.)"""
+    from tessera.governance.ledger.recorder import ContributionRecorder
+    from tessera.governance.ledger.writer import Ledger
+
+    checked = []
+
+    def strict(owner, name):
+        method = getattr(owner, name)
+
+        def wrapped(self, *args, **kwargs):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                checked.append(name)
+        return wrapped
+
+    for owner, names in ((Ledger, ("start_step", "gradient_statistics", "after_optimizer_step")),
+                         (ContributionRecorder, ("_row_for", "_bind", "_accumulate"))):
+        for name in names:
+            monkeypatch.setattr(owner, name, strict(owner, name))
+    run = train(governed, tmp_path / "run", train={"max_duration": "6ba", "microbatch_size": 2, "device": "cuda"},
+                data={"batching": "per_class"}, ledger={"flush_every": 1000, "entropy_every": 0})
+    assert checked.count("after_optimizer_step") == 6 and checked.count("_accumulate") >= 12
+    assert _verify(run, key=governed.keys / "trainer.pub").ok
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 def test_recording_does_not_change_training(governed, tmp_path, device):

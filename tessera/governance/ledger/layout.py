@@ -77,10 +77,11 @@ class FlatLayout:
             block = rows[:, start:start + count * numel].view(count_rows, count * pieces, chunk).transpose(0, 1)
             gram = torch.bmm(block, block.transpose(1, 2))
             blocks.append(gram.view(count, pieces, count_rows, count_rows).sum(1) if pieces > 1 else gram)
-        return torch.cat(blocks).float().index_select(0, self._layer_order(rows.device))
+        return torch.cat(blocks).float().index_select(0, self.layer_order(rows.device))
 
-    def _layer_order(self, device: torch.device) -> torch.Tensor:
-        """Position of each layer in the groups' order, on ``device`` (cached)."""
+    def layer_order(self, device: torch.device) -> torch.Tensor:
+        """Position of each layer in the groups' order, on ``device`` (cached: call it once before training,
+        so that not even the first step waits for the copy)."""
         if device not in self._order_on:
             position = torch.empty(self.n_layers, dtype=torch.long)
             position[torch.cat([layers for _, _, _, layers in self.groups])] = torch.arange(self.n_layers)

@@ -87,6 +87,7 @@ class ContributionRecorder:
         self._update_views = [self.layout.views(row, self._shapes) for row in self._updates[:2]]
         self._current, self._previous = 2, 3
         self._inputs_cache: dict[tuple[int, ...], list[int]] = {}
+        self.layout.layer_order(device)  # on the device before the first step
 
     # ---------------------------------------------------------------- microbatches
 
