@@ -16,6 +16,8 @@ consumes no random numbers, so recording it does not change training.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -41,23 +43,18 @@ def probe_batch(val, samples_per_class: int, n_classes: int) -> Batch | None:
     return val.gather(indices) if indices.numel() else None
 
 
-def spectral_entropy(x: torch.Tensor) -> torch.Tensor:
-    """Normalised spectral entropy of each matrix in a [N, rows, features] stack."""
-    return gram_entropy(smaller_gram(x), torch.full((x.shape[0],), float(min(x.shape[1:]))))
-
-
 def smaller_gram(x: torch.Tensor) -> torch.Tensor:
     """[N, r, r] with r = min(rows, features): its eigenvalues are the squared singular values of ``x``,
     several times cheaper to find than by an SVD for these shapes."""
     return x @ x.transpose(1, 2) if x.shape[1] <= x.shape[2] else x.transpose(1, 2) @ x
 
 
-def gram_entropy(gram: torch.Tensor, rank_bound: torch.Tensor) -> torch.Tensor:
-    """Normalised spectral entropies of a [N, r, r] stack of Gram matrices, each by its own rank bound [N]."""
+def gram_entropy(gram: torch.Tensor) -> torch.Tensor:
+    """Normalised spectral entropies of a [N, r, r] stack of Gram matrices (r bounds the rank)."""
     power = torch.linalg.eigvalsh(gram).clamp(min=0)
     p = power / power.sum(dim=1, keepdim=True).clamp(min=1e-30)
     entropy = -(p * torch.log(p.clamp(min=1e-30))).sum(dim=1)
-    return entropy / torch.log(rank_bound.to(entropy).clamp(min=2))
+    return entropy / math.log(max(2, gram.shape[-1]))
 
 
 class EntropyProbe:
@@ -78,7 +75,6 @@ class EntropyProbe:
         self.classes = sorted(set(row_class.tolist()))
         self.class_names = [class_names[c] for c in self.classes]
         self._rows = [(row_class == c).nonzero().flatten() for c in self.classes]
-        self._uniform = len({len(rows) for rows in self._rows}) == 1
         self._on_device: dict[tuple, torch.Tensor] = {}  # index tensors, moved to the device once
 
     @torch.no_grad()
@@ -97,40 +93,29 @@ class EntropyProbe:
             self.model.train(was_training)
             for hook in hooks:
                 hook.remove()
-        # Gram matrices grouped by shape, with the (class, layer) cell and rank bound of each.
-        stacks: dict[tuple[int, ...], tuple[list[torch.Tensor], list[tuple[int, int]], list[int]]] = {}
+        # Gram matrices grouped by size (classes with as many probe tokens share one), with their cells.
+        stacks: dict[int, tuple[list[torch.Tensor], list[int], list[int]]] = {}
         for j, name in enumerate(self.layer_names):
             output = captured.get(name)
             if output is None:
                 continue
-            if self._uniform:  # every class has as many probe rows: gather all at once
-                grouped = output.index_select(0, self._index("all", device)).reshape(len(self._rows), -1,
-                                                                                    output.shape[-1])
-                parts = [(list(range(len(self._rows))), grouped.index_select(1, self._positions(grouped.shape[1],
-                                                                                                 device)))]
-            else:
-                parts = []
-                for k in range(len(self._rows)):
-                    tokens = output.index_select(0, self._index(k, device)).reshape(-1, output.shape[-1])
-                    parts.append(([k], tokens.index_select(0, self._positions(tokens.shape[0], device))[None]))
-            for ks, x in parts:
-                gram = smaller_gram(x.float())
-                grams, cells, bounds = stacks.setdefault(tuple(gram.shape[1:]), ([], [], []))
+            for k in range(len(self._rows)):
+                tokens = output.index_select(0, self._index(k, device)).reshape(-1, output.shape[-1])
+                gram = smaller_gram(tokens.index_select(0, self._positions(tokens.shape[0], device)).float()[None])
+                grams, ks, js = stacks.setdefault(gram.shape[-1], ([], [], []))
                 grams.append(gram)
-                cells.extend((k, j) for k in ks)
-                bounds.extend([min(x.shape[1:])] * len(ks))
+                ks.append(k)
+                js.append(j)
         result = torch.zeros(len(self.classes), len(self.layer_names))
-        for grams, cells, bounds in stacks.values():
-            values = gram_entropy(torch.cat(grams).cpu(), torch.tensor(bounds, dtype=torch.float32))
-            ks, js = zip(*cells)
-            result[list(ks), list(js)] = values
+        for grams, ks, js in stacks.values():
+            result[ks, js] = gram_entropy(torch.cat(grams).cpu())
         return result
 
-    def _index(self, which: int | str, device: torch.device) -> torch.Tensor:
-        key = (which, device)
+    def _index(self, k: int, device: torch.device) -> torch.Tensor:
+        """Class ``k``'s probe rows, on ``device`` (cached)."""
+        key = ("rows", k, device)
         if key not in self._on_device:
-            rows = torch.cat(self._rows) if which == "all" else self._rows[int(which)]
-            self._on_device[key] = rows.to(device)
+            self._on_device[key] = self._rows[k].to(device)
         return self._on_device[key]
 
     def _positions(self, rows: int, device: torch.device) -> torch.Tensor:

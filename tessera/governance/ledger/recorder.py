@@ -174,8 +174,8 @@ class ContributionRecorder:
         self._clean(len(self._signatures) + 1)
         if self.dist.enabled:
             signatures, rows = self._all_reduce(sorted(self._signatures))
-        else:  # rows in the order signatures first appeared (an entry's tables are keyed, not ordered, by them)
-            signatures = sorted(self._signatures, key=self._signatures.__getitem__)
+        else:  # row order is first appearance, the dict's order (an entry's tables are keyed, not ordered, by them)
+            signatures = list(self._signatures)
             rows = self._rows[:len(signatures) + 1]
         gram = self.layout.gram(rows)  # [L, S+1, S+1]: every norm and dot product in one read of the rows
         norms_sq = gram.diagonal(dim1=1, dim2=2).T.contiguous()  # [S+1, L]
