@@ -92,11 +92,11 @@ def _copy_run(run: Path, tmp_path: Path) -> Path:
     return target
 
 
-def _verify(run: Path, deep: bool = False, key: Path | None = None):
+def _verify(run: Path, deep: bool = False, key: Path | None = None, workers: int | None = None):
     from tessera.governance.keys import PublicKey
     from tessera.governance.ledger.verify import verify_ledger
 
-    return verify_ledger(run, PublicKey.load(key) if key else None, deep=deep)
+    return verify_ledger(run, PublicKey.load(key) if key else None, deep=deep, workers=workers)
 
 
 # ------------------------------------------------------------------ G3: tamper evidence
@@ -180,7 +180,12 @@ def test_an_edit_with_recomputed_hashes_is_caught_by_the_signed_root(policy_run,
     ("head_forged", "tree head at size 4: signature is not valid"),
     ("head_final_flag", "tree head at size 8: signature is not valid"),
 ])
-def test_deleting_inserting_reordering_truncating_and_forging_are_detected(policy_run, tmp_path, attack, expected):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_deleting_inserting_reordering_truncating_and_forging_are_detected(policy_run, tmp_path, monkeypatch,
+                                                                          attack, expected, workers):
+    from tessera.governance.ledger import verify
+
+    monkeypatch.setattr(verify, "SPAN", 2)  # with workers: spans of two entries, so every attack lands in one
     run = _copy_run(policy_run, tmp_path)
     with sqlite3.connect(run / "ledger.sqlite") as db:
         rows = db.execute("SELECT idx, step, leaf, data FROM entries ORDER BY idx").fetchall()
@@ -214,7 +219,7 @@ def test_deleting_inserting_reordering_truncating_and_forging_are_detected(polic
             db.execute("UPDATE heads SET final = 1 WHERE size = 8")
             db.execute("DELETE FROM heads WHERE size > 8")
             db.execute("DELETE FROM entries WHERE idx >= 8")
-    report = _verify(run)
+    report = _verify(run, workers=workers)
     assert not report.ok and expected in report.problem, report.problem
 
 
@@ -266,34 +271,70 @@ def _synthetic_ledger(run: Path, key, size: int, head_sizes: list[int], magic: b
     store.close()
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 16, 4096])
-def test_verification_read_in_chunks_names_the_same_problems(tmp_path, monkeypatch, chunk):
-    """verify checks whole chunks at once and walks entry by entry only where a chunk fails: wherever the
-    chunk edges and the signed heads fall, it accepts the intact ledger and names the same first problem."""
+@pytest.mark.parametrize("chunk, span, workers", [(1, 8192, 1), (4, 8192, 1), (16, 8192, 1), (4096, 8192, 1),
+                                                   (4, 8, 2), (16, 4, 3), (4096, 16, 2), (1, 1, 2)])
+def test_verification_read_in_chunks_names_the_same_problems(tmp_path, monkeypatch, chunk, span, workers):
+    """verify checks whole chunks (in worker processes: whole spans) at once and walks entry by entry only where
+    one fails: wherever the chunk and span edges and the signed heads fall, it accepts the intact ledger and names
+    the same first problem."""
     from tessera.governance.keys import SigningKey
     from tessera.governance.ledger import verify
 
     monkeypatch.setattr(verify, "CHUNK", chunk)
+    monkeypatch.setattr(verify, "SPAN", span)
+    grafted = []  # spans the workers checked, joined by the parent
+    monkeypatch.setattr(verify._Walk, "graft", lambda walk, span, graft=verify._Walk.graft: grafted.append(span)
+                        or graft(walk, span))
     key = SigningKey.generate()
     run = tmp_path / "run"
     _synthetic_ledger(run, key, 50, [7, 20, 33, 50])
-    report = verify.verify_ledger(run, key.public)
+    report = verify.verify_ledger(run, key.public, workers=workers)
     assert report.ok and report.entries == 50 and report.heads == 4, report.problem
-    assert verify.verify_ledger(run, key.public, deep=True).ok
+    assert len(grafted) == (-(-50 // span) if workers > 1 else 0)  # the workers did hash the whole ledger
+    assert verify.verify_ledger(run, key.public, deep=True, workers=workers).ok
     with sqlite3.connect(run / "ledger.sqlite") as db:
         data = db.execute("SELECT data FROM entries WHERE idx = 25").fetchone()[0]
     edited = _copy_run(run, tmp_path / "edited")
     _rewrite(edited, 25, _mutate_field(data, "loss"), rehash=False)
-    assert verify.verify_ledger(edited, key.public).problem == (
+    assert verify.verify_ledger(edited, key.public, workers=workers).problem == (
         "entry 25 (step 25): content does not match its leaf hash (edited after it was written)")
     rehashed = _copy_run(run, tmp_path / "rehashed")
     _rewrite(rehashed, 25, _mutate_field(data, "loss"), rehash=True)
-    assert verify.verify_ledger(rehashed, key.public).problem.startswith(
+    assert verify.verify_ledger(rehashed, key.public, workers=workers).problem.startswith(
         "tree head at size 33: its signed root does not match entries 20..32")
     deleted = _copy_run(run, tmp_path / "deleted")
     with sqlite3.connect(deleted / "ledger.sqlite") as db:
         db.execute("DELETE FROM entries WHERE idx = 40")
-    assert verify.verify_ledger(deleted, key.public).problem.startswith("entry 40: missing")
+    assert verify.verify_ledger(deleted, key.public, workers=workers).problem.startswith("entry 40: missing")
+    from tessera.governance.ledger.entry import HEADER, HEADER_SIZE, MAGIC
+
+    relinked = _copy_run(run, tmp_path / "relinked")  # entry 32 (a span's first) chained to nothing, then rehashed
+    with sqlite3.connect(run / "ledger.sqlite") as db:
+        data = db.execute("SELECT data FROM entries WHERE idx = 32").fetchone()[0]
+    _rewrite(relinked, 32, HEADER.pack(MAGIC, 32, bytes(32)) + data[HEADER_SIZE:], rehash=True)
+    assert verify.verify_ledger(relinked, key.public, workers=workers).problem == (
+        "entry 32 (step 32): hash chain broken (the entry before it was changed, removed or reordered)")
+
+
+def test_a_damaged_store_is_a_one_line_failure_saying_from_where(tmp_path, monkeypatch):
+    from tessera.governance.keys import SigningKey
+    from tessera.governance.ledger import verify
+
+    monkeypatch.setattr(verify, "SPAN", 256)
+    monkeypatch.setattr(verify, "CHUNK", 64)  # read in this process 64 entries at a time
+    key, run = SigningKey.generate(), tmp_path / "run"
+    _synthetic_ledger(run, key, 2000, list(range(100, 2001, 100)))
+    path = run / "ledger.sqlite"
+    pages = path.stat().st_size // 16384
+    with open(path, "r+b") as file:  # one page in the middle of the entries overwritten
+        file.seek(pages // 2 * 16384)
+        file.write(b"\xff" * 16384)
+    alone, with_workers = (verify.verify_ledger(run, key.public, workers=workers) for workers in (1, 2))
+    assert not alone.ok and re.fullmatch(
+        r"entries from (\d+) on cannot be read: the SQLite file is damaged \(database disk image is malformed\); "
+        r"the entries before them check out", alone.problem), alone.problem
+    assert 0 < int(re.match(r"entries from (\d+)", alone.problem)[1]) < 2000
+    assert with_workers.problem == alone.problem
 
 
 def test_format_1_ledgers_still_verify_and_read(tmp_path):
@@ -319,8 +360,11 @@ def test_ledger_verify_command_exit_codes_and_messages(policy_run, governed, tmp
     run = _copy_run(policy_run, tmp_path)
     with sqlite3.connect(run / "ledger.sqlite") as db:
         db.execute("DELETE FROM entries WHERE idx = 2")
-    bad = tessera_cli("ledger", "verify", str(run))
+    bad = tessera_cli("ledger", "verify", str(run), "--workers", "1")
     assert bad.returncode == 1 and "entry 2: missing" in bad.stderr
+    no_workers = tessera_cli("ledger", "verify", str(policy_run), "--workers", "0")
+    assert no_workers.returncode == 2 and "--workers: expected a whole number of at least 1, got '0'" in (
+        no_workers.stderr)
     missing = tessera_cli("ledger", "verify", str(tmp_path / "nowhere"))
     assert missing.returncode != 0 and "no ledger here" in missing.stderr
 

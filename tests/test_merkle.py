@@ -166,3 +166,33 @@ def test_frontier_extend_builds_the_same_tree_as_appending_one_by_one(seed):
         position = min(len(leaves), position + run)
         assert in_runs.size == position and in_runs.root() == merkle.root(leaves[:position])
     assert in_runs.root() == one_by_one.root() and in_runs.size == one_by_one.size
+
+
+@pytest.mark.parametrize("span", [1, 2, 8, 64])
+def test_spans_built_apart_and_grafted_give_the_trees_roots(span):
+    """Parallel verification: workers build the trees of aligned spans, the parent grafts them and roots at any
+    size inside a span come from the tree so far plus the span's subtrees up to there."""
+    leaves = _tree(5 * span + span // 2 + 1)
+    joined = merkle.Frontier()
+    for start in range(0, len(leaves), span):
+        part = merkle.Frontier()
+        for n, leaf in enumerate(leaves[start:start + span], start + 1):
+            part.append(leaf)
+            assert joined.grafted(part.subtrees).root() == merkle.root(leaves[:n])
+        joined = joined.grafted(part.subtrees)
+        assert joined.size == min(start + span, len(leaves))
+    assert joined.root() == merkle.root(leaves) and joined.subtrees == _appended(leaves).subtrees
+
+
+def _appended(leaves: list[bytes]) -> merkle.Frontier:
+    frontier = merkle.Frontier()
+    for leaf in leaves:
+        frontier.append(leaf)
+    return frontier
+
+
+@pytest.mark.parametrize("at, leaves", [(1, 2), (2, 3), (4, 5), (6, 4), (12, 8)])
+def test_a_span_that_does_not_start_where_its_tree_may_is_refused(at, leaves):
+    tree, span = _appended(_tree(at)), _appended(_tree(leaves))
+    with pytest.raises(ValueError, match=f"a span of {leaves} leaves cannot be grafted at size {at}"):
+        tree.grafted(span.subtrees)

@@ -27,7 +27,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     verify.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     verify.add_argument("--pubkey", type=Path, help="the trainer authority's public key (default: the key the "
                         "ledger records, which proves integrity but not who signed)")
-    verify.add_argument("--deep", action="store_true", help="also parse every entry (canonical form, step order)")
+    verify.add_argument("--deep", action="store_true", help="also parse every entry (canonical form, step order); "
+                        "runs in one process")
+    verify.add_argument("--workers", type=_at_least_one, default=None, metavar="N",
+                        help="processes reading and hashing the ledger in spans of 8,192 entries (default: one per "
+                             "core; 1 checks in this process alone)")
     verify.set_defaults(run=run_verify)
 
     show = sub.add_parser("show", help="print entries (a summary per step, or one step whole)",
@@ -53,6 +57,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     export.set_defaults(run=run_export)
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def run_verify(args: argparse.Namespace) -> int:
     from tessera.governance.keys import PublicKey
     from tessera.governance.ledger.verify import verify_ledger
@@ -69,7 +83,7 @@ def run_verify(args: argparse.Namespace) -> int:
         print(f"deletion certificate OK: {certificate}")
         if not (args.run_dir / "ledger.sqlite").is_file():
             return 0
-    report = verify_ledger(args.run_dir, key, deep=args.deep)
+    report = verify_ledger(args.run_dir, key, deep=args.deep, workers=args.workers)
     if not report.ok:
         print(f"ledger FAILED verification: {report.problem}", file=sys.stderr)
         return 1

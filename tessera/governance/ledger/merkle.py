@@ -77,6 +77,28 @@ class Frontier:
             self._push(size, root(leaves[position:position + size]))
             position += size
 
+    @property
+    def subtrees(self) -> list[tuple[int, bytes]]:
+        """The perfect subtrees (leaf count, hash), largest first: all a tree needs to grow or give its root."""
+        return list(self._subtrees)
+
+    def grafted(self, subtrees: Sequence[tuple[int, bytes]]) -> Frontier:
+        """This tree followed by the leaves another frontier holds as ``subtrees``, as a new frontier.
+
+        What lets several processes build one tree: a worker builds the tree of its own span of
+        leaves, and the spans join here without rehashing a leaf. The span must start where a tree
+        of its size may start (this size a multiple of the smallest power of two holding it), so its
+        subtrees are the very subtrees appending its leaves one by one would make.
+        """
+        added = sum(size for size, _ in subtrees)
+        if added and self.size % (1 << (added - 1).bit_length()):
+            raise ValueError(f"a span of {added} leaves cannot be grafted at size {self.size}")
+        joined = Frontier()
+        joined.size, joined._subtrees = self.size, list(self._subtrees)
+        for size, node in subtrees:
+            joined._push(size, node)
+        return joined
+
     def _push(self, size: int, node: bytes) -> None:
         self.size += size
         while self._subtrees and self._subtrees[-1][0] == size:

@@ -103,9 +103,13 @@ class LedgerStore:
         yield from self.db.execute("SELECT idx, step, leaf, data FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx",
                                    (start, stop))
 
-    def row_chunks(self, size: int) -> Iterator[list[tuple[int, int, bytes, bytes]]]:
-        """All rows in index order, ``size`` at a time (what verification reads)."""
-        cursor = self.db.execute("SELECT idx, step, leaf, data FROM entries ORDER BY idx")
+    def row_chunks(self, size: int, start: int | None = None) -> Iterator[list[tuple[int, int, bytes, bytes]]]:
+        """All rows (from index ``start`` on) in index order, ``size`` at a time (what verification reads)."""
+        if start is None:
+            cursor = self.db.execute("SELECT idx, step, leaf, data FROM entries ORDER BY idx")
+        else:
+            cursor = self.db.execute("SELECT idx, step, leaf, data FROM entries WHERE idx >= ? ORDER BY idx",
+                                     (start,))
         while rows := list(itertools.islice(cursor, size)):  # iterating beats fetchmany (measured)
             yield rows
 
