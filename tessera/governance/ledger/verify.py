@@ -201,7 +201,7 @@ def _verify(store: LedgerStore, public_key: PublicKey | None, deep: bool, worker
     return report
 
 
-def _walk_spans(walk: "_Walk", spans: list[tuple[str, int, int, list[int]]], workers: int) -> str | None:
+def _walk_spans(walk: _Walk, spans: list[tuple[str, int, int, list[int]]], workers: int) -> str | None:
     """Join the spans the workers check, in order, up to the first that does not hold together."""
     if not spans:
         return None
