@@ -7,10 +7,15 @@ out (``data.exclude_classes``) to keep the run short. The parent run trains
 with the ledger on and deterministic mode. Then, in the same process:
 
 - ``forget``: ``tessera forget --mode exact`` (plan from the ledger, replay
-  from the kept checkpoint before the class, sign the certificate, evaluate
-  per-class loss before and after), timed whole;
+  from the kept checkpoint before the class, sign the certificate with the
+  per-class held-out losses before and after), timed whole;
 - ``retrain``: the counterfactual, the same recipe with the class excluded
   from the start, timed whole.
+
+Every run ends as training does, with the recipe's evaluation (here on
+``--eval-samples`` held-out windows), which records each class's loss in the
+final checkpoint: the certificate's "before" is the parent's, its "after" the
+replay's, and the retrain pays the same final evaluation.
 
 ``ratio`` = forget time / retrain time (goal <= 0.3), ``bitwise_equal``:
 whether the two final weights are identical, and the forgotten class's
@@ -44,7 +49,7 @@ TINY_GPT = dict(n_layer=1, n_head=2, d_model=32, block_size=64)  # smoke tests: 
 
 
 def recipe(governed, key: Path, classes: list[str], steps: int | None, exclude_forgotten: bool = False,
-           batch_size: int = 12, tiny: bool = False) -> Recipe:
+           batch_size: int = 12, tiny: bool = False, eval_samples: int = 12) -> Recipe:
     excluded = [c for c in classes if c not in KEEP] + ([FORGET] if exclude_forgotten else [])
     return Recipe.model_validate({
         "seed": 1,
@@ -56,7 +61,7 @@ def recipe(governed, key: Path, classes: list[str], steps: int | None, exclude_f
         "scheduler": {"warmup": "10ba"},
         "train": {"max_duration": f"{steps or 1}ba", "global_batch_size": batch_size, "grad_clip_norm": 1.0,
                   "deterministic": True},
-        "eval": {"interval": "1000000ba", "max_samples": 12},
+        "eval": {"interval": "1000000ba", "max_samples": eval_samples},  # the final evaluation only
         "checkpoint": {"interval": "1000000ba"},
         "logging": {"console": False, "jsonl": False},
         "governance": {"ledger": {"enabled": True, "key": str(key), "entropy_every": 50, "flush_every": 50}},
@@ -74,12 +79,14 @@ class Setup:
     per_epoch: int
     batch_size: int
     tiny: bool
+    eval_samples: int = 12
 
     def recipe(self, steps: int | None, exclude_forgotten: bool = False) -> Recipe:
-        return recipe(self.governed, self.key, self.classes, steps, exclude_forgotten, self.batch_size, self.tiny)
+        return recipe(self.governed, self.key, self.classes, steps, exclude_forgotten, self.batch_size, self.tiny,
+                      self.eval_samples)
 
 
-def prepare(root: Path, batch_size: int = 12, tiny: bool = False) -> Setup:
+def prepare(root: Path, batch_size: int = 12, tiny: bool = False, eval_samples: int = 12) -> Setup:
     from tessera.governance.taxonomy import Taxonomy
 
     governed = governed_shakespeare(root)
@@ -89,7 +96,7 @@ def prepare(root: Path, batch_size: int = 12, tiny: bool = False) -> Setup:
     probe = Trainer(recipe(governed, key, classes, None, batch_size=batch_size, tiny=tiny), root / "probe")
     late, per_epoch = probe.data.first_late_batch(), probe.data.shape.batches_per_epoch
     probe.close()
-    return Setup(governed, key, classes, late, per_epoch, batch_size, tiny)
+    return Setup(governed, key, classes, late, per_epoch, batch_size, tiny, eval_samples)
 
 
 def latest(run: Path) -> Path:
@@ -116,12 +123,13 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=3, help="forget/retrain pairs (the parent is trained once)")
-    parser.add_argument("--eval-samples", type=int, default=240)
+    parser.add_argument("--eval-samples", type=int, default=240, help="held-out windows of every run's final "
+                        "evaluation (the certificate's before/after losses per class)")
     add_setup_arguments(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        setup = prepare(root, args.batch_size, args.tiny)
+        setup = prepare(root, args.batch_size, args.tiny, args.eval_samples)
         key, late = setup.key, setup.late
         steps = min(setup.per_epoch, round(late / 0.75))
         parent = root / "parent"
@@ -129,8 +137,7 @@ def main() -> None:
         ratios, forget_s, retrain_s, equal, losses = [], [], [], [], []
         for run in range(args.runs):
             started = time.perf_counter()
-            certificate = forget(parent, FORGET, root / f"forgot-{run}", SigningKey.load(key), "exact",
-                                 max_eval_samples=args.eval_samples)
+            certificate = forget(parent, FORGET, root / f"forgot-{run}", SigningKey.load(key), "exact")
             forget_s.append(time.perf_counter() - started)
             started = time.perf_counter()
             fit(setup.recipe(steps, exclude_forgotten=True), root / f"retrain-{run}")
@@ -139,7 +146,8 @@ def main() -> None:
             a, b = latest(root / f"forgot-{run}"), latest(root / f"retrain-{run}")
             equal.append(weights_sha256(torch.load(a, weights_only=False)["model"])
                          == weights_sha256(torch.load(b, weights_only=False)["model"]))
-            counterfactual = loss_by_class(root / f"retrain-{run}" / "recipe.yaml", b, args.eval_samples)
+            counterfactual = loss_by_class(root / f"retrain-{run}" / "recipe.yaml", b)  # evaluated anew
+            assert certificate["evaluation"]["max_samples"] == args.eval_samples, certificate["evaluation"]
             losses.append((certificate["evaluation"]["before"][FORGET], certificate["evaluation"]["after"][FORGET],
                            counterfactual[FORGET]))
     emit({

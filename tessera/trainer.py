@@ -27,6 +27,7 @@ from tessera.checkpoint import FORMAT_VERSION, CheckpointStore, checkpoint_name,
 from tessera.config import RESUMABLE_CHANGES, Recipe
 from tessera.core.algorithm import Algorithm
 from tessera.core.callback import Callback
+from tessera.core.class_losses import ClassLosses
 from tessera.core.engine import Engine
 from tessera.core.event import Event
 from tessera.core.state import State
@@ -223,7 +224,8 @@ class Trainer:
             self.ledger.close()
         self._ddp = None
         self._forward_model = self.model
-        gc.collect()
+        if self.dist.enabled:  # the reducer, in a reference cycle, must go before the group
+            gc.collect()
         distributed.shutdown(self.dist)
 
     # ------------------------------------------------------------------ the loop
@@ -392,7 +394,11 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean validation loss (and accuracy, for classifiers) over the recipe's fixed validation subset."""
+        """Mean validation loss (and accuracy, for classifiers) over the recipe's fixed validation subset.
+
+        Each class's mean loss goes to ``state.eval_by_class`` (and into checkpoints): a deletion
+        certificate's before/after numbers are the final evaluations of the parent and the replay.
+        """
         state = self.state
         if self._evaluated_at == state.timestamp.batch:
             return state.eval_metrics
@@ -401,20 +407,25 @@ class Trainer:
         self.model.eval()
         classifier = hasattr(self.model, "accuracy_counts")
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)
+        by_class = ClassLosses(len(self.data.class_names), self.device)
         batches = self.data.eval_batches(
             self.recipe.eval.batch_size, self.recipe.eval.max_samples, self.dist.rank, self.dist.world_size
         )
         for batch in batches:
+            classes = batch.provenance[:, 0]
             batch = batch.to(self.device)
             set_row_classes(self.model, batch.provenance)
             with autocast(self.recipe.train.precision, self.device):
                 logits = self.model(batch.inputs)
             totals[0] += self.model.loss(logits, batch.targets).double()
             totals[1] += self.model.loss_units(batch.targets).double()
+            by_class.add(self.model, classes, logits, batch.targets)
             if classifier:
                 totals[2] += self.model.accuracy_counts(logits, batch.targets).double()
         distributed.all_reduce_sum(totals, self.dist)
+        distributed.all_reduce_sum(by_class.sums, self.dist)
         self.model.train(was_training)
+        state.eval_by_class = by_class.means(self.data.class_names)
         state.eval_metrics = {"eval/loss": float(totals[0] / totals[1].clamp(min=1))}
         if classifier:
             state.eval_metrics["eval/accuracy"] = float(totals[2] / totals[1].clamp(min=1))
@@ -449,6 +460,7 @@ class Trainer:
                 "classes": list(self.data.class_names),
                 "policy_fingerprint": self.policy.fingerprint if self.policy else None,
                 "eval_metrics": dict(state.eval_metrics),
+                "eval_by_class": dict(state.eval_by_class),
                 "evaluated_at": self._evaluated_at,
                 "algorithms": {a.name: a.state_dict() for a in self.algorithms},
                 "surgery": applied_surgery(self.model),
@@ -502,6 +514,7 @@ class Trainer:
             raise CheckpointError(f"{where}: sampler epoch {position.epoch} != timestamp epoch {timestamp.epoch}")
         self.state.timestamp = timestamp
         self.state.eval_metrics = dict(payload["eval_metrics"])
+        self.state.eval_by_class = dict(payload.get("eval_by_class", {}))  # absent in checkpoints before it existed
         self._evaluated_at = int(payload["evaluated_at"])
         self._checkpointed_at = timestamp
         for algorithm in self.algorithms:

@@ -102,7 +102,7 @@ def test_algorithm_trains_acts_and_resumes_bitwise(name, tmp_path, tiny_corpus, 
     assert resumed_from == 4
 
     a, b = latest_payload(reference_dir), latest_payload(resumed_dir)
-    for key in ("model", "optimizer", "algorithms", "timestamp", "rng", "eval_metrics", "surgery"):
+    for key in ("model", "optimizer", "algorithms", "timestamp", "rng", "eval_metrics", "eval_by_class", "surgery"):
         assert_tree_equal(a[key], b[key], key)
     assert losses(reference_dir) == losses(resumed_dir)
     assert eval_losses(reference_dir) == eval_losses(resumed_dir)

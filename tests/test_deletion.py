@@ -88,6 +88,10 @@ def test_exact_forget_equals_the_counterfactual_run_bitwise(parent, tmp_path):
     assert certificate["mode"] == "exact" and certificate["steps_replayed"] == 5
     before, after = certificate["evaluation"]["before"], certificate["evaluation"]["after"]
     assert set(before) == set(after) and TEMPEST in after
+    # Read, not recomputed: the trainer's own final evaluations of the parent and of the replay.
+    assert certificate["evaluation"]["source"] == "recorded by the trainer at its final evaluation"
+    assert before == latest_payload(run)["eval_by_class"] and after == latest_payload(out)["eval_by_class"]
+    assert after == latest_payload(counterfactual)["eval_by_class"] and after[TEMPEST] != before[TEMPEST]
     evaluated = tessera_cli("eval", str(counterfactual), "--by-class", "--json")
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(evaluated.stdout)["by_class"][TEMPEST] == after[TEMPEST]  # same weights, same loss
@@ -97,10 +101,14 @@ def test_a_class_that_never_contributed_is_a_noop_with_a_certificate(parent, tmp
     run, _, _ = parent
     assert tessera_cli("forget", str(run), "--class", "gutenberg/history", "--dry-run").stdout.find("no-op") >= 0
     out = tmp_path / "noop"
-    done = tessera_cli("forget", str(run), "--class", "gutenberg/history", "--out", str(out))
+    done = tessera_cli("forget", str(run), "--class", "gutenberg/history", "--out", str(out), "--eval-samples", "7")
     assert done.returncode == 0, done.stderr
     certificate = json.loads((out / "deletion-certificate.json").read_text())
     assert certificate["mode"] == "noop" and certificate["steps_replayed"] == 0 and "never contributed" in certificate["note"]
+    evaluation = certificate["evaluation"]  # another sample count than training's: evaluated anew, on 7 examples
+    assert evaluation["source"] == "evaluated by tessera forget" and evaluation["max_samples"] == 7
+    seven = json.loads(tessera_cli("eval", str(run), "--by-class", "--json", "--max-samples", "7").stdout)["by_class"]
+    assert evaluation["before"] == evaluation["after"] == seven != latest_payload(run)["eval_by_class"]
     assert tessera_cli("ledger", "verify", str(out)).returncode == 0
 
 
@@ -160,6 +168,10 @@ def test_ablation_resets_only_the_confined_parameters(governed, tmp_path):
         assert confined and all("adapter" in name for name in confined)
         assert certificate["evidence"]["other_classes_in_confined_layers"] == []
         assert "forward pass" in certificate["limits"]
+        evaluation = certificate["evaluation"]  # the parent's recorded losses are not the ablated weights'
+        assert evaluation["source"] == "evaluated by tessera forget" and evaluation["after"][HAMLET] != (
+            evaluation["before"][HAMLET])
+        assert latest_payload(out)["evaluated_at"] == -1 and latest_payload(out)["eval_by_class"] == {}
         from tessera.build import build_model
         from tessera.determinism import seed_everything
 

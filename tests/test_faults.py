@@ -38,7 +38,7 @@ def _recipe(tmp_path, tiny_corpus):
 
 def _assert_same_run(reference, resumed):
     a, b = latest_payload(reference), latest_payload(resumed)
-    for key in ("model", "optimizer", "rng", "algorithms", "timestamp", "eval_metrics"):
+    for key in ("model", "optimizer", "rng", "algorithms", "timestamp", "eval_metrics", "eval_by_class"):
         assert_tree_equal(a[key], b[key], key)
     assert losses(reference) == losses(resumed)
     assert eval_losses(reference) == eval_losses(resumed)

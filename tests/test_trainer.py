@@ -71,12 +71,44 @@ ALGORITHM_CASES = {
 }
 
 
+def test_evaluation_records_each_class_loss_and_a_resume_restores_it(tmp_path, tiny_corpus):
+    """Each class's held-out loss, as the final checkpoint carries it, against a row-by-row float64 recount."""
+    from tessera.governance.deletion import loss_by_class
+    from tessera.models.adapters import set_row_classes
+
+    config = tiny_recipe(tiny_corpus, train={"max_duration": "12ba"}, eval={"interval": "12ba", "batch_size": 5})
+    trainer = Trainer(recipe(config), tmp_path / "run")
+    trainer.fit()
+    payload = latest_payload(tmp_path / "run")
+    recorded = payload["eval_by_class"]
+    assert payload["evaluated_at"] == payload["timestamp"]["batch"] == 12
+    totals: dict[str, list[float]] = {}
+    model = trainer.model.eval()
+    with torch.no_grad():
+        for batch in trainer.data.eval_batches(5, 32):
+            set_row_classes(model, batch.provenance)
+            logits = model(batch.inputs)
+            for row in range(batch.num_samples):
+                part = totals.setdefault(trainer.data.class_names[int(batch.provenance[row, 0])], [0.0, 0.0])
+                part[0] += float(model.loss(logits[row:row + 1], batch.targets[row:row + 1]))
+                part[1] += float(model.loss_units(batch.targets[row:row + 1]))
+    assert len(totals) > 1 and set(recorded) == set(totals)
+    for name, (loss, units) in totals.items():
+        assert recorded[name] == pytest.approx(loss / units, abs=2e-6), name
+    latest = tmp_path / "run" / "checkpoints" / (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
+    assert loss_by_class(tmp_path / "run" / "recipe.yaml", latest) == recorded  # `tessera eval --by-class`'s numbers
+    trainer.close()
+    resumed = Trainer(recipe(config), tmp_path / "run")
+    assert resumed.state.eval_by_class == recorded
+    resumed.close()
+
+
 @pytest.mark.parametrize("case", sorted(ALGORITHM_CASES))
 def test_crash_and_resume_is_bitwise_exact(tmp_path, tiny_corpus, case):
     config = tiny_recipe(tiny_corpus, algorithms=ALGORITHM_CASES[case], model={"dropout": 0.1}, train={"max_duration": "24ba", "microbatch_size": 4})
     reference, resumed, _ = crash_and_resume(tmp_path, config, crash_at=13)
     a, b = latest_payload(reference), latest_payload(resumed)
-    for key in ("model", "optimizer", "algorithms", "timestamp", "rng", "sampler", "eval_metrics"):
+    for key in ("model", "optimizer", "algorithms", "timestamp", "rng", "sampler", "eval_metrics", "eval_by_class"):
         assert_tree_equal(a[key], b[key], key)
     assert losses(reference) == losses(resumed)
     assert eval_losses(reference) == eval_losses(resumed)

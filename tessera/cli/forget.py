@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from tessera.cli.arguments import at_least_one
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -24,8 +26,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--reset", choices=("initial", "zero"), default="initial",
                         help="ablate: reset the confined parameters to their initial values or to zero")
     parser.add_argument("--key", type=Path, help="trainer private key (default: the recipe's governance.ledger.key)")
-    parser.add_argument("--eval-samples", type=int, default=None, help="held-out examples for the before/after "
-                        "losses (default: all)")
+    parser.add_argument("--eval-samples", type=at_least_one, default=None, help="held-out examples for the before/after "
+                        "losses, evaluated anew (default: the per-class losses the trainer recorded at the parent's "
+                        "and the replay's final evaluations, on the recipe's eval.max_samples examples)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     parser.add_argument("--json", action="store_true", help="print the plan or certificate as JSON")
     parser.set_defaults(run=run_forget)
@@ -35,7 +38,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Evaluate RUN_DIR's latest checkpoint on its recipe's validation split.")
     evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     evaluate.add_argument("--by-class", action="store_true", help="one loss per class")
-    evaluate.add_argument("--max-samples", type=int, default=None, help="at most this many validation examples")
+    evaluate.add_argument("--max-samples", type=at_least_one, default=None, help="at most this many validation examples "
+                          "(default: the recipe's eval.max_samples, what training evaluates and records)")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(run=run_eval)
 

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from tessera.cli.arguments import at_least_one
 from tessera.errors import TesseraError
 
 
@@ -29,7 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "ledger records, which proves integrity but not who signed)")
     verify.add_argument("--deep", action="store_true", help="also parse every entry (canonical form, step order); "
                         "runs in one process")
-    verify.add_argument("--workers", type=_at_least_one, default=None, metavar="N",
+    verify.add_argument("--workers", type=at_least_one, default=None, metavar="N",
                         help="processes reading and hashing the ledger in spans of 8,192 entries (default: one per "
                              "core; 1 checks in this process alone)")
     verify.set_defaults(run=run_verify)
@@ -55,16 +56,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl")
     export.add_argument("--out", type=Path, help="output file (default: RUN_DIR/ledger.FORMAT)")
     export.set_defaults(run=run_export)
-
-
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return value
 
 
 def run_verify(args: argparse.Namespace) -> int:

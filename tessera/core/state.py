@@ -55,6 +55,7 @@ class State:
     outputs: Any = None
     loss: torch.Tensor | None = None
     eval_metrics: dict[str, float] = field(default_factory=dict)
+    eval_by_class: dict[str, float] = field(default_factory=dict)  # held-out loss per class, same evaluation
     stop_training: bool = False
     # Governance, for the algorithms that work with it: the router (None when routing is off) and the
     # ledger's latest entropy profile (step, layer names, [classes, layers] entropies).

@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from tessera.core.class_losses import ClassLosses
 from tessera.errors import TesseraError
 from tessera.governance.keys import PublicKey, SigningKey
 from tessera.governance.ledger.entry import HEADER_SIZE, TreeHead, decode_entry
@@ -228,8 +229,9 @@ def losses_by_class(recipe_path: Path, checkpoints: list[Path | dict[str, torch.
     """``loss_by_class`` for several checkpoints (paths, or model state dicts already loaded; None: the
     initial weights) of one recipe, reading the held-out data once.
 
-    Shards are verified as they are read (``verify: lazy``): evaluation reads
-    only the validation shards, and a bad one still fails closed.
+    ``max_samples``: held-out examples (default: the recipe's ``eval.max_samples``, what the trainer
+    evaluates, so the numbers equal those it records). Shards are verified as they are read
+    (``verify: lazy``): evaluation reads only the validation shards, and a bad one still fails closed.
     """
     from tessera.build import build_data, build_model_for
     from tessera.config import load_recipe
@@ -241,26 +243,49 @@ def losses_by_class(recipe_path: Path, checkpoints: list[Path | dict[str, torch.
     seed_everything(recipe.seed)
     data = build_data(recipe, DistInfo())
     try:
-        batches = list(data.eval_batches(recipe.eval.batch_size, max_samples))
+        batches = list(data.eval_batches(recipe.eval.batch_size, max_samples or recipe.eval.max_samples))
         model = build_model_for(recipe, data)
         results = []
         for checkpoint in checkpoints:
             if checkpoint is not None:
                 model.load_state_dict(checkpoint if isinstance(checkpoint, dict) else _load(checkpoint)["model"])
             model.eval()
-            totals: dict[int, list[float]] = {}
+            losses = ClassLosses(len(data.class_names))
             for batch in batches:
                 set_row_classes(model, batch.provenance)
-                logits = model(batch.inputs)
-                for row in range(batch.num_samples):
-                    c = int(batch.provenance[row, 0])
-                    part = totals.setdefault(c, [0.0, 0.0])
-                    part[0] += float(model.loss(logits[row:row + 1], batch.targets[row:row + 1]))
-                    part[1] += float(model.loss_units(batch.targets[row:row + 1]))
-            results.append({data.class_names[c]: round(s / max(n, 1.0), 6) for c, (s, n) in sorted(totals.items())})
+                losses.add(model, batch.provenance[:, 0], model(batch.inputs), batch.targets)
+            results.append(losses.means(data.class_names))
     finally:
         _close(data)
     return results
+
+
+def recorded_losses(payload: dict[str, Any]) -> dict[str, float] | None:
+    """The per-class held-out losses the trainer recorded for this checkpoint's very weights, if it did.
+
+    Training ends with an evaluation, then its final checkpoint: there ``evaluated_at`` is the
+    checkpoint's own step. Any other checkpoint (or one written before per-class losses were
+    recorded) has none, and the caller evaluates.
+    """
+    if payload.get("eval_by_class") and payload.get("evaluated_at") == payload["timestamp"]["batch"]:
+        return dict(payload["eval_by_class"])
+    return None
+
+
+def _evaluation(parent: Path, payloads: list[dict[str, Any]], max_samples: int | None) -> dict[str, Any]:
+    """Held-out loss per class before and after: as the trainer recorded them at its final evaluations
+    when both have them and no other sample count is asked for, else evaluated here on the same examples
+    (the parent's recipe: evaluation keeps every class, whatever training excluded)."""
+    from tessera.config import load_recipe
+
+    recorded = [recorded_losses(payload) for payload in payloads]
+    if max_samples is None and all(losses is not None for losses in recorded):
+        source = "recorded by the trainer at its final evaluation"
+    else:
+        recorded = losses_by_class(parent / "recipe.yaml", [payload["model"] for payload in payloads], max_samples)
+        source = "evaluated by tessera forget"
+    samples = max_samples or load_recipe(parent / "recipe.yaml").eval.max_samples
+    return {"before": recorded[0], "after": recorded[-1], "max_samples": samples, "source": source}
 
 
 # ---------------------------------------------------------------------------------------------- certificate
@@ -394,38 +419,32 @@ def forget(parent: str | Path, node: str, out: str | Path, key: SigningKey, mode
     if key.public.key_id != parent_final["key_id"]:
         raise DeletionError(f"the signing key {key.public.key_id} is not the parent run's trainer key "
                             f"{parent_final['key_id']}")
-    parent_checkpoint = _latest(parent)
+    if mode not in ("exact", "ablate"):
+        raise DeletionError(f"--mode {mode!r}: choose exact or ablate")
+    parent_payload = _load(_latest(parent))
     if mode == "ablate":
         if not plan.confined:
             raise DeletionError(f"cannot ablate {node!r}: {plan.ablation}; use --mode exact")
         _prepare_out(out)
-        certificate, final = _ablate(plan, out, key, reset, parent_final), _latest(out)
+        certificate, final = _ablate(plan, out, key, reset, parent_final), _load(_latest(out))
     elif plan.first_step is None:
         _prepare_out(out)
         certificate = _base_certificate(plan, "noop", parent_final)
-        certificate.update(steps_replayed=0, final_weights_sha256=weights_sha256(
-            _load(_latest(parent))["model"]),
-            note=f"{node} never contributed to a step of this run: nothing to forget; the parent's weights stand")
-        before = loss_by_class(parent / "recipe.yaml", parent_checkpoint, max_eval_samples)
-        certificate["evaluation"] = {"before": before, "after": before}
-        write_certificate(out, sign_certificate(certificate, key))
-        return certificate
-    elif mode == "exact":
+        certificate.update(steps_replayed=0, final_weights_sha256=weights_sha256(parent_payload["model"]),
+                           note=f"{node} never contributed to a step of this run: nothing to forget; the parent's "
+                                "weights stand")
+        final = parent_payload
+    else:
         _prepare_out(out)
         certificate, final = _replay(plan, out, key, parent_final)
-    else:
-        raise DeletionError(f"--mode {mode!r}: choose exact or ablate")
-    # Before and after on the same held-out examples, read once (the parent's recipe: evaluation
-    # keeps every class, whatever training excluded).
-    before, after = losses_by_class(parent / "recipe.yaml", [parent_checkpoint, final], max_eval_samples)
-    certificate["evaluation"] = {"before": before, "after": after}
+    certificate["evaluation"] = _evaluation(parent, [parent_payload, final], max_eval_samples)
     write_certificate(out, sign_certificate(certificate, key))
     return certificate
 
 
 def _replay(plan: DeletionPlan, out: Path, key: SigningKey,
-            parent_final: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Replay without the class from the fork; the certificate and the final model weights."""
+            parent_final: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Replay without the class from the fork; the certificate and the final checkpoint's payload."""
     from tessera.config import load_recipe
     from tessera.trainer import Trainer
 
@@ -455,14 +474,14 @@ def _replay(plan: DeletionPlan, out: Path, key: SigningKey,
         trainer.fit()
     finally:
         trainer.close()
-    final = _load(_latest(out))["model"]
+    final = _load(_latest(out))
     certificate = _base_certificate(plan, "exact", payload_head)
     certificate.update(
         checkpoint={"name": plan.fork_checkpoint.name, "sha256": checkpoint_hash} if plan.fork_checkpoint else None,
         steps_replayed=plan.steps_to_replay,
         replayed_from_start=plan.fork_checkpoint is None,
         counterfactual=f"tessera train RECIPE --set 'data.exclude_classes={json.dumps(excluded)}'",
-        final_weights_sha256=weights_sha256(final),
+        final_weights_sha256=weights_sha256(final["model"]),
         ledger_head=_final_head(out),
     )
     return certificate, final
@@ -535,6 +554,7 @@ def _ablate(plan: DeletionPlan, out: Path, key: SigningKey, reset: str, parent_f
     finally:
         store.close()
     payload["ledger"] = {"head": head.to_json(), "recorder": payload["ledger"]["recorder"]} if payload.get("ledger") else None
+    payload.update(eval_metrics={}, eval_by_class={}, evaluated_at=-1)  # the parent's numbers are not these weights'
     timestamp = payload["timestamp"]
     CheckpointStore(out / "checkpoints", keep=1).save(payload, checkpoint_name(timestamp["epoch"], timestamp["batch"]))
     shutil.copy2(recipe_path, out / "recipe.yaml")
