@@ -406,8 +406,8 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         classifier = hasattr(self.model, "accuracy_counts")
-        totals = torch.zeros(3, dtype=torch.float64, device=self.device)
-        by_class = ClassLosses(len(self.data.class_names), self.device)
+        by_class = ClassLosses(len(self.data.class_names), self.device)  # every row has a class: they sum to all
+        correct = torch.zeros(1, dtype=torch.float64, device=self.device)
         batches = self.data.eval_batches(
             self.recipe.eval.batch_size, self.recipe.eval.max_samples, self.dist.rank, self.dist.world_size
         )
@@ -417,18 +417,17 @@ class Trainer:
             set_row_classes(self.model, batch.provenance)
             with autocast(self.recipe.train.precision, self.device):
                 logits = self.model(batch.inputs)
-            totals[0] += self.model.loss(logits, batch.targets).double()
-            totals[1] += self.model.loss_units(batch.targets).double()
             by_class.add(self.model, classes, logits, batch.targets)
             if classifier:
-                totals[2] += self.model.accuracy_counts(logits, batch.targets).double()
-        distributed.all_reduce_sum(totals, self.dist)
+                correct += self.model.accuracy_counts(logits, batch.targets).double()
         distributed.all_reduce_sum(by_class.sums, self.dist)
         self.model.train(was_training)
         state.eval_by_class = by_class.means(self.data.class_names)
-        state.eval_metrics = {"eval/loss": float(totals[0] / totals[1].clamp(min=1))}
+        loss, units = by_class.sums.sum(dim=1)
+        state.eval_metrics = {"eval/loss": float(loss / units.clamp(min=1))}
         if classifier:
-            state.eval_metrics["eval/accuracy"] = float(totals[2] / totals[1].clamp(min=1))
+            distributed.all_reduce_sum(correct, self.dist)
+            state.eval_metrics["eval/accuracy"] = float(correct[0] / units.clamp(min=1))
         self.logger.log_metrics(state.eval_metrics)
         self.engine.run(Event.EVAL_END)
         self._evaluated_at = state.timestamp.batch

@@ -276,15 +276,13 @@ def _evaluation(parent: Path, payloads: list[dict[str, Any]], max_samples: int |
     """Held-out loss per class before and after: as the trainer recorded them at its final evaluations
     when both have them and no other sample count is asked for, else evaluated here on the same examples
     (the parent's recipe: evaluation keeps every class, whatever training excluded)."""
-    from tessera.config import load_recipe
-
     recorded = [recorded_losses(payload) for payload in payloads]
     if max_samples is None and all(losses is not None for losses in recorded):
         source = "recorded by the trainer at its final evaluation"
     else:
         recorded = losses_by_class(parent / "recipe.yaml", [payload["model"] for payload in payloads], max_samples)
         source = "evaluated by tessera forget"
-    samples = max_samples or load_recipe(parent / "recipe.yaml").eval.max_samples
+    samples = max_samples or payloads[0]["recipe"]["eval"]["max_samples"]  # the recipe the parent trained with
     return {"before": recorded[0], "after": recorded[-1], "max_samples": samples, "source": source}
 
 

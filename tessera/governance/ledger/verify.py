@@ -97,17 +97,18 @@ def _holds_together(rows: list[tuple[int, int, bytes, bytes]], leaves: list[byte
 
 @dataclass
 class _Span:
-    """What a worker reports on entries [start, stop): enough for the parent to join it without the leaves."""
+    """What a worker reports on entries [start, stop) that hold together on their own (complete, headers right,
+    stored leaves match, chained inside): enough for the parent to join them without the leaves."""
 
     first_link: bytes  # the first entry's chain link: must be the previous span's last leaf
     last_leaf: bytes
-    holds: bool  # the span on its own: complete, headers right, stored leaves match, chained inside
     heads: dict[int, list[tuple[int, bytes]]]  # each signed head inside the span: the span's subtrees up to it
     subtrees: list[tuple[int, bytes]]  # the whole span's
 
 
-def _hash_span(task: tuple[str, int, int, list[int]]) -> _Span:
-    """In a worker: read, hash and check one span of entries, and build its part of the tree."""
+def _hash_span(task: tuple[str, int, int, list[int]]) -> _Span | None:
+    """In a worker: read, hash and check one span of entries, and build its part of the tree (None: it does not
+    hold together)."""
     path, start, stop, head_sizes = task
     store = LedgerStore(path)
     try:
@@ -117,14 +118,14 @@ def _hash_span(task: tuple[str, int, int, list[int]]) -> _Span:
     leaves = _hash_leaves(rows)
     first_link = rows[0][3][12:44] if rows else b""
     if len(rows) != stop - start or not _holds_together(rows, leaves, start, first_link):
-        return _Span(b"", b"", False, {}, [])
+        return None
     tree, heads, position = merkle.Frontier(), {}, 0
     for size in head_sizes:  # those inside the span, ascending
         tree.extend(leaves[position:size - start])
         position = size - start
         heads[size] = tree.subtrees
     tree.extend(leaves[position:])
-    return _Span(first_link, leaves[-1], True, heads, tree.subtrees)
+    return _Span(first_link, leaves[-1], heads, tree.subtrees)
 
 
 def _spans(store: LedgerStore, workers: int, deep: bool,
@@ -209,7 +210,7 @@ def _walk_spans(walk: _Walk, spans: list[tuple[str, int, int, list[int]]], worke
     with context.Pool(min(workers, len(spans))) as pool:
         try:
             for span in pool.imap(_hash_span, spans):  # in order; spans are contiguous: each starts at the walk
-                if not span.holds or span.first_link != walk.previous_leaf:
+                if span is None or span.first_link != walk.previous_leaf:
                     return None  # the parent walks from here entry by entry and names what is wrong
                 problem = walk.graft(span)
                 if problem:
