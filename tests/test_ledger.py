@@ -539,7 +539,7 @@ def test_on_cuda_the_ledger_never_waits_for_the_gpu_between_flushes(governed, tm
         return wrapped
 
     for owner, names in ((Ledger, ("start_step", "gradient_statistics", "after_optimizer_step")),
-                         (ContributionRecorder, ("_row_for", "_bind", "_accumulate"))):
+                         (ContributionRecorder, ("_row_for", "_accumulate", "_add_to_grad"))):
         for name in names:
             monkeypatch.setattr(owner, name, strict(owner, name))
     run = train(governed, tmp_path / "run", train={"max_duration": "6ba", "microbatch_size": 2, "device": "cuda"},
@@ -574,6 +574,113 @@ class DropFirstTwo(Algorithm):
 
     def apply(self, event, state, logger):
         state.batch = state.batch.select(slice(2, None))
+
+
+class OutsideGradient(Algorithm):
+    """Puts a large gradient of its own into the token embedding's ``.grad`` before each step's backward."""
+
+    def match(self, event, state):
+        return event == Event.AFTER_DATALOADER
+
+    def apply(self, event, state, logger):
+        weight = dict(state.model.named_parameters())["tok_emb.weight"]
+        weight.grad = torch.full_like(weight, 100.0)
+
+
+def test_a_gradient_from_outside_the_recorder_counts_in_the_step_but_for_no_class(governed, tmp_path):
+    """The outside gradient joins .grad exactly as autograd's accumulation would (training bitwise that of the
+    run without a ledger) and the step gradient G, but no signature: in that layer |G| is its size and the
+    classes' shares sum far below 1; everywhere else they sum to 1."""
+    from helpers import assert_tree_equal, latest_payload
+
+    from tessera.trainer import Trainer
+
+    sections = dict(train={"max_duration": "3ba", "microbatch_size": 2}, data={"batching": "per_class"})
+    for name, recipe in (("on", ledger_recipe(governed, **sections)), ("off", governed.recipe(**sections))):
+        trainer = Trainer(make_recipe(recipe), tmp_path / name, algorithms=[OutsideGradient()])
+        trainer.fit()
+        trainer.close()
+    assert_tree_equal(latest_payload(tmp_path / "on")["model"], latest_payload(tmp_path / "off")["model"])
+    body = entries(tmp_path / "on")
+    layers = [layer["name"] for layer in body[0]["layers"]]
+    embedding = layers.index("tok_emb")
+    numel = latest_payload(tmp_path / "on")["model"]["tok_emb.weight"].numel()
+    for entry in body[1:]:
+        shares = [0.0] * len(layers)
+        for cells in entry["contributions"].values():
+            for j, _, share in cells:
+                shares[j] += share
+        assert entry["layers"][embedding][5] == pytest.approx(100.0 * numel**0.5, rel=1e-2)
+        assert shares[embedding] < 0.1
+        assert all(s == pytest.approx(1.0, abs=1e-6) for j, s in enumerate(shares) if j != embedding and s)
+
+
+def test_gradients_autograd_returns_for_several_parameters_are_copied_not_shared():
+    """``a + b`` gives a and b one and the same gradient tensor (a view, for a sum); taking it as both
+    ``.grad``s would add every later microbatch twice. The recorder's rows and ``.grad`` match autograd."""
+    from types import SimpleNamespace
+
+    from tessera.governance.ledger.recorder import ContributionRecorder
+    from tessera.governance.routing import MicrobatchPlan
+
+    class Pair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Parameter(torch.ones(3))
+            self.b = torch.nn.Parameter(torch.ones(3))
+
+    model = Pair()
+    params = [model.a, model.b]
+    recorder = ContributionRecorder(SimpleNamespace(model=model, params=params, names=["a", "b"]))
+    inputs = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, -1.0, 4.0]), torch.tensor([2.0, 0.0, 1.0])]
+    losses = [lambda x: ((model.a + model.b) * x).sum(), lambda x: (model.a + model.b).sum() * x.sum()]
+    for loss in losses:
+        recorder.start_step()
+        for k, x in enumerate(inputs):
+            recorder.backward(loss(x), MicrobatchPlan(rows=1, inputs=params), "first" if k != 1 else "second")
+        expected = [torch.autograd.grad(loss(x), params) for x in inputs]
+        for i, p in enumerate(params):
+            assert torch.equal(p.grad, expected[0][i] + expected[1][i] + expected[2][i])
+        assert model.a.grad.data_ptr() != model.b.grad.data_ptr()
+        rows = recorder._row_views
+        assert torch.equal(rows[1][0], expected[0][0] + expected[2][0])  # "first": microbatches 1 and 3
+        assert torch.equal(rows[2][1], expected[1][1])
+        model.a.grad = model.b.grad = None
+
+
+def test_contribution_and_update_numbers_against_a_direct_float64_computation():
+    """Gram matrices of random rows (an outside row first) against norms and dot products taken directly."""
+    import numpy as np
+
+    from tessera.governance.ledger.layout import FlatLayout
+    from tessera.governance.ledger.recorder import contribution_numbers, update_numbers
+
+    generator = np.random.default_rng(0)
+    numels = [6, 10, 6, 70000]
+    layout = FlatLayout(numels, np.array([0, 1, 2, 1]), 3)
+    rows = torch.from_numpy(generator.normal(size=(4, layout.size)).astype(np.float32))
+    parts = lambda row, layer: np.concatenate(  # noqa: E731
+        [row[o:o + n] for i, (o, n) in enumerate(zip(layout.offsets, numels)) if [0, 1, 2, 1][i] == layer])
+    for outside in (True, False):
+        used = rows if outside else rows[1:]
+        norms, dots, gradient_sq = contribution_numbers(layout.gram(used).numpy(), outside, 0.5)
+        data = used.double().numpy()
+        for layer in range(3):
+            total = sum(parts(r, layer) for r in data)
+            assert gradient_sq[layer] == pytest.approx(0.25 * total @ total, rel=1e-5)
+            for s, r in enumerate(data[1:] if outside else data):
+                assert norms[s, layer] == pytest.approx(0.5 * np.linalg.norm(parts(r, layer)), rel=1e-5)
+                assert dots[s, layer] == pytest.approx(0.25 * parts(r, layer) @ total, rel=1e-4, abs=1e-3)
+    roles = (2, 0, 3, 1)  # after, before, this update, the previous one
+    update, before, after, dot_previous, previous = update_numbers(layout.gram(rows).numpy(), roles)
+    data = rows.double().numpy()
+    for layer in range(3):
+        row = lambda r: parts(data[r], layer)  # noqa: E731
+        assert update[layer] == pytest.approx(np.linalg.norm(row(3)), rel=1e-5)
+        assert before[layer] == pytest.approx(np.linalg.norm(row(0)), rel=1e-5)
+        assert after[layer] == pytest.approx(np.linalg.norm(row(2)), rel=1e-5)
+        assert previous[layer] == pytest.approx(np.linalg.norm(row(1)), rel=1e-5)
+        assert dot_previous[layer] == pytest.approx(row(3) @ row(1), rel=1e-4, abs=1e-3)
 
 
 def test_dropped_examples_are_recorded_as_not_contributing(governed, tmp_path):

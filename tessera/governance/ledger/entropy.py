@@ -93,42 +93,50 @@ class EntropyProbe:
             self.model.train(was_training)
             for hook in hooks:
                 hook.remove()
-        # Gram matrices grouped by size (classes with as many probe tokens share one), with their cells.
+        # Per layer, one gather and one batched product for each group of classes with as many probe
+        # tokens; then one eigensolve per Gram-matrix size.
         stacks: dict[int, tuple[list[torch.Tensor], list[int], list[int]]] = {}
         for j, name in enumerate(self.layer_names):
             output = captured.get(name)
             if output is None:
                 continue
-            for k in range(len(self._rows)):
-                tokens = output.index_select(0, self._index(k, device)).reshape(-1, output.shape[-1])
-                gram = smaller_gram(tokens.index_select(0, self._positions(tokens.shape[0], device)).float()[None])
-                grams, ks, js = stacks.setdefault(gram.shape[-1], ([], [], []))
-                grams.append(gram)
-                ks.append(k)
-                js.append(j)
+            features = output.shape[-1]
+            tokens = output.reshape(-1, features)
+            per_example = output[0].numel() // features
+            for classes, index in self._token_groups(per_example, device):
+                picked = tokens.index_select(0, index.reshape(-1)).view(len(classes), index.shape[1], features)
+                grams, ks, js = stacks.setdefault(min(index.shape[1], features), ([], [], []))
+                grams.append(smaller_gram(picked.float()))
+                ks.extend(classes)
+                js.extend([j] * len(classes))
         result = torch.zeros(len(self.classes), len(self.layer_names))
         for grams, ks, js in stacks.values():
             result[ks, js] = gram_entropy(torch.cat(grams).cpu())
         return result
 
-    def _index(self, k: int, device: torch.device) -> torch.Tensor:
-        """Class ``k``'s probe rows, on ``device`` (cached)."""
-        key = ("rows", k, device)
+    def _token_groups(self, per_example: int, device: torch.device) -> list[tuple[list[int], torch.Tensor]]:
+        """Classes with as many probe rows, and for each the flat indices [classes, tokens] of its evenly spaced
+        token rows, for a layer whose output has ``per_example`` token rows per example (cached)."""
+        key = ("groups", per_example, device)
         if key not in self._on_device:
-            self._on_device[key] = self._rows[k].to(device)
+            by_count: dict[int, list[int]] = {}
+            for k, rows in enumerate(self._rows):
+                by_count.setdefault(len(rows), []).append(k)
+            groups = []
+            for count, classes in by_count.items():
+                positions = self._positions(count * per_example)
+                index = torch.stack([self._rows[k][positions // per_example] * per_example + positions % per_example
+                                     for k in classes])
+                groups.append((classes, index.to(device)))
+            self._on_device[key] = groups
         return self._on_device[key]
 
-    def _positions(self, rows: int, device: torch.device) -> torch.Tensor:
+    def _positions(self, rows: int) -> torch.Tensor:
         """At most ``tokens_per_class`` of ``rows`` token rows, evenly spaced (the cost grows with the cube
         of this)."""
-        key = ("positions", rows, device)
-        if key not in self._on_device:
-            if rows <= self.tokens_per_class:
-                positions = torch.arange(rows)
-            else:
-                positions = torch.linspace(0, rows - 1, self.tokens_per_class).round().long()
-            self._on_device[key] = positions.to(device)
-        return self._on_device[key]
+        if rows <= self.tokens_per_class:
+            return torch.arange(rows)
+        return torch.linspace(0, rows - 1, self.tokens_per_class).round().long()
 
     @staticmethod
     def _capture(name: str, captured: dict[str, torch.Tensor]):

@@ -7,25 +7,38 @@ and a policy can route.
 **Contributions.** Each microbatch holds one routing signature (a class, or
 several classes for a mixed example), so the gradient its backward pass
 produces is that signature's contribution. The recorder asks autograd for
-that gradient (``torch.autograd.grad``, which leaves ``.grad`` alone), adds
-it to its signature's running sum and to the step's gradient, and points each
-parameter's ``.grad`` at its slice of that step gradient: ``0 + g1 + g2 ...``
-in microbatch order, the same sums autograd's own accumulation makes, so
-training is bitwise unchanged by recording. All three live in one flat
-:class:`~tessera.governance.ledger.layout.FlatLayout` each.
-For every layer and signature s it records ``|G_s|`` and the share
-``<G_s, G> / |G|^2`` of the layer's step gradient G. The shares of a layer
-sum to 1 and a zero share means no gradient at all: an exact, additive
+that gradient (``torch.autograd.grad``, which leaves ``.grad`` alone), copies
+it into its signature's row of one flat
+:class:`~tessera.governance.ledger.layout.FlatLayout` buffer (adding, when
+the signature comes back in the same step), and accumulates ``.grad`` the
+way autograd itself would: the first gradient becomes ``.grad``, later ones
+are added in place, in microbatch order. Training is bitwise unchanged by
+recording, and costs no more memory traffic than autograd's own
+accumulation; the recorder's only traffic is one copy per microbatch and
+one read of its rows.
+
+The step gradient G is the sum of the signatures' gradients G_s (plus, in
+the rare step where something other than the recorder left a gradient in
+``.grad``, that gradient, kept in a row of its own). So one per-layer Gram
+matrix of the signature rows holds every number an entry needs: ``|G_s|^2``
+on its diagonal, ``<G_s, G>`` as the sum of row s, ``|G|^2`` as the sum of
+all. For every layer and signature s the entry records ``|G_s|`` and the
+share ``<G_s, G> / |G|^2`` of the layer's step gradient: shares sum to 1
+and a zero share means no gradient at all; an exact, additive
 decomposition, computed before clipping (which rescales a cell uniformly and
-so leaves shares unchanged).
+so leaves shares unchanged). The Gram matrices stay on the device; the
+entry's numbers are worked out from them in float64 when entries are written.
 
 **Update-share rule** (declared in the ledger's first entry): Adam's update is
 not a sum of per-class parts, so a class's share of a layer's *update* is
 defined as its share of the layer's gradient in that step.
 
 **Per-layer update statistics**: the update's norm, its size relative to the
-parameters, its cosine with the layer's previous update, and the
-parameter norm after the step.
+parameters, its cosine with the layer's previous update, and the parameter
+norm after the step. The update is the change of the weights since the
+previous step's entry: the parameters are copied once per step, after the
+optimizer, and that copy is the next step's "before" (copied afresh only
+when training starts or resumes).
 """
 
 from __future__ import annotations
@@ -52,7 +65,7 @@ def signature_key(classes: Sequence[int], class_names: Sequence[str]) -> str:
 
 
 class ContributionRecorder:
-    """Captures per-signature gradients in the microbatch loop and reduces them to per-layer numbers."""
+    """Captures per-signature gradients in the microbatch loop and reduces them to per-layer Gram matrices."""
 
     def __init__(self, router: Router, dist: DistInfo = DistInfo()) -> None:
         self.router, self.dist = router, dist
@@ -73,19 +86,21 @@ class ContributionRecorder:
         self.layout = FlatLayout([p.numel() for p in self.params], layer_of, len(self.layer_names))
         self._shapes = [p.shape for p in self.params]
         device = self.params[0].device
-        # Row 0: the step's gradient (what .grad points into); rows 1..: one per signature, grown on demand.
-        # A row is written by copy where a parameter first appears in a step and by addition after that;
-        # slices a step never wrote still hold an older step's numbers ("dirty") and are zeroed before use.
+        # Row 0: gradients the recorder did not make (a rare step has any); rows 1..: one per signature, grown
+        # on demand. A row is written by copy where a parameter first appears in a step and by addition after
+        # that; slices a step never wrote still hold an older step's numbers ("dirty") and are zeroed before use.
         self._rows = torch.zeros(2, self.layout.size, device=device)
         self._row_views = [self.layout.views(row, self._shapes) for row in self._rows]
         self._written = np.zeros((2, len(self.params)), dtype=bool)
         self._dirty = np.zeros((2, len(self.params)), dtype=bool)
         self._signatures: dict[str, int] = {}
-        self._bound = np.zeros(len(self.params), dtype=bool)  # .grad points into row 0
-        # Parameters before the step, after it, this update, the previous update (rows 2 and 3 swap roles).
+        self._touched = np.zeros(len(self.params), dtype=bool)  # .grad holds this step's recorded gradient
+        # The parameters after this step and after the previous one (rows 0 and 1 swap roles), this update
+        # and the previous one (rows 2 and 3 swap roles).
         self._updates = torch.zeros(4, self.layout.size, device=device)
         self._update_views = [self.layout.views(row, self._shapes) for row in self._updates[:2]]
-        self._current, self._previous = 2, 3
+        self._after, self._before, self._current, self._previous = 0, 1, 2, 3
+        self._have_before = False  # the "before" row holds the parameters as the coming step starts
         self._inputs_cache: dict[tuple[int, ...], list[int]] = {}
         self.layout.layer_order(device)  # on the device before the first step
 
@@ -94,7 +109,17 @@ class ContributionRecorder:
     def start_step(self) -> None:
         self._signatures = {}
         self._written[:] = False
-        self._bound[:] = False
+        self._touched[:] = False
+        self._take_outside_gradients()
+
+    def _take_outside_gradients(self) -> None:
+        """Copy into row 0 every ``.grad`` the recorder has not reached in this step: a gradient something
+        other than the recorder made, part of the step gradient but of no signature."""
+        for i, p in enumerate(self.params):
+            if p.grad is not None and not self._touched[i]:
+                self._row_views[0][i].copy_(p.grad)
+                self._written[0, i] = True
+                self._touched[i] = True
 
     def backward(self, loss: torch.Tensor, plan: MicrobatchPlan, signature: str) -> None:
         """Backward for one single-signature microbatch: its gradient is kept apart and added to ``.grad``."""
@@ -109,10 +134,8 @@ class ContributionRecorder:
                 fresh.append(g)
         if not indices:
             return
-        row = self._row_for(signature)
-        self._bind(indices)
-        self._accumulate(0, indices, fresh)
-        self._accumulate(row, indices, fresh)
+        self._accumulate(self._row_for(signature), indices, fresh)
+        self._add_to_grad(indices, fresh)
 
     def _accumulate(self, row: int, indices: list[int], grads: list[torch.Tensor]) -> None:
         """``row += grads`` on these parameters' slices (``0 + g`` is ``g``, so a first write copies)."""
@@ -128,6 +151,30 @@ class ContributionRecorder:
             torch._foreach_add_([views[indices[k]] for k in again], [grads[k] for k in again])
         written[indices] = True
 
+    def _add_to_grad(self, indices: list[int], grads: list[torch.Tensor]) -> None:
+        """What autograd's accumulation does: a parameter's first gradient becomes its ``.grad`` (taken, not
+        copied, when nothing else shares its memory), later ones are added in place.
+
+        A ``.grad`` already there when the recorder first reaches a parameter in a step was put there by
+        something else; it is part of the step gradient but of no signature, so it is copied into row 0.
+        """
+        targets, added = [], []
+        copied = _must_copy(grads)
+        for i, g in zip(indices, grads):
+            p = self.params[i]
+            if p.grad is None:
+                alone = g.is_contiguous() and id(g) not in copied
+                p.grad = g if alone else g.clone(memory_format=torch.contiguous_format)
+            else:
+                if not self._touched[i]:
+                    self._row_views[0][i].copy_(p.grad)
+                    self._written[0, i] = True
+                targets.append(p.grad)
+                added.append(g)
+            self._touched[i] = True
+        if targets:
+            torch._foreach_add_(targets, added)
+
     def _row_for(self, signature: str) -> int:
         if signature not in self._signatures:
             row = len(self._signatures) + 1
@@ -136,25 +183,11 @@ class ContributionRecorder:
                 grown[:row].copy_(self._rows[:row])
                 self._rows = grown
                 self._row_views = [self.layout.views(r, self._shapes) for r in self._rows]
-                for i in np.flatnonzero(self._bound):  # .grad must keep pointing at the step gradient
-                    self.params[i].grad = self._row_views[0][i]
                 extra = np.zeros((2 * row - self._written.shape[0], len(self.params)), dtype=bool)
                 self._written = np.concatenate([self._written, extra])
                 self._dirty = np.concatenate([self._dirty, extra])
             self._signatures[signature] = row
         return self._signatures[signature]
-
-    def _bind(self, indices: Sequence[int]) -> None:
-        """Point ``.grad`` of these parameters at their slice of the step gradient (once per step)."""
-        views = self._row_views[0]
-        for i in indices:
-            if not self._bound[i]:
-                p = self.params[i]
-                if p.grad is not None:  # a gradient from outside the recorder: it is part of the step's
-                    views[i].copy_(p.grad)
-                    self._written[0, i] = True
-                p.grad = views[i]
-                self._bound[i] = True
 
     def _clean(self, rows: int) -> None:
         """Zero the slices of the first ``rows`` rows that this step did not write."""
@@ -166,55 +199,49 @@ class ContributionRecorder:
 
     # ---------------------------------------------------------------- the step
 
-    def gradient_statistics(self, inv_scale: float = 1.0) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-signature norms and dots with the step gradient, per layer. Call after gradients are final
-        (summed over ranks, unscaled) and before clipping."""
-        # Gradients the recorder did not make (another rank's parameters under DDP) join the step gradient.
-        self._bind([i for i, p in enumerate(self.params) if p.grad is not None])
+    def gradient_statistics(self, inv_scale: float = 1.0) -> tuple[list[str], torch.Tensor, bool, float]:
+        """The step's signatures and the per-layer Gram matrix [L, R, R] of their rows (preceded by the row of
+        gradients from outside the recorder when ``outside``), for :func:`contribution_numbers`. Call after
+        gradients are final (summed over ranks, unscaled) and before clipping."""
+        if not self.dist.enabled:  # (under DDP, other ranks' parameters now have gradients too: not outside)
+            self._take_outside_gradients()
         self._clean(len(self._signatures) + 1)
-        if self.dist.enabled:
+        if self.dist.enabled:  # outside gradients of any rank: always reduced, always in the Gram
             signatures, rows = self._all_reduce(sorted(self._signatures))
+            outside = True
         else:  # row order is first appearance, the dict's order (an entry's tables are keyed, not ordered, by them)
             signatures = list(self._signatures)
-            rows = self._rows[:len(signatures) + 1]
-        gram = self.layout.gram(rows)  # [L, S+1, S+1]: every norm and dot product in one read of the rows
-        norms_sq = gram.diagonal(dim1=1, dim2=2).T.contiguous()  # [S+1, L]
-        gradient_sq = norms_sq[0]
-        if len(signatures) == 1:  # one signature: its gradient is the step's, bit for bit
-            dots = gradient_sq[None].clone()
-        else:
-            dots = gram[:, 1:, 0].T.contiguous()  # [S, L]: each signature's gradient with the step's
-        return signatures, norms_sq[1:].sqrt() * inv_scale, dots * inv_scale**2, gradient_sq * inv_scale**2
+            outside = bool(self._written[0].any())
+            rows = self._rows[0 if outside else 1:len(signatures) + 1]
+        if not self._have_before:  # training starts or resumes here: this is the "before" of the first update
+            torch._foreach_copy_(self._update_views[self._before], [p.detach() for p in self.params])
+            self._have_before = True
+        return signatures, self.layout.gram(rows), outside, inv_scale
 
     def _all_reduce(self, local: list[str]) -> tuple[list[str], torch.Tensor]:
-        """Every rank ends with every signature's global contribution (mean over ranks, like the gradient).
-        Row 0 (the step gradient) is already global: the router synchronised it."""
+        """Every rank ends with every signature's global contribution and the global gradient from outside the
+        recorder (means over ranks, like the gradient)."""
         everyone = sorted({s for part in distributed.all_gather_object(local, self.dist) for s in part})
         rows = torch.zeros(len(everyone) + 1, self.layout.size, device=self._rows.device)
+        rows[0].copy_(self._rows[0])
         for k, signature in enumerate(everyone):
             if signature in self._signatures:
                 rows[k + 1].copy_(self._rows[self._signatures[signature]])
-        distributed.all_reduce_sum(rows[1:], self.dist)
-        rows[1:].div_(self.dist.world_size)
-        rows[0].copy_(self._rows[0])
+        distributed.all_reduce_sum(rows, self.dist)
+        rows.div_(self.dist.world_size)
         return everyone, rows
 
-    def snapshot_parameters(self) -> None:
-        torch._foreach_copy_(self._update_views[0], [p.detach() for p in self.params])
-
-    def update_statistics(self) -> tuple[torch.Tensor, ...]:
-        """Per layer: the update's norm, the parameters' norms before and after, and the update's dot
-        product with the previous step's (the cosine's parts, so nothing waits for the device here)."""
-        torch._foreach_copy_(self._update_views[1], [p.detach() for p in self.params])
+    def update_statistics(self) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+        """The per-layer Gram matrix [L, 4, 4] of the parameters after and before the step, this update and the
+        previous one, and which row is which, for :func:`update_numbers`."""
+        torch._foreach_copy_(self._update_views[self._after], [p.detach() for p in self.params])
         rows = self._updates
-        torch.sub(rows[1], rows[0], out=rows[self._current])
-        gram = self.layout.gram(rows)  # [L, 4, 4]: before, after, this update, the previous one
-        norms_sq = gram.diagonal(dim1=1, dim2=2).T
-        dot_previous = gram[:, self._current, self._previous]
-        before_sq, after_sq = norms_sq[0], norms_sq[1]
-        update_sq, previous_sq = norms_sq[self._current], norms_sq[self._previous]
+        torch.sub(rows[self._after], rows[self._before], out=rows[self._current])
+        gram = self.layout.gram(rows)
+        roles = (self._after, self._before, self._current, self._previous)
+        self._after, self._before = self._before, self._after  # this step's "after" is the next one's "before"
         self._current, self._previous = self._previous, self._current  # this update is the next one's previous
-        return update_sq.sqrt(), before_sq.sqrt(), after_sq.sqrt(), dot_previous, previous_sq.sqrt()
+        return gram, roles
 
     def layer_flags(self, parameter_flags: np.ndarray) -> np.ndarray:
         updated = np.zeros(len(self.layer_names), dtype=bool)
@@ -229,6 +256,7 @@ class ContributionRecorder:
         return {"previous_update": {name: v.cpu().clone() for name, v in zip(self.names, previous)}}
 
     def load_state_dict(self, state: dict) -> None:
+        self._have_before = False  # the loaded weights are the next step's "before"
         saved = state.get("previous_update")
         if not isinstance(saved, dict):
             return
@@ -236,3 +264,38 @@ class ContributionRecorder:
         for name, view in zip(self.names, previous):
             if name in saved and saved[name].shape == view.shape:
                 view.copy_(saved[name].to(view.device))
+
+
+def contribution_numbers(gram: np.ndarray, outside: bool, inv_scale: float) -> tuple[np.ndarray, ...]:
+    """From a step's Gram matrix of signature rows [L, R, R] (row 0 the outside gradient when ``outside``):
+    per signature and layer ``|G_s|`` and ``<G_s, G>``, and per layer ``|G|^2`` (float64 arrays [S, L],
+    [S, L], [L]); G is the sum of all rows."""
+    gram = gram.astype(np.float64)
+    first = 1 if outside else 0
+    diagonal = np.diagonal(gram, axis1=1, axis2=2).T  # [R, L]
+    norms = np.sqrt(np.clip(diagonal[first:], 0.0, None)) * inv_scale
+    dots = gram.sum(axis=2).T[first:] * inv_scale**2
+    gradient_sq = np.clip(gram.sum(axis=(1, 2)), 0.0, None) * inv_scale**2
+    return norms, dots, gradient_sq
+
+
+def update_numbers(gram: np.ndarray, roles: tuple[int, int, int, int]) -> tuple[np.ndarray, ...]:
+    """From the update Gram matrix [L, 4, 4] and its rows' roles (after, before, this update, the previous
+    one): per layer the update's norm, the parameters' norms before and after, the dot product with the
+    previous update and the previous update's norm."""
+    after, before, current, previous = roles
+    gram = gram.astype(np.float64)
+    norm = np.sqrt(np.clip(np.diagonal(gram, axis1=1, axis2=2), 0.0, None)).T  # [4, L]
+    return norm[current], norm[before], norm[after], gram[:, current, previous], norm[previous]
+
+
+def _must_copy(grads: list[torch.Tensor]) -> set[int]:
+    """``id`` of every gradient that must be copied, not taken, to become a ``.grad``: one autograd returned
+    for more than one parameter, or a view of other memory (autograd's own accumulation copies these too)."""
+    seen: set[int] = set()
+    shared: set[int] = set()
+    for g in grads:
+        if g._is_view() or id(g) in seen:
+            shared.add(id(g))
+        seen.add(id(g))
+    return shared

@@ -5,7 +5,7 @@ batch after algorithms), ``backward`` for each microbatch (instead of its own), 
 ``after_optimizer_step`` once the weights moved; and ``sign`` when it writes a
 checkpoint or finishes.
 
-Nothing here waits for the device in the loop: a step's numbers stay
+Nothing here waits for the device in the loop: a step's Gram matrices stay
 tensors in ``pending`` and become entries every ``flush_every`` steps (one
 transaction: a crash loses no committed entry). A checkpoint flushes, signs
 a tree head and stores it in the checkpoint; resuming from that checkpoint
@@ -31,7 +31,13 @@ from tessera.governance.keys import SigningKey
 from tessera.governance.ledger import merkle
 from tessera.governance.ledger.entropy import EntropyProbe
 from tessera.governance.ledger.entry import ZERO_HASH, TreeHead, encode_entry
-from tessera.governance.ledger.recorder import UPDATE_SHARE_RULE, ContributionRecorder, signature_key
+from tessera.governance.ledger.recorder import (
+    UPDATE_SHARE_RULE,
+    ContributionRecorder,
+    contribution_numbers,
+    signature_key,
+    update_numbers,
+)
 from tessera.governance.ledger.store import FORMAT, LedgerError, LedgerStore, ledger_path
 from tessera.governance.routing import MicrobatchPlan, Router
 
@@ -54,8 +60,8 @@ class _PendingStep:
     skipped: bool
     updated: np.ndarray
     signatures: list[str]
-    gradient: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # norms [S, L], dots [S, L], |G|^2 [L]
-    update: tuple[torch.Tensor, ...]
+    gradient: tuple[torch.Tensor, bool, float]  # Gram matrix of signature rows, outside row first?, 1/loss scale
+    update: tuple[torch.Tensor, tuple[int, int, int, int]]  # Gram matrix of parameters and updates, row roles
     entropy: torch.Tensor | None = None
 
 
@@ -107,7 +113,7 @@ class Ledger:
         if dist.is_main:
             self.store = LedgerStore(ledger_path(run_dir), create=True)
         self._step_examples: tuple[list[int], list[int], dict[str, int]] = ([], [], {})
-        self._gradient: tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._gradient: tuple[list[str], torch.Tensor, bool, float] | None = None
 
     # ---------------------------------------------------------------- start and resume
 
@@ -154,12 +160,11 @@ class Ledger:
     def gradient_statistics(self, inv_scale: float = 1.0) -> None:
         """Gradients are final (summed over ranks, unscaled, not yet clipped): measure contributions."""
         self._gradient = self.recorder.gradient_statistics(inv_scale)
-        self.recorder.snapshot_parameters()
 
     def after_optimizer_step(self, step: int, time: dict[str, int], loss: torch.Tensor, updated: np.ndarray,
                              skipped: bool = False) -> None:
         assert self._gradient is not None, "gradient_statistics must run before the optimizer step"
-        signatures, norms, dots, gradient_sq = self._gradient
+        signatures, gram, outside, inv_scale = self._gradient
         update = self.recorder.update_statistics()
         self._gradient = None
         examples, dropped = self._step_examples
@@ -179,7 +184,7 @@ class Ledger:
         self.pending.append(_PendingStep(
             step=step, time=time, loss=loss.detach(), examples=examples, dropped=dropped,
             skipped=skipped, updated=self.recorder.layer_flags(updated) & (not skipped), signatures=signatures,
-            gradient=(norms, dots, gradient_sq), update=update, entropy=entropy,
+            gradient=(gram, outside, inv_scale), update=update, entropy=entropy,
         ))
         if len(self.pending) >= self.flush_every:
             self.flush()
@@ -190,8 +195,9 @@ class Ledger:
         if self.store is None or not self.pending:
             return
         # One device-to-host copy for every pending number: one synchronisation per flush, not eight per step.
-        host = iter(_to_host([t for p in self.pending for t in (p.loss, *p.gradient, *p.update)]))
-        bodies = [self._body(p, next(host), [next(host) for _ in p.gradient], [next(host) for _ in p.update])
+        host = iter(_to_host([t for p in self.pending for t in (p.loss, p.gradient[0], p.update[0])]))
+        bodies = [self._body(p, next(host), contribution_numbers(next(host), *p.gradient[1:]),
+                             update_numbers(next(host), p.update[1]))
                   for p in self.pending]
         self._append_bodies(bodies)
         self.pending = []
@@ -207,8 +213,8 @@ class Ledger:
             self._previous_leaf = leaf
         self.store.append(rows)
 
-    def _body(self, p: _PendingStep, loss: np.ndarray, gradient: list[np.ndarray],
-              update: list[np.ndarray]) -> dict[str, Any]:
+    def _body(self, p: _PendingStep, loss: np.ndarray, gradient: tuple[np.ndarray, ...],
+              update: tuple[np.ndarray, ...]) -> dict[str, Any]:
         norms, dots, gradient_sq = gradient
         update_norm, before_norm, after_norm, dot_previous, previous_norm = update
         layers = []
