@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from tessera.governance.ledger.entry import (HEADER, HEADER_SIZE, LEGACY_MAGIC, ZERO_HASH, EntryFormatError,
-                                             canonical_json, decode_entry, encode_entry)
+                                             canonical_json, decode_entry, encode_entry, encode_packed_entry,
+                                             pack_table)
 
 HAMLET, TEMPEST = "gutenberg/tragedy/hamlet", "gutenberg/comedy/tempest"
 
@@ -56,6 +57,24 @@ def test_step_entries_round_trip_through_packed_tables():
     assert got["contributions"] == body["contributions"]  # these values are exact in float32
     assert got["entropy"] == body["entropy"]
     assert encode_entry(3, ZERO_HASH, got) == data  # the decoded body is the same entry
+
+
+def test_tables_packed_from_arrays_are_the_bytes_of_the_lists():
+    """The trainer packs its arrays directly; the entry must be byte for byte the one the lists give (NaN for
+    null, a signature's table cut after the last layer it reached, an empty one for none), or its leaf hash
+    would depend on the writer."""
+    body = _step(layers=[[1, 0.1, 1 / 3, None, 12.0, 0.7], [0, 0.0, None, None, 3.0, 0.0]],
+                 contributions={HAMLET: [[0, 0.1, 2 / 3], [2, 1e-3, 1 / 3]], TEMPEST: [[1, 0.2, 1.0]], "none": []},
+                 entropy=[[0.1, 0.2], [0.3, float("nan")]])
+    packed = dict(body)
+    packed["layers"] = pack_table(np.array([[1, 0.1, 1 / 3, np.nan, 12.0, 0.7], [0, 0.0, np.nan, np.nan, 3.0, 0.0]]))
+    packed["contributions"] = {HAMLET: pack_table(np.array([[0.1, 2 / 3], [0.0, 0.0], [1e-3, 1 / 3]])),
+                               TEMPEST: pack_table(np.array([[0.0, 0.0], [0.2, 1.0]])),
+                               "none": pack_table(np.zeros((0, 2)))}
+    packed["entropy"] = pack_table(np.array([[0.1, 0.2], [0.3, np.nan]]))
+    assert encode_packed_entry(5, ZERO_HASH, packed) == encode_entry(5, ZERO_HASH, body)
+    packed["contributions"][TEMPEST] = pack_table(np.array([[0.0, 0.0], [0.2, 1.0], [0.0, 0.0]]))  # not cut
+    assert encode_packed_entry(5, ZERO_HASH, packed) != encode_entry(5, ZERO_HASH, body)
 
 
 def test_non_finite_numbers_decode_to_strings_and_undefined_ones_to_null():

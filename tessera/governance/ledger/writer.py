@@ -30,7 +30,7 @@ from tessera.distributed import DistInfo
 from tessera.governance.keys import SigningKey
 from tessera.governance.ledger import merkle
 from tessera.governance.ledger.entropy import EntropyProbe
-from tessera.governance.ledger.entry import ZERO_HASH, TreeHead, encode_entry
+from tessera.governance.ledger.entry import ZERO_HASH, TreeHead, encode_entry, encode_packed_entry, pack_table
 from tessera.governance.ledger.recorder import (
     UPDATE_SHARE_RULE,
     ContributionRecorder,
@@ -199,14 +199,15 @@ class Ledger:
         bodies = [self._body(p, next(host), contribution_numbers(next(host), *p.gradient[1:]),
                              update_numbers(next(host), p.update[1]))
                   for p in self.pending]
-        self._append_bodies(bodies)
+        self._append_bodies(bodies, packed=True)
         self.pending = []
 
-    def _append_bodies(self, bodies: list[dict[str, Any]]) -> None:
+    def _append_bodies(self, bodies: list[dict[str, Any]], packed: bool = False) -> None:
+        encode = encode_packed_entry if packed else encode_entry
         rows = []
         for body in bodies:
             index = self.frontier.size
-            data = encode_entry(index, self._previous_leaf, body)
+            data = encode(index, self._previous_leaf, body)
             leaf = merkle.leaf_hash(data)
             rows.append((index, int(body.get("step", 0)), leaf, data))
             self.frontier.append(leaf)
@@ -215,21 +216,23 @@ class Ledger:
 
     def _body(self, p: _PendingStep, loss: np.ndarray, gradient: tuple[np.ndarray, ...],
               update: tuple[np.ndarray, ...]) -> dict[str, Any]:
+        """A step entry with its tables packed straight from the arrays (NaN where a statistic is undefined;
+        a signature's table runs to the last layer it reached, zero where it sent no gradient)."""
         norms, dots, gradient_sq = gradient
         update_norm, before_norm, after_norm, dot_previous, previous_norm = update
-        layers = []
-        for j in range(len(self.recorder.layer_names)):
-            relative = update_norm[j] / before_norm[j] if before_norm[j] > 0 else None
-            cosine = (dot_previous[j] / (update_norm[j] * previous_norm[j])
-                      if update_norm[j] > 0 and previous_norm[j] > 0 else None)
-            layers.append([int(p.updated[j]), float(update_norm[j]), None if relative is None else float(relative),
-                           None if cosine is None else float(cosine), float(after_norm[j]),
-                           float(np.sqrt(gradient_sq[j]))])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            relative = np.where(before_norm > 0, update_norm / before_norm, np.nan)
+            moved = (update_norm > 0) & (previous_norm > 0)
+            cosine = np.where(moved, dot_previous / (update_norm * previous_norm), np.nan)
+            shares = np.where(gradient_sq > 0, dots / gradient_sq, 0.0)
+        layers = np.column_stack([p.updated.astype(np.float64), update_norm, relative, cosine, after_norm,
+                                  np.sqrt(gradient_sq)])
         contributions = {}
         for s, signature in enumerate(p.signatures):
-            cells = [[j, float(norms[s, j]), float(dots[s, j] / gradient_sq[j]) if gradient_sq[j] > 0 else 0.0]
-                     for j in range(norms.shape[1]) if norms[s, j] > 0]
-            contributions[signature] = cells
+            reached = norms[s] > 0
+            last = int(np.flatnonzero(reached)[-1]) + 1 if reached.any() else 0
+            table = np.where(reached[:, None], np.stack([norms[s], shares[s]], axis=1), 0.0)[:last]
+            contributions[signature] = pack_table(table)
         body: dict[str, Any] = {
             "kind": "step",
             "step": p.step,
@@ -240,11 +243,11 @@ class Ledger:
             "counts": _class_counts(p.examples),
             "skipped": p.skipped,
             "fingerprints": self.fingerprints,
-            "layers": layers,
+            "layers": pack_table(layers),
             "contributions": contributions,
         }
         if p.entropy is not None:
-            body["entropy"] = p.entropy.cpu().double().numpy().tolist()
+            body["entropy"] = pack_table(p.entropy.cpu().double().numpy())
         return body
 
     def sign(self, final: bool) -> dict[str, Any] | None:
