@@ -199,9 +199,8 @@ class Router:
 
     def _signatures(self, provenance: torch.Tensor) -> tuple[list[tuple[int, ...]], torch.Tensor]:
         rows = provenance.numpy()  # provenance stays on the CPU
-        if len(rows) and (rows == rows[0]).all():  # one signature (a per-class microbatch): no sorting, no unique
-            signature = sorted(rows[0].tolist())
-            signatures = [tuple(c for c in signature if c >= 0) if len(signature) > 1 else tuple(signature)]
+        if len(rows) and (rows == rows[0]).all():  # one signature (a per-class microbatch): no unique
+            signatures = [tuple(c for c in sorted(rows[0].tolist()) if c >= 0)]  # no class left: refused below
             inverse = torch.zeros(len(rows), dtype=torch.long)
         elif provenance.shape[1] == 1:
             classes, inverse = torch.unique(provenance[:, 0], return_inverse=True)

@@ -200,8 +200,9 @@ def pack_table(table: np.ndarray) -> dict[str, Any]:
 
 
 def encode_packed_entry(index: int, previous_leaf: bytes, packed: dict[str, Any]) -> bytes:
-    """:func:`encode_entry` of a body whose tables are already packed (:func:`pack_table`): the same bytes,
-    without a round trip of every number through Python lists (``verify --deep`` checks they are the same)."""
+    """:func:`encode_entry` of a body whose tables are already packed (:func:`pack_table`), or that has none
+    (a run entry): the same bytes, without a round trip of every number through Python lists (``verify
+    --deep`` checks they are the same)."""
     return HEADER.pack(MAGIC, index, previous_leaf) + canonical_json(packed)
 
 

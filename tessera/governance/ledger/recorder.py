@@ -113,13 +113,17 @@ class ContributionRecorder:
         self._take_outside_gradients()
 
     def _take_outside_gradients(self) -> None:
-        """Copy into row 0 every ``.grad`` the recorder has not reached in this step: a gradient something
-        other than the recorder made, part of the step gradient but of no signature."""
+        """Keep every ``.grad`` the recorder has not reached in this step (see :meth:`_take_outside`)."""
         for i, p in enumerate(self.params):
             if p.grad is not None and not self._touched[i]:
-                self._row_views[0][i].copy_(p.grad)
-                self._written[0, i] = True
-                self._touched[i] = True
+                self._take_outside(i)
+
+    def _take_outside(self, i: int) -> None:
+        """Parameter ``i``'s ``.grad``, there before the recorder reached it in this step, was made by something
+        else: part of the step gradient but of no signature, it is copied into row 0."""
+        self._row_views[0][i].copy_(self.params[i].grad)
+        self._written[0, i] = True
+        self._touched[i] = True
 
     def backward(self, loss: torch.Tensor, plan: MicrobatchPlan, signature: str) -> None:
         """Backward for one single-signature microbatch: its gradient is kept apart and added to ``.grad``."""
@@ -163,12 +167,10 @@ class ContributionRecorder:
         for i, g in zip(indices, grads):
             p = self.params[i]
             if p.grad is None:
-                alone = g.is_contiguous() and id(g) not in copied
-                p.grad = g if alone else g.clone(memory_format=torch.contiguous_format)
+                p.grad = g.clone(memory_format=torch.contiguous_format) if id(g) in copied else g
             else:
                 if not self._touched[i]:
-                    self._row_views[0][i].copy_(p.grad)
-                    self._written[0, i] = True
+                    self._take_outside(i)
                 targets.append(p.grad)
                 added.append(g)
             self._touched[i] = True
@@ -203,13 +205,14 @@ class ContributionRecorder:
         """The step's signatures and the per-layer Gram matrix [L, R, R] of their rows (preceded by the row of
         gradients from outside the recorder when ``outside``), for :func:`contribution_numbers`. Call after
         gradients are final (summed over ranks, unscaled) and before clipping."""
-        if not self.dist.enabled:  # (under DDP, other ranks' parameters now have gradients too: not outside)
-            self._take_outside_gradients()
-        self._clean(len(self._signatures) + 1)
-        if self.dist.enabled:  # outside gradients of any rank: always reduced, always in the Gram
+        if self.dist.enabled:  # outside gradients of any rank: always reduced, always in the Gram (other
+            # ranks' parameters have gradients by now too, so none is taken here: they are not outside)
+            self._clean(len(self._signatures) + 1)
             signatures, rows = self._all_reduce(sorted(self._signatures))
             outside = True
         else:  # row order is first appearance, the dict's order (an entry's tables are keyed, not ordered, by them)
+            self._take_outside_gradients()
+            self._clean(len(self._signatures) + 1)
             signatures = list(self._signatures)
             outside = bool(self._written[0].any())
             rows = self._rows[0 if outside else 1:len(signatures) + 1]
@@ -291,11 +294,12 @@ def update_numbers(gram: np.ndarray, roles: tuple[int, int, int, int]) -> tuple[
 
 def _must_copy(grads: list[torch.Tensor]) -> set[int]:
     """``id`` of every gradient that must be copied, not taken, to become a ``.grad``: one autograd returned
-    for more than one parameter, or a view of other memory (autograd's own accumulation copies these too)."""
+    for more than one parameter, a view of other memory, or not contiguous (autograd's own accumulation
+    copies these too)."""
     seen: set[int] = set()
-    shared: set[int] = set()
+    copied: set[int] = set()
     for g in grads:
-        if g._is_view() or id(g) in seen:
-            shared.add(id(g))
+        if g._is_view() or not g.is_contiguous() or id(g) in seen:
+            copied.add(id(g))
         seen.add(id(g))
-    return shared
+    return copied

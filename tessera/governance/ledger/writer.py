@@ -30,7 +30,7 @@ from tessera.distributed import DistInfo
 from tessera.governance.keys import SigningKey
 from tessera.governance.ledger import merkle
 from tessera.governance.ledger.entropy import EntropyProbe
-from tessera.governance.ledger.entry import ZERO_HASH, TreeHead, encode_entry, encode_packed_entry, pack_table
+from tessera.governance.ledger.entry import ZERO_HASH, TreeHead, encode_packed_entry, pack_table
 from tessera.governance.ledger.recorder import (
     UPDATE_SHARE_RULE,
     ContributionRecorder,
@@ -199,15 +199,15 @@ class Ledger:
         bodies = [self._body(p, next(host), contribution_numbers(next(host), *p.gradient[1:]),
                              update_numbers(next(host), p.update[1]))
                   for p in self.pending]
-        self._append_bodies(bodies, packed=True)
+        self._append_bodies(bodies)
         self.pending = []
 
-    def _append_bodies(self, bodies: list[dict[str, Any]], packed: bool = False) -> None:
-        encode = encode_packed_entry if packed else encode_entry
+    def _append_bodies(self, bodies: list[dict[str, Any]]) -> None:
+        """Append entries whose tables are already packed (the first entry has none)."""
         rows = []
         for body in bodies:
             index = self.frontier.size
-            data = encode(index, self._previous_leaf, body)
+            data = encode_packed_entry(index, self._previous_leaf, body)
             leaf = merkle.leaf_hash(data)
             rows.append((index, int(body.get("step", 0)), leaf, data))
             self.frontier.append(leaf)
