@@ -122,6 +122,43 @@ class PairedSteps(Callback):
         self._last = time.perf_counter()
 
 
+class TwinSteps:
+    """Times every optimizer step of a trainer, each followed by one step of its twin, timed on its own.
+
+    Both trainers are the same code but for the feature measured, so what
+    is timed is each one's ``_train_batch`` (the optimizer step, everything
+    the feature adds to it included) and not the loop around it: that loop
+    (interval checks, events, the next batch) is identical in both and is
+    run by the measured trainer only, so billing it to one side would
+    count the harness as the feature's cost. The twin reads its own batches
+    (the same ones: same recipe, same seed). On a GPU each timed step ends
+    with a synchronisation, so work queued by one trainer is never billed
+    to the other.
+    """
+
+    def __init__(self, measured, twin) -> None:
+        self.measured: list[float] = []
+        self.twin: list[float] = []
+        self._twin_batches = twin.data.train_batches(0, 0)
+        sync = torch.cuda.synchronize if twin.device.type == "cuda" else (lambda: None)
+        step, twin_step = measured._train_batch, twin._train_batch
+
+        def paired(batch):
+            sync()
+            started = time.perf_counter()
+            result = step(batch)
+            sync()
+            self.measured.append(time.perf_counter() - started)
+            twin_batch = next(self._twin_batches)
+            started = time.perf_counter()
+            twin_step(twin_batch)
+            sync()
+            self.twin.append(time.perf_counter() - started)
+            return result
+
+        measured._train_batch = paired  # this instance only
+
+
 @dataclass(frozen=True)
 class Governed:
     root: Path

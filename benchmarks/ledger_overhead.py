@@ -3,7 +3,9 @@
 Two trainers on the same batches (per-class microbatches of 4 in batches of
 12, the default under a policy); after each step of the recorded trainer, one
 step of its twin without a ledger, each timed on its own, so both see the
-same machine conditions. The recorded trainer writes every step's entry,
+same machine conditions (``common.TwinSteps``: the optimizer step is timed,
+everything the ledger does in it included; the loop around it, the same code
+in both, is not). The recorded trainer writes every step's entry,
 an entropy profile every 50 steps and commits every 50 steps; ``ratio`` is
 total time with / without over all steps after warm-up (a mean, so the
 periodic entropy and commit costs count), median over runs. Goal <= 1.03.
@@ -25,14 +27,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
-import torch
-from common import BABY_GPT, emit, governed_shakespeare, machine
+from common import BABY_GPT, TwinSteps, emit, governed_shakespeare, machine
 
 from tessera.config import Recipe
-from tessera.core.callback import Callback
 from tessera.governance.keys import write_key_pair
 from tessera.trainer import Trainer
 
@@ -56,42 +55,19 @@ def recipe(governed, steps: int, key: Path | None, batch: int = 12, device: str 
     })
 
 
-class PairedTrainers(Callback):
-    def __init__(self, twin: Trainer) -> None:
-        self.twin = twin
-        self.sync = torch.cuda.synchronize if twin.device.type == "cuda" else (lambda: None)
-        self.batches = twin.data.train_batches(0, 0)
-        self.recorded: list[float] = []
-        self.plain: list[float] = []
-        self._last = 0.0
-
-    def fit_start(self, state, logger) -> None:
-        self.sync()
-        self._last = time.perf_counter()
-
-    def batch_end(self, state, logger) -> None:
-        self.sync()
-        self.recorded.append(time.perf_counter() - self._last)
-        started = time.perf_counter()
-        self.twin._train_batch(next(self.batches))
-        self.sync()
-        self.plain.append(time.perf_counter() - started)
-        self._last = time.perf_counter()
-
-
 def measure(governed, root: Path, key: Path, steps: int, batch: int, run: int,
             args: argparse.Namespace) -> tuple[float, int, str]:
     model = {"n_layer": args.n_layer, "n_head": args.n_head, "d_model": args.d_model, "block_size": args.block_size}
     twin = Trainer(recipe(governed, steps, None, batch, args.device, model, args.precision),
                    root / f"plain-{batch}-{run}")
-    pairs = PairedTrainers(twin)
     recorded = Trainer(recipe(governed, steps, key, batch, args.device, model, args.precision),
-                       root / f"ledger-{batch}-{run}", callbacks=[pairs])
+                       root / f"ledger-{batch}-{run}")
+    pairs = TwinSteps(recorded, twin)
     recorded.fit()
     recorded.close()
     twin.close()
     entry_bytes = (root / f"ledger-{batch}-{run}" / "ledger.sqlite").stat().st_size // (steps + 1)
-    return sum(pairs.recorded[5:]) / sum(pairs.plain[5:]), entry_bytes, twin.device.type
+    return sum(pairs.measured[5:]) / sum(pairs.twin[5:]), entry_bytes, twin.device.type
 
 
 def main() -> None:

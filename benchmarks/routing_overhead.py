@@ -1,8 +1,9 @@
 """routing_overhead: the baby GPT on the signed Shakespeare dataset, with a routing policy vs without.
 
 Two trainers run interleaved step by step in one process (after each step of
-the routed trainer, a callback runs one step of its twin without a policy,
-on the same batches), so both see the same machine conditions.
+the routed trainer, one step of its twin without a policy, on the same
+batches), so both see the same machine conditions; each optimizer step is
+timed on its own (``common.TwinSteps``), not the loop around it.
 
 - ``ratio``: per-class microbatches (the default under a policy): batches of
   12 in microbatches of 4, each from one class; the policy denies the
@@ -21,12 +22,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
 
-from common import BABY_GPT, emit, governed_shakespeare, machine
+from common import BABY_GPT, TwinSteps, emit, governed_shakespeare, machine
 
 from tessera.config import Recipe
 from tessera.core.callback import Callback
@@ -74,31 +74,16 @@ def recipe(governed, steps: int, policy: Path | None, batching: str, microbatch:
     })
 
 
-class PairedTrainers(Callback):
-    """After each routed step, one step of the twin; each timed on its own."""
+class SignatureCounter(Callback):
+    """Counts the routing signatures of each batch of the routed trainer."""
 
-    def __init__(self, twin: Trainer) -> None:
-        self.twin = twin
-        self.batches = twin.data.train_batches(0, 0)
-        self.routed: list[float] = []
-        self.plain: list[float] = []
+    def __init__(self) -> None:
         self.signatures: list[int] = []
-        self.router = None  # the routed trainer's, to count routing signatures
-        self._last = 0.0
-
-    def fit_start(self, state, logger) -> None:
-        self._last = time.perf_counter()
+        self.router = None  # the routed trainer's
 
     def after_dataloader(self, state, logger) -> None:
         allowed = self.router.phases[0].allowed
         self.signatures.append(len({allowed[c].tobytes() for c in state.batch.provenance[:, 0].tolist()}))
-
-    def batch_end(self, state, logger) -> None:
-        self.routed.append(time.perf_counter() - self._last)
-        started = time.perf_counter()
-        self.twin._train_batch(next(self.batches))
-        self.plain.append(time.perf_counter() - started)
-        self._last = time.perf_counter()
 
 
 def measure(governed, root: Path, mixed: bool, steps: int, runs: int) -> tuple[float, float]:
@@ -107,16 +92,17 @@ def measure(governed, root: Path, mixed: bool, steps: int, runs: int) -> tuple[f
     routed_times, plain_times, signatures = [], [], []
     for run in range(runs):
         twin = Trainer(recipe(governed, steps, None, batching, microbatch), root / f"plain-{mixed}-{run}")
-        pairs = PairedTrainers(twin)
+        counter = SignatureCounter()
         routed = Trainer(recipe(governed, steps, policy, batching, microbatch), root / f"routed-{mixed}-{run}",
-                         callbacks=[pairs])
-        pairs.router = routed.router
+                         callbacks=[counter])
+        counter.router = routed.router
+        pairs = TwinSteps(routed, twin)
         routed.fit()
         routed.close()
         twin.close()
-        routed_times += pairs.routed[2:]  # the first steps warm up allocators
-        plain_times += pairs.plain[2:]
-        signatures += pairs.signatures
+        routed_times += pairs.measured[2:]  # the first steps warm up allocators
+        plain_times += pairs.twin[2:]
+        signatures += counter.signatures
     return statistics.median(routed_times) / statistics.median(plain_times), statistics.mean(signatures)
 
 

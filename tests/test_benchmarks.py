@@ -92,3 +92,26 @@ def test_deletion_tradeoff_reports_both_orders():
     late, shuffled = result["late"], result["shuffled"]
     assert result["benchmark"] == "deletion_tradeoff" and late["first_step_of_class"] > shuffled["first_step_of_class"]
     assert late["steps_to_replay"] < shuffled["steps_to_replay"] and 0 < result["ratio"] < 1
+
+
+def test_twin_steps_times_each_step_of_both_trainers_on_the_same_batches(tmp_path):
+    """The pairing the overhead benchmarks use: one timed twin step per measured step, on the same batches
+    (two trainers with the same recipe end with the same weights, bitwise)."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from common import TwinSteps, baby_recipe
+
+    from tessera.trainer import Trainer
+
+    recipe = baby_recipe(4, batch_size=4, model={"n_layer": 1, "n_head": 2, "d_model": 32, "block_size": 32},
+                         logging={"console": False, "jsonl": False})
+    measured, twin = Trainer(recipe, tmp_path / "measured"), Trainer(recipe, tmp_path / "twin")
+    pairs = TwinSteps(measured, twin)
+    measured.fit()
+    measured.close()
+    twin.close()
+    assert len(pairs.measured) == len(pairs.twin) == 4 and min(pairs.measured + pairs.twin) > 0
+    assert twin.state.timestamp.batch == 4
+    for (name, a), b in zip(measured.model.named_parameters(), twin.model.parameters()):
+        assert torch.equal(a, b), name

@@ -135,3 +135,20 @@ def test_eval_subset_is_fixed_and_split_across_ranks(tiny_corpus):
 def test_too_small_dataset_for_batch(tiny_corpus):
     with pytest.raises(DataError, match="fewer than one global batch"):
         _data(tiny_corpus, global_batch_size=100_000)
+
+
+def test_split_by_signature_groups_rows_by_their_set_of_classes():
+    from tessera.data.batch import Batch
+
+    def batch(provenance):
+        rows = len(provenance)
+        return Batch(inputs=torch.arange(rows)[:, None], targets=torch.zeros(rows, 1, dtype=torch.long),
+                     sample_ids=torch.arange(rows) + 100, provenance=torch.tensor(provenance))
+
+    same = batch([[3, -1], [3, -1], [3, -1]])
+    assert same.split_by_signature() == [same]
+    # [1, 2] and [2, 1] are one signature; groups come in order of first appearance, rows in their order
+    mixed = batch([[2, -1], [1, 2], [2, -1], [2, 1], [5, -1]])
+    parts = mixed.split_by_signature()
+    assert [p.sample_ids.tolist() for p in parts] == [[100, 102], [101, 103], [104]]
+    assert [p.inputs.flatten().tolist() for p in parts] == [[0, 2], [1, 3], [4]]

@@ -67,6 +67,8 @@ class Batch:
 
     def split_by_signature(self) -> list["Batch"]:
         """One batch per distinct set of classes (in order of first appearance); ``[self]`` if only one."""
+        if bool((self.provenance == self.provenance[:1]).all()):  # a per-class microbatch: nothing to sort
+            return [self]
         keys = self.provenance.sort(dim=1).values
         unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
         if unique.shape[0] == 1:
