@@ -20,6 +20,14 @@ work queued by one trainer is never billed to the other. On a GPU the baby
 GPT's step is a few milliseconds of kernel launches, so ``--n-layer``,
 ``--d-model``, ``--n-head``, ``--block-size`` and ``--precision`` also measure a
 model whose step the GPU's arithmetic, not Python, dominates.
+
+``--parts`` also measures what each part of the ledger's work costs, at
+batch 12, by stripping the recorded trainer's ledger down (in this script
+only) to: ``routing``, the per-signature microbatches and routed backward
+the ledger needs and nothing else; ``statistics_no_entropy``, the recorder's
+per-step measurements (signature rows, Gram matrices, update statistics)
+with nothing written; ``statistics``, the same plus the entropy probe. The
+full ledger adds entries, hashing and commits to that.
 """
 
 from __future__ import annotations
@@ -29,10 +37,12 @@ import statistics
 import tempfile
 from pathlib import Path
 
+
 from common import BABY_GPT, TwinSteps, emit, governed_shakespeare, machine
 
 from tessera.config import Recipe
 from tessera.governance.keys import write_key_pair
+from tessera.governance.routing import routed_backward
 from tessera.trainer import Trainer
 
 
@@ -55,18 +65,43 @@ def recipe(governed, steps: int, key: Path | None, batch: int = 12, device: str 
     })
 
 
+PARTS = ("routing", "statistics_no_entropy", "statistics")
+
+
+def strip(ledger, part: str) -> None:
+    """Reduce one trainer's ledger to a part of its work (see ``--parts``), on this instance only."""
+    recorder = ledger.recorder
+    if part == "routing":
+        ledger.start_step = lambda loaded, trained: None
+        ledger.backward = lambda loss, plan, microbatch: routed_backward(loss, plan)
+        ledger.gradient_statistics = lambda inv_scale=1.0: None
+        ledger.after_optimizer_step = lambda *args, **kwargs: None
+        return
+    ledger.start_step = lambda loaded, trained: recorder.start_step()
+
+    def after_optimizer_step(step, *args, **kwargs):
+        recorder.update_statistics()
+        ledger._gradient = None
+        if part == "statistics" and ledger.entropy is not None and step % ledger.entropy_every == 0:
+            ledger.entropy.measure()
+
+    ledger.after_optimizer_step = after_optimizer_step
+
+
 def measure(governed, root: Path, key: Path, steps: int, batch: int, run: int,
-            args: argparse.Namespace) -> tuple[float, int, str]:
+            args: argparse.Namespace, part: str | None = None) -> tuple[float, int, str]:
     model = {"n_layer": args.n_layer, "n_head": args.n_head, "d_model": args.d_model, "block_size": args.block_size}
     twin = Trainer(recipe(governed, steps, None, batch, args.device, model, args.precision),
-                   root / f"plain-{batch}-{run}")
+                   root / f"plain-{batch}-{run}-{part or 'all'}")
     recorded = Trainer(recipe(governed, steps, key, batch, args.device, model, args.precision),
-                       root / f"ledger-{batch}-{run}")
+                       root / f"ledger-{batch}-{run}-{part or 'all'}")
+    if part is not None:
+        strip(recorded.ledger, part)
     pairs = TwinSteps(recorded, twin)
     recorded.fit()
     recorded.close()
     twin.close()
-    entry_bytes = (root / f"ledger-{batch}-{run}" / "ledger.sqlite").stat().st_size // (steps + 1)
+    entry_bytes = (root / f"ledger-{batch}-{run}-{part or 'all'}" / "ledger.sqlite").stat().st_size // (steps + 1)
     return sum(pairs.measured[5:]) / sum(pairs.twin[5:]), entry_bytes, twin.device.type
 
 
@@ -78,6 +113,8 @@ def main() -> None:
                         help="also measure at this global batch (same 3 microbatches, more tokens each); 0: skip")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where both trainers run (auto: a GPU if there is one)")
+    parser.add_argument("--parts", action="store_true",
+                        help=f"also measure parts of the ledger's work at batch 12: {', '.join(PARTS)}")
     parser.add_argument("--precision", choices=["fp32", "amp_bf16", "amp_fp16"], default="fp32")
     for name, default in BABY_GPT.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default,
@@ -86,6 +123,7 @@ def main() -> None:
     if args.steps <= 5:
         parser.error(f"--steps {args.steps}: the first 5 steps are warm-up, measure more than that")
     ratios, large, entry_bytes, device = [], [], 0, "cpu"
+    parts: dict[str, list[float]] = {part: [] for part in PARTS} if args.parts else {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         governed = governed_shakespeare(root, seq_len=args.block_size)
@@ -95,6 +133,8 @@ def main() -> None:
             ratios.append(ratio)
             if args.large_batch:
                 large.append(measure(governed, root, key, args.steps, args.large_batch, run, args)[0])
+            for part, measured in parts.items():
+                measured.append(measure(governed, root, key, args.steps, 12, run, args, part)[0])
     result = {
         "benchmark": "ledger_overhead",
         "ratio": round(statistics.median(ratios), 4),
@@ -111,6 +151,9 @@ def main() -> None:
     if large:
         result.update({"large_batch": args.large_batch, "ratio_large_batch": round(statistics.median(large), 4),
                        "ratios_large_batch": [round(r, 4) for r in large]})
+    if parts:
+        result["parts"] = {part: round(statistics.median(measured), 4) for part, measured in parts.items()}
+        result["parts_ratios"] = {part: [round(r, 4) for r in measured] for part, measured in parts.items()}
     emit(result)
 
 

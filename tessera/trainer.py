@@ -42,7 +42,7 @@ from tessera.governance.ledger.entropy import probe_batch
 from tessera.governance.ledger.writer import Ledger
 from tessera.governance.deletion import FORK_CHANGES, read_fork
 from tessera.governance.policy import Policy, model_fingerprint
-from tessera.governance.routing import Router
+from tessera.governance.routing import Router, routed_backward
 from tessera.io import atomic_write_bytes
 from tessera.loggers.logger import Logger
 from tessera.models.adapters import set_row_classes
@@ -332,7 +332,7 @@ class Trainer:
                     elif ledger is not None and plan.inputs:  # [ledger] this signature's gradient, kept apart
                         ledger.backward(scaled, plan, state.batch)
                     elif plan.inputs:  # only routed parameters receive (or even compute) a gradient
-                        torch.autograd.backward(scaled, inputs=plan.inputs)
+                        routed_backward(scaled, plan)
                     engine.run(Event.AFTER_BACKWARD)
                 finally:
                     if router is not None:

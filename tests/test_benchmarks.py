@@ -47,8 +47,10 @@ def test_routing_overhead_reports_both_ratios():
 def test_ledger_overhead_reports_a_ratio():
     """A 1-layer, 32-wide model keeps the smoke test short and checks the model-size options reach the run."""
     result = _run("ledger_overhead.py", "--steps", "6", "--runs", "1", "--n-layer", "1", "--n-head", "2",
-                  "--d-model", "32", "--block-size", "16", "--device", "cpu")
+                  "--d-model", "32", "--block-size", "16", "--device", "cpu", "--parts")
     assert result["benchmark"] == "ledger_overhead" and result["ratio"] > 0 and result["ledger_bytes_per_step"] > 0
+    assert set(result["parts"]) == {"routing", "statistics_no_entropy", "statistics"}
+    assert min(result["parts"].values()) > 0
     assert result["model"] == {"n_layer": 1, "n_head": 2, "d_model": 32, "block_size": 16}
     assert result["device"] == "cpu" and result["ratio_large_batch"] > 0 and result["large_batch"] == 48
 

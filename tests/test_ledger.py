@@ -520,7 +520,7 @@ def test_on_cuda_the_ledger_never_waits_for_the_gpu_between_flushes(governed, tm
     """The ledger's per-step code runs under CUDA's sync debug mode "error": a device-to-host copy, a
     synchronising host-to-device copy or a stream synchronisation inside it raises. Only the flush
     (here: at the end) and the entropy probe (off here) may wait for the device. (The backward pass
-    itself, ``autograd.grad``, is training's, not the ledger's, and is left out.)"""
+    itself is training's, not the ledger's, and is left out.)"""
     from tessera.governance.ledger.recorder import ContributionRecorder
     from tessera.governance.ledger.writer import Ledger
 
@@ -615,9 +615,12 @@ def test_a_gradient_from_outside_the_recorder_counts_in_the_step_but_for_no_clas
         assert all(s == pytest.approx(1.0, abs=1e-6) for j, s in enumerate(shares) if j != embedding and s)
 
 
-def test_gradients_autograd_returns_for_several_parameters_are_copied_not_shared():
+@pytest.mark.parametrize("every_trainable", [False, True], ids=["autograd.grad", "backward"])
+def test_gradients_autograd_returns_for_several_parameters_are_copied_not_shared(every_trainable):
     """``a + b`` gives a and b one and the same gradient tensor (a view, for a sum); taking it as both
-    ``.grad``s would add every later microbatch twice. The recorder's rows and ``.grad`` match autograd."""
+    ``.grad``s would add every later microbatch twice. The recorder's rows and ``.grad`` match autograd,
+    whether it asks ``torch.autograd.grad`` (a plan that denies some parameter) or runs a plain backward
+    pass into emptied ``.grad``s (a plan that denies none)."""
     from types import SimpleNamespace
 
     from tessera.governance.ledger.recorder import ContributionRecorder
@@ -637,7 +640,8 @@ def test_gradients_autograd_returns_for_several_parameters_are_copied_not_shared
     for loss in losses:
         recorder.start_step()
         for k, x in enumerate(inputs):
-            recorder.backward(loss(x), MicrobatchPlan(rows=1, inputs=params), "first" if k != 1 else "second")
+            plan = MicrobatchPlan(rows=1, inputs=params, every_trainable=every_trainable)
+            recorder.backward(loss(x), plan, "first" if k != 1 else "second")
         expected = [torch.autograd.grad(loss(x), params) for x in inputs]
         for i, p in enumerate(params):
             assert torch.equal(p.grad, expected[0][i] + expected[1][i] + expected[2][i])

@@ -214,6 +214,37 @@ def test_a_parameter_no_example_may_update_is_skipped_entirely(governed, tmp_pat
     assert not torch.equal(v3["blocks.1.mlp.fc.weight"], v7["blocks.1.mlp.fc.weight"])
 
 
+def test_a_plan_that_denies_no_trainable_parameter_backpropagates_without_inputs():
+    """``routed_backward`` takes the plain backward pass only when no trainable parameter is denied (a
+    parameter frozen by ``requires_grad`` is not denied); either way exactly the plan's inputs get gradients,
+    equal to an unrouted backward pass's."""
+    from tessera.governance.routing import Router, routed_backward
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=11, n_layer=1, n_head=2, d_model=8, block_size=8))
+    model.pos_emb.weight.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    idx = torch.randint(0, 11, (2, 8))
+    reference = dict(zip(map(id, trainable), torch.autograd.grad(model(idx).square().mean(), trainable)))
+    router = Router(model, ["a", "b"], None, [], lambda t: 100)
+    provenance = torch.zeros(2, 1, dtype=torch.long)
+    for denied in ([], ["blocks.0.mlp.fc.weight"]):
+        if denied:
+            router.freeze(denied, 0)
+        plan = router.plan(provenance, 0)
+        assert plan.every_trainable == (not denied)
+        assert len(plan.inputs) == len(trainable) - len(denied)
+        routed_backward(model(idx).square().mean(), plan)
+        router.end_microbatch()
+        for name, p in model.named_parameters():
+            if name in denied or not p.requires_grad:
+                assert p.grad is None, name
+            else:
+                assert torch.equal(p.grad, reference[id(p)]), name
+            p.grad = None
+    router.close()
+
+
 # ---------------------------------------------------------------- exclusive rules and adapters
 
 

@@ -82,6 +82,20 @@ class MicrobatchPlan:
     rows: int
     inputs: list[torch.nn.Parameter]
     splits: dict[nn.Module, Split] = field(default_factory=dict)
+    every_trainable: bool = False  # ``inputs`` are all the trainable parameters: no one is denied
+
+
+def routed_backward(loss: torch.Tensor, plan: MicrobatchPlan) -> None:
+    """Backward for a routed microbatch: only ``plan.inputs`` receive (or even compute) a gradient.
+
+    Where no trainable parameter is denied, a plain ``backward()`` does the same
+    and is cheaper: ``inputs=`` measured 1.5-2% of a baby-GPT step slower on the
+    CPU build machine (for the same kernels; the gradients are bitwise equal).
+    """
+    if plan.every_trainable:
+        loss.backward()
+    else:
+        torch.autograd.backward(loss, inputs=plan.inputs)
 
 
 class Router:
@@ -228,10 +242,11 @@ class Router:
         if key not in self._plan_cache:
             per_signature = np.stack([self._allowed_for(phase_index, s) for s in signatures])  # [S, P]
             anyone = per_signature.any(axis=0) & self._trainable
-            self._plan_cache[key] = (per_signature, anyone, [p for p, ok in zip(self.params, anyone) if ok])
-        per_signature, anyone, inputs = self._plan_cache[key]
+            self._plan_cache[key] = (per_signature, anyone, [p for p, ok in zip(self.params, anyone) if ok],
+                                     bool(np.array_equal(anyone, self._trainable)))
+        per_signature, anyone, inputs, every_trainable = self._plan_cache[key]
         self.step_updated |= anyone
-        plan = MicrobatchPlan(rows=int(provenance.shape[0]), inputs=inputs)
+        plan = MicrobatchPlan(rows=int(provenance.shape[0]), inputs=inputs, every_trainable=every_trainable)
         if len(signatures) > 1:
             mixed = anyone & ~per_signature.all(axis=0)  # allowed for some signatures, not all
             if mixed.any():
