@@ -37,7 +37,6 @@ import statistics
 import tempfile
 from pathlib import Path
 
-
 from common import BABY_GPT, TwinSteps, emit, governed_shakespeare, machine
 
 from tessera.config import Recipe

@@ -615,12 +615,12 @@ def test_a_gradient_from_outside_the_recorder_counts_in_the_step_but_for_no_clas
         assert all(s == pytest.approx(1.0, abs=1e-6) for j, s in enumerate(shares) if j != embedding and s)
 
 
-@pytest.mark.parametrize("every_trainable", [False, True], ids=["autograd.grad", "backward"])
+@pytest.mark.parametrize("every_trainable", [False, True], ids=["inputs", "plain"])
 def test_gradients_autograd_returns_for_several_parameters_are_copied_not_shared(every_trainable):
     """``a + b`` gives a and b one and the same gradient tensor (a view, for a sum); taking it as both
     ``.grad``s would add every later microbatch twice. The recorder's rows and ``.grad`` match autograd,
-    whether it asks ``torch.autograd.grad`` (a plan that denies some parameter) or runs a plain backward
-    pass into emptied ``.grad``s (a plan that denies none)."""
+    whether its backward pass runs with ``inputs=`` (a plan that denies some parameter) or without (a plan
+    that denies none)."""
     from types import SimpleNamespace
 
     from tessera.governance.ledger.recorder import ContributionRecorder

@@ -190,7 +190,7 @@ def unpack_body(stored: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------ entries
 
 def encode_entry(index: int, previous_leaf: bytes, body: dict[str, Any]) -> bytes:
-    return HEADER.pack(MAGIC, index, previous_leaf) + canonical_json(pack_body(body))
+    return encode_packed_entry(index, previous_leaf, pack_body(body))
 
 
 def pack_table(table: np.ndarray) -> dict[str, Any]:
