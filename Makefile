@@ -1,7 +1,7 @@
 # Two entry points, both from a fresh clone:
-#   make demo   create .venv, install Tessera, run the governed Shakespeare demo (keys, signed
+#   make demo   create .venv, install Smalti, run the governed Shakespeare demo (keys, signed
 #               taxonomy, tagged shards, verification, training, sampling)
-#   make test   create .venv, install Tessera with test extras, run the whole suite
+#   make test   create .venv, install Smalti with test extras, run the whole suite
 # torch is pinned through constraints.txt to the CPU wheel on the build machines'
 # local disk; pyproject.toml keeps the wide range users need.
 
@@ -28,7 +28,7 @@ $(VENV)/.test-installed: $(VENV)/.core-installed
 # The governed demo, step by step as a user would do it. Each step is a file target, so a
 # second `make demo` reuses what exists (and training resumes). `rm -rf demo` starts over.
 DEMO := demo
-T := $(BIN)/tessera
+T := $(BIN)/smalti
 
 $(DEMO)/keys/trainer.pub: | $(VENV)/.core-installed
 	@echo "== 1. one Ed25519 key pair per authority"
@@ -84,7 +84,7 @@ browser:
 
 # pytest exits 5 when it collects nothing; make treats that as the failure it is.
 test: $(VENV)/.test-installed browser
-	TESSERA_REQUIRE_BROWSER=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+	SMALTI_REQUIRE_BROWSER=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.test-installed
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -17,7 +17,7 @@ import yaml
 from common import REPO, baby_recipe, emit, machine
 from time_to_quality import train_curve
 
-from tessera.config import load_recipe
+from smalti.config import load_recipe
 
 # Methods that only change the model on a GPU (low-precision norms, channels-last) are measured too:
 # on this CPU they show what they cost, not what they save.

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tessera.config import Recipe  # noqa: E402
-from tessera.core.callback import Callback  # noqa: E402
-from tessera.models.gpt import GPT, GPTConfig  # noqa: E402
+from smalti.config import Recipe  # noqa: E402
+from smalti.core.callback import Callback  # noqa: E402
+from smalti.models.gpt import GPT, GPTConfig  # noqa: E402
 
 BABY_GPT = dict(n_layer=4, n_head=4, d_model=128, block_size=64)
 
@@ -55,7 +55,7 @@ class HandwrittenLoop:
     """What a PyTorch user writes by hand: same model, batches, AdamW, schedule and clipping.
 
     ``step()`` runs one optimizer step and returns (wall seconds, loss), so a
-    benchmark can interleave it with Tessera's steps and compare the two
+    benchmark can interleave it with Smalti's steps and compare the two
     under the same machine conditions.
     """
 
@@ -64,7 +64,7 @@ class HandwrittenLoop:
         m = recipe.model
         self.model = GPT(GPTConfig(vocab_size=data.tokenizer.vocab_size, block_size=m.block_size,
                                    n_layer=m.n_layer, n_head=m.n_head, d_model=m.d_model))
-        torch.manual_seed(recipe.seed)  # Tessera reseeds per rank after building the model
+        torch.manual_seed(recipe.seed)  # Smalti reseeds per rank after building the model
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         opt = recipe.optimizer
@@ -100,16 +100,16 @@ def handwritten_losses(recipe: Recipe, data, steps: int) -> list[float]:
 
 
 class PairedSteps(Callback):
-    """Interleaves a hand-written step after every Tessera step and times both.
+    """Interleaves a hand-written step after every Smalti step and times both.
 
-    Tessera's step is timed from the end of the previous hand-written step to
-    its own BATCH_END, so it holds exactly one Tessera step (data, events,
+    Smalti's step is timed from the end of the previous hand-written step to
+    its own BATCH_END, so it holds exactly one Smalti step (data, events,
     logging, schedule, clipping, optimizer) and nothing of the other loop.
     """
 
     def __init__(self, hand: HandwrittenLoop) -> None:
         self.hand = hand
-        self.tessera: list[float] = []
+        self.smalti: list[float] = []
         self.handwritten: list[float] = []
         self._last = 0.0
 
@@ -117,7 +117,7 @@ class PairedSteps(Callback):
         self._last = time.perf_counter()
 
     def batch_end(self, state, logger) -> None:
-        self.tessera.append(time.perf_counter() - self._last)
+        self.smalti.append(time.perf_counter() - self._last)
         self.handwritten.append(self.hand.step()[0])
         self._last = time.perf_counter()
 
@@ -171,10 +171,10 @@ class Governed:
 def governed_shakespeare(root: Path, shard_examples: int = 20_000, seq_len: int = 64) -> Governed:
     """Keys, a signed taxonomy and the prepared, signed Shakespeare dataset (examples of ``seq_len`` tokens),
     made the way the demo makes them."""
-    from tessera.data.prepare import PrepareOptions, prepare_dataset
-    from tessera.data.sources import classes_from_mapping, documents_from_folder
-    from tessera.governance.keys import PublicKey, SigningKey, sign_bytes, write_key_pair
-    from tessera.governance.taxonomy import Taxonomy, taxonomy_yaml
+    from smalti.data.prepare import PrepareOptions, prepare_dataset
+    from smalti.data.sources import classes_from_mapping, documents_from_folder
+    from smalti.governance.keys import PublicKey, SigningKey, sign_bytes, write_key_pair
+    from smalti.governance.taxonomy import Taxonomy, taxonomy_yaml
 
     corpus, template = REPO / "data" / "shakespeare", "gutenberg/{genre}/{work}"
     keys = root / "keys"

@@ -2,7 +2,7 @@
 
 Prepares the Shakespeare dataset (keys, signed taxonomy, signed manifest),
 serves it from a real HTTP server on loopback, and reads the train split
-through Tessera's loader: shard cache, fail-closed verification,
+through Smalti's loader: shard cache, fail-closed verification,
 deterministic block-shuffled order. The first pass (epoch 0, timed with the
 loader's setup) downloads and verifies every shard once; each later pass (a
 new epoch, a new order) reads every shard back from the verified cache and
@@ -34,11 +34,11 @@ import pyarrow.parquet as pq
 
 from common import emit, governed_shakespeare, machine
 
-from tessera.data.lm import OrderConfig, dataset_data
-from tessera.data.manifest import ShardEntry, verify_shard
-from tessera.data.shards import CacheConfig
-from tessera.governance.keys import PublicKey
-from tessera.governance.taxonomy import Taxonomy
+from smalti.data.lm import OrderConfig, dataset_data
+from smalti.data.manifest import ShardEntry, verify_shard
+from smalti.data.shards import CacheConfig
+from smalti.governance.keys import PublicKey
+from smalti.governance.taxonomy import Taxonomy
 
 BATCH_SIZES = (64, 512)  # samples of 64 tokens: 4k and 32k tokens per batch
 

@@ -6,7 +6,7 @@ order) so that it first appears at 75% of the run; the other plays are left
 out (``data.exclude_classes``) to keep the run short. The parent run trains
 with the ledger on and deterministic mode. Then, in the same process:
 
-- ``forget``: ``tessera forget --mode exact`` (plan from the ledger, replay
+- ``forget``: ``smalti forget --mode exact`` (plan from the ledger, replay
   from the kept checkpoint before the class, sign the certificate with the
   per-class held-out losses before and after), timed whole;
 - ``retrain``: the counterfactual, the same recipe with the class excluded
@@ -35,11 +35,11 @@ from typing import Any
 import torch
 from common import BABY_GPT, emit, governed_shakespeare, machine
 
-from tessera.config import Recipe
-from tessera.checkpoint import CheckpointStore
-from tessera.governance.deletion import forget, loss_by_class, weights_sha256
-from tessera.governance.keys import SigningKey, write_key_pair
-from tessera.trainer import Trainer
+from smalti.config import Recipe
+from smalti.checkpoint import CheckpointStore
+from smalti.governance.deletion import forget, loss_by_class, weights_sha256
+from smalti.governance.keys import SigningKey, write_key_pair
+from smalti.trainer import Trainer
 
 FORGET = "gutenberg/comedy/comedy_of_errors"
 KEEP = {FORGET, "gutenberg/comedy/as_you_like_it", "gutenberg/comedy/alls_well_that_ends_well"}
@@ -87,7 +87,7 @@ class Setup:
 
 
 def prepare(root: Path, batch_size: int = 12, tiny: bool = False, eval_samples: int = 12) -> Setup:
-    from tessera.governance.taxonomy import Taxonomy
+    from smalti.governance.taxonomy import Taxonomy
 
     governed = governed_shakespeare(root)
     key, _ = write_key_pair("trainer", root / "trainer-key")

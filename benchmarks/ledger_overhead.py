@@ -39,10 +39,10 @@ from pathlib import Path
 
 from common import BABY_GPT, TwinSteps, emit, governed_shakespeare, machine
 
-from tessera.config import Recipe
-from tessera.governance.keys import write_key_pair
-from tessera.governance.routing import routed_backward
-from tessera.trainer import Trainer
+from smalti.config import Recipe
+from smalti.governance.keys import write_key_pair
+from smalti.governance.routing import routed_backward
+from smalti.trainer import Trainer
 
 
 def recipe(governed, steps: int, key: Path | None, batch: int = 12, device: str = "auto",

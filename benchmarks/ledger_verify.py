@@ -3,11 +3,11 @@
 The ledger is written with the real encoder and store: step entries shaped
 like the baby GPT's (27 layers, 3 classes per step; about 2.7 kB each with
 the packed tables of entry format 2, 5.5 kB in format 1), a signed tree head
-every 1,000 entries and a final one. ``tessera ledger verify``'s check (every
+every 1,000 entries and a final one. ``smalti ledger verify``'s check (every
 leaf, the hash chain, the tree and every signature) is then timed; median of
 several runs. Goal: >= 100,000 entries/s.
 
-Verification runs as ``tessera ledger verify`` does by default: worker
+Verification runs as ``smalti ledger verify`` does by default: worker
 processes, one per core, each reading and hashing spans of the ledger
 (``workers``); ``one_process_entries_per_s`` is the same check in one process,
 timed in the same runs.
@@ -30,11 +30,11 @@ from pathlib import Path
 
 from common import emit, machine
 
-from tessera.governance.keys import SigningKey
-from tessera.governance.ledger import merkle
-from tessera.governance.ledger.entry import ZERO_HASH, TreeHead, encode_entry
-from tessera.governance.ledger.store import LedgerStore, ledger_path
-from tessera.governance.ledger.verify import default_workers, verify_ledger
+from smalti.governance.keys import SigningKey
+from smalti.governance.ledger import merkle
+from smalti.governance.ledger.entry import ZERO_HASH, TreeHead, encode_entry
+from smalti.governance.ledger.store import LedgerStore, ledger_path
+from smalti.governance.ledger.verify import default_workers, verify_ledger
 
 LAYERS, CLASSES = 27, ["gutenberg/tragedy/hamlet", "gutenberg/comedy/tempest", "gutenberg/history/henry_v"]
 
@@ -52,7 +52,7 @@ def body(step: int, rng: random.Random) -> dict:
 
 def build(run_dir: Path, entries: int, key: SigningKey) -> int:
     store = LedgerStore(ledger_path(run_dir), create=True)
-    store.set_meta({"format": "1", "trainer_public_key": key.public.text})
+    store.start_log(key.public)
     rng, frontier, previous, rows = random.Random(0), merkle.Frontier(), ZERO_HASH, []
     template = [body(s, rng) for s in range(1, 101)]  # encode real bodies; vary the step
     for index in range(entries):
@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--entries", type=int, default=100_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workers", type=int, default=default_workers(),
-                        help="worker processes (default: one per core, as `tessera ledger verify`)")
+                        help="worker processes (default: one per core, as `smalti ledger verify`)")
     args = parser.parse_args()
     key = SigningKey.generate()
     with tempfile.TemporaryDirectory() as tmp:

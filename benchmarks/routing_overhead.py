@@ -28,11 +28,11 @@ import yaml
 
 from common import BABY_GPT, TwinSteps, emit, governed_shakespeare, machine
 
-from tessera.config import Recipe
-from tessera.core.callback import Callback
-from tessera.governance.keys import PublicKey, SigningKey, sign_bytes
-from tessera.governance.taxonomy import Taxonomy
-from tessera.trainer import Trainer
+from smalti.config import Recipe
+from smalti.core.callback import Callback
+from smalti.governance.keys import PublicKey, SigningKey, sign_bytes
+from smalti.governance.taxonomy import Taxonomy
+from smalti.trainer import Trainer
 
 GROUPS = {  # four groups of classes, each with its own allowed set
     "gutenberg/history": "tok_emb",

@@ -1,6 +1,6 @@
 """shakespeare_quality: the trainer adds nothing hidden, and what the demo recipe reaches.
 
-Part 1: with algorithms off, Tessera and the hand-written loop, from the same
+Part 1: with algorithms off, Smalti and the hand-written loop, from the same
 seed and batches, must give the same loss curve (max abs difference <= 1e-5
 over 300 steps). Part 2: train the demo recipe (recipes/shakespeare.yaml) and
 report the validation loss reached and the wall time it took.
@@ -13,11 +13,11 @@ import tempfile
 
 from common import REPO, baby_recipe, emit, handwritten_losses, machine
 
-from tessera.build import build_data
-from tessera.config import load_recipe
-from tessera.distributed import DistInfo
-from tessera.loggers.jsonl import read_metrics
-from tessera.trainer import Trainer
+from smalti.build import build_data
+from smalti.config import load_recipe
+from smalti.distributed import DistInfo
+from smalti.loggers.jsonl import read_metrics
+from smalti.trainer import Trainer
 
 
 def main() -> None:
@@ -32,17 +32,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as run_dir:
         Trainer(recipe, run_dir, data=data).fit()
         records = read_metrics(f"{run_dir}/metrics.jsonl")
-    tessera_losses = [r["train/loss"] for r in records if "train/loss" in r]
-    assert len(tessera_losses) == len(hand_losses) == args.steps
-    max_diff = max(abs(a - b) for a, b in zip(tessera_losses, hand_losses))
+    smalti_losses = [r["train/loss"] for r in records if "train/loss" in r]
+    assert len(smalti_losses) == len(hand_losses) == args.steps
+    max_diff = max(abs(a - b) for a, b in zip(smalti_losses, hand_losses))
 
     result = {
         "benchmark": "shakespeare_quality",
         "max_abs_loss_diff": max_diff,
         "goal": "<= 1e-5",
         "steps": args.steps,
-        "first_loss": round(tessera_losses[0], 4),
-        "last_loss": round(tessera_losses[-1], 4),
+        "first_loss": round(smalti_losses[0], 4),
+        "last_loss": round(smalti_losses[-1], 4),
     }
     if not args.skip_demo:
         demo = load_recipe(REPO / "recipes" / "shakespeare.yaml", ["logging.console=false"])

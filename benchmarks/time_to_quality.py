@@ -15,9 +15,9 @@ from typing import Any, Callable
 
 import common  # noqa: F401  (puts the repository on sys.path)
 
-from tessera.config import Recipe
-from tessera.core.callback import Callback
-from tessera.trainer import Trainer
+from smalti.config import Recipe
+from smalti.core.callback import Callback
+from smalti.trainer import Trainer
 
 
 class TrainClock(Callback):

@@ -17,7 +17,7 @@ import statistics
 from common import REPO, emit, machine
 from time_to_quality import fastest_to_target, train_curve
 
-from tessera.config import load_recipe
+from smalti.config import load_recipe
 
 STACKS = ["digits", "digits-mild", "digits-medium", "digits-hot"]
 

@@ -1,12 +1,12 @@
-"""trainer_overhead: Tessera's Trainer vs a hand-written PyTorch loop, same baby GPT, same batches.
+"""trainer_overhead: Smalti's Trainer vs a hand-written PyTorch loop, same baby GPT, same batches.
 
 The two loops run interleaved step by step in one process: after each
-Tessera step a callback runs one hand-written step on its own model and
+Smalti step a callback runs one hand-written step on its own model and
 optimizer, and both are timed. On a shared 2-core machine the speed of
 identical steps drifts by 30% over seconds; pairing the steps exposes both
-loops to the same conditions. Reports ratio = median Tessera step time /
+loops to the same conditions. Reports ratio = median Smalti step time /
 median hand-written step time over all steps of several runs (goal <= 1.01),
-and the median of the per-run ratios. Tessera runs as a user would: JSONL
+and the median of the per-run ratios. Smalti runs as a user would: JSONL
 metrics every step, LR schedule, clipping.
 """
 
@@ -18,9 +18,9 @@ import tempfile
 
 from common import HandwrittenLoop, PairedSteps, baby_recipe, emit, machine
 
-from tessera.build import build_data
-from tessera.distributed import DistInfo
-from tessera.trainer import Trainer
+from smalti.build import build_data
+from smalti.distributed import DistInfo
+from smalti.trainer import Trainer
 
 
 def main() -> None:
@@ -34,24 +34,24 @@ def main() -> None:
     warmup = HandwrittenLoop(recipe, data, 10)
     for _ in range(10):
         warmup.step()
-    tessera: list[float] = []
+    smalti: list[float] = []
     hand: list[float] = []
     per_run = []
     for _ in range(args.runs):
         pairs = PairedSteps(HandwrittenLoop(recipe, data, args.steps))
         with tempfile.TemporaryDirectory() as run_dir:
             Trainer(recipe, run_dir, data=data, callbacks=[pairs]).fit()
-        tessera += pairs.tessera
+        smalti += pairs.smalti
         hand += pairs.handwritten
-        per_run.append(statistics.median(pairs.tessera) / statistics.median(pairs.handwritten))
+        per_run.append(statistics.median(pairs.smalti) / statistics.median(pairs.handwritten))
     median = statistics.median
     emit({
         "benchmark": "trainer_overhead",
-        "ratio": round(median(tessera) / median(hand), 4),
+        "ratio": round(median(smalti) / median(hand), 4),
         "goal": "<= 1.01",
         "steps": args.steps,
         "runs": args.runs,
-        "tessera_step_ms_median": round(1000 * median(tessera), 3),
+        "smalti_step_ms_median": round(1000 * median(smalti), 3),
         "handwritten_step_ms_median": round(1000 * median(hand), 3),
         "per_run_ratios": [round(r, 4) for r in per_run],
         "median_per_run_ratio": round(median(per_run), 4),

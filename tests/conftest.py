@@ -75,11 +75,11 @@ def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
     return path
 
 
-def tessera_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def smalti_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the real command line in a fresh interpreter (single-threaded: see the top of this file)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "tessera", *args],
+        [sys.executable, "-m", "smalti", *args],
         capture_output=True,
         text=True,
         env=full_env,
@@ -118,10 +118,10 @@ CLASS_TEMPLATE = "gutenberg/{genre}/{work}"
 
 
 def make_governance(root: Path, corpus: Path, shard_examples: int = 200, deletable: tuple[str, ...] = ()) -> Governed:
-    from tessera.data.prepare import PrepareOptions, prepare_dataset
-    from tessera.data.sources import classes_from_mapping, documents_from_folder
-    from tessera.governance.keys import PublicKey, SigningKey, sign_bytes, write_key_pair
-    from tessera.governance.taxonomy import Taxonomy, taxonomy_yaml
+    from smalti.data.prepare import PrepareOptions, prepare_dataset
+    from smalti.data.sources import classes_from_mapping, documents_from_folder
+    from smalti.governance.keys import PublicKey, SigningKey, sign_bytes, write_key_pair
+    from smalti.governance.taxonomy import Taxonomy, taxonomy_yaml
 
     keys = root / "keys"
     for name in ("data-governance", "tagger", "comedy-tagger", "model-risk", "trainer"):
@@ -231,8 +231,8 @@ def s3_server(monkeypatch):
 def write_policy(g: Governed, path: Path, rules: list, exclusive: list | None = None, default: str = "allow",
                  sign_with: str | None = "model-risk", **extra: Any) -> Path:
     """A policy bound to the governed taxonomy, signed by the model-risk key (or another, or none)."""
-    from tessera.governance.keys import SigningKey, sign_bytes
-    from tessera.governance.taxonomy import Taxonomy
+    from smalti.governance.keys import SigningKey, sign_bytes
+    from smalti.governance.taxonomy import Taxonomy
 
     taxonomy = Taxonomy.parse(g.taxonomy.read_bytes(), str(g.taxonomy))
     spec = {"policy": path.stem, "taxonomy": {"name": taxonomy.name, "fingerprint": taxonomy.fingerprint},

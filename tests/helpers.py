@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 import torch
 
-from tessera.checkpoint import CheckpointStore, load_checkpoint
-from tessera.config import Recipe
-from tessera.core.callback import Callback
-from tessera.loggers.jsonl import read_metrics
+from smalti.checkpoint import CheckpointStore, load_checkpoint
+from smalti.config import Recipe
+from smalti.core.callback import Callback
+from smalti.loggers.jsonl import read_metrics
 
 
 class CrashAt(Callback):
@@ -67,7 +67,7 @@ def recipe(data: dict[str, Any]) -> Recipe:
 def crash_and_resume(tmp_path: Path, config: dict[str, Any], crash_at: int) -> tuple[Path, Path, int]:
     """Train uninterrupted into ``reference``; train again into ``resumed``, crash after batch ``crash_at``,
     rerun to resume and finish. Returns both run directories and the batch the rerun resumed from."""
-    from tessera.trainer import Trainer
+    from smalti.trainer import Trainer
 
     reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
     Trainer(recipe(config), reference_dir).fit()

@@ -11,30 +11,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tessera.data.batch import Batch, union_provenance
-from tessera.functional.alibi import apply_alibi
-from tessera.functional.augment import (autocontrast, equalize, posterize, randaugment_batch, augmix_batch, rotate,
+from smalti.data.batch import Batch, union_provenance
+from smalti.functional.alibi import apply_alibi
+from smalti.functional.augment import (autocontrast, equalize, posterize, randaugment_batch, augmix_batch, rotate,
                                         solarize, translate_x)
-from tessera.functional.blurpool import BlurConv2d, apply_blurpool, blur_2d
-from tessera.functional.channels_last import apply_channels_last
-from tessera.functional.factorize import FactorizedConv2d, FactorizedLinear, apply_factorization
-from tessera.functional.gated_linear_units import GatedMLP, apply_gated_linear_units
-from tessera.functional.ghost_batchnorm import GhostBatchNorm, apply_ghost_batchnorm
-from tessera.functional.gradient_clipping import adaptive_clip_, apply_gradient_clipping
-from tessera.functional.gyro_dropout import GyroDropoutLayer, apply_gyro_dropout
-from tessera.functional.low_precision_norm import apply_low_precision_groupnorm, apply_low_precision_layernorm
-from tessera.functional.mixing import cutmix_batch, cutmix_box, mixup_batch
-from tessera.functional.noop_model import apply_noop_model
-from tessera.functional.occlusion import colout_batch, cutout_batch
-from tessera.functional.progressive_resizing import resize_batch, resizing_scale, scaled_size
-from tessera.functional.sam import sharpness_aware_perturbation
-from tessera.functional.selective_backprop import select_by_loss, should_select
-from tessera.functional.squeeze_excite import SqueezeExciteConv2d, apply_squeeze_excite
-from tessera.functional.stochastic_depth import StochasticBlock, apply_stochastic_depth, drop_residual
-from tessera.functional.weight_averaging import update_running_average
-from tessera.functional.weight_standardization import apply_weight_standardization, standardize_weight
-from tessera.models.gpt import GPT, GPTConfig
-from tessera.models.resnet import ResNet, ResNetConfig
+from smalti.functional.blurpool import BlurConv2d, apply_blurpool, blur_2d
+from smalti.functional.channels_last import apply_channels_last
+from smalti.functional.factorize import FactorizedConv2d, FactorizedLinear, apply_factorization
+from smalti.functional.gated_linear_units import GatedMLP, apply_gated_linear_units
+from smalti.functional.ghost_batchnorm import GhostBatchNorm, apply_ghost_batchnorm
+from smalti.functional.gradient_clipping import adaptive_clip_, apply_gradient_clipping
+from smalti.functional.gyro_dropout import GyroDropoutLayer, apply_gyro_dropout
+from smalti.functional.low_precision_norm import apply_low_precision_groupnorm, apply_low_precision_layernorm
+from smalti.functional.mixing import cutmix_batch, cutmix_box, mixup_batch
+from smalti.functional.noop_model import apply_noop_model
+from smalti.functional.occlusion import colout_batch, cutout_batch
+from smalti.functional.progressive_resizing import resize_batch, resizing_scale, scaled_size
+from smalti.functional.sam import sharpness_aware_perturbation
+from smalti.functional.selective_backprop import select_by_loss, should_select
+from smalti.functional.squeeze_excite import SqueezeExciteConv2d, apply_squeeze_excite
+from smalti.functional.stochastic_depth import StochasticBlock, apply_stochastic_depth, drop_residual
+from smalti.functional.weight_averaging import update_running_average
+from smalti.functional.weight_standardization import apply_weight_standardization, standardize_weight
+from smalti.models.gpt import GPT, GPTConfig
+from smalti.models.resnet import ResNet, ResNetConfig
 
 
 def resnet(**overrides) -> ResNet:
@@ -451,7 +451,7 @@ def test_running_average_is_the_mean_of_the_states():
 
 
 def test_label_smoothing_composes_with_mixed_targets():
-    from tessera.functional.label_smoothing import smooth_labels
+    from smalti.functional.label_smoothing import smooth_labels
 
     mixed = torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.0, 0.0]])
     assert torch.allclose(smooth_labels(mixed, 3, 0.3), torch.tensor([[0.59, 0.31, 0.1], [0.0, 0.0, 0.0]]))

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from tessera.core.callback import Callback
-from tessera.errors import CheckpointError, RecipeError
-from tessera.trainer import Trainer
+from smalti.core.callback import Callback
+from smalti.errors import CheckpointError, RecipeError
+from smalti.trainer import Trainer
 
 from helpers import recipe
 from test_algorithms import digits_recipe
@@ -95,22 +95,22 @@ def test_surgery_order_is_fixed_whatever_the_recipe_order(tmp_path):
     reversed_order = dict(reversed(list(listed.items())))
     a = Trainer(recipe(digits_recipe(algorithms=listed)), tmp_path / "a")
     b = Trainer(recipe(digits_recipe(algorithms=reversed_order)), tmp_path / "b")
-    assert a.model.tessera_surgery == b.model.tessera_surgery == [
+    assert a.model.smalti_surgery == b.model.smalti_surgery == [
         "SqueezeExcite", "BlurPool", "GhostBatchNorm", "StochasticDepth"]
     sa, sb = a.model.state_dict(), b.model.state_dict()
     assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
     recorded = json.loads((tmp_path / "a" / "algorithms.json").read_text())
-    assert recorded["surgery"] == a.model.tessera_surgery
+    assert recorded["surgery"] == a.model.smalti_surgery
     assert {m["name"]: m["changes"] for m in recorded["algorithms"]}["BlurPool"] == ["model"]
     # applying the same surgery again changes nothing
-    from tessera.core.surgery import apply_surgery
+    from smalti.core.surgery import apply_surgery
 
     again = apply_surgery(a.model, a.algorithms)
     assert again is a.model and list(again.state_dict()) == list(sa)
 
 
 def test_resuming_with_other_surgery_is_refused(tmp_path):
-    from tessera.algorithms import BlurPool
+    from smalti.algorithms import BlurPool
 
     config = recipe(digits_recipe(train={"max_duration": "4ba"}))
     Trainer(config, tmp_path / "run").fit()
@@ -120,9 +120,9 @@ def test_resuming_with_other_surgery_is_refused(tmp_path):
 
 def test_a_run_with_surgery_can_be_sampled_and_evaluated_per_class(tmp_path, tiny_corpus):
     from conftest import tiny_recipe
-    from tessera.governance.deletion import loss_by_class
-    from tessera.generation import load_generator
-    from tessera.checkpoint import CheckpointStore
+    from smalti.governance.deletion import loss_by_class
+    from smalti.generation import load_generator
+    from smalti.checkpoint import CheckpointStore
 
     config = tiny_recipe(tiny_corpus, algorithms={"gated_linear_units": {}, "alibi": {}},
                          train={"max_duration": "4ba"})
@@ -215,9 +215,9 @@ def test_entropy_driven_freezing_needs_the_ledger(tmp_path, tiny_corpus):
 
 
 def test_batch_transforms_run_in_the_documented_order_whatever_the_recipe_order():
-    from tessera.algorithms import build_algorithms
-    from tessera.core.event import Event
-    from tessera.core.passes import order_for_event
+    from smalti.algorithms import build_algorithms
+    from smalti.core.event import Event
+    from smalti.core.passes import order_for_event
 
     listed = {"channels_last": {}, "selective_backprop": {}, "progressive_resizing": {}, "mixup": {}, "cutout": {},
               "randaugment": {}, "sequence_length_warmup": {"duration": "0.5dur"}}

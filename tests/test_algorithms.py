@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from tessera.algorithms import REGISTRY
-from tessera.trainer import Trainer
+from smalti.algorithms import REGISTRY
+from smalti.trainer import Trainer
 
 from conftest import tiny_recipe
 from helpers import assert_tree_equal, crash_and_resume, eval_losses, latest_payload, losses, recipe
@@ -156,9 +156,9 @@ def test_every_pair_in_a_shipped_stack_trains_together(stack, first, second, tmp
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["digits-hot", "shakespeare-speed"])
 def test_a_shipped_stack_trains_from_the_command_line(name, tmp_path):
-    from conftest import REPO, tessera_cli
+    from conftest import REPO, smalti_cli
 
-    done = tessera_cli("train", str(REPO / "recipes" / f"{name}.yaml"), "--set", "train.max_duration=4ba",
+    done = smalti_cli("train", str(REPO / "recipes" / f"{name}.yaml"), "--set", "train.max_duration=4ba",
                        "--set", "eval.max_samples=64", "--set", "logging.progress=lines", "--run-dir", str(tmp_path / "run"))
     assert done.returncode == 0, done.stderr[-2000:]
     recorded = json.loads((tmp_path / "run" / "algorithms.json").read_text())

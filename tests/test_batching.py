@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from tessera.build import build_data
-from tessera.core.callback import Callback
-from tessera.data.sampler import MixtureOrder
-from tessera.distributed import DistInfo
-from tessera.errors import DataError
-from tessera.trainer import Trainer
+from smalti.build import build_data
+from smalti.core.callback import Callback
+from smalti.data.sampler import MixtureOrder
+from smalti.distributed import DistInfo
+from smalti.errors import DataError
+from smalti.trainer import Trainer
 
 from conftest import make_governance
 from helpers import losses, recipe
@@ -71,7 +71,7 @@ def test_per_class_microbatches_each_hold_one_class(governed, tmp_path):
 
 
 def test_per_class_unit_must_be_a_multiple_of_the_microbatch(governed):
-    from tessera.errors import RecipeError
+    from smalti.errors import RecipeError
 
     with pytest.raises(RecipeError, match="class_unit"):
         build_data(recipe(governed.recipe(data={"batching": "per_class", "class_unit": 3},

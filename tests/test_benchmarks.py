@@ -104,7 +104,7 @@ def test_twin_steps_times_each_step_of_both_trainers_on_the_same_batches(tmp_pat
     sys.path.insert(0, str(REPO / "benchmarks"))
     from common import TwinSteps, baby_recipe
 
-    from tessera.trainer import Trainer
+    from smalti.trainer import Trainer
 
     recipe = baby_recipe(4, batch_size=4, model={"n_layer": 1, "n_head": 2, "d_model": 32, "block_size": 32},
                          logging={"console": False, "jsonl": False})

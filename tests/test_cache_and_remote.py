@@ -5,13 +5,13 @@ import os
 import pytest
 import torch
 
-from tessera.build import build_data
-from tessera.data.cache import ShardCache
-from tessera.distributed import DistInfo
-from tessera.errors import DataError
-from tessera.trainer import Trainer
+from smalti.build import build_data
+from smalti.data.cache import ShardCache
+from smalti.distributed import DistInfo
+from smalti.errors import DataError
+from smalti.trainer import Trainer
 
-from conftest import tessera_cli
+from conftest import smalti_cli
 from helpers import losses, recipe
 
 
@@ -101,7 +101,7 @@ def test_train_from_http_through_the_cache(governed, http_server, tmp_path):
 
 def test_prepare_to_s3_verify_and_train_from_it(governed, tiny_corpus, s3_server, tmp_path):
     options = ["--storage-option", f"endpoint_url={s3_server}"]
-    prepared = tessera_cli(
+    prepared = smalti_cli(
         "data", "prepare", "--source", str(tiny_corpus), "--class-template", "gutenberg/{genre}/{work}",
         "--taxonomy", str(governed.taxonomy), "--trust", str(governed.trust), "--key", str(governed.key("tagger")),
         "--out", "s3://corpora/tiny", "--seq-len", "16", "--shard-examples", "200", *options,
@@ -109,7 +109,7 @@ def test_prepare_to_s3_verify_and_train_from_it(governed, tiny_corpus, s3_server
     )
     assert prepared.returncode == 0, prepared.stderr
     assert "signed by tagger" in prepared.stdout
-    verified = tessera_cli("data", "verify", "s3://corpora/tiny", "--taxonomy", str(governed.taxonomy),
+    verified = smalti_cli("data", "verify", "s3://corpora/tiny", "--taxonomy", str(governed.taxonomy),
                            "--trust", str(governed.trust), *options)
     assert verified.returncode == 0, verified.stderr
     assert "gutenberg/tragedy/hamlet" in verified.stdout and "verified" in verified.stdout

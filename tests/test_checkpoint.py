@@ -1,12 +1,13 @@
 import pytest
 import torch
 
-from tessera.checkpoint import CheckpointStore, load_checkpoint
-from tessera.errors import CheckpointError
+from smalti import formats
+from smalti.checkpoint import CheckpointStore, load_checkpoint
+from smalti.errors import CheckpointError
 
 
 def _payload(value: int) -> dict:
-    return {"format": 1, "weights": torch.full((4,), float(value)), "meta": {"step": value}}
+    return {"format": formats.CHECKPOINT, "weights": torch.full((4,), float(value)), "meta": {"step": value}}
 
 
 def test_keep_last_k_and_latest_pointer(tmp_path):
@@ -46,9 +47,9 @@ def test_truncated_checkpoint_without_sidecar(tmp_path):
     assert "\n" not in str(info.value)
 
 
-def test_not_a_tessera_checkpoint_and_missing(tmp_path):
+def test_not_a_smalti_checkpoint_and_missing(tmp_path):
     torch.save({"hello": 1}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match="not a Tessera checkpoint"):
+    with pytest.raises(CheckpointError, match="not a Smalti checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")
@@ -59,7 +60,7 @@ def test_code_in_a_checkpoint_is_refused(tmp_path):
         def __reduce__(self):
             return (print, ("pwned",))
 
-    torch.save({"format": 1, "x": Evil()}, tmp_path / "evil.pt")
+    torch.save({"format": formats.CHECKPOINT, "x": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         load_checkpoint(tmp_path / "evil.pt")
 

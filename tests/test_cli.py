@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from tessera.cli.main import main
+from smalti.cli.main import main
 
-from conftest import tessera_cli, tiny_recipe, write_recipe
+from conftest import smalti_cli, tiny_recipe, write_recipe
 
 
 def test_help_lists_commands(capsys):
@@ -18,18 +18,18 @@ def test_help_lists_commands(capsys):
 def test_train_then_sample_end_to_end(tmp_path, tiny_corpus):
     recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(tiny_corpus, logging={"console": True}))
     run_dir = tmp_path / "run"
-    done = tessera_cli("train", str(recipe), "--run-dir", str(run_dir), "--set", "train.max_duration=12ba")
+    done = smalti_cli("train", str(recipe), "--run-dir", str(run_dir), "--set", "train.max_duration=12ba")
     assert done.returncode == 0, done.stderr
     assert "summary" in done.stdout and "final eval/loss" in done.stdout
     assert "[ep0 ba8] eval/loss" in done.stderr  # progress goes to stderr, as lines when not a terminal
-    again = tessera_cli("train", str(recipe), "--run-dir", str(run_dir), "--set", "train.max_duration=12ba")
+    again = smalti_cli("train", str(recipe), "--run-dir", str(run_dir), "--set", "train.max_duration=12ba")
     assert again.returncode == 0 and "resumed from" in again.stdout  # nothing left to do, still clean
 
-    sampled = tessera_cli("sample", str(run_dir), "--prompt", "HAMLET.", "--tokens", "40", "--seed", "1")
+    sampled = smalti_cli("sample", str(run_dir), "--prompt", "HAMLET.", "--tokens", "40", "--seed", "1")
     assert sampled.returncode == 0, sampled.stderr
     text = sampled.stdout.rstrip("\n")
     assert text.startswith("HAMLET.") and len(text) == len("HAMLET.") + 40
-    same = tessera_cli("sample", str(run_dir), "--prompt", "HAMLET.", "--tokens", "40", "--seed", "1")
+    same = smalti_cli("sample", str(run_dir), "--prompt", "HAMLET.", "--tokens", "40", "--seed", "1")
     assert same.stdout == sampled.stdout
 
 
@@ -39,20 +39,20 @@ def _one_line_error(result, pattern):
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("tessera: error: ")
+    assert lines[0].startswith("smalti: error: ")
     assert re.search(pattern, lines[0]), lines[0]
 
 
 def test_bad_recipe_key_exits_2_with_one_line(tmp_path, tiny_corpus):
     recipe = write_recipe(tmp_path / "bad.yaml", tiny_recipe(tiny_corpus, train={"max_duraton": "2ba"}))
-    result = tessera_cli("train", str(recipe), "--run-dir", str(tmp_path / "run"))
+    result = smalti_cli("train", str(recipe), "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 2
     _one_line_error(result, r"bad\.yaml: unknown key 'train\.max_duraton' \(did you mean 'train\.max_duration'\?\)")
     assert not (tmp_path / "run").exists()
 
 
 def test_missing_recipe_file(tmp_path):
-    result = tessera_cli("train", str(tmp_path / "nope.yaml"))
+    result = smalti_cli("train", str(tmp_path / "nope.yaml"))
     assert result.returncode == 2
     _one_line_error(result, r"nope\.yaml: recipe file not found")
 
@@ -60,18 +60,18 @@ def test_missing_recipe_file(tmp_path):
 def test_corrupt_checkpoint_is_one_line(tmp_path, tiny_corpus):
     recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(tiny_corpus))
     run_dir = tmp_path / "run"
-    assert tessera_cli("train", str(recipe), "--run-dir", str(run_dir), "--set", "train.max_duration=8ba").returncode == 0
+    assert smalti_cli("train", str(recipe), "--run-dir", str(run_dir), "--set", "train.max_duration=8ba").returncode == 0
     checkpoint = run_dir / "checkpoints" / "ep0-ba8.pt"
     checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
-    result = tessera_cli("train", str(recipe), "--run-dir", str(run_dir), "--set", "train.max_duration=16ba")
+    result = smalti_cli("train", str(recipe), "--run-dir", str(run_dir), "--set", "train.max_duration=16ba")
     _one_line_error(result, r"ep0-ba8\.pt: checkpoint is corrupt")
-    _one_line_error(tessera_cli("sample", str(run_dir), "--prompt", "A"), r"ep0-ba8\.pt: checkpoint is corrupt")
+    _one_line_error(smalti_cli("sample", str(run_dir), "--prompt", "A"), r"ep0-ba8\.pt: checkpoint is corrupt")
 
 
 def test_sample_errors(tmp_path, tiny_corpus):
-    _one_line_error(tessera_cli("sample", str(tmp_path / "none"), "--prompt", "A"), r"run directory not found")
+    _one_line_error(smalti_cli("sample", str(tmp_path / "none"), "--prompt", "A"), r"run directory not found")
     (tmp_path / "empty").mkdir()
-    _one_line_error(tessera_cli("sample", str(tmp_path / "empty"), "--prompt", "A"), r"no checkpoint yet")
+    _one_line_error(smalti_cli("sample", str(tmp_path / "empty"), "--prompt", "A"), r"no checkpoint yet")
 
 
 def test_sample_rejects_unknown_characters_and_ema_without_ema(tmp_path, tiny_corpus):

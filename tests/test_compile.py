@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tessera.trainer import Trainer
+from smalti.trainer import Trainer
 
 from conftest import tiny_recipe
 from helpers import losses, recipe

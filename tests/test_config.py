@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from tessera.config import load_recipe, parse_override
-from tessera.errors import RecipeError
+from smalti.config import load_recipe, parse_override
+from smalti.errors import RecipeError
 
 from conftest import REPO, tiny_recipe, write_recipe
 

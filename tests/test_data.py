@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from tessera.data.lm import OrderConfig, corpus_data
-from tessera.data.sampler import DeterministicSampler, RandomOrder
-from tessera.data.sources import documents_from_folder
-from tessera.data.tokenizer import CharTokenizer
-from tessera.errors import DataError
+from smalti.data.lm import OrderConfig, corpus_data
+from smalti.data.sampler import DeterministicSampler, RandomOrder
+from smalti.data.sources import documents_from_folder
+from smalti.data.tokenizer import CharTokenizer
+from smalti.errors import DataError
 
 from conftest import SHAKESPEARE
 
@@ -138,7 +138,7 @@ def test_too_small_dataset_for_batch(tiny_corpus):
 
 
 def test_split_by_signature_groups_rows_by_their_set_of_classes():
-    from tessera.data.batch import Batch
+    from smalti.data.batch import Batch
 
     def batch(provenance):
         rows = len(provenance)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tessera_cli, write_policy
+from conftest import smalti_cli, write_policy
 from helpers import assert_tree_equal, latest_payload, recipe
 from test_ledger import HAMLET, TEMPEST, entries, ledger_recipe, train
 
@@ -17,8 +17,8 @@ SONNETS = "gutenberg/poetry/sonnets"
 
 
 def first_late_batch(config: dict) -> int:
-    from tessera.build import build_data
-    from tessera.distributed import DistInfo
+    from smalti.build import build_data
+    from smalti.distributed import DistInfo
 
     data = build_data(recipe(config), DistInfo())
     try:
@@ -38,7 +38,7 @@ def late_config(governed, **data):
 
 
 def _train_config(config: dict, run_dir: Path) -> Path:
-    from tessera.trainer import Trainer
+    from smalti.trainer import Trainer
 
     trainer = Trainer(recipe(config), run_dir)
     try:
@@ -57,7 +57,7 @@ def parent(governed, tmp_path_factory):
 
 def test_exact_forget_equals_the_counterfactual_run_bitwise(parent, tmp_path):
     run, config, late = parent
-    plan = tessera_cli("forget", str(run), "--class", TEMPEST, "--dry-run", "--json")
+    plan = smalti_cli("forget", str(run), "--class", TEMPEST, "--dry-run", "--json")
     assert plan.returncode == 0, plan.stderr
     described = json.loads(plan.stdout)
     assert described["first_step"] == late + 1 and described["fork_step"] == late
@@ -65,7 +65,7 @@ def test_exact_forget_equals_the_counterfactual_run_bitwise(parent, tmp_path):
     assert described["ablation"].startswith("not possible")
 
     out = tmp_path / "forgot"
-    done = tessera_cli("forget", str(run), "--class", TEMPEST, "--out", str(out))
+    done = smalti_cli("forget", str(run), "--class", TEMPEST, "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert "steps replayed: 5" in done.stdout
 
@@ -82,7 +82,7 @@ def test_exact_forget_equals_the_counterfactual_run_bitwise(parent, tmp_path):
     assert all(TEMPEST not in e["counts"] for e in forgotten[1:])
     assert any(TEMPEST in e["counts"] for e in entries(run)[1:])
 
-    verified = tessera_cli("ledger", "verify", str(out))
+    verified = smalti_cli("ledger", "verify", str(out))
     assert verified.returncode == 0, verified.stderr
     certificate = json.loads((out / "deletion-certificate.json").read_text())
     assert certificate["mode"] == "exact" and certificate["steps_replayed"] == 5
@@ -92,32 +92,32 @@ def test_exact_forget_equals_the_counterfactual_run_bitwise(parent, tmp_path):
     assert certificate["evaluation"]["source"] == "recorded by the trainer at its final evaluation"
     assert before == latest_payload(run)["eval_by_class"] and after == latest_payload(out)["eval_by_class"]
     assert after == latest_payload(counterfactual)["eval_by_class"] and after[TEMPEST] != before[TEMPEST]
-    evaluated = tessera_cli("eval", str(counterfactual), "--by-class", "--json")
+    evaluated = smalti_cli("eval", str(counterfactual), "--by-class", "--json")
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(evaluated.stdout)["by_class"][TEMPEST] == after[TEMPEST]  # same weights, same loss
 
 
 def test_a_class_that_never_contributed_is_a_noop_with_a_certificate(parent, tmp_path):
     run, _, _ = parent
-    assert tessera_cli("forget", str(run), "--class", "gutenberg/history", "--dry-run").stdout.find("no-op") >= 0
+    assert smalti_cli("forget", str(run), "--class", "gutenberg/history", "--dry-run").stdout.find("no-op") >= 0
     out = tmp_path / "noop"
-    done = tessera_cli("forget", str(run), "--class", "gutenberg/history", "--out", str(out), "--eval-samples", "7")
+    done = smalti_cli("forget", str(run), "--class", "gutenberg/history", "--out", str(out), "--eval-samples", "7")
     assert done.returncode == 0, done.stderr
     certificate = json.loads((out / "deletion-certificate.json").read_text())
     assert certificate["mode"] == "noop" and certificate["steps_replayed"] == 0 and "never contributed" in certificate["note"]
     evaluation = certificate["evaluation"]  # another sample count than training's: evaluated anew, on 7 examples
-    assert evaluation["source"] == "evaluated by tessera forget" and evaluation["max_samples"] == 7
-    seven = json.loads(tessera_cli("eval", str(run), "--by-class", "--json", "--max-samples", "7").stdout)["by_class"]
+    assert evaluation["source"] == "evaluated by smalti forget" and evaluation["max_samples"] == 7
+    seven = json.loads(smalti_cli("eval", str(run), "--by-class", "--json", "--max-samples", "7").stdout)["by_class"]
     assert evaluation["before"] == evaluation["after"] == seven != latest_payload(run)["eval_by_class"]
-    assert tessera_cli("ledger", "verify", str(out)).returncode == 0
+    assert smalti_cli("ledger", "verify", str(out)).returncode == 0
 
 
 def test_a_class_present_from_the_start_replays_from_the_initial_weights(parent):
     run, _, late = parent
-    plan = json.loads(tessera_cli("forget", str(run), "--class", HAMLET, "--dry-run", "--json").stdout)
+    plan = json.loads(smalti_cli("forget", str(run), "--class", HAMLET, "--dry-run", "--json").stdout)
     assert plan["fork_step"] == 0 and plan["fork_checkpoint"] is None
     assert plan["steps_to_replay"] == plan["total_steps"] == late + 5
-    text = tessera_cli("forget", str(run), "--class", HAMLET, "--dry-run").stdout
+    text = smalti_cli("forget", str(run), "--class", HAMLET, "--dry-run").stdout
     assert "the initial weights" in text and "100% of a full retrain" in text
 
 
@@ -128,24 +128,24 @@ def test_tampered_parent_ledger_or_certificate_fails_verification(parent, tmp_pa
     copy = tmp_path / "parent"
     shutil.copytree(run, copy)
     out = tmp_path / "noop"
-    assert tessera_cli("forget", str(copy), "--class", "gutenberg/history", "--out", str(out)).returncode == 0
+    assert smalti_cli("forget", str(copy), "--class", "gutenberg/history", "--out", str(out)).returncode == 0
     path = out / "deletion-certificate.json"
     original = path.read_text()
 
     certificate = json.loads(original)
     certificate["evaluation"]["after"][TEMPEST] = 0.0
     path.write_text(json.dumps(certificate))
-    failed = tessera_cli("ledger", "verify", str(out))
+    failed = smalti_cli("ledger", "verify", str(out))
     assert failed.returncode == 1 and "signature does not verify" in failed.stderr
 
     path.write_text(original)
-    assert tessera_cli("ledger", "verify", str(out)).returncode == 0
+    assert smalti_cli("ledger", "verify", str(out)).returncode == 0
     with sqlite3.connect(copy / "ledger.sqlite") as db:  # one byte of the parent's third entry
         (data,) = db.execute("SELECT data FROM entries WHERE idx = 2").fetchone()
         db.execute("UPDATE entries SET data = ? WHERE idx = 2", (data[:-2] + bytes([data[-2] ^ 1]) + data[-1:],))
-    failed = tessera_cli("ledger", "verify", str(out))
+    failed = smalti_cli("ledger", "verify", str(out))
     assert failed.returncode == 1 and "parent ledger" in failed.stderr
-    refused = tessera_cli("forget", str(copy), "--class", TEMPEST, "--dry-run")
+    refused = smalti_cli("forget", str(copy), "--class", TEMPEST, "--dry-run")
     assert refused.returncode != 0 and "does not verify" in refused.stderr
 
 
@@ -154,13 +154,13 @@ def test_ablation_resets_only_the_confined_parameters(governed, tmp_path):
     run = train(governed, tmp_path / "run", governance={"policy": str(policy)},
                 model={"adapters": {"classes": [HAMLET], "hidden": 8}},
                 train={"max_duration": "6ba", "microbatch_size": 2}, data={"batching": "per_class"})
-    refused = tessera_cli("forget", str(run), "--class", TEMPEST, "--mode", "ablate", "--out", str(tmp_path / "no"))
+    refused = smalti_cli("forget", str(run), "--class", TEMPEST, "--mode", "ablate", "--out", str(tmp_path / "no"))
     assert refused.returncode != 0 and "no exclusive rule" in refused.stderr and "use --mode exact" in refused.stderr
     assert not (tmp_path / "no").exists() or not any((tmp_path / "no").iterdir())
 
     for reset in ("initial", "zero"):
         out = tmp_path / f"ablated-{reset}"
-        done = tessera_cli("forget", str(run), "--class", HAMLET, "--mode", "ablate", "--reset", reset, "--out", str(out))
+        done = smalti_cli("forget", str(run), "--class", HAMLET, "--mode", "ablate", "--reset", reset, "--out", str(out))
         assert done.returncode == 0, done.stderr
         before, after = latest_payload(run)["model"], latest_payload(out)["model"]
         certificate = json.loads((out / "deletion-certificate.json").read_text())
@@ -169,11 +169,11 @@ def test_ablation_resets_only_the_confined_parameters(governed, tmp_path):
         assert certificate["evidence"]["other_classes_in_confined_layers"] == []
         assert "forward pass" in certificate["limits"]
         evaluation = certificate["evaluation"]  # the parent's recorded losses are not the ablated weights'
-        assert evaluation["source"] == "evaluated by tessera forget" and evaluation["after"][HAMLET] != (
+        assert evaluation["source"] == "evaluated by smalti forget" and evaluation["after"][HAMLET] != (
             evaluation["before"][HAMLET])
         assert latest_payload(out)["evaluated_at"] == -1 and latest_payload(out)["eval_by_class"] == {}
-        from tessera.build import build_model
-        from tessera.determinism import seed_everything
+        from smalti.build import build_model
+        from smalti.determinism import seed_everything
 
         for name, value in after.items():
             if name not in confined:
@@ -183,8 +183,8 @@ def test_ablation_resets_only_the_confined_parameters(governed, tmp_path):
             else:
                 assert not torch.equal(value, before[name]) or torch.count_nonzero(before[name]) == 0, name
         if reset == "initial":  # the values a fresh model of the same recipe starts from
-            from tessera.build import build_data
-            from tessera.distributed import DistInfo
+            from smalti.build import build_data
+            from smalti.distributed import DistInfo
 
             config = recipe(ledger_recipe(governed, governance={"policy": str(policy)},
                                           model={"adapters": {"classes": [HAMLET], "hidden": 8}},
@@ -196,15 +196,15 @@ def test_ablation_resets_only_the_confined_parameters(governed, tmp_path):
             data.train.close(), data.val.close()
             for name in confined:
                 assert torch.equal(after[name], initial[name]), name
-        verified = tessera_cli("ledger", "verify", str(out))
+        verified = smalti_cli("ledger", "verify", str(out))
         assert verified.returncode == 0, verified.stderr
 
 
 def test_deletable_classes_of_the_taxonomy_go_last(tmp_path, tiny_corpus):
     from conftest import make_governance
-    from tessera.build import build_data
-    from tessera.distributed import DistInfo
-    from tessera.errors import RecipeError
+    from smalti.build import build_data
+    from smalti.distributed import DistInfo
+    from smalti.errors import RecipeError
     from test_ledger import HAMLET
 
     marked = make_governance(tmp_path / "gov", tiny_corpus, deletable=(HAMLET,))

@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 
-from tessera.core.callback import Callback
-from tessera.trainer import Trainer
+from smalti.core.callback import Callback
+from smalti.trainer import Trainer
 
-from conftest import REPO, free_port, tessera_cli, tiny_recipe, write_recipe
+from conftest import REPO, free_port, smalti_cli, tiny_recipe, write_recipe
 from helpers import assert_tree_equal, eval_losses, latest_payload, losses, recipe
 
 pytestmark = pytest.mark.slow
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 def torchrun(nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-        "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "tessera", *args,
+        "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "smalti", *args,
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
@@ -32,7 +32,7 @@ def test_two_gloo_ranks_match_single_process(tmp_path, tiny_corpus):
         logging={"console": True},
     )
     recipe = write_recipe(tmp_path / "recipe.yaml", config)
-    single = tessera_cli("train", str(recipe), "--run-dir", str(tmp_path / "single"))
+    single = smalti_cli("train", str(recipe), "--run-dir", str(tmp_path / "single"))
     assert single.returncode == 0, single.stderr
     ddp = torchrun(2, "train", str(recipe), "--run-dir", str(tmp_path / "ddp"))
     assert ddp.returncode == 0, ddp.stderr[-3000:]
@@ -95,8 +95,8 @@ def test_checkpoint_at_world_size_2_resumes_at_world_size_1_on_the_same_samples(
 RANK_PROBE = """
 import sys
 import torch
-from tessera.config import load_recipe
-from tessera.trainer import Trainer
+from smalti.config import load_recipe
+from smalti.trainer import Trainer
 
 recipe = load_recipe(sys.argv[1])
 trainer = Trainer(recipe, sys.argv[2])
@@ -151,7 +151,7 @@ def test_two_rank_ledger_equals_one_process_ledger(governed, tmp_path):
     single = Trainer(recipe(config), tmp_path / "single")
     single.fit()
     single.close()
-    assert tessera_cli("ledger", "verify", str(tmp_path / "ddp")).returncode == 0
+    assert smalti_cli("ledger", "verify", str(tmp_path / "ddp")).returncode == 0
 
     two, one = entries(tmp_path / "ddp"), entries(tmp_path / "single")
     assert len(two) == len(one) == 7

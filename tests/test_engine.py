@@ -1,13 +1,13 @@
 import torch
 
-from tessera.core.algorithm import Algorithm
-from tessera.core.callback import Callback
-from tessera.core.engine import Engine
-from tessera.core.event import Event
-from tessera.core.passes import order_for_event, reverse_after_events, sort_by_order
-from tessera.core.state import DataShape, State
-from tessera.core.time import Time
-from tessera.loggers.logger import Logger, LoggerDestination
+from smalti.core.algorithm import Algorithm
+from smalti.core.callback import Callback
+from smalti.core.engine import Engine
+from smalti.core.event import Event
+from smalti.core.passes import order_for_event, reverse_after_events, sort_by_order
+from smalti.core.state import DataShape, State
+from smalti.core.time import Time
+from smalti.loggers.logger import Logger, LoggerDestination
 
 
 class Recorder(Algorithm):

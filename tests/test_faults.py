@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from tessera.checkpoint import CheckpointStore, load_checkpoint
+from smalti.checkpoint import CheckpointStore, load_checkpoint
 
-from conftest import REPO, tessera_cli, tiny_recipe, write_recipe
+from conftest import REPO, smalti_cli, tiny_recipe, write_recipe
 from helpers import assert_tree_equal, eval_losses, latest_payload, losses
 
 pytestmark = pytest.mark.slow
@@ -21,7 +21,7 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def _recipe(tmp_path, tiny_corpus):
-    from tessera.governance.keys import write_key_pair
+    from smalti.governance.keys import write_key_pair
 
     key, _ = write_key_pair("trainer", tmp_path / "keys")
     config = tiny_recipe(
@@ -48,7 +48,7 @@ def _assert_same_run(reference, resumed):
         assert x.execute(query).fetchall() == y.execute(query).fetchall()
         query = "SELECT size, root, final FROM heads ORDER BY size"
         assert x.execute(query).fetchall() == y.execute(query).fetchall()
-    assert tessera_cli("ledger", "verify", str(resumed), "--deep").returncode == 0
+    assert smalti_cli("ledger", "verify", str(resumed), "--deep").returncode == 0
 
 
 def _latest_name(run_dir):
@@ -59,15 +59,15 @@ def _latest_name(run_dir):
 def test_random_kill_9_then_rerun_is_bitwise_identical(tmp_path, tiny_corpus):
     recipe = _recipe(tmp_path, tiny_corpus)
     reference = tmp_path / "reference"
-    assert tessera_cli("train", str(recipe), "--run-dir", str(reference)).returncode == 0
+    assert smalti_cli("train", str(recipe), "--run-dir", str(reference)).returncode == 0
 
     killed = tmp_path / "killed"
-    rng = random.Random(int(os.environ.get("TESSERA_TEST_SEED", "1234")))
+    rng = random.Random(int(os.environ.get("SMALTI_TEST_SEED", "1234")))
     kills = 0
     for _ in range(3):
         before = _latest_name(killed)
         process = subprocess.Popen(
-            [sys.executable, "-m", "tessera", "train", str(recipe), "--run-dir", str(killed)],
+            [sys.executable, "-m", "smalti", "train", str(recipe), "--run-dir", str(killed)],
             env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
         deadline = time.time() + 120
@@ -81,7 +81,7 @@ def test_random_kill_9_then_rerun_is_bitwise_identical(tmp_path, tiny_corpus):
         kills += 1
     assert kills >= 1, "training finished before any kill landed; make the run longer"
 
-    final = tessera_cli("train", str(recipe), "--run-dir", str(killed))
+    final = smalti_cli("train", str(recipe), "--run-dir", str(killed))
     assert final.returncode == 0, final.stderr
     _assert_same_run(reference, killed)
 
@@ -89,7 +89,7 @@ def test_random_kill_9_then_rerun_is_bitwise_identical(tmp_path, tiny_corpus):
 KILL_IN_SAVE = """
 import os, signal, sys
 import torch
-import tessera.checkpoint as checkpoint
+import smalti.checkpoint as checkpoint
 
 calls = 0
 real_save = torch.save
@@ -104,7 +104,7 @@ def save_then_die(obj, handle, *args, **kwargs):
     return real_save(obj, handle, *args, **kwargs)
 
 checkpoint.torch.save = save_then_die
-from tessera.cli.main import main
+from smalti.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -112,7 +112,7 @@ sys.exit(main(sys.argv[1:]))
 def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, tiny_corpus):
     recipe = _recipe(tmp_path, tiny_corpus)
     reference = tmp_path / "reference"
-    assert tessera_cli("train", str(recipe), "--run-dir", str(reference)).returncode == 0
+    assert smalti_cli("train", str(recipe), "--run-dir", str(reference)).returncode == 0
 
     killed = tmp_path / "killed"
     script = tmp_path / "kill_in_save.py"
@@ -128,7 +128,7 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, tiny_c
     assert _latest_name(killed) == "ep0-ba40.pt"
     assert load_checkpoint(folder / "ep0-ba40.pt")["timestamp"]["batch"] == 40
 
-    final = tessera_cli("train", str(recipe), "--run-dir", str(killed))
+    final = smalti_cli("train", str(recipe), "--run-dir", str(killed))
     assert final.returncode == 0, final.stderr
     assert not list(folder.glob(".*.tmp"))
     assert CheckpointStore(folder, keep=2).latest().name == "ep1-ba240.pt"  # 168 batches per epoch

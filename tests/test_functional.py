@@ -5,15 +5,15 @@ import math
 import pytest
 import torch
 
-from tessera.data.batch import Batch
-from tessera.functional import (
+from smalti.data.batch import Batch
+from smalti.functional import (
     compute_ema,
     ema_smoothing,
     set_batch_sequence_length,
     smooth_labels,
     warmup_sequence_length,
 )
-from tessera.models.gpt import GPT
+from smalti.models.gpt import GPT
 
 
 def test_smooth_labels_by_hand():

@@ -4,10 +4,10 @@ import json
 import stat
 import subprocess
 
-from tessera.cli.main import main
-from tessera.governance.keys import PublicKey, SigningKey
+from smalti.cli.main import main
+from smalti.governance.keys import PublicKey, SigningKey
 
-from conftest import CLASS_TEMPLATE, tessera_cli
+from conftest import CLASS_TEMPLATE, smalti_cli
 
 
 def test_keys_new_writes_a_private_0600_key_and_refuses_to_overwrite(tmp_path, capsys):
@@ -59,43 +59,43 @@ def test_signature_is_checkable_with_openssl(tmp_path):
 def test_taxonomy_init_sign_show_and_prepare_verify(tmp_path, tiny_corpus):
     keys = tmp_path / "keys"
     for name in ("data-governance", "tagger"):
-        assert tessera_cli("keys", "new", name, "--dir", str(keys)).returncode == 0
+        assert smalti_cli("keys", "new", name, "--dir", str(keys)).returncode == 0
     taxonomy = tmp_path / "taxonomy.yaml"
-    made = tessera_cli(
+    made = smalti_cli(
         "taxonomy", "init", str(taxonomy), "--name", "tiny", "--classes-from", str(tiny_corpus / "manifest.csv"),
         "--class-template", CLASS_TEMPLATE, "--data-governance", str(keys / "data-governance.pub"),
         "--tagger", f"tagger={keys / 'tagger.pub'}:gutenberg", "--deletable", "gutenberg/tragedy/hamlet",
     )
     assert made.returncode == 0, made.stderr
-    unsigned = tessera_cli("taxonomy", "show", str(taxonomy))
+    unsigned = smalti_cli("taxonomy", "show", str(taxonomy))
     assert unsigned.returncode == 1 and "not signed" in unsigned.stderr
-    assert tessera_cli("sign", str(taxonomy), "--key", str(keys / "data-governance.key")).returncode == 0
-    shown = tessera_cli("taxonomy", "show", str(taxonomy), "--trust", str(keys / "data-governance.pub"))
+    assert smalti_cli("sign", str(taxonomy), "--key", str(keys / "data-governance.key")).returncode == 0
+    shown = smalti_cli("taxonomy", "show", str(taxonomy), "--trust", str(keys / "data-governance.pub"))
     assert shown.returncode == 0 and "hamlet" in shown.stdout and "deletable" in shown.stdout
 
     dataset = tmp_path / "dataset"
     common = ["--taxonomy", str(taxonomy), "--trust", str(keys / "data-governance.pub")]
-    prepared = tessera_cli("data", "prepare", "--source", str(tiny_corpus), "--class-template", CLASS_TEMPLATE,
+    prepared = smalti_cli("data", "prepare", "--source", str(tiny_corpus), "--class-template", CLASS_TEMPLATE,
                            "--key", str(keys / "tagger.key"), "--out", str(dataset), "--seq-len", "16", *common)
     assert prepared.returncode == 0, prepared.stderr
-    again = tessera_cli("data", "prepare", "--source", str(tiny_corpus), "--class-template", CLASS_TEMPLATE,
+    again = smalti_cli("data", "prepare", "--source", str(tiny_corpus), "--class-template", CLASS_TEMPLATE,
                         "--key", str(keys / "tagger.key"), "--out", str(dataset), "--seq-len", "16", *common)
     assert again.returncode == 1 and "already holds a prepared dataset" in again.stderr
-    verified = tessera_cli("data", "verify", str(dataset), *common)
+    verified = smalti_cli("data", "verify", str(dataset), *common)
     assert verified.returncode == 0 and "gutenberg/poetry/sonnets" in verified.stdout and "total" in verified.stdout
 
-    wrong_key = tessera_cli("data", "prepare", "--source", str(tiny_corpus), "--class-template", CLASS_TEMPLATE,
+    wrong_key = smalti_cli("data", "prepare", "--source", str(tiny_corpus), "--class-template", CLASS_TEMPLATE,
                             "--key", str(keys / "data-governance.key"), "--out", str(tmp_path / "other"), *common)
     assert wrong_key.returncode == 1 and "is not a tagging authority" in wrong_key.stderr
     assert not (tmp_path / "other").exists()
-    unknown = tessera_cli("data", "prepare", "--source", str(tiny_corpus), "--class-template", "gutenberg/{work}",
+    unknown = smalti_cli("data", "prepare", "--source", str(tiny_corpus), "--class-template", "gutenberg/{work}",
                           "--key", str(keys / "tagger.key"), "--out", str(tmp_path / "other"), *common)
     assert unknown.returncode == 1 and "class 'gutenberg/hamlet' is not in taxonomy" in unknown.stderr
 
 
 def test_prepare_is_deterministic(tmp_path, governed, tiny_corpus):
     out = tmp_path / "again"
-    done = tessera_cli("data", "prepare", "--source", str(tiny_corpus), "--class-template", CLASS_TEMPLATE,
+    done = smalti_cli("data", "prepare", "--source", str(tiny_corpus), "--class-template", CLASS_TEMPLATE,
                        "--taxonomy", str(governed.taxonomy), "--key", str(governed.key("tagger")),
                        "--out", str(out), "--seq-len", "16", "--shard-examples", "200", "--name", "tiny")
     assert done.returncode == 0, done.stderr
@@ -108,7 +108,7 @@ def test_prepare_from_a_jsonl_table(tmp_path, governed):
     rows = [{"id": f"doc{i}", "text": "To be, or not to be, that is the question. " * 8,
              "class": "gutenberg/tragedy/hamlet" if i % 2 else "gutenberg/comedy/tempest"} for i in range(6)]
     table.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    done = tessera_cli("data", "prepare", "--source", str(table), "--id-column", "id", "--taxonomy",
+    done = smalti_cli("data", "prepare", "--source", str(table), "--id-column", "id", "--taxonomy",
                        str(governed.taxonomy), "--key", str(governed.key("tagger")), "--out", str(tmp_path / "ds"),
                        "--seq-len", "16")
     assert done.returncode == 0, done.stderr
@@ -123,10 +123,10 @@ def test_prepare_from_a_parquet_table(tmp_path, governed):
     texts = ["Now is the winter of our discontent made glorious summer. " * 6, "Full fathom five thy father lies. " * 9]
     pq.write_table(pa.table({"body": texts, "label": ["gutenberg/history", "gutenberg/comedy/tempest"]}),
                    tmp_path / "table.parquet")
-    done = tessera_cli("data", "prepare", "--source", str(tmp_path / "table.parquet"), "--text-column", "body",
+    done = smalti_cli("data", "prepare", "--source", str(tmp_path / "table.parquet"), "--text-column", "body",
                        "--class-column", "label", "--taxonomy", str(governed.taxonomy), "--key", str(governed.key("tagger")),
                        "--out", str(tmp_path / "ds"), "--seq-len", "16")
     assert done.returncode == 0, done.stderr
     manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
     assert set(manifest["splits"]["train"]["class_counts"]) == {"gutenberg/history", "gutenberg/comedy/tempest"}
-    assert tessera_cli("data", "verify", str(tmp_path / "ds"), "--taxonomy", str(governed.taxonomy)).returncode == 0
+    assert smalti_cli("data", "verify", str(tmp_path / "ds"), "--taxonomy", str(governed.taxonomy)).returncode == 0

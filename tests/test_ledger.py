@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tessera.core.algorithm import Algorithm
-from tessera.core.event import Event
+from smalti.core.algorithm import Algorithm
+from smalti.core.event import Event
 
 from conftest import write_policy
 from helpers import recipe as make_recipe
@@ -31,7 +31,7 @@ def ledger_recipe(governed, **sections):
 
 
 def train(governed, run_dir: Path, **sections):
-    from tessera.trainer import Trainer
+    from smalti.trainer import Trainer
 
     trainer = Trainer(make_recipe(ledger_recipe(governed, **sections)), run_dir)
     try:
@@ -42,15 +42,15 @@ def train(governed, run_dir: Path, **sections):
 
 
 def entries(run_dir: Path) -> list[dict]:
-    from tessera.governance.ledger.entry import decode_entry
+    from smalti.governance.ledger.entry import decode_entry
 
     with sqlite3.connect(run_dir / "ledger.sqlite") as db:
         return [decode_entry(row[0]).body for row in db.execute("SELECT data FROM entries ORDER BY idx")]
 
 
 def test_a_governed_run_writes_one_verifiable_entry_per_step(governed, tmp_path):
-    from tessera.governance.keys import PublicKey
-    from tessera.governance.ledger.verify import verify_ledger
+    from smalti.governance.keys import PublicKey
+    from smalti.governance.ledger.verify import verify_ledger
 
     run = train(governed, tmp_path / "run", train={"max_duration": "10ba"})
     report = verify_ledger(run, PublicKey.load(governed.keys / "trainer.pub"), deep=True)
@@ -93,8 +93,8 @@ def _copy_run(run: Path, tmp_path: Path) -> Path:
 
 
 def _verify(run: Path, deep: bool = False, key: Path | None = None, workers: int | None = None):
-    from tessera.governance.keys import PublicKey
-    from tessera.governance.ledger.verify import verify_ledger
+    from smalti.governance.keys import PublicKey
+    from smalti.governance.ledger.verify import verify_ledger
 
     return verify_ledger(run, PublicKey.load(key) if key else None, deep=deep, workers=workers)
 
@@ -103,7 +103,7 @@ def _verify(run: Path, deep: bool = False, key: Path | None = None, workers: int
 
 def _rewrite(run: Path, index: int, data: bytes, *, rehash: bool) -> None:
     """Store new bytes for an entry; with ``rehash`` also its leaf and every later entry's chain link."""
-    from tessera.governance.ledger.entry import HEADER_SIZE, HEADER, MAGIC
+    from smalti.governance.ledger.entry import HEADER_SIZE, HEADER, MAGIC
 
     with sqlite3.connect(run / "ledger.sqlite") as db:
         rows = db.execute("SELECT idx, data FROM entries WHERE idx >= ? ORDER BY idx", (index,)).fetchall()
@@ -123,7 +123,7 @@ def _rewrite(run: Path, index: int, data: bytes, *, rehash: bool) -> None:
 
 
 def _mutate_field(data: bytes, key: str) -> bytes:
-    from tessera.governance.ledger.entry import HEADER_SIZE, canonical_json
+    from smalti.governance.ledger.entry import HEADER_SIZE, canonical_json
 
     body = json.loads(data[HEADER_SIZE:])
     value = body[key]
@@ -147,7 +147,7 @@ def test_changing_any_field_of_any_entry_is_detected_and_located(policy_run, tmp
         originals = db.execute("SELECT idx, data FROM entries ORDER BY idx").fetchall()
     checked = 0
     for index, data in originals:
-        from tessera.governance.ledger.entry import HEADER_SIZE
+        from smalti.governance.ledger.entry import HEADER_SIZE
 
         for key in json.loads(data[HEADER_SIZE:]):
             run = _copy_run(policy_run, tmp_path / f"{index}-{key}")
@@ -183,7 +183,7 @@ def test_an_edit_with_recomputed_hashes_is_caught_by_the_signed_root(policy_run,
 @pytest.mark.parametrize("workers", [1, 2])
 def test_deleting_inserting_reordering_truncating_and_forging_are_detected(policy_run, tmp_path, monkeypatch,
                                                                           attack, expected, workers):
-    from tessera.governance.ledger import verify
+    from smalti.governance.ledger import verify
 
     monkeypatch.setattr(verify, "SPAN", 2)  # with workers: spans of two entries, so every attack lands in one
     run = _copy_run(policy_run, tmp_path)
@@ -205,7 +205,7 @@ def test_deleting_inserting_reordering_truncating_and_forging_are_detected(polic
             db.execute("DELETE FROM entries WHERE idx >= 7")
             db.execute("DELETE FROM heads WHERE size > 7")
         elif attack == "append":  # a well-formed, correctly chained entry that no head signed
-            from tessera.governance.ledger.entry import encode_entry
+            from smalti.governance.ledger.entry import encode_entry
 
             last = rows[-1]
             data = encode_entry(last[0] + 1, last[2], {"kind": "step", "step": last[1] + 1})
@@ -224,8 +224,8 @@ def test_deleting_inserting_reordering_truncating_and_forging_are_detected(polic
 
 
 def test_resigning_with_another_key_fails_against_the_trainer_key(policy_run, governed, tmp_path):
-    from tessera.governance.keys import SigningKey
-    from tessera.governance.ledger.entry import TreeHead
+    from smalti.governance.keys import SigningKey
+    from smalti.governance.ledger.entry import TreeHead
 
     run = _copy_run(policy_run, tmp_path)
     impostor = SigningKey.load(governed.key("model-risk"))
@@ -244,13 +244,13 @@ def test_resigning_with_another_key_fails_against_the_trainer_key(policy_run, go
 
 def _synthetic_ledger(run: Path, key, size: int, head_sizes: list[int], magic: bytes | None = None) -> None:
     """A ledger written entry by entry with the real encoder (or, with ``magic``, an older format's header)."""
-    from tessera.governance.ledger import merkle
-    from tessera.governance.ledger.entry import HEADER, ZERO_HASH, TreeHead, canonical_json, encode_entry
-    from tessera.governance.ledger.store import LedgerStore, ledger_path
+    from smalti.governance.ledger import merkle
+    from smalti.governance.ledger.entry import HEADER, ZERO_HASH, TreeHead, canonical_json, encode_entry
+    from smalti.governance.ledger.store import LedgerStore, ledger_path
 
     run.mkdir(parents=True, exist_ok=True)
     store = LedgerStore(ledger_path(run), create=True)
-    store.set_meta({"format": "2", "trainer_public_key": key.public.text})
+    store.start_log(key.public)
     frontier, previous, rows = merkle.Frontier(), ZERO_HASH, []
     for index in range(size):
         body = {"kind": "run"} if index == 0 else {
@@ -277,8 +277,8 @@ def test_verification_read_in_chunks_names_the_same_problems(tmp_path, monkeypat
     """verify checks whole chunks (in worker processes: whole spans) at once and walks entry by entry only where
     one fails: wherever the chunk and span edges and the signed heads fall, it accepts the intact ledger and names
     the same first problem."""
-    from tessera.governance.keys import SigningKey
-    from tessera.governance.ledger import verify
+    from smalti.governance.keys import SigningKey
+    from smalti.governance.ledger import verify
 
     monkeypatch.setattr(verify, "CHUNK", chunk)
     monkeypatch.setattr(verify, "SPAN", span)
@@ -306,7 +306,7 @@ def test_verification_read_in_chunks_names_the_same_problems(tmp_path, monkeypat
     with sqlite3.connect(deleted / "ledger.sqlite") as db:
         db.execute("DELETE FROM entries WHERE idx = 40")
     assert verify.verify_ledger(deleted, key.public, workers=workers).problem.startswith("entry 40: missing")
-    from tessera.governance.ledger.entry import HEADER, HEADER_SIZE, MAGIC
+    from smalti.governance.ledger.entry import HEADER, HEADER_SIZE, MAGIC
 
     relinked = _copy_run(run, tmp_path / "relinked")  # entry 32 (a span's first) chained to nothing, then rehashed
     with sqlite3.connect(run / "ledger.sqlite") as db:
@@ -317,8 +317,8 @@ def test_verification_read_in_chunks_names_the_same_problems(tmp_path, monkeypat
 
 
 def test_a_damaged_store_is_a_one_line_failure_saying_from_where(tmp_path, monkeypatch):
-    from tessera.governance.keys import SigningKey
-    from tessera.governance.ledger import verify
+    from smalti.governance.keys import SigningKey
+    from smalti.governance.ledger import verify
 
     monkeypatch.setattr(verify, "SPAN", 256)
     monkeypatch.setattr(verify, "CHUNK", 64)  # read in this process 64 entries at a time
@@ -339,9 +339,9 @@ def test_a_damaged_store_is_a_one_line_failure_saying_from_where(tmp_path, monke
 
 def test_format_1_ledgers_still_verify_and_read(tmp_path):
     """Entries written before the numeric tables were packed (b"TSL1", every number in decimal)."""
-    from tessera.governance.keys import SigningKey
-    from tessera.governance.ledger.audit import Ledger
-    from tessera.governance.ledger.verify import verify_ledger
+    from smalti.governance.keys import SigningKey
+    from smalti.governance.ledger.audit import Ledger
+    from smalti.governance.ledger.verify import verify_ledger
 
     key = SigningKey.generate()
     _synthetic_ledger(tmp_path / "old", key, 12, [5, 12], magic=b"TSL1")
@@ -353,24 +353,24 @@ def test_format_1_ledgers_still_verify_and_read(tmp_path):
 
 
 def test_ledger_verify_command_exit_codes_and_messages(policy_run, governed, tmp_path):
-    from conftest import tessera_cli
+    from conftest import smalti_cli
 
-    good = tessera_cli("ledger", "verify", str(policy_run), "--pubkey", str(governed.keys / "trainer.pub"))
+    good = smalti_cli("ledger", "verify", str(policy_run), "--pubkey", str(governed.keys / "trainer.pub"))
     assert good.returncode == 0 and "ledger OK: 9 entries" in good.stdout
     run = _copy_run(policy_run, tmp_path)
     with sqlite3.connect(run / "ledger.sqlite") as db:
         db.execute("DELETE FROM entries WHERE idx = 2")
-    bad = tessera_cli("ledger", "verify", str(run), "--workers", "1")
+    bad = smalti_cli("ledger", "verify", str(run), "--workers", "1")
     assert bad.returncode == 1 and "entry 2: missing" in bad.stderr
-    no_workers = tessera_cli("ledger", "verify", str(policy_run), "--workers", "0")
+    no_workers = smalti_cli("ledger", "verify", str(policy_run), "--workers", "0")
     assert no_workers.returncode == 2 and "--workers: expected a whole number of at least 1, got '0'" in (
         no_workers.stderr)
-    missing = tessera_cli("ledger", "verify", str(tmp_path / "nowhere"))
+    missing = smalti_cli("ledger", "verify", str(tmp_path / "nowhere"))
     assert missing.returncode != 0 and "no ledger here" in missing.stderr
 
 
 def _fold(index: int, size: int, leaf: bytes, path: list[bytes]) -> bytes:
-    """RFC 9162 2.1.3.2, written out independently of tessera's merkle module."""
+    """RFC 9162 2.1.3.2, written out independently of smalti's merkle module."""
     fn, sn, r = index, size - 1, leaf
     for p in path:
         if fn & 1 or fn == sn:
@@ -383,14 +383,14 @@ def _fold(index: int, size: int, leaf: bytes, path: list[bytes]) -> bytes:
     return r
 
 
-def test_inclusion_proof_checks_without_tessera(policy_run, governed):
+def test_inclusion_proof_checks_without_smalti(policy_run, governed):
     import base64
 
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-    from conftest import tessera_cli
+    from conftest import smalti_cli
 
-    result = tessera_cli("ledger", "proof", str(policy_run), "--step", "5")
+    result = smalti_cli("ledger", "proof", str(policy_run), "--step", "5")
     assert result.returncode == 0, result.stderr
     proof = json.loads(result.stdout)
     entry = base64.b64decode(proof["entry_base64"])
@@ -408,16 +408,16 @@ def test_inclusion_proof_checks_without_tessera(policy_run, governed):
 def test_show_and_export(policy_run, tmp_path):
     import pyarrow.parquet as pq
 
-    from conftest import tessera_cli
+    from conftest import smalti_cli
 
-    listing = tessera_cli("ledger", "show", str(policy_run))
+    listing = smalti_cli("ledger", "show", str(policy_run))
     assert listing.returncode == 0 and len(listing.stdout.strip().splitlines()) == 8
-    one = tessera_cli("ledger", "show", str(policy_run), "--step", "3", "--json")
+    one = smalti_cli("ledger", "show", str(policy_run), "--step", "3", "--json")
     assert json.loads(one.stdout)["entry"]["step"] == 3
-    assert tessera_cli("ledger", "show", str(policy_run), "--step", "99").returncode != 0
+    assert smalti_cli("ledger", "show", str(policy_run), "--step", "99").returncode != 0
     for fmt in ("jsonl", "parquet"):
         out = tmp_path / f"ledger.{fmt}"
-        assert tessera_cli("ledger", "export", str(policy_run), "--format", fmt, "--out", str(out)).returncode == 0
+        assert smalti_cli("ledger", "export", str(policy_run), "--format", fmt, "--out", str(out)).returncode == 0
         rows = ([json.loads(line) for line in out.read_text().splitlines()] if fmt == "jsonl"
                 else pq.read_table(out).to_pylist())
         assert [r["index"] for r in rows] == list(range(9))
@@ -463,11 +463,11 @@ def test_a_cuda_run_records_what_a_cpu_replay_computes(governed, tmp_path):
 def _replayed_cells(run: Path, which: str, rel: float = 1e-5, abs: float = 1e-6) -> int:
     """Recompute every step's per-class gradients from the checkpoint before it and compare with the ledger;
     returns how many (step, layer, class) cells were checked."""
-    from tessera.build import build_data, build_model
-    from tessera.checkpoint import load_checkpoint
-    from tessera.config import load_recipe
-    from tessera.distributed import DistInfo
-    from tessera.models.adapters import set_row_classes
+    from smalti.build import build_data, build_model
+    from smalti.checkpoint import load_checkpoint
+    from smalti.config import load_recipe
+    from smalti.distributed import DistInfo
+    from smalti.models.adapters import set_row_classes
 
     recipe = load_recipe(run / "recipe.yaml")
     data = build_data(recipe, DistInfo())
@@ -521,8 +521,8 @@ def test_on_cuda_the_ledger_never_waits_for_the_gpu_between_flushes(governed, tm
     synchronising host-to-device copy or a stream synchronisation inside it raises. Only the flush
     (here: at the end) and the entropy probe (off here) may wait for the device. (The backward pass
     itself is training's, not the ledger's, and is left out.)"""
-    from tessera.governance.ledger.recorder import ContributionRecorder
-    from tessera.governance.ledger.writer import Ledger
+    from smalti.governance.ledger.recorder import ContributionRecorder
+    from smalti.governance.ledger.writer import Ledger
 
     checked = []
 
@@ -554,7 +554,7 @@ def test_recording_does_not_change_training(governed, tmp_path, device):
     """Per-class batches: the weights after training are bitwise those of the same run without a ledger."""
     from helpers import assert_tree_equal, latest_payload
 
-    from tessera.trainer import Trainer
+    from smalti.trainer import Trainer
 
     sections = dict(train={"max_duration": "6ba", "microbatch_size": 2, "device": device},
                     data={"batching": "per_class"})
@@ -593,7 +593,7 @@ def test_a_gradient_from_outside_the_recorder_counts_in_the_step_but_for_no_clas
     classes' shares sum far below 1; everywhere else they sum to 1."""
     from helpers import assert_tree_equal, latest_payload
 
-    from tessera.trainer import Trainer
+    from smalti.trainer import Trainer
 
     sections = dict(train={"max_duration": "3ba", "microbatch_size": 2}, data={"batching": "per_class"})
     for name, recipe in (("on", ledger_recipe(governed, **sections)), ("off", governed.recipe(**sections))):
@@ -623,8 +623,8 @@ def test_gradients_autograd_returns_for_several_parameters_are_copied_not_shared
     that denies none)."""
     from types import SimpleNamespace
 
-    from tessera.governance.ledger.recorder import ContributionRecorder
-    from tessera.governance.routing import MicrobatchPlan
+    from smalti.governance.ledger.recorder import ContributionRecorder
+    from smalti.governance.routing import MicrobatchPlan
 
     class Pair(torch.nn.Module):
         def __init__(self):
@@ -656,8 +656,8 @@ def test_contribution_and_update_numbers_against_a_direct_float64_computation():
     """Gram matrices of random rows (an outside row first) against norms and dot products taken directly."""
     import numpy as np
 
-    from tessera.governance.ledger.layout import FlatLayout
-    from tessera.governance.ledger.recorder import contribution_numbers, update_numbers
+    from smalti.governance.ledger.layout import FlatLayout
+    from smalti.governance.ledger.recorder import contribution_numbers, update_numbers
 
     generator = np.random.default_rng(0)
     numels = [6, 10, 6, 70000]
@@ -688,8 +688,8 @@ def test_contribution_and_update_numbers_against_a_direct_float64_computation():
 
 
 def test_dropped_examples_are_recorded_as_not_contributing(governed, tmp_path):
-    from tessera.governance.ledger.audit import Ledger
-    from tessera.trainer import Trainer
+    from smalti.governance.ledger.audit import Ledger
+    from smalti.trainer import Trainer
 
     trainer = Trainer(make_recipe(ledger_recipe(governed, train={"max_duration": "3ba"})), tmp_path / "run",
                       algorithms=[DropFirstTwo()])
@@ -705,30 +705,30 @@ def test_dropped_examples_are_recorded_as_not_contributing(governed, tmp_path):
 
 
 def test_a_ledger_key_that_is_not_the_taxonomys_trainer_key_refuses_to_train(governed, tmp_path):
-    from tessera.errors import TesseraError
-    from tessera.trainer import Trainer
+    from smalti.errors import SmaltiError
+    from smalti.trainer import Trainer
 
     recipe = make_recipe(ledger_recipe(governed, ledger={"key": str(governed.key("model-risk"))}))
-    with pytest.raises(TesseraError, match="is not the trainer key"):
+    with pytest.raises(SmaltiError, match="is not the trainer key"):
         Trainer(recipe, tmp_path / "run")
 
 
 def test_a_ledger_edited_behind_a_checkpoint_refuses_to_resume(governed, tmp_path):
-    from tessera.errors import TesseraError
-    from tessera.trainer import Trainer
+    from smalti.errors import SmaltiError
+    from smalti.trainer import Trainer
 
     run = train(governed, tmp_path / "run", train={"max_duration": "4ba"}, checkpoint={"interval": "2ba"})
     with sqlite3.connect(run / "ledger.sqlite") as db:
         db.execute("UPDATE entries SET leaf = ? WHERE idx = 1", (bytes(32),))
     longer = make_recipe(ledger_recipe(governed, train={"max_duration": "6ba"}, checkpoint={"interval": "2ba"}))
-    with pytest.raises(TesseraError, match="do not match the checkpoint's signed tree head"):
+    with pytest.raises(SmaltiError, match="do not match the checkpoint's signed tree head"):
         Trainer(longer, run)
 
 
 # ------------------------------------------------------------------ audit answers
 
 def test_audit_answers_follow_the_known_policy(policy_run):
-    from tessera.governance.ledger.audit import AuditError, Ledger
+    from smalti.governance.ledger.audit import AuditError, Ledger
 
     ledger = Ledger.load(policy_run)
     embedding = ledger.layer("tok_emb")
@@ -755,18 +755,18 @@ def test_audit_answers_follow_the_known_policy(policy_run):
 
 
 def test_audit_command_line(policy_run, tmp_path):
-    from conftest import tessera_cli
+    from conftest import smalti_cli
 
-    result = tessera_cli("audit", str(policy_run), "--class", "gutenberg/poetry", "--json")
+    result = smalti_cli("audit", str(policy_run), "--class", "gutenberg/poetry", "--json")
     assert result.returncode == 0, result.stderr
     assert "tok_emb" in json.loads(result.stdout)["layers_never_touched"]
-    assert "tok_emb" in tessera_cli("audit", str(policy_run), "--layer", "tok_emb").stdout
-    bad = tessera_cli("audit", str(policy_run), "--layer", "nope")
+    assert "tok_emb" in smalti_cli("audit", str(policy_run), "--layer", "tok_emb").stdout
+    bad = smalti_cli("audit", str(policy_run), "--layer", "nope")
     assert bad.returncode != 0 and "--layer 'nope': no such layer" in bad.stderr
     run = _copy_run(policy_run, tmp_path)
     with sqlite3.connect(run / "ledger.sqlite") as db:
         db.execute("DELETE FROM entries WHERE idx = 4")
-    refused = tessera_cli("audit", str(run), "--layer", "tok_emb")
+    refused = smalti_cli("audit", str(run), "--layer", "tok_emb")
     assert refused.returncode != 0 and "failed verification" in refused.stderr
 
 
@@ -776,12 +776,12 @@ def test_the_report_renders_in_headless_chromium(policy_run, tmp_path):
 
     import matplotlib.image
 
-    from conftest import tessera_cli
+    from conftest import smalti_cli
 
     folder = tmp_path / ("a-folder-with-a-long-name-" * 4)  # a path longer than a line: printed unbroken
     folder.mkdir()
     report = folder / "report.html"
-    result = tessera_cli("audit", str(policy_run), "--report", str(report))
+    result = smalti_cli("audit", str(policy_run), "--report", str(report))
     assert result.returncode == 0 and str(report) in result.stdout
     page = report.read_text()
     assert "VERIFIED" in page and not re.search(r'(src|href)="(https?:)?//', page)  # nothing to fetch
@@ -789,7 +789,7 @@ def test_the_report_renders_in_headless_chromium(policy_run, tmp_path):
         assert f'<figure id="{figure}">' in page
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
-        if os.environ.get("TESSERA_REQUIRE_BROWSER"):
+        if os.environ.get("SMALTI_REQUIRE_BROWSER"):
             pytest.fail("chromium is required here (make test installs it) but is not on PATH")
         pytest.skip("no chromium on this machine (make test installs it)")
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -814,9 +814,9 @@ def test_entropy_profile_matches_an_independent_svd(rows_per_class):
     import numpy as np
     import torch
 
-    from tessera.data.batch import Batch
-    from tessera.governance.ledger.entropy import EntropyProbe
-    from tessera.models.gpt import GPT, GPTConfig
+    from smalti.data.batch import Batch
+    from smalti.governance.ledger.entropy import EntropyProbe
+    from smalti.models.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=17, n_layer=2, n_head=2, d_model=16, block_size=12))

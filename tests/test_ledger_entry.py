@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from tessera.governance.ledger.entry import (HEADER, HEADER_SIZE, LEGACY_MAGIC, ZERO_HASH, EntryFormatError,
+from smalti.governance.ledger.entry import (HEADER, HEADER_SIZE, LEGACY_MAGIC, ZERO_HASH, EntryFormatError,
                                              canonical_json, decode_entry, encode_entry, encode_packed_entry,
                                              pack_table)
 
@@ -141,7 +141,7 @@ def test_layer_gram_matrices_equal_float64_dot_products(seed, chunk):
     ``chunk`` 32 large layers are summed in pieces (503 elements, a prime, cannot be: it is summed whole)."""
     import torch
 
-    from tessera.governance.ledger.layout import FlatLayout
+    from smalti.governance.ledger.layout import FlatLayout
 
     rng = np.random.default_rng(seed)
     numels = rng.choice([0, 3, 8, 64, 500, 503], size=12).tolist()
@@ -161,7 +161,7 @@ def test_layer_gram_matrices_equal_float64_dot_products(seed, chunk):
 
 
 def test_chunk_lengths_divide_the_layer():
-    from tessera.governance.ledger.layout import chunk_length
+    from smalti.governance.ledger.layout import chunk_length
 
     assert chunk_length(768 * 3072 + 3072) == 49216 and (768 * 3072 + 3072) % 49216 == 0
     assert chunk_length(1536) == 1536  # short enough to sum whole

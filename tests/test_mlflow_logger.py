@@ -1,6 +1,6 @@
 import pytest
 
-from tessera.trainer import Trainer
+from smalti.trainer import Trainer
 
 from conftest import tiny_recipe
 from helpers import CrashAt, recipe
@@ -10,7 +10,7 @@ mlflow = pytest.importorskip("mlflow", reason="MLflow is an optional extra")
 
 def _history(run_dir):
     client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("tessera")
+    experiment = client.get_experiment_by_name("smalti")
     runs = client.search_runs([experiment.experiment_id])
     return client, runs
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tessera.models.gpt import GPT, GPTConfig, alibi_causal_bias, alibi_slopes
+from smalti.models.gpt import GPT, GPTConfig, alibi_causal_bias, alibi_slopes
 
 
 @pytest.mark.parametrize("alibi", [False, True])

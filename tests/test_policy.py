@@ -2,12 +2,12 @@
 
 import pytest
 
-from tessera.core.time import Time
-from tessera.governance.keys import PublicKey
-from tessera.governance.policy import Policy, PolicyError, Rule, matches, model_fingerprint
-from tessera.governance.routing import Router
-from tessera.governance.taxonomy import Taxonomy
-from tessera.models.gpt import GPT, GPTConfig
+from smalti.core.time import Time
+from smalti.governance.keys import PublicKey
+from smalti.governance.policy import Policy, PolicyError, Rule, matches, model_fingerprint
+from smalti.governance.routing import Router
+from smalti.governance.taxonomy import Taxonomy
+from smalti.models.gpt import GPT, GPTConfig
 
 from conftest import write_policy
 
@@ -138,7 +138,7 @@ def test_model_fingerprint_depends_on_names_and_shapes():
 def test_policy_check_bind_sign_check_through_the_cli(governed, tmp_path):
     import yaml
 
-    from conftest import tessera_cli, write_recipe
+    from conftest import smalti_cli, write_recipe
 
     draft = tmp_path / "draft.yaml"
     draft.write_text(yaml.safe_dump({"policy": "demo", "default": "allow", "rules": [
@@ -148,20 +148,20 @@ def test_policy_check_bind_sign_check_through_the_cli(governed, tmp_path):
     recipe_path = write_recipe(tmp_path / "recipe.yaml", governed.recipe(
         model={"adapters": {"classes": [HAMLET], "hidden": 8}}, train={"max_duration": "10ba"}))
     bound = tmp_path / "policy.yaml"
-    done = tessera_cli("policy", "check", str(draft), "--recipe", str(recipe_path), "--bind", str(bound))
+    done = smalti_cli("policy", "check", str(draft), "--recipe", str(recipe_path), "--bind", str(bound))
     assert done.returncode == 0, done.stderr
     assert "bound to taxonomy" in done.stdout and "phase: batches 0..5" in done.stdout and "phase: batches 5..10" in done.stdout
-    unsigned = tessera_cli("policy", "check", str(bound), "--recipe", str(recipe_path))
+    unsigned = smalti_cli("policy", "check", str(bound), "--recipe", str(recipe_path))
     assert unsigned.returncode == 1 and "not signed" in unsigned.stderr
-    assert tessera_cli("sign", str(bound), "--key", str(governed.key("model-risk"))).returncode == 0
-    checked = tessera_cli("policy", "check", str(bound), "--recipe", str(recipe_path))
+    assert smalti_cli("sign", str(bound), "--key", str(governed.key("model-risk"))).returncode == 0
+    checked = smalti_cli("policy", "check", str(bound), "--recipe", str(recipe_path))
     assert checked.returncode == 0, checked.stderr
     assert "signature verified" in checked.stdout and "blocks.0.mlp.adapters.gutenberg_tragedy_hamlet.fc" in checked.stdout
     assert "✓" in checked.stdout and "✗" in checked.stdout
 
     broken = tmp_path / "broken.yaml"
     broken.write_text(draft.read_text().replace("tok_emb", "tok_embedding"))
-    failed = tessera_cli("policy", "check", str(broken), "--recipe", str(recipe_path), "--bind", str(tmp_path / "x.yaml"))
+    failed = smalti_cli("policy", "check", str(broken), "--recipe", str(recipe_path), "--bind", str(tmp_path / "x.yaml"))
     assert failed.returncode == 1 and len(failed.stderr.strip().splitlines()) == 1
     assert "pattern 'tok_embedding' matches no parameter" in failed.stderr and not (tmp_path / "x.yaml").exists()
 
@@ -169,8 +169,8 @@ def test_policy_check_bind_sign_check_through_the_cli(governed, tmp_path):
 def test_sample_with_and_without_an_adapter(governed, tmp_path, capsys):
     import torch
 
-    from tessera.cli.main import main
-    from tessera.generation import load_generator
+    from smalti.cli.main import main
+    from smalti.generation import load_generator
 
     from conftest import write_recipe
 

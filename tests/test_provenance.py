@@ -6,14 +6,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tessera.build import build_data
-from tessera.data.manifest import canonical_json
-from tessera.distributed import DistInfo
-from tessera.errors import TesseraError
-from tessera.governance.keys import SigningKey, sign_bytes
-from tessera.trainer import Trainer
+from smalti.build import build_data
+from smalti.data.manifest import canonical_json
+from smalti.distributed import DistInfo
+from smalti.errors import SmaltiError
+from smalti.governance.keys import SigningKey, sign_bytes
+from smalti.trainer import Trainer
 
-from conftest import tessera_cli, write_recipe
+from conftest import smalti_cli, write_recipe
 from helpers import recipe
 
 
@@ -46,11 +46,11 @@ def _rewrite_shard(path, change):
 def _refuses(g, pattern, lazy=False):
     """Loading fails with one line matching ``pattern``, and training never starts."""
     config = recipe(g.recipe(data={"verify": "lazy" if lazy else "eager"}))
-    with pytest.raises(TesseraError, match=pattern) as info:
+    with pytest.raises(SmaltiError, match=pattern) as info:
         build_data(config, DistInfo())
     assert "\n" not in str(info.value)
     run_dir = g.root / "run"
-    with pytest.raises(TesseraError, match=pattern):
+    with pytest.raises(SmaltiError, match=pattern):
         Trainer(config, run_dir).fit()
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
     return str(info.value)
@@ -80,7 +80,7 @@ def test_example_content_changed(governed_copy):
 
 
 def test_example_content_and_hash_changed_together(governed_copy):
-    from tessera.data.manifest import content_sha256
+    from smalti.data.manifest import content_sha256
     import numpy as np
 
     def change(columns):
@@ -102,7 +102,7 @@ def test_example_class_changed(governed_copy):
 def test_a_shard_verified_once_in_a_process_is_not_rehashed_row_by_row_but_changed_bytes_still_fail(
         governed_copy, monkeypatch):
     """Deletion builds the same data twice in one process; the second build trusts only identical bytes."""
-    from tessera.data import manifest as manifest_module
+    from smalti.data import manifest as manifest_module
 
     monkeypatch.setattr(manifest_module, "_VERIFIED_ENTRIES", set())
     config = recipe(governed_copy.recipe(data={"verify": "eager"}))
@@ -196,7 +196,7 @@ def test_lazy_verification_stops_at_the_bad_shard(governed_copy):
     _rewrite_shard(governed_copy.dataset / "train-00004.parquet", change)
     config = recipe(governed_copy.recipe(data={"verify": "lazy"}, train={"max_duration": "1ep"}))
     trainer = Trainer(config, governed_copy.root / "lazy")  # lazy: nothing read yet beyond what eval needs
-    with pytest.raises(TesseraError, match=r"train-00004\.parquet: example '.*': content does not match"):
+    with pytest.raises(SmaltiError, match=r"train-00004\.parquet: example '.*': content does not match"):
         trainer.fit()
 
 
@@ -206,10 +206,10 @@ def test_cli_fails_closed_with_one_line_and_nonzero_exit(governed_copy, tmp_path
 
     _rewrite_shard(governed_copy.dataset / "train-00000.parquet", change)
     path = write_recipe(tmp_path / "r.yaml", governed_copy.recipe())
-    result = tessera_cli("train", str(path), "--run-dir", str(tmp_path / "run"))
+    result = smalti_cli("train", str(path), "--run-dir", str(tmp_path / "run"))
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "train-00000.parquet: example '" in lines[0], result.stderr
-    verify = tessera_cli("data", "verify", str(governed_copy.dataset), "--taxonomy", str(governed_copy.taxonomy),
+    verify = smalti_cli("data", "verify", str(governed_copy.dataset), "--taxonomy", str(governed_copy.taxonomy),
                          "--trust", str(governed_copy.trust))
     assert verify.returncode != 0 and "differs from the signed class" in verify.stderr

@@ -7,14 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tessera.build import build_data
-from tessera.core.callback import Callback
-from tessera.data.batch import Batch
-from tessera.distributed import DistInfo
-from tessera.errors import TesseraError
-from tessera.functional import freeze_times, freezing_units, frozen_layer_count
-from tessera.models.gpt import GPT, GPTConfig
-from tessera.trainer import Trainer
+from smalti.build import build_data
+from smalti.core.callback import Callback
+from smalti.data.batch import Batch
+from smalti.distributed import DistInfo
+from smalti.errors import SmaltiError
+from smalti.functional import freeze_times, freezing_units, frozen_layer_count
+from smalti.models.gpt import GPT, GPTConfig
+from smalti.trainer import Trainer
 
 from conftest import tiny_recipe, write_policy
 from helpers import CrashAt, assert_tree_equal, latest_payload, losses, recipe
@@ -218,7 +218,7 @@ def test_a_plan_that_denies_no_trainable_parameter_backpropagates_without_inputs
     """``routed_backward`` takes the plain backward pass only when no trainable parameter is denied (a
     parameter frozen by ``requires_grad`` is not denied); either way exactly the plan's inputs get gradients,
     equal to an unrouted backward pass's."""
-    from tessera.governance.routing import Router, routed_backward
+    from smalti.governance.routing import Router, routed_backward
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=11, n_layer=1, n_head=2, d_model=8, block_size=8))
@@ -299,7 +299,7 @@ def test_with_an_adapter_the_shared_model_never_depends_on_the_confined_class(go
 
 
 def test_adapters_leave_the_output_unchanged_at_initialisation(governed):
-    from tessera.build import build_model
+    from smalti.build import build_model
 
     config = recipe(governed.recipe(model={"adapters": {"classes": [HAMLET, TEMPEST], "hidden": 8}}))
     data = build_data(config, DistInfo())
@@ -325,7 +325,7 @@ def test_adapters_leave_the_output_unchanged_at_initialisation(governed):
     ("no adapters", "matches no parameter"),
 ])
 def test_tampered_or_mismatched_policies_refuse_to_train(governed, tmp_path, mutation, message):
-    from tessera.governance.keys import SigningKey, sign_bytes
+    from smalti.governance.keys import SigningKey, sign_bytes
 
     path = tmp_path / "policy.yaml"
     write_policy(governed, path, [{"classes": [MACBETH], "params": ["ln_f"], "action": "deny"}],
@@ -343,7 +343,7 @@ def test_tampered_or_mismatched_policies_refuse_to_train(governed, tmp_path, mut
     elif mutation == "no adapters":
         adapters = {}
     config = recipe(governed.recipe(governance={"policy": str(path)}, model=adapters))
-    with pytest.raises(TesseraError, match=message):
+    with pytest.raises(SmaltiError, match=message):
         Trainer(config, tmp_path / "run").fit()
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -409,5 +409,5 @@ def test_resume_refuses_another_policy(governed, tmp_path):
     Trainer(config, tmp_path / "run").fit()
     other = _config(governed, tmp_path, [{"classes": [HAMLET], "params": ["ln_f"], "action": "deny"}],
                     train={"max_duration": "8ba"})
-    with pytest.raises(TesseraError, match="another routing policy"):
+    with pytest.raises(SmaltiError, match="another routing policy"):
         Trainer(other, tmp_path / "run")

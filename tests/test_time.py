@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from tessera.core.state import DataShape, State
-from tessera.core.time import Time, Timestamp, TimeUnit
+from smalti.core.state import DataShape, State
+from smalti.core.time import Time, Timestamp, TimeUnit
 
 
 @pytest.mark.parametrize(

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from tessera.core.callback import Callback
-from tessera.errors import CheckpointError, RecipeError
-from tessera.trainer import Trainer
+from smalti.core.callback import Callback
+from smalti.errors import CheckpointError, RecipeError
+from smalti.trainer import Trainer
 
 from conftest import tiny_recipe
 from helpers import assert_tree_equal, crash_and_resume, eval_losses, latest_payload, losses, recipe
@@ -73,8 +73,8 @@ ALGORITHM_CASES = {
 
 def test_evaluation_records_each_class_loss_and_a_resume_restores_it(tmp_path, tiny_corpus):
     """Each class's held-out loss, as the final checkpoint carries it, against a row-by-row float64 recount."""
-    from tessera.governance.deletion import loss_by_class
-    from tessera.models.adapters import set_row_classes
+    from smalti.governance.deletion import loss_by_class
+    from smalti.models.adapters import set_row_classes
 
     config = tiny_recipe(tiny_corpus, train={"max_duration": "12ba"}, eval={"interval": "12ba", "batch_size": 5})
     trainer = Trainer(recipe(config), tmp_path / "run")
@@ -96,7 +96,7 @@ def test_evaluation_records_each_class_loss_and_a_resume_restores_it(tmp_path, t
     for name, (loss, units) in totals.items():
         assert recorded[name] == pytest.approx(loss / units, abs=2e-6), name
     latest = tmp_path / "run" / "checkpoints" / (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
-    assert loss_by_class(tmp_path / "run" / "recipe.yaml", latest) == recorded  # `tessera eval --by-class`'s numbers
+    assert loss_by_class(tmp_path / "run" / "recipe.yaml", latest) == recorded  # `smalti eval --by-class`'s numbers
     trainer.close()
     resumed = Trainer(recipe(config), tmp_path / "run")
     assert resumed.state.eval_by_class == recorded

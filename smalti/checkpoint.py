@@ -1,0 +1,154 @@
+"""Checkpoint files: written atomically, hashed, pruned, and found again after a crash.
+
+Layout of ``RUN_DIR/checkpoints/``::
+
+    ep0-ba500.pt          a checkpoint (torch.save of a dict of plain types and tensors)
+    ep0-ba500.pt.sha256   its sha256, written after it
+    latest                the name of the newest complete checkpoint
+
+A checkpoint is first written to a temporary file in the same folder, flushed
+and fsynced, then renamed into place; only then is ``latest`` replaced the
+same way. A kill at any moment leaves either the old ``latest`` or the new
+one, each pointing at a complete file. Loads use ``weights_only=True``, so a
+checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import fsspec
+import torch
+
+from smalti import formats
+from smalti.errors import CheckpointError
+from smalti.io import atomic_write_bytes, atomic_writer
+
+LATEST = "latest"
+_NAME = re.compile(r"^ep(\d+)-ba(\d+)\.pt$")
+
+
+class _HashingWriter(io.RawIOBase):
+    """Forwards writes to a file while hashing them, so the bytes are read only once."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self._handle = handle
+        self.digest = hashlib.sha256()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        self.digest.update(data)
+        return self._handle.write(data)
+
+
+def checkpoint_name(epoch: int, batch: int) -> str:
+    return f"ep{epoch}-ba{batch}.pt"
+
+
+class CheckpointStore:
+    """A run's checkpoint folder. Only the main rank writes to it."""
+
+    def __init__(self, directory: Path, keep: int) -> None:
+        self.directory = Path(directory)
+        self.keep = keep
+
+    def remove_partial_writes(self) -> list[Path]:
+        """Temporary files left by a process killed mid-write; never loaded, safe to delete."""
+        removed = []
+        if self.directory.is_dir():
+            for leftover in self.directory.glob(".*.tmp"):
+                leftover.unlink(missing_ok=True)
+                removed.append(leftover)
+        return removed
+
+    def all(self) -> list[Path]:
+        """Every checkpoint in the folder, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        found = [((int(m.group(2)), int(m.group(1))), path) for path in self.directory.iterdir()
+                 if (m := _NAME.match(path.name))]
+        return [path for _, path in sorted(found)]
+
+    def latest(self) -> Path | None:
+        pointer = self.directory / LATEST
+        if not pointer.is_file():
+            return None
+        name = pointer.read_text(encoding="utf-8").strip()
+        path = self.directory / name
+        if not _NAME.match(name) or not path.is_file():
+            raise CheckpointError(f"{pointer}: points at '{name}', which is not a checkpoint in {self.directory}")
+        return path
+
+    def save(self, payload: dict[str, Any], name: str, keep_always: bool = False) -> Path:
+        """Write atomically with a sha256 sidecar; ``keep_always`` exempts it from pruning (a ``.keep`` marker)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / name
+        with atomic_writer(path) as handle:
+            writer = _HashingWriter(handle)
+            torch.save(payload, writer)
+        atomic_write_bytes(self.directory / f"{name}.sha256", f"{writer.digest.hexdigest()}  {name}\n".encode())
+        if keep_always:
+            atomic_write_bytes(self.directory / f"{name}.keep", b"")
+        atomic_write_bytes(self.directory / LATEST, f"{name}\n".encode())
+        self._prune()
+        return path
+
+    def _prune(self) -> None:
+        found = []
+        for path in self.directory.iterdir():
+            match = _NAME.match(path.name)
+            if match and not path.with_name(path.name + ".keep").exists():
+                found.append(((int(match.group(2)), int(match.group(1))), path))
+        found.sort()
+        for _, path in found[: max(0, len(found) - self.keep)]:
+            path.unlink(missing_ok=True)
+            path.with_name(path.name + ".sha256").unlink(missing_ok=True)
+
+
+def _expected_digest(path: Path) -> str | None:
+    sidecar = path.with_name(path.name + ".sha256")
+    if not sidecar.is_file():
+        return None
+    return sidecar.read_text(encoding="utf-8").split()[0]
+
+
+def load_checkpoint(location: str | Path) -> dict[str, Any]:
+    """Load a checkpoint from a local path or any fsspec URL (``s3://``, ``http://``, ``file://``).
+
+    Local checkpoints written by Smalti are checked against their sha256
+    first, so a flipped byte is reported instead of silently loaded.
+    """
+    location = str(location)
+    is_local = "://" not in location
+    try:
+        if is_local:
+            data = Path(location).read_bytes()
+        else:
+            with fsspec.open(location, "rb") as handle:
+                data = handle.read()
+    except FileNotFoundError:
+        raise CheckpointError(f"{location}: checkpoint not found") from None
+    except (OSError, ValueError, ImportError) as error:
+        raise CheckpointError(f"{location}: cannot read checkpoint ({error})") from None
+    if is_local:
+        expected = _expected_digest(Path(location))
+        if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+            raise CheckpointError(f"{location}: checkpoint is corrupt (sha256 differs from {Path(location).name}.sha256)")
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for a damaged archive
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"{location}: checkpoint is corrupt or truncated ({reason})") from None
+    if not isinstance(payload, dict) or "format" not in payload:
+        raise CheckpointError(f"{location}: not a Smalti checkpoint (no format identifier)")
+    problem = formats.format_problem(payload.get("format"), formats.CHECKPOINT, location)
+    if problem:
+        raise CheckpointError(problem)
+    return payload
+

@@ -1,0 +1,104 @@
+"""``smalti audit``: forensic questions to a run's ledger, and the HTML report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from smalti.errors import SmaltiError
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "audit", help="which classes reached which layers, when; the HTML audit report",
+        description="Answer from the run's ledger (verified first): --layer L: which classes contributed to layer L "
+                    "and how much; --class C: which layers class C (or any class under node C) touched and in "
+                    "which steps; --example ID: which steps and layers an example contributed to; --param NAME: "
+                    "as --layer for the parameter's layer; --report FILE: a self-contained HTML report. Without a "
+                    "question: a summary of every class.")
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    question = parser.add_mutually_exclusive_group()
+    question.add_argument("--layer", help="a layer (module) name, e.g. blocks.0.attn.qkv")
+    question.add_argument("--class", dest="class_name", help="a class or taxonomy node, e.g. gutenberg/history")
+    question.add_argument("--example", type=int, help="an example id")
+    question.add_argument("--param", help="a parameter name, e.g. tok_emb.weight")
+    question.add_argument("--report", type=Path, metavar="FILE", help="write the HTML audit report here")
+    parser.add_argument("--pubkey", type=Path, help="trainer public key to verify the ledger against")
+    parser.add_argument("--json", action="store_true", help="print the answer as JSON")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from smalti.governance.keys import PublicKey
+    from smalti.governance.ledger.audit import AuditError, Ledger
+    from smalti.governance.ledger.verify import verify_ledger
+
+    verified = verify_ledger(args.run_dir, PublicKey.load(args.pubkey) if args.pubkey else None)
+    console = Console(soft_wrap=True)  # long paths and names stay on one line, whatever the width
+    if args.report is not None:
+        from smalti.governance.ledger.report import write_report
+
+        path = write_report(args.run_dir, args.report, verified)
+        console.print(f"audit report: {path.resolve()}")
+        return 0 if verified.ok else 1
+    if not verified.ok:
+        raise SmaltiError(f"{args.run_dir}: the ledger failed verification, its answers cannot be trusted "
+                           f"({verified.problem})")
+    ledger = Ledger.load(args.run_dir)
+    try:
+        if args.layer is not None or args.param is not None:
+            answer = ledger.layer(args.layer) if args.layer is not None else ledger.parameter(args.param)
+        elif args.class_name is not None:
+            answer = ledger.for_class(args.class_name)
+        elif args.example is not None:
+            answer = ledger.example(args.example)
+        else:
+            answer = {"classes": {c: len(ledger.for_class(c)["layers_touched"]) for c in ledger.run["classes"]}}
+    except AuditError as error:
+        raise SmaltiError(str(error)) from None
+    if args.json:
+        print(json.dumps(answer, indent=1))
+        return 0
+    _print(console, answer, len(ledger.layer_names))
+    return 0
+
+
+def _print(console: Console, answer: dict, n_layers: int) -> None:
+    if "layer" in answer:
+        table = Table(title=f"layer {answer['layer']}: updated in {answer['updated_count']} steps "
+                            f"({answer['updated_steps'] or 'never'})")
+        for column in ("class", "steps", "sum of gradient norms", "share of the layer's learning"):
+            table.add_column(column)
+        for name, row in answer["classes"].items():
+            table.add_row(name, str(row["steps"]), f"{row['norm_sum']:.4g}", f"{100 * row['share_of_total']:.1f}%")
+        console.print(table)
+    elif "class" in answer:
+        table = Table(title=f"{answer['class']}: {answer['examples_seen']} examples, in steps "
+                            f"{answer['steps_present'] or 'none'}; touched {len(answer['layers_touched'])} of "
+                            f"{n_layers} layers")
+        table.add_column("layer")
+        table.add_column("steps")
+        table.add_column("when")
+        for name, row in answer["layers_touched"].items():
+            table.add_row(name, str(row["steps"]), row["step_ranges"])
+        console.print(table)
+        if answer["layers_never_touched"]:
+            console.print("never touched: " + ", ".join(answer["layers_never_touched"]))
+    elif "example" in answer:
+        console.print(f"example {answer['example']}: in steps {answer['steps'] or 'none'}"
+                      + (f"; dropped (did not contribute) in steps {answer['dropped_in_steps']}"
+                         if answer["dropped_in_steps"] else ""))
+        for row in answer["appearances"]:
+            console.print(f"  step {row['step']} as {'+'.join(row['classes'])}: {len(row['layers'])} layers "
+                          f"({', '.join(row['layers'])})")
+    else:
+        table = Table(title="layers touched per class")
+        table.add_column("class")
+        table.add_column("layers")
+        for name, count in answer["classes"].items():
+            table.add_row(name, str(count))
+        console.print(table)

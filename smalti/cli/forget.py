@@ -1,0 +1,107 @@
+"""``smalti forget`` and ``smalti eval``: remove a provenance class from a trained run, and measure it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from smalti.cli.arguments import at_least_one
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "forget", help="forget a provenance class: exact replay or ablation, with a signed certificate",
+        description="Plan from RUN_DIR's verified ledger where CLASS first contributed, then either replay from the "
+                    "last checkpoint before it with CLASS left out of the data (--mode exact: the weights equal a "
+                    "run that never had it, `smalti train RECIPE --set data.exclude_classes=[CLASS]`), or reset the "
+                    "parameters an exclusive policy rule confines it to (--mode ablate). Writes a new run directory "
+                    "with its own ledger (starting from the parent's signed tree head) and a deletion certificate "
+                    "signed by the trainer key; `smalti ledger verify OUT` checks both.")
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the trained run (parent)")
+    parser.add_argument("--class", dest="node", required=True, metavar="CLASS",
+                        help="a class or taxonomy node (covers its subtree)")
+    parser.add_argument("--out", type=Path, help="the new run directory (must be new or empty)")
+    parser.add_argument("--mode", choices=("exact", "ablate"), default="exact")
+    parser.add_argument("--reset", choices=("initial", "zero"), default="initial",
+                        help="ablate: reset the confined parameters to their initial values or to zero")
+    parser.add_argument("--key", type=Path, help="trainer private key (default: the recipe's governance.ledger.key)")
+    parser.add_argument("--eval-samples", type=at_least_one, default=None, help="held-out examples for the before/after "
+                        "losses, evaluated anew (default: the per-class losses the trainer recorded at the parent's "
+                        "and the replay's final evaluations, on the recipe's eval.max_samples examples)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    parser.add_argument("--json", action="store_true", help="print the plan or certificate as JSON")
+    parser.set_defaults(run=run_forget)
+
+    evaluate = subparsers.add_parser(
+        "eval", help="held-out loss of a run's latest checkpoint, overall or per class",
+        description="Evaluate RUN_DIR's latest checkpoint on its recipe's validation split.")
+    evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    evaluate.add_argument("--by-class", action="store_true", help="one loss per class")
+    evaluate.add_argument("--max-samples", type=at_least_one, default=None, help="at most this many validation examples "
+                          "(default: the recipe's eval.max_samples, what training evaluates and records)")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(run=run_eval)
+
+
+def run_forget(args: argparse.Namespace) -> int:
+    from smalti.config import load_recipe
+    from smalti.governance.deletion import DeletionError, forget, plan_deletion
+    from smalti.governance.keys import SigningKey
+
+    plan = plan_deletion(args.run_dir, args.node)
+    if args.dry_run:
+        described = plan.describe()
+        if args.json:
+            print(json.dumps(described, indent=1))
+            return 0
+        if plan.first_step is None:
+            print(f"{args.node}: never contributed to a step of {args.run_dir}; forgetting it is a no-op")
+        else:
+            start = (f"checkpoint {plan.fork_checkpoint.name} (after step {plan.fork_step})" if plan.fork_checkpoint
+                     else "the initial weights (the class is there from the first steps, or no earlier checkpoint)")
+            print(f"{args.node} ({len(plan.classes)} classes) first contributed in step {plan.first_step} of "
+                  f"{plan.total_steps}")
+            print(f"exact: restart from {start}, replay {plan.steps_to_replay} steps "
+                  f"(~{plan.cost_ratio:.0%} of a full retrain)")
+        print(f"ablation: {plan.ablation}")
+        return 0
+    if args.out is None:
+        raise DeletionError("--out NEW_RUN_DIR is required (or --dry-run)")
+    key_path = args.key or load_recipe(args.run_dir / "recipe.yaml").governance.ledger.key
+    if key_path is None:
+        raise DeletionError("no trainer key: pass --key (the run's recipe names none)")
+    certificate = forget(args.run_dir, args.node, args.out, SigningKey.load(key_path), args.mode, args.reset,
+                         args.eval_samples)
+    if args.json:
+        print(json.dumps(certificate, indent=1))
+        return 0
+    print(f"forgot {args.node} ({certificate['mode']}): {args.out}  steps replayed: {certificate['steps_replayed']} "
+          f"of {certificate['full_retrain_steps']}")
+    before, after = certificate["evaluation"]["before"], certificate["evaluation"]["after"]
+    for name in sorted(before):
+        marker = "  <- forgotten" if name in certificate["classes"] else ""
+        print(f"  {name:40s} loss before {before[name]:.4f}  after {after.get(name, float('nan')):.4f}{marker}")
+    print(f"certificate: {args.out / 'deletion-certificate.json'} (check it: smalti ledger verify {args.out})")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from smalti.checkpoint import CheckpointStore
+    from smalti.governance.deletion import DeletionError, loss_by_class
+
+    latest = CheckpointStore(args.run_dir / "checkpoints", keep=1).latest()
+    if latest is None or not (args.run_dir / "recipe.yaml").is_file():
+        raise DeletionError(f"{args.run_dir}: not a run directory with a checkpoint")
+    losses = loss_by_class(args.run_dir / "recipe.yaml", latest, args.max_samples)
+    overall = sum(losses.values()) / max(1, len(losses))
+    result = {"checkpoint": latest.name, "mean_class_loss": round(overall, 6)}
+    if args.by_class:
+        result["by_class"] = losses
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(f"{args.run_dir} @ {latest.name}: mean per-class held-out loss {overall:.4f}")
+    for name, loss in (losses.items() if args.by_class else ()):
+        print(f"  {name:40s} {loss:.4f}")
+    return 0

@@ -1,0 +1,69 @@
+"""``smalti keys new``, ``smalti sign``, ``smalti verify``: Ed25519 keys and detached signatures."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from smalti.governance.keys import (
+    PublicKey,
+    SigningKey,
+    read_signature,
+    sign_bytes,
+    signature_path,
+    verify_bytes,
+    write_key_pair,
+)
+from smalti.errors import SmaltiError
+from smalti.io import atomic_write_text
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    keys = subparsers.add_parser("keys", help="make Ed25519 key pairs for authorities",
+                                 description="Key pairs for the authorities: data-governance, tagging, model-risk, trainer.")
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="COMMAND", required=True)
+    new = keys_sub.add_parser(
+        "new", help="make a key pair",
+        description="Write NAME.key (private, PKCS#8 PEM, mode 0600) and NAME.pub (one line 'ed25519:<base64>') "
+                    "into DIR. Never overwrites an existing key.",
+    )
+    new.add_argument("name", help="the key's name, e.g. data-governance")
+    new.add_argument("--dir", type=Path, required=True, help="folder for the key files")
+    new.set_defaults(run=run_new)
+
+    sign = subparsers.add_parser("sign", help="write a detached signature FILE.sig",
+                                 description="Sign the exact bytes of FILE with a private key; writes FILE.sig (JSON).")
+    sign.add_argument("file", type=Path)
+    sign.add_argument("--key", type=Path, required=True, help="private key file (NAME.key)")
+    sign.set_defaults(run=run_sign)
+
+    verify = subparsers.add_parser("verify", help="check FILE.sig against a public key",
+                                   description="Exit 0 if FILE.sig is a valid signature of FILE by the given public key.")
+    verify.add_argument("file", type=Path)
+    verify.add_argument("--pubkey", type=Path, required=True, help="public key file (NAME.pub)")
+    verify.set_defaults(run=run_verify)
+
+
+def run_new(args: argparse.Namespace) -> int:
+    private, public = write_key_pair(args.name, args.dir)
+    print(f"{private}  (private, keep secret)\n{public}  key id {PublicKey.load(public).key_id}")
+    return 0
+
+
+def run_sign(args: argparse.Namespace) -> int:
+    if not args.file.is_file():
+        raise SmaltiError(f"{args.file}: file not found")
+    key = SigningKey.load(args.key)
+    out = signature_path(args.file)
+    atomic_write_text(out, sign_bytes(args.file.read_bytes(), key).to_json())
+    print(f"{out}  signed by key {key.public.key_id}")
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    if not args.file.is_file():
+        raise SmaltiError(f"{args.file}: file not found")
+    public = PublicKey.load(args.pubkey)
+    verify_bytes(args.file.read_bytes(), read_signature(args.file), public, where=str(args.file))
+    print(f"{args.file}: good signature by key {public.key_id}")
+    return 0

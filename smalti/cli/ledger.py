@@ -1,0 +1,178 @@
+"""``smalti ledger``: verify, show, prove and export a run's learning-dynamics ledger."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+from pathlib import Path
+
+from smalti.cli.arguments import at_least_one
+from smalti.errors import SmaltiError
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "ledger", help="verify, show, prove and export a run's ledger",
+        description="The ledger holds one entry per optimizer step (RFC 6962 Merkle tree, Ed25519-signed tree heads "
+                    "by the trainer key) in RUN_DIR/ledger.sqlite.")
+    sub = parser.add_subparsers(dest="ledger_command", metavar="COMMAND", required=True)
+
+    verify = sub.add_parser(
+        "verify", help="recompute every leaf, the tree and every signed tree head",
+        description="Exit 0 only if every entry hashes to its leaf, the index sequence and hash chain are unbroken, "
+                    "every signed tree head's root matches the entries and its signature is the trainer key's, "
+                    "every entry is covered by a head and the last head is final. Otherwise name the first bad "
+                    "place and exit 1.")
+    verify.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    verify.add_argument("--pubkey", type=Path, help="the trainer authority's public key (default: the key the "
+                        "ledger records, which proves integrity but not who signed)")
+    verify.add_argument("--deep", action="store_true", help="also parse every entry (canonical form, step order); "
+                        "runs in one process")
+    verify.add_argument("--workers", type=at_least_one, default=None, metavar="N",
+                        help="processes reading and hashing the ledger in spans of 8,192 entries (default: one per "
+                             "core; 1 checks in this process alone)")
+    verify.set_defaults(run=run_verify)
+
+    show = sub.add_parser("show", help="print entries (a summary per step, or one step whole)",
+                          description="Without --step: one line per step. With --step N: that step's entry whole.")
+    show.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    show.add_argument("--step", type=int, help="show this step's entry whole")
+    show.add_argument("--json", action="store_true", help="print JSON (one object per line without --step)")
+    show.set_defaults(run=run_show)
+
+    proof = sub.add_parser(
+        "proof", help="an inclusion proof for one step, as JSON checkable without Smalti",
+        description="Print the step's entry (base64), its leaf hash SHA-256(0x00||entry), the RFC 6962 audit path "
+                    "to the last signed tree head, and that head with its Ed25519 signature.")
+    proof.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    proof.add_argument("--step", type=int, required=True)
+    proof.set_defaults(run=run_proof)
+
+    export = sub.add_parser("export", help="write every entry as JSON lines or Parquet",
+                            description="One row per entry: index, step, leaf hash (hex) and the decoded entry.")
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    export.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl")
+    export.add_argument("--out", type=Path, help="output file (default: RUN_DIR/ledger.FORMAT)")
+    export.set_defaults(run=run_export)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from smalti.governance.keys import PublicKey
+    from smalti.governance.ledger.verify import verify_ledger
+
+    from smalti.governance.deletion import CERTIFICATE, verify_certificate
+
+    key = PublicKey.load(args.pubkey) if args.pubkey else None
+    certificate = args.run_dir / CERTIFICATE
+    if certificate.is_file():  # a run made by `smalti forget`: the certificate, the parent and this ledger
+        problem = verify_certificate(args.run_dir, key)
+        if problem is not None:
+            print(f"deletion certificate FAILED verification: {problem}", file=sys.stderr)
+            return 1
+        print(f"deletion certificate OK: {certificate}")
+        if not (args.run_dir / "ledger.sqlite").is_file():
+            return 0
+    report = verify_ledger(args.run_dir, key, deep=args.deep, workers=args.workers)
+    if not report.ok:
+        print(f"ledger FAILED verification: {report.problem}", file=sys.stderr)
+        return 1
+    head = report.last_head
+    print(f"ledger OK: {report.entries} entries, {report.heads} signed tree heads; final root {head['root']} "
+          f"(size {head['size']}, signed {head['timestamp']} by key {report.key_id})")
+    if args.pubkey is None:
+        print(f"note: checked against {report.key_source}")
+    return 0
+
+
+def _load_step(run_dir: Path, step: int) -> tuple[int, bytes, bytes]:
+    from smalti.governance.ledger.store import LedgerStore, ledger_path
+
+    store = LedgerStore(ledger_path(run_dir))
+    try:
+        found = store.entry_at_step(step)
+    finally:
+        store.close()
+    if found is None:
+        raise SmaltiError(f"{run_dir}: the ledger has no entry for step {step}")
+    return found
+
+
+def run_show(args: argparse.Namespace) -> int:
+    from smalti.governance.ledger.audit import Ledger
+    from smalti.governance.ledger.entry import decode_entry
+
+    if args.step is not None:
+        index, leaf, data = _load_step(args.run_dir, args.step)
+        body = decode_entry(data).body
+        print(json.dumps({"index": index, "leaf": leaf.hex(), "entry": body}, indent=None if args.json else 1))
+        return 0
+    ledger = Ledger.load(args.run_dir)
+    names = ledger.layer_names
+    for entry in ledger.steps:
+        updated = sum(layer[0] for layer in entry["layers"])
+        if args.json:
+            print(json.dumps({"step": entry["step"], "loss": entry["loss"], "counts": entry["counts"],
+                              "updated_layers": updated, "dropped": len(entry["dropped"])}))
+        else:
+            counts = ", ".join(f"{c.rsplit('/', 1)[-1]}={n}" for c, n in entry["counts"].items())
+            print(f"step {entry['step']:>6}  loss {entry['loss']:.4f}  layers updated {updated}/{len(names)}  "
+                  f"{counts}" + (f"  dropped {len(entry['dropped'])}" if entry["dropped"] else ""))
+    return 0
+
+
+def run_proof(args: argparse.Namespace) -> int:
+    from smalti.governance.ledger import merkle
+    from smalti.governance.ledger.store import LedgerStore, ledger_path
+
+    index, leaf, data = _load_step(args.run_dir, args.step)
+    store = LedgerStore(ledger_path(args.run_dir))
+    try:
+        heads = [h for h in store.heads() if h.size > index]
+        if not heads:
+            raise SmaltiError(f"{args.run_dir}: no signed tree head covers step {args.step} yet")
+        head = heads[-1]
+        leaves = store.leaves(stop=head.size)
+    finally:
+        store.close()
+    proof = merkle.inclusion_proof(index, leaves)
+    print(json.dumps({
+        "step": args.step,
+        "leaf_index": index,
+        "tree_size": head.size,
+        "entry_base64": base64.b64encode(data).decode(),
+        "leaf_hash": merkle.leaf_hash(data).hex(),
+        "audit_path": [p.hex() for p in proof],
+        "tree_head": head.to_json(),
+        "how_to_check": "leaf = SHA-256(0x00 || entry); fold the audit path as RFC 9162 section 2.1.3.2; the result "
+                        "must equal tree_head.root; tree_head.signature is Ed25519 over tree_head.message",
+    }, indent=1))
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from smalti.governance.ledger.entry import decode_entry
+    from smalti.governance.ledger.store import LedgerStore, ledger_path
+    from smalti.io import atomic_write_bytes
+
+    out = args.out or args.run_dir / f"ledger.{args.format}"
+    store = LedgerStore(ledger_path(args.run_dir))
+    try:
+        rows = [{"index": index, "step": step, "leaf": leaf.hex(), "entry": decode_entry(data).body}
+                for index, step, leaf, data in store.rows()]
+    finally:
+        store.close()
+    if args.format == "jsonl":
+        atomic_write_bytes(out, "".join(json.dumps(row) + "\n" for row in rows).encode())
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table({"index": [r["index"] for r in rows], "step": [r["step"] for r in rows],
+                          "leaf": [r["leaf"] for r in rows], "entry": [json.dumps(r["entry"]) for r in rows]})
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        atomic_write_bytes(out, sink.getvalue().to_pybytes())
+    print(f"wrote {len(rows)} entries to {out}")
+    return 0

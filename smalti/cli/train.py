@@ -1,0 +1,77 @@
+"""``smalti train RECIPE``: train, or resume the run directory's last checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from smalti.config import Recipe, load_recipe
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a recipe (resumes automatically)",
+        description=(
+            "Train the model a recipe describes. If the run directory already holds a checkpoint "
+            "(from a crash, a kill or an earlier run), training resumes from it exactly. "
+            "Works the same under 'torchrun --nproc-per-node N -m smalti train ...'."
+        ),
+    )
+    parser.add_argument("recipe", type=Path, help="recipe YAML file (see recipes/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe setting, e.g. --set train.max_duration=200ba (repeatable)",
+    )
+    parser.add_argument(
+        "--run-dir", type=Path, default=None, help="where checkpoints and logs go (default: runs/<recipe name>)"
+    )
+    parser.set_defaults(run=run)
+
+
+def resolve_run_dir(recipe: Recipe, recipe_path: Path, override: Path | None) -> Path:
+    if override is not None:
+        return override
+    if recipe.run_dir is not None:
+        return recipe.run_dir
+    return Path("runs") / recipe_path.stem
+
+
+def run(args: argparse.Namespace) -> int:
+    from smalti.trainer import Trainer  # torch import is slow; keep --help fast
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    trainer = Trainer(recipe, resolve_run_dir(recipe, args.recipe, args.run_dir))
+    try:
+        result = trainer.fit()
+        if trainer.dist.is_main:
+            print_summary(result)
+    finally:
+        trainer.close()
+    return 0
+
+
+def print_summary(result) -> None:
+    table = Table(title="smalti train: summary", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    ts = result.timestamp
+    table.add_row("run directory", str(result.run_dir))
+    if result.resumed_from is not None:
+        table.add_row("resumed from", result.resumed_from.describe())
+    table.add_row("trained to", f"epoch {ts.epoch}, batch {ts.batch}, {ts.sample:,} samples, {ts.token:,} tokens")
+    table.add_row("parameters", f"{result.parameters:,}")
+    table.add_row("wall time", f"{result.seconds:.1f} s ({result.tokens_per_second:,.0f} tokens/s)")
+    table.add_row("final train loss", f"{result.train_loss:.4f}")
+    for name, value in result.eval_metrics.items():
+        table.add_row(f"final {name}", f"{value:.4f}")
+    table.add_row("checkpoint", str(result.checkpoint))
+    table.add_row("metrics", str(result.run_dir / "metrics.jsonl"))
+    Console().print(table)

@@ -1,0 +1,213 @@
+"""``smalti data prepare``: turn documents into tagged, signed shards.
+
+Every example is a window of ``seq_len + 1`` tokens of one document (so it has
+exactly one class), cut at stride ``seq_len``; the last ``val_fraction`` of
+each document goes to the validation split. Everything is checked before a
+byte is written: the signer must be a tagging authority of the taxonomy and
+allowed to tag every class it signs. Shards are written first and the signed
+manifest last, so an interrupted run leaves no dataset, only shards that the
+next run overwrites. The output is a pure function of the inputs (no
+timestamps), so preparing twice gives identical bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from rich.progress import Progress
+
+from smalti import __version__, formats
+from smalti.data.manifest import (
+    MANIFEST,
+    SPLITS,
+    canonical_json,
+    content_sha256,
+    leaf_bytes,
+    run_length,
+)
+from smalti.data.sources import Document
+from smalti.data.tokenizer import CharTokenizer
+from smalti.errors import DataError
+from smalti.io import atomic_write_bytes
+from smalti.governance.ledger import merkle
+from smalti.governance.keys import SigningKey, sign_bytes
+from smalti.governance.taxonomy import Taxonomy
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    name: str
+    seq_len: int = 64
+    val_fraction: float = 0.1
+    shard_examples: int = 20_000
+    overwrite: bool = False
+
+
+@dataclass
+class _Example:
+    example_id: str
+    class_name: str
+    tokens: np.ndarray
+    digest: bytes
+
+
+def _check_documents(documents: list[Document], taxonomy: Taxonomy, key: SigningKey) -> str:
+    authority = taxonomy.authority_with_key(key.public.key_id)
+    if authority is None or authority.role != "tagging":
+        raise DataError(f"signing key {key.public.key_id} is not a tagging authority of taxonomy '{taxonomy.name}'")
+    if not documents:
+        raise DataError("the source has no documents")
+    seen: set[str] = set()
+    for doc in documents:
+        if doc.doc_id in seen:
+            raise DataError(f"document '{doc.doc_id}' appears twice in the source")
+        seen.add(doc.doc_id)
+        if doc.class_name not in taxonomy:
+            raise DataError(f"document '{doc.doc_id}': class '{doc.class_name}' is not in taxonomy '{taxonomy.name}'")
+        if not taxonomy.may_tag(authority, doc.class_name):
+            raise DataError(f"document '{doc.doc_id}': '{authority.name}' may not tag class '{doc.class_name}'")
+    return authority.name
+
+
+def _windows(doc_id: str, split: str, class_name: str, ids: np.ndarray, seq_len: int) -> Iterable[_Example]:
+    for k in range(max(0, (len(ids) - 1) // seq_len)):
+        tokens = ids[k * seq_len : k * seq_len + seq_len + 1]
+        yield _Example(f"{doc_id}/{split}/{k:06d}", class_name, tokens, content_sha256(tokens))
+
+
+def _shard_bytes(examples: list[_Example], length: int, dtype: Any) -> bytes:
+    flat = np.concatenate([e.tokens for e in examples]).astype(dtype)
+    tokens = pa.FixedSizeListArray.from_arrays(pa.array(flat), length)
+    table = pa.table({
+        "id": pa.array([e.example_id for e in examples], pa.string()),
+        "class": pa.array([e.class_name for e in examples], pa.string()).dictionary_encode(),
+        "tokens": tokens,
+        "content_sha256": pa.array([e.digest for e in examples], pa.binary(32)),
+    })
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+class _SplitWriter:
+    """Cuts one split's examples into shards, writes them, and builds the split's manifest entry."""
+
+    def __init__(
+        self, split: str, fs: fsspec.AbstractFileSystem, root: str, length: int, dtype: Any, shard_examples: int
+    ) -> None:
+        self.split, self.fs, self.root, self.length, self.dtype = split, fs, root, length, dtype
+        self.shard_examples = shard_examples
+        self.shards: list[dict[str, Any]] = []
+        self.leaves: list[bytes] = []
+        self.counts: dict[str, int] = {}
+        self.pending: list[_Example] = []
+
+    def add(self, example: _Example) -> None:
+        self.pending.append(example)
+        self.counts[example.class_name] = self.counts.get(example.class_name, 0) + 1
+        if len(self.pending) == self.shard_examples:
+            self._flush()
+
+    def _flush(self) -> None:
+        name = f"{self.split}-{len(self.shards):05d}.parquet"
+        data = _shard_bytes(self.pending, self.length, self.dtype)
+        _write(self.fs, f"{self.root}/{name}", data)
+        leaves = [merkle.leaf_hash(leaf_bytes(e.example_id, e.class_name, e.digest)) for e in self.pending]
+        self.shards.append({
+            "name": name,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data),
+            "examples": len(self.pending),
+            "first_example": len(self.leaves),
+            "merkle_root": merkle.root(leaves).hex(),
+            "classes": run_length([e.class_name for e in self.pending]),
+        })
+        self.leaves.extend(leaves)
+        self.pending = []
+
+    def finish(self, seq_len: int) -> dict[str, Any]:
+        if self.pending:
+            self._flush()
+        if not self.leaves:
+            raise DataError(f"the {self.split} split is empty: documents are shorter than seq_len {seq_len}")
+        return {
+            "examples": len(self.leaves),
+            "class_counts": dict(sorted(self.counts.items())),
+            "merkle_root": merkle.root(self.leaves).hex(),
+            "shards": self.shards,
+        }
+
+
+def _write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write whole files: atomically on a local disk; object stores write whole objects anyway."""
+    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        atomic_write_bytes(path, data)
+    else:
+        with fs.open(path, "wb") as handle:
+            handle.write(data)
+
+
+def prepare_dataset(
+    documents: Iterable[Document],
+    taxonomy: Taxonomy,
+    key: SigningKey,
+    out_url: str,
+    options: PrepareOptions,
+    storage_options: dict[str, Any] | None = None,
+    tokenizer: CharTokenizer | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    if options.seq_len < 1 or options.shard_examples < 1 or not 0.0 < options.val_fraction < 1.0:
+        raise DataError("need seq_len >= 1, shard_examples >= 1 and 0 < val_fraction < 1")
+    docs = list(documents)
+    signer = _check_documents(docs, taxonomy, key)
+    tokenizer = tokenizer or CharTokenizer.from_texts(d.text for d in docs)
+    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+    length = options.seq_len + 1
+
+    fs, root = fsspec.core.url_to_fs(out_url, **(storage_options or {}))
+    if fs.exists(f"{root}/{MANIFEST}") and not options.overwrite:
+        raise DataError(f"{out_url}: already holds a prepared dataset (pass --overwrite to replace it)")
+    fs.makedirs(root, exist_ok=True)
+
+    splits: dict[str, dict[str, Any]] = {}
+    all_leaves: list[bytes] = []
+    with Progress(disable=not show_progress, transient=True) as progress:
+        task = progress.add_task("preparing", total=len(docs) * len(SPLITS))
+        for split in SPLITS:
+            writer = _SplitWriter(split, fs, root, length, dtype, options.shard_examples)
+            for doc in docs:
+                ids = tokenizer.encode(doc.text, where=doc.doc_id)
+                cut = int(len(ids) * (1.0 - options.val_fraction))
+                part = ids[:cut] if split == "train" else ids[cut:]
+                for example in _windows(doc.doc_id, split, doc.class_name, part, options.seq_len):
+                    writer.add(example)
+                progress.advance(task)
+            splits[split] = writer.finish(options.seq_len)
+            all_leaves.extend(writer.leaves)
+
+    manifest = {
+        "format": formats.DATASET,
+        "name": options.name,
+        "created_by": f"smalti {__version__}",
+        "taxonomy": {"name": taxonomy.name, "fingerprint": taxonomy.fingerprint},
+        "signer": {"authority": signer, "key_id": key.public.key_id},
+        "tokenizer": {"kind": "char", "chars": tokenizer.chars},
+        "seq_len": options.seq_len,
+        "example_length": length,
+        "token_dtype": np.dtype(dtype).name,
+        "val_fraction": options.val_fraction,
+        "splits": splits,
+        "merkle_root": merkle.root(all_leaves).hex(),
+    }
+    raw = canonical_json(manifest)
+    _write(fs, f"{root}/{MANIFEST}.sig", sign_bytes(raw, key).to_json().encode())
+    _write(fs, f"{root}/{MANIFEST}", raw)
+    return manifest

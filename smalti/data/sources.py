@@ -1,0 +1,118 @@
+"""Where raw training text comes from before it is tagged: a folder with a CSV, or a table.
+
+Each source yields ``Document`` s: an id, a provenance class, and the text.
+
+- A folder of text files (``.txt`` or ``.txt.gz``) with a CSV mapping file.
+  The CSV names each file in a ``file`` column, or in a ``work`` column as
+  ``<work>.txt[.gz]``. The class comes from a ``class`` column or from a
+  template over the CSV's columns, e.g. ``gutenberg/{genre}/{work}``. A
+  ``sha256`` column, if present, is checked against each text. The bundled
+  Shakespeare manifest works as is.
+- A Parquet or JSONL table with a text column and a class column (and an
+  optional id column; by default the row number).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import json
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from smalti.errors import DataError
+
+
+@dataclass(frozen=True)
+class Document:
+    doc_id: str
+    class_name: str
+    text: str
+
+
+def _template_fields(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def class_of_row(row: dict[str, str], template: str | None, where: str) -> str:
+    if template is None:
+        if "class" not in row:
+            raise DataError(f"{where}: no 'class' column; give a class template such as 'gutenberg/{{genre}}/{{work}}'")
+        return row["class"]
+    missing = [name for name in _template_fields(template) if name not in row]
+    if missing:
+        raise DataError(f"{where}: class template '{template}' uses column(s) {', '.join(missing)} the CSV lacks")
+    return template.format(**row)
+
+
+def read_mapping(csv_path: Path) -> list[dict[str, str]]:
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: mapping CSV not found")
+    with csv_path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        raise DataError(f"{csv_path}: mapping CSV has no rows")
+    return rows
+
+
+def classes_from_mapping(csv_path: Path, template: str | None) -> list[str]:
+    """The distinct classes a mapping CSV assigns, in order of first appearance."""
+    seen: dict[str, None] = {}
+    for line, row in enumerate(read_mapping(csv_path), start=2):
+        seen[class_of_row(row, template, f"{csv_path}:{line}")] = None
+    return list(seen)
+
+
+def documents_from_folder(folder: Path, mapping: Path | None = None, template: str | None = None) -> Iterator[Document]:
+    folder = Path(folder)
+    mapping = mapping or folder / "manifest.csv"
+    for line, row in enumerate(read_mapping(mapping), start=2):
+        where = f"{mapping}:{line}"
+        if row.get("file"):
+            candidates = [folder / row["file"]]
+        elif row.get("work"):
+            candidates = [folder / f"{row['work']}.txt.gz", folder / f"{row['work']}.txt"]
+        else:
+            raise DataError(f"{where}: needs a 'file' or 'work' column")
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            raise DataError(f"{where}: file {candidates[0].name} not found in {folder}")
+        raw = path.read_bytes()
+        if path.suffix == ".gz":
+            raw = gzip.decompress(raw)
+        if row.get("sha256") and hashlib.sha256(raw).hexdigest() != row["sha256"]:
+            raise DataError(f"{path}: sha256 does not match the mapping CSV ({where})")
+        doc_id = row.get("work") or path.name.removesuffix(".gz").removesuffix(".txt")
+        yield Document(doc_id=doc_id, class_name=class_of_row(row, template, where), text=raw.decode("utf-8"))
+
+
+def documents_from_table(
+    path: Path, text_column: str = "text", class_column: str = "class", id_column: str | None = None
+) -> Iterator[Document]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: table not found")
+    if path.suffix in (".jsonl", ".json"):
+        rows = []
+        with path.open(encoding="utf-8") as handle:
+            for line, text in enumerate(handle, start=1):
+                if text.strip():
+                    try:
+                        rows.append(json.loads(text))
+                    except json.JSONDecodeError:
+                        raise DataError(f"{path}:{line}: not valid JSON") from None
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+    else:
+        raise DataError(f"{path}: expected a .parquet or .jsonl table")
+    for number, row in enumerate(rows):
+        for column in (text_column, class_column) + ((id_column,) if id_column else ()):
+            if column not in row:
+                raise DataError(f"{path}: row {number} has no '{column}' column")
+        doc_id = str(row[id_column]) if id_column else f"row{number:08d}"
+        yield Document(doc_id=doc_id, class_name=str(row[class_column]), text=str(row[text_column]))

@@ -1,0 +1,78 @@
+"""Load a trained run for generation, without its corpus or recipe file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from smalti.build import build_model, with_recipe_surgery
+from smalti.checkpoint import CheckpointStore, load_checkpoint
+from smalti.config import Recipe
+from smalti.data.tokenizer import CharTokenizer
+from smalti.errors import CheckpointError, SmaltiError
+from smalti.models.gpt import GPT
+
+
+@dataclass
+class Generator:
+    model: GPT
+    tokenizer: CharTokenizer
+    adapters: list[str] = field(default_factory=list)  # per-class adapters switched on while generating
+
+    def sample(
+        self,
+        prompt: str,
+        max_new_tokens: int,
+        temperature: float = 0.8,
+        top_k: int | None = None,
+        rng: torch.Generator | None = None,
+    ) -> str:
+        if not prompt:
+            raise SmaltiError("the prompt is empty")
+        if temperature <= 0:
+            raise SmaltiError(f"temperature must be positive, got {temperature}")
+        try:
+            ids = self.tokenizer.encode(prompt, where="prompt")
+        except ValueError as error:
+            raise SmaltiError(str(error)) from None
+        context = torch.as_tensor(ids, dtype=torch.long)[None, :]
+        gates = getattr(self.model, "adapter_gates", None)
+        if gates is not None:
+            gates.set_on(self.adapters, batch_size=1)
+        out = self.model.generate(context, max_new_tokens, temperature=temperature, top_k=top_k, generator=rng)
+        return self.tokenizer.decode(out[0].tolist())
+
+
+def load_generator(
+    run_dir: Path, checkpoint: str | None = None, weights: str = "auto", adapters: list[str] | None = None
+) -> Generator:
+    if checkpoint is None:
+        if not Path(run_dir).is_dir():
+            raise CheckpointError(f"{run_dir}: run directory not found")
+        latest = CheckpointStore(Path(run_dir) / "checkpoints", keep=1).latest()
+        if latest is None:
+            raise CheckpointError(f"{run_dir}: no checkpoint yet (train first)")
+        checkpoint = str(latest)
+    payload = load_checkpoint(checkpoint)
+    recipe = Recipe.model_validate(payload["recipe"])
+    if payload.get("tokenizer") is None:
+        raise CheckpointError(f"{checkpoint}: not a text model (no tokenizer in the checkpoint); nothing to sample")
+    tokenizer = CharTokenizer.from_json(payload["tokenizer"])
+    model = with_recipe_surgery(build_model(recipe, tokenizer.vocab_size, payload.get("classes")), recipe)
+    model.load_state_dict(payload["model"])
+    gates = getattr(model, "adapter_gates", None)
+    unknown = [a for a in adapters or [] if gates is None or a not in gates.adapter_classes]
+    if unknown:
+        available = ", ".join(gates.adapter_classes) if gates is not None else "none"
+        raise SmaltiError(f"{checkpoint}: no adapter for class '{unknown[0]}' (this run has: {available})")
+    averages = payload["algorithms"].get("EMA", {}).get("averages")
+    if weights == "ema" and averages is None:
+        raise CheckpointError(f"{checkpoint}: --weights ema, but this run has no EMA weights")
+    if weights in ("ema", "auto") and averages is not None:
+        with torch.no_grad():  # by parameter, so tied weights (head = tok_emb) stay tied
+            for name, parameter in model.named_parameters():
+                parameter.copy_(averages[name])
+    model.eval()
+    return Generator(model=model, tokenizer=tokenizer, adapters=list(adapters or []))

@@ -1,0 +1,146 @@
+"""Forensic questions answered from a ledger's entries (read after ``verify``; never from the model).
+
+- ``layer(L)``: which classes contributed to layer L, how much (summed gradient
+  norms and mean share over the steps the layer was updated), and in how many steps;
+- ``for_class(C)``: which layers C (or any class under the node C) touched, in which steps;
+- ``example(ID)``: which steps held the example and which layers its signature
+  contributed to there (or that it was dropped);
+- ``parameter(NAME)``: the layer holding the parameter, then as ``layer``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from smalti.errors import SmaltiError
+from smalti.governance.ledger.entry import decode_entry
+from smalti.governance.ledger.store import LedgerStore, ledger_path
+from smalti.governance.taxonomy import Taxonomy
+
+
+class AuditError(SmaltiError):
+    """A question the ledger cannot answer (an unknown layer, class or parameter)."""
+
+
+def step_ranges(steps: list[int]) -> str:
+    """``1-4, 7, 9-10``: steps as compact ranges."""
+    parts, start = [], None
+    for i, step in enumerate(steps):
+        if start is None:
+            start = step
+        if i + 1 == len(steps) or steps[i + 1] != step + 1:
+            parts.append(str(start) if start == step else f"{start}-{step}")
+            start = None
+    return ", ".join(parts)
+
+
+def _signature_classes(signature: str) -> list[str]:
+    return signature.split("+")
+
+
+@dataclass
+class Ledger:
+    """A ledger's entries decoded in memory (one pass over the store)."""
+
+    run: dict[str, Any]
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "Ledger":
+        store = LedgerStore(ledger_path(run_dir))
+        try:
+            bodies = [decode_entry(data).body for _, _, _, data in store.rows()]
+        finally:
+            store.close()
+        if not bodies or bodies[0]["kind"] != "run":
+            raise AuditError(f"{ledger_path(run_dir)}: empty ledger or no run entry")
+        return cls(run=bodies[0], steps=bodies[1:])
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer["name"] for layer in self.run["layers"]]
+
+    def layer_index(self, name: str) -> int:
+        names = self.layer_names
+        if name not in names:
+            close = [n for n in names if name in n][:5]
+            hint = f"; did you mean {', '.join(close)}" if close else ""
+            raise AuditError(f"--layer {name!r}: no such layer in this run ({len(names)} layers){hint}")
+        return names.index(name)
+
+    def contributions(self) -> Iterator[tuple[int, str, int, float, float]]:
+        """(step, signature, layer, norm, share) for every recorded contribution."""
+        for entry in self.steps:
+            for signature, cells in entry["contributions"].items():
+                for layer, norm, share in cells:
+                    yield entry["step"], signature, layer, norm, share
+
+    # ---------------------------------------------------------------- questions
+
+    def layer(self, name: str) -> dict[str, Any]:
+        index = self.layer_index(name)
+        by_class: dict[str, dict[str, Any]] = {}
+        for step, signature, layer, norm, share in self.contributions():
+            if layer != index:
+                continue
+            row = by_class.setdefault(signature, {"steps": 0, "norm_sum": 0.0, "share_sum": 0.0})
+            row["steps"] += 1
+            row["norm_sum"] += norm
+            row["share_sum"] += share
+        updated = [e["step"] for e in self.steps if e["layers"][index][0]]
+        total_share = sum(r["share_sum"] for r in by_class.values()) or 1.0
+        for row in by_class.values():
+            row["share_of_total"] = row["share_sum"] / total_share
+        return {"layer": name, "parameters": self.run["layers"][index]["parameters"],
+                "updated_steps": step_ranges(updated), "updated_count": len(updated),
+                "classes": dict(sorted(by_class.items(), key=lambda kv: -kv[1]["share_sum"]))}
+
+    def parameter(self, name: str) -> dict[str, Any]:
+        for layer in self.run["layers"]:
+            if name in layer["parameters"]:
+                return self.layer(layer["name"])
+        raise AuditError(f"--param {name!r}: no such parameter in this run")
+
+    def for_class(self, node: str) -> dict[str, Any]:
+        if not any(Taxonomy.covers(node, c) for c in self.run["classes"]):
+            raise AuditError(f"--class {node!r}: not a class of this run's taxonomy")
+        touched: dict[int, list[int]] = {}
+        seen_steps: list[int] = []
+        examples = 0
+        for entry in self.steps:
+            count = sum(n for c, n in entry["counts"].items() if Taxonomy.covers(node, c))
+            if count:
+                seen_steps.append(entry["step"])
+                examples += count
+            for signature, cells in entry["contributions"].items():
+                if any(Taxonomy.covers(node, c) for c in _signature_classes(signature)):
+                    for layer, norm, _ in cells:
+                        if norm > 0:
+                            steps = touched.setdefault(layer, [])
+                            if not steps or steps[-1] != entry["step"]:
+                                steps.append(entry["step"])
+        names = self.layer_names
+        return {
+            "class": node,
+            "examples_seen": examples,
+            "steps_present": step_ranges(seen_steps),
+            "layers_touched": {names[j]: {"steps": len(s), "step_ranges": step_ranges(s)}
+                               for j, s in sorted(touched.items())},
+            "layers_never_touched": [names[j] for j in range(len(names)) if j not in touched],
+        }
+
+    def example(self, example_id: int) -> dict[str, Any]:
+        names = self.layer_names
+        appearances, dropped = [], []
+        for entry in self.steps:
+            if example_id in entry["dropped"]:
+                dropped.append(entry["step"])
+            for signature, ids in entry["examples"].items():
+                if example_id in ids:
+                    cells = entry["contributions"].get(signature, [])
+                    appearances.append({"step": entry["step"], "classes": _signature_classes(signature),
+                                        "layers": [names[layer] for layer, norm, _ in cells if norm > 0]})
+        return {"example": example_id, "steps": step_ranges([a["step"] for a in appearances]),
+                "dropped_in_steps": step_ranges(dropped), "appearances": appearances}

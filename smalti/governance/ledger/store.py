@@ -1,0 +1,149 @@
+"""The ledger's embedded store: one SQLite file in the run directory.
+
+SQLite because an auditor can open it with any tool, a committed transaction
+survives kill -9 (the journal rolls back a half-written one), and it needs
+no server. Three tables:
+
+- ``entries(idx, step, leaf, data)``: the entry bytes and their leaf hash
+  (the hash is stored to point at the first edited entry; it is recomputed,
+  never trusted, by verification);
+- ``heads(size, root, timestamp, final, key_id, signature)``: signed tree heads;
+- ``meta(key, value)``: the format identifier (``smalti.formats.LEDGER``, checked
+  whenever the file is opened) and the trainer's public key (informational: what
+  is trusted is what ``--pubkey`` names).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import sqlite3
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from smalti import formats
+from smalti.errors import SmaltiError
+from smalti.governance.keys import PublicKey
+from smalti.governance.ledger.entry import TreeHead
+
+LEDGER_FILE = "ledger.sqlite"
+ENTRY_FORMAT = 2  # in the run entry: 2 packs the numeric tables (see entry.py); format 1 entries still verify
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS entries (idx INTEGER PRIMARY KEY, step INTEGER NOT NULL, leaf BLOB NOT NULL,
+                                    data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS heads (size INTEGER PRIMARY KEY, root BLOB NOT NULL, timestamp TEXT NOT NULL,
+                                  final INTEGER NOT NULL, key_id TEXT NOT NULL, signature BLOB NOT NULL);
+"""
+
+
+class LedgerError(SmaltiError):
+    """A ledger that cannot be opened, continued or trusted."""
+
+
+def ledger_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / LEDGER_FILE
+
+
+class LedgerStore:
+    def __init__(self, path: str | Path, *, create: bool = False) -> None:
+        self.path = Path(path)
+        if not create and not self.path.is_file():
+            raise LedgerError(f"{self.path}: no ledger here (was the run trained with governance.ledger?)")
+        try:
+            self.db = sqlite3.connect(self.path, isolation_level=None)  # explicit transactions only
+            self.db.execute("PRAGMA page_size=16384")  # entries are ~5 kB: one page each, not an overflow chain
+            self.db.execute("PRAGMA mmap_size=1073741824")  # verification reads the whole file once
+            self.db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(_SCHEMA)
+            found = self.get_meta("format")
+            problem = formats.format_problem(found, formats.LEDGER, str(self.path))
+            if problem and (found is not None or self.size()):  # a new, empty file names no format yet
+                self.db.close()
+                raise LedgerError(problem)
+        except sqlite3.DatabaseError as error:
+            raise LedgerError(f"{self.path}: not a readable ledger ({error})") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -------------------------------------------------------------- meta
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def start_log(self, trainer_key: PublicKey) -> None:
+        """Name this file's format and the key that signs its heads, before the first entry."""
+        self.set_meta({"format": formats.LEDGER, "trainer_public_key": trainer_key.text})
+
+    def set_meta(self, values: dict[str, str]) -> None:
+        with self._transaction():
+            self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(values.items()))
+
+    # -------------------------------------------------------------- entries
+
+    def size(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
+
+    def append(self, rows: Sequence[tuple[int, int, bytes, bytes]], head: TreeHead | None = None) -> None:
+        """Commit entries (index, step, leaf, data) and optionally a tree head, all or nothing."""
+        with self._transaction():
+            self.db.executemany("INSERT INTO entries VALUES (?, ?, ?, ?)", rows)
+            if head is not None:
+                self._insert_head(head)
+
+    def add_head(self, head: TreeHead) -> None:
+        with self._transaction():
+            self._insert_head(head)
+
+    def _insert_head(self, head: TreeHead) -> None:
+        self.db.execute("INSERT OR REPLACE INTO heads VALUES (?, ?, ?, ?, ?, ?)",
+                        (head.size, head.root, head.timestamp, int(head.final), head.key_id, head.signature))
+
+    def truncate(self, size: int) -> None:
+        """Forget entries and heads past ``size`` (what a crashed run wrote after its last checkpoint)."""
+        with self._transaction():
+            self.db.execute("DELETE FROM entries WHERE idx >= ?", (size,))
+            self.db.execute("DELETE FROM heads WHERE size > ?", (size,))
+
+    def rows(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, int, bytes, bytes]]:
+        """(index, step, leaf, data) in index order."""
+        stop = stop if stop is not None else 2**62
+        yield from self.db.execute("SELECT idx, step, leaf, data FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx",
+                                   (start, stop))
+
+    def row_chunks(self, size: int, start: int | None = None) -> Iterator[list[tuple[int, int, bytes, bytes]]]:
+        """All rows (from index ``start`` on) in index order, ``size`` at a time (what verification reads)."""
+        if start is None:
+            cursor = self.db.execute("SELECT idx, step, leaf, data FROM entries ORDER BY idx")
+        else:
+            cursor = self.db.execute("SELECT idx, step, leaf, data FROM entries WHERE idx >= ? ORDER BY idx",
+                                     (start,))
+        while rows := list(itertools.islice(cursor, size)):  # iterating beats fetchmany (measured)
+            yield rows
+
+    def leaves(self, stop: int | None = None) -> list[bytes]:
+        stop = stop if stop is not None else 2**62
+        return [row[0] for row in self.db.execute("SELECT leaf FROM entries WHERE idx < ? ORDER BY idx", (stop,))]
+
+    def entry_at_step(self, step: int) -> tuple[int, bytes, bytes] | None:
+        row = self.db.execute("SELECT idx, leaf, data FROM entries WHERE step = ? AND idx > 0", (step,)).fetchone()
+        return (int(row[0]), row[1], row[2]) if row else None
+
+    def heads(self) -> list[TreeHead]:
+        rows = self.db.execute("SELECT size, root, timestamp, final, key_id, signature FROM heads ORDER BY size")
+        return [TreeHead(size=s, root=r, timestamp=t, final=bool(f), key_id=k, signature=sig)
+                for s, r, t, f, k, sig in rows]
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")

@@ -1,0 +1,293 @@
+"""The trainer's side of the ledger: measure each step, append it, sign tree heads at checkpoints.
+
+The trainer calls, per step: ``start_step`` (the loader's batch, and the
+batch after algorithms), ``backward`` for each microbatch (instead of its own), ``gradient_statistics`` once gradients are final,
+``after_optimizer_step`` once the weights moved; and ``sign`` when it writes a
+checkpoint or finishes.
+
+Nothing here waits for the device in the loop: a step's Gram matrices stay
+tensors in ``pending`` and become entries every ``flush_every`` steps (one
+transaction: a crash loses no committed entry). A checkpoint flushes, signs
+a tree head and stores it in the checkpoint; resuming from that checkpoint
+checks the ledger's first ``size`` entries still hash to the head's root and
+drops whatever a crashed run appended after it, so the resumed run writes
+the same entries an uninterrupted one would (G7).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from smalti import distributed
+from smalti.data.batch import Batch
+from smalti.distributed import DistInfo
+from smalti.governance.keys import SigningKey
+from smalti.governance.ledger import merkle
+from smalti.governance.ledger.entropy import EntropyProbe
+from smalti.governance.ledger.entry import ZERO_HASH, TreeHead, encode_packed_entry, pack_table
+from smalti.governance.ledger.recorder import (
+    UPDATE_SHARE_RULE,
+    ContributionRecorder,
+    contribution_numbers,
+    signature_key,
+    update_numbers,
+)
+from smalti.governance.ledger.store import ENTRY_FORMAT, LedgerError, LedgerStore, ledger_path
+from smalti.governance.routing import MicrobatchPlan, Router
+
+CONTRIBUTION_RULE = (
+    "per layer and routing signature s (a class, or classes joined by '+' for a mixed example): norm = |G_s|, "
+    "share = <G_s, G>/|G|^2, G_s the summed gradient of the step's examples with signature s, G the layer's step "
+    "gradient, both before clipping; shares of a layer sum to 1"
+)
+LAYER_FIELDS = ["updated", "update_norm", "relative_update", "cosine_previous_update", "parameter_norm",
+                "gradient_norm"]
+
+
+@dataclass
+class _PendingStep:
+    step: int
+    time: dict[str, int]
+    loss: torch.Tensor
+    examples: dict[str, list[int]]
+    dropped: list[int]
+    skipped: bool
+    updated: np.ndarray
+    signatures: list[str]
+    gradient: tuple[torch.Tensor, bool, float]  # Gram matrix of signature rows, outside row first?, 1/loss scale
+    update: tuple[torch.Tensor, tuple[int, int, int, int]]  # Gram matrix of parameters and updates, row roles
+    entropy: torch.Tensor | None = None
+
+
+class Ledger:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        key: SigningKey,
+        router: Router,
+        class_names: list[str],
+        fingerprints: dict[str, str | None],
+        *,
+        probe: Batch | None = None,
+        entropy_every: int = 50,
+        probe_tokens: int = 32,
+        flush_every: int = 50,
+        dist: DistInfo = DistInfo(),
+        recipe_fingerprint: str = "",
+    ) -> None:
+        self.key, self.dist = key, dist
+        self.class_names = class_names
+        self.fingerprints = fingerprints
+        self.recorder = ContributionRecorder(router, dist)
+        self.entropy = EntropyProbe(router.model, probe, class_names, probe_tokens) if probe is not None and entropy_every else None
+        self.entropy_every, self.flush_every = entropy_every, flush_every
+        # The latest profile, (step, layer names, [classes, layers] entropies): what State.entropy_profile holds.
+        self.last_entropy: tuple[int, list[str], torch.Tensor] | None = None
+        self.pending: list[_PendingStep] = []
+        self.genesis = {
+            "kind": "run",
+            "format": ENTRY_FORMAT,
+            "classes": list(class_names),
+            "layers": [{"name": n, "parameters": p} for n, p in
+                       zip(self.recorder.layer_names, self.recorder.layer_parameters)],
+            "layer_fields": LAYER_FIELDS,
+            "contribution_rule": CONTRIBUTION_RULE,
+            "update_share_rule": UPDATE_SHARE_RULE,
+            "fingerprints": fingerprints,
+            "recipe_fingerprint": recipe_fingerprint,
+            "trainer_key": key.public.key_id,
+            "entropy": None if self.entropy is None else {
+                "every": entropy_every, "tokens_per_class": probe_tokens, "layers": self.entropy.layer_names, "classes": self.entropy.class_names,
+                "probe_examples": probe.sample_ids.tolist(),
+            },
+        }
+        self.store: LedgerStore | None = None
+        self.frontier = merkle.Frontier()
+        self._previous_leaf = ZERO_HASH
+        if dist.is_main:
+            self.store = LedgerStore(ledger_path(run_dir), create=True)
+        self._step_examples: tuple[list[int], list[int], dict[str, int]] = ([], [], {})
+        self._gradient: tuple[list[str], torch.Tensor, bool, float] | None = None
+
+    # ---------------------------------------------------------------- start and resume
+
+    def start(self, head: dict[str, Any] | None, parent: dict[str, Any] | None = None) -> None:
+        """Continue the log a checkpoint's tree head describes, or start a new one (``head`` None); a new
+        log of a run forked from another (a deletion) names the parent's signed tree head first."""
+        if self.store is None:
+            return
+        if head is None:
+            self.store.truncate(0)
+            self.store.start_log(self.key.public)
+            self._append_bodies([self.genesis if parent is None else dict(self.genesis, parent=parent)])
+            return
+        size, expected = int(head["size"]), bytes.fromhex(head["root"])
+        leaves = self.store.leaves(stop=size)
+        if len(leaves) < size or merkle.root(leaves) != expected:
+            raise LedgerError(
+                f"{self.store.path}: its first {size} entries do not match the checkpoint's signed tree head "
+                f"(root {expected.hex()[:16]}...); the ledger was altered or belongs to another run"
+            )
+        self.store.truncate(size)  # what a crashed run appended after this checkpoint
+        for leaf in leaves:
+            self.frontier.append(leaf)
+        self._previous_leaf = leaves[-1] if leaves else ZERO_HASH
+
+    # ---------------------------------------------------------------- per step
+
+    def start_step(self, loaded: Batch, trained: Batch) -> None:
+        """The examples the loader gave this step, and those still in it after algorithms ran."""
+        kept = trained.sample_ids.tolist()
+        kept_set = set(kept)
+        dropped = [i for i in loaded.sample_ids.tolist() if i not in kept_set]
+        by_signature: dict[str, list[int]] = {}
+        for example, row in zip(kept, trained.provenance.tolist()):
+            by_signature.setdefault(signature_key([c for c in row if c >= 0], self.class_names), []).append(example)
+        self._step_examples = (by_signature, dropped)
+        self.recorder.start_step()
+
+    def backward(self, loss: torch.Tensor, plan: MicrobatchPlan, microbatch: Batch) -> None:
+        """The backward pass of one single-signature microbatch, its contribution kept apart."""
+        first = microbatch.provenance[0].tolist()
+        self.recorder.backward(loss, plan, signature_key([c for c in first if c >= 0], self.class_names))
+
+    def gradient_statistics(self, inv_scale: float = 1.0) -> None:
+        """Gradients are final (summed over ranks, unscaled, not yet clipped): measure contributions."""
+        self._gradient = self.recorder.gradient_statistics(inv_scale)
+
+    def after_optimizer_step(self, step: int, time: dict[str, int], loss: torch.Tensor, updated: np.ndarray,
+                             skipped: bool = False) -> None:
+        assert self._gradient is not None, "gradient_statistics must run before the optimizer step"
+        signatures, gram, outside, inv_scale = self._gradient
+        update = self.recorder.update_statistics()
+        self._gradient = None
+        examples, dropped = self._step_examples
+        if self.dist.enabled:  # rank order: the global batch's order
+            gathered = distributed.all_gather_object((examples, dropped), self.dist)
+            examples = {}
+            for part, _ in gathered:
+                for signature, ids in part.items():
+                    examples.setdefault(signature, []).extend(ids)
+            dropped = [i for _, part in gathered for i in part]
+        entropy = None
+        if self.entropy is not None and step % self.entropy_every == 0:
+            entropy = self.entropy.measure()
+            self.last_entropy = (step, self.entropy.layer_names, entropy)  # every rank: same model, same probe
+        if not self.dist.is_main:
+            return
+        self.pending.append(_PendingStep(
+            step=step, time=time, loss=loss.detach(), examples=examples, dropped=dropped,
+            skipped=skipped, updated=self.recorder.layer_flags(updated) & (not skipped), signatures=signatures,
+            gradient=(gram, outside, inv_scale), update=update, entropy=entropy,
+        ))
+        if len(self.pending) >= self.flush_every:
+            self.flush()
+
+    # ---------------------------------------------------------------- writing
+
+    def flush(self) -> None:
+        if self.store is None or not self.pending:
+            return
+        # One device-to-host copy for every pending number: one synchronisation per flush, not eight per step.
+        host = iter(_to_host([t for p in self.pending for t in (p.loss, p.gradient[0], p.update[0])]))
+        bodies = [self._body(p, next(host), contribution_numbers(next(host), *p.gradient[1:]),
+                             update_numbers(next(host), p.update[1]))
+                  for p in self.pending]
+        self._append_bodies(bodies)
+        self.pending = []
+
+    def _append_bodies(self, bodies: list[dict[str, Any]]) -> None:
+        """Append entries whose tables are already packed (the first entry has none)."""
+        rows = []
+        for body in bodies:
+            index = self.frontier.size
+            data = encode_packed_entry(index, self._previous_leaf, body)
+            leaf = merkle.leaf_hash(data)
+            rows.append((index, int(body.get("step", 0)), leaf, data))
+            self.frontier.append(leaf)
+            self._previous_leaf = leaf
+        self.store.append(rows)
+
+    def _body(self, p: _PendingStep, loss: np.ndarray, gradient: tuple[np.ndarray, ...],
+              update: tuple[np.ndarray, ...]) -> dict[str, Any]:
+        """A step entry with its tables packed straight from the arrays (NaN where a statistic is undefined;
+        a signature's table runs to the last layer it reached, zero where it sent no gradient)."""
+        norms, dots, gradient_sq = gradient
+        update_norm, before_norm, after_norm, dot_previous, previous_norm = update
+        with np.errstate(divide="ignore", invalid="ignore"):
+            relative = np.where(before_norm > 0, update_norm / before_norm, np.nan)
+            moved = (update_norm > 0) & (previous_norm > 0)
+            cosine = np.where(moved, dot_previous / (update_norm * previous_norm), np.nan)
+            shares = np.where(gradient_sq > 0, dots / gradient_sq, 0.0)
+        layers = np.column_stack([p.updated.astype(np.float64), update_norm, relative, cosine, after_norm,
+                                  np.sqrt(gradient_sq)])
+        contributions = {}
+        for s, signature in enumerate(p.signatures):
+            reached = norms[s] > 0
+            last = int(np.flatnonzero(reached)[-1]) + 1 if reached.any() else 0
+            table = np.where(reached[:, None], np.stack([norms[s], shares[s]], axis=1), 0.0)[:last]
+            contributions[signature] = pack_table(table)
+        body: dict[str, Any] = {
+            "kind": "step",
+            "step": p.step,
+            "time": p.time,
+            "loss": float(loss),
+            "examples": p.examples,
+            "dropped": p.dropped,
+            "counts": _class_counts(p.examples),
+            "skipped": p.skipped,
+            "fingerprints": self.fingerprints,
+            "layers": pack_table(layers),
+            "contributions": contributions,
+        }
+        if p.entropy is not None:
+            body["entropy"] = pack_table(p.entropy.cpu().double().numpy())
+        return body
+
+    def sign(self, final: bool) -> dict[str, Any] | None:
+        """Commit what is pending and sign the tree head (main rank; other ranks return None)."""
+        if self.store is None:
+            return None
+        self.flush()
+        timestamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        unsigned = TreeHead(size=self.frontier.size, root=self.frontier.root(), timestamp=timestamp, final=final)
+        head = TreeHead(size=unsigned.size, root=unsigned.root, timestamp=timestamp, final=final,
+                        key_id=self.key.public.key_id, signature=self.key.sign(unsigned.message()))
+        self.store.add_head(head)
+        return head.to_json()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.recorder.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.recorder.load_state_dict(state)
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.flush()
+            self.store.close()
+            self.store = None
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
+    """float64 numpy copies of ``tensors``, through one transfer where they live on an accelerator."""
+    if all(t.device.type == "cpu" for t in tensors):
+        return [t.detach().double().numpy() for t in tensors]
+    flat = torch.cat([t.detach().reshape(-1).double() for t in tensors]).cpu().numpy()
+    ends = np.cumsum([t.numel() for t in tensors])
+    return [part.reshape(t.shape) for part, t in zip(np.split(flat, ends[:-1]), tensors)]
+
+
+def _class_counts(examples: dict[str, list[int]]) -> dict[str, int]:
+    """Examples per class (a mixed example counts for each of its classes)."""
+    counts: dict[str, int] = {}
+    for signature, ids in examples.items():
+        for name in signature.split("+"):
+            counts[name] = counts.get(name, 0) + len(ids)
+    return dict(sorted(counts.items()))

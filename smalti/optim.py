@@ -1,0 +1,67 @@
+"""Optimizers and learning-rate schedules in Time units."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from smalti.config import OptimizerConfig, SchedulerConfig
+from smalti.core.state import State
+from smalti.core.time import Time
+
+
+def build_optimizer(model: torch.nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
+    """Weight decay on matrices and embeddings only; biases and norm gains are not decayed.
+
+    Parameters are grouped by name in ``named_parameters`` order, so the
+    optimizer state layout is identical on every rank and after a resume.
+    """
+    decay, no_decay = [], []
+    for _, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (decay if parameter.dim() >= 2 else no_decay).append(parameter)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if config.name == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+
+
+class LRSchedule:
+    """Linear warmup, then cosine, linear or constant decay; a pure function of the timestamp.
+
+    Because the learning rate is recomputed from ``State`` before every batch,
+    there is no step counter to drift, and a resumed run gets the same rate.
+    """
+
+    def __init__(self, config: SchedulerConfig, base_lr: float) -> None:
+        self.name = config.name
+        self.warmup = Time.parse(config.warmup)
+        self.final_fraction = config.final_lr_fraction
+        self.base_lr = base_lr
+
+    def factor(self, state: State) -> float:
+        done = state.timestamp.batch
+        total = state.batches_in(state.max_duration)
+        warmup = state.batches_in(self.warmup)
+        if done < warmup:
+            return (done + 1) / warmup
+        if self.name == "constant":
+            return 1.0
+        progress = min(1.0, (done - warmup) / max(1.0, total - warmup))
+        if self.name == "linear":
+            return 1.0 - (1.0 - self.final_fraction) * progress
+        return self.final_fraction + (1.0 - self.final_fraction) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def apply(self, state: State) -> float:
+        lr = self.base_lr * self.factor(state)
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "warmup": str(self.warmup), "base_lr": self.base_lr}

@@ -1,3 +1,0 @@
-"""Tessera: train PyTorch models fast, and govern what they learn."""
-
-__version__ = "0.1.0"
