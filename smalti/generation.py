@@ -71,8 +71,8 @@ def load_generator(
     if weights == "ema" and averages is None:
         raise CheckpointError(f"{checkpoint}: --weights ema, but this run has no EMA weights")
     if weights in ("ema", "auto") and averages is not None:
-        with torch.no_grad():  # by parameter, so tied weights (head = tok_emb) stay tied
-            for name, parameter in model.named_parameters():
-                parameter.copy_(averages[name])
+        with torch.no_grad():  # by name, so tied weights (head = tok_emb) stay tied; buffers too (EMA averages them)
+            for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+                tensor.copy_(averages[name])
     model.eval()
     return Generator(model=model, tokenizer=tokenizer, adapters=list(adapters or []))

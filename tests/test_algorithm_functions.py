@@ -398,7 +398,7 @@ def test_progressive_resizing_schedule_by_hand():
 
 def test_selective_backprop_schedule_and_selection():
     assert not should_select(4, 0.3, start=0.5, end=0.9, interrupt=2)
-    assert should_select(5, 0.6, 0.5, 0.9, 2) and not should_select(4, 0.6, 0.5, 0.9, 2)
+    assert should_select(4, 0.6, 0.5, 0.9, 2) and not should_select(5, 0.6, 0.5, 0.9, 2)  # every 2nd batch: all rows
     assert not should_select(5, 0.95, 0.5, 0.9, 2)
     losses = torch.tensor([0.1, 5.0, 0.2, 3.0])
     assert torch.equal(select_by_loss(losses, 1.0), torch.arange(4))

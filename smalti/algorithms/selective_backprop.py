@@ -33,7 +33,8 @@ class SelectiveBackprop(Algorithm):
 
     Method card
         What: between ``start`` and ``end``, a no-grad forward ranks the examples by loss; ``keep``
-        of them are drawn with probability proportional to their loss percentile and trained on.
+        of them are drawn with probability proportional to ``percentile ** (1 / keep - 1)`` and
+        trained on (as Composer); every ``interrupt``-th batch of an epoch trains on all rows.
         Governance: the examples left out are recorded by the ledger as not contributing to that
         step (their ids, per class), so the record says what the model really learned from.
         When it helps: forward passes much cheaper than backward passes; data with many easy
@@ -55,7 +56,7 @@ class SelectiveBackprop(Algorithm):
 
     def match(self, event: Event, state: State) -> bool:
         return event is Event.AFTER_DATALOADER and should_select(
-            state.timestamp.batch, state.elapsed_fraction, self.start, self.end, self.interrupt)
+            state.timestamp.batch_in_epoch, state.elapsed_fraction, self.start, self.end, self.interrupt)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         batch, model = state.batch, state.model

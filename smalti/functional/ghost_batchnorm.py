@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -9,8 +11,13 @@ from torch import nn
 class GhostBatchNorm(nn.Module):
     """Batch norm over "ghost" batches of ``ghost_batch_size`` rows: the noise of a small batch, at any batch size.
 
-    In evaluation it is exactly the wrapped batch norm (the running statistics
-    are shared, updated once per ghost batch).
+    As Composer: a batch of ``n`` rows is cut into ``ceil(n / ghost_batch_size)`` chunks of
+    near-equal size (``torch.chunk``: 100 rows at 32 make 4 x 25, not 32+32+32+4), and the
+    running-statistics momentum is divided by that number while they are normalised, so
+    the statistics move as far per batch as one plain batch norm's would. In evaluation it
+    is exactly the wrapped batch norm. One deviation: a batch smaller than a ghost batch is
+    normalised whole, where Composer raises; one-class microbatches under a routing policy
+    are routinely that small.
     """
 
     def __init__(self, batchnorm: nn.modules.batchnorm._BatchNorm, ghost_batch_size: int) -> None:
@@ -23,7 +30,14 @@ class GhostBatchNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or x.shape[0] <= self.ghost_batch_size:
             return self.batchnorm(x)
-        return torch.cat([self.batchnorm(chunk) for chunk in x.split(self.ghost_batch_size)])
+        chunks = math.ceil(x.shape[0] / self.ghost_batch_size)
+        momentum = self.batchnorm.momentum
+        if momentum is not None:  # None: a cumulative average, which counts its updates itself
+            self.batchnorm.momentum = float(momentum) / chunks
+        try:
+            return torch.cat([self.batchnorm(chunk) for chunk in x.chunk(chunks)])
+        finally:
+            self.batchnorm.momentum = momentum
 
 
 def apply_ghost_batchnorm(model: nn.Module, ghost_batch_size: int = 32) -> int:
