@@ -122,3 +122,13 @@ def test_prepare_to_s3_verify_and_train_from_it(governed, tiny_corpus, s3_server
     assert data.provenance["manifest_root"] == local.provenance["manifest_root"]  # same bytes, prepared twice
     batch = next(data.train_batches(0, 0))
     assert torch.equal(batch.inputs, next(local.train_batches(0, 0)).inputs)
+    data.train.close(), data.val.close(), local.train.close(), local.val.close()
+
+    # Train from the bucket, through the cache: the same model as training from the local copy.
+    trainer = Trainer(config, tmp_path / "from-s3")
+    trainer.fit()
+    trainer.close()
+    assert len(losses(tmp_path / "from-s3")) == 4
+    assert list((tmp_path / "cache").glob("*.shard")), "the shards came through the cache"
+    Trainer(recipe(governed.recipe(train={"max_duration": "4ba"})), tmp_path / "from-disk").fit()
+    assert losses(tmp_path / "from-s3") == losses(tmp_path / "from-disk")

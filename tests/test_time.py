@@ -96,3 +96,10 @@ def test_due_intervals():
 def test_max_duration_cannot_be_dur():
     with pytest.raises(ValueError, match="max_duration"):
         _state("0.5dur")
+
+
+def test_a_duration_fraction_survives_the_round_trip_through_its_string():
+    """Recipes store times as strings: a fraction must not be rounded on the way (it moved warmup ends)."""
+    for value in (0.0909090909090909, 1 / 3, 0.5, 0.1, 1.0):
+        assert Time.parse(str(Time.parse(f"{value!r}dur"))).value == value
+    assert str(Time.parse("0.5dur")) == "0.5dur" and str(Time.parse("1dur")) == "1dur"

@@ -143,11 +143,30 @@ def test_load_path_starts_from_another_run(tmp_path, tiny_corpus):
     assert_tree_equal(trainer.model.state_dict(), latest_payload(tmp_path / "base")["model"])
 
 
+class ActivationDtypes(Callback):
+    """Records the dtype of every Linear layer's output in the training forward passes."""
+
+    def __init__(self):
+        self.dtypes: set[torch.dtype] = set()
+
+    def fit_start(self, state, logger):
+        for module in state.model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_hook(lambda _m, _i, output: self.dtypes.add(output.dtype))
+
+
 def test_amp_bf16_trains_on_cpu(tmp_path, tiny_corpus):
     config = tiny_recipe(tiny_corpus, train={"max_duration": "30ba", "precision": "amp_bf16"})
-    Trainer(recipe(config), tmp_path / "run").fit()
+    seen = ActivationDtypes()
+    Trainer(recipe(config), tmp_path / "run", callbacks=[seen]).fit()
+    assert seen.dtypes == {torch.bfloat16}  # the matmuls really ran under bf16 autocast
     curve = losses(tmp_path / "run")
     assert all(math.isfinite(loss) for _, loss in curve) and curve[-1][1] < curve[0][1] - 0.3
+    fp32, seen32 = tiny_recipe(tiny_corpus, train={"max_duration": "30ba"}), ActivationDtypes()
+    Trainer(recipe(fp32), tmp_path / "fp32", callbacks=[seen32]).fit()
+    assert seen32.dtypes == {torch.float32}
+    differences = [abs(a - b) for (_, a), (_, b) in zip(curve, losses(tmp_path / "fp32"))]
+    assert max(differences) > 1e-5  # bf16 changes the numbers, not only the label (fp32 twice: 0 exactly)
 
 
 def test_amp_fp16_needs_cuda(tmp_path, tiny_corpus):

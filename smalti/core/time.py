@@ -112,8 +112,9 @@ class Time:
         return self.value >= other.value
 
     def __str__(self) -> str:
-        if self.unit is TimeUnit.DURATION:
-            return f"{self.value:g}dur"
+        if self.unit is TimeUnit.DURATION:  # short when that is exact; never rounded (recipes store this)
+            short = f"{self.value:g}"
+            return f"{short if float(short) == self.value else repr(self.value)}dur"
         return f"{self.value}{self.unit.value}"
 
     def __repr__(self) -> str:
