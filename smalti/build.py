@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from smalti.config import Recipe
+from smalti.data.freshness import FreshnessRule
 from smalti.data.lm import LanguageModelData, OrderConfig, corpus_data, dataset_data, mixture_data
 from smalti.data.shards import CacheConfig
 from smalti.distributed import DistInfo
@@ -72,9 +73,11 @@ def build_data(recipe: Recipe, dist: DistInfo) -> LanguageModelData:
     )
     if config.mixture:
         urls, weights = [m.url for m in config.mixture], [m.weight for m in config.mixture]
-        return mixture_data(urls, weights, taxonomy, recipe.seq_len, order, **options)
+        rules = [FreshnessRule(m.manifest_root, m.min_version) for m in config.mixture]
+        return mixture_data(urls, weights, taxonomy, recipe.seq_len, order, freshness=rules, **options)
     assert config.url is not None
-    return dataset_data(config.url, taxonomy, recipe.seq_len, order, **options)
+    return dataset_data(config.url, taxonomy, recipe.seq_len, order,
+                        freshness=FreshnessRule(config.manifest_root, config.min_version), **options)
 
 
 def class_unit(recipe: Recipe) -> int | None:

@@ -82,9 +82,15 @@ def _parse_bytes(value: Any) -> int:
     return int(float(match.group(1)) * units[match.group(2)])
 
 
+_ROOT_DESCRIPTION = "load only the dataset with this manifest root (hex): refuses every other release"
+_VERSION_DESCRIPTION = "refuse a dataset whose signed manifest version is lower (a rolled-back release)"
+
+
 class MixtureEntry(Section):
     url: str
     weight: float = Field(gt=0.0)
+    manifest_root: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description=_ROOT_DESCRIPTION)
+    min_version: int | None = Field(None, ge=1, description=_VERSION_DESCRIPTION)
 
 
 class DataConfig(Section):
@@ -95,6 +101,8 @@ class DataConfig(Section):
     # ... or a prepared, signed dataset at any fsspec URL.
     url: str | None = Field(None, json_schema_extra={"path": True}, description="prepared dataset (path or fsspec URL)")
     mixture: list[MixtureEntry] = Field(default_factory=list, description="several prepared datasets with weights")
+    manifest_root: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="data.url: " + _ROOT_DESCRIPTION)
+    min_version: int | None = Field(None, ge=1, description="data.url: " + _VERSION_DESCRIPTION)
     # ... or a bundled image task (offline).
     images: Literal["digits"] | None = Field(None, description="digits: scikit-learn's handwritten digits "
                                              "(needs the [vision] extra), for model.name resnet")
@@ -138,6 +146,8 @@ class DataConfig(Section):
                              "data.mixture (several prepared datasets) or data.images (a bundled image task)")
         if given[0] not in ("corpus", "images") and (self.taxonomy is None or self.trust is None):
             raise ValueError(f"data.{given[0]} needs data.taxonomy and data.trust (the data-governance public key)")
+        if given[0] != "url" and (self.manifest_root or self.min_version):
+            raise ValueError("data.manifest_root and data.min_version pin data.url (a mixture pins each entry)")
         return self
 
 

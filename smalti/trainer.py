@@ -495,6 +495,15 @@ class Trainer:
                 self.ledger.start(None, parent=fork["parent"] if fork else None)
             return None
         where = latest or config.load_path
+        # The data first (freshness, then the order): another release also changes the model it builds.
+        recorded, current = (payload.get("data") or {}).get("manifest_version"), self.data.provenance.get("manifest_version")
+        if latest is not None and recorded is not None and current is not None and current < recorded:
+            raise CheckpointError(f"{where}: trained on release {recorded} of the dataset; {self.data.provenance['url']} "
+                                  f"now holds release {current} (rolled back?)")
+        try:
+            position = self.data.sampler.check_resumable(payload["sampler"])
+        except ValueError as error:
+            raise CheckpointError(f"{where}: {error}") from None
         if payload.get("surgery", []) != applied_surgery(self.model):
             raise CheckpointError(f"{where}: written for a model with surgery {payload.get('surgery', [])}, "
                                   f"this one has {applied_surgery(self.model)}; use the same algorithms")
@@ -508,7 +517,6 @@ class Trainer:
             raise CheckpointError(f"{where}: does not fit this model/optimizer ({reason})") from None
         if self.scaler is not None and payload["scaler"] is not None:
             self.scaler.load_state_dict(payload["scaler"])
-        position = self.data.sampler.check_resumable(payload["sampler"])
         timestamp = Timestamp.from_state_dict(payload["timestamp"])
         if position.epoch != timestamp.epoch:
             raise CheckpointError(f"{where}: sampler epoch {position.epoch} != timestamp epoch {timestamp.epoch}")

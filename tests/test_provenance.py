@@ -88,7 +88,7 @@ def test_example_content_and_hash_changed_together(governed_copy):
         columns["content_sha256"][3] = content_sha256(np.array(columns["tokens"][3]))
 
     _rewrite_shard(governed_copy.dataset / "train-00000.parquet", change)
-    _refuses(governed_copy, r"train-00000\.parquet: an example's id or content hash differs from what was signed \(Merkle root mismatch\)")
+    _refuses(governed_copy, r"train-00000\.parquet: the examples' ids, order or content hashes differ from what was signed \(Merkle root mismatch")
 
 
 def test_example_class_changed(governed_copy):
@@ -213,3 +213,127 @@ def test_cli_fails_closed_with_one_line_and_nonzero_exit(governed_copy, tmp_path
     verify = smalti_cli("data", "verify", str(governed_copy.dataset), "--taxonomy", str(governed_copy.taxonomy),
                          "--trust", str(governed_copy.trust))
     assert verify.returncode != 0 and "differs from the signed class" in verify.stderr
+
+
+# ---------------------------------------------------------------- rows, shards and releases the manifest did not sign
+
+
+def test_a_row_deleted_inside_a_shard(governed_copy):
+    _rewrite_shard(governed_copy.dataset / "train-00000.parquet",
+                   lambda columns: [values.pop(7) for values in columns.values()])
+    _refuses(governed_copy, r"train-00000\.parquet: 199 examples, the signed manifest says 200")
+
+
+def test_a_row_duplicated_over_another_inside_a_shard(governed_copy):
+    def change(columns):  # row 3 copied over row 5: its own hash and class, so every per-row check passes
+        for values in columns.values():
+            values[5] = values[3]
+
+    _rewrite_shard(governed_copy.dataset / "train-00000.parquet", change)
+    _refuses(governed_copy, r"train-00000\.parquet: example '[^']+/train/000003' appears twice \(rows 3 and 5\)")
+
+
+def test_rows_reordered_inside_a_shard(governed_copy):
+    def change(columns):  # two rows of one class swapped whole: ids, hashes and classes all still agree
+        for values in columns.values():
+            values[10], values[11] = values[11], values[10]
+
+    _rewrite_shard(governed_copy.dataset / "train-00000.parquet", change)
+    _refuses(governed_copy, r"train-00000\.parquet: the examples' ids, order or content hashes differ .*moved")
+
+
+def test_an_extra_shard_the_manifest_does_not_list(governed_copy):
+    import shutil
+
+    shutil.copy(governed_copy.dataset / "train-00001.parquet", governed_copy.dataset / "train-00099.parquet")
+    _refuses(governed_copy, r"dataset/train-00099\.parquet: a shard the signed manifest does not list")
+    verify = smalti_cli("data", "verify", str(governed_copy.dataset), "--taxonomy", str(governed_copy.taxonomy),
+                        "--trust", str(governed_copy.trust))
+    assert verify.returncode != 0 and "train-00099.parquet: a shard the signed manifest does not list" in verify.stderr
+
+
+def _prepare(g, documents, **options):
+    from smalti.data.prepare import PrepareOptions, prepare_dataset
+    from smalti.governance.keys import PublicKey
+    from smalti.governance.taxonomy import Taxonomy
+
+    taxonomy = Taxonomy.load(g.taxonomy, PublicKey.load(g.trust))
+    return prepare_dataset(documents, taxonomy, SigningKey.load(g.key("tagger")), str(g.dataset),
+                           PrepareOptions(name="tiny", seq_len=16, shard_examples=200, **options), show_progress=False)
+
+
+def test_a_rollback_to_an_older_signed_release_is_refused(governed_copy, tiny_corpus, tmp_path):
+    """Release 2 drops a work; putting release 1 back (validly signed) must not train the dropped work again."""
+    import shutil
+
+    from conftest import CLASS_TEMPLATE
+    from smalti.data.sources import documents_from_folder
+
+    g = governed_copy
+    first = _manifest(g)
+    assert first["version"] == 1
+    build_data(recipe(g.recipe()), DistInfo())  # this machine (its cache folder) has now seen release 1
+    release_1 = tmp_path / "release-1"
+    shutil.copytree(g.dataset, release_1)
+
+    documents = [d for d in documents_from_folder(tiny_corpus, template=CLASS_TEMPLATE) if "macbeth" not in d.doc_id]
+    with pytest.raises(SmaltiError, match="already holds a prepared dataset"):
+        _prepare(g, documents)
+    second = _prepare(g, documents, overwrite=True)
+    assert second["version"] == 2 and second["merkle_root"] != first["merkle_root"]
+    on_disk = sorted(p.name for p in g.dataset.glob("*.parquet"))  # release 1's extra shards went with it
+    assert on_disk == sorted(s["name"] for split in second["splits"].values() for s in split["shards"])
+    assert len(on_disk) < len(list(release_1.glob("*.parquet")))
+    data = build_data(recipe(g.recipe()), DistInfo())  # release 2 loads, and raises the record to 2
+    assert data.provenance["manifest_version"] == 2
+
+    shutil.rmtree(g.dataset)
+    shutil.copytree(release_1, g.dataset)  # the rollback: every byte and signature of release 1 is genuine
+    message = _refuses(g, r"dataset 'tiny' version 1 is older than version 2 already loaded from here")
+    assert first["merkle_root"] in message  # and says how to train on it on purpose
+
+    pinned = recipe(g.recipe(data={"manifest_root": first["merkle_root"]}))
+    assert build_data(pinned, DistInfo()).provenance["manifest_root"] == first["merkle_root"]
+    # A machine that never saw release 2 is protected by the recipe's floor, or by a pin to release 2.
+    fresh = {"cache_dir": str(tmp_path / "fresh-cache")}
+    for rule, pattern in (({"min_version": 2}, r"version 1 is older than data.min_version 2"),
+                          ({"manifest_root": second["merkle_root"]}, r"is not the root data.manifest_root pins")):
+        with pytest.raises(SmaltiError, match=pattern):
+            build_data(recipe(g.recipe(data={**fresh, **rule})), DistInfo())
+    assert build_data(recipe(g.recipe(data=fresh)), DistInfo()).provenance["manifest_version"] == 1
+
+
+def test_prepare_refuses_a_version_that_does_not_move_forward(governed_copy, tiny_corpus):
+    from conftest import CLASS_TEMPLATE
+    from smalti.data.sources import documents_from_folder
+
+    documents = list(documents_from_folder(tiny_corpus, template=CLASS_TEMPLATE))
+    with pytest.raises(SmaltiError, match=r"version 1 must be at least 1 and above the version it replaces \(1\)"):
+        _prepare(governed_copy, documents, overwrite=True, version=1)
+    assert _prepare(governed_copy, documents, overwrite=True, version=7)["version"] == 7
+
+
+def test_a_resumed_run_refuses_another_release_in_one_line(governed_copy, tiny_corpus, tmp_path):
+    """The run's own record: even on a machine whose cache never saw the newer release, a resume refuses to go back."""
+    import shutil
+
+    from conftest import CLASS_TEMPLATE
+    from smalti.data.sources import documents_from_folder
+    from smalti.errors import CheckpointError
+
+    g = governed_copy
+    release_1 = tmp_path / "release-1"
+    shutil.copytree(g.dataset, release_1)
+    documents = [d for d in documents_from_folder(tiny_corpus, template=CLASS_TEMPLATE) if "macbeth" not in d.doc_id]
+    _prepare(g, documents, overwrite=True)
+    run = tmp_path / "run"
+    Trainer(recipe(g.recipe(train={"max_duration": "4ba"})), run).fit()
+    shutil.rmtree(g.dataset)
+    shutil.copytree(release_1, g.dataset)
+    elsewhere = g.recipe(train={"max_duration": "8ba"}, data={"cache_dir": str(tmp_path / "other-cache")})
+    with pytest.raises(CheckpointError, match=r"ep0-ba4\.pt: trained on release 2 of the dataset; .* now holds release 1"):
+        Trainer(recipe(elsewhere), run)
+    # Any other change of the examples is refused as one line too (it was a ValueError traceback).
+    _prepare(g, documents[:2], overwrite=True, version=5)
+    with pytest.raises(CheckpointError, match=r"ep0-ba4\.pt: cannot resume: the checkpoint's sampler fingerprint"):
+        Trainer(recipe(elsewhere), run)

@@ -56,6 +56,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     prepare.add_argument("--shard-examples", type=int, default=20_000, help="examples per shard (default 20000)")
     prepare.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE", help="for fsspec (repeatable)")
     prepare.add_argument("--overwrite", action="store_true", help="replace a dataset already at OUT")
+    prepare.add_argument("--version", type=int, default=None, metavar="N",
+                         help="the release number signed into the manifest (default: one above the dataset it "
+                              "replaces at OUT, else 1); loaders refuse a lower one than they saw (rollback)")
     prepare.set_defaults(run=run_prepare)
 
     verify = sub.add_parser(
@@ -96,6 +99,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         shard_examples=args.shard_examples,
         overwrite=args.overwrite,
+        version=args.version,
     )
     started = time.perf_counter()
     manifest = prepare_dataset(documents, taxonomy, key, args.out, options, _storage_options(args.storage_option),
@@ -104,7 +108,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     examples = {name: s["examples"] for name, s in manifest["splits"].items()}
     print(f"{args.out}: {examples['train']:,} train + {examples['val']:,} val examples in {shards} shards, "
           f"{len(manifest['splits']['train']['class_counts'])} classes, signed by {manifest['signer']['authority']} "
-          f"({time.perf_counter() - started:.1f} s)\nmanifest root {manifest['merkle_root']}")
+          f"({time.perf_counter() - started:.1f} s)\nversion {manifest['version']}, manifest root {manifest['merkle_root']}")
     return 0
 
 
@@ -134,5 +138,5 @@ def run_verify(args: argparse.Namespace) -> int:
     table.add_row("[bold]total", *(f"[bold]{manifest.examples(s):,}" for s in counts))
     Console().print(table)
     print(f"signed by {manifest.signer}; taxonomy {taxonomy.name} ({taxonomy.fingerprint[:12]}...); "
-          f"manifest root {manifest.root}\n{total_bytes / 1e6:.1f} MB verified in {seconds:.2f} s")
+          f"version {manifest.version}, manifest root {manifest.root}\n{total_bytes / 1e6:.1f} MB verified in {seconds:.2f} s")
     return 0

@@ -22,6 +22,7 @@ import torch
 
 from smalti.core.state import DataShape
 from smalti.data.batch import Batch
+from smalti.data.freshness import FreshnessRule, check_freshness
 from smalti.data.sampler import (DeterministicSampler, FilteredOrder, MixtureOrder, PerClassOrder, RandomOrder,
                                   SampleOrder, make_order)
 from smalti.data.shards import CacheConfig, ShardedSplit, open_tokenizer, read_manifest
@@ -205,9 +206,11 @@ def dataset_data(
     verify: str = "eager",
     memory_shards: int = 8,
     workers: int = 0,
+    freshness: FreshnessRule = FreshnessRule(),
 ) -> LanguageModelData:
     """A prepared, signed dataset; ``verify='eager'`` checks every shard before training starts."""
     manifest = read_manifest(url, taxonomy, storage_options)
+    check_freshness(manifest, freshness, cache.directory if cache is not None else None)
     if seq_len > manifest.data["seq_len"]:
         raise DataError(f"{url}: examples hold {manifest.data['seq_len']} tokens, fewer than seq_len {seq_len}")
     splits = [
@@ -227,6 +230,7 @@ def dataset_data(
             "source": "dataset",
             "url": url,
             "manifest_root": manifest.root,
+            "manifest_version": manifest.version,
             "manifest_sha256": hashlib.sha256(manifest.raw).hexdigest(),
             "signer": manifest.signer,
             "taxonomy": taxonomy.name,
@@ -281,12 +285,14 @@ def mixture_data(
     taxonomy: Taxonomy,
     seq_len: int,
     order: OrderConfig,
+    freshness: list[FreshnessRule] | None = None,
     **options: Any,
 ) -> LanguageModelData:
     """Several prepared datasets (one taxonomy, one tokenizer) drawn with fixed ``weights``."""
     if order.batching != "random":
         raise DataError("data.mixture supports batching 'random' only")
-    parts = [dataset_data(url, taxonomy, seq_len, order, **options) for url in urls]
+    rules = freshness or [FreshnessRule()] * len(urls)
+    parts = [dataset_data(url, taxonomy, seq_len, order, freshness=rule, **options) for url, rule in zip(urls, rules)]
     chars = {part.tokenizer.chars for part in parts}
     if len(chars) != 1:
         raise DataError("data.mixture: the datasets were prepared with different vocabularies (prepare with --vocab)")

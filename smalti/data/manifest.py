@@ -108,6 +108,15 @@ class Manifest:
         return self.data["merkle_root"]
 
     @property
+    def version(self) -> int:
+        """The dataset's release number, signed: a later preparation of the same dataset has a higher one."""
+        return int(self.data.get("version", 1))
+
+    @property
+    def name(self) -> str:
+        return str(self.data.get("name", ""))
+
+    @property
     def example_length(self) -> int:
         return int(self.data["example_length"])
 
@@ -256,6 +265,12 @@ def verify_shard(data: bytes, entry: ShardEntry, url: str) -> ShardContent:
     width = canonical.shape[1] * 4
     sha256 = hashlib.sha256
     ids, classes, digests = content.ids, content.classes, content.digests
+    if len(set(ids)) != len(ids):  # a row copied over another keeps a valid hash and class: name it
+        first: dict[str, int] = {}
+        for row, example_id in enumerate(ids):
+            if example_id in first:
+                raise DataError(f"{where}: example '{example_id}' appears twice (rows {first[example_id]} and {row})")
+            first[example_id] = row
     computed = [sha256(rows[start:start + width]).digest() for start in range(0, len(ids) * width, width)]
     if computed != digests or classes != signed_classes:
         for row, (example_id, class_name, digest) in enumerate(zip(ids, classes, digests)):
@@ -271,7 +286,8 @@ def verify_shard(data: bytes, entry: ShardEntry, url: str) -> ShardContent:
     leaves = [merkle.leaf_hash(f'[{quote(example_id)},{class_json[class_name]},"{digest.hex()}"]'.encode())
               for example_id, class_name, digest in zip(ids, classes, digests)]
     if merkle.root(leaves).hex() != entry.merkle_root:
-        raise DataError(f"{where}: an example's id or content hash differs from what was signed (Merkle root mismatch)")
+        raise DataError(f"{where}: the examples' ids, order or content hashes differ from what was signed "
+                        "(Merkle root mismatch: a row was changed, moved, removed or replaced)")
     if not bytes_ok:
         raise DataError(f"{where}: shard bytes differ from the signed manifest (sha256 mismatch)")
     _VERIFIED_ENTRIES.add(entry)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -48,6 +49,7 @@ class PrepareOptions:
     val_fraction: float = 0.1
     shard_examples: int = 20_000
     overwrite: bool = False
+    version: int | None = None  # default: one more than the dataset this replaces at the same place, else 1
 
 
 @dataclass
@@ -173,8 +175,13 @@ def prepare_dataset(
     length = options.seq_len + 1
 
     fs, root = fsspec.core.url_to_fs(out_url, **(storage_options or {}))
-    if fs.exists(f"{root}/{MANIFEST}") and not options.overwrite:
+    replaced = _previous_version(fs, root, out_url)
+    if replaced is not None and not options.overwrite:
         raise DataError(f"{out_url}: already holds a prepared dataset (pass --overwrite to replace it)")
+    version = options.version if options.version is not None else (replaced or 0) + 1
+    if version < 1 or (replaced is not None and version <= replaced):
+        raise DataError(f"{out_url}: version {version} must be at least 1 and above the version it replaces "
+                        f"({replaced}), or loaders that saw that one refuse this as a rollback")
     fs.makedirs(root, exist_ok=True)
 
     splits: dict[str, dict[str, Any]] = {}
@@ -196,6 +203,7 @@ def prepare_dataset(
     manifest = {
         "format": formats.DATASET,
         "name": options.name,
+        "version": version,
         "created_by": f"smalti {__version__}",
         "taxonomy": {"name": taxonomy.name, "fingerprint": taxonomy.fingerprint},
         "signer": {"authority": signer, "key_id": key.public.key_id},
@@ -210,4 +218,21 @@ def prepare_dataset(
     raw = canonical_json(manifest)
     _write(fs, f"{root}/{MANIFEST}.sig", sign_bytes(raw, key).to_json().encode())
     _write(fs, f"{root}/{MANIFEST}", raw)
+    # A replaced dataset's extra shards would be unlisted data beside the new manifest: loaders refuse that.
+    written = {shard["name"] for split in splits.values() for shard in split["shards"]}
+    for path in fs.ls(root, detail=False):
+        if str(path).endswith(".parquet") and str(path).rsplit("/", 1)[-1] not in written:
+            fs.rm_file(path)
     return manifest
+
+
+def _previous_version(fs: fsspec.AbstractFileSystem, root: str, out_url: str) -> int | None:
+    """The version of the dataset already at ``root`` (None if there is none); read, not trusted: it only sets
+    the floor for the new number, and the loaders check what is signed."""
+    try:
+        previous = json.loads(fs.cat_file(f"{root}/{MANIFEST}"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        raise DataError(f"{out_url}/{MANIFEST}: cannot read the dataset it would replace ({error})") from None
+    return int(previous.get("version", 1)) if isinstance(previous, dict) else 1

@@ -65,7 +65,28 @@ def read_manifest(url: str, taxonomy: Taxonomy, storage_options: dict[str, Any] 
     except FileNotFoundError:
         raise DataError(f"{url}/{MANIFEST}: not signed (no {MANIFEST}.sig)") from None
     signature = Signature.from_json(signature_text, where=f"{url}/{MANIFEST}.sig")
-    return check_manifest(raw, signature, taxonomy, url)
+    manifest = check_manifest(raw, signature, taxonomy, url)
+    _refuse_unlisted_shards(fs, root, manifest)
+    return manifest
+
+
+def _refuse_unlisted_shards(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest) -> None:
+    """A shard file beside the manifest that it does not list is data nobody signed for: stop, naming it.
+
+    Loading never reads such a file, but its presence means the folder is not what was signed
+    (a half-finished copy, a shard slipped in, an earlier preparation's leftovers), which an
+    auditor must hear about. Stores that cannot list a folder (a plain HTTP server without an
+    index page) are not checked; everything they serve is still verified against the manifest.
+    """
+    try:
+        names = {Path(str(path)).name for path in fs.ls(root, detail=False)}
+    except (OSError, NotImplementedError, ValueError):
+        return
+    listed = {entry.name for split in manifest.data["splits"] for entry in manifest.shards(split)}
+    unlisted = sorted(name for name in names if name.endswith(".parquet") and name not in listed)
+    if unlisted:
+        raise DataError(f"{manifest.url}/{unlisted[0]}: a shard the signed manifest does not list "
+                        f"({len(unlisted)} such file{'s' if len(unlisted) > 1 else ''}); remove it or prepare the dataset again")
 
 
 class ShardedSplit:
