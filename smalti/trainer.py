@@ -504,6 +504,14 @@ class Trainer:
             position = self.data.sampler.check_resumable(payload["sampler"])
         except ValueError as error:
             raise CheckpointError(f"{where}: {error}") from None
+        # Keys never shape training (the order ignores them), but a run's evidence names one signed taxonomy
+        # and policy: after a re-signing or a key rotation, continue from these weights as a new run.
+        signed_then, signed_now = (payload.get("data") or {}).get("taxonomy_fingerprint"), self.data.provenance.get("taxonomy_fingerprint")
+        if latest is not None and signed_then != signed_now:
+            raise CheckpointError(
+                f"{where}: trained under taxonomy {str(signed_then)[:12]}..., now {str(signed_now)[:12]}... (re-signed, or "
+                f"keys rotated); a run's ledger names one signed taxonomy: continue in a new run directory with "
+                f"--set checkpoint.load_path={where}")
         if payload.get("surgery", []) != applied_surgery(self.model):
             raise CheckpointError(f"{where}: written for a model with surgery {payload.get('surgery', [])}, "
                                   f"this one has {applied_surgery(self.model)}; use the same algorithms")

@@ -117,7 +117,7 @@ class ShardedSplit:
         self.shards: list[ShardEntry] = manifest.shards(split)
         self.starts = np.array([s.first_example for s in self.shards] + [manifest.examples(split)], dtype=np.int64)
         self.class_names = list(taxonomy.classes)
-        self.taxonomy_fingerprint = taxonomy.fingerprint
+        self.class_tree_fingerprint = taxonomy.class_tree_fingerprint
         names = [name for shard in self.shards for name in expand_runs(shard.class_runs)]
         self.classes = torch.tensor([taxonomy.index(n) for n in names], dtype=torch.long)
         self._class_array = self.classes.numpy()
@@ -152,8 +152,12 @@ class ShardedSplit:
 
     @property
     def fingerprint(self) -> str:
-        """What the sample order depends on: the examples, the split, and the class numbering."""
-        return f"{self.manifest.root}:{self.split}:{self.taxonomy_fingerprint}"
+        """What the sample order depends on: the examples, the split, and the class numbering.
+
+        Never who signed them: the same examples re-signed, or tagged under a taxonomy whose
+        keys were rotated, train the same model.
+        """
+        return f"{self.manifest.root}:{self.split}:{self.class_tree_fingerprint}"
 
     def shard_sizes(self) -> list[int]:
         return [s.examples for s in self.shards]

@@ -22,12 +22,14 @@ subtree. The file is signed (``taxonomy.yaml.sig``) by the data-governance
 authority, and a verifier pins that authority's public key: a taxonomy signed
 by any other key is refused, even one that lists itself as data-governance.
 Class indices (used in batches and ledgers) are the depth-first order of the
-file, so they are fixed by the signed bytes.
+file, so they are fixed by the signed bytes, and by the class tree alone: the
+authorities and their keys do not number anything (``class_tree_fingerprint``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,6 +164,15 @@ class Taxonomy:
 
     def may_tag(self, authority: Authority, name: str) -> bool:
         return authority.role == "tagging" and any(self.covers(node, name) for node in authority.may_tag)
+
+    @property
+    def class_tree_fingerprint(self) -> str:
+        """The class tree, and so the class numbering, without the authorities: what training may depend on.
+
+        ``fingerprint`` (the signed bytes, keys included) is evidence of who governed a run;
+        this is what shapes it, so re-signing or rotating a key never changes a model.
+        """
+        return hashlib.sha256(json.dumps(self.classes, separators=(",", ":")).encode()).hexdigest()
 
     def key_of_role(self, role: str) -> PublicKey | None:
         return next((a.key for a in self.authorities.values() if a.role == role and a.key is not None), None)

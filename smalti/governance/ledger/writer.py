@@ -27,7 +27,7 @@ import torch
 from smalti import distributed
 from smalti.data.batch import Batch
 from smalti.distributed import DistInfo
-from smalti.governance.keys import SigningKey
+from smalti.governance.keys import PublicKey, SigningKey
 from smalti.governance.ledger import merkle
 from smalti.governance.ledger.entropy import EntropyProbe
 from smalti.governance.ledger.entry import ZERO_HASH, TreeHead, encode_packed_entry, pack_table
@@ -128,6 +128,12 @@ class Ledger:
             self._append_bodies([self.genesis if parent is None else dict(self.genesis, parent=parent)])
             return
         size, expected = int(head["size"]), bytes.fromhex(head["root"])
+        recorded = self.store.get_meta("trainer_public_key")
+        if recorded is not None and recorded != self.key.public.text:
+            raise LedgerError(
+                f"{self.store.path}: its tree heads are signed by trainer key {PublicKey.parse(recorded).key_id}, this "
+                f"run's key is {self.key.public.key_id}; one ledger has one signing key (use that key, or continue in a "
+                f"new run directory from the checkpoint)")
         leaves = self.store.leaves(stop=size)
         if len(leaves) < size or merkle.root(leaves) != expected:
             raise LedgerError(
