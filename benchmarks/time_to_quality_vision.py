@@ -11,7 +11,6 @@ median over seeds of baseline time / stack time. JSON ``speedup`` is the best st
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 
 from common import REPO, emit, machine

@@ -18,7 +18,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from smalti.algorithms import validate_algorithm_configs
 from smalti.core.time import Time
 from smalti.errors import RecipeError
 
@@ -396,5 +395,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         first = error.errors()[0]
         more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
         raise RecipeError(f"{path}: {_describe_error(first)}{more}") from None
+    from smalti.algorithms import validate_algorithm_configs  # imports torch: only once a recipe is read
+
     validate_algorithm_configs(recipe.algorithms, where=str(path))
     return recipe

@@ -100,3 +100,48 @@ def test_metrics_lines_name_their_time(tmp_path, tiny_corpus):
     assert main(["train", str(recipe), "--run-dir", str(tmp_path / "run"), "--set", "train.max_duration=3ba"]) == 0
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records and all({"ep", "ba", "sp", "tok"} <= set(r) for r in records)
+
+
+NO_TORCH_PROBE = """
+import sys
+from smalti.cli.main import main
+for argv in {commands!r}:
+    try:
+        code = main(argv)
+    except SystemExit as stop:
+        code = stop.code
+    assert code == 0, (argv, code)
+print("torch" in sys.modules)
+"""
+
+
+def test_commands_that_need_no_model_never_import_torch(tmp_path):
+    """--help, keys, signatures and ledger verification start without torch (seconds of CPU each time)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from smalti.governance.keys import SigningKey, write_key_pair
+    from test_ledger import _synthetic_ledger
+
+    write_key_pair("trainer", tmp_path / "keys")
+    _synthetic_ledger(tmp_path / "run", SigningKey.load(tmp_path / "keys" / "trainer.key"), 5, [5])
+    (tmp_path / "file.txt").write_text("evidence")
+    commands = [["--help"], ["--version"], ["train", "--help"], ["keys", "new", "auditor", "--dir", str(tmp_path / "keys")],
+                ["sign", str(tmp_path / "file.txt"), "--key", str(tmp_path / "keys" / "trainer.key")],
+                ["verify", str(tmp_path / "file.txt"), "--pubkey", str(tmp_path / "keys" / "trainer.pub")],
+                ["ledger", "verify", str(tmp_path / "run"), "--pubkey", str(tmp_path / "keys" / "trainer.pub")]]
+    done = subprocess.run([sys.executable, "-c", NO_TORCH_PROBE.format(commands=commands)], capture_output=True,
+                          text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "False", done.stdout
+
+
+def test_version_names_smalti_and_torch(capsys):
+    from importlib import metadata
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("smalti 0.") and f"torch {metadata.version('torch')}" in out

@@ -20,7 +20,7 @@ from smalti.data.manifest import canonical_json
 from smalti.governance.keys import SigningKey, sign_bytes
 
 from conftest import smalti_cli
-from test_ledger import TEMPEST, ledger_recipe, train
+from test_ledger import TEMPEST, train
 
 
 def older(identifier: str) -> str:

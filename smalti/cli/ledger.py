@@ -62,7 +62,7 @@ def run_verify(args: argparse.Namespace) -> int:
     from smalti.governance.keys import PublicKey
     from smalti.governance.ledger.verify import verify_ledger
 
-    from smalti.governance.deletion import CERTIFICATE, verify_certificate
+    from smalti.governance.certificate import CERTIFICATE, verify_certificate
 
     key = PublicKey.load(args.pubkey) if args.pubkey else None
     certificate = args.run_dir / CERTIFICATE

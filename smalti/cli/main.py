@@ -1,4 +1,9 @@
-"""``smalti``: the command line. Each subcommand lives in its own module."""
+"""``smalti``: the command line. Each subcommand lives in its own module.
+
+Nothing here, nor in a command module's imports, loads torch: ``--help`` and the commands
+that need no model (keys, signatures, ledger verification) start in a fraction of a second,
+and torch's thread pool is configured (``smalti.threads``) before a command first imports it.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,10 @@ import argparse
 import sys
 from typing import Sequence
 
+from smalti import __version__
 from smalti.cli import audit, data, forget, keys, ledger, policy, sample, taxonomy, train
 from smalti.errors import SmaltiError
+from smalti.threads import apply_thread_defaults
 
 COMMANDS = (train, sample, keys, taxonomy, data, policy, ledger, audit, forget)
 
@@ -16,15 +23,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smalti",
         description="Train PyTorch models fast, and govern what they learn.",
-        epilog="Run 'smalti COMMAND --help' for a command's options.",
+        epilog="Run 'smalti COMMAND --help' for a command's options. Idle torch threads sleep at once "
+               "(OMP_WAIT_POLICY=PASSIVE) unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set: see docs/architecture.md.",
     )
+    parser.add_argument("--version", action="version", version=version_line())
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in COMMANDS:
         command.add_parser(subparsers)
     return parser
 
 
+def version_line() -> str:
+    """Smalti's version and the torch it runs with, read from the installed metadata (no torch import)."""
+    import platform
+    from importlib import metadata
+
+    try:
+        torch_version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch_version = "not installed"
+    return f"smalti {__version__} (torch {torch_version}, Python {platform.python_version()})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    apply_thread_defaults()  # before any command imports torch
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -35,8 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `smalti ledger show RUN | head`: the reader left; not an error
         sys.stderr.close()
         return 0
-    except KeyboardInterrupt:
-        print("smalti: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:  # a command may say what was kept (train names its last checkpoint)
+        print(f"smalti: interrupted{f'; {interrupt}' if str(interrupt) else ''}", file=sys.stderr)
         return 130
 
 

@@ -53,6 +53,10 @@ def run(args: argparse.Namespace) -> int:
         result = trainer.fit()
         if trainer.dist.is_main:
             print_summary(result)
+    except KeyboardInterrupt:
+        kept = trainer.checkpoints.latest() if trainer.dist.is_main else None
+        raise KeyboardInterrupt(f"the last checkpoint is {kept}: run the same command again to resume from it" if kept
+                                else "no checkpoint was written yet: running the command again starts over") from None
     finally:
         trainer.close()
     return 0
