@@ -25,7 +25,7 @@ import fsspec
 import torch
 
 from smalti import formats
-from smalti.errors import CheckpointError
+from smalti.errors import CheckpointCorrupt, CheckpointError
 from smalti.io import atomic_write_bytes, atomic_writer
 
 LATEST = "latest"
@@ -71,9 +71,32 @@ class CheckpointStore:
         """Every checkpoint in the folder, oldest first."""
         if not self.directory.is_dir():
             return []
-        found = [((int(m.group(2)), int(m.group(1))), path) for path in self.directory.iterdir()
-                 if (m := _NAME.match(path.name))]
-        return [path for _, path in sorted(found)]
+        return sorted((path for path in self.directory.iterdir() if _NAME.match(path.name)), key=_order)
+
+    def newest_intact(self) -> tuple[Path, dict[str, Any], list[str]] | None:
+        """The newest checkpoint that loads, and why each newer one did not (None: the folder has none).
+
+        ``latest`` first; if it is missing, truncated or fails its hash, the next older ones, so a
+        damaged file costs the steps since the checkpoint before it, never the run. A file that
+        loads but is of another format or run still stops the caller: that is no accident.
+        """
+        try:
+            pointed = self.latest()
+            problems: list[str] = []
+        except CheckpointError as error:  # the pointer names a file that is gone
+            pointed, problems = None, [str(error)]
+        found = self.all()
+        if pointed is None and not found:
+            return None
+        newest_first = [pointed] if pointed is not None else []
+        newest_first += [p for p in reversed(found) if p != pointed and (pointed is None or _order(p) < _order(pointed))]
+        for path in newest_first:
+            try:
+                return path, load_checkpoint(path), problems
+            except CheckpointCorrupt as error:
+                problems.append(str(error))
+        raise CheckpointError(f"{self.directory}: no intact checkpoint ({'; '.join(problems)}); move the folder "
+                              f"aside to start over")
 
     def latest(self) -> Path | None:
         pointer = self.directory / LATEST
@@ -100,15 +123,16 @@ class CheckpointStore:
         return path
 
     def _prune(self) -> None:
-        found = []
-        for path in self.directory.iterdir():
-            match = _NAME.match(path.name)
-            if match and not path.with_name(path.name + ".keep").exists():
-                found.append(((int(match.group(2)), int(match.group(1))), path))
-        found.sort()
-        for _, path in found[: max(0, len(found) - self.keep)]:
+        found = [path for path in self.all() if not path.with_name(path.name + ".keep").exists()]
+        for path in found[: max(0, len(found) - self.keep)]:
             path.unlink(missing_ok=True)
             path.with_name(path.name + ".sha256").unlink(missing_ok=True)
+
+
+def _order(path: Path) -> tuple[int, int]:
+    match = _NAME.match(path.name)
+    assert match is not None
+    return int(match.group(2)), int(match.group(1))
 
 
 def _expected_digest(path: Path) -> str | None:
@@ -133,18 +157,21 @@ def load_checkpoint(location: str | Path) -> dict[str, Any]:
             with fsspec.open(location, "rb") as handle:
                 data = handle.read()
     except FileNotFoundError:
-        raise CheckpointError(f"{location}: checkpoint not found") from None
-    except (OSError, ValueError, ImportError) as error:
+        raise CheckpointCorrupt(f"{location}: checkpoint not found") from None
+    except ImportError as error:
+        raise CheckpointError(f"{location}: {error} (s3:// and http(s):// need the remote extra: pip install "
+                              f"'smalti[remote]')") from None
+    except (OSError, ValueError) as error:
         raise CheckpointError(f"{location}: cannot read checkpoint ({error})") from None
     if is_local:
         expected = _expected_digest(Path(location))
         if expected is not None and hashlib.sha256(data).hexdigest() != expected:
-            raise CheckpointError(f"{location}: checkpoint is corrupt (sha256 differs from {Path(location).name}.sha256)")
+            raise CheckpointCorrupt(f"{location}: checkpoint is corrupt (sha256 differs from {Path(location).name}.sha256)")
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for a damaged archive
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CheckpointError(f"{location}: checkpoint is corrupt or truncated ({reason})") from None
+        raise CheckpointCorrupt(f"{location}: checkpoint is corrupt or truncated ({reason})") from None
     if not isinstance(payload, dict) or "format" not in payload:
         raise CheckpointError(f"{location}: not a Smalti checkpoint (no format identifier)")
     problem = formats.format_problem(payload.get("format"), formats.CHECKPOINT, location)
@@ -152,3 +179,18 @@ def load_checkpoint(location: str | Path) -> dict[str, Any]:
         raise CheckpointError(problem)
     return payload
 
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, Any], where: str | Path) -> None:
+    """Put checkpointed weights into the model the recipe builds, or say in one line why they do not fit.
+
+    They do not when the run was trained from Python with a model of its own (``Trainer(model=...)``):
+    the command line can only rebuild what a recipe describes.
+    """
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())
+        raise CheckpointError(
+            f"{where}: its weights do not fit the model the recipe describes (a run trained from Python with "
+            f"its own model= must be loaded there): {detail[:300]}") from None

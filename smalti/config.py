@@ -364,6 +364,16 @@ def _describe_error(error: dict[str, Any]) -> str:
     return f"'{location}': {message}" if location else message
 
 
+def _blame(location: tuple, overridden: dict[str, str], path: Path) -> str:
+    """The ``--set`` that put the bad value there (it or a section above it), else the recipe file."""
+    parts = [str(part) for part in location]
+    for depth in range(len(parts), 0, -1):
+        text = overridden.get(".".join(parts[:depth]))
+        if text is not None:
+            return f"--set {text}"
+    return str(path)
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, resolve and validate a recipe; any problem is a ``RecipeError`` naming file and key."""
     path = Path(path)
@@ -384,17 +394,19 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     for entry in _get(data, "data.mixture") or []:  # a list: resolve its URLs here
         if isinstance(entry, dict) and _is_relative_path(entry.get("url")):
             entry["url"] = str((path.parent / entry["url"]).resolve())
+    overridden: dict[str, str] = {}  # key -> the --set that gave it
     for text in overrides:
         key, value = parse_override(text)
         if key in _path_fields(Recipe) and _is_relative_path(value):
             value = str(Path(value).resolve())
-        _set(data, key, value, f"{path} (--set {text})")
+        _set(data, key, value, f"--set {text}")
+        overridden[key] = text
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as error:
         first = error.errors()[0]
         more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
-        raise RecipeError(f"{path}: {_describe_error(first)}{more}") from None
+        raise RecipeError(f"{_blame(first['loc'], overridden, path)}: {_describe_error(first)}{more}") from None
     from smalti.algorithms import validate_algorithm_configs  # imports torch: only once a recipe is read
 
     validate_algorithm_configs(recipe.algorithms, where=str(path))

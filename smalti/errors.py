@@ -17,5 +17,9 @@ class CheckpointError(SmaltiError):
     """A checkpoint is missing, corrupt, or does not fit this run."""
 
 
+class CheckpointCorrupt(CheckpointError):
+    """A checkpoint's bytes are gone, cut short or changed: an accident an older checkpoint can stand in for."""
+
+
 class DataError(SmaltiError):
     """Training data is missing, malformed, or fails verification."""

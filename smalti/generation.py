@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from smalti.build import build_model, with_recipe_surgery
-from smalti.checkpoint import CheckpointStore, load_checkpoint
+from smalti.checkpoint import CheckpointStore, load_checkpoint, load_weights
 from smalti.config import Recipe
 from smalti.data.tokenizer import CharTokenizer
 from smalti.errors import CheckpointError, SmaltiError
@@ -61,7 +61,7 @@ def load_generator(
         raise CheckpointError(f"{checkpoint}: not a text model (no tokenizer in the checkpoint); nothing to sample")
     tokenizer = CharTokenizer.from_json(payload["tokenizer"])
     model = with_recipe_surgery(build_model(recipe, tokenizer.vocab_size, payload.get("classes")), recipe)
-    model.load_state_dict(payload["model"])
+    load_weights(model, payload["model"], checkpoint)
     gates = getattr(model, "adapter_gates", None)
     unknown = [a for a in adapters or [] if gates is None or a not in gates.adapter_classes]
     if unknown:

@@ -45,3 +45,18 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def remote_filesystem(url: str, storage_options: dict | None = None):
+    """The fsspec filesystem for ``url``; a missing protocol package names the extra that installs it."""
+    import fsspec
+
+    from smalti.errors import DataError
+
+    try:
+        return fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except ImportError as error:
+        raise DataError(f"{url}: {error} (s3:// and http(s):// need the remote extra: pip install "
+                        f"'smalti[remote]')") from None
+    except ValueError as error:
+        raise DataError(f"{url}: cannot open ({error})") from None

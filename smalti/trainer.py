@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,8 @@ class FitResult:
     resumed_from: Timestamp | None
     checkpoint: Path | None
     parameters: int
+    already_complete: bool = False  # the run had reached max_duration before: nothing was trained
+    total_seconds: float = 0.0  # wall time of every session of the run, this one included
 
 
 class Trainer:
@@ -86,15 +89,14 @@ class Trainer:
     ) -> None:
         self.recipe = recipe
         self.run_dir = Path(run_dir)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise RecipeError(f"{self.run_dir}: the run directory is a file; name a directory")
         configure_determinism(recipe.train.deterministic)
         requested = recipe.train.device
         self.dist = distributed.init_distributed("cuda" if requested == "cuda" or (
             requested == "auto" and torch.cuda.is_available()) else "cpu")
         self.device = resolve_device(requested, self.dist)
         check_precision(recipe.train.precision, self.device)
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        distributed.barrier(self.dist)
 
         # Same seed on every rank for the data order and the initial weights...
         seed_everything(recipe.seed)
@@ -121,12 +123,18 @@ class Trainer:
             data_shape=self.data.shape,
             device=self.device,
         )
-        self.logger = Logger(self.state, build_logger_destinations(recipe, self.run_dir, self.dist))
-        self.engine = Engine(self.state, self.logger, self.algorithms, callbacks)
+        # Everything that can refuse the recipe (data, policy, algorithms, keys) is checked before the
+        # run directory is made, so a refused run leaves nothing behind.
         self.policy, self.router = self._build_router()
-        self.ledger = self._build_ledger()
         self.state.router = self.router
         self._check_algorithms()
+        ledger_key = self._ledger_key()
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        distributed.barrier(self.dist)
+        self.logger = Logger(self.state, build_logger_destinations(recipe, self.run_dir, self.dist))
+        self.engine = Engine(self.state, self.logger, self.algorithms, callbacks)
+        self.ledger = self._build_ledger(ledger_key)
         self.checkpoints = CheckpointStore(self.run_dir / "checkpoints", keep=recipe.checkpoint.keep)
         # Deletion-aware training: a kept checkpoint just before the late classes begin in each epoch,
         # so forgetting one of them replays only the epoch's tail (None: no such checkpoint).
@@ -148,10 +156,14 @@ class Trainer:
         # Dedupe keys: an evaluation is per batch count (the weights), a checkpoint per timestamp.
         self._evaluated_at = -1
         self._checkpointed_at: Timestamp | None = None
+        # What a summary reports, restored on resume: the checkpoint in use, the last logged training
+        # loss and the wall time of every session of this run.
+        self._last_checkpoint: Path | None = None
+        self._last_loss = float("nan")
+        self._earlier_seconds = 0.0
+        self._fit_started = time.perf_counter()
         self.engine.run(Event.INIT)
         self.resumed_from = self._resume()
-        self._last_checkpoint: Path | None = self.checkpoints.latest() if self.dist.is_main else None
-        self._last_loss = float("nan")
         if self.dist.is_main:
             self._write_run_files()
 
@@ -183,8 +195,8 @@ class Trainer:
                 raise RecipeError(f"algorithm {scaled[0]} reads gradients, which amp_fp16 keeps loss-scaled "
                                   "until the step; use amp_bf16 or fp32")
 
-    def _build_ledger(self) -> Ledger | None:
-        """The learning-dynamics ledger, signed with the trainer authority's key (the taxonomy's, if it names one)."""
+    def _ledger_key(self) -> SigningKey | None:
+        """The trainer authority's key (the taxonomy's, if it names one), or None without a ledger."""
         config = self.recipe.governance.ledger
         if not config.enabled:
             return None
@@ -196,6 +208,13 @@ class Trainer:
                 f"governance.ledger.key ({config.key}): key {key.public.key_id} is not the trainer key "
                 f"{expected.key_id} the taxonomy {taxonomy.name!r} names"
             )
+        return key
+
+    def _build_ledger(self, key: SigningKey | None) -> Ledger | None:
+        """The learning-dynamics ledger, signed with the trainer authority's key."""
+        if key is None:
+            return None
+        config = self.recipe.governance.ledger
         fingerprints = {
             "policy": self.policy.fingerprint if self.policy else None,
             "taxonomy": self.data.provenance.get("taxonomy_fingerprint"),
@@ -234,6 +253,9 @@ class Trainer:
     def fit(self) -> FitResult:
         state, engine = self.state, self.engine
         start_time, start_tokens = time.perf_counter(), state.timestamp.token
+        self._fit_started = start_time
+        if state.is_done:  # resumed at max_duration: report the run as recorded, change nothing
+            return self._result(0.0, start_tokens, already_complete=True)
         self.logger.log_hyperparameters(self.recipe.to_dict())
         try:
             engine.run(Event.FIT_START)
@@ -268,7 +290,10 @@ class Trainer:
             engine.run(Event.FIT_END)
         finally:
             engine.close()
-        seconds = time.perf_counter() - start_time
+        return self._result(time.perf_counter() - start_time, start_tokens)
+
+    def _result(self, seconds: float, start_tokens: int, already_complete: bool = False) -> FitResult:
+        state = self.state
         return FitResult(
             run_dir=self.run_dir,
             timestamp=state.timestamp,
@@ -279,6 +304,8 @@ class Trainer:
             resumed_from=self.resumed_from,
             checkpoint=self._last_checkpoint,
             parameters=sum(p.numel() for p in self.model.parameters()),
+            already_complete=already_complete,
+            total_seconds=self._earlier_seconds + seconds,
         )
 
     def _train_batch(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -460,6 +487,8 @@ class Trainer:
                 "classes": list(self.data.class_names),
                 "policy_fingerprint": self.policy.fingerprint if self.policy else None,
                 "eval_metrics": dict(state.eval_metrics),
+                "train_loss": self._last_loss,
+                "wall_seconds": self._earlier_seconds + time.perf_counter() - self._fit_started,
                 "eval_by_class": dict(state.eval_by_class),
                 "evaluated_at": self._evaluated_at,
                 "algorithms": {a.name: a.state_dict() for a in self.algorithms},
@@ -479,13 +508,19 @@ class Trainer:
         config = self.recipe.checkpoint
         if self.dist.is_main:
             self.checkpoints.remove_partial_writes()
-        latest = self.checkpoints.latest() if config.autoresume else None
+        # The newest checkpoint that loads: a damaged latest one costs the steps since the one before, and
+        # the run still ends as it would have (every later step is replayed from that state).
+        found = self.checkpoints.newest_intact() if config.autoresume else None
+        latest = found[0] if found is not None else None
+        if found is not None and found[2] and self.dist.is_main:
+            print(f"smalti: {'; '.join(found[2])}; resuming from {latest.name}, the newest intact checkpoint",
+                  file=sys.stderr)
         # A run forked from another to forget a class (``smalti forget``) starts from the parent's
         # checkpoint, with that class excluded and a new ledger that names the parent's tree head.
         fork = read_fork(self.run_dir)
         forked = False
-        if latest is not None:
-            payload = load_checkpoint(latest)
+        if found is not None:
+            payload = found[1]
             forked = fork is not None and (payload.get("ledger") or {}).get("head") == fork["parent"]["head"]
             self._check_same_recipe(payload, latest, also_allowed=FORK_CHANGES if forked else ())
         elif config.load_path:
@@ -546,6 +581,10 @@ class Trainer:
             self.ledger.start(None if forked or not saved else saved["head"], parent=fork["parent"] if forked else None)
             if saved:
                 self.ledger.load_state_dict(saved["recorder"])
+        if latest is not None:
+            self._last_checkpoint = latest if self.dist.is_main else None
+            self._last_loss = float(payload.get("train_loss", float("nan")))
+            self._earlier_seconds = float(payload.get("wall_seconds", 0.0))
         rng = payload["rng"]
         restore_rng_state(rng[self.dist.rank] if len(rng) == self.dist.world_size else rng[0])
         return timestamp

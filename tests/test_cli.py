@@ -23,7 +23,7 @@ def test_train_then_sample_end_to_end(tmp_path, tiny_corpus):
     assert "summary" in done.stdout and "final eval/loss" in done.stdout
     assert "[ep0 ba8] eval/loss" in done.stderr  # progress goes to stderr, as lines when not a terminal
     again = smalti_cli("train", str(recipe), "--run-dir", str(run_dir), "--set", "train.max_duration=12ba")
-    assert again.returncode == 0 and "resumed from" in again.stdout  # nothing left to do, still clean
+    assert again.returncode == 0 and "already complete" in again.stdout  # nothing left to do, still clean
 
     sampled = smalti_cli("sample", str(run_dir), "--prompt", "HAMLET.", "--tokens", "40", "--seed", "1")
     assert sampled.returncode == 0, sampled.stderr

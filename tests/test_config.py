@@ -67,8 +67,15 @@ def test_bad_override_and_bad_yaml(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", {})
     with pytest.raises(RecipeError, match="expected KEY=VALUE"):
         load_recipe(path, ["train.max_duration"])
-    with pytest.raises(RecipeError, match="unknown key 'train.nope'"):
+    with pytest.raises(RecipeError, match=r"^--set train.nope=1: unknown key 'train.nope'"):
         load_recipe(path, ["train.nope=1"])
+    with pytest.raises(RecipeError, match=r"^--set train.max_duration=3x: 'train.max_duration': invalid time"):
+        load_recipe(path, ["optimizer.lr=0.1", "train.max_duration=3x"])
+    with pytest.raises(RecipeError, match=r"^--set train=\{max_duration: 2x\}: 'train.max_duration'"):
+        load_recipe(path, ["train={max_duration: 2x}"])  # a whole section set at once is blamed too
+    bad_file = write_recipe(tmp_path / "bad.yaml", {"train": {"max_duration": "3x"}})
+    with pytest.raises(RecipeError, match=r"bad.yaml: 'train.max_duration'"):  # the file's own mistake names the file
+        load_recipe(bad_file, ["optimizer.lr=0.1"])
     broken = tmp_path / "broken.yaml"
     broken.write_text("train: {max_duration: [\n")
     with pytest.raises(RecipeError, match=r"broken.yaml:\d+: not valid YAML"):

@@ -750,7 +750,7 @@ def test_audit_answers_follow_the_known_policy(policy_run):
     assert set(example["appearances"][0]["layers"]) <= set(hamlet["layers_touched"])
     with pytest.raises(AuditError, match="no such layer"):
         ledger.layer("blocks.9")
-    with pytest.raises(AuditError, match="not a class"):
+    with pytest.raises(AuditError, match="no class or node of this run.s .* classes is called that"):
         ledger.for_class("gutenberg/opera")
 
 

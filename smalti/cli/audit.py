@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
+from smalti.cli.output import add_columns, console as output_console, counted, table as new_table
 from smalti.errors import SmaltiError
 
 
@@ -24,7 +24,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     question = parser.add_mutually_exclusive_group()
     question.add_argument("--layer", help="a layer (module) name, e.g. blocks.0.attn.qkv")
     question.add_argument("--class", dest="class_name", help="a class or taxonomy node, e.g. gutenberg/history")
-    question.add_argument("--example", type=int, help="an example id")
+    question.add_argument("--example", help="an example: its dataset id (e.g. tempest/train/000925, as errors name "
+                          "it) or its index in the training split")
     question.add_argument("--param", help="a parameter name, e.g. tok_emb.weight")
     question.add_argument("--report", type=Path, metavar="FILE", help="write the HTML audit report here")
     parser.add_argument("--pubkey", type=Path, help="trainer public key to verify the ledger against")
@@ -34,11 +35,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from smalti.governance.keys import PublicKey
-    from smalti.governance.ledger.audit import AuditError, Ledger
+    from smalti.governance.ledger.audit import AuditError, Ledger, training_index
     from smalti.governance.ledger.verify import verify_ledger
 
     verified = verify_ledger(args.run_dir, PublicKey.load(args.pubkey) if args.pubkey else None)
-    console = Console(soft_wrap=True)  # long paths and names stay on one line, whatever the width
+    console = output_console()  # names are never cut, in a terminal or not
     if args.report is not None:
         from smalti.governance.ledger.report import write_report
 
@@ -55,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         elif args.class_name is not None:
             answer = ledger.for_class(args.class_name)
         elif args.example is not None:
-            answer = ledger.example(args.example)
+            index = training_index(args.run_dir, args.example)
+            answer = ledger.example(index, None if args.example.isdigit() else args.example)
         else:
             answer = {"classes": {c: len(ledger.for_class(c)["layers_touched"]) for c in ledger.run["classes"]}}
     except AuditError as error:
@@ -69,36 +71,33 @@ def run(args: argparse.Namespace) -> int:
 
 def _print(console: Console, answer: dict, n_layers: int) -> None:
     if "layer" in answer:
-        table = Table(title=f"layer {answer['layer']}: updated in {answer['updated_count']} steps "
-                            f"({answer['updated_steps'] or 'never'})")
-        for column in ("class", "steps", "sum of gradient norms", "share of the layer's learning"):
-            table.add_column(column)
+        table = new_table(f"layer {answer['layer']}: updated in {answer['updated_summary']}")
+        add_columns(table, "class", "steps", "sum of gradient norms", "share of the layer's learning")
         for name, row in answer["classes"].items():
             table.add_row(name, str(row["steps"]), f"{row['norm_sum']:.4g}", f"{100 * row['share_of_total']:.1f}%")
         console.print(table)
     elif "class" in answer:
-        table = Table(title=f"{answer['class']}: {answer['examples_seen']} examples, in steps "
-                            f"{answer['steps_present'] or 'none'}; touched {len(answer['layers_touched'])} of "
-                            f"{n_layers} layers")
-        table.add_column("layer")
-        table.add_column("steps")
-        table.add_column("when")
+        table = new_table(f"{answer['class']}: {counted(answer['examples_seen'], 'example')} in "
+                          f"{answer['steps_present_summary']}; touched {len(answer['layers_touched'])} of "
+                          f"{counted(n_layers, 'layer')}")
+        add_columns(table, "layer", "steps", "when")
         for name, row in answer["layers_touched"].items():
-            table.add_row(name, str(row["steps"]), row["step_ranges"])
+            when = "every step it was in" if row["whenever_present"] else row["summary"]
+            table.add_row(name, str(row["steps"]), when)
         console.print(table)
         if answer["layers_never_touched"]:
-            console.print("never touched: " + ", ".join(answer["layers_never_touched"]))
+            console.print("never touched: " + ", ".join(answer["layers_never_touched"]), highlight=False)
     elif "example" in answer:
-        console.print(f"example {answer['example']}: in steps {answer['steps'] or 'none'}"
+        named = f"{answer['id']} (training example {answer['example']})" if answer["id"] else answer["example"]
+        console.print(f"example {named}: in steps {answer['steps'] or 'none'}"
                       + (f"; dropped (did not contribute) in steps {answer['dropped_in_steps']}"
                          if answer["dropped_in_steps"] else ""))
         for row in answer["appearances"]:
             console.print(f"  step {row['step']} as {'+'.join(row['classes'])}: {len(row['layers'])} layers "
                           f"({', '.join(row['layers'])})")
     else:
-        table = Table(title="layers touched per class")
-        table.add_column("class")
-        table.add_column("layers")
+        table = new_table("layers touched per class")
+        add_columns(table, "class", "layers")
         for name, count in answer["classes"].items():
             table.add_row(name, str(count))
         console.print(table)

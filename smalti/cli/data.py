@@ -9,9 +9,9 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import Progress
-from rich.table import Table
 
 from smalti.config import parse_override
+from smalti.cli.output import console as output_console, counted, table as new_table
 from smalti.errors import SmaltiError
 
 TRUST_HELP = ("pinned data-governance public key; without it the taxonomy is checked only against "
@@ -106,8 +106,8 @@ def run_prepare(args: argparse.Namespace) -> int:
                                show_progress=Console(stderr=True).is_terminal)
     shards = sum(len(s["shards"]) for s in manifest["splits"].values())
     examples = {name: s["examples"] for name, s in manifest["splits"].items()}
-    print(f"{args.out}: {examples['train']:,} train + {examples['val']:,} val examples in {shards} shards, "
-          f"{len(manifest['splits']['train']['class_counts'])} classes, signed by {manifest['signer']['authority']} "
+    print(f"{args.out}: {examples['train']:,} train + {counted(examples['val'], 'val example')} in "
+          f"{counted(shards, 'shard')}, {counted(len(manifest['splits']['train']['class_counts']), 'class')}, signed by {manifest['signer']['authority']} "
           f"({time.perf_counter() - started:.1f} s)\nversion {manifest['version']}, manifest root {manifest['merkle_root']}")
     return 0
 
@@ -128,15 +128,15 @@ def run_verify(args: argparse.Namespace) -> int:
             reader.verify_all(lambda entry, task=task: progress.advance(task))
             total_bytes += sum(entry.bytes for entry in reader.shards)
     seconds = time.perf_counter() - started
-    table = Table(title=f"{args.url}: verified", title_justify="left")
-    table.add_column("class")
+    table = new_table(f"{args.url}: verified")
+    table.add_column("class", overflow="fold")
     for split in manifest.data["splits"]:
         table.add_column(split, justify="right")
     counts = {split: manifest.class_counts(split) for split in manifest.data["splits"]}
     for name in sorted(manifest.class_counts()):
         table.add_row(name, *(f"{counts[s].get(name, 0):,}" for s in counts))
     table.add_row("[bold]total", *(f"[bold]{manifest.examples(s):,}" for s in counts))
-    Console().print(table)
+    output_console().print(table)
     print(f"signed by {manifest.signer}; taxonomy {taxonomy.name} ({taxonomy.fingerprint[:12]}...); "
           f"version {manifest.version}, manifest root {manifest.root}\n{total_bytes / 1e6:.1f} MB verified in {seconds:.2f} s")
     return 0

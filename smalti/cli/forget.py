@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from smalti.cli.arguments import at_least_one
+from smalti.cli.output import counted
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -60,7 +61,7 @@ def run_forget(args: argparse.Namespace) -> int:
         else:
             start = (f"checkpoint {plan.fork_checkpoint.name} (after step {plan.fork_step})" if plan.fork_checkpoint
                      else "the initial weights (the class is there from the first steps, or no earlier checkpoint)")
-            print(f"{args.node} ({len(plan.classes)} classes) first contributed in step {plan.first_step} of "
+            print(f"{args.node} ({counted(len(plan.classes), 'class')}) first contributed in step {plan.first_step} of "
                   f"{plan.total_steps}")
             print(f"exact: restart from {start}, replay {plan.steps_to_replay} steps "
                   f"(~{plan.cost_ratio:.0%} of a full retrain)")

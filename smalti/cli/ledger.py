@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from smalti.cli.arguments import at_least_one
+from smalti.cli.output import counted
 from smalti.errors import SmaltiError
 
 
@@ -174,5 +175,5 @@ def run_export(args: argparse.Namespace) -> int:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         atomic_write_bytes(out, sink.getvalue().to_pybytes())
-    print(f"wrote {len(rows)} entries to {out}")
+    print(f"wrote {counted(len(rows), 'entry', 'entries')} to {out}")
     return 0

@@ -6,9 +6,8 @@ import argparse
 from pathlib import Path
 
 import yaml
-from rich.console import Console
-from rich.table import Table
 
+from smalti.cli.output import console as output_console, counted, table as new_table
 from smalti.errors import SmaltiError
 
 
@@ -79,7 +78,7 @@ def run_check(args: argparse.Namespace) -> int:
     router.close()
     print_matrix(router, sorted(manifest.class_counts()), shape.batches_in(max_duration, max_duration))
     state = "bound, not yet signed" if args.bind else "signature verified"
-    print(f"{path}: valid ({state}); {len(policy.rules)} rules, {len(policy.exclusive)} exclusive; "
+    print(f"{path}: valid ({state}); {counted(len(policy.rules), 'rule')}, {len(policy.exclusive)} exclusive; "
           f"fingerprint {policy.fingerprint}")
     return 0
 
@@ -89,7 +88,7 @@ def print_matrix(router, classes: list[str], total_batches: float) -> None:
     layers: dict[str, list[int]] = {}
     for i, name in enumerate(router.names):
         layers.setdefault(name.rsplit(".", 1)[0], []).append(i)
-    console = Console(soft_wrap=True)  # long paths and names stay on one line, whatever the width
+    console = output_console()  # names are never cut, in a terminal or not
     starts = [p.start_batch for p in router.phases] + [int(total_batches)]
     for phase, end in zip(router.phases, starts[1:]):
         columns: dict[bytes, list[str]] = {}
@@ -97,11 +96,11 @@ def print_matrix(router, classes: list[str], total_batches: float) -> None:
         for c, index in zip(classes, rows):
             columns.setdefault(phase.allowed[index].tobytes(), []).append(c)
         label = f"phase: batches {phase.start_batch}..{end} ({phase.start_batch / total_batches:.2f}..{end / total_batches:.2f}dur)"
-        table = Table(title=label, title_justify="left")
+        table = new_table(label)
         table.add_column("layer", no_wrap=True)
         groups = list(columns.values())
         for number, members in enumerate(groups, start=1):
-            table.add_column(f"({number}) {len(members)} class{'es' if len(members) > 1 else ''}", justify="center")
+            table.add_column(f"({number}) {counted(len(members), 'class')}", justify="center", no_wrap=True)
         for layer, indices in layers.items():
             marks = []
             for members in groups:

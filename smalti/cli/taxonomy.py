@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rich.console import Console
 from rich.tree import Tree
 
 from smalti.data.sources import classes_from_mapping
+from smalti.cli.output import console as output_console, counted
 from smalti.errors import SmaltiError
 from smalti.governance.keys import PublicKey
 from smalti.io import atomic_write_text
@@ -76,7 +76,7 @@ def run_init(args: argparse.Namespace) -> int:
     Taxonomy.parse(text.encode(), str(args.out))  # refuse to write what would not load
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, text)
-    print(f"{args.out}: {len(classes)} classes, {len(authorities)} authorities; "
+    print(f"{args.out}: {counted(len(classes), 'class')}, {counted(len(authorities), 'authority', 'authorities')}; "
           f"now sign it: smalti sign {args.out} --key <data-governance.key>")
     return 0
 
@@ -91,7 +91,7 @@ def run_show(args: argparse.Namespace) -> int:
         parent = name.rsplit("/", 1)[0] if "/" in name else ""
         label = name.rsplit("/", 1)[-1] + ("  [red]deletable[/red]" if name in taxonomy.deletable else "")
         nodes[name] = nodes[parent].add(label)
-    console = Console(soft_wrap=True)  # long paths and names stay on one line, whatever the width
+    console = output_console()  # names are never cut, in a terminal or not
     console.print(tree)
     for authority in taxonomy.authorities.values():
         key = authority.key.key_id if authority.key else "-"

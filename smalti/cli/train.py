@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
+from smalti.cli.output import console as output_console, table as new_table
 from smalti.config import Recipe, load_recipe
 
 
@@ -63,19 +61,28 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_summary(result) -> None:
-    table = Table(title="smalti train: summary", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
     ts = result.timestamp
+    if result.already_complete:
+        title = f"smalti train: the run is already complete (epoch {ts.epoch}, batch {ts.batch}); its recorded summary"
+    else:
+        title = "smalti train: summary"
+    table = new_table(title, show_header=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
     table.add_row("run directory", str(result.run_dir))
-    if result.resumed_from is not None:
+    if result.resumed_from is not None and not result.already_complete:
         table.add_row("resumed from", result.resumed_from.describe())
     table.add_row("trained to", f"epoch {ts.epoch}, batch {ts.batch}, {ts.sample:,} samples, {ts.token:,} tokens")
     table.add_row("parameters", f"{result.parameters:,}")
-    table.add_row("wall time", f"{result.seconds:.1f} s ({result.tokens_per_second:,.0f} tokens/s)")
+    if result.already_complete:
+        table.add_row("wall time", f"{result.total_seconds:.1f} s in all sessions (nothing trained now; raise "
+                                   f"train.max_duration to train on)")
+    else:
+        total = f", {result.total_seconds:.1f} s in all sessions" if result.resumed_from is not None else ""
+        table.add_row("wall time", f"{result.seconds:.1f} s ({result.tokens_per_second:,.0f} tokens/s){total}")
     table.add_row("final train loss", f"{result.train_loss:.4f}")
     for name, value in result.eval_metrics.items():
         table.add_row(f"final {name}", f"{value:.4f}")
     table.add_row("checkpoint", str(result.checkpoint))
     table.add_row("metrics", str(result.run_dir / "metrics.jsonl"))
-    Console().print(table)
+    output_console().print(table)

@@ -36,7 +36,7 @@ from smalti.data.manifest import (
 from smalti.data.sources import Document
 from smalti.data.tokenizer import CharTokenizer
 from smalti.errors import DataError
-from smalti.io import atomic_write_bytes
+from smalti.io import atomic_write_bytes, remote_filesystem
 from smalti.governance.ledger import merkle
 from smalti.governance.keys import SigningKey, sign_bytes
 from smalti.governance.taxonomy import Taxonomy
@@ -174,7 +174,7 @@ def prepare_dataset(
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     length = options.seq_len + 1
 
-    fs, root = fsspec.core.url_to_fs(out_url, **(storage_options or {}))
+    fs, root = remote_filesystem(out_url, storage_options)
     replaced = _previous_version(fs, root, out_url)
     if replaced is not None and not options.overwrite:
         raise DataError(f"{out_url}: already holds a prepared dataset (pass --overwrite to replace it)")

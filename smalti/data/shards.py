@@ -27,6 +27,7 @@ from smalti.data.manifest import (
 )
 from smalti.data.tokenizer import CharTokenizer
 from smalti.errors import DataError
+from smalti.io import remote_filesystem
 from smalti.governance.keys import Signature
 from smalti.governance.taxonomy import Taxonomy
 
@@ -41,10 +42,7 @@ class CacheConfig:
 
 
 def _filesystem(url: str, storage_options: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
-    try:
-        return fsspec.core.url_to_fs(url, **storage_options)
-    except (ImportError, ValueError) as error:
-        raise DataError(f"{url}: cannot open ({error})") from None
+    return remote_filesystem(url, storage_options)
 
 
 def is_local(url: str) -> bool:

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from smalti import formats
-from smalti.checkpoint import load_checkpoint
+from smalti.checkpoint import load_checkpoint, load_weights
 from smalti.core.class_losses import ClassLosses
 from smalti.errors import SmaltiError
 from smalti.governance.certificate import ledger_entries, sign_certificate, write_certificate
@@ -50,7 +50,7 @@ from smalti.governance.keys import SigningKey
 from smalti.governance.ledger.entry import TreeHead
 from smalti.governance.ledger.store import LedgerStore, ledger_path
 from smalti.governance.ledger.verify import verify_ledger
-from smalti.governance.taxonomy import Taxonomy
+from smalti.governance.taxonomy import Taxonomy, unknown_class
 
 FORK = "fork.json"
 FORK_CHANGES = ("data.exclude_classes",)  # what a forked run may change against its parent's checkpoint
@@ -131,7 +131,7 @@ def plan_deletion(parent: str | Path, node: str) -> DeletionPlan:
     genesis, steps, _ = ledger_entries(parent, tables=False)
     classes = [c for c in genesis["classes"] if Taxonomy.covers(node, c)]
     if not classes:
-        raise DeletionError(f"--class {node!r} names no class of this run (classes: {', '.join(genesis['classes'])})")
+        raise DeletionError(unknown_class("--class", node, genesis["classes"]))
     first = next((e["step"] for e in steps if any(_covered(node, s) for s in e["examples"])), None)
     total = steps[-1]["step"] if steps else 0
     fork_step, fork_checkpoint = 0, None
@@ -240,7 +240,8 @@ def losses_by_class(recipe_path: Path, checkpoints: list[Path | dict[str, torch.
         results = []
         for checkpoint in checkpoints:
             if checkpoint is not None:
-                model.load_state_dict(checkpoint if isinstance(checkpoint, dict) else _load(checkpoint)["model"])
+                load_weights(model, checkpoint if isinstance(checkpoint, dict) else _load(checkpoint)["model"],
+                             "the given weights" if isinstance(checkpoint, dict) else checkpoint)
             model.eval()
             losses = ClassLosses(len(data.class_names))
             for batch in batches:

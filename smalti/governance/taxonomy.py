@@ -28,6 +28,7 @@ authorities and their keys do not number anything (``class_tree_fingerprint``).
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
@@ -176,6 +177,24 @@ class Taxonomy:
 
     def key_of_role(self, role: str) -> PublicKey | None:
         return next((a.key for a in self.authorities.values() if a.role == role and a.key is not None), None)
+
+
+def unknown_class(option: str, name: str, classes: list[str]) -> str:
+    """One line for a class name that names nothing: the closest classes or nodes, never the whole list.
+
+    Candidates are every class and every node above one (a node covers its subtree); a name
+    is matched whole and by its last segment, so ``hamlett`` finds ``gutenberg/tragedy/hamlet``.
+    """
+    nodes = list(dict.fromkeys(p for c in classes for p in ("/".join(c.split("/")[: i + 1])
+                                                            for i in range(c.count("/") + 1))))
+    close = difflib.get_close_matches(name, nodes, n=3, cutoff=0.6)
+    by_leaf: dict[str, list[str]] = {}
+    for node in nodes:
+        by_leaf.setdefault(node.rsplit("/", 1)[-1], []).append(node)
+    for leaf in difflib.get_close_matches(name.rsplit("/", 1)[-1], list(by_leaf), n=3, cutoff=0.6):
+        close += [n for n in by_leaf[leaf] if n not in close]
+    hint = f"; did you mean {' or '.join(repr(c) for c in close[:3])}?" if close else ""
+    return f"{option} {name!r}: no class or node of this run's {len(classes)} classes is called that{hint}"
 
 
 def _walk(node: Any, prefix: str, out: list[str], where: str) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 from smalti.errors import SmaltiError
 from smalti.governance.ledger.entry import decode_entry
 from smalti.governance.ledger.store import LedgerStore, ledger_path
-from smalti.governance.taxonomy import Taxonomy
+from smalti.governance.taxonomy import Taxonomy, unknown_class
 
 
 class AuditError(SmaltiError):
@@ -34,6 +34,18 @@ def step_ranges(steps: list[int]) -> str:
             parts.append(str(start) if start == step else f"{start}-{step}")
             start = None
     return ", ".join(parts)
+
+
+def describe_steps(steps: list[int], max_runs: int = 6) -> str:
+    """``1,400 steps: 1-750, 900-1550`` when the ranges are few; otherwise ``195 steps from 9 to 1493``
+    (``--json`` lists every step)."""
+    if not steps:
+        return "no step"
+    count = f"{len(steps):,} step{'s' if len(steps) > 1 else ''}"
+    ranges = step_ranges(steps)
+    if ranges.count(",") < max_runs:
+        return f"{count}: {ranges}"
+    return f"{count} from {steps[0]} to {steps[-1]}"
 
 
 def _signature_classes(signature: str) -> list[str]:
@@ -95,6 +107,7 @@ class Ledger:
             row["share_of_total"] = row["share_sum"] / total_share
         return {"layer": name, "parameters": self.run["layers"][index]["parameters"],
                 "updated_steps": step_ranges(updated), "updated_count": len(updated),
+                "updated_summary": describe_steps(updated),
                 "classes": dict(sorted(by_class.items(), key=lambda kv: -kv[1]["share_sum"]))}
 
     def parameter(self, name: str) -> dict[str, Any]:
@@ -105,7 +118,7 @@ class Ledger:
 
     def for_class(self, node: str) -> dict[str, Any]:
         if not any(Taxonomy.covers(node, c) for c in self.run["classes"]):
-            raise AuditError(f"--class {node!r}: not a class of this run's taxonomy")
+            raise AuditError(unknown_class("--class", node, self.run["classes"]))
         touched: dict[int, list[int]] = {}
         seen_steps: list[int] = []
         examples = 0
@@ -126,12 +139,15 @@ class Ledger:
             "class": node,
             "examples_seen": examples,
             "steps_present": step_ranges(seen_steps),
-            "layers_touched": {names[j]: {"steps": len(s), "step_ranges": step_ranges(s)}
+            "steps_present_count": len(seen_steps),
+            "steps_present_summary": describe_steps(seen_steps),
+            "layers_touched": {names[j]: {"steps": len(s), "step_ranges": step_ranges(s),
+                                          "whenever_present": s == seen_steps, "summary": describe_steps(s)}
                                for j, s in sorted(touched.items())},
             "layers_never_touched": [names[j] for j in range(len(names)) if j not in touched],
         }
 
-    def example(self, example_id: int) -> dict[str, Any]:
+    def example(self, example_id: int, name: str | None = None) -> dict[str, Any]:
         names = self.layer_names
         appearances, dropped = [], []
         for entry in self.steps:
@@ -142,5 +158,43 @@ class Ledger:
                     cells = entry["contributions"].get(signature, [])
                     appearances.append({"step": entry["step"], "classes": _signature_classes(signature),
                                         "layers": [names[layer] for layer, norm, _ in cells if norm > 0]})
-        return {"example": example_id, "steps": step_ranges([a["step"] for a in appearances]),
+        return {"example": example_id, "id": name, "steps": step_ranges([a["step"] for a in appearances]),
                 "dropped_in_steps": step_ranges(dropped), "appearances": appearances}
+
+
+def training_index(run_dir: str | Path, example: str) -> int:
+    """The ledger's index of an example named by its dataset id (``tempest/train/000925``), or by the index itself.
+
+    Errors name examples by id; the ledger records them by their index in the training split.
+    The id is looked up in the run's own dataset, read through the same fail-closed checks as
+    training (the signed manifest of the release the run trained on, every shard read verified).
+    """
+    if example.isdigit():
+        return int(example)
+    import json
+
+    from smalti.config import load_recipe
+    from smalti.data.shards import ShardedSplit, read_manifest
+    from smalti.governance.keys import PublicKey
+
+    run_dir = Path(run_dir)
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    data = recipe.data
+    if data.url is None or data.taxonomy is None or data.trust is None:
+        raise AuditError(f"--example {example!r}: ids name examples of a prepared dataset (data.url); this run did "
+                         f"not train on one, so give the example's index")
+    taxonomy = Taxonomy.load(data.taxonomy, PublicKey.load(data.trust))
+    manifest = read_manifest(data.url, taxonomy, data.storage_options)
+    trained_on = json.loads((run_dir / "data.json").read_text()).get("manifest_root")
+    if trained_on and manifest.root != trained_on:
+        raise AuditError(f"--example {example!r}: {data.url} now holds another release than the run trained on "
+                         f"(root {manifest.root[:16]}..., not {trained_on[:16]}...); give the example's index")
+    split = ShardedSplit(manifest, "train", taxonomy, data.storage_options, cache=None, memory_shards=2)
+    try:
+        for shard, entry in enumerate(split.shards):
+            ids = split._load(shard)[1].ids  # read and verified as training reads it
+            if example in ids:
+                return entry.first_example + ids.index(example)
+    finally:
+        split.close()
+    raise AuditError(f"--example {example!r}: no training example of {data.url} has this id")
