@@ -96,6 +96,19 @@ def test_exact_forget_equals_the_counterfactual_run_bitwise(parent, tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(evaluated.stdout)["by_class"][TEMPEST] == after[TEMPEST]  # same weights, same loss
 
+    # The forked run's audit report carries its certificate, checked, and the software that made both.
+    from smalti.software import software
+
+    assert certificate["software"] == software()
+    report = smalti_cli("audit", str(out), "--report", str(tmp_path / "report.html"))
+    assert report.returncode == 0, report.stderr
+    page = (tmp_path / "report.html").read_text()
+    assert "<h2>Deletion certificate</h2>" in page and "CERTIFICATE VERIFIED" in page
+    assert f"<code>{TEMPEST}</code>" in page and "5 of " in page
+    (out / "deletion-certificate.json").write_text(json.dumps({**certificate, "steps_replayed": 4}))
+    assert smalti_cli("audit", str(out), "--report", str(tmp_path / "bad.html")).returncode == 0
+    assert "CERTIFICATE FAILED" in (tmp_path / "bad.html").read_text()
+
 
 def test_a_class_that_never_contributed_is_a_noop_with_a_certificate(parent, tmp_path):
     run, _, _ = parent

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import html as html_lib
+import json
 import os
 import re
-import json
 import sqlite3
 from pathlib import Path
 
@@ -770,13 +771,75 @@ def test_audit_command_line(policy_run, tmp_path):
     assert refused.returncode != 0 and "failed verification" in refused.stderr
 
 
+def test_the_run_entry_records_what_the_policy_allowed(policy_run):
+    """Per class and layer, from the policy's text alone: poetry never reaches tok_emb, Hamlet only its adapter."""
+    from smalti.governance.ledger.audit import Ledger
+
+    ledger = Ledger.load(policy_run)
+    (phase,) = ledger.run["routing"]  # no rule has a phase: one phase for the whole run
+    assert phase["start_batch"] == 0
+    classes, layers = ledger.run["classes"], ledger.layer_names
+    allowed = {c: dict(zip(layers, row)) for c, row in zip(classes, phase["layers"])}
+    for layer in layers:
+        adapter = ".adapters." in layer
+        assert allowed[HAMLET][layer] == ("1" if adapter else "0"), layer
+        assert allowed[TEMPEST][layer] == ("0" if adapter else "1"), layer
+        assert allowed[SONNETS][layer] == ("0" if adapter or layer == "tok_emb" else "1"), layer
+
+
+def test_the_report_shows_what_governed_the_run(policy_run, tmp_path):
+    from smalti.governance.ledger.audit import Ledger
+    from smalti.governance.ledger.report import write_report
+    from smalti.governance.ledger.verify import verify_ledger
+    from smalti.software import software
+
+    page = write_report(policy_run, tmp_path / "r.html", verify_ledger(policy_run)).read_text()
+    versions = software()
+    assert f"smalti {versions['smalti']} (torch {versions['torch']}" in page  # the run's and the report's software
+    assert "tiny version 1" in page and "Taxonomy tiny: authorities" in page  # dataset and taxonomy by name
+    trainer_id = Ledger.load(policy_run).run["trainer_key"]
+    assert f"<code>{trainer_id}</code> (signs this ledger)" in page  # the trainer authority, by name in its row
+    assert "comedy-tagger" in page and "model-risk" in page
+    assert "tok_emb.*" in page and "gutenberg/poetry" in page and "@adapter" in page  # the policy's rules
+    assert "What the policy allowed, per phase" in page and "class='n'>✗" in page
+    held_out = page.split("Held-out loss per class")[1].split("</table>")[0]
+    for leaf in ("hamlet", "macbeth", "tempest", "sonnets"):
+        assert f"<td>{leaf}</td>" in held_out
+    # A copied policy that is not the one the ledger records is not shown as if it were.
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(policy_run, run)
+    (run / "evidence" / "policy.yaml").write_text("policy: forged\ndefault: allow\nrules: []\n")
+    forged = write_report(run, tmp_path / "forged.html", verify_ledger(run)).read_text()
+    assert "policy.yaml is not the document the ledger records" in forged and "forged" not in forged.split("<h2>")[0]
+
+
+LAYOUT_PROBE = """<script>
+window.addEventListener("load", () => {
+  const heat = document.querySelector("#heatmap svg");
+  const labels = [...heat.querySelectorAll("text")].map(t => {
+    const box = t.getBoundingClientRect();
+    return [t.textContent.trim(), box.left, box.right];
+  });
+  const out = document.createElement("pre");
+  out.id = "layout";
+  out.textContent = JSON.stringify({width: window.innerWidth, scroll: document.documentElement.scrollWidth,
+                                    heatmap: heat.getBoundingClientRect().right, labels});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
 def test_the_report_renders_in_headless_chromium(policy_run, tmp_path):
+    """At 1280 pixels: nothing scrolls sideways, and every class's row label of the heatmap is on screen."""
     import shutil
     import subprocess
 
     import matplotlib.image
 
     from conftest import smalti_cli
+    from smalti.governance.ledger.audit import Ledger
 
     folder = tmp_path / ("a-folder-with-a-long-name-" * 4)  # a path longer than a line: printed unbroken
     folder.mkdir()
@@ -794,18 +857,32 @@ def test_the_report_renders_in_headless_chromium(policy_run, tmp_path):
         pytest.skip("no chromium on this machine (make test installs it)")
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run([chromium, *flags, "--dump-dom", report.as_uri()], capture_output=True, text=True,
-                         timeout=120)
+             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2000"]
+    probed = folder / "probed.html"
+    probed.write_text(page.replace("</body>", LAYOUT_PROBE + "</body>"))
+    dom = subprocess.run([chromium, *flags, "--virtual-time-budget=10000", "--dump-dom", probed.as_uri()],
+                         capture_output=True, text=True, timeout=120)
     assert dom.stdout.count("<svg") >= 4, "the browser did not parse the plots"
+    layout = json.loads(html_lib.unescape(re.search(r'<pre id="layout">(.*?)</pre>', dom.stdout, re.S).group(1)))
+    assert layout["width"] == 1280 and layout["scroll"] <= layout["width"], layout  # no horizontal overflow
+    assert layout["heatmap"] <= layout["width"]
+    classes = Ledger.load(policy_run).run["classes"]
+    leaves = [c for c in classes if not any(other.startswith(c + "/") for other in classes)]
+    assert len(leaves) == 5
+    visible = {text: (left, right) for text, left, right in layout["labels"]}
+    for name in leaves:
+        label = "/".join(name.split("/")[-2:])  # e.g. tragedy/hamlet
+        assert label in visible, f"no row label for {name} in the heatmap"
+        left, right = visible[label]
+        assert 0 <= left and right <= layout["width"], (name, left, right)
+
     shot = tmp_path / "report.png"
-    subprocess.run([chromium, *flags, f"--screenshot={shot}", "--window-size=1200,3000", report.as_uri()],
+    subprocess.run([chromium, *flags[:-1], f"--screenshot={shot}", "--window-size=1280,5000", report.as_uri()],
                    capture_output=True, timeout=120)
     pixels = matplotlib.image.imread(shot)[..., :3]
-    assert pixels.shape[:2] == (3000, 1200)
+    assert pixels.shape[:2] == (5000, 1280)
     colourful = (pixels.max(axis=2) - pixels.min(axis=2)) > 0.3  # plots; text and tables are grey
     assert colourful.mean() > 0.02, "the screenshot shows no plots"
-    assert colourful[:1500].any() and colourful[1500:].any()
 
 
 @pytest.mark.parametrize("rows_per_class", [[1, 1, 1], [2, 1, 3]], ids=["uniform", "ragged"])

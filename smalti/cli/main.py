@@ -11,7 +11,6 @@ import argparse
 import sys
 from typing import Sequence
 
-from smalti import __version__
 from smalti.cli import audit, data, forget, keys, ledger, policy, sample, taxonomy, train
 from smalti.errors import SmaltiError
 from smalti.threads import apply_thread_defaults
@@ -35,14 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def version_line() -> str:
     """Smalti's version and the torch it runs with, read from the installed metadata (no torch import)."""
-    import platform
-    from importlib import metadata
+    from smalti.software import describe, software
 
-    try:
-        torch_version = metadata.version("torch")
-    except metadata.PackageNotFoundError:
-        torch_version = "not installed"
-    return f"smalti {__version__} (torch {torch_version}, Python {platform.python_version()})"
+    return describe(software())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -229,6 +229,7 @@ def dataset_data(
         provenance={
             "source": "dataset",
             "url": url,
+            "name": manifest.name,
             "manifest_root": manifest.root,
             "manifest_version": manifest.version,
             "manifest_sha256": hashlib.sha256(manifest.raw).hexdigest(),

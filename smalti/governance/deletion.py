@@ -51,6 +51,7 @@ from smalti.governance.ledger.entry import TreeHead
 from smalti.governance.ledger.store import LedgerStore, ledger_path
 from smalti.governance.ledger.verify import verify_ledger
 from smalti.governance.taxonomy import Taxonomy, unknown_class
+from smalti.software import software
 
 FORK = "fork.json"
 FORK_CHANGES = ("data.exclude_classes",)  # what a forked run may change against its parent's checkpoint
@@ -296,6 +297,7 @@ def _base_certificate(plan: DeletionPlan, mode: str, parent_head: dict[str, Any]
         "fork_step": plan.fork_step,
         "full_retrain_steps": plan.total_steps,
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "software": software(),
     }
 
 

@@ -1,34 +1,66 @@
 """The audit report: one self-contained HTML file an auditor opens offline.
 
-Plots are drawn with matplotlib (the standard, well-kept plotting library)
-as inline SVG, so the file needs no network, no JavaScript and no companion
-files. Sections: verification status and the signed tree head; the
-layer x class contribution heatmap; update norms per layer over time; class
-composition over time; entropy profiles.
+Plots are drawn with matplotlib (the standard, well-kept plotting library) as
+inline SVG with real text, so the file needs no network, no JavaScript and no
+companion files, and its names can be searched and selected. It is laid out
+for a 1280-pixel screen: every figure scales to the page width, nothing scrolls
+sideways.
+
+What it shows, in the order an auditor asks: is the evidence intact (the
+verification, the signed tree head); what governed the run (software, dataset,
+taxonomy and its authorities by name, the policy's rules and what they allowed
+per phase, from the ledger's own record); what each layer learned from which
+class (the contribution heatmap, on a log scale, forbidden cells marked); how
+each class fares on held-out data; how training moved (update norms, class
+composition, entropy profiles); and, for a run made by ``smalti forget``, its
+deletion certificate.
 """
 
 from __future__ import annotations
 
 import html
 import io
+import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import yaml
 
 from smalti.governance.ledger.audit import Ledger
 from smalti.governance.ledger.verify import VerifyReport
 from smalti.io import atomic_write_bytes
+from smalti.software import describe, software
+
+EVIDENCE = "evidence"  # RUN_DIR/evidence/: the trainer's copies of the signed taxonomy and policy
 
 _STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }
-h1 { margin-bottom: 0.2rem; } .sub { color: #666; margin-top: 0; }
+body { font-family: system-ui, sans-serif; margin: 1.5rem auto; max-width: 1200px; padding: 0 1rem; color: #222; }
+h1 { margin-bottom: 0.2rem; } h2 { margin-top: 2rem; border-bottom: 1px solid #ddd; padding-bottom: 0.2rem; }
+.sub { color: #555; margin-top: 0; }
 .status { padding: 0.8rem 1rem; border-radius: 6px; font-weight: 600; }
 .ok { background: #e4f5e9; color: #14532d; } .bad { background: #fde8e8; color: #7f1d1d; }
-table { border-collapse: collapse; font-size: 0.9rem; } td, th { border: 1px solid #ddd; padding: 0.25rem 0.6rem; }
-th { background: #f5f5f5; text-align: left; } code { font-size: 0.85rem; word-break: break-all; }
-figure { margin: 1.5rem 0; } figcaption { color: #555; font-size: 0.9rem; }
+.grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(360px, 1fr)); gap: 0 2rem; }
+table { border-collapse: collapse; font-size: 0.85rem; margin: 0.5rem 0; }
+td, th { border: 1px solid #ddd; padding: 0.2rem 0.5rem; vertical-align: top; }
+th { background: #f5f5f5; text-align: left; } code { font-size: 0.8rem; word-break: break-all; }
+td.y { background: #dcfce7; text-align: center; } td.n { background: #fee2e2; text-align: center; }
+td.p { background: #fef9c3; text-align: center; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+figure { margin: 1rem 0; } figcaption { color: #555; font-size: 0.85rem; }
+svg { max-width: 100%; height: auto; }
 """
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _rows(pairs: list[tuple[str, Any]]) -> str:
+    return "<table>" + "".join(f"<tr><th>{_e(k)}</th><td><code>{_e(v)}</code></td></tr>" for k, v in pairs) + "</table>"
 
 
 def _svg(figure) -> str:
@@ -41,32 +73,92 @@ def _svg(figure) -> str:
     return text[text.index("<svg"):]
 
 
-def _short(name: str) -> str:
-    return name.rsplit("/", 1)[-1] if "+" not in name else "+".join(n.rsplit("/", 1)[-1] for n in name.split("+"))
+def _group(name: str) -> str:
+    """The taxonomy node a class sits under (``gutenberg/tragedy`` for ``gutenberg/tragedy/hamlet``)."""
+    return name.rsplit("/", 1)[0] if "/" in name else ""
+
+
+def _read_evidence(run_dir: Path, name: str, fingerprint: str | None) -> tuple[bytes | None, str]:
+    """A signed document the trainer copied into the run, if its sha256 is the one the ledger records."""
+    import hashlib
+
+    path = run_dir / EVIDENCE / name
+    if not path.is_file():
+        return None, f"not in the run directory ({EVIDENCE}/{name})"
+    data = path.read_bytes()
+    if fingerprint and hashlib.sha256(data).hexdigest() != fingerprint:
+        return None, f"{EVIDENCE}/{name} is not the document the ledger records (sha256 differs): not shown"
+    return data, f"{EVIDENCE}/{name}, sha256 as the ledger records"
+
+
+# ---------------------------------------------------------------------------------------------- figures
+
+
+def _label(name: str) -> str:
+    """A row's name: the class and the node above it (``tragedy/hamlet``), or each class of a mixed signature."""
+    return "+".join("/".join(n.split("/")[-2:]) for n in name.split("+"))
 
 
 def contribution_matrix(ledger: Ledger) -> tuple[list[str], np.ndarray]:
-    """Signatures and the [layers, signatures] mean share of each layer's gradient over the run."""
-    signatures = sorted({sig for e in ledger.steps for sig in e["contributions"]})
-    column = {s: i for i, s in enumerate(signatures)}
-    totals = np.zeros((len(ledger.layer_names), len(signatures)))
+    """Rows and the [rows, layers] mean share of each layer's gradient: every class examples can carry (the
+    taxonomy's leaves, in its order, and any other class that contributed), then each mixed signature."""
+    names = list(ledger.run["classes"])
+    reached = {s for e in ledger.steps for s in e["contributions"]}
+    leaves = [c for c in names if not any(o.startswith(c + "/") for o in names) or c in reached]
+    rows = leaves + sorted(s for s in reached if s not in names)
+    index = {s: i for i, s in enumerate(rows)}
+    totals = np.zeros((len(rows), len(ledger.layer_names)))
     for _, signature, layer, _, share in ledger.contributions():
-        totals[layer, column[signature]] += share
-    sums = totals.sum(axis=1, keepdims=True)
-    return signatures, np.divide(totals, sums, out=np.zeros_like(totals), where=sums > 0)
+        totals[index[signature], layer] += share
+    sums = totals.sum(axis=0, keepdims=True)
+    return rows, np.divide(totals, sums, out=np.zeros_like(totals), where=sums > 0)
+
+
+def forbidden_cells(ledger: Ledger, rows: list[str]) -> np.ndarray:
+    """[rows, layers]: 2 the policy denied the class the layer in every phase, 1 in some, 0 never."""
+    phases = ledger.run.get("routing") or []
+    classes = ledger.run["classes"]
+    marks = np.zeros((len(rows), len(ledger.layer_names)), dtype=int)
+    if not phases:
+        return marks
+    for r, name in enumerate(rows):
+        if name not in classes:
+            continue
+        strings = [phase["layers"][classes.index(name)] for phase in phases]
+        for layer in range(len(ledger.layer_names)):
+            cells = [s[layer] for s in strings]
+            marks[r, layer] = 2 if all(c == "0" for c in cells) else 1 if any(c != "1" for c in cells) else 0
+    return marks
 
 
 def _heatmap(ledger: Ledger) -> str:
+    import matplotlib.colors as colors
     import matplotlib.pyplot as plt
 
-    signatures, matrix = contribution_matrix(ledger)
+    rows, matrix = contribution_matrix(ledger)
+    forbidden = forbidden_cells(ledger, rows)
     layers = ledger.layer_names
-    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(signatures) + 3), max(3, 0.22 * len(layers) + 1)))
-    image = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=0, vmax=1)
-    ax.set_xticks(range(len(signatures)), [_short(s) for s in signatures], rotation=60, ha="right", fontsize=7)
-    ax.set_yticks(range(len(layers)), layers, fontsize=7)
-    ax.set_xlabel("class (routing signature)")
-    fig.colorbar(image, ax=ax, label="share of the layer's gradient, over the run")
+    width = min(13.0, 2.6 + 0.26 * len(layers))
+    height = max(3.0, 0.19 * len(rows) + 1.8)
+    fig, ax = plt.subplots(figsize=(width, height))
+    shown = np.ma.masked_less_equal(matrix, 0.0)  # never reached: blank, not the scale's darkest colour
+    cmap = plt.get_cmap("viridis").copy()
+    cmap.set_bad("white")
+    floor = max(1e-4, float(shown.min()) if shown.count() else 1e-4)
+    image = ax.imshow(shown, aspect="auto", cmap=cmap, norm=colors.LogNorm(vmin=floor, vmax=1.0),
+                      interpolation="nearest")
+    for r, layer in zip(*np.nonzero(forbidden)):
+        ax.text(layer, r, "×" if forbidden[r, layer] == 2 else "/", ha="center", va="center", fontsize=7,
+                color="#b91c1c")
+    ax.set_xticks(range(len(layers)), layers, rotation=90, fontsize=6.5)
+    ax.set_yticks(range(len(rows)), [_label(r) for r in rows], fontsize=6.5)
+    groups = [_group(r) for r in rows]
+    for r in range(1, len(rows)):  # a line between the taxonomy's groups
+        if groups[r] != groups[r - 1]:
+            ax.axhline(r - 0.5, color="#333", linewidth=0.8)
+    ax.set_xlabel("layer")
+    fig.colorbar(image, ax=ax, label="share of the layer's gradient, over the run (log scale)", pad=0.09,
+                 fraction=0.03)
     return _svg(fig)
 
 
@@ -75,16 +167,16 @@ def _update_norms(ledger: Ledger) -> str:
 
     steps = [e["step"] for e in ledger.steps]
     norms = np.array([[layer[1] for layer in e["layers"]] for e in ledger.steps]).T  # [L, steps]
-    fig, ax = plt.subplots(figsize=(10, max(3, 0.22 * len(ledger.layer_names) + 1)))
+    fig, ax = plt.subplots(figsize=(12, max(3, 0.16 * len(ledger.layer_names) + 1)))
     image = ax.imshow(np.log10(np.maximum(norms, 1e-12)), aspect="auto", cmap="magma", interpolation="nearest",
                       extent=(steps[0] - 0.5, steps[-1] + 0.5, len(norms) - 0.5, -0.5), vmin=-8)
-    ax.set_yticks(range(len(ledger.layer_names)), ledger.layer_names, fontsize=7)
+    ax.set_yticks(range(len(ledger.layer_names)), ledger.layer_names, fontsize=6.5)
     ax.set_xlabel("step")
     fig.colorbar(image, ax=ax, label="log10 update norm (black: not updated)")
     return _svg(fig)
 
 
-def _composition(ledger: Ledger, top: int = 10) -> str:
+def _composition(ledger: Ledger, top: int = 12) -> str:
     import matplotlib.pyplot as plt
 
     steps = [e["step"] for e in ledger.steps]
@@ -97,10 +189,12 @@ def _composition(ledger: Ledger, top: int = 10) -> str:
     other = [sum(n for c, n in e["counts"].items() if c not in shown) for e in ledger.steps]
     window = max(1, len(steps) // 100)  # smooth long runs so the bands stay readable
     smooth = lambda xs: np.convolve(xs, np.ones(window) / window, mode="same")  # noqa: E731
-    fig, ax = plt.subplots(figsize=(10, 3.5))
-    labels = [_short(n) for n in shown] + (["other"] if any(other) else [])
+    palette = [plt.get_cmap("tab20")(i) for i in range(20)]
+    labels = [_label(n) for n in shown] + (["all other classes"] if any(other) else [])
     data = [smooth(s) for s in series] + ([smooth(other)] if any(other) else [])
-    ax.stackplot(steps, *data, labels=labels)
+    colours = palette[: len(shown)] + (["#bdbdbd"] if any(other) else [])  # "other" never shares a colour
+    fig, ax = plt.subplots(figsize=(12, 3.8))
+    ax.stackplot(steps, *data, labels=labels, colors=colours)
     ax.set_xlabel("step")
     ax.set_ylabel("examples per step")
     ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -115,76 +209,211 @@ def _entropy(ledger: Ledger) -> str | None:
     if not config or not measured:
         return None
     layers, classes = config["layers"], config["classes"]
-    fig, (over_time, profile) = plt.subplots(1, 2, figsize=(11, 3.8))
     steps = [e["step"] for e in measured]
     values = np.array([e["entropy"] for e in measured])  # [T, C, L]
+    fig, (over_time, profile) = plt.subplots(1, 2, figsize=(12, max(3.8, 0.16 * len(classes) + 1.2)),
+                                              gridspec_kw={"width_ratios": [1, 1]})
+    palette = plt.get_cmap("tab10" if len(layers) <= 10 else "tab20")
     for j, layer in enumerate(layers):
-        over_time.plot(steps, values[:, :, j].mean(axis=1), label=layer)
+        over_time.plot(steps, values[:, :, j].mean(axis=1), label=layer, color=palette(j % palette.N))
     over_time.set_xlabel("step")
     over_time.set_ylabel("spectral entropy (mean over classes)")
     over_time.legend(fontsize=7)
-    last = values[-1]
-    for c, name in enumerate(classes[:12]):
-        profile.plot(range(len(layers)), last[c], marker="o", label=_short(name))
+    image = profile.imshow(values[-1], aspect="auto", cmap="cividis", interpolation="nearest")
     profile.set_xticks(range(len(layers)), layers, rotation=45, ha="right", fontsize=7)
-    profile.set_ylabel(f"entropy at step {steps[-1]}")
-    profile.legend(fontsize=6, ncol=2)
+    profile.set_yticks(range(len(classes)), [_label(c) for c in classes], fontsize=6.5)
+    profile.set_title(f"every class, at step {steps[-1]}", fontsize=9)
+    fig.colorbar(image, ax=profile, label="spectral entropy")
     return _svg(fig)
 
 
-def _head_table(verified: VerifyReport) -> str:
-    head = verified.last_head or {}
-    rows = [("entries", verified.entries), ("signed tree heads", verified.heads),
-            ("checked against", f"key {verified.key_id} ({verified.key_source})")]
-    rows += [(k, head[k]) for k in ("size", "root", "timestamp", "final", "key_id", "signature") if k in head]
-    cells = "".join(f"<tr><th>{html.escape(str(k))}</th><td><code>{html.escape(str(v))}</code></td></tr>"
-                    for k, v in rows)
-    return f"<table>{cells}</table>"
+# ---------------------------------------------------------------------------------------------- sections
+
+
+def _governance(run_dir: Path, ledger: Ledger) -> str:
+    """Software, data, taxonomy with its authorities by name, the policy's rules and what they allowed."""
+    fingerprints = ledger.run.get("fingerprints") or {}
+    data_path = run_dir / "data.json"
+    data = json.loads(data_path.read_text()) if data_path.is_file() else {}
+    run_software = ledger.run.get("software") or {}
+    facts = [("trained with", describe(run_software) if run_software else "not recorded"),
+             ("this report by", describe(software()))]
+    if data.get("source") == "dataset":
+        facts += [("dataset", f"{data.get('name', '?')} version {data.get('manifest_version', '?')} at {data.get('url')}"),
+                  ("dataset manifest root", data.get("manifest_root")),
+                  ("tagged and signed by", data.get("signer"))]
+    elif data:
+        facts.append(("data", data.get("corpus") or data.get("source")))
+    facts += [(f"{k} fingerprint", v) for k, v in fingerprints.items()]
+    parts = [f"<h2>What governed the run</h2>{_rows(facts)}"]
+
+    taxonomy_bytes, where = _read_evidence(run_dir, "taxonomy.yaml", fingerprints.get("taxonomy"))
+    trainer = ledger.run.get("trainer_key")
+    if taxonomy_bytes is not None:
+        from smalti.governance.taxonomy import Taxonomy
+
+        taxonomy = Taxonomy.parse(taxonomy_bytes, where)
+        rows = "".join(
+            f"<tr><td>{_e(a.name)}</td><td>{_e(a.role)}</td><td><code>{_e(a.key.key_id if a.key else '-')}</code>"
+            f"{' (signs this ledger)' if a.key and a.key.key_id == trainer else ''}</td>"
+            f"<td>{_e(', '.join(a.may_tag))}</td></tr>" for a in taxonomy.authorities.values())
+        parts.append(f"<h3>Taxonomy {_e(taxonomy.name)}: authorities</h3><p class='sub'>{_e(where)}</p>"
+                     f"<table><tr><th>authority</th><th>role</th><th>key id</th><th>may tag</th></tr>{rows}</table>")
+    else:
+        parts.append(f"<h3>Taxonomy</h3><p>{_e(where)}; the ledger records fingerprint "
+                     f"<code>{_e(fingerprints.get('taxonomy'))}</code> and trainer key <code>{_e(trainer)}</code>.</p>")
+
+    policy_bytes, where = _read_evidence(run_dir, "policy.yaml", fingerprints.get("policy"))
+    if policy_bytes is not None:
+        spec = yaml.safe_load(policy_bytes.decode("utf-8")) or {}
+        rules = "".join(f"<tr><td>{i}</td><td>{_e(', '.join(r.get('classes', [])))}</td>"
+                        f"<td>{_e(', '.join(r.get('params', [])))}</td><td>{_e(r.get('phase', 'always'))}</td>"
+                        f"<td>{_e(r.get('action'))}</td></tr>" for i, r in enumerate(spec.get("rules") or [], 1))
+        exclusive = "".join(f"<tr><td>{_e(', '.join(r.get('classes', [])))}</td><td>{_e(', '.join(r.get('params', [])))}"
+                            f"</td></tr>" for r in spec.get("exclusive") or [])
+        parts.append(
+            f"<h3>Routing policy {_e(spec.get('policy', ''))}</h3><p class='sub'>{_e(where)}; default "
+            f"<b>{_e(spec.get('default', 'allow'))}</b>; the first matching rule decides</p>"
+            f"<table><tr><th>#</th><th>classes</th><th>parameters</th><th>phase</th><th>action</th></tr>{rules}</table>"
+            + (f"<p>Exclusive (the class may update only these; no other class may):</p><table><tr><th>classes</th>"
+               f"<th>parameters</th></tr>{exclusive}</table>" if exclusive else ""))
+    elif fingerprints.get("policy"):
+        parts.append(f"<h3>Routing policy</h3><p>{_e(where)}; the ledger records fingerprint "
+                     f"<code>{_e(fingerprints.get('policy'))}</code>.</p>")
+    parts.append(_allow_matrix(ledger))
+    return "".join(parts)
+
+
+def _allow_matrix(ledger: Ledger) -> str:
+    """Per phase, layers down and groups of classes that were allowed alike across (from the ledger's record)."""
+    phases = ledger.run.get("routing") or []
+    if not phases:
+        return ""
+    classes, layers = ledger.run["classes"], ledger.layer_names
+    last_step = ledger.steps[-1]["step"] if ledger.steps else 0
+    out = ["<h3>What the policy allowed, per phase</h3><p class='sub'>From the ledger's run entry: ✓ the "
+           "classes may update the layer, ✗ they may not, ~ only some of its parameters. Decisions taken during "
+           "training (an entropy-driven freeze) show in the update norms below, not here.</p>"]
+    for number, phase in enumerate(phases):
+        end = phases[number + 1]["start_batch"] if number + 1 < len(phases) else last_step
+        groups: dict[str, list[str]] = {}
+        for name, row in zip(classes, phase["layers"]):
+            groups.setdefault(row, []).append(name)
+        if len(groups) == 1 and set(next(iter(groups))) == {"1"}:
+            out.append(f"<p>Batches {phase['start_batch']}&ndash;{end}: every class may update every layer.</p>")
+            continue
+        keys = list(groups)
+        head = "".join(f"<th>({i}) {len(groups[k])} class{'es' if len(groups[k]) > 1 else ''}</th>"
+                       for i, k in enumerate(keys, 1))
+        body = "".join(f"<tr><td><code>{_e(layer)}</code></td>" + "".join(
+            {"1": "<td class='y'>✓</td>", "0": "<td class='n'>✗</td>"}.get(k[j], "<td class='p'>~</td>") for k in keys)
+            + "</tr>" for j, layer in enumerate(layers))
+        legend = "".join(f"<li>({i}) {_e(', '.join(_label(c) for c in groups[k]))}</li>" for i, k in enumerate(keys, 1))
+        out.append(f"<p><b>Batches {phase['start_batch']}&ndash;{end}</b></p><div class='grid'><table><tr><th>layer"
+                   f"</th>{head}</tr>{body}</table><ul>{legend}</ul></div>")
+    return "".join(out)
+
+
+def _held_out(run_dir: Path) -> str:
+    """Each class's held-out loss at the run's last evaluation (recorded in its latest checkpoint)."""
+    from smalti.checkpoint import CheckpointStore, load_checkpoint
+    from smalti.errors import CheckpointError
+
+    try:
+        latest = CheckpointStore(run_dir / "checkpoints", keep=1).latest()
+        payload = load_checkpoint(latest) if latest is not None else None
+    except CheckpointError as error:
+        return f"<h2>Held-out loss per class</h2><p>{_e(error)}</p>"
+    losses = (payload or {}).get("eval_by_class") or {}
+    if not losses:
+        return "<h2>Held-out loss per class</h2><p>Not recorded (no evaluation in the latest checkpoint).</p>"
+    at = payload["evaluated_at"]
+    rows = "".join(f"<tr><td>{_e(_group(name))}</td><td>{_e(name.rsplit('/', 1)[-1])}</td><td class='num'>{loss:.4f}</td></tr>"
+                   for name, loss in sorted(losses.items()))
+    return (f"<h2>Held-out loss per class</h2><p class='sub'>At the evaluation after batch {at} "
+            f"({_e(latest.name)}), the validation examples of each class.</p><div class='grid'><table><tr><th>under"
+            f"</th><th>class</th><th>loss</th></tr>{rows}</table></div>")
+
+
+def _certificate(run_dir: Path) -> str:
+    from smalti.governance.certificate import CERTIFICATE, verify_certificate
+
+    path = run_dir / CERTIFICATE
+    if not path.is_file():
+        return ""
+    certificate = json.loads(path.read_text())
+    problem = verify_certificate(run_dir)
+    status = ("<p class='status ok'>CERTIFICATE VERIFIED against the trainer key the parent ledger records</p>"
+              if problem is None else f"<p class='status bad'>CERTIFICATE FAILED: {_e(problem)}</p>")
+    evaluation = certificate.get("evaluation") or {}
+    before, after = evaluation.get("before") or {}, evaluation.get("after") or {}
+    losses = "".join(f"<tr><td>{_e(n)}{' (forgotten)' if n in certificate.get('classes', []) else ''}</td>"
+                     f"<td class='num'>{before[n]:.4f}</td><td class='num'>{after.get(n, math.nan):.4f}</td></tr>"
+                     for n in sorted(before))
+    facts = [("forgotten", certificate.get("class")), ("mode", certificate.get("mode")),
+             ("parent run", (certificate.get("parent") or {}).get("run_dir")),
+             ("first contribution step", certificate.get("first_contribution_step")),
+             ("steps replayed", f"{certificate.get('steps_replayed')} of {certificate.get('full_retrain_steps')}"),
+             ("signed", certificate.get("timestamp")), ("by trainer key", certificate.get("key_id")),
+             ("software", describe(certificate["software"]) if certificate.get("software") else "not recorded")]
+    return (f"<h2>Deletion certificate</h2>{status}{_rows(facts)}"
+            + (f"<table><tr><th>class</th><th>loss before</th><th>loss after</th></tr>{losses}</table>" if losses else ""))
 
 
 def write_report(run_dir: str | Path, out: str | Path, verified: VerifyReport) -> Path:
     """Render the report for ``run_dir`` into ``out`` (atomically); returns the path."""
     import matplotlib
+    import matplotlib.pyplot as plt
 
     matplotlib.use("Agg")
+    run_dir = Path(run_dir)
     ledger = Ledger.load(run_dir)
     if not ledger.steps:
         raise ValueError(f"{run_dir}: the ledger has no steps to report")
     status = (f'<p class="status ok" id="status">VERIFIED: {verified.entries} entries, every leaf, the tree and '
               f"{verified.heads} signed tree heads check out</p>" if verified.ok else
-              f'<p class="status bad" id="status">VERIFICATION FAILED: {html.escape(verified.problem or "")}</p>')
-    first, last = ledger.steps[0], ledger.steps[-1]
-    fingerprints = ledger.run.get("fingerprints", {})
-    finger_rows = "".join(f"<tr><th>{html.escape(k)}</th><td><code>{html.escape(str(v))}</code></td></tr>"
-                          for k, v in fingerprints.items())
-    sections = [
-        ("heatmap", "Which classes each layer learned from",
-         "Mean share of each layer's step gradient per class (routing signature), over the run. "
-         "A blank cell: that class never reached that layer.", _heatmap(ledger)),
-        ("updates", "Update norms per layer over time", "Norm of each layer's update per step; black: skipped "
-         "(frozen, or no class allowed).", _update_norms(ledger)),
-        ("composition", "Class composition over time", "Examples per class in each step.", _composition(ledger)),
-    ]
-    entropy = _entropy(ledger)
+              f'<p class="status bad" id="status">VERIFICATION FAILED: {_e(verified.problem or "")}</p>')
+    head = verified.last_head or {}
+    head_rows = [("entries", verified.entries), ("signed tree heads", verified.heads),
+                 ("checked against", f"key {verified.key_id} ({verified.key_source})")]
+    head_rows += [(k, head[k]) for k in ("size", "root", "timestamp", "final", "key_id", "signature") if k in head]
+    with plt.rc_context({"svg.fonttype": "none", "font.family": "sans-serif"}):  # text stays text
+        sections = [
+            ("heatmap", "Which classes each layer learned from",
+             "Mean share of each layer's step gradient per class, over the run, on a log scale: blank, the class "
+             "never reached the layer; × the policy forbade it in every phase; / in some phases. Classes are grouped "
+             "under their taxonomy node.", _heatmap(ledger)),
+            ("updates", "Update norms per layer over time", "Norm of each layer's update per step; black: skipped "
+             "(frozen, or no class allowed).", _update_norms(ledger)),
+            ("composition", "Class composition over time", "Examples per class in each step (the most frequent "
+             "classes; grey: all others).", _composition(ledger)),
+        ]
+        entropy = _entropy(ledger)
     if entropy is not None:
-        sections.append(("entropy", "Entropy profiles", "Spectral entropy of each layer's representation on the "
-                         "fixed probe set: over time (left) and across depth per class at the last profile (right).",
+        sections.append(("entropy", "Entropy profiles", "Spectral entropy of each probed layer's representation "
+                         "on the fixed probe set: over time (left), and for every class at the last profile (right).",
                          entropy))
-    figures = "".join(f'<figure id="{fid}"><h2>{html.escape(title)}</h2>{svg}<figcaption>{html.escape(caption)}'
-                      f"</figcaption></figure>" for fid, title, caption, svg in sections)
+    figures = "".join(f'<figure id="{fid}"><h2>{_e(title)}</h2>{svg}<figcaption>{_e(caption)}'
+                      f"</figcaption></figure>" for fid, title, caption, svg in sections[:1])
+    later = "".join(f'<figure id="{fid}"><h2>{_e(title)}</h2>{svg}<figcaption>{_e(caption)}'
+                    f"</figcaption></figure>" for fid, title, caption, svg in sections[1:])
+    first, last = ledger.steps[0], ledger.steps[-1]
     loss_text = ", ".join(f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else str(v)
                           for v in (first["loss"], last["loss"]))
     page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>Smalti audit report: {html.escape(str(run_dir))}</title>
-<style>{_STYLE}</style></head><body>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>Smalti audit report: {_e(run_dir)}</title><style>{_STYLE}</style></head><body>
 <h1>Smalti audit report</h1>
-<p class="sub">{html.escape(str(Path(run_dir).resolve()))} &middot; steps {first['step']}&ndash;{last['step']}
-&middot; loss (first, last): {loss_text}</p>
-<h2>Verification</h2>{status}{_head_table(verified)}
-<h2>Fingerprints</h2><table>{finger_rows}</table>
-<p>Contribution rule: {html.escape(ledger.run.get('contribution_rule', ''))}.<br>
-Update-share rule: {html.escape(ledger.run.get('update_share_rule', ''))}.</p>
+<p class="sub">{_e(run_dir.resolve())} &middot; steps {first['step']}&ndash;{last['step']}
+&middot; training loss (first, last): {loss_text}</p>
+<h2>Verification</h2>{status}{_rows(head_rows)}
+{_certificate(run_dir)}
+{_governance(run_dir, ledger)}
+<p>Contribution rule: {_e(ledger.run.get('contribution_rule', ''))}.<br>
+Update-share rule: {_e(ledger.run.get('update_share_rule', ''))}.</p>
 {figures}
+{_held_out(run_dir)}
+{later}
 </body></html>
 """
     out = Path(out)

@@ -28,6 +28,7 @@ from smalti import distributed
 from smalti.data.batch import Batch
 from smalti.distributed import DistInfo
 from smalti.governance.keys import PublicKey, SigningKey
+from smalti.software import software
 from smalti.governance.ledger import merkle
 from smalti.governance.ledger.entropy import EntropyProbe
 from smalti.governance.ledger.entry import ZERO_HASH, TreeHead, encode_packed_entry, pack_table
@@ -63,6 +64,24 @@ class _PendingStep:
     gradient: tuple[torch.Tensor, bool, float]  # Gram matrix of signature rows, outside row first?, 1/loss scale
     update: tuple[torch.Tensor, tuple[int, int, int, int]]  # Gram matrix of parameters and updates, row roles
     entropy: torch.Tensor | None = None
+
+
+def routing_record(router: Router, layer_of: np.ndarray, n_layers: int) -> list[dict[str, Any]]:
+    """What the policy (and any algorithm's static rules) allowed, as the run entry records it: per phase,
+    from its first batch, one string per class with a character per layer: ``1`` the class may update the
+    layer, ``0`` it may not, ``p`` only some of its parameters. Decisions taken during training (an
+    entropy-driven freeze) are not in it; each step's ``updated`` column says what did move."""
+    phases = []
+    for phase in router.phases:
+        rows = []
+        for allowed in phase.allowed:
+            marks = []
+            for layer in range(n_layers):
+                cell = allowed[layer_of == layer]
+                marks.append("1" if cell.all() else "0" if not cell.any() else "p")
+            rows.append("".join(marks))
+        phases.append({"start_batch": int(phase.start_batch), "layers": rows})
+    return phases
 
 
 class Ledger:
@@ -102,6 +121,8 @@ class Ledger:
             "fingerprints": fingerprints,
             "recipe_fingerprint": recipe_fingerprint,
             "trainer_key": key.public.key_id,
+            "software": software(),
+            "routing": routing_record(router, self.recorder.layer_of.numpy(), len(self.recorder.layer_names)),
             "entropy": None if self.entropy is None else {
                 "every": entropy_every, "tokens_per_class": probe_tokens, "layers": self.entropy.layer_names, "classes": self.entropy.class_names,
                 "probe_examples": probe.sample_ids.tolist(),
