@@ -5,15 +5,17 @@ The demo's model and batch (4 layers, width 128, context 64, batch 32) train for
 busy loop (started and stopped here) holds one core. Two thread policies, each
 measured the same way in the same run, alternating, for ``--rounds`` rounds:
 
-- ``smalti``: what the ``smalti`` command does (``smalti.threads``: idle OpenMP
-  workers sleep at once, ``OMP_WAIT_POLICY=PASSIVE``);
+- ``smalti``: what ``smalti train`` does (``smalti.threads``: it looks at the machine
+  before torch loads; beside a busy process idle OpenMP workers sleep at once,
+  ``OMP_WAIT_POLICY=PASSIVE``, on a quiet machine torch's default stands);
 - ``torch``: torch's own default (workers spin before they sleep).
 
 ``ratio`` is the smalti policy's throughput beside the neighbour over its throughput
 alone (goal >= 0.4; the fair share of 2 cores is 0.5); ``baseline_ratio`` is the same
 for torch's default; ``quiet_cost`` is how much slower a step is alone under the
-smalti policy than under torch's (what passive waiting costs a machine of its own).
-Medians over the rounds.
+smalti policy than under torch's (1.0: a quiet machine keeps full speed);
+``passive_quiet_cost`` is what always-passive waiting would cost there (measured
+too, the reason the policy is chosen per machine). Medians over the rounds.
 """
 
 from __future__ import annotations
@@ -65,8 +67,9 @@ def child(steps: int, smalti_policy: bool) -> None:
                       "policy": os.environ.get("OMP_WAIT_POLICY", "torch default")}))
 
 
-def measure(steps: int, smalti_policy: bool) -> dict:
+def measure(steps: int, smalti_policy: bool, extra_env: dict[str, str] | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in POLICY_VARIABLES}
+    env.update(extra_env or {})
     command = [sys.executable, str(Path(__file__).resolve()), "--child", "--steps", str(steps)]
     if smalti_policy:
         command.append("--smalti-policy")
@@ -91,8 +94,11 @@ def main() -> None:
         return
 
     results: dict[str, dict[str, list[float]]] = {p: {"alone": [], "beside": []} for p in ("smalti", "torch")}
+    chosen: dict[str, set[str]] = {"alone": set(), "beside": set()}
+    passive_alone: list[float] = []
     threads = None
     for _ in range(args.rounds):
+        passive_alone.append(measure(args.steps, False, {"OMP_WAIT_POLICY": "PASSIVE"})["step_ms"])
         for policy in ("smalti", "torch"):
             alone = measure(args.steps, policy == "smalti")
             neighbour = busy_neighbour()
@@ -105,6 +111,9 @@ def main() -> None:
             results[policy]["alone"].append(alone["step_ms"])
             results[policy]["beside"].append(beside["step_ms"])
             threads = alone["threads"]
+            if policy == "smalti":
+                chosen["alone"].add(alone["policy"])
+                chosen["beside"].add(beside["policy"])
 
     median = statistics.median
     ratios = {p: [a / b for a, b in zip(r["alone"], r["beside"])] for p, r in results.items()}
@@ -117,6 +126,8 @@ def main() -> None:
         "goal": ">= 0.4",
         "baseline_ratio": round(median(ratios["torch"]), 3),
         "quiet_cost": round(median(results["smalti"]["alone"]) / median(results["torch"]["alone"]), 3),
+        "passive_quiet_cost": round(median(passive_alone) / median(results["torch"]["alone"]), 3),
+        "smalti_chose": {k: sorted(v) for k, v in chosen.items()},
         "step_ms_median": {p: {k: round(median(v), 1) for k, v in r.items()} for p, r in results.items()},
         "per_round_ratios": {p: [round(x, 3) for x in v] for p, v in ratios.items()},
         "steps": args.steps,

@@ -122,5 +122,6 @@ def test_twin_steps_times_each_step_of_both_trainers_on_the_same_batches(tmp_pat
 def test_noisy_neighbour_reports_both_policies():
     result = _run("noisy_neighbour.py", "--steps", "6", "--rounds", "1")
     assert result["benchmark"] == "noisy_neighbour" and result["ratio"] > 0 and result["baseline_ratio"] > 0
-    assert result["quiet_cost"] > 0 and set(result["step_ms_median"]) == {"smalti", "torch"}
+    assert result["quiet_cost"] > 0 and result["passive_quiet_cost"] > 0 and set(result["step_ms_median"]) == {"smalti", "torch"}
+    assert result["smalti_chose"]["beside"] == ["PASSIVE"]  # it saw the neighbour
     assert all(v > 0 for policy in result["step_ms_median"].values() for v in policy.values())

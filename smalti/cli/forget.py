@@ -32,7 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "and the replay's final evaluations, on the recipe's eval.max_samples examples)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     parser.add_argument("--json", action="store_true", help="print the plan or certificate as JSON")
-    parser.set_defaults(run=run_forget)
+    parser.set_defaults(run=run_forget, trains=True)
 
     evaluate = subparsers.add_parser(
         "eval", help="held-out loss of a run's latest checkpoint, overall or per class",

@@ -2,7 +2,7 @@
 
 Nothing here, nor in a command module's imports, loads torch: ``--help`` and the commands
 that need no model (keys, signatures, ledger verification) start in a fraction of a second,
-and torch's thread pool is configured (``smalti.threads``) before a command first imports it.
+and torch's thread pool is configured (``smalti.threads``) before a training command first imports it.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smalti",
         description="Train PyTorch models fast, and govern what they learn.",
-        epilog="Run 'smalti COMMAND --help' for a command's options. Idle torch threads sleep at once "
-               "(OMP_WAIT_POLICY=PASSIVE) unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set: see docs/architecture.md.",
+        epilog="Run 'smalti COMMAND --help' for a command's options. On a machine where other processes are busy, "
+               "training makes idle torch threads sleep at once (OMP_WAIT_POLICY=PASSIVE) unless OMP_WAIT_POLICY or "
+               "GOMP_SPINCOUNT is set: see docs/architecture.md.",
     )
     parser.add_argument("--version", action="version", version=version_line())
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -40,9 +41,10 @@ def version_line() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    apply_thread_defaults()  # before any command imports torch
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "trains", False):
+        apply_thread_defaults()  # before the command imports torch
     try:
         return int(args.run(args) or 0)
     except SmaltiError as error:

@@ -31,7 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--run-dir", type=Path, default=None, help="where checkpoints and logs go (default: runs/<recipe name>)"
     )
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, trains=True)
 
 
 def resolve_run_dir(recipe: Recipe, recipe_path: Path, override: Path | None) -> Path:
