@@ -27,7 +27,7 @@ def test_trainer_overhead_reports_a_ratio():
 
 
 def test_trainer_matches_handwritten_loop_bitwise():
-    result = _run("shakespeare_quality.py", "--steps", "25", "--skip-demo")
+    result = _run("shakespeare_quality.py", "--steps", "25")
     assert result["max_abs_loss_diff"] == 0.0
 
 
