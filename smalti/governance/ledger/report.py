@@ -289,7 +289,8 @@ def _allow_matrix(ledger: Ledger) -> str:
     phases = ledger.run.get("routing") or []
     if not phases:
         return ""
-    classes, layers = ledger.run["classes"], ledger.layer_names
+    names, layers = ledger.run["classes"], ledger.layer_names
+    leaves = {c for c in names if not any(o.startswith(c + "/") for o in names)}  # nodes carry no examples
     last_step = ledger.steps[-1]["step"] if ledger.steps else 0
     out = ["<h3>What the policy allowed, per phase</h3><p class='sub'>From the ledger's run entry: ✓ the "
            "classes may update the layer, ✗ they may not, ~ only some of its parameters. Decisions taken during "
@@ -297,8 +298,9 @@ def _allow_matrix(ledger: Ledger) -> str:
     for number, phase in enumerate(phases):
         end = phases[number + 1]["start_batch"] if number + 1 < len(phases) else last_step
         groups: dict[str, list[str]] = {}
-        for name, row in zip(classes, phase["layers"]):
-            groups.setdefault(row, []).append(name)
+        for name, row in zip(names, phase["layers"]):
+            if name in leaves:
+                groups.setdefault(row, []).append(name)
         if len(groups) == 1 and set(next(iter(groups))) == {"1"}:
             out.append(f"<p>Batches {phase['start_batch']}&ndash;{end}: every class may update every layer.</p>")
             continue
