@@ -22,7 +22,7 @@ $(VENV)/.core-installed: pyproject.toml constraints.txt | $(BIN)/python
 	touch $@
 
 $(VENV)/.test-installed: $(VENV)/.core-installed
-	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,mlflow,vision]"
+	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,mlflow,vision,hf]"
 	touch $@
 
 # The governed demo, step by step as a user would do it. Each step is a file target, so a

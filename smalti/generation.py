@@ -10,7 +10,7 @@ import torch
 from smalti.build import build_model, with_recipe_surgery
 from smalti.checkpoint import CheckpointStore, load_checkpoint, load_weights
 from smalti.config import Recipe
-from smalti.data.tokenizer import CharTokenizer
+from smalti.data.tokenizer import CharTokenizer, HFTokenizer, load_tokenizer
 from smalti.errors import CheckpointError, SmaltiError
 from smalti.models.gpt import GPT
 
@@ -18,7 +18,7 @@ from smalti.models.gpt import GPT
 @dataclass
 class Generator:
     model: GPT
-    tokenizer: CharTokenizer
+    tokenizer: CharTokenizer | HFTokenizer
     adapters: list[str] = field(default_factory=list)  # per-class adapters switched on while generating
 
     def sample(
@@ -59,7 +59,7 @@ def load_generator(
     recipe = Recipe.model_validate(payload["recipe"])
     if payload.get("tokenizer") is None:
         raise CheckpointError(f"{checkpoint}: not a text model (no tokenizer in the checkpoint); nothing to sample")
-    tokenizer = CharTokenizer.from_json(payload["tokenizer"])
+    tokenizer = load_tokenizer(payload["tokenizer"])
     model = with_recipe_surgery(build_model(recipe, tokenizer.vocab_size, payload.get("classes")), recipe)
     load_weights(model, payload["model"], checkpoint)
     gates = getattr(model, "adapter_gates", None)

@@ -36,11 +36,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Tag every example of SOURCE with its class, write zstd Parquet shards and a manifest signed by the "
             "tagging key to OUT (a path or any fsspec URL). SOURCE is a folder of texts with a CSV mapping "
-            "(default SOURCE/manifest.csv; class from a 'class' column or --class-template), or a .parquet/.jsonl "
-            "table with text and class columns. Everything is checked before anything is written."
+            "(default SOURCE/manifest.csv; class from a 'class' column or --class-template), a folder of .txt files "
+            "without one (class from --class-template over {dir} and {stem}, e.g. 'gutenberg/{dir}/{stem}'), a "
+            ".parquet/.jsonl/.csv table with text and class columns, or a Hugging Face datasets folder written with "
+            "save_to_disk. With --tokenizer, each class's documents are packed into rows with EOS between them. "
+            "Everything is checked before anything is written."
         ),
     )
-    prepare.add_argument("--source", type=Path, required=True, help="folder of texts, or a .parquet/.jsonl table")
+    prepare.add_argument("--source", type=Path, required=True,
+                         help="folder of texts, a .parquet/.jsonl/.csv table, or a datasets folder (save_to_disk)")
     prepare.add_argument("--taxonomy", type=Path, required=True, help="signed taxonomy")
     prepare.add_argument("--trust", type=Path, metavar="PUB", help=TRUST_HELP)
     prepare.add_argument("--key", type=Path, required=True, help="the tagging authority's private key")
@@ -51,6 +55,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     prepare.add_argument("--text-column", default="text", help="table sources (default: text)")
     prepare.add_argument("--class-column", default="class", help="table sources (default: class)")
     prepare.add_argument("--id-column", default=None, help="table sources (default: row number)")
+    prepare.add_argument("--tokenizer", type=Path, default=None, metavar="DIR",
+                         help="a Hugging Face tokenizer directory (tokenizer.json), e.g. from 'smalti tokenizer train' "
+                              "(default: the characters of the source)")
     prepare.add_argument("--seq-len", type=int, default=64, help="tokens per example, plus one for the target (default 64)")
     prepare.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of each document for validation")
     prepare.add_argument("--shard-examples", type=int, default=20_000, help="examples per shard (default 20000)")
@@ -82,17 +89,18 @@ def _load_taxonomy(path: Path, trust: Path | None):
 
 def run_prepare(args: argparse.Namespace) -> int:
     from smalti.data.prepare import PrepareOptions, prepare_dataset
-    from smalti.data.sources import documents_from_folder, documents_from_table
+    from smalti.data.sources import documents_from_source
+    from smalti.data.tokenizer import HFTokenizer
     from smalti.governance.keys import SigningKey
 
     taxonomy = _load_taxonomy(args.taxonomy, args.trust)
     key = SigningKey.load(args.key)
-    if args.source.is_dir():
-        documents = documents_from_folder(args.source, args.mapping, args.class_template)
-    elif args.source.is_file():
-        documents = documents_from_table(args.source, args.text_column, args.class_column, args.id_column)
-    else:
-        raise SmaltiError(f"{args.source}: source not found")
+    tokenizer = HFTokenizer.from_directory(args.tokenizer) if args.tokenizer is not None else None
+    if tokenizer is not None and tokenizer.eos_id is None:
+        raise SmaltiError(f"--tokenizer {args.tokenizer}: names no end-of-sequence token to put between packed "
+                          f"documents (tokenizer_config.json eos_token)")
+    documents = documents_from_source(args.source, args.mapping, args.class_template, args.text_column,
+                                      args.class_column, args.id_column)
     options = PrepareOptions(
         name=args.name or args.source.stem,
         seq_len=args.seq_len,
@@ -103,7 +111,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     )
     started = time.perf_counter()
     manifest = prepare_dataset(documents, taxonomy, key, args.out, options, _storage_options(args.storage_option),
-                               show_progress=Console(stderr=True).is_terminal)
+                               tokenizer=tokenizer, show_progress=Console(stderr=True).is_terminal)
     shards = sum(len(s["shards"]) for s in manifest["splits"].values())
     examples = {name: s["examples"] for name, s in manifest["splits"].items()}
     print(f"{args.out}: {examples['train']:,} train + {counted(examples['val'], 'val example')} in "

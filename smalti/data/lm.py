@@ -27,7 +27,7 @@ from smalti.data.sampler import (DeterministicSampler, FilteredOrder, MixtureOrd
                                   SampleOrder, make_order)
 from smalti.data.shards import CacheConfig, ShardedSplit, open_tokenizer, read_manifest
 from smalti.data.sources import documents_from_folder
-from smalti.data.tokenizer import CharTokenizer
+from smalti.data.tokenizer import CharTokenizer, HFTokenizer
 from smalti.data.windows import TokenWindows
 from smalti.errors import DataError
 from smalti.governance.taxonomy import Taxonomy
@@ -67,7 +67,7 @@ class LanguageModelData:
 
     train: ExampleSource
     val: ExampleSource
-    tokenizer: CharTokenizer | None  # None for tasks without text (images)
+    tokenizer: CharTokenizer | HFTokenizer | None  # None for tasks without text (images)
     class_names: list[str]
     order: OrderConfig
     provenance: dict[str, Any] = field(default_factory=dict)  # what the run directory records about the data
@@ -223,7 +223,7 @@ def dataset_data(
     return LanguageModelData(
         train=train,
         val=val,
-        tokenizer=open_tokenizer(manifest),
+        tokenizer=open_tokenizer(manifest, storage_options),
         class_names=list(taxonomy.classes),
         order=order,
         provenance={
@@ -294,9 +294,8 @@ def mixture_data(
         raise DataError("data.mixture supports batching 'random' only")
     rules = freshness or [FreshnessRule()] * len(urls)
     parts = [dataset_data(url, taxonomy, seq_len, order, freshness=rule, **options) for url, rule in zip(urls, rules)]
-    chars = {part.tokenizer.chars for part in parts}
-    if len(chars) != 1:
-        raise DataError("data.mixture: the datasets were prepared with different vocabularies (prepare with --vocab)")
+    if len({part.tokenizer.fingerprint for part in parts}) != 1:
+        raise DataError("data.mixture: the datasets were prepared with different tokenizers or vocabularies")
     train = ConcatSource([p.train for p in parts])
     return LanguageModelData(
         train=train,

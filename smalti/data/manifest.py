@@ -41,6 +41,7 @@ from smalti.governance.keys import Signature, SignatureError, verify_bytes
 from smalti.governance.taxonomy import Taxonomy
 
 MANIFEST = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"  # a Hugging Face tokenizer's own file, beside the shards (sha256 signed)
 SPLITS = ("train", "val")
 
 

@@ -27,6 +27,7 @@ from rich.progress import Progress
 from smalti import __version__, formats
 from smalti.data.manifest import (
     MANIFEST,
+    TOKENIZER_FILE,
     SPLITS,
     canonical_json,
     content_sha256,
@@ -34,7 +35,7 @@ from smalti.data.manifest import (
     run_length,
 )
 from smalti.data.sources import Document
-from smalti.data.tokenizer import CharTokenizer
+from smalti.data.tokenizer import CharTokenizer, HFTokenizer, Tokenizer
 from smalti.errors import DataError
 from smalti.io import atomic_write_bytes, remote_filesystem
 from smalti.governance.ledger import merkle
@@ -82,6 +83,26 @@ def _windows(doc_id: str, split: str, class_name: str, ids: np.ndarray, seq_len:
     for k in range(max(0, (len(ids) - 1) // seq_len)):
         tokens = ids[k * seq_len : k * seq_len + seq_len + 1]
         yield _Example(f"{doc_id}/{split}/{k:06d}", class_name, tokens, content_sha256(tokens))
+
+
+def _split_parts(docs: list[Document], tokenizer: Tokenizer, split: str, val_fraction: float) -> Iterable[tuple[Document, np.ndarray]]:
+    """Each document's share of ``split``: the first ``1 - val_fraction`` of its tokens train, the rest validate."""
+    for doc in docs:
+        ids = tokenizer.encode(doc.text, where=doc.doc_id)
+        cut = int(len(ids) * (1.0 - val_fraction))
+        yield doc, (ids[:cut] if split == "train" else ids[cut:])
+
+
+def _packed(parts: Iterable[tuple[Document, np.ndarray]], split: str, eos: int, seq_len: int) -> Iterable[_Example]:
+    """Rows of ``seq_len + 1`` tokens cut from each class's documents laid end to end with EOS after each:
+    nothing is wasted on short documents, and a row never mixes two classes. (Document boundaries inside a
+    row are not attention boundaries: a row's later document sees the end of the one before, of its class.)"""
+    streams: dict[str, list[np.ndarray]] = {}
+    for doc, ids in parts:
+        if len(ids):
+            streams.setdefault(doc.class_name, []).extend([ids, np.array([eos], dtype=np.int64)])
+    for class_name, pieces in streams.items():
+        yield from _windows(class_name, split, class_name, np.concatenate(pieces), seq_len)
 
 
 def _shard_bytes(examples: list[_Example], length: int, dtype: Any) -> bytes:
@@ -163,9 +184,15 @@ def prepare_dataset(
     out_url: str,
     options: PrepareOptions,
     storage_options: dict[str, Any] | None = None,
-    tokenizer: CharTokenizer | None = None,
+    tokenizer: CharTokenizer | HFTokenizer | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
+    """Tag, tokenize and shard ``documents`` into a signed dataset at ``out_url``.
+
+    With the character tokenizer each example is a window inside one document; with a
+    Hugging Face tokenizer (``--tokenizer DIR``) each class's documents are packed, EOS
+    between them, and the tokenizer file goes beside the shards under the signed manifest.
+    """
     if options.seq_len < 1 or options.shard_examples < 1 or not 0.0 < options.val_fraction < 1.0:
         raise DataError("need seq_len >= 1, shard_examples >= 1 and 0 < val_fraction < 1")
     docs = list(documents)
@@ -190,13 +217,15 @@ def prepare_dataset(
         task = progress.add_task("preparing", total=len(docs) * len(SPLITS))
         for split in SPLITS:
             writer = _SplitWriter(split, fs, root, length, dtype, options.shard_examples)
-            for doc in docs:
-                ids = tokenizer.encode(doc.text, where=doc.doc_id)
-                cut = int(len(ids) * (1.0 - options.val_fraction))
-                part = ids[:cut] if split == "train" else ids[cut:]
-                for example in _windows(doc.doc_id, split, doc.class_name, part, options.seq_len):
+            parts = _split_parts(docs, tokenizer, split, options.val_fraction)
+            if tokenizer.eos_id is None:  # characters: windows inside each document
+                for doc, ids in parts:
+                    for example in _windows(doc.doc_id, split, doc.class_name, ids, options.seq_len):
+                        writer.add(example)
+                    progress.advance(task)
+            else:
+                for example in _packed(_advancing(parts, progress, task), split, tokenizer.eos_id, options.seq_len):
                     writer.add(example)
-                progress.advance(task)
             splits[split] = writer.finish(options.seq_len)
             all_leaves.extend(writer.leaves)
 
@@ -207,7 +236,7 @@ def prepare_dataset(
         "created_by": f"smalti {__version__}",
         "taxonomy": {"name": taxonomy.name, "fingerprint": taxonomy.fingerprint},
         "signer": {"authority": signer, "key_id": key.public.key_id},
-        "tokenizer": {"kind": "char", "chars": tokenizer.chars},
+        "tokenizer": _tokenizer_record(tokenizer),
         "seq_len": options.seq_len,
         "example_length": length,
         "token_dtype": np.dtype(dtype).name,
@@ -216,6 +245,8 @@ def prepare_dataset(
         "merkle_root": merkle.root(all_leaves).hex(),
     }
     raw = canonical_json(manifest)
+    if isinstance(tokenizer, HFTokenizer):  # beside the shards; the signed manifest holds its sha256
+        _write(fs, f"{root}/{TOKENIZER_FILE}", tokenizer.spec.encode("utf-8"))
     _write(fs, f"{root}/{MANIFEST}.sig", sign_bytes(raw, key).to_json().encode())
     _write(fs, f"{root}/{MANIFEST}", raw)
     # A replaced dataset's extra shards would be unlisted data beside the new manifest: loaders refuse that.
@@ -224,6 +255,19 @@ def prepare_dataset(
         if str(path).endswith(".parquet") and str(path).rsplit("/", 1)[-1] not in written:
             fs.rm_file(path)
     return manifest
+
+
+def _advancing(parts, progress, task):
+    for part in parts:
+        yield part
+        progress.advance(task)
+
+
+def _tokenizer_record(tokenizer: CharTokenizer | HFTokenizer) -> dict[str, Any]:
+    if isinstance(tokenizer, CharTokenizer):
+        return {"kind": "char", "chars": tokenizer.chars}
+    return {"kind": "hf", "file": TOKENIZER_FILE, "sha256": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
+            "eos_token": tokenizer.eos_token}
 
 
 def _previous_version(fs: fsspec.AbstractFileSystem, root: str, out_url: str) -> int | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import hashlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from smalti.data.batch import Batch
 from smalti.data.cache import ShardCache
 from smalti.data.manifest import (
     MANIFEST,
+    TOKENIZER_FILE,
     Manifest,
     ShardContent,
     ShardEntry,
@@ -25,7 +27,7 @@ from smalti.data.manifest import (
     parse_shard,
     verify_shard,
 )
-from smalti.data.tokenizer import CharTokenizer
+from smalti.data.tokenizer import CharTokenizer, HFTokenizer
 from smalti.errors import DataError
 from smalti.io import remote_filesystem
 from smalti.governance.keys import Signature
@@ -267,8 +269,19 @@ class ShardedSplit:
             self._cache.close()
 
 
-def open_tokenizer(manifest: Manifest) -> CharTokenizer:
+def open_tokenizer(manifest: Manifest, storage_options: dict[str, Any] | None = None) -> CharTokenizer | HFTokenizer:
+    """The tokenizer the manifest signs: its characters, or the file beside the shards with the signed sha256."""
     spec = manifest.data["tokenizer"]
-    if spec.get("kind") != "char":
+    if spec.get("kind") == "char":
+        return CharTokenizer(spec["chars"])
+    if spec.get("kind") != "hf":
         raise DataError(f"{manifest.url}: unsupported tokenizer {spec.get('kind')!r}")
-    return CharTokenizer(spec["chars"])
+    fs, root = _filesystem(manifest.url, storage_options or {})
+    where = f"{manifest.url}/{TOKENIZER_FILE}"
+    try:
+        data = fs.cat_file(f"{root}/{TOKENIZER_FILE}")
+    except FileNotFoundError:
+        raise DataError(f"{where}: missing (the signed manifest names a tokenizer file)") from None
+    if hashlib.sha256(data).hexdigest() != spec.get("sha256"):
+        raise DataError(f"{where}: its sha256 differs from the signed manifest's")
+    return HFTokenizer(data.decode("utf-8"), spec.get("eos_token"))

@@ -8,8 +8,15 @@ Each source yields ``Document`` s: an id, a provenance class, and the text.
   template over the CSV's columns, e.g. ``gutenberg/{genre}/{work}``. A
   ``sha256`` column, if present, is checked against each text. The bundled
   Shakespeare manifest works as is.
-- A Parquet or JSONL table with a text column and a class column (and an
-  optional id column; by default the row number).
+- A folder of text files without a CSV: every ``.txt``/``.txt.gz`` file under
+  it, the class from a template over its place in the tree, e.g.
+  ``gutenberg/{dir}/{stem}`` (``dir``: its folder relative to the source,
+  ``stem``: its name without extensions).
+- A Parquet, JSONL or CSV table, or a Hugging Face ``datasets`` dataset
+  written with ``save_to_disk``, with a text column and a class column (and
+  an optional id column; by default the row number).
+
+``documents_from_source`` picks the reader from what the source is.
 """
 
 from __future__ import annotations
@@ -89,10 +96,45 @@ def documents_from_folder(folder: Path, mapping: Path | None = None, template: s
         yield Document(doc_id=doc_id, class_name=class_of_row(row, template, where), text=raw.decode("utf-8"))
 
 
-def documents_from_table(
-    path: Path, text_column: str = "text", class_column: str = "class", id_column: str | None = None
-) -> Iterator[Document]:
-    path = Path(path)
+TREE_FIELDS = ("dir", "stem")
+
+
+def documents_from_tree(folder: Path, template: str) -> Iterator[Document]:
+    """Every text file under ``folder``, its class from ``template`` over ``{dir}`` and ``{stem}``."""
+    folder = Path(folder)
+    unknown = [name for name in _template_fields(template) if name not in TREE_FIELDS]
+    if unknown:
+        raise DataError(f"--class-template '{template}': a folder without a mapping CSV offers {{dir}} and {{stem}}, "
+                        f"not {{{unknown[0]}}}")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith((".txt", ".txt.gz")))
+    if not files:
+        raise DataError(f"{folder}: no .txt or .txt.gz files (and no manifest.csv mapping)")
+    for path in files:
+        relative = path.relative_to(folder)
+        stem = path.name.removesuffix(".gz").removesuffix(".txt")
+        directory = relative.parent.as_posix()
+        raw = path.read_bytes()
+        text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8")
+        doc_id = f"{directory}/{stem}" if directory != "." else stem
+        yield Document(doc_id=doc_id, class_name=template.format(dir=directory, stem=stem), text=text)
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file())
+
+
+def _table_rows(path: Path) -> list[dict]:
+    if _is_saved_dataset(path):
+        try:
+            import datasets
+        except ImportError:
+            raise DataError(f"{path}: a Hugging Face datasets folder needs the hf extra: pip install 'smalti[hf]'") from None
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if len(loaded) != 1:
+                raise DataError(f"{path}: a dataset with splits {', '.join(loaded)}; give one split's folder")
+            loaded = next(iter(loaded.values()))
+        return loaded.to_list()
     if not path.is_file():
         raise DataError(f"{path}: table not found")
     if path.suffix in (".jsonl", ".json"):
@@ -108,11 +150,40 @@ def documents_from_table(
         import pyarrow.parquet as pq
 
         rows = pq.read_table(path).to_pylist()
+    elif path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
     else:
-        raise DataError(f"{path}: expected a .parquet or .jsonl table")
+        raise DataError(f"{path}: expected a .parquet, .jsonl or .csv table, or a datasets folder (save_to_disk)")
+    return rows
+
+
+def documents_from_table(
+    path: Path, text_column: str = "text", class_column: str = "class", id_column: str | None = None
+) -> Iterator[Document]:
+    path = Path(path)
+    rows = _table_rows(path)
     for number, row in enumerate(rows):
         for column in (text_column, class_column) + ((id_column,) if id_column else ()):
             if column not in row:
                 raise DataError(f"{path}: row {number} has no '{column}' column")
         doc_id = str(row[id_column]) if id_column else f"row{number:08d}"
         yield Document(doc_id=doc_id, class_name=str(row[class_column]), text=str(row[text_column]))
+
+
+def documents_from_source(
+    source: Path, mapping: Path | None = None, template: str | None = None, text_column: str = "text",
+    class_column: str = "class", id_column: str | None = None,
+) -> Iterator[Document]:
+    """Any source: a folder with a mapping CSV, a folder of text files, a table, or a saved datasets folder."""
+    source = Path(source)
+    if _is_saved_dataset(source) or source.is_file():
+        return documents_from_table(source, text_column, class_column, id_column)
+    if not source.is_dir():
+        raise DataError(f"{source}: source not found")
+    if mapping is not None or (source / "manifest.csv").is_file():
+        return documents_from_folder(source, mapping, template)
+    if template is None:
+        raise DataError(f"{source}: a folder of text files without a manifest.csv needs --class-template, e.g. "
+                        f"'gutenberg/{{dir}}/{{stem}}'")
+    return documents_from_tree(source, template)
