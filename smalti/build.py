@@ -97,6 +97,13 @@ def build_model(recipe: Recipe, vocab_size: int, class_names: list[str] | None =
     For ``resnet`` the classes are the labels (``vocab_size`` is unused).
     """
     config = recipe.model
+    if config.name == "hf":
+        from smalti.models.hf import add_lora_adapters, build_hf_model
+
+        model = build_hf_model(config.hf, vocab_size, recipe.seq_len)
+        if config.lora.classes:
+            add_lora_adapters(model, config.lora, class_names or [])
+        return model
     if config.name == "resnet":
         return ResNet(ResNetConfig(num_classes=len(class_names or []), in_channels=1,
                                    widths=tuple(config.resnet.widths), blocks_per_stage=config.resnet.blocks_per_stage,

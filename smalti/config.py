@@ -41,8 +41,39 @@ class ResNetSection(Section):
     blocks_per_stage: int = Field(1, ge=1)
 
 
+class HFModelSection(Section):
+    config: dict[str, Any] | None = Field(None, description="a transformers config, randomly initialised: model_type "
+                                          "(llama, qwen2, gpt2, gpt_neox, ...) and its sizes; vocab_size defaults to "
+                                          "the tokenizer's")
+    path: Path | None = Field(None, description="a local folder in save_pretrained layout (safetensors); never "
+                              "downloaded")
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "HFModelSection":
+        if self.config is not None and self.path is not None:
+            raise ValueError("give model.hf.config or model.hf.path, not both")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.config is not None or self.path is not None
+
+
+class LoraSection(Section):
+    classes: list[str] = Field(default_factory=list, description="classes that get their own LoRA adapter "
+                               "(a policy's exclusive rule can confine each to it)")
+    r: int = Field(8, ge=1, description="rank")
+    alpha: float = Field(16.0, gt=0.0, description="scaling numerator (scaling = alpha / r)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"],
+                                      description="module names the adapters wrap (peft's target_modules)")
+    freeze_base: bool = Field(True, description="train only the adapters (false: the base model too, as the policy allows)")
+
+
 class ModelConfig(Section):
-    name: Literal["gpt", "resnet"] = Field("gpt", description="gpt (text) or resnet (data.images)")
+    name: Literal["gpt", "resnet", "hf"] = Field("gpt", description="gpt (text), resnet (data.images) or hf "
+                                                  "(a Hugging Face causal LM: set model.hf)")
     n_layer: int = Field(4, ge=1)
     n_head: int = Field(4, ge=1)
     d_model: int = Field(128, ge=1)
@@ -53,6 +84,23 @@ class ModelConfig(Section):
     alibi: bool = False
     adapters: AdapterConfig = AdapterConfig()
     resnet: ResNetSection = ResNetSection()
+    hf: HFModelSection = HFModelSection()
+    lora: LoraSection = LoraSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hf_names_itself(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("hf") and "name" not in data:
+            return {**data, "name": "hf"}
+        return data
+
+    @model_validator(mode="after")
+    def _hf_consistent(self) -> "ModelConfig":
+        if (self.name == "hf") != self.hf.enabled:
+            raise ValueError("model.name hf needs model.hf.config or model.hf.path, and model.hf needs model.name hf")
+        if self.lora.classes and self.name != "hf":
+            raise ValueError("model.lora adapts Hugging Face models (model.hf); the bundled GPT has model.adapters")
+        return self
 
 
 class LedgerConfig(Section):
@@ -236,14 +284,14 @@ class Recipe(Section):
             raise ValueError(f"model.name {self.model.name!r} does not fit the data: use model.name resnet "
                              "with data.images, gpt with text")
         seq_len = self.data.seq_len or self.model.block_size
-        if seq_len > self.model.block_size:
+        if self.model.name != "hf" and seq_len > self.model.block_size:
             raise ValueError(f"data.seq_len ({seq_len}) exceeds model.block_size ({self.model.block_size})")
         if self.governance.ledger.enabled and self.governance.ledger.key is None:
             raise ValueError("governance.ledger.enabled needs governance.ledger.key (the trainer's private key)")
         if self.governance.policy is not None and self.data.taxonomy is None:
             raise ValueError("governance.policy needs a prepared dataset (data.url with data.taxonomy)")
-        if self.model.adapters.classes and self.data.taxonomy is None:
-            raise ValueError("model.adapters names classes: it needs data.taxonomy")
+        if (self.model.adapters.classes or self.model.lora.classes) and self.data.taxonomy is None:
+            raise ValueError("model.adapters and model.lora name classes: they need data.taxonomy")
         if self.model.d_model % self.model.n_head:
             raise ValueError(f"model.d_model ({self.model.d_model}) is not divisible by model.n_head ({self.model.n_head})")
         return self

@@ -48,6 +48,15 @@ class Generator:
 def load_generator(
     run_dir: Path, checkpoint: str | None = None, weights: str = "auto", adapters: list[str] | None = None
 ) -> Generator:
+    model, tokenizer, _ = load_trained_model(run_dir, checkpoint, weights, adapters)
+    return Generator(model=model, tokenizer=tokenizer, adapters=list(adapters or []))
+
+
+def load_trained_model(
+    run_dir: Path, checkpoint: str | None = None, weights: str = "auto", adapters: list[str] | None = None
+) -> tuple[torch.nn.Module, CharTokenizer | HFTokenizer, str]:
+    """A run's model as its recipe builds it, with a checkpoint's weights (the latest by default), in eval mode;
+    its tokenizer; and the checkpoint it came from. ``adapters`` are checked against the model's."""
     if checkpoint is None:
         if not Path(run_dir).is_dir():
             raise CheckpointError(f"{run_dir}: run directory not found")
@@ -75,4 +84,4 @@ def load_generator(
             for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
                 tensor.copy_(averages[name])
     model.eval()
-    return Generator(model=model, tokenizer=tokenizer, adapters=list(adapters or []))
+    return model, tokenizer, checkpoint

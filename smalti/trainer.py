@@ -337,6 +337,10 @@ class Trainer:
         microbatches = full_batch.split(-(-full_batch.num_samples // self.microbatches_per_rank))
         if ledger is not None:  # one routing signature per backward pass: its gradient is its contribution
             microbatches = [part for microbatch in microbatches for part in microbatch.split_by_signature()]
+        elif router is not None:  # [governance] a module routing cannot split by rows: one signature at a time
+            microbatches = [part for microbatch in microbatches for part in (
+                microbatch.split_by_signature() if router.must_split(microbatch.provenance, state.timestamp.batch)
+                else (microbatch,))]
         for index, microbatch in enumerate(microbatches):
             state.batch = microbatch
             is_last = index == len(microbatches) - 1

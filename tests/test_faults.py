@@ -56,8 +56,25 @@ def _latest_name(run_dir):
     return pointer.read_text().strip() if pointer.exists() else None
 
 
-def test_random_kill_9_then_rerun_is_bitwise_identical(tmp_path, tiny_corpus):
-    recipe = _recipe(tmp_path, tiny_corpus)
+def _hf_lora_recipe(tmp_path, governed):
+    """A Hugging Face Llama with per-class LoRA adapters under a policy, with the ledger."""
+    from conftest import write_policy
+    from test_hf_models import HAMLET, hf_model
+
+    policy = write_policy(governed, tmp_path / "policy.yaml", [], [{"classes": [HAMLET], "params": ["@adapter"]}])
+    config = governed.recipe(
+        model=hf_model("llama", classes=[HAMLET], freeze_base=False, dropout=0.1),
+        train={"max_duration": "160ba", "microbatch_size": 4},
+        eval={"interval": "40ba"}, checkpoint={"interval": "20ba", "keep": 2},
+        governance={"policy": str(policy),
+                    "ledger": {"enabled": True, "key": str(governed.key("trainer")), "entropy_every": 25, "flush_every": 7}},
+    )
+    return write_recipe(tmp_path / "recipe.yaml", config)
+
+
+@pytest.mark.parametrize("model", ["gpt", "hf-lora"])
+def test_random_kill_9_then_rerun_is_bitwise_identical(tmp_path, tiny_corpus, governed, model):
+    recipe = _recipe(tmp_path, tiny_corpus) if model == "gpt" else _hf_lora_recipe(tmp_path, governed)
     reference = tmp_path / "reference"
     assert smalti_cli("train", str(recipe), "--run-dir", str(reference)).returncode == 0
 

@@ -86,7 +86,8 @@ def test_rules_from_algorithms_come_first(governed, tmp_path):
     ([{"classes": ["gutenberg/tragedy/cardenio"], "params": ["ln_f"], "action": "deny"}], None, r"class 'gutenberg/tragedy/cardenio' is not in taxonomy"),
     ([], [{"classes": [HAMLET], "params": ["blocks.0"]}, {"classes": [MACBETH], "params": ["blocks.0.mlp"]}], r"exclusive rules 1 and 2 both claim parameter 'blocks.0.mlp"),
     ([], [{"classes": ["gutenberg/tragedy"], "params": ["blocks.0"]}, {"classes": [HAMLET], "params": ["blocks.1"]}], r"exclusive rules 1 and 2 overlap in classes"),
-    ([], [{"classes": [HAMLET], "params": ["@adapter"]}], r"pattern '\*\.adapters\.gutenberg_tragedy_hamlet' matches no parameter"),
+    ([], [{"classes": [HAMLET], "params": ["@adapter"]}], r"pattern '@adapter \(\*\.adapters\.gutenberg_tragedy_hamlet, \*\.lora_A\.gutenberg_tragedy_hamlet, .*\)' "
+     r"matches no parameter"),
 ])
 def test_invalid_policies_are_one_line_errors(governed, tmp_path, rules, exclusive, message):
     with pytest.raises(PolicyError, match=message) as info:

@@ -411,3 +411,82 @@ def test_resume_refuses_another_policy(governed, tmp_path):
                     train={"max_duration": "8ba"})
     with pytest.raises(SmaltiError, match="another routing policy"):
         Trainer(other, tmp_path / "run")
+
+
+# ---------------------------------------------------------------- modules routing cannot split by rows
+
+
+class Scale(nn.Module):
+    """A layer type the router knows nothing about (it happens to be row-wise; the router cannot prove it)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+class BatchNormLM(nn.Module):
+    """A language model with batch norm (statistics mix the rows of a batch) and an unknown layer type."""
+
+    def __init__(self, vocab: int, width: int = 16) -> None:
+        super().__init__()
+        from smalti.models.objective import CausalLMObjective
+
+        self.embed = nn.Embedding(vocab, width)
+        self.bn = nn.BatchNorm1d(width)
+        self.scale = Scale(width)
+        self.head = nn.Linear(width, vocab)
+        self.objective = CausalLMObjective  # loss, loss_units: the trainer's interface
+
+    def forward(self, idx):
+        x = self.embed(idx)
+        x = self.bn(x.transpose(1, 2)).transpose(1, 2)
+        return self.head(self.scale(x))
+
+    def loss(self, logits, targets):
+        return self.objective.loss(logits, targets)
+
+    def loss_units(self, targets):
+        return self.objective.loss_units(targets)
+
+
+def test_a_module_that_cannot_be_split_by_rows_gets_one_signature_at_a_time(governed, tmp_path):
+    """Batch norm's statistics would carry the forbidden rows into the allowed rows' outputs: the router
+    cannot split it by rows, so the trainer runs such microbatches one routing signature at a time."""
+    # One step, as G1 promises: after it, allowed layers that learned from the class feed everything else.
+    sections = dict(data={"batching": "random"}, train={"max_duration": "1ba", "microbatch_size": 8})
+    probe = build_data(recipe(governed.recipe(**sections)), DistInfo())
+    first = probe.train.gather(probe.sampler.global_batch(0, 0))
+    victim = int(first.provenance[0, 0])
+    assert len(first.provenance[:, 0].unique()) > 1  # the microbatch mixes classes
+    config = _config(governed, tmp_path, [{"classes": [probe.class_names[victim]], "params": ["bn", "scale"],
+                                           "action": "deny"}], **sections)
+    forwards = []
+
+    class CountForwards(Callback):
+        def before_forward(self, state, logger):
+            forwards.append(len(state.batch.provenance[:, 0].unique()))
+
+    def run(name, perturb):
+        torch.manual_seed(0)
+        data = build_data(config, DistInfo())
+        if perturb:
+            data.train = PerturbClass(data.train, victim)
+        model = BatchNormLM(data.tokenizer.vocab_size)
+        trainer = Trainer(config, tmp_path / name, model=model, data=data, callbacks=[CountForwards()])
+        trainer.fit()
+        return trainer
+
+    plain = run("plain", perturb=False)
+    assert all(count == 1 for count in forwards), forwards  # every forward pass held one signature
+    assert len(forwards) > 2  # and the mixed microbatches were split
+    perturbed = run("perturbed", perturb=True)
+    forbidden = ["bn.weight", "bn.bias", "scale.weight"]
+    values_a, state_a = _state(plain, forbidden)
+    values_b, state_b = _state(perturbed, forbidden)
+    assert_tree_equal(values_a, values_b, "forbidden parameters")
+    assert_tree_equal(state_a, state_b, "their optimizer state")
+    assert not torch.equal(dict(plain.model.named_parameters())["head.weight"],
+                           dict(perturbed.model.named_parameters())["head.weight"])

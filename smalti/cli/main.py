@@ -11,11 +11,11 @@ import argparse
 import sys
 from typing import Sequence
 
-from smalti.cli import audit, data, forget, keys, ledger, policy, sample, taxonomy, tokenizer, train
+from smalti.cli import audit, data, export, forget, keys, ledger, policy, sample, taxonomy, tokenizer, train
 from smalti.errors import SmaltiError
 from smalti.threads import apply_thread_defaults
 
-COMMANDS = (train, sample, keys, taxonomy, tokenizer, data, policy, ledger, audit, forget)
+COMMANDS = (train, sample, export, keys, taxonomy, tokenizer, data, policy, ledger, audit, forget)
 
 
 def build_parser() -> argparse.ArgumentParser:

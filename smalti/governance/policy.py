@@ -16,7 +16,7 @@ Format (YAML), signed by the model-risk authority (``policy.yaml.sig``)::
         action: deny
     exclusive:                               # class C may update only P; no other class may update P
       - classes: [gutenberg/tragedy/hamlet]
-        params: ["@adapter"]                 # this class's adapter parameters
+        params: ["@adapter"]                 # this class's adapter: Smalti's (model.adapters) or LoRA (model.lora)
 
 Semantics, for an example of class ``c``, parameter ``p`` and time ``t``:
 
@@ -52,6 +52,8 @@ from smalti.governance.keys import read_signature, verify_bytes
 from smalti.governance.taxonomy import Taxonomy
 
 ADAPTER_MACRO = "@adapter"
+ADAPTER_FORMS = ("*.adapters.{key}", "*.lora_A.{key}", "*.lora_B.{key}", "*.lora_embedding_A.{key}",
+                 "*.lora_embedding_B.{key}")
 
 
 class PolicyError(SmaltiError):
@@ -186,19 +188,22 @@ class Policy:
                 for node in rule.classes:
                     if node != "*" and node not in taxonomy:
                         raise PolicyError(f"{where}: {label} {i}: class '{node}' is not in taxonomy '{taxonomy.name}'")
-                for pattern in self._expand(rule):
-                    if not any(matches(pattern, p) for p in parameter_names):
-                        raise PolicyError(f"{where}: {label} {i}: pattern '{pattern}' matches no parameter of the model")
+                for written in rule.params:
+                    expanded = self._expand_one(written, rule.classes)
+                    if not any(matches(pattern, p) for pattern in expanded for p in parameter_names):
+                        shown = written if written != ADAPTER_MACRO else f"{written} ({', '.join(expanded)})"
+                        raise PolicyError(f"{where}: {label} {i}: pattern '{shown}' matches no parameter of the model")
         self._check_exclusive_overlap(parameter_names, where)
 
     def _expand(self, rule: Rule | ExclusiveRule) -> list[str]:
-        patterns = []
-        for pattern in rule.params:
-            if pattern == ADAPTER_MACRO:
-                patterns += [f"*.adapters.{adapter_key(c)}" for c in rule.classes]
-            else:
-                patterns.append(pattern)
-        return patterns
+        return [pattern for written in rule.params for pattern in self._expand_one(written, rule.classes)]
+
+    @staticmethod
+    def _expand_one(pattern: str, classes: Sequence[str]) -> list[str]:
+        """``@adapter``: each class's own adapter, Smalti's (``model.adapters``) or a LoRA one (``model.lora``)."""
+        if pattern != ADAPTER_MACRO:
+            return [pattern]
+        return [form.format(key=adapter_key(c)) for c in classes for form in ADAPTER_FORMS]
 
     def _check_exclusive_overlap(self, parameter_names: Sequence[str], where: str) -> None:
         owners: dict[str, int] = {}

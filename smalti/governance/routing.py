@@ -55,17 +55,48 @@ class Phase:
     allowed: np.ndarray  # [classes, parameters] bool
 
 
+# Normalisations that work token by token (each row of the batch on its own), whatever model they come
+# from (LlamaRMSNorm, Qwen2RMSNorm, T5LayerNorm, ...): their own forward runs with substituted parameters.
+_ROW_WISE_NORM_SUFFIXES = ("RMSNorm", "LayerNorm")
+_NOT_ROW_WISE = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def _own_forward_with(module: nn.Module, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The module's class forward with some parameters swapped (the forbidden rows see them detached)."""
+    saved = {name: module._parameters[name] for name in params}
+    try:
+        module._parameters.update(params)
+        return type(module).forward(module, x)
+    finally:
+        module._parameters.update(saved)
+
+
+_EXACT: dict[type, Callable[[nn.Module, torch.Tensor, dict], torch.Tensor]] = {
+    nn.Linear: lambda m, x, p: F.linear(x, p["weight"], p.get("bias")),
+    nn.Embedding: lambda m, x, p: F.embedding(x, p["weight"], m.padding_idx, m.max_norm, m.norm_type,
+                                              m.scale_grad_by_freq, m.sparse),
+    nn.LayerNorm: lambda m, x, p: F.layer_norm(x, m.normalized_shape, p.get("weight"), p.get("bias"), m.eps),
+    nn.Conv1d: lambda m, x, p: m._conv_forward(x, p["weight"], p.get("bias")),
+    nn.Conv2d: lambda m, x, p: m._conv_forward(x, p["weight"], p.get("bias")),
+}
+_ROW_WISE_BASES = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.Conv1d, nn.Conv2d)
+
+
 def _functional(module: nn.Module) -> Callable[[nn.Module, torch.Tensor, dict], torch.Tensor] | None:
-    """How to run a module with substituted parameters, for the module types rows can be split in."""
-    if isinstance(module, nn.Linear):
-        return lambda m, x, p: F.linear(x, p["weight"], p.get("bias"))
-    if isinstance(module, nn.Embedding):
-        return lambda m, x, p: F.embedding(x, p["weight"], m.padding_idx, m.max_norm, m.norm_type,
-                                           m.scale_grad_by_freq, m.sparse)
-    if isinstance(module, nn.LayerNorm):
-        return lambda m, x, p: F.layer_norm(x, m.normalized_shape, p.get("weight"), p.get("bias"), m.eps)
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        return lambda m, x, p: m._conv_forward(x, p["weight"], p.get("bias"))
+    """How to run a module with substituted parameters, for the module types whose rows are independent
+    (row i of the output depends on row i of the input alone). None: the router cannot prove that, and a
+    microbatch whose rows disagree about the module's parameters is split by routing signature instead.
+
+    torch's own layers run their functional form; their subclasses (a scaled embedding, say), GPT-2's
+    ``Conv1D`` and any ``*RMSNorm``/``*LayerNorm`` of a model library run their own forward."""
+    if isinstance(module, _NOT_ROW_WISE):
+        return None
+    if type(module) in _EXACT:
+        return _EXACT[type(module)]
+    if isinstance(module, _ROW_WISE_BASES) or type(module).__name__.endswith(_ROW_WISE_NORM_SUFFIXES):
+        return _own_forward_with
+    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
+        return _own_forward_with  # GPT-2's transposed linear layer
     return None
 
 
@@ -121,10 +152,16 @@ class Router:
         self._signature_cache: dict[tuple[int, tuple[int, ...]], np.ndarray] = {}
         self._group_cache: dict[tuple, list] = {}
         self._plan_cache: dict[tuple, tuple] = {}
+        self._must_split_cache: dict[tuple, bool] = {}
         self._cells: dict[int, list[list[int]]] = {}
         self._trainable = np.array([p.requires_grad for p in self.params], dtype=bool)
         self.active: MicrobatchPlan | None = None
         self._modules = self._patch_modules()
+        # Parameters of modules that cannot be split by rows (see ``must_split``).
+        self._unsplittable = np.zeros(len(self.params), dtype=bool)
+        for module, (_, indices) in self._modules.items():
+            if module not in self._functional:
+                self._unsplittable[indices] = True
         self.step_updated = np.zeros(len(self.params), dtype=bool)
 
     # ------------------------------------------------------------------ compiling
@@ -198,7 +235,7 @@ class Router:
             if phase.start_batch >= from_batch:
                 phase.allowed = phase.allowed & ~mask[None, :]
         self._starts = [p.start_batch for p in self.phases]
-        for cache in (self._signature_cache, self._group_cache, self._plan_cache, self._cells):
+        for cache in (self._signature_cache, self._group_cache, self._plan_cache, self._cells, self._must_split_cache):
             cache.clear()
 
     def phase_at(self, batch: int) -> Phase:
@@ -234,6 +271,22 @@ class Router:
             self._signature_cache[key] = np.logical_and.reduce([allowed[c] for c in signature])
         return self._signature_cache[key]
 
+    def must_split(self, provenance: torch.Tensor, batch: int) -> bool:
+        """Whether this microbatch must run one routing signature at a time: some module the router cannot
+        split by rows (BatchNorm, an unknown type) holds parameters its rows disagree about."""
+        if not self._unsplittable.any():
+            return False
+        phase_index = bisect.bisect_right(self._starts, batch) - 1
+        signatures, _ = self._signatures(provenance)
+        if len(signatures) < 2:
+            return False
+        key = (phase_index, tuple(signatures))
+        if key not in self._must_split_cache:
+            per_signature = np.stack([self._allowed_for(phase_index, s) for s in signatures])
+            mixed = (per_signature.any(axis=0) & ~per_signature.all(axis=0)) & self._trainable
+            self._must_split_cache[key] = bool(mixed[self._unsplittable].any())
+        return self._must_split_cache[key]
+
     def plan(self, provenance: torch.Tensor, batch: int) -> MicrobatchPlan:
         """Decide who learns from this microbatch; active until ``end_microbatch``."""
         phase_index = bisect.bisect_right(self._starts, batch) - 1
@@ -264,11 +317,10 @@ class Router:
             for module, (names, indices) in self._modules.items():
                 if not mixed[indices].any():
                     continue
-                if module not in self._functional:
+                if module not in self._functional:  # the trainer splits such microbatches first (must_split)
                     raise RoutingError(
                         f"module {self._module_names[module]} ({type(module).__name__}) holds parameters that some "
-                        "examples of this microbatch may update and others may not, and it cannot be split by rows; "
-                        "use data.batching: per_class"
+                        "examples of this microbatch may update and others may not, and it cannot be split by rows"
                     )
                 by_pattern: dict[bytes, tuple[np.ndarray, list[int]]] = {}
                 for k, pattern in enumerate(per_signature[:, indices]):
@@ -360,6 +412,8 @@ def _routed_forward(router: Router, functional: Callable, original: Callable) ->
         if split is None:
             return original(*args, **kwargs)
         x = args[0]
+        if x.shape[0] == 1 and plan.rows > 1:  # shared by every row (GPT-2's positions): one copy per row,
+            x = x.expand(plan.rows, *x.shape[1:])  # so each row's share of the gradient goes where it may
         if x.shape[0] != plan.rows:
             raise RoutingError(
                 f"module {router._module_names[module]} must be split by examples but its input has no batch "

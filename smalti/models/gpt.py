@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smalti.data.batch import IGNORE_INDEX
+from smalti.models.objective import CausalLMObjective
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
+class GPT(CausalLMObjective, nn.Module):
     """Character- or token-level causal language model.
 
     ``forward`` maps token ids [batch, length] to logits [batch, length, vocab].
@@ -165,60 +165,13 @@ class GPT(nn.Module):
             x = block(x)
         return self.head(self.ln_f(x))
 
+    @property
+    def context_length(self) -> int:
+        return self.config.block_size
+
     def representation_layers(self) -> dict[str, nn.Module]:
         """Where the ledger's entropy profile looks: the embedding, each block's output, the final norm."""
         return {"tok_emb": self.tok_emb, **{f"blocks.{i}": b for i, b in enumerate(self.blocks)}, "ln_f": self.ln_f}
 
-    @staticmethod
-    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Summed cross-entropy; ``targets`` are ids [B, T] or a distribution [B, T, V]."""
-        logits = logits.float()
-        if targets.dim() == logits.dim():
-            return -(targets * F.log_softmax(logits, dim=-1)).sum()
-        return F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-
-    @staticmethod
-    def example_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of each row [B] over its scored positions (selective backprop ranks by it)."""
-        logits = logits.float()
-        if targets.dim() == logits.dim():
-            per_position = -(targets * F.log_softmax(logits, dim=-1)).sum(-1)
-            valid = targets.sum(-1) > 0
-        else:
-            per_position = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-            valid = targets != IGNORE_INDEX
-        return per_position.sum(1) / valid.sum(1).clamp(min=1)
-
-    @staticmethod
-    def loss_units(targets: torch.Tensor) -> torch.Tensor:
-        """How many target positions ``loss`` sums over (the normaliser for the mean)."""
-        if targets.is_floating_point():  # a distribution per position; ignored rows are all zero
-            return (targets.sum(-1) > 0).sum()
-        return (targets != IGNORE_INDEX).sum()
-
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-    @torch.no_grad()
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Sample ``max_new_tokens`` continuations of ``idx`` [batch, length]."""
-        if temperature <= 0:
-            raise ValueError("temperature must be positive")
-        for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size :]
-            logits = self(context)[:, -1, :].float() / temperature
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = F.softmax(logits, dim=-1)
-            idx = torch.cat([idx, torch.multinomial(probs, 1, generator=generator)], dim=1)
-        return idx

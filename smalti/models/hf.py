@@ -1,0 +1,240 @@
+"""Hugging Face causal language models as Smalti models, and per-class LoRA adapters on them.
+
+Any ``AutoModelForCausalLM``, from a config (randomly initialised) or from a local folder in
+``save_pretrained`` layout. Nothing is ever downloaded: a folder is read with
+``local_files_only``, and the Hub is not consulted for configs either.
+
+``HFCausalLM`` adopts the model's own children, so every parameter and module keeps the name
+transformers gives it (``model.layers.0.self_attn.q_proj``, ``lm_head``): routing policies name
+what users see in transformers, and checkpoints hold the model's own state-dict keys.
+
+LoRA adapters come from ``peft`` (``inject_adapter_in_model``: the modules stay where they were,
+with ``lora_A.<class>``/``lora_B.<class>`` beside ``base_layer``), one adapter per listed class,
+all active at once and **gated per example by provenance** as Smalti's own adapters are
+(``smalti.models.adapters``): an adapter adds its output only to the rows of its class. With an
+exclusive rule (``params: ["@adapter"]``) a class is confined to its adapter; resetting the
+adapter's ``lora_B`` (its initial value is zero) removes the class again.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from smalti.errors import RecipeError
+from smalti.models.adapters import AdapterGates
+from smalti.models.objective import CausalLMObjective
+
+# Where each family keeps its list of decoder layers (for the entropy probe), first match wins.
+_LAYER_LISTS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers")
+
+
+def _quiet_transformers() -> None:
+    """No progress bars or download attempts: runs are offline, and their output is the trainer's."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+class HFCausalLM(CausalLMObjective, nn.Module):
+    """A transformers causal LM behind Smalti's model interface (ids -> logits, summed loss, sampling)."""
+
+    def __init__(self, hf_model: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "hf", hf_model)  # not a child: its children become ours, under their own names
+        for name, child in hf_model.named_children():
+            self.add_module(name, child)
+        own = list(hf_model.named_parameters(recurse=False)) + list(hf_model.named_buffers(recurse=False))
+        if own:
+            raise RecipeError(f"model.hf: {type(hf_model).__name__} holds tensors of its own ({own[0][0]}); "
+                              "only models whose weights live in submodules are supported")
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.hf(input_ids=idx, use_cache=False).logits
+
+    def train(self, mode: bool = True) -> "HFCausalLM":
+        super().train(mode)
+        self.hf.training = mode  # the root's own flag, which some models read
+        return self
+
+    @property
+    def context_length(self) -> int:
+        config = self.hf.config
+        return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf.config.vocab_size)
+
+    def representation_layers(self) -> dict[str, nn.Module]:
+        """The input embedding and every decoder layer's output: where the entropy profile looks."""
+        modules = dict(self.named_modules())
+        layers: dict[str, nn.Module] = {}
+        embedding = self.hf.get_input_embeddings()
+        names = {id(m): n for n, m in modules.items()}
+        if id(embedding) in names:
+            layers[names[id(embedding)]] = embedding
+        for path in _LAYER_LISTS:
+            if path in modules:
+                layers.update({f"{path}.{i}": layer for i, layer in enumerate(modules[path])})
+                break
+        return layers
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """The model as transformers saves it (safetensors), without any LoRA adapters (see ``export``)."""
+        self.hf.save_pretrained(str(directory), safe_serialization=True)
+
+
+def build_hf_model(config: Any, vocab_size: int, seq_len: int) -> HFCausalLM:
+    """From ``model.hf``: a config (randomly initialised from the current torch seed) or a local folder."""
+    _quiet_transformers()
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if config.path is not None:
+        path = Path(config.path)
+        if not (path / "config.json").is_file():
+            raise RecipeError(f"model.hf.path {path}: not a save_pretrained folder (no config.json)")
+        try:
+            hf_model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
+                                                           attn_implementation=config.attn_implementation)
+        except (OSError, ValueError) as error:
+            raise RecipeError(f"model.hf.path {path}: cannot load ({str(error).splitlines()[0]})") from None
+        model_vocab = int(hf_model.config.vocab_size)
+    else:
+        settings = dict(config.config)
+        model_type = settings.pop("model_type", None)
+        if model_type is None:
+            raise RecipeError("model.hf.config: needs model_type (llama, qwen2, gpt2, gpt_neox, ...)")
+        settings.setdefault("vocab_size", vocab_size)
+        try:
+            hf_config = AutoConfig.for_model(model_type, **settings)
+        except (ValueError, KeyError, TypeError) as error:
+            raise RecipeError(f"model.hf.config: {str(error).splitlines()[0]}") from None
+        hf_config._attn_implementation = config.attn_implementation
+        hf_model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=config.attn_implementation)
+        model_vocab = int(hf_config.vocab_size)
+    if model_vocab < vocab_size:
+        raise RecipeError(f"model.hf: the model's vocabulary has {model_vocab} tokens, the tokenizer's {vocab_size}: "
+                          "this tokenizer's ids do not fit this model")
+    model = HFCausalLM(hf_model)
+    if seq_len > model.context_length:
+        raise RecipeError(f"data.seq_len ({seq_len}) exceeds the model's context length ({model.context_length})")
+    return model
+
+
+def add_lora_adapters(model: HFCausalLM, lora: Any, class_names: Sequence[str]) -> AdapterGates:
+    """One LoRA adapter per class of ``lora.classes`` on ``lora.target_modules``, gated per example by provenance."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from smalti.governance.policy import adapter_key
+
+    unknown = [c for c in lora.classes if c not in class_names]
+    if unknown:
+        raise RecipeError(f"model.lora: class '{unknown[0]}' is not in the taxonomy")
+    keys = [adapter_key(c) for c in lora.classes]
+    settings = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          target_modules=list(lora.target_modules), bias="none")
+    try:
+        with warnings.catch_warnings():  # peft warns that a second adapter is one more adapter: that is the point
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            for key in keys:
+                inject_adapter_in_model(settings, model.hf, adapter_name=key)
+    except ValueError as error:
+        raise RecipeError(f"model.lora.target_modules {list(lora.target_modules)}: {str(error).splitlines()[0]}") from None
+    for name, child in model.hf.named_children():  # injection replaced modules inside our children, not these
+        if getattr(model, name) is not child:
+            model.add_module(name, child)
+    gates = AdapterGates(class_names, lora.classes)
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.set_adapter(keys)  # every class's adapter active; the gates choose the rows
+            for k, key in enumerate(keys):
+                module.lora_B[key].register_forward_hook(_gate_hook(gates, k))
+    for name, parameter in model.named_parameters():
+        is_lora = ".lora_" in name
+        parameter.requires_grad_(is_lora or not lora.freeze_base)
+    model.adapter_gates = gates
+    return gates
+
+
+def _gate_hook(gates: AdapterGates, index: int):
+    def hook(_module: nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
+        rows = gates.rows
+        if rows is None:
+            return output * 0.0  # no class given: every adapter off (``smalti sample --adapter`` turns one on)
+        gate = rows[index].to(device=output.device, dtype=output.dtype)
+        return output * gate.view(-1, *([1] * (output.dim() - 1)))
+
+    return hook
+
+
+def export(model: HFCausalLM, directory: Path, tokenizer: Any | None = None) -> list[str]:
+    """A folder transformers loads unchanged: the base model (``save_pretrained``), the tokenizer, and each
+    class's LoRA adapter as a peft adapter folder under ``adapters/<class key>``. Returns what was written."""
+    written = []
+    gates = getattr(model, "adapter_gates", None)
+    if gates is not None:
+        written += _export_adapters(model, directory / "adapters", gates)
+    base = _without_lora(model)
+    base.save_pretrained(str(directory), safe_serialization=True)
+    written.append("model (save_pretrained)")
+    if tokenizer is not None and hasattr(tokenizer, "save"):
+        tokenizer.save(directory)
+        written.append("tokenizer")
+    return written
+
+
+def _without_lora(model: HFCausalLM) -> nn.Module:
+    """A copy of the transformers model with every LoRA layer replaced by its base layer."""
+    import copy
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    hf = copy.deepcopy(model.hf)
+    for name, module in list(hf.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent_name, _, child = name.rpartition(".")
+            parent = hf.get_submodule(parent_name) if parent_name else hf
+            setattr(parent, child, module.get_base_layer())
+    return hf
+
+
+def _export_adapters(model: HFCausalLM, directory: Path, gates: AdapterGates) -> list[str]:
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from smalti.governance.policy import adapter_key
+    from smalti.io import atomic_write_text
+
+    written = []
+    config = _lora_config(model)
+    for class_name in gates.adapter_classes:
+        key = adapter_key(class_name)
+        state = get_peft_model_state_dict(model.hf, adapter_name=key)
+        folder = directory / key
+        folder.mkdir(parents=True, exist_ok=True)
+        # peft's own files name weights from the PeftModel wrapper down (base_model.model.<the model's names>)
+        save_file({f"base_model.model.{k}": v.detach().contiguous().cpu() for k, v in state.items()},
+                  str(folder / "adapter_model.safetensors"))
+        settings = dict(config[key])
+        settings["base_model_name_or_path"] = ".."
+        import json
+
+        atomic_write_text(folder / "adapter_config.json", json.dumps(settings, indent=1, default=list) + "\n")
+        written.append(f"adapter {class_name}")
+    return written
+
+
+def _lora_config(model: HFCausalLM) -> dict[str, dict[str, Any]]:
+    """Each adapter's LoraConfig as peft writes it (``to_dict``), from any layer that holds it."""
+    configs = getattr(model.hf, "peft_config", {})
+    return {key: value.to_dict() for key, value in configs.items()}
