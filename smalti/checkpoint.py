@@ -26,6 +26,7 @@ import torch
 
 from smalti import formats
 from smalti.errors import CheckpointCorrupt, CheckpointError
+from smalti.interrupts import interrupts_deferred
 from smalti.io import atomic_write_bytes, atomic_writer
 
 LATEST = "latest"
@@ -112,14 +113,15 @@ class CheckpointStore:
         """Write atomically with a sha256 sidecar; ``keep_always`` exempts it from pruning (a ``.keep`` marker)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / name
-        with atomic_writer(path) as handle:
-            writer = _HashingWriter(handle)
-            torch.save(payload, writer)
-        atomic_write_bytes(self.directory / f"{name}.sha256", f"{writer.digest.hexdigest()}  {name}\n".encode())
-        if keep_always:
-            atomic_write_bytes(self.directory / f"{name}.keep", b"")
-        atomic_write_bytes(self.directory / LATEST, f"{name}\n".encode())
-        self._prune()
+        with interrupts_deferred():  # Ctrl-C mid-save: finish this checkpoint, then stop (smalti/interrupts.py)
+            with atomic_writer(path) as handle:
+                writer = _HashingWriter(handle)
+                torch.save(payload, writer)
+            atomic_write_bytes(self.directory / f"{name}.sha256", f"{writer.digest.hexdigest()}  {name}\n".encode())
+            if keep_always:
+                atomic_write_bytes(self.directory / f"{name}.keep", b"")
+            atomic_write_bytes(self.directory / LATEST, f"{name}\n".encode())
+            self._prune()
         return path
 
     def _prune(self) -> None:
@@ -179,6 +181,20 @@ def load_checkpoint(location: str | Path) -> dict[str, Any]:
         raise CheckpointError(problem)
     return payload
 
+
+
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """A layout-independent hash of model weights: names, dtypes, shapes and bytes, in name order.
+
+    Signed into the ledger's tree head with every checkpoint, it ties a model file, and a fine-tune's
+    starting point, to the evidence.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def load_weights(model: torch.nn.Module, weights: dict[str, Any], where: str | Path) -> None:

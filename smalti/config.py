@@ -112,6 +112,13 @@ class LedgerConfig(Section):
     flush_every: int = Field(50, ge=1, description="steps between commits to ledger.sqlite")
 
 
+class InitConfig(Section):
+    from_run: Path | None = Field(None, description="start from this run's final weights (a fine-tune): its ledger "
+                                  "is verified first and named in this run's first ledger entry")
+    trust: Path | None = Field(None, description="the parent's trainer public key (default: this taxonomy's "
+                               "trainer key or this run's own)")
+
+
 class GovernanceConfig(Section):
     policy: Path | None = Field(None, description="routing policy signed by the model-risk authority")
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
@@ -276,6 +283,7 @@ class Recipe(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     governance: GovernanceConfig = GovernanceConfig()
+    init: InitConfig = InitConfig()
     algorithms: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @model_validator(mode="after")

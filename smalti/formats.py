@@ -16,7 +16,7 @@ DATASET = "smalti-dataset/1"  # the signed manifest.json of a prepared dataset
 LEDGER = "smalti-ledger/2"  # the ledger's SQLite meta; 2: entries pack their numeric tables
 TREE_HEAD = "smalti-ledger-tree-head/1"  # inside every signed tree head's message
 DELETION_CERTIFICATE = "smalti-deletion-certificate/1"
-FORK = "smalti-fork/1"  # fork.json of a run that replays its parent without a class
+LINEAGE = "smalti-lineage/1"  # lineage.json: the parent link a deletion leaves for the trainer
 
 _IDENTIFIER = re.compile(r"^(?P<kind>[a-z][a-z0-9-]*)/(?P<version>\d+)$")
 

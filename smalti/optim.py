@@ -18,17 +18,33 @@ def build_optimizer(model: torch.nn.Module, config: OptimizerConfig) -> torch.op
     Parameters are grouped by name in ``named_parameters`` order, so the
     optimizer state layout is identical on every rank and after a resume.
     """
-    decay, no_decay = [], []
-    for _, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            (decay if parameter.dim() >= 2 else no_decay).append(parameter)
+    decay, no_decay = _groups(model)
+    parameters = dict(model.named_parameters())
     groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [parameters[n] for n in decay], "weight_decay": config.weight_decay},
+        {"params": [parameters[n] for n in no_decay], "weight_decay": 0.0},
     ]
     if config.name == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+
+
+def _groups(model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (decay if parameter.dim() >= 2 else no_decay).append(name)
+    return decay, no_decay
+
+
+def optimizer_parameter_names(model: torch.nn.Module) -> list[str]:
+    """The parameter name behind each index of ``build_optimizer``'s state dict (decayed group first).
+
+    Whoever edits a saved optimizer state (deletion resets a class's Adam moments) must map indices
+    through this, not through the model's state dict order.
+    """
+    decay, no_decay = _groups(model)
+    return decay + no_decay
 
 
 class LRSchedule:

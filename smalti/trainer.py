@@ -25,7 +25,7 @@ from smalti import distributed
 from smalti.algorithms import build_algorithms
 from smalti.build import build_data, build_logger_destinations, build_model_for, resolve_device
 from smalti import formats
-from smalti.checkpoint import CheckpointStore, checkpoint_name, load_checkpoint
+from smalti.checkpoint import CheckpointStore, checkpoint_name, load_checkpoint, weights_sha256
 from smalti.config import RESUMABLE_CHANGES, Recipe
 from smalti.core.algorithm import Algorithm
 from smalti.core.callback import Callback
@@ -39,10 +39,10 @@ from smalti.data.batch import Batch
 from smalti.data.lm import LanguageModelData
 from smalti.determinism import capture_rng_state, configure_determinism, restore_rng_state, seed_everything
 from smalti.errors import CheckpointError, RecipeError
-from smalti.governance.keys import SigningKey
+from smalti.governance.keys import PublicKey, SigningKey
 from smalti.governance.ledger.entropy import probe_batch
 from smalti.governance.ledger.writer import Ledger
-from smalti.governance.deletion import FORK_CHANGES, read_fork
+from smalti.governance.lineage import REPLAY_CHANGES, Link, admit_parent, fitted_weights, read_pending
 from smalti.governance.policy import Policy, model_fingerprint
 from smalti.governance.routing import Router, routed_backward
 from smalti.io import atomic_write_bytes
@@ -129,13 +129,16 @@ class Trainer:
         self.state.router = self.router
         self._check_algorithms()
         ledger_key = self._ledger_key()
+        self.checkpoints = CheckpointStore(self.run_dir / "checkpoints", keep=recipe.checkpoint.keep)
+        # A fine-tune's parent is admitted here too (not when resuming: the run already started from it).
+        starts_fresh = not (recipe.checkpoint.autoresume and self.checkpoints.all())
+        self._parent = self._admit_parent(ledger_key) if recipe.init.from_run is not None and starts_fresh else None
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         distributed.barrier(self.dist)
         self.logger = Logger(self.state, build_logger_destinations(recipe, self.run_dir, self.dist))
         self.engine = Engine(self.state, self.logger, self.algorithms, callbacks)
         self.ledger = self._build_ledger(ledger_key)
-        self.checkpoints = CheckpointStore(self.run_dir / "checkpoints", keep=recipe.checkpoint.keep)
         # Deletion-aware training: a kept checkpoint just before the late classes begin in each epoch,
         # so forgetting one of them replays only the epoch's tail (None: no such checkpoint).
         late = self.data.first_late_batch() if recipe.checkpoint.before_late_classes else None
@@ -499,7 +502,8 @@ class Trainer:
                 "surgery": applied_surgery(self.model),
                 "callbacks": {type(c).__name__: c.state_dict() for c in self.engine.callbacks},
                 "ledger": None if self.ledger is None else {
-                    "head": self.ledger.sign(final=state.is_done), "recorder": self.ledger.state_dict()},
+                    "head": self.ledger.sign(final=state.is_done, weights=weights_sha256(self.model.state_dict())),
+                    "recorder": self.ledger.state_dict()},
             }
             name = checkpoint_name(state.timestamp.epoch, state.timestamp.batch)
             self._last_checkpoint = self.checkpoints.save(payload, name, keep_always=keep_always)
@@ -519,19 +523,22 @@ class Trainer:
         if found is not None and found[2] and self.dist.is_main:
             print(f"smalti: {'; '.join(found[2])}; resuming from {latest.name}, the newest intact checkpoint",
                   file=sys.stderr)
-        # A run forked from another to forget a class (``smalti forget``) starts from the parent's
-        # checkpoint, with that class excluded and a new ledger that names the parent's tree head.
-        fork = read_fork(self.run_dir)
+        # A deletion's replay (``smalti forget``) starts from its parent's checkpoint, with a class excluded
+        # and a new ledger that links the parent's tree head (``smalti.governance.lineage``).
+        link = read_pending(self.run_dir)
         forked = False
         if found is not None:
             payload = found[1]
-            forked = fork is not None and (payload.get("ledger") or {}).get("head") == fork["parent"]["head"]
-            self._check_same_recipe(payload, latest, also_allowed=FORK_CHANGES if forked else ())
+            forked = link is not None and (payload.get("ledger") or {}).get("head") == link.head
+            self._check_same_recipe(payload, latest, also_allowed=REPLAY_CHANGES if forked else ())
         elif config.load_path:
             payload = load_checkpoint(config.load_path)
         else:
+            # A fine-tune starts from its parent's final weights, and only those.
+            inherited = self._load_parent_weights() if self._parent is not None else None
             if self.ledger is not None:
-                self.ledger.start(None, parent=fork["parent"] if fork else None)
+                parent = link or inherited
+                self.ledger.start(None, parent=parent.to_json() if parent else None)
             return None
         where = latest or config.load_path
         # The data first (freshness, then the order): another release also changes the model it builds.
@@ -542,7 +549,9 @@ class Trainer:
         try:
             position = self.data.sampler.check_resumable(payload["sampler"])
         except ValueError as error:
-            raise CheckpointError(f"{where}: {error}") from None
+            hint = ("; to start from its weights only, with this run's own data, use --init-from its run "
+                    "(init.from_run)" if latest is None else "")
+            raise CheckpointError(f"{where}: {error}{hint}") from None
         # Keys never shape training (the order ignores them), but a run's evidence names one signed taxonomy
         # and policy: after a re-signing or a key rotation, continue from these weights as a new run.
         signed_then, signed_now = (payload.get("data") or {}).get("taxonomy_fingerprint"), self.data.provenance.get("taxonomy_fingerprint")
@@ -582,7 +591,7 @@ class Trainer:
             saved = payload.get("ledger") if latest is not None else None
             if latest is not None and saved is None:
                 raise CheckpointError(f"{where}: written without a ledger; use another --run-dir to record one")
-            self.ledger.start(None if forked or not saved else saved["head"], parent=fork["parent"] if forked else None)
+            self.ledger.start(None if forked or not saved else saved["head"], parent=link.to_json() if forked else None)
             if saved:
                 self.ledger.load_state_dict(saved["recorder"])
         if latest is not None:
@@ -592,6 +601,36 @@ class Trainer:
         rng = payload["rng"]
         restore_rng_state(rng[self.dist.rank] if len(rng) == self.dist.world_size else rng[0])
         return timestamp
+
+    def _admit_parent(self, ledger_key: SigningKey | None) -> tuple[Link, dict[str, torch.Tensor]]:
+        """Verify the parent's chain and final weights (``smalti.governance.lineage.admit_parent``).
+
+        The link becomes this run's first ledger entry's ``parent``, so a fine-tune needs a ledger. The
+        trusted keys are ``init.trust`` if set, else the taxonomy's trainer and this run's own key.
+        """
+        config = self.recipe.init
+        if ledger_key is None:
+            raise RecipeError("init.from_run needs governance.ledger: the run's first ledger entry names its parent")
+        taxonomy = self.data.taxonomy
+        trusted = [PublicKey.load(config.trust)] if config.trust is not None else [
+            key for key in (taxonomy.key_of_role("trainer") if taxonomy else None, ledger_key.public) if key]
+        tokenizer = self.data.tokenizer.to_json() if self.data.tokenizer is not None else None
+        link, weights = admit_parent(Path(config.from_run), trusted, tokenizer)
+        fitted, missing = fitted_weights(weights, list(self.model.state_dict()))
+        new = [n for n in missing if ".lora_" not in n and ".adapters." not in n]  # only adapters may be new
+        if new or len(fitted) < len(weights):
+            extra = sorted(set(weights) - {n.replace(".base_layer.", ".") for n in fitted})
+            raise CheckpointError(f"init.from_run {config.from_run}: the parent's weights do not fit this model "
+                                  f"({'missing ' + new[0] if new else 'no place for ' + extra[0]}); only adapters may be new")
+        return link, fitted
+
+    def _load_parent_weights(self) -> Link:
+        """Start from the admitted parent's final weights, and only those (a new optimizer, data order, ledger)."""
+        assert self._parent is not None
+        link, fitted = self._parent
+        self.model.load_state_dict(fitted, strict=False)
+        self._parent = None  # the weights are in the model now; do not hold a second copy
+        return link
 
     def _check_same_recipe(self, payload: dict[str, Any], path: Path, also_allowed: tuple[str, ...] = ()) -> None:
         if payload["recipe_fingerprint"] == self.recipe.fingerprint(ignore=RESUMABLE_CHANGES):

@@ -91,3 +91,27 @@ def test_http_url(tmp_path, http_server):
     assert load_checkpoint(f"{url}/ep0-ba7.pt")["meta"] == {"step": 7}
     with pytest.raises(CheckpointError, match="not found|cannot read"):
         load_checkpoint(f"{url}/missing.pt")
+
+
+def test_ctrl_c_during_a_save_finishes_the_checkpoint_then_interrupts(tmp_path, monkeypatch):
+    """SIGINT inside torch.save used to break its zip writer (a RuntimeError traceback, CI run of stop 27)."""
+    import os
+    import signal
+
+    from smalti import checkpoint
+
+    original, sent = checkpoint._HashingWriter.write, []
+
+    def write_then_signal(self, data):
+        if not sent:  # the user presses Ctrl-C while the first bytes are written
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, data)
+
+    monkeypatch.setattr(checkpoint._HashingWriter, "write", write_then_signal)
+    store = CheckpointStore(tmp_path, keep=2)
+    with pytest.raises(KeyboardInterrupt):
+        store.save({"format": formats.CHECKPOINT, "weights": torch.arange(1000.0)}, "ep0-ba2.pt")
+    assert sent and store.latest() == tmp_path / "ep0-ba2.pt"
+    assert torch.equal(load_checkpoint(store.latest())["weights"], torch.arange(1000.0))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -209,6 +209,28 @@ def test_ablation_resets_only_the_confined_parameters(governed, tmp_path):
             data.train.close(), data.val.close()
             for name in confined:
                 assert torch.equal(after[name], initial[name]), name
+        # Adam's moments: the confined parameters' are zero, every other one's the parent's. The index of each
+        # parameter is read from a real optimizer's groups (decayed matrices first, not the state dict order).
+        from smalti.build import build_data as _data
+        from smalti.distributed import DistInfo as _Dist
+        from smalti.optim import build_optimizer
+
+        config = recipe(ledger_recipe(governed, governance={"policy": str(policy)},
+                                      model={"adapters": {"classes": [HAMLET], "hidden": 8}},
+                                      train={"max_duration": "6ba", "microbatch_size": 2}, data={"batching": "per_class"}))
+        data = _data(config, _Dist())
+        fresh = build_model(config, data.tokenizer.vocab_size, data.class_names)
+        data.train.close(), data.val.close()
+        name_of = {id(p): n for n, p in fresh.named_parameters()}
+        order = [name_of[id(p)] for group in build_optimizer(fresh, config.optimizer).param_groups for p in group["params"]]
+        moments_before, moments_after = latest_payload(run)["optimizer"]["state"], latest_payload(out)["optimizer"]["state"]
+        for index, name in enumerate(order):
+            for moment in ("exp_avg", "exp_avg_sq"):
+                if name in confined:
+                    assert torch.count_nonzero(moments_after[index][moment]) == 0, name
+                    assert torch.count_nonzero(moments_before[index][moment]) > 0, name  # there was something to reset
+                else:
+                    assert torch.equal(moments_after[index][moment], moments_before[index][moment]), name
         verified = smalti_cli("ledger", "verify", str(out))
         assert verified.returncode == 0, verified.stderr
 

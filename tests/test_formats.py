@@ -55,7 +55,7 @@ def test_every_identifier_is_a_current_smalti_one():
 
 @pytest.fixture(scope="module")
 def forked(governed, tmp_path_factory):
-    """A governed run with a ledger and checkpoints, and the exact-forget fork of it (fork.json, certificate)."""
+    """A governed run with a ledger and checkpoints, and the exact-forget fork of it (lineage.json, certificate)."""
     root = tmp_path_factory.mktemp("formats")
     run = train(governed, root / "run", train={"max_duration": "8ba"}, checkpoint={"interval": "4ba", "keep": 2})
     out = root / "forked"
@@ -76,7 +76,7 @@ def test_what_is_written_names_the_current_formats(forked, governed):
     assert torch.load(run / "checkpoints" / latest, weights_only=True)["format"] == formats.CHECKPOINT
     with sqlite3.connect(run / "ledger.sqlite") as db:
         assert db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == formats.LEDGER
-    assert json.loads((out / "fork.json").read_text())["format"] == formats.FORK
+    assert json.loads((out / "lineage.json").read_text())["format"] == formats.LINEAGE
     assert json.loads((out / "deletion-certificate.json").read_text())["version"] == formats.DELETION_CERTIFICATE
     assert json.loads((governed.dataset / "manifest.json").read_text())["format"] == formats.DATASET
     proof = smalti_cli("ledger", "proof", str(run), "--step", "1")
@@ -116,7 +116,7 @@ def test_an_older_dataset_manifest_is_refused_in_one_line(governed_copy):
                                 "--trust", str(governed_copy.trust)), manifest_path)
 
 
-def test_an_older_certificate_and_fork_are_refused_in_one_line(forked, tmp_path):
+def test_an_older_certificate_and_lineage_are_refused_in_one_line(forked, tmp_path):
     parent, out = forked
     out = _copy(out, tmp_path)
     certificate_path = out / "deletion-certificate.json"
@@ -125,9 +125,9 @@ def test_an_older_certificate_and_fork_are_refused_in_one_line(forked, tmp_path)
     certificate_path.write_text(json.dumps(certificate))
     _one_line_naming(smalti_cli("ledger", "verify", str(out)), certificate_path)
 
-    fork_path = out / "fork.json"
-    fork = json.loads(fork_path.read_text())
-    del fork["format"]  # fork descriptions named no format before
-    fork_path.write_text(json.dumps(fork))
-    line = _one_line_naming(smalti_cli("train", str(out / "recipe.yaml"), "--run-dir", str(out)), fork_path)
+    lineage_path = out / "lineage.json"
+    lineage = json.loads(lineage_path.read_text())
+    del lineage["format"]  # as a deletion's parent link was written before it named its format
+    lineage_path.write_text(json.dumps(lineage))
+    line = _one_line_naming(smalti_cli("train", str(out / "recipe.yaml"), "--run-dir", str(out)), lineage_path)
     assert "names no format" in line

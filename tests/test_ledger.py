@@ -231,9 +231,9 @@ def test_resigning_with_another_key_fails_against_the_trainer_key(policy_run, go
     run = _copy_run(policy_run, tmp_path)
     impostor = SigningKey.load(governed.key("model-risk"))
     with sqlite3.connect(run / "ledger.sqlite") as db:
-        rows = db.execute("SELECT size, root, timestamp, final FROM heads").fetchall()
-        for size, root, timestamp, final in rows:
-            head = TreeHead(size=size, root=root, timestamp=timestamp, final=bool(final))
+        rows = db.execute("SELECT size, root, timestamp, final, weights FROM heads").fetchall()
+        for size, root, timestamp, final, weights in rows:
+            head = TreeHead(size=size, root=root, timestamp=timestamp, final=bool(final), weights=weights)
             db.execute("UPDATE heads SET key_id = ?, signature = ? WHERE size = ?",
                        (impostor.public.key_id, impostor.sign(head.message()), size))
         db.execute("UPDATE meta SET value = ? WHERE key = 'trainer_public_key'", (impostor.public.text,))

@@ -19,7 +19,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "and how much; --class C: which layers class C (or any class under node C) touched and in "
                     "which steps; --example ID: which steps and layers an example contributed to; --param NAME: "
                     "as --layer for the parameter's layer; --report FILE: a self-contained HTML report. Without a "
-                    "question: a summary of every class.")
+                    "question: a summary of every class. For a run with a lineage (a fine-tune, a deletion), --layer, "
+                    "--class and --param also answer for every ancestor's steps, marked as inherited, once the chain "
+                    "verifies.")
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     question = parser.add_mutually_exclusive_group()
     question.add_argument("--layer", help="a layer (module) name, e.g. blocks.0.attn.qkv")
@@ -62,11 +64,55 @@ def run(args: argparse.Namespace) -> int:
             answer = {"classes": {c: len(ledger.for_class(c)["layers_touched"]) for c in ledger.run["classes"]}}
     except AuditError as error:
         raise SmaltiError(str(error)) from None
+    inherited = _inherited(args) if args.example is None else []
     if args.json:
-        print(json.dumps(answer, indent=1))
+        print(json.dumps({**answer, "inherited": inherited}, indent=1))
         return 0
     _print(console, answer, len(ledger.layer_names))
+    for part in inherited:
+        console.print(f"\ninherited from {part['run_dir']} ({part['link']} link, its steps up to {part['up_to_step']}):",
+                      highlight=False)
+        if "answer" in part:
+            _print(console, part["answer"], part["layers"])
+        else:
+            console.print(f"  {part['not_applicable']}", highlight=False)
     return 0
+
+
+def _inherited(args: argparse.Namespace) -> list[dict]:
+    """The same question to every ancestor's ledger, up to the head its child starts from (chain verified)."""
+    from smalti.governance.ledger.audit import AuditError, Ledger
+    from smalti.governance.lineage import chain, verify_chain
+
+    links = chain(args.run_dir)
+    if not links:
+        return []
+    problem = verify_chain(args.run_dir)
+    if problem is not None:
+        raise SmaltiError(f"{args.run_dir}: its lineage does not verify, inherited answers cannot be trusted ({problem})")
+    found = []
+    for parent, link in links:
+        ledger = Ledger.load(parent)
+        ledger.steps = ledger.steps[: int(link.head["size"]) - 1]  # entry 0 is the run entry
+        part = {"run_dir": str(parent), "link": link.kind, "up_to_step": ledger.steps[-1]["step"] if ledger.steps else 0,
+                "layers": len(ledger.layer_names)}
+        try:
+            if args.layer is not None or args.param is not None:
+                name = args.layer if args.layer is not None else None
+                if name is not None and name not in ledger.layer_names:
+                    name = name.replace(".base_layer", "")  # a LoRA-wrapped layer is the plain one in its parent
+                if name is None:
+                    known = {p for layer in ledger.run["layers"] for p in layer["parameters"]}
+                    param = args.param if args.param in known else args.param.replace(".base_layer.", ".")
+                part["answer"] = ledger.layer(name) if name is not None else ledger.parameter(param)
+            elif args.class_name is not None:
+                part["answer"] = ledger.for_class(args.class_name)
+            else:
+                part["answer"] = {"classes": {c: len(ledger.for_class(c)["layers_touched"]) for c in ledger.run["classes"]}}
+        except AuditError as error:
+            part["not_applicable"] = str(error)
+        found.append(part)
+    return found
 
 
 def _print(console: Console, answer: dict, n_layers: int) -> None:

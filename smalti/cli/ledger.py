@@ -84,6 +84,16 @@ def run_verify(args: argparse.Namespace) -> int:
           f"(size {head['size']}, signed {head['timestamp']} by key {report.key_id})")
     if args.pubkey is None:
         print(f"note: checked against {report.key_source}")
+    from smalti.governance.lineage import chain, verify_chain
+
+    links = chain(args.run_dir)
+    if links:  # every link behind the run: each parent's ledger, the head its child names, the weights
+        problem = verify_chain(args.run_dir)
+        if problem is not None:
+            print(f"lineage FAILED verification: {problem}", file=sys.stderr)
+            return 1
+        described = " <- ".join(f"{parent} ({link.kind})" for parent, link in links)
+        print(f"lineage OK: {args.run_dir} <- {described}")
     return 0
 
 

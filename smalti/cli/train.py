@@ -31,6 +31,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--run-dir", type=Path, default=None, help="where checkpoints and logs go (default: runs/<recipe name>)"
     )
+    parser.add_argument(
+        "--init-from", type=Path, default=None, metavar="PARENT_RUN",
+        help="a fine-tune: start from PARENT_RUN's final weights (only those), after verifying its ledger and the "
+             "chain behind it; the run's first ledger entry names the parent (same as --set init.from_run=...)")
     parser.set_defaults(run=run, trains=True)
 
 
@@ -45,7 +49,8 @@ def resolve_run_dir(recipe: Recipe, recipe_path: Path, override: Path | None) ->
 def run(args: argparse.Namespace) -> int:
     from smalti.trainer import Trainer  # torch import is slow; keep --help fast
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    overrides = list(args.overrides) + ([f"init.from_run={args.init_from}"] if args.init_from is not None else [])
+    recipe = load_recipe(args.recipe, overrides)
     trainer = Trainer(recipe, resolve_run_dir(recipe, args.recipe, args.run_dir))
     try:
         result = trainer.fit()

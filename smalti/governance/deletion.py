@@ -10,9 +10,9 @@ recipe adds the class to ``data.exclude_classes``; the trainer resumes there.
 Exclusion filters the data order (every other example keeps its place), so
 the replay trains on exactly the batches a run that never had the class
 trains on after the fork, and, the state at the fork being the same, ends
-in the same weights (bitwise on CPU in deterministic mode). ``fork.json``
-tells the trainer to start a new ledger whose first entry references the
-parent's signed tree head at the fork.
+in the same weights (bitwise on CPU in deterministic mode). ``lineage.json``
+tells the trainer to start a new ledger whose first entry links the parent's
+signed tree head at the fork (``smalti.governance.lineage``).
 
 **Ablate.** A class that an exclusive policy rule confines to its own
 parameters (its adapter) has its parameters reset, to their initial values
@@ -42,19 +42,18 @@ from typing import Any
 import torch
 
 from smalti import formats
-from smalti.checkpoint import load_checkpoint, load_weights
+from smalti.checkpoint import load_checkpoint, load_weights, weights_sha256
 from smalti.core.class_losses import ClassLosses
 from smalti.errors import SmaltiError
 from smalti.governance.certificate import ledger_entries, sign_certificate, write_certificate
 from smalti.governance.keys import SigningKey
+from smalti.governance.lineage import Link, run_entry, write_pending
 from smalti.governance.ledger.entry import TreeHead
 from smalti.governance.ledger.store import LedgerStore, ledger_path
 from smalti.governance.ledger.verify import verify_ledger
 from smalti.governance.taxonomy import Taxonomy, unknown_class
 from smalti.software import software
 
-FORK = "fork.json"
-FORK_CHANGES = ("data.exclude_classes",)  # what a forked run may change against its parent's checkpoint
 ABLATION_LIMIT = (
     "ablation removes what the class's gradients wrote into its confined parameters; the rest of the model "
     "never received its gradients (ledger evidence) but did process its inputs in the forward pass, so "
@@ -64,25 +63,6 @@ ABLATION_LIMIT = (
 
 class DeletionError(SmaltiError):
     """A deletion that cannot be planned, run or certified."""
-
-
-def read_fork(run: Path) -> dict[str, Any] | None:
-    """The run's ``fork.json`` (written by ``forget``), or None for an ordinary run."""
-    path = Path(run) / FORK
-    if not path.is_file():
-        return None
-    try:
-        fork = json.loads(path.read_text())
-    except ValueError as error:
-        raise DeletionError(f"{path}: not a fork description ({error})") from None
-    problem = formats.format_problem(fork.get("format") if isinstance(fork, dict) else None, formats.FORK, str(path))
-    if problem:
-        raise DeletionError(problem)
-    try:
-        fork["parent"]["head"]
-    except (KeyError, TypeError) as error:
-        raise DeletionError(f"{path}: not a fork description (no {error})") from None
-    return fork
 
 
 # ---------------------------------------------------------------------------------------------- plan
@@ -190,16 +170,6 @@ def _latest(run: Path) -> Path:
 # ---------------------------------------------------------------------------------------------- hashes
 
 
-def weights_sha256(state: dict[str, torch.Tensor]) -> str:
-    """A layout-independent hash of model weights: names, dtypes, shapes and bytes, in name order."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
-
-
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -286,6 +256,19 @@ def _evaluation(parent: Path, payloads: list[dict[str, Any]], max_samples: int |
 # ---------------------------------------------------------------------------------------------- forget
 
 
+def _replay_link(plan: DeletionPlan, head: dict[str, Any], mode: str, start_weights: str,
+                 fork_step: int | None = None) -> Link:
+    """The link a deletion's run writes into its run entry: the parent, its head and key, what is left out."""
+    store = LedgerStore(ledger_path(plan.parent))
+    try:
+        trainer_key = store.get_meta("trainer_public_key") or ""
+    finally:
+        store.close()
+    return Link(kind="replay", run_dir=str(plan.parent.resolve()), head=head, trainer_key=trainer_key,
+                start_weights_sha256=start_weights, fingerprints=run_entry(plan.parent).get("fingerprints", {}),
+                fork_step=plan.fork_step if fork_step is None else fork_step, forgotten=plan.node, mode=mode)
+
+
 def _base_certificate(plan: DeletionPlan, mode: str, parent_head: dict[str, Any]) -> dict[str, Any]:
     return {
         "version": formats.DELETION_CERTIFICATE,
@@ -366,11 +349,8 @@ def _replay(plan: DeletionPlan, out: Path, key: SigningKey,
         checkpoint_hash = file_sha256(plan.fork_checkpoint)
     else:  # the class was there from the first step: replay from the initial weights
         payload_head, checkpoint_hash = parent_final, None
-    parent_ref = {"run_dir": str(plan.parent.resolve()), "head": payload_head, "fork_step": plan.fork_step,
-                  "forgotten": plan.node, "mode": "exact"}
-    from smalti.io import atomic_write_bytes
-
-    atomic_write_bytes(out / FORK, (json.dumps({"format": formats.FORK, "parent": parent_ref}, indent=1) + "\n").encode())
+    write_pending(out, _replay_link(plan, payload_head, "exact",
+                                    payload_head.get("weights", "") if plan.fork_checkpoint is not None else ""))
     recipe = load_recipe(plan.parent / "recipe.yaml")
     excluded = sorted(set(recipe.data.exclude_classes) | {plan.node})
     # Shards are verified as the replay reads them (``lazy``): still fail-closed for every example it
@@ -403,6 +383,7 @@ def _ablate(plan: DeletionPlan, out: Path, key: SigningKey, reset: str, parent_f
     from smalti.distributed import DistInfo
     from smalti.governance.ledger import merkle
     from smalti.governance.ledger.entry import ZERO_HASH, encode_entry
+    from smalti.optim import optimizer_parameter_names
 
     if reset not in ("initial", "zero"):
         raise DeletionError(f"--reset {reset!r}: choose initial or zero")
@@ -429,15 +410,15 @@ def _ablate(plan: DeletionPlan, out: Path, key: SigningKey, reset: str, parent_f
     payload = _load(latest)
     recipe_path = plan.parent / "recipe.yaml"
     recipe = load_recipe(recipe_path)
-    if reset == "initial":
-        seed_everything(recipe.seed)
-        data = build_data(recipe, DistInfo())
-        initial = build_model_for(recipe, data).state_dict()
-        _close(data)
+    seed_everything(recipe.seed)  # the run's initial model: its initial weights and its optimizer's layout
+    data = build_data(recipe, DistInfo())
+    built = build_model_for(recipe, data)
+    _close(data)
+    initial = built.state_dict()
     model = payload["model"]
     for name in plan.confined:
         model[name] = initial[name].clone() if reset == "initial" else torch.zeros_like(model[name])
-    names = list(model)
+    names = optimizer_parameter_names(built)
     for index, state in payload["optimizer"]["state"].items():  # Adam's moments hold the class's gradients too
         if isinstance(index, int) and index < len(names) and names[index] in plan.confined:
             for k, v in state.items():
@@ -445,8 +426,8 @@ def _ablate(plan: DeletionPlan, out: Path, key: SigningKey, reset: str, parent_f
                     state[k] = torch.zeros_like(v)
 
     # The new run's ledger: one entry naming the parent head and what was reset, then a final signed head.
-    body = dict(genesis, parent={"run_dir": str(plan.parent.resolve()), "head": parent_final,
-                                 "fork_step": plan.total_steps, "forgotten": plan.node, "mode": "ablate"},
+    link = _replay_link(plan, parent_final, "ablate", parent_final.get("weights", ""), fork_step=plan.total_steps)
+    body = dict(genesis, parent=link.to_json(),
                 ablation={"reset": reset, "parameters": plan.confined, "layers": confined_layers})
     data_bytes = encode_entry(0, ZERO_HASH, body)
     leaf = merkle.leaf_hash(data_bytes)
@@ -455,9 +436,10 @@ def _ablate(plan: DeletionPlan, out: Path, key: SigningKey, reset: str, parent_f
         store.start_log(key.public)
         store.append([(0, 0, leaf, data_bytes)])
         stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        unsigned = TreeHead(size=1, root=merkle.root([leaf]), timestamp=stamp, final=True)
+        digest = weights_sha256(model)
+        unsigned = TreeHead(size=1, root=merkle.root([leaf]), timestamp=stamp, final=True, weights=digest)
         head = TreeHead(size=1, root=unsigned.root, timestamp=stamp, final=True, key_id=key.public.key_id,
-                        signature=key.sign(unsigned.message()))
+                        signature=key.sign(unsigned.message()), weights=digest)
         store.add_head(head)
     finally:
         store.close()

@@ -244,6 +244,9 @@ class TreeHead:
 
     ``final`` marks the head written when training finished; a ledger whose
     last head is not final was cut short (a crash, or someone truncating it).
+    ``weights`` (heads signed with a checkpoint) is the sha256 of the model's
+    weights at that point (``smalti.checkpoint.weights_sha256``): what binds a
+    model file to the ledger, and a fine-tune's starting point to its parent.
     The signed message is the canonical JSON of ``message_fields``, so any
     Ed25519 tool can check it.
     """
@@ -254,12 +257,16 @@ class TreeHead:
     final: bool
     key_id: str = ""
     signature: bytes = b""
+    weights: str = ""
 
     def message(self) -> bytes:
         fields = {"final": self.final, "root": self.root.hex(), "size": self.size, "timestamp": self.timestamp,
                   "version": formats.TREE_HEAD}
+        if self.weights:
+            fields["weights"] = self.weights
         return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
 
     def to_json(self) -> dict[str, Any]:
         return {"size": self.size, "root": self.root.hex(), "timestamp": self.timestamp, "final": self.final,
-                "key_id": self.key_id, "signature": self.signature.hex(), "message": self.message().decode()}
+                "key_id": self.key_id, "signature": self.signature.hex(), "weights": self.weights,
+                "message": self.message().decode()}

@@ -7,7 +7,7 @@ no server. Three tables:
 - ``entries(idx, step, leaf, data)``: the entry bytes and their leaf hash
   (the hash is stored to point at the first edited entry; it is recomputed,
   never trusted, by verification);
-- ``heads(size, root, timestamp, final, key_id, signature)``: signed tree heads;
+- ``heads(size, root, timestamp, final, key_id, signature, weights)``: signed tree heads;
 - ``meta(key, value)``: the format identifier (``smalti.formats.LEDGER``, checked
   whenever the file is opened) and the trainer's public key (informational: what
   is trusted is what ``--pubkey`` names).
@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS entries (idx INTEGER PRIMARY KEY, step INTEGER NOT NULL, leaf BLOB NOT NULL,
                                     data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS heads (size INTEGER PRIMARY KEY, root BLOB NOT NULL, timestamp TEXT NOT NULL,
-                                  final INTEGER NOT NULL, key_id TEXT NOT NULL, signature BLOB NOT NULL);
+                                  final INTEGER NOT NULL, key_id TEXT NOT NULL, signature BLOB NOT NULL,
+                                  weights TEXT NOT NULL DEFAULT '');
 """
 
 
@@ -100,8 +101,9 @@ class LedgerStore:
             self._insert_head(head)
 
     def _insert_head(self, head: TreeHead) -> None:
-        self.db.execute("INSERT OR REPLACE INTO heads VALUES (?, ?, ?, ?, ?, ?)",
-                        (head.size, head.root, head.timestamp, int(head.final), head.key_id, head.signature))
+        self.db.execute("INSERT OR REPLACE INTO heads VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (head.size, head.root, head.timestamp, int(head.final), head.key_id, head.signature,
+                         head.weights))
 
     def truncate(self, size: int) -> None:
         """Forget entries and heads past ``size`` (what a crashed run wrote after its last checkpoint)."""
@@ -134,9 +136,9 @@ class LedgerStore:
         return (int(row[0]), row[1], row[2]) if row else None
 
     def heads(self) -> list[TreeHead]:
-        rows = self.db.execute("SELECT size, root, timestamp, final, key_id, signature FROM heads ORDER BY size")
-        return [TreeHead(size=s, root=r, timestamp=t, final=bool(f), key_id=k, signature=sig)
-                for s, r, t, f, k, sig in rows]
+        rows = self.db.execute("SELECT size, root, timestamp, final, key_id, signature, weights FROM heads ORDER BY size")
+        return [TreeHead(size=s, root=r, timestamp=t, final=bool(f), key_id=k, signature=sig, weights=w)
+                for s, r, t, f, k, sig, w in rows]
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:

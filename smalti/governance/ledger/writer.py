@@ -277,15 +277,17 @@ class Ledger:
             body["entropy"] = pack_table(p.entropy.cpu().double().numpy())
         return body
 
-    def sign(self, final: bool) -> dict[str, Any] | None:
-        """Commit what is pending and sign the tree head (main rank; other ranks return None)."""
+    def sign(self, final: bool, weights: str = "") -> dict[str, Any] | None:
+        """Commit what is pending and sign the tree head, with the digest of the model's weights if given
+        (main rank; other ranks return None)."""
         if self.store is None:
             return None
         self.flush()
         timestamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        unsigned = TreeHead(size=self.frontier.size, root=self.frontier.root(), timestamp=timestamp, final=final)
+        unsigned = TreeHead(size=self.frontier.size, root=self.frontier.root(), timestamp=timestamp, final=final,
+                            weights=weights)
         head = TreeHead(size=unsigned.size, root=unsigned.root, timestamp=timestamp, final=final,
-                        key_id=self.key.public.key_id, signature=self.key.sign(unsigned.message()))
+                        key_id=self.key.public.key_id, signature=self.key.sign(unsigned.message()), weights=weights)
         self.store.add_head(head)
         return head.to_json()
 
