@@ -1,6 +1,8 @@
 # Two entry points, both from a fresh clone:
 #   make demo   create .venv, install Smalti, run the governed Shakespeare demo (keys, signed
 #               taxonomy, tagged shards, verification, training, sampling)
+#   make demo-finetune  the same governance on a Hugging Face Llama: BPE tokenizer, pretrain,
+#               fine-tune with Hamlet in its own LoRA adapter, audit and deletion across the lineage
 #   make test   create .venv, install Smalti with test extras, run the whole suite
 # torch is pinned through constraints.txt to the CPU wheel on the build machines'
 # local disk; pyproject.toml keeps the wide range users need.
@@ -11,7 +13,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench browser clean
+.PHONY: demo demo-finetune test test-fast bench browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +25,7 @@ $(VENV)/.core-installed: pyproject.toml constraints.txt | $(BIN)/python
 
 $(VENV)/.test-installed: $(VENV)/.core-installed
 	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,mlflow,vision,hf]"
-	touch $@
+	touch $@ $(VENV)/.hf-installed
 
 # The governed demo, step by step as a user would do it. Each step is a file target, so a
 # second `make demo` reuses what exists (and training resumes). `rm -rf demo` starts over.
@@ -75,6 +77,68 @@ demo: $(DEMO)/policy.yaml.sig
 	$(T) forget $(DEMO)/run --class gutenberg/tragedy/hamlet --mode ablate --out $(DEMO)/run-without-hamlet --eval-samples 2000
 	$(T) ledger verify $(DEMO)/run-without-hamlet --pubkey $(DEMO)/keys/trainer.pub
 
+$(VENV)/.hf-installed: $(VENV)/.core-installed
+	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -e ".[hf]"
+	touch $@
+
+# The fine-tuning demo: a Hugging Face Llama-architecture model, a BPE tokenizer, a pretrain and a
+# governed fine-tune linked by lineage, then deletion by ablation and by exact replay.
+# `rm -rf demo-finetune` starts over.
+FT := demo-finetune
+HAMLET := gutenberg/tragedy/hamlet
+MACBETH := gutenberg/tragedy/macbeth
+
+$(FT)/keys/trainer.pub: | $(VENV)/.hf-installed
+	@echo "== 1. one Ed25519 key pair per authority"
+	for name in data-governance gutenberg-tagger model-risk trainer; do \
+		$(T) keys new $$name --dir $(FT)/keys || exit 1; done
+
+$(FT)/taxonomy.yaml.sig: $(FT)/keys/trainer.pub
+	@echo "== 2. the taxonomy: one class per work under its genre, signed by data governance"
+	$(T) taxonomy init $(FT)/taxonomy.yaml --force --name shakespeare \
+		--classes-from data/shakespeare/manifest.csv --class-template 'gutenberg/{genre}/{work}' \
+		--data-governance $(FT)/keys/data-governance.pub \
+		--tagger gutenberg-tagger=$(FT)/keys/gutenberg-tagger.pub:gutenberg \
+		--model-risk $(FT)/keys/model-risk.pub --trainer $(FT)/keys/trainer.pub
+	$(T) sign $(FT)/taxonomy.yaml --key $(FT)/keys/data-governance.key
+
+$(FT)/tokenizer/tokenizer.json: $(FT)/taxonomy.yaml.sig
+	@echo "== 3. a byte-level BPE tokenizer (Hugging Face tokenizers) trained on the corpus"
+	$(T) tokenizer train --source data/shakespeare --class-template 'gutenberg/{genre}/{work}' \
+		--vocab-size 2048 --out $(FT)/tokenizer
+
+$(FT)/dataset/manifest.json: $(FT)/tokenizer/tokenizer.json
+	@echo "== 4. tokenize, pack each class's documents into rows, tag and sign the shards"
+	$(T) data prepare --source data/shakespeare --class-template 'gutenberg/{genre}/{work}' \
+		--taxonomy $(FT)/taxonomy.yaml --trust $(FT)/keys/data-governance.pub \
+		--key $(FT)/keys/gutenberg-tagger.key --out $(FT)/dataset --name shakespeare-bpe \
+		--tokenizer $(FT)/tokenizer --seq-len 128 --overwrite
+
+$(FT)/policy.yaml.sig: $(FT)/dataset/manifest.json recipes/governance/finetune-policy.yaml
+	@echo "== 5. bind the fine-tune's policy (Hamlet only in its LoRA adapter) to the model; model risk signs it"
+	$(T) policy check recipes/governance/finetune-policy.yaml --recipe recipes/finetune-tragedies.yaml --bind $(FT)/policy.yaml
+	$(T) sign $(FT)/policy.yaml --key $(FT)/keys/model-risk.key
+
+demo-finetune: $(FT)/policy.yaml.sig
+	@echo "== 6. pretrain a small Llama on the comedies and histories (ledger on)"
+	$(T) train recipes/finetune-base.yaml --run-dir $(FT)/base
+	@echo "== 7. fine-tune it on the tragedies from its signed final weights, Hamlet confined to its LoRA adapter"
+	$(T) train recipes/finetune-tragedies.yaml --run-dir $(FT)/tragedies --init-from $(FT)/base
+	$(T) sample $(FT)/tragedies --prompt "HAMLET." --tokens 60 --adapter $(HAMLET)
+	@echo "== 8. audit across the chain: both ledgers and the link; what the comedies taught, inherited from the base"
+	$(T) ledger verify $(FT)/tragedies --pubkey $(FT)/keys/trainer.pub
+	$(T) audit $(FT)/tragedies --class $(HAMLET) --pubkey $(FT)/keys/trainer.pub
+	$(T) audit $(FT)/tragedies --class gutenberg/comedy/twelfth_night --pubkey $(FT)/keys/trainer.pub
+	@echo "== 9. forget Hamlet by ablation (its adapter), Macbeth exactly (replay of the fine-tune); verify both"
+	rm -rf $(FT)/without-hamlet $(FT)/without-macbeth $(FT)/without-macbeth.lineage
+	$(T) forget $(FT)/tragedies --class $(HAMLET) --mode ablate --out $(FT)/without-hamlet
+	$(T) ledger verify $(FT)/without-hamlet --pubkey $(FT)/keys/trainer.pub
+	$(T) forget $(FT)/tragedies --class $(MACBETH) --dry-run
+	$(T) forget $(FT)/tragedies --class $(MACBETH) --mode exact --out $(FT)/without-macbeth
+	$(T) ledger verify $(FT)/without-macbeth --pubkey $(FT)/keys/trainer.pub
+	rm -rf $(FT)/export
+	$(T) export $(FT)/without-macbeth --out $(FT)/export
+
 # The audit report's test renders it in headless Chromium (Debian's package; installed here when
 # apt-get can, as CI's root can). Without it that one test fails in `make test` rather than skipping.
 browser:
@@ -93,4 +157,4 @@ bench: $(VENV)/.test-installed
 	$(BIN)/python benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) runs demo .pytest_cache
+	rm -rf $(VENV) runs demo demo-finetune .pytest_cache

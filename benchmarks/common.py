@@ -23,6 +23,10 @@ from smalti.core.callback import Callback  # noqa: E402
 from smalti.models.gpt import GPT, GPTConfig  # noqa: E402
 
 BABY_GPT = dict(n_layer=4, n_head=4, d_model=128, block_size=64)
+# The Hugging Face benchmarks' model: a Llama-architecture config of about 2.6M parameters
+# (with the 2,048-token BPE), context 256.
+HF_LLAMA = dict(model_type="llama", hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+                num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
 
 
 def baby_recipe(steps: int, batch_size: int = 12, **sections: dict[str, Any]) -> Recipe:
@@ -61,9 +65,7 @@ class HandwrittenLoop:
 
     def __init__(self, recipe: Recipe, data, steps: int) -> None:
         torch.manual_seed(recipe.seed)
-        m = recipe.model
-        self.model = GPT(GPTConfig(vocab_size=data.tokenizer.vocab_size, block_size=m.block_size,
-                                   n_layer=m.n_layer, n_head=m.n_head, d_model=m.d_model))
+        self.model = self.build_model(recipe, data.tokenizer.vocab_size)
         torch.manual_seed(recipe.seed)  # Smalti reseeds per rank after building the model
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
@@ -76,6 +78,14 @@ class HandwrittenLoop:
         self.warmup = int(recipe.scheduler.warmup.removesuffix("ba"))
         self.batches = data.train_batches(0, 0)
 
+    def build_model(self, recipe: Recipe, vocab_size: int) -> torch.nn.Module:
+        m = recipe.model
+        return GPT(GPTConfig(vocab_size=vocab_size, block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head,
+                             d_model=m.d_model))
+
+    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(inputs)
+
     def step(self) -> tuple[float, float]:
         start = time.perf_counter()
         batch = next(self.batches)
@@ -83,7 +93,7 @@ class HandwrittenLoop:
         lr = cosine_lr(self.step_index, self.steps, self.warmup, opt.lr, self.recipe.scheduler.final_lr_fraction)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        logits = self.model(batch.inputs)
+        logits = self.logits(batch.inputs)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.targets.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.train.grad_clip_norm)
@@ -92,6 +102,20 @@ class HandwrittenLoop:
         value = loss.item()
         self.step_index += 1
         return time.perf_counter() - start, value
+
+
+class HandwrittenHFLoop(HandwrittenLoop):
+    """The same hand-written loop over a transformers model built straight from its config."""
+
+    def build_model(self, recipe: Recipe, vocab_size: int) -> torch.nn.Module:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        settings = dict(recipe.model.hf.config)
+        config = AutoConfig.for_model(settings.pop("model_type"), **{"vocab_size": vocab_size, **settings})
+        return AutoModelForCausalLM.from_config(config, attn_implementation=recipe.model.hf.attn_implementation)
+
+    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=inputs, use_cache=False).logits
 
 
 def handwritten_losses(recipe: Recipe, data, steps: int) -> list[float]:
@@ -168,11 +192,14 @@ class Governed:
     model_risk_key: Path
 
 
-def governed_shakespeare(root: Path, shard_examples: int = 20_000, seq_len: int = 64) -> Governed:
+def governed_shakespeare(root: Path, shard_examples: int = 20_000, seq_len: int = 64,
+                         bpe_vocab: int | None = None) -> Governed:
     """Keys, a signed taxonomy and the prepared, signed Shakespeare dataset (examples of ``seq_len`` tokens),
-    made the way the demo makes them."""
+    made the way the demo makes them; ``bpe_vocab``: tokenized with a byte-level BPE of that size trained on
+    the corpus (``make demo-finetune``'s way), else by character."""
     from smalti.data.prepare import PrepareOptions, prepare_dataset
     from smalti.data.sources import classes_from_mapping, documents_from_folder
+    from smalti.data.tokenizer import train_bpe
     from smalti.governance.keys import PublicKey, SigningKey, sign_bytes, write_key_pair
     from smalti.governance.taxonomy import Taxonomy, taxonomy_yaml
 
@@ -191,9 +218,10 @@ def governed_shakespeare(root: Path, shard_examples: int = 20_000, seq_len: int 
     (root / "taxonomy.yaml.sig").write_text(
         sign_bytes(path.read_bytes(), SigningKey.load(keys / "data-governance.key")).to_json())
     taxonomy = Taxonomy.load(path, PublicKey.load(keys / "data-governance.pub"))
+    tokenizer = train_bpe((d.text for d in documents_from_folder(corpus, template=template)), bpe_vocab) if bpe_vocab else None
     prepare_dataset(documents_from_folder(corpus, template=template), taxonomy, SigningKey.load(keys / "tagger.key"),
                     str(root / "dataset"), PrepareOptions(name="shakespeare", shard_examples=shard_examples, seq_len=seq_len),
-                    show_progress=False)
+                    tokenizer=tokenizer, show_progress=False)
     return Governed(root, path, keys / "data-governance.pub", root / "dataset", keys / "model-risk.key")
 
 

@@ -125,3 +125,15 @@ def test_noisy_neighbour_reports_both_policies():
     assert result["quiet_cost"] > 0 and result["passive_quiet_cost"] > 0 and set(result["step_ms_median"]) == {"smalti", "torch"}
     assert result["smalti_chose"]["beside"] == ["PASSIVE"]  # it saw the neighbour
     assert all(v > 0 for policy in result["step_ms_median"].values() for v in policy.values())
+
+
+def test_hf_trainer_overhead_reports_a_ratio_and_the_same_losses():
+    result = _run("hf_trainer_overhead.py", "--steps", "3", "--runs", "1")
+    assert result["benchmark"] == "hf_trainer_overhead" and result["ratio"] > 0
+    assert result["same_losses_bitwise"] is True and result["tokens_per_step"] >= 8192
+
+
+def test_hf_governance_overhead_reports_both_ratios():
+    result = _run("hf_governance_overhead.py", "--steps", "3", "--runs", "1")
+    assert result["benchmark"] == "hf_governance_overhead" and result["tokens_per_step"] >= 8192
+    assert result["ratio"] > 0 and result["ratio_lora_mixed"] > 0 and result["lora_adapters"] == 4

@@ -18,7 +18,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "run that never had it, `smalti train RECIPE --set data.exclude_classes=[CLASS]`), or reset the "
                     "parameters an exclusive policy rule confines it to (--mode ablate). Writes a new run directory "
                     "with its own ledger (starting from the parent's signed tree head) and a deletion certificate "
-                    "signed by the trainer key; `smalti ledger verify OUT` checks both.")
+                    "signed by the trainer key; `smalti ledger verify OUT` checks both. Where an ancestor of RUN_DIR "
+                    "(smalti train --init-from) learned CLASS, the deletion crosses the lineage: exact replays that "
+                    "ancestor and trains each descendant again from its new parent (the new ancestors go to "
+                    "OUT.lineage/), ablate resets the ancestor's confined parameters in RUN_DIR's weights.")
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the trained run (parent)")
     parser.add_argument("--class", dest="node", required=True, metavar="CLASS",
                         help="a class or taxonomy node (covers its subtree)")
@@ -50,7 +53,21 @@ def run_forget(args: argparse.Namespace) -> int:
     from smalti.governance.deletion import DeletionError, forget, plan_deletion
     from smalti.governance.keys import SigningKey
 
-    plan = plan_deletion(args.run_dir, args.node)
+    from smalti.governance.lineage_deletion import plan_through_lineage
+
+    through = plan_through_lineage(args.run_dir, args.node)
+    if through is not None and args.dry_run:
+        if args.json:
+            print(json.dumps(through.describe(), indent=1))
+            return 0
+        origin = through.origin
+        print(f"{args.node} was learned by an ancestor: {through.runs[0]} (first in its step {origin.first_step})")
+        print(f"exact: replay {through.runs[0]} from "
+              f"{origin.fork_checkpoint.name if origin.fork_checkpoint else 'its initial weights'} without it, then train "
+              f"again, each from its new parent: {', '.join(str(r) for r in through.runs[1:])}")
+        print(f"ablation: {origin.ablation}, if no run since let the class or another class out of those parameters")
+        return 0
+    plan = plan_deletion(args.run_dir, args.node) if through is None else None
     if args.dry_run:
         described = plan.describe()
         if args.json:
@@ -79,6 +96,9 @@ def run_forget(args: argparse.Namespace) -> int:
         return 0
     print(f"forgot {args.node} ({certificate['mode']}): {args.out}  steps replayed: {certificate['steps_replayed']} "
           f"of {certificate['full_retrain_steps']}")
+    for link in certificate.get("lineage", []):
+        replaced = link.get("replacement", {}).get("run_dir")
+        print(f"  {link['original']['run_dir']}: {link['how']}{f' -> {replaced}' if replaced else ''}")
     before, after = certificate["evaluation"]["before"], certificate["evaluation"]["after"]
     for name in sorted(before):
         marker = "  <- forgotten" if name in certificate["classes"] else ""

@@ -12,6 +12,7 @@ from typing import Any
 
 from smalti import formats
 from smalti.governance.keys import PublicKey, SigningKey
+from smalti.governance.ledger import merkle
 from smalti.governance.ledger.entry import HEADER_SIZE, TreeHead, decode_entry
 from smalti.governance.ledger.store import LedgerStore, ledger_path
 from smalti.governance.ledger.verify import verify_ledger
@@ -66,8 +67,6 @@ def _head_ok(head: dict[str, Any], key: PublicKey) -> bool:
 
 def verify_certificate(run: str | Path, public_key: PublicKey | None = None) -> str | None:
     """None if the run's deletion certificate holds; else what is wrong, in one line."""
-    from smalti.governance.ledger import merkle
-
     run = Path(run)
     path = run / CERTIFICATE
     try:
@@ -91,34 +90,64 @@ def verify_certificate(run: str | Path, public_key: PublicKey | None = None) -> 
                                                                   _message(certificate)):
         return f"{path}: the signature does not verify under trainer key {key.key_id}"
     head = parent.get("head") or {}
+    problem = _original_problem(path, "parent", parent_run, head, key)
+    if problem:
+        return problem
+    if certificate["mode"] == "noop":
+        return None
+    # Through a lineage (smalti.governance.lineage_deletion): every original run the deletion replaced or
+    # checked still holds the head named, and every replacement is the run certified.
+    replaced = []
+    for link in certificate.get("lineage") or []:
+        original = link.get("original") or {}
+        problem = _original_problem(path, "lineage", Path(original.get("run_dir", "")), original.get("head") or {}, key)
+        if problem:
+            return problem
+        if "replacement" in link:
+            replaced.append(link["replacement"])
+    for replacement in replaced[:-1]:  # the last one is this run, checked below
+        problem = _run_problem(path, Path(replacement["run_dir"]), replacement["ledger_head"],
+                               replacement["final_weights_sha256"], None, key)
+        if problem:
+            return problem
+    starts_from = replaced[-2]["ledger_head"] if len(replaced) >= 2 else head
+    return _run_problem(path, run, certificate["ledger_head"], certificate["final_weights_sha256"], starts_from, key)
+
+
+def _original_problem(path: Path, what: str, run: Path, head: dict[str, Any], key: PublicKey) -> str | None:
+    """A run the deletion started from: the head is signed and, where the run is here, its ledger holds it."""
     if not _head_ok(head, key):
-        return f"{path}: the parent tree head's signature does not verify"
-    if ledger_path(parent_run).is_file():  # the parent is here: its ledger must still hold that head
-        report = verify_ledger(parent_run, key)
+        return f"{path}: the {what} tree head of {run} does not verify"
+    if ledger_path(run).is_file():
+        report = verify_ledger(run, key)
         if not report.ok:
-            return f"{path}: the parent ledger {parent_run} does not verify ({report.problem})"
-        store = LedgerStore(ledger_path(parent_run))
+            return f"{path}: the {what} ledger {run} does not verify ({report.problem})"
+        store = LedgerStore(ledger_path(run))
         try:
             leaves = store.leaves(stop=int(head["size"]))
         finally:
             store.close()
         if len(leaves) < int(head["size"]) or merkle.root(leaves).hex() != head["root"]:
-            return f"{path}: the parent ledger's first {head['size']} entries no longer match the certified head"
-    if certificate["mode"] == "noop":
-        return None
+            return f"{path}: the {what} ledger {run}'s first {head['size']} entries no longer match the certified head"
+    return None
+
+
+def _run_problem(path: Path, run: Path, ledger_head: dict[str, Any], weights: str,
+                 starts_from: dict[str, Any] | None, key: PublicKey) -> str | None:
+    """A run the deletion wrote: its ledger verifies, ends in the certified head, holds the certified weights
+    and (``starts_from``) links that parent head."""
     if not ledger_path(run).is_file():
-        return f"{path}: the run has no ledger"
+        return f"{path}: the run {run} has no ledger"
     report = verify_ledger(run, key)
     if not report.ok:
-        return f"{path}: the run's ledger does not verify ({report.problem})"
+        return f"{path}: the run {run}'s ledger does not verify ({report.problem})"
     genesis, _, heads = ledger_entries(run)
-    if (genesis.get("parent") or {}).get("head") != head:
+    if starts_from is not None and (genesis.get("parent") or {}).get("head") != starts_from:
         return f"{path}: the run's ledger does not start from the certified parent head"
-    if not heads or heads[-1].root.hex() != certificate["ledger_head"]["root"] or heads[-1].size != certificate["ledger_head"]["size"]:
-        return f"{path}: the run's last signed tree head is not the certified one"
+    if not heads or heads[-1].root.hex() != ledger_head["root"] or heads[-1].size != ledger_head["size"]:
+        return f"{path}: the last signed tree head of {run} is not the certified one"
     from smalti.governance.deletion import _latest, _load, weights_sha256  # torch: only for a certificate's weights
 
-    final = _load(_latest(run))["model"]
-    if weights_sha256(final) != certificate["final_weights_sha256"]:
-        return f"{path}: the final weights do not match the certified hash"
+    if weights_sha256(_load(_latest(run))["model"]) != weights:
+        return f"{path}: the final weights of {run} do not match the certified hash"
     return None

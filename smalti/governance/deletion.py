@@ -303,15 +303,23 @@ def _prepare_out(out: Path) -> None:
 
 def forget(parent: str | Path, node: str, out: str | Path, key: SigningKey, mode: str = "exact",
            reset: str = "initial", max_eval_samples: int | None = None) -> dict[str, Any]:
-    """Forget ``node`` from the run in ``parent`` into the new run directory ``out``; returns the certificate."""
-    plan = plan_deletion(parent, node)
+    """Forget ``node`` from the run in ``parent`` into the new run directory ``out``; returns the certificate.
+
+    Where an ancestor of ``parent`` learned the class, the deletion crosses the lineage
+    (``smalti.governance.lineage_deletion``)."""
+    from smalti.governance.lineage_deletion import forget_through_lineage, plan_through_lineage
+
     parent, out = Path(parent), Path(out)
+    if mode not in ("exact", "ablate"):
+        raise DeletionError(f"--mode {mode!r}: choose exact or ablate")
+    through = plan_through_lineage(parent, node)
+    if through is not None:
+        return forget_through_lineage(through, out, key, mode, reset, max_eval_samples)
+    plan = plan_deletion(parent, node)
     parent_final = _final_head(parent)
     if key.public.key_id != parent_final["key_id"]:
         raise DeletionError(f"the signing key {key.public.key_id} is not the parent run's trainer key "
                             f"{parent_final['key_id']}")
-    if mode not in ("exact", "ablate"):
-        raise DeletionError(f"--mode {mode!r}: choose exact or ablate")
     parent_payload = _load(_latest(parent))
     if mode == "ablate":
         if not plan.confined:
@@ -375,7 +383,39 @@ def _replay(plan: DeletionPlan, out: Path, key: SigningKey,
     return certificate, final
 
 
-def _ablate(plan: DeletionPlan, out: Path, key: SigningKey, reset: str, parent_final: dict[str, Any]) -> dict[str, Any]:
+def ablation_evidence(run: Path, node: str, confined: list[str]) -> dict[str, Any]:
+    """What the run's ledger shows about ``node`` and its confined parameters; refuses unless the class's
+    gradient reached only the layers holding them and no other class's gradient reached those layers."""
+    genesis, steps, _ = ledger_entries(run)
+    layer_names = [layer["name"] for layer in genesis["layers"]]
+    layer_of = {p: layer["name"] for layer in genesis["layers"] for p in layer["parameters"]}
+    confined_layers = sorted({layer_of[p] for p in confined if p in layer_of})
+    if not confined_layers:
+        raise DeletionError(f"cannot ablate {node!r}: {run} has none of the parameters confining it; use --mode exact")
+    touched, intruders, steps_with = set(), set(), []
+    for entry in steps:
+        for signature, cells in entry["contributions"].items():
+            layers = {layer_names[cell[0]] for cell in cells}
+            if _covered(node, signature):
+                touched |= layers
+                steps_with.append(entry["step"])
+            elif layers & set(confined_layers):
+                intruders.add(signature)
+    outside = sorted(touched - set(confined_layers))
+    if outside or intruders:
+        raise DeletionError(
+            f"cannot ablate {node!r}: {run}'s ledger shows its gradient in {', '.join(outside) or 'no other layer'} "
+            f"and other classes in its layers ({', '.join(sorted(intruders)) or 'none'}); use --mode exact")
+    return {"layers_with_class_gradient": sorted(touched), "confined_layers": confined_layers,
+            "steps_with_class_gradient": len(steps_with), "other_classes_in_confined_layers": [],
+            "steps_checked": len(steps)}
+
+
+def _ablate(plan: DeletionPlan, out: Path, key: SigningKey, reset: str, parent_final: dict[str, Any],
+            initial_from: Path | None = None, evidence: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Reset ``plan.confined`` in the parent's final weights. ``initial_from``: the run whose initial weights
+    ``--reset initial`` restores (through a lineage: where the adapter was born); ``evidence``: the ledger
+    checks, when the caller made them over a whole chain."""
     from smalti.build import build_data, build_model_for
     from smalti.checkpoint import CheckpointStore, checkpoint_name
     from smalti.config import load_recipe
@@ -387,34 +427,23 @@ def _ablate(plan: DeletionPlan, out: Path, key: SigningKey, reset: str, parent_f
 
     if reset not in ("initial", "zero"):
         raise DeletionError(f"--reset {reset!r}: choose initial or zero")
-    genesis, steps, _ = ledger_entries(plan.parent)
-    layer_names = [layer["name"] for layer in genesis["layers"]]
-    layer_of = {p: layer["name"] for layer in genesis["layers"] for p in layer["parameters"]}
-    confined_layers = sorted({layer_of[p] for p in plan.confined if p in layer_of})
-    touched, intruders, steps_with = set(), set(), []
-    for entry in steps:
-        for signature, cells in entry["contributions"].items():
-            layers = {layer_names[cell[0]] for cell in cells}
-            if _covered(plan.node, signature):
-                touched |= layers
-                steps_with.append(entry["step"])
-            elif layers & set(confined_layers):
-                intruders.add(signature)
-    outside = sorted(touched - set(confined_layers))
-    if outside or intruders:
-        raise DeletionError(
-            f"cannot ablate {plan.node!r}: the ledger shows its gradient in {', '.join(outside) or 'no other layer'} "
-            f"and other classes in its layers ({', '.join(sorted(intruders)) or 'none'}); use --mode exact")
+    genesis = ledger_entries(plan.parent, tables=False)[0]
+    evidence = evidence or ablation_evidence(plan.parent, plan.node, plan.confined)
+
+    def initial_model(run: Path) -> torch.nn.Module:
+        recipe = load_recipe(run / "recipe.yaml")
+        seed_everything(recipe.seed)
+        data = build_data(recipe, DistInfo())
+        try:
+            return build_model_for(recipe, data)
+        finally:
+            _close(data)
 
     latest = _latest(plan.parent)
     payload = _load(latest)
     recipe_path = plan.parent / "recipe.yaml"
-    recipe = load_recipe(recipe_path)
-    seed_everything(recipe.seed)  # the run's initial model: its initial weights and its optimizer's layout
-    data = build_data(recipe, DistInfo())
-    built = build_model_for(recipe, data)
-    _close(data)
-    initial = built.state_dict()
+    built = initial_model(plan.parent)  # the run's optimizer layout (and, by default, its initial weights)
+    initial = (built if initial_from is None else initial_model(initial_from)).state_dict()
     model = payload["model"]
     for name in plan.confined:
         model[name] = initial[name].clone() if reset == "initial" else torch.zeros_like(model[name])
@@ -428,7 +457,7 @@ def _ablate(plan: DeletionPlan, out: Path, key: SigningKey, reset: str, parent_f
     # The new run's ledger: one entry naming the parent head and what was reset, then a final signed head.
     link = _replay_link(plan, parent_final, "ablate", parent_final.get("weights", ""), fork_step=plan.total_steps)
     body = dict(genesis, parent=link.to_json(),
-                ablation={"reset": reset, "parameters": plan.confined, "layers": confined_layers})
+                ablation={"reset": reset, "parameters": plan.confined, "layers": evidence["confined_layers"]})
     data_bytes = encode_entry(0, ZERO_HASH, body)
     leaf = merkle.leaf_hash(data_bytes)
     store = LedgerStore(ledger_path(out), create=True)
@@ -456,9 +485,7 @@ def _ablate(plan: DeletionPlan, out: Path, key: SigningKey, reset: str, parent_f
         checkpoint={"name": latest.name, "sha256": file_sha256(latest)},
         steps_replayed=0,
         reset={"to": reset, "parameters": plan.confined},
-        evidence={"layers_with_class_gradient": sorted(touched), "confined_layers": confined_layers,
-                  "steps_with_class_gradient": len(steps_with), "other_classes_in_confined_layers": [],
-                  "steps_checked": len(steps)},
+        evidence=evidence,
         limits=ABLATION_LIMIT,
         final_weights_sha256=weights_sha256(model),
         ledger_head=head.to_json(),

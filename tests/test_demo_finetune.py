@@ -1,0 +1,55 @@
+"""`make demo-finetune` end to end, as a user runs it: the Makefile's own steps, with shorter training.
+
+The demo's recipes are copied with their durations cut (the steps, keys, tokenizer, dataset, policy,
+lineage, audits and both deletions are the real ones); everything is written in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+SHORTER = {"finetune-base.yaml": {"train": {"max_duration": "24ba"}, "eval": {"interval": "24ba", "max_samples": 64},
+                                  "checkpoint": {"interval": "12ba"}},
+           "finetune-tragedies.yaml": {"train": {"max_duration": "16ba"}, "eval": {"interval": "16ba", "max_samples": 64},
+                                       "checkpoint": {"interval": "8ba"}}}
+
+
+def test_make_demo_finetune_runs_every_step(tmp_path):
+    (tmp_path / "recipes" / "governance").mkdir(parents=True)
+    for name, changes in SHORTER.items():
+        recipe = yaml.safe_load((REPO / "recipes" / name).read_text())
+        for section, values in changes.items():
+            recipe[section].update(values)
+        (tmp_path / "recipes" / name).write_text(yaml.safe_dump(recipe))
+    policy = "governance/finetune-policy.yaml"
+    (tmp_path / "recipes" / policy).write_text((REPO / "recipes" / policy).read_text())
+    for shared in ("data", "pyproject.toml", "constraints.txt"):  # the same files: make sees the install as done
+        (tmp_path / shared).symlink_to(REPO / shared)
+    venv = Path(sys.executable).parent.parent
+    done = subprocess.run(["make", "-f", str(REPO / "Makefile"), "-C", str(tmp_path), "demo-finetune",
+                           f"VENV={venv}"], capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert "pip install" not in out  # nothing was installed into the test's environment
+    assert "lineage OK: demo-finetune/tragedies <- " in out and "demo-finetune/base (init)" in out
+    assert "inherited from " in out and "gutenberg/comedy/twelfth_night: 0 examples in no step" in out
+    assert "forgot gutenberg/tragedy/hamlet (ablate)" in out and "forgot gutenberg/tragedy/macbeth (exact)" in out
+    assert out.count("deletion certificate OK") == 2
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    export = tmp_path / "demo-finetune" / "export"
+    model = AutoModelForCausalLM.from_pretrained(export)
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    assert model.config.model_type == "llama" and model.config.vocab_size >= len(tokenizer)
+    assert (export / "adapters").is_dir()
