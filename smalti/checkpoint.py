@@ -182,7 +182,6 @@ def load_checkpoint(location: str | Path) -> dict[str, Any]:
     return payload
 
 
-
 def weights_sha256(state: dict[str, torch.Tensor]) -> str:
     """A layout-independent hash of model weights: names, dtypes, shapes and bytes, in name order.
 
@@ -193,7 +192,7 @@ def weights_sha256(state: dict[str, torch.Tensor]) -> str:
     for name in sorted(state):
         tensor = state[name].detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")  # 0-dim too
     return digest.hexdigest()
 
 

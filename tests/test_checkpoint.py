@@ -115,3 +115,14 @@ def test_ctrl_c_during_a_save_finishes_the_checkpoint_then_interrupts(tmp_path, 
     assert sent and store.latest() == tmp_path / "ep0-ba2.pt"
     assert torch.equal(load_checkpoint(store.latest())["weights"], torch.arange(1000.0))
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_the_weights_digest_covers_every_tensor_including_scalar_buffers():
+    """A 0-dim integer buffer (BatchNorm's num_batches_tracked, an algorithm's counter) broke the digest."""
+    from smalti.checkpoint import weights_sha256
+
+    state = {"w": torch.ones(2, 3), "count": torch.tensor(7), "flag": torch.tensor([True, False])}
+    digest = weights_sha256(state)
+    assert digest == weights_sha256({name: state[name].clone() for name in reversed(list(state))})  # name order
+    assert digest != weights_sha256({**state, "count": torch.tensor(8)})
+    assert digest != weights_sha256({**state, "w": torch.ones(3, 2)})  # the same bytes in another shape
