@@ -225,6 +225,25 @@ def governed_shakespeare(root: Path, shard_examples: int = 20_000, seq_len: int 
     return Governed(root, path, keys / "data-governance.pub", root / "dataset", keys / "model-risk.key")
 
 
+def torchrun_workers(agent: int) -> dict[int, int]:
+    """A torchrun agent's worker processes by rank, read from their environment (as torchrun set it)."""
+    found = {}
+    for task in Path(f"/proc/{agent}/task").iterdir():
+        try:  # the agent's threads come and go
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for pid in children:
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:  # gone already
+                continue
+            variables = dict(item.split(b"=", 1) for item in environ if b"=" in item)
+            if b"RANK" in variables:
+                found[int(variables[b"RANK"])] = int(pid)
+    return found
+
+
 def machine() -> dict[str, Any]:
     """What the numbers were measured on; ``gpu`` names the CUDA device where one is visible."""
     facts: dict[str, Any] = {

@@ -39,9 +39,33 @@ def init_distributed(device_type: str) -> DistInfo:
     owns = not dist.is_initialized()
     if owns:
         backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=10))
+        timeout = datetime.timedelta(minutes=10)
+        store = _restart_store(world_size, timeout)
+        if store is None:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=int(os.environ["RANK"]),
+                                    world_size=world_size, timeout=timeout)
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
                     local_rank=int(os.environ.get("LOCAL_RANK", "0")), owns_group=owns)
+
+
+def _restart_store(world_size: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """The agent's store, under a prefix of its own for each restart of the worker group.
+
+    Under ``torchrun --max-restarts`` with the c10d rendezvous, every worker connects to its agent's
+    TCPStore, and torch keeps that store across restarts (``torch.distributed.rendezvous`` assumes a
+    new store per retry and adds no prefix). The restarted workers then read the addresses the dead
+    ones published, and gloo's connectFullMesh fails with "Connection refused" until the restarts run
+    out (seen with torch 2.13). Keys under ``smalti/restart-N`` are the current group's only. None:
+    not a restart-capable torchelastic worker (the usual ``env://`` initialisation applies).
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"smalti/restart-{restart}", agent_store)
 
 
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -137,3 +137,9 @@ def test_hf_governance_overhead_reports_both_ratios():
     result = _run("hf_governance_overhead.py", "--steps", "3", "--runs", "1")
     assert result["benchmark"] == "hf_governance_overhead" and result["tokens_per_step"] >= 8192
     assert result["ratio"] > 0 and result["ratio_lora_mixed"] > 0 and result["lora_adapters"] == 4
+
+
+def test_elastic_recovery_reports_recovery_time_and_steps_lost():
+    result = _run("elastic_recovery.py", "--kills", "1", "--checkpoint-every", "10")
+    assert result["benchmark"] == "elastic_recovery" and 0 < result["recovery_s"] < 120
+    assert 0 <= result["steps_lost"] <= 10 and len(result["per_kill_recovery_s"]) == 1

@@ -33,7 +33,9 @@ class JSONLLogger(LoggerDestination):
             self.path.touch()
             with open(self.path, "r+b") as raw:
                 raw.truncate(self._offset)
-            self._handle = open(self.path, "a", encoding="utf-8")
+            # Line-buffered: each record reaches the file as it is logged (`tail -f` follows a run live;
+            # a killed process loses no line it logged), at one write per record.
+            self._handle = open(self.path, "a", encoding="utf-8", buffering=1)
         return self._handle
 
     def log_metrics(self, metrics: Mapping[str, float], timestamp: Timestamp) -> None:
