@@ -211,9 +211,13 @@ class ShardContent:
 
 
 def _read(source: bytes | Path, columns: list[str] | None) -> pa.Table:
+    """Decoded on the calling thread (``use_threads=False``): a shard is small, loading already runs on
+    Smalti's own prefetch thread, and Arrow's global thread pool, once started, can abort the process
+    at exit ("terminate called without an active exception", apache/arrow#34314; seen once in CI after
+    ``smalti audit``)."""
     if isinstance(source, Path):
-        return pq.read_table(source, columns=columns, memory_map=True)
-    return pq.read_table(io.BytesIO(source), columns=columns)
+        return pq.read_table(source, columns=columns, memory_map=True, use_threads=False)
+    return pq.read_table(io.BytesIO(source), columns=columns, use_threads=False)
 
 
 SHARD_COLUMNS = ("id", "class", "tokens", "content_sha256")
