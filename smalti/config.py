@@ -164,7 +164,8 @@ class DataConfig(Section):
     taxonomy: Path | None = Field(None, description="signed taxonomy the dataset was tagged under")
     trust: Path | None = Field(None, description="public key of the data-governance authority (the trust anchor)")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="passed to fsspec (e.g. endpoint_url)")
-    cache_dir: Path = Field(Path("~/.cache/smalti/shards"), description="local cache for remote shards")
+    cache_dir: Path = Field(Path("~/.cache/smalti/shards"), validate_default=True,  # the default is expanded too
+                            description="local cache for remote shards")
     cache_limit: int = Field(10 * 10**9, gt=0, description="cache size limit, e.g. '10GB'")
     verify: Literal["eager", "lazy"] = Field("eager", description="eager: check every shard before training")
     memory_shards: int = Field(8, ge=2, description="decoded shards kept in memory per process (at least 2)")

@@ -89,3 +89,11 @@ def test_fingerprint_ignores_only_listed_keys(tmp_path, tiny_corpus):
     longer = load_recipe(write_recipe(tmp_path / "b.yaml", tiny_recipe(tiny_corpus, train={"max_duration": "99ba"})))
     assert base.fingerprint() != longer.fingerprint()
     assert base.fingerprint(ignore=("train.max_duration",)) == longer.fingerprint(ignore=("train.max_duration",))
+
+
+def test_the_default_shard_cache_is_in_the_home_folder_not_a_folder_named_tilde():
+    """The unvalidated default stayed Path('~/...'): runs wrote a literal ./~/.cache in the working directory."""
+    from smalti.config import Recipe
+
+    cache = Recipe.model_validate({}).data.cache_dir
+    assert cache == Path.home() / ".cache" / "smalti" / "shards" and "~" not in cache.parts
