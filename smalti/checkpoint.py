@@ -4,6 +4,7 @@ Layout of ``RUN_DIR/checkpoints/``::
 
     ep0-ba500.pt          a checkpoint (torch.save of a dict of plain types and tensors)
     ep0-ba500.pt.sha256   its sha256, written after it
+    ep0-ba500.dcp/        an FSDP2 run's sharded checkpoint instead (``smalti.sharded_checkpoint``)
     latest                the name of the newest complete checkpoint
 
 A checkpoint is first written to a temporary file in the same folder, flushed
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import shutil
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -30,7 +32,7 @@ from smalti.interrupts import interrupts_deferred
 from smalti.io import atomic_write_bytes, atomic_writer
 
 LATEST = "latest"
-_NAME = re.compile(r"^ep(\d+)-ba(\d+)\.pt$")
+_NAME = re.compile(r"^ep(\d+)-ba(\d+)\.(pt|dcp)$")
 
 
 class _HashingWriter(io.RawIOBase):
@@ -48,8 +50,8 @@ class _HashingWriter(io.RawIOBase):
         return self._handle.write(data)
 
 
-def checkpoint_name(epoch: int, batch: int) -> str:
-    return f"ep{epoch}-ba{batch}.pt"
+def checkpoint_name(epoch: int, batch: int, sharded: bool = False) -> str:
+    return f"ep{epoch}-ba{batch}.{'dcp' if sharded else 'pt'}"
 
 
 class CheckpointStore:
@@ -64,7 +66,10 @@ class CheckpointStore:
         removed = []
         if self.directory.is_dir():
             for leftover in self.directory.glob(".*.tmp"):
-                leftover.unlink(missing_ok=True)
+                if leftover.is_dir():  # a sharded checkpoint some rank was still writing
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
                 removed.append(leftover)
         return removed
 
@@ -74,7 +79,7 @@ class CheckpointStore:
             return []
         return sorted((path for path in self.directory.iterdir() if _NAME.match(path.name)), key=_order)
 
-    def newest_intact(self) -> tuple[Path, dict[str, Any], list[str]] | None:
+    def newest_intact(self, tensors: bool = True) -> tuple[Path, dict[str, Any], list[str]] | None:
         """The newest checkpoint that loads, and why each newer one did not (None: the folder has none).
 
         ``latest`` first; if it is missing, truncated or fails its hash, the next older ones, so a
@@ -93,7 +98,7 @@ class CheckpointStore:
         newest_first += [p for p in reversed(found) if p != pointed and (pointed is None or _order(p) < _order(pointed))]
         for path in newest_first:
             try:
-                return path, load_checkpoint(path), problems
+                return path, load_checkpoint(path, tensors=tensors), problems
             except CheckpointCorrupt as error:
                 problems.append(str(error))
         raise CheckpointError(f"{self.directory}: no intact checkpoint ({'; '.join(problems)}); move the folder "
@@ -105,7 +110,7 @@ class CheckpointStore:
             return None
         name = pointer.read_text(encoding="utf-8").strip()
         path = self.directory / name
-        if not _NAME.match(name) or not path.is_file():
+        if not _NAME.match(name) or not path.exists():
             raise CheckpointError(f"{pointer}: points at '{name}', which is not a checkpoint in {self.directory}")
         return path
 
@@ -124,10 +129,26 @@ class CheckpointStore:
             self._prune()
         return path
 
+    def commit(self, temporary: Path, name: str, keep_always: bool = False) -> Path:
+        """Put a sharded checkpoint every rank has finished writing into place, then move ``latest``."""
+        path = self.directory / name
+        with interrupts_deferred():
+            temporary.rename(path)
+            sums = hashlib.sha256((path / "SHA256SUMS").read_bytes()).hexdigest()
+            atomic_write_bytes(self.directory / f"{name}.sha256", f"{sums}  {name}/SHA256SUMS\n".encode())
+            if keep_always:
+                atomic_write_bytes(self.directory / f"{name}.keep", b"")
+            atomic_write_bytes(self.directory / LATEST, f"{name}\n".encode())
+            self._prune()
+        return path
+
     def _prune(self) -> None:
         found = [path for path in self.all() if not path.with_name(path.name + ".keep").exists()]
         for path in found[: max(0, len(found) - self.keep)]:
-            path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
             path.with_name(path.name + ".sha256").unlink(missing_ok=True)
 
 
@@ -144,14 +165,31 @@ def _expected_digest(path: Path) -> str | None:
     return sidecar.read_text(encoding="utf-8").split()[0]
 
 
-def load_checkpoint(location: str | Path) -> dict[str, Any]:
+def load_checkpoint(location: str | Path, tensors: bool = True) -> dict[str, Any]:
     """Load a checkpoint from a local path or any fsspec URL (``s3://``, ``http://``, ``file://``).
 
     Local checkpoints written by Smalti are checked against their sha256
-    first, so a flipped byte is reported instead of silently loaded.
+    first, so a flipped byte is reported instead of silently loaded. A sharded
+    checkpoint (a local folder) gives the same payload with whole tensors, or
+    without ``model``/``optimizer`` when ``tensors`` is false (an FSDP2 run
+    loads its shards itself).
     """
     location = str(location)
     is_local = "://" not in location
+    if is_local and Path(location).is_dir():
+        from smalti import sharded_checkpoint
+
+        try:
+            payload = (sharded_checkpoint.consolidated if tensors else sharded_checkpoint.read_meta)(Path(location))
+        except CheckpointError:
+            raise
+        except Exception as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise CheckpointCorrupt(f"{location}: checkpoint is corrupt or truncated ({reason})") from None
+        problem = formats.format_problem(payload.get("format"), formats.CHECKPOINT, location)
+        if problem:
+            raise CheckpointError(problem)
+        return payload
     try:
         if is_local:
             data = Path(location).read_bytes()

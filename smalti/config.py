@@ -223,8 +223,21 @@ class SchedulerConfig(Section):
     _check_warmup = field_validator("warmup", mode="before")(_time)
 
 
+class FSDPConfig(Section):
+    param_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: parameters all-gathered and computed in bf16, gradients reduced in fp32")
+    cpu_offload: bool = Field(False, description="keep sharded parameters, gradients and optimizer state in CPU "
+                              "memory (GPU runs)")
+    reshard_after_forward: bool = Field(True, description="free each block's gathered parameters after its "
+                                        "forward (gathered again for backward): less memory, more communication")
+
+
 class TrainConfig(Section):
     max_duration: str = "1ep"
+    parallelism: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="under several processes: ddp replicates the model, fsdp shards it with FSDP2 "
+        "(fully_shard per transformer block and the root) and checkpoints with torch.distributed.checkpoint")
+    fsdp: FSDPConfig = FSDPConfig()
     global_batch_size: int = Field(32, ge=1, description="samples per optimizer step, summed over ranks")
     microbatch_size: int | None = Field(None, ge=1, description="samples per forward/backward on one rank")
     precision: Literal["fp32", "amp_bf16", "amp_fp16"] = "fp32"

@@ -74,6 +74,14 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max(value: int, info: DistInfo) -> int:
+    if not info.enabled:
+        return value
+    box = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return int(box[0])
+
+
 def all_gather_object(obj: Any, info: DistInfo) -> list[Any]:
     if not info.enabled:
         return [obj]

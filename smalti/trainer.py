@@ -21,7 +21,8 @@ import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
-from smalti import distributed
+from smalti import distributed, sharded_checkpoint
+from smalti import fsdp as fsdp_support
 from smalti.algorithms import build_algorithms
 from smalti.build import build_data, build_logger_destinations, build_model_for, resolve_device
 from smalti import formats
@@ -105,6 +106,11 @@ class Trainer:
         # Model surgery, in its fixed order, before anything else holds the parameters (smalti/core/surgery.py).
         self.model = apply_surgery(model or build_model_for(recipe, self.data, surgery=False),
                                    self.algorithms).to(self.device)
+        # FSDP2 shards the model before anything holds its parameters (the optimizer, the router).
+        self._fsdp = recipe.train.parallelism == "fsdp"
+        self._owns_fsdp_group = self._fsdp and fsdp_support.process_group_for_fsdp(self.dist, self.device)
+        if self._fsdp:
+            fsdp_support.shard_model(self.model, self.device, fsdp_support.FSDPOptions(**recipe.train.fsdp.model_dump()))
         # ...then a per-rank stream for dropout and anything else random in the loop.
         seed_everything(recipe.seed + self.dist.rank)
 
@@ -127,6 +133,15 @@ class Trainer:
         # run directory is made, so a refused run leaves nothing behind.
         self.policy, self.router = self._build_router()
         self.state.router = self.router
+        if self._fsdp and self.router is not None:
+            if recipe.train.fsdp.param_dtype != "fp32":
+                raise RecipeError("train.fsdp.param_dtype bf16 cannot run with a routing policy or the ledger (they "
+                                  "read each microbatch's fp32 gradients); use train.precision: amp_bf16 instead")
+            # Governed: the router reduces once per step (smalti/fsdp.py). A routed backward pass stops below the
+            # lowest parameter its examples may update, so ranks would all-gather different blocks in backward:
+            # blocks stay gathered from forward to backward instead, and backward has no collective at all.
+            self.model.set_requires_gradient_sync(False)
+            self.model.set_reshard_after_forward(False)
         self._check_algorithms()
         ledger_key = self._ledger_key()
         self.checkpoints = CheckpointStore(self.run_dir / "checkpoints", keep=recipe.checkpoint.keep)
@@ -148,7 +163,7 @@ class Trainer:
         # the model; algorithms and checkpoints always see the plain module in ``state.model``.
         self._ddp: DistributedDataParallel | None = None
         self._forward_model: torch.nn.Module = self.model
-        if self.dist.enabled:
+        if self.dist.enabled and not self._fsdp:
             self._ddp = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
@@ -250,6 +265,8 @@ class Trainer:
         if self.dist.enabled:  # the reducer, in a reference cycle, must go before the group
             gc.collect()
         distributed.shutdown(self.dist)
+        if self._owns_fsdp_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
     # ------------------------------------------------------------------ the loop
 
@@ -344,6 +361,7 @@ class Trainer:
             microbatches = [part for microbatch in microbatches for part in (
                 microbatch.split_by_signature() if router.must_split(microbatch.provenance, state.timestamp.batch)
                 else (microbatch,))]
+        self._lockstep_forwards(len(microbatches), full_batch.inputs[:1])
         for index, microbatch in enumerate(microbatches):
             state.batch = microbatch
             is_last = index == len(microbatches) - 1
@@ -364,14 +382,16 @@ class Trainer:
                     scaled = self.scaler.scale(scaled) if self.scaler else scaled
                     if plan is None:
                         scaled.backward()
-                    elif ledger is not None and plan.inputs:  # [ledger] this signature's gradient, kept apart
+                    elif ledger is not None and plan.input_indices:  # [ledger] this signature's gradient, kept apart
                         ledger.backward(scaled, plan, state.batch)
-                    elif plan.inputs:  # only routed parameters receive (or even compute) a gradient
+                    elif plan.input_indices:  # only routed parameters receive (or even compute) a gradient
                         routed_backward(scaled, plan)
                     engine.run(Event.AFTER_BACKWARD)
                 finally:
                     if router is not None:
                         router.end_microbatch()
+                        if self._fsdp:  # a pass with nothing to learn ran no backward: free what it gathered
+                            fsdp_support.reshard_all(self.model)
             total_loss += state.loss.detach()
         state.batch, state.outputs, state.loss = full_batch, None, None
         if router is not None:
@@ -411,9 +431,29 @@ class Trainer:
         total = distributed.all_reduce_sum(local_loss_sum.clone(), self.dist)
         return float(total / loss_units)
 
+    def _lockstep_forwards(self, count: int, sample: torch.Tensor) -> None:
+        """Under FSDP2 every forward pass all-gathers, so every rank must run as many as the others. A routed
+        step splits microbatches by signature, and ranks hold different classes: a rank with fewer passes
+        runs the difference first, on one row without gradients, in eval mode (no dropout draws)."""
+        if not (self._fsdp and self.dist.enabled):
+            return
+        missing = distributed.all_reduce_max(count, self.dist) - count
+        if missing:
+            was_training = self.model.training
+            self.model.eval()
+            with torch.no_grad():
+                for _ in range(missing):
+                    self._forward_model(sample)
+                    fsdp_support.reshard_all(self.model)  # as a backward pass would (blocks stay gathered otherwise)
+            self.model.train(was_training)
+
     def _no_sync_unless(self, sync: bool) -> contextlib.AbstractContextManager:
         """Under DDP, all-reduce gradients only on the last microbatch of a step (never when routing:
-        the router all-reduces the routed gradients itself)."""
+        the router all-reduces the routed gradients itself); FSDP2 likewise reduce-scatters on the last one."""
+        if self._fsdp:
+            if self.router is None:
+                self.model.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
         if (sync and self.router is None) or self._ddp is None:
             return contextlib.nullcontext()
         return self._ddp.no_sync()
@@ -443,9 +483,11 @@ class Trainer:
         classifier = hasattr(self.model, "accuracy_counts")
         by_class = ClassLosses(len(self.data.class_names), self.device)  # every row has a class: they sum to all
         correct = torch.zeros(1, dtype=torch.float64, device=self.device)
-        batches = self.data.eval_batches(
+        batches = list(self.data.eval_batches(
             self.recipe.eval.batch_size, self.recipe.eval.max_samples, self.dist.rank, self.dist.world_size
-        )
+        ))
+        if batches:
+            self._lockstep_forwards(len(batches), batches[0].inputs[:1].to(self.device))
         for batch in batches:
             classes = batch.provenance[:, 0]
             batch = batch.to(self.device)
@@ -476,6 +518,12 @@ class Trainer:
         if self._checkpointed_at == state.timestamp:
             return
         rng_states = distributed.all_gather_object(capture_rng_state(), self.dist)
+        # Under FSDP2 these are collectives: every rank takes part, rank 0 gets the results.
+        recorder = self.ledger.state_dict() if self.ledger is not None else None
+        whole = self._whole_weights() if self.ledger is not None else None
+        weights = weights_sha256(whole) if whole is not None and self.dist.is_main else ""
+        name = checkpoint_name(state.timestamp.epoch, state.timestamp.batch, sharded=self._fsdp)
+        payload = None
         if self.dist.is_main:
             position = self.data.sampler.position(state.timestamp.epoch, state.timestamp.batch_in_epoch)
             payload = {
@@ -483,8 +531,6 @@ class Trainer:
                 "recipe": self.recipe.to_dict(),
                 "recipe_fingerprint": self.recipe.fingerprint(ignore=RESUMABLE_CHANGES),
                 "timestamp": state.timestamp.state_dict(),
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.schedule.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "rng": rng_states,
@@ -502,14 +548,28 @@ class Trainer:
                 "surgery": applied_surgery(self.model),
                 "callbacks": {type(c).__name__: c.state_dict() for c in self.engine.callbacks},
                 "ledger": None if self.ledger is None else {
-                    "head": self.ledger.sign(final=state.is_done, weights=weights_sha256(self.model.state_dict())),
-                    "recorder": self.ledger.state_dict()},
+                    "head": self.ledger.sign(final=state.is_done, weights=weights), "recorder": recorder},
             }
-            name = checkpoint_name(state.timestamp.epoch, state.timestamp.batch)
+        if self._fsdp:  # every rank writes its shards (smalti/sharded_checkpoint.py); rank 0 commits
+            temporary = sharded_checkpoint.save(self.checkpoints.directory, name, self.model, self.optimizer, payload,
+                                                self.dist.is_main, lambda: distributed.barrier(self.dist))
+            distributed.barrier(self.dist)
+            if temporary is not None:
+                self._last_checkpoint = self.checkpoints.commit(temporary, name, keep_always=keep_always)
+        elif payload is not None:
+            payload.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict())
             self._last_checkpoint = self.checkpoints.save(payload, name, keep_always=keep_always)
         distributed.barrier(self.dist)
         self._checkpointed_at = state.timestamp
         self.engine.run(event)
+
+    def _whole_weights(self) -> dict[str, torch.Tensor]:
+        """The model's whole weights (under FSDP2 gathered to rank 0's CPU: a collective; other ranks get {})."""
+        if not self._fsdp:
+            return self.model.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def _resume(self) -> Timestamp | None:
         """Autoresume from the run directory, else start from ``checkpoint.load_path`` if set."""
@@ -518,7 +578,7 @@ class Trainer:
             self.checkpoints.remove_partial_writes()
         # The newest checkpoint that loads: a damaged latest one costs the steps since the one before, and
         # the run still ends as it would have (every later step is replayed from that state).
-        found = self.checkpoints.newest_intact() if config.autoresume else None
+        found = self.checkpoints.newest_intact(tensors=not self._fsdp) if config.autoresume else None
         latest = found[0] if found is not None else None
         if found is not None and found[2] and self.dist.is_main:
             print(f"smalti: {'; '.join(found[2])}; resuming from {latest.name}, the newest intact checkpoint",
@@ -532,7 +592,7 @@ class Trainer:
             forked = link is not None and (payload.get("ledger") or {}).get("head") == link.head
             self._check_same_recipe(payload, latest, also_allowed=REPLAY_CHANGES if forked else ())
         elif config.load_path:
-            payload = load_checkpoint(config.load_path)
+            payload = load_checkpoint(config.load_path, tensors=not self._fsdp)
         else:
             # A fine-tune starts from its parent's final weights, and only those.
             inherited = self._load_parent_weights() if self._parent is not None else None
@@ -566,8 +626,14 @@ class Trainer:
         if latest is not None and payload.get("policy_fingerprint") != (self.policy.fingerprint if self.policy else None):
             raise CheckpointError(f"{where}: trained under another routing policy (or none); use another --run-dir")
         try:
-            self.model.load_state_dict(payload["model"])
-            self.optimizer.load_state_dict(payload["optimizer"])
+            if self._fsdp:  # every rank reads its own shards, resharded to this world size by DCP
+                if not Path(str(where)).is_dir():
+                    raise CheckpointError(f"{where}: a single-file checkpoint; a train.parallelism fsdp run loads "
+                                          "sharded (.dcp) checkpoints (train it with ddp, or start a new run)")
+                sharded_checkpoint.load_into(Path(str(where)), self.model, self.optimizer)
+            else:
+                self.model.load_state_dict(payload["model"])
+                self.optimizer.load_state_dict(payload["optimizer"])
         except (RuntimeError, ValueError, KeyError) as error:
             reason = str(error).splitlines()[0]
             raise CheckpointError(f"{where}: does not fit this model/optimizer ({reason})") from None

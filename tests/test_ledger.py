@@ -640,13 +640,14 @@ def test_gradients_autograd_returns_for_several_parameters_are_copied_not_shared
 
     model = Pair()
     params = [model.a, model.b]
-    recorder = ContributionRecorder(SimpleNamespace(model=model, params=params, names=["a", "b"]))
+    recorder = ContributionRecorder(SimpleNamespace(model=model, params=params, names=["a", "b"], sharded=False,
+                                                    autograd_params=lambda: params))
     inputs = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, -1.0, 4.0]), torch.tensor([2.0, 0.0, 1.0])]
     losses = [lambda x: ((model.a + model.b) * x).sum(), lambda x: (model.a + model.b).sum() * x.sum()]
     for loss in losses:
         recorder.start_step()
         for k, x in enumerate(inputs):
-            plan = MicrobatchPlan(rows=1, inputs=params, every_trainable=every_trainable)
+            plan = MicrobatchPlan(rows=1, input_indices=[0, 1], holders=params, every_trainable=every_trainable)
             recorder.backward(loss(x), plan, "first" if k != 1 else "second")
         expected = [torch.autograd.grad(loss(x), params) for x in inputs]
         for i, p in enumerate(params):

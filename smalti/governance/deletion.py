@@ -449,9 +449,11 @@ def _ablate(plan: DeletionPlan, out: Path, key: SigningKey, reset: str, parent_f
         model[name] = initial[name].clone() if reset == "initial" else torch.zeros_like(model[name])
     names = optimizer_parameter_names(built)
     for index, state in payload["optimizer"]["state"].items():  # Adam's moments hold the class's gradients too
-        if isinstance(index, int) and index < len(names) and names[index] in plan.confined:
+        # Keyed by position in the optimizer (a single-file checkpoint) or by name (a sharded one).
+        name = index if isinstance(index, str) else names[index] if isinstance(index, int) and index < len(names) else None
+        if name in plan.confined:
             for k, v in state.items():
-                if isinstance(v, torch.Tensor) and v.shape == model[names[index]].shape:
+                if isinstance(v, torch.Tensor) and v.shape == model[name].shape:
                     state[k] = torch.zeros_like(v)
 
     # The new run's ledger: one entry naming the parent head and what was reset, then a final signed head.

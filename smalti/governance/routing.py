@@ -23,7 +23,9 @@ optimizer skips it: its value and state (moments, step count, weight decay)
 do not move. Clipping works per **cell** of parameters that the same classes
 may update, so one class's gradients never change another cell's clipping.
 Under several processes the router all-reduces the routed gradients itself
-(DDP's hooks assume every rank computes the same parameters' gradients).
+(DDP's hooks assume every rank computes the same parameters' gradients); under
+FSDP2 it reduce-scatters them into the shards (``smalti.fsdp``), and reads the
+unsharded parameters autograd sees from the modules as they run.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from __future__ import annotations
 import bisect
 import types
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -104,16 +106,23 @@ def _functional(module: nn.Module) -> Callable[[nn.Module, torch.Tensor, dict], 
 class Split:
     """How one module runs on a mixed microbatch: row partitions, and the order to put them back in."""
 
-    partitions: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]  # (rows, parameters or their detached copies)
+    partitions: list[tuple[torch.Tensor, dict[str, bool]]]  # (rows, which of the module's parameters they may update)
     restore: torch.Tensor  # position of each original row in the concatenated partition outputs
 
 
 @dataclass
 class MicrobatchPlan:
     rows: int
-    inputs: list[torch.nn.Parameter]
+    input_indices: list[int]  # the router's indices of the parameters some row may update
+    holders: list[torch.Tensor]  # the tensors autograd accumulates into, by index (the router's, kept current)
     splits: dict[nn.Module, Split] = field(default_factory=dict)
     every_trainable: bool = False  # ``inputs`` are all the trainable parameters: no one is denied
+
+    @property
+    def inputs(self) -> list[torch.Tensor]:
+        """What the backward pass differentiates: the parameters themselves, or under FSDP2 the unsharded
+        parameters the modules ran with."""
+        return [self.holders[i] for i in self.input_indices]
 
 
 def routed_backward(loss: torch.Tensor, plan: MicrobatchPlan) -> None:
@@ -156,6 +165,11 @@ class Router:
         self._cells: dict[int, list[list[int]]] = {}
         self._trainable = np.array([p.requires_grad for p in self.params], dtype=bool)
         self.active: MicrobatchPlan | None = None
+        # What autograd accumulates into, per parameter: the parameter itself, or under FSDP2 the unsharded
+        # parameter its module holds while it runs (recorded by a forward pre-hook).
+        self.sharded = any(type(p).__name__ == "DTensor" for p in self.params)
+        self._holders: list[torch.Tensor] = list(self.params)
+        self._hooks: list = []
         self._modules = self._patch_modules()
         # Parameters of modules that cannot be split by rows (see ``must_split``).
         self._unsplittable = np.zeros(len(self.params), dtype=bool)
@@ -295,11 +309,12 @@ class Router:
         if key not in self._plan_cache:
             per_signature = np.stack([self._allowed_for(phase_index, s) for s in signatures])  # [S, P]
             anyone = per_signature.any(axis=0) & self._trainable
-            self._plan_cache[key] = (per_signature, anyone, [p for p, ok in zip(self.params, anyone) if ok],
+            self._plan_cache[key] = (per_signature, anyone, np.flatnonzero(anyone).tolist(),
                                      bool(np.array_equal(anyone, self._trainable)))
-        per_signature, anyone, inputs, every_trainable = self._plan_cache[key]
+        per_signature, anyone, indices, every_trainable = self._plan_cache[key]
         self.step_updated |= anyone
-        plan = MicrobatchPlan(rows=int(provenance.shape[0]), inputs=inputs, every_trainable=every_trainable)
+        plan = MicrobatchPlan(rows=int(provenance.shape[0]), input_indices=indices, holders=self._holders,
+                              every_trainable=every_trainable)
         if len(signatures) > 1:
             mixed = anyone & ~per_signature.all(axis=0)  # allowed for some signatures, not all
             if mixed.any():
@@ -334,8 +349,7 @@ class Router:
         partitions, order = [], []
         for names, indices, pattern, members in groups:
             rows = np.concatenate([rows_of[k] for k in members])
-            params = {n: (self.params[i] if ok else self.params[i].detach()) for n, i, ok in zip(names, indices, pattern)}
-            partitions.append((torch.from_numpy(rows), params))
+            partitions.append((torch.from_numpy(rows), {n: bool(ok) for n, ok in zip(names, pattern)}))
             order.append(rows)
         return Split(partitions=partitions, restore=torch.from_numpy(np.argsort(np.concatenate(order), kind="stable")))
 
@@ -355,6 +369,8 @@ class Router:
                 continue
             found[module] = ([n for n, _ in own], [self._index[id(p)] for _, p in own])
             self._module_names[module] = name or "(model)"
+            if self.sharded:
+                self._hooks.append(module.register_forward_pre_hook(_holder_recorder(self, module, found[module])))
             functional = _functional(module)
             if functional is not None:
                 self._functional[module] = functional
@@ -364,6 +380,13 @@ class Router:
     def close(self) -> None:
         for module in self._functional:
             module.__dict__.pop("forward", None)  # back to the class's forward
+        for hook in self._hooks:
+            hook.remove()
+
+    def autograd_params(self) -> list[torch.Tensor]:
+        """Per parameter, the tensor whose ``.grad`` autograd fills: the parameter, or under FSDP2 the unsharded
+        parameter its module last ran with (None-free once every module has run)."""
+        return self._holders
 
     # ------------------------------------------------------------------ per step
 
@@ -372,7 +395,16 @@ class Router:
 
     def synchronize(self) -> np.ndarray:
         """All ranks agree on what was updated and hold the summed (averaged) routed gradients."""
-        if self.dist.enabled:
+        if self.sharded:  # FSDP2: reduce-scatter exactly the updated parameters' gradients into their shards
+            from smalti.fsdp import ShardedGradients
+
+            flags = torch.from_numpy(self.step_updated.astype(np.int32))
+            distributed.all_reduce_sum(flags, self.dist)
+            self.step_updated = flags.numpy() > 0
+            if not hasattr(self, "_sharded_grads"):
+                self._sharded_grads = ShardedGradients(self.params, self.dist)
+            self._sharded_grads.set_sharded_grads(self.step_updated.tolist(), self._holders)
+        elif self.dist.enabled:
             flags = torch.from_numpy(self.step_updated.astype(np.int32))
             distributed.all_reduce_sum(flags, self.dist)
             self.step_updated = flags.numpy() > 0
@@ -419,7 +451,22 @@ def _routed_forward(router: Router, functional: Callable, original: Callable) ->
                 f"module {router._module_names[module]} must be split by examples but its input has no batch "
                 f"dimension (shape {tuple(x.shape)})"
             )
-        outputs = [functional(module, x.index_select(0, rows), params) for rows, params in split.partitions]
+        current = module._parameters  # under FSDP2, the unsharded parameters while the module runs
+        outputs = [functional(module, x.index_select(0, rows),
+                              {n: current[n] if ok else current[n].detach() for n, ok in allowed.items()})
+                   for rows, allowed in split.partitions]
         return torch.cat(outputs).index_select(0, split.restore)
 
     return forward
+
+
+def _holder_recorder(router: Router, module: nn.Module, owned: tuple[list[str], list[int]]) -> Callable:
+    """A forward pre-hook that records the (unsharded) parameters ``module`` runs with, for ``inputs=``."""
+    names, indices = owned
+
+    def record(_module: nn.Module, _args: Any) -> None:
+        current = module._parameters
+        for name, index in zip(names, indices):
+            router._holders[index] = current[name]
+
+    return record

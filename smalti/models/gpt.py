@@ -169,6 +169,10 @@ class GPT(CausalLMObjective, nn.Module):
     def context_length(self) -> int:
         return self.config.block_size
 
+    def fsdp_blocks(self) -> list[nn.Module]:
+        """What FSDP2 shards one by one (``smalti.fsdp``): the transformer blocks."""
+        return list(self.blocks)
+
     def representation_layers(self) -> dict[str, nn.Module]:
         """Where the ledger's entropy profile looks: the embedding, each block's output, the final norm."""
         return {"tok_emb": self.tok_emb, **{f"blocks.{i}": b for i, b in enumerate(self.blocks)}, "ln_f": self.ln_f}

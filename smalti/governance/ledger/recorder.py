@@ -17,6 +17,15 @@ recording, and costs no more memory traffic than autograd's own
 accumulation; the recorder's only traffic is one copy per microbatch and
 one read of its rows.
 
+**Under FSDP2** the per-signature gradients are those of the unsharded
+parameters the modules ran with (the router's ``autograd_params``). At the
+end of the step every signature's row is reduce-scattered into the
+parameters' dim-0 shards (:class:`smalti.fsdp.ShardedGradients`), each rank
+computes the Gram matrix of its shards, and the ranks sum those partial
+Gram matrices: the statistics come from sharded gradients, and only the
+[L, R, R] matrices travel whole. The update statistics work the same way on
+the parameters' local shards.
+
 The step gradient G is the sum of the signatures' gradients G_s (plus, in
 the rare step where something other than the recorder left a gradient in
 ``.grad``, that gradient, kept in a row of its own). So one per-layer Gram
@@ -70,6 +79,8 @@ class ContributionRecorder:
     def __init__(self, router: Router, dist: DistInfo = DistInfo()) -> None:
         self.router, self.dist = router, dist
         self.params = router.params
+        self.holders = router.autograd_params()  # kept current by the router (the unsharded ones under FSDP2)
+        self.sharded = bool(getattr(router, "sharded", False))
         self.names = router.names
         self._index = {id(p): i for i, p in enumerate(self.params)}
         # A layer is a module with parameters of its own; a tied parameter belongs to its first owner.
@@ -97,8 +108,18 @@ class ContributionRecorder:
         self._touched = np.zeros(len(self.params), dtype=bool)  # .grad holds this step's recorded gradient
         # The parameters after this step and after the previous one (rows 0 and 1 swap roles), this update
         # and the previous one (rows 2 and 3 swap roles).
-        self._updates = torch.zeros(4, self.layout.size, device=device)
-        self._update_views = [self.layout.views(row, self._shapes) for row in self._updates[:2]]
+        # Under FSDP2 the update rows hold this rank's dim-0 shards of the parameters (their own layout).
+        self._shards = None
+        self.update_layout, self._update_shapes = self.layout, self._shapes
+        if self.sharded:
+            from smalti.fsdp import ShardedGradients
+
+            self._shards = ShardedGradients(self.params, dist)
+            self._update_shapes = [p.to_local().shape for p in self.params]
+            self.update_layout = FlatLayout([s.numel() for s in self._update_shapes], layer_of, len(self.layer_names))
+            self.update_layout.layer_order(device)
+        self._updates = torch.zeros(4, self.update_layout.size, device=device)
+        self._update_views = [self.update_layout.views(row, self._update_shapes) for row in self._updates[:2]]
         self._after, self._before, self._current, self._previous = 0, 1, 2, 3
         self._have_before = False  # the "before" row holds the parameters as the coming step starts
         self._inputs_cache: dict[tuple[int, ...], list[int]] = {}
@@ -114,25 +135,22 @@ class ContributionRecorder:
 
     def _take_outside_gradients(self) -> None:
         """Keep every ``.grad`` the recorder has not reached in this step (see :meth:`_take_outside`)."""
-        for i, p in enumerate(self.params):
+        for i, p in enumerate(self.holders):
             if p.grad is not None and not self._touched[i]:
                 self._take_outside(i)
 
     def _take_outside(self, i: int) -> None:
         """Parameter ``i``'s ``.grad``, there before the recorder reached it in this step, was made by something
         else: part of the step gradient but of no signature, it is copied into row 0."""
-        self._row_views[0][i].copy_(self.params[i].grad)
+        self._row_views[0][i].copy_(self.holders[i].grad)
         self._written[0, i] = True
         self._touched[i] = True
 
     def backward(self, loss: torch.Tensor, plan: MicrobatchPlan, signature: str) -> None:
         """Backward for one single-signature microbatch: its gradient is kept apart and added to ``.grad``."""
         grads = _gradients(loss, plan)
-        key = tuple(id(p) for p in plan.inputs)
-        if key not in self._inputs_cache:
-            self._inputs_cache[key] = [self._index[id(p)] for p in plan.inputs]
         indices, fresh = [], []
-        for i, g in zip(self._inputs_cache[key], grads):
+        for i, g in zip(plan.input_indices, grads):
             if g is not None:
                 indices.append(i)
                 fresh.append(g)
@@ -165,7 +183,7 @@ class ContributionRecorder:
         targets, added = [], []
         copied = _must_copy(grads)
         for i, g in zip(indices, grads):
-            p = self.params[i]
+            p = self.holders[i]
             if p.grad is None:
                 p.grad = g.clone(memory_format=torch.contiguous_format) if id(g) in copied else g
             else:
@@ -205,6 +223,8 @@ class ContributionRecorder:
         """The step's signatures and the per-layer Gram matrix [L, R, R] of their rows (preceded by the row of
         gradients from outside the recorder when ``outside``), for :func:`contribution_numbers`. Call after
         gradients are final (summed over ranks, unscaled) and before clipping."""
+        if self.sharded:
+            return self._sharded_gradient_statistics(inv_scale)
         if self.dist.enabled:  # outside gradients of any rank: always reduced, always in the Gram (other
             # ranks' parameters have gradients by now too, so none is taken here: they are not outside)
             self._clean(len(self._signatures) + 1)
@@ -216,10 +236,37 @@ class ContributionRecorder:
             signatures = list(self._signatures)
             outside = bool(self._written[0].any())
             rows = self._rows[0 if outside else 1:len(signatures) + 1]
-        if not self._have_before:  # training starts or resumes here: this is the "before" of the first update
-            torch._foreach_copy_(self._update_views[self._before], [p.detach() for p in self.params])
-            self._have_before = True
+        self._copy_before()
         return signatures, self.layout.gram(rows), outside, inv_scale
+
+    def _sharded_gradient_statistics(self, inv_scale: float) -> tuple[list[str], torch.Tensor, bool, float]:
+        """FSDP2: each row reduce-scattered into dim-0 shards, a Gram matrix of the shards per rank, summed."""
+        assert self._shards is not None
+        self._clean(len(self._signatures) + 1)
+        local = sorted(self._signatures)
+        everyone = sorted({s for part in distributed.all_gather_object(local, self.dist) for s in part})
+        rows = torch.zeros(len(everyone) + 1, self.update_layout.size, device=self._rows.device)
+        everything = list(range(len(self.params)))
+        for k, source in enumerate([0] + [self._signatures.get(s) for s in everyone]):
+            fulls = self._row_views[source] if source is not None else [torch.zeros(s, device=rows.device)
+                                                                        for s in self._shapes]
+            pieces = self._shards.reduce_scatter(everything, fulls)
+            torch._foreach_copy_(self.update_layout.views(rows[k], self._update_shapes), pieces)
+        gram = self.update_layout.gram(rows)
+        distributed.all_reduce_sum(gram, self.dist)
+        self._copy_before()
+        return everyone, gram, True, inv_scale
+
+    def _copy_before(self) -> None:
+        if not self._have_before:  # training starts or resumes here: this is the "before" of the first update
+            torch._foreach_copy_(self._update_views[self._before], self._current_values())
+            self._have_before = True
+
+    def _current_values(self) -> list[torch.Tensor]:
+        """The parameters, or under FSDP2 this rank's shards of them."""
+        if self.sharded:
+            return [p.detach().to_local() for p in self.params]
+        return [p.detach() for p in self.params]
 
     def _all_reduce(self, local: list[str]) -> tuple[list[str], torch.Tensor]:
         """Every rank ends with every signature's global contribution and the global gradient from outside the
@@ -237,10 +284,12 @@ class ContributionRecorder:
     def update_statistics(self) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
         """The per-layer Gram matrix [L, 4, 4] of the parameters after and before the step, this update and the
         previous one, and which row is which, for :func:`update_numbers`."""
-        torch._foreach_copy_(self._update_views[self._after], [p.detach() for p in self.params])
+        torch._foreach_copy_(self._update_views[self._after], self._current_values())
         rows = self._updates
         torch.sub(rows[self._after], rows[self._before], out=rows[self._current])
-        gram = self.layout.gram(rows)
+        gram = self.update_layout.gram(rows)
+        if self.sharded:  # partial sums over this rank's shards
+            distributed.all_reduce_sum(gram, self.dist)
         roles = (self._after, self._before, self._current, self._previous)
         self._after, self._before = self._before, self._after  # this step's "after" is the next one's "before"
         self._current, self._previous = self._previous, self._current  # this update is the next one's previous
@@ -254,19 +303,29 @@ class ContributionRecorder:
     # ---------------------------------------------------------------- resume
 
     def state_dict(self) -> dict:
-        """The previous update, by parameter name (independent of the flat layout)."""
-        previous = self.layout.views(self._updates[self._previous], self._shapes)
-        return {"previous_update": {name: v.cpu().clone() for name, v in zip(self.names, previous)}}
+        """The previous update, by parameter name (independent of the flat layout and of the world size).
+
+        Under FSDP2 every rank must call it: the shards are gathered into whole tensors."""
+        previous = self.update_layout.views(self._updates[self._previous], self._update_shapes)
+        local = {name: v.cpu().clone() for name, v in zip(self.names, previous)}
+        if not self.sharded:
+            return {"previous_update": local}
+        gathered = distributed.all_gather_object(local, self.dist)
+        return {"previous_update": {name: torch.cat([part[name] for part in gathered]) if local[name].dim() else
+                                    local[name] for name in self.names}}
 
     def load_state_dict(self, state: dict) -> None:
         self._have_before = False  # the loaded weights are the next step's "before"
         saved = state.get("previous_update")
         if not isinstance(saved, dict):
             return
-        previous = self.layout.views(self._updates[self._previous], self._shapes)
-        for name, view in zip(self.names, previous):
-            if name in saved and saved[name].shape == view.shape:
-                view.copy_(saved[name].to(view.device))
+        previous = self.update_layout.views(self._updates[self._previous], self._update_shapes)
+        for i, (name, view) in enumerate(zip(self.names, previous)):
+            value = saved.get(name)
+            if value is not None and self._shards is not None and value.shape == self._shapes[i]:
+                value = self._shards.local_piece(i, value)  # this rank's shard at this world size
+            if value is not None and value.shape == view.shape:
+                view.copy_(value.to(view.device))
 
 
 def contribution_numbers(gram: np.ndarray, outside: bool, inv_scale: float) -> tuple[np.ndarray, ...]:
