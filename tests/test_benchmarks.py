@@ -143,3 +143,9 @@ def test_elastic_recovery_reports_recovery_time_and_steps_lost():
     result = _run("elastic_recovery.py", "--kills", "1", "--checkpoint-every", "10")
     assert result["benchmark"] == "elastic_recovery" and 0 < result["recovery_s"] < 120
     assert 0 <= result["steps_lost"] <= 10 and len(result["per_kill_recovery_s"]) == 1
+
+
+def test_fsdp_overhead_reports_the_ratio_to_ddp():
+    result = _run("fsdp_overhead.py", "--steps", "6", "--warmup", "1", "--repeats", "1")
+    assert result["benchmark"] == "fsdp_overhead" and result["ratio"] > 0 and result["governed_ratio"] > 0
+    assert set(result["step_ms"]) == {"ddp", "fsdp", "ddp+ledger", "fsdp+ledger"}

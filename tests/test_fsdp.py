@@ -143,6 +143,9 @@ def test_routing_and_the_ledger_under_fsdp_match_one_process(governed, tmp_path)
         close_numbers(a, b, f"step {a.get('step')}")
     verify = smalti_cli("ledger", "verify", str(tmp_path / "fsdp"), "--deep")
     assert verify.returncode == 0, verify.stderr
+    refused = smalti_cli("forget", str(tmp_path / "fsdp"), "--class", MACBETH, "--out", str(tmp_path / "forgot"))
+    assert refused.returncode != 0 and "forgetting an FSDP2 run is not supported yet" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "forgot").exists()
 
 
 class RecordSamples(Callback):
@@ -239,3 +242,28 @@ def test_kill_9_during_a_sharded_save_leaves_the_previous_checkpoint(tiny_corpus
     assert_tree_equal(latest_payload(tmp_path / "killed")["model"], latest_payload(tmp_path / "reference")["model"],
                       "weights after the kill and the rerun")
     assert losses(tmp_path / "killed")[-3:] == losses(tmp_path / "reference")[-3:]
+
+
+def test_a_hugging_face_llama_under_fsdp_with_bf16_parameters(governed, tmp_path):
+    from smalti.fsdp import transformer_blocks
+    from smalti.build import build_model_for
+    from test_hf_models import hf_model
+
+    config = governed.recipe(model=hf_model("llama"), train={"max_duration": "8ba", "microbatch_size": 2},
+                             checkpoint={"interval": "4ba"})
+    data = build_data(recipe(config), DistInfo())
+    blocks = transformer_blocks(build_model_for(recipe(config), data))
+    assert [type(b).__name__ for b in blocks] == ["LlamaDecoderLayer"] * 2  # from the model's _no_split_modules
+    single = write_recipe(tmp_path / "single.yaml", config)
+    assert smalti_cli("train", str(single), "--run-dir", str(tmp_path / "single")).returncode == 0
+    for name, fsdp in (("fp32", FSDP), ("bf16", {**FSDP, "fsdp": {"param_dtype": "bf16"}})):
+        sharded = write_recipe(tmp_path / f"{name}.yaml", dict(config, train={**config["train"], **fsdp}))
+        done = torchrun(2, "train", str(sharded), "--run-dir", str(tmp_path / name))
+        assert done.returncode == 0, done.stderr[-3000:]
+        one, two = losses(tmp_path / "single"), losses(tmp_path / name)
+        worst = max(abs(a - b) for (_, a), (_, b) in zip(one, two))
+        assert worst < (1e-4 if name == "fp32" else 5e-2), f"{name}: loss curves differ by {worst}"
+        weights = final_weights(tmp_path / name)
+        assert all(v.dtype == torch.float32 for v in weights.values())  # bf16 only while computing
+        if name == "fp32":
+            assert max_difference(final_weights(tmp_path / "single"), weights) < 2e-5

@@ -316,6 +316,9 @@ def forget(parent: str | Path, node: str, out: str | Path, key: SigningKey, mode
     if through is not None:
         return forget_through_lineage(through, out, key, mode, reset, max_eval_samples)
     plan = plan_deletion(parent, node)
+    if _latest(parent).is_dir():
+        raise DeletionError(f"{parent}: trained with train.parallelism fsdp (sharded checkpoints); forgetting an "
+                            "FSDP2 run is not supported yet (docs/distributed.md)")
     parent_final = _final_head(parent)
     if key.public.key_id != parent_final["key_id"]:
         raise DeletionError(f"the signing key {key.public.key_id} is not the parent run's trainer key "
