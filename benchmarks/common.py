@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -242,6 +243,13 @@ def torchrun_workers(agent: int) -> dict[int, int]:
             if b"RANK" in variables:
                 found[int(variables[b"RANK"])] = int(pid)
     return found
+
+
+def free_port() -> int:
+    """A port on loopback nothing listens on (for torchrun's master or a local server)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def machine() -> dict[str, Any]:

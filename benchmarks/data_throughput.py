@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from common import emit, governed_shakespeare, machine
+from common import emit, free_port, governed_shakespeare, machine
 
 from smalti.data.lm import OrderConfig, dataset_data
 from smalti.data.manifest import ShardEntry, verify_shard
@@ -41,12 +41,6 @@ from smalti.governance.keys import PublicKey
 from smalti.governance.taxonomy import Taxonomy
 
 BATCH_SIZES = (64, 512)  # samples of 64 tokens: 4k and 32k tokens per batch
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_port(port: int, seconds: float = 30.0) -> None:

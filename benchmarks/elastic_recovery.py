@@ -18,7 +18,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,13 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from common import REPO, baby_recipe, emit, machine, torchrun_workers as workers
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from common import REPO, baby_recipe, emit, free_port, machine, torchrun_workers as workers
 
 
 def last_batch(metrics: Path) -> int:

@@ -122,11 +122,7 @@ class CheckpointStore:
             with atomic_writer(path) as handle:
                 writer = _HashingWriter(handle)
                 torch.save(payload, writer)
-            atomic_write_bytes(self.directory / f"{name}.sha256", f"{writer.digest.hexdigest()}  {name}\n".encode())
-            if keep_always:
-                atomic_write_bytes(self.directory / f"{name}.keep", b"")
-            atomic_write_bytes(self.directory / LATEST, f"{name}\n".encode())
-            self._prune()
+            self._publish(name, f"{writer.digest.hexdigest()}  {name}", keep_always)
         return path
 
     def commit(self, temporary: Path, name: str, keep_always: bool = False) -> Path:
@@ -134,13 +130,16 @@ class CheckpointStore:
         path = self.directory / name
         with interrupts_deferred():
             temporary.rename(path)
-            sums = hashlib.sha256((path / "SHA256SUMS").read_bytes()).hexdigest()
-            atomic_write_bytes(self.directory / f"{name}.sha256", f"{sums}  {name}/SHA256SUMS\n".encode())
-            if keep_always:
-                atomic_write_bytes(self.directory / f"{name}.keep", b"")
-            atomic_write_bytes(self.directory / LATEST, f"{name}\n".encode())
-            self._prune()
+            self._publish(name, f"{file_sha256(path / 'SHA256SUMS')}  {name}/SHA256SUMS", keep_always)
         return path
+
+    def _publish(self, name: str, sidecar: str, keep_always: bool) -> None:
+        """After the checkpoint itself: its sha256 sidecar, its ``.keep`` marker if asked, ``latest``, pruning."""
+        atomic_write_bytes(self.directory / f"{name}.sha256", f"{sidecar}\n".encode())
+        if keep_always:
+            atomic_write_bytes(self.directory / f"{name}.keep", b"")
+        atomic_write_bytes(self.directory / LATEST, f"{name}\n".encode())
+        self._prune()
 
     def _prune(self) -> None:
         found = [path for path in self.all() if not path.with_name(path.name + ".keep").exists()]
@@ -218,6 +217,15 @@ def load_checkpoint(location: str | Path, tensors: bool = True) -> dict[str, Any
     if problem:
         raise CheckpointError(problem)
     return payload
+
+
+def file_sha256(path: Path) -> str:
+    """A file's sha256, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def weights_sha256(state: dict[str, torch.Tensor]) -> str:

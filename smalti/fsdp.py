@@ -18,24 +18,15 @@ while they run (:meth:`smalti.governance.routing.Router.autograd_params`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from smalti.config import FSDPConfig
 from smalti.distributed import DistInfo
 from smalti.errors import RecipeError
-
-
-@dataclass(frozen=True)
-class FSDPOptions:
-    """What ``train.fsdp`` configures (see :class:`smalti.config.FSDPConfig`)."""
-
-    param_dtype: str = "fp32"  # "bf16": parameters all-gathered in bf16, gradients reduced in fp32
-    cpu_offload: bool = False
-    reshard_after_forward: bool = True
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -59,7 +50,7 @@ def process_group_for_fsdp(info: DistInfo, device: torch.device) -> bool:
     return True
 
 
-def shard_model(model: nn.Module, device: torch.device, options: FSDPOptions) -> nn.Module:
+def shard_model(model: nn.Module, device: torch.device, options: FSDPConfig) -> nn.Module:
     """Apply ``fully_shard`` to every transformer block, then to the root; returns the same module."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -85,12 +76,6 @@ def reshard_all(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
-
-
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
 
 
 class ShardedGradients:

@@ -19,7 +19,6 @@ same payload as from a single file, with whole tensors (:func:`consolidated`).
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from smalti.checkpoint import file_sha256
 from smalti.errors import CheckpointCorrupt, CheckpointError
-from smalti.io import atomic_write_bytes
+from smalti.io import atomic_writer
 
 SUMS = "SHA256SUMS"
 META = "meta.pt"
@@ -63,9 +63,11 @@ def save(directory: Path, name: str, model: nn.Module, optimizer: torch.optim.Op
     if not is_main:
         return None
     assert meta is not None
-    atomic_write_bytes(temporary / META, _torch_bytes(meta))
-    sums = "".join(f"{_file_sha256(path)}  {path.name}\n" for path in sorted(temporary.iterdir()) if path.name != SUMS)
-    atomic_write_bytes(temporary / SUMS, sums.encode())
+    with atomic_writer(temporary / META) as handle:
+        torch.save(meta, handle)
+    sums = "".join(f"{file_sha256(path)}  {path.name}\n" for path in sorted(temporary.iterdir()) if path.name != SUMS)
+    with atomic_writer(temporary / SUMS) as handle:
+        handle.write(sums.encode())
     return temporary
 
 
@@ -98,10 +100,9 @@ def load_into(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) ->
         reason = " ".join(str(error).split())[:300]
         raise CheckpointError(f"{path}: does not fit this model/optimizer ({reason})") from None
     model.load_state_dict(targets[_MODEL])
-    by_name = {n: p for n, p in model.named_parameters()}
     optimizer.state.clear()
     for name, state in targets[_OPTIMIZER].items():
-        optimizer.state[by_name[name]] = state
+        optimizer.state[params[name]] = state
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -115,14 +116,14 @@ def verify(path: Path) -> None:
     if not sums.is_file():
         raise CheckpointCorrupt(f"{path}: sharded checkpoint has no {SUMS}")
     sidecar = path.with_name(path.name + ".sha256")
-    if sidecar.is_file() and sidecar.read_text(encoding="utf-8").split()[0] != _file_sha256(sums):
+    if sidecar.is_file() and sidecar.read_text(encoding="utf-8").split()[0] != file_sha256(sums):
         raise CheckpointCorrupt(f"{path}: checkpoint is corrupt ({SUMS} differs from {sidecar.name})")
     for line in sums.read_text(encoding="utf-8").splitlines():
         digest, _, name = line.partition("  ")
         file = path / name
         if not file.is_file():
             raise CheckpointCorrupt(f"{path}: checkpoint is missing {name}")
-        if _file_sha256(file) != digest:
+        if file_sha256(file) != digest:
             raise CheckpointCorrupt(f"{path}: checkpoint is corrupt ({name} differs from {SUMS})")
 
 
@@ -139,21 +140,5 @@ def consolidated(path: Path) -> dict[str, Any]:
         warnings.simplefilter("ignore", UserWarning)
         tensors = _load_state_dict_from_keys(checkpoint_id=str(path))
     payload["model"] = dict(tensors.get(_MODEL, {}))
-    payload["optimizer"] = {"state": dict(tensors.get(_OPTIMIZER, {})), "param_groups": [], "by_name": True}
+    payload["optimizer"] = {"state": dict(tensors.get(_OPTIMIZER, {})), "param_groups": []}
     return payload
-
-
-def _torch_bytes(value: Any) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(value, buffer)
-    return buffer.getvalue()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

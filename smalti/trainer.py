@@ -110,7 +110,7 @@ class Trainer:
         self._fsdp = recipe.train.parallelism == "fsdp"
         self._owns_fsdp_group = self._fsdp and fsdp_support.process_group_for_fsdp(self.dist, self.device)
         if self._fsdp:
-            fsdp_support.shard_model(self.model, self.device, fsdp_support.FSDPOptions(**recipe.train.fsdp.model_dump()))
+            fsdp_support.shard_model(self.model, self.device, recipe.train.fsdp)
         # ...then a per-rank stream for dropout and anything else random in the loop.
         seed_everything(recipe.seed + self.dist.rank)
 
@@ -361,7 +361,8 @@ class Trainer:
             microbatches = [part for microbatch in microbatches for part in (
                 microbatch.split_by_signature() if router.must_split(microbatch.provenance, state.timestamp.batch)
                 else (microbatch,))]
-        self._lockstep_forwards(len(microbatches), full_batch.inputs[:1])
+        if router is not None:  # only routing splits microbatches by signature, differently on each rank
+            self._lockstep_forwards(len(microbatches), full_batch.inputs[:1])
         for index, microbatch in enumerate(microbatches):
             state.batch = microbatch
             is_last = index == len(microbatches) - 1

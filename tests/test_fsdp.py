@@ -1,35 +1,25 @@
 """FSDP2 under real torchrun with gloo processes on CPU: training, sharded checkpoints (DCP), routing, the
 ledger and deletion, each against one process or an independent run."""
 
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from smalti.build import build_data
 from smalti.checkpoint import CheckpointStore, load_checkpoint
-from smalti.core.callback import Callback
 from smalti.distributed import DistInfo
 from smalti.trainer import Trainer
 
 from conftest import REPO, free_port, smalti_cli, tiny_recipe, write_policy, write_recipe
 from helpers import assert_tree_equal, latest_payload, losses, recipe
+from test_distributed import RecordSamples, torchrun
 
 pytestmark = pytest.mark.slow
 
 FSDP = {"parallelism": "fsdp"}
-
-
-def torchrun(nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "smalti", *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
 
 
 def final_weights(run_dir) -> dict[str, torch.Tensor]:
@@ -148,16 +138,27 @@ def test_routing_and_the_ledger_under_fsdp_match_one_process(governed, tmp_path)
     assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "forgot").exists()
 
 
-class RecordSamples(Callback):
-    def __init__(self):
-        self.ids = {}
+LEG_AT_ONE = """
+import sys
+import torch
+sys.path.insert(0, "tests")
+from smalti.config import load_recipe
+from smalti.trainer import Trainer
+from test_distributed import RecordSamples
 
-    def after_dataloader(self, state, logger):
-        self.ids[state.timestamp.batch + 1] = state.batch.sample_ids.clone()
-
-
-def whole(model) -> dict[str, torch.Tensor]:
+def whole(model):
     return {n: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for n, v in model.state_dict().items()}
+
+samples = RecordSamples()
+trainer = Trainer(load_recipe(sys.argv[1]), sys.argv[2], callbacks=[samples])
+try:
+    start = whole(trainer.model)
+    trainer.fit()
+    torch.save({"resumed_from": trainer.resumed_from.batch, "start": start, "final": whole(trainer.model),
+                "samples": samples.ids}, sys.argv[3])
+finally:
+    trainer.close()
+"""
 
 
 def test_a_checkpoint_sharded_by_4_ranks_resumes_on_2_then_on_1(tiny_corpus, tmp_path):
@@ -179,17 +180,19 @@ def test_a_checkpoint_sharded_by_4_ranks_resumes_on_2_then_on_1(tiny_corpus, tmp
         assert sorted(p.name for p in (run / "checkpoints" / name).glob("*.distcp")) == [f"__{r}_0.distcp" for r in range(ranks)]
     saved = load_checkpoint(store.latest())["model"]
 
-    resumed = RecordSamples()
-    trainer = Trainer(recipe(config), run, callbacks=[resumed])  # one process: FSDP2 on a one-rank group
-    try:
-        assert trainer.resumed_from.batch == 9
-        assert_tree_equal(whole(trainer.model), saved, "weights resumed at world size 1")
-        trainer.fit()
-        final = whole(trainer.model)
-    finally:
-        trainer.close()
-    assert sorted(resumed.ids) == [10, 11, 12]
-    for step, ids in resumed.ids.items():
+    # One process: FSDP2 on a one-rank group, in a process of its own (gloo's threads must not outlive it in
+    # pytest's process, which later tests fork).
+    script = tmp_path / "leg_at_one.py"
+    script.write_text(LEG_AT_ONE)
+    done = subprocess.run([sys.executable, str(script), str(path), str(run), str(tmp_path / "leg.pt")], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    leg = torch.load(tmp_path / "leg.pt")
+    assert leg["resumed_from"] == 9
+    assert_tree_equal(leg["start"], saved, "weights resumed at world size 1")
+    resumed, final = leg["samples"], leg["final"]
+    assert sorted(resumed) == [10, 11, 12]
+    for step, ids in resumed.items():
         assert torch.equal(ids, reference.ids[step]), step
     a, b = losses(tmp_path / "reference"), losses(run)
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 13))

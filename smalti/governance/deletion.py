@@ -32,7 +32,6 @@ signed (Ed25519) by the trainer key. ``smalti ledger verify`` checks it.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -42,7 +41,7 @@ from typing import Any
 import torch
 
 from smalti import formats
-from smalti.checkpoint import load_checkpoint, load_weights, weights_sha256
+from smalti.checkpoint import file_sha256, load_checkpoint, load_weights, weights_sha256
 from smalti.core.class_losses import ClassLosses
 from smalti.errors import SmaltiError
 from smalti.governance.certificate import ledger_entries, sign_certificate, write_certificate
@@ -170,12 +169,6 @@ def _latest(run: Path) -> Path:
 # ---------------------------------------------------------------------------------------------- hashes
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- evaluation

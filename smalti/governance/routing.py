@@ -39,11 +39,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from smalti import distributed
 from smalti.core.time import Time, TimeUnit
 from smalti.distributed import DistInfo
 from smalti.errors import SmaltiError
+from smalti.fsdp import ShardedGradients
 from smalti.governance.policy import Policy, Rule, matches
 
 
@@ -167,9 +169,10 @@ class Router:
         self.active: MicrobatchPlan | None = None
         # What autograd accumulates into, per parameter: the parameter itself, or under FSDP2 the unsharded
         # parameter its module holds while it runs (recorded by a forward pre-hook).
-        self.sharded = any(type(p).__name__ == "DTensor" for p in self.params)
+        self.sharded = any(isinstance(p, DTensor) for p in self.params)
         self._holders: list[torch.Tensor] = list(self.params)
         self._hooks: list = []
+        self._sharded_grads = ShardedGradients(self.params, dist) if self.sharded else None
         self._modules = self._patch_modules()
         # Parameters of modules that cannot be split by rows (see ``must_split``).
         self._unsplittable = np.zeros(len(self.params), dtype=bool)
@@ -395,19 +398,11 @@ class Router:
 
     def synchronize(self) -> np.ndarray:
         """All ranks agree on what was updated and hold the summed (averaged) routed gradients."""
-        if self.sharded:  # FSDP2: reduce-scatter exactly the updated parameters' gradients into their shards
-            from smalti.fsdp import ShardedGradients
-
-            flags = torch.from_numpy(self.step_updated.astype(np.int32))
-            distributed.all_reduce_sum(flags, self.dist)
-            self.step_updated = flags.numpy() > 0
-            if not hasattr(self, "_sharded_grads"):
-                self._sharded_grads = ShardedGradients(self.params, self.dist)
+        if self._sharded_grads is not None:  # FSDP2: reduce-scatter exactly the updated parameters' gradients
+            self._agree_on_updated()
             self._sharded_grads.set_sharded_grads(self.step_updated.tolist(), self._holders)
         elif self.dist.enabled:
-            flags = torch.from_numpy(self.step_updated.astype(np.int32))
-            distributed.all_reduce_sum(flags, self.dist)
-            self.step_updated = flags.numpy() > 0
+            self._agree_on_updated()
             grads = []
             for p, updated in zip(self.params, self.step_updated):
                 if updated:
@@ -421,6 +416,12 @@ class Router:
                 for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
                     grad.copy_(synced)
         return self.step_updated
+
+    def _agree_on_updated(self) -> None:
+        """A parameter is updated in this step if any rank's examples updated it."""
+        flags = torch.from_numpy(self.step_updated.astype(np.int32))
+        distributed.all_reduce_sum(flags, self.dist)
+        self.step_updated = flags.numpy() > 0
 
     def clip(self, max_norm: float, batch: int) -> None:
         """Clip per cell of parameters that the same classes may update at this phase."""

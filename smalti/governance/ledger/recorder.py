@@ -122,7 +122,6 @@ class ContributionRecorder:
         self._update_views = [self.update_layout.views(row, self._update_shapes) for row in self._updates[:2]]
         self._after, self._before, self._current, self._previous = 0, 1, 2, 3
         self._have_before = False  # the "before" row holds the parameters as the coming step starts
-        self._inputs_cache: dict[tuple[int, ...], list[int]] = {}
         self.layout.layer_order(device)  # on the device before the first step
 
     # ---------------------------------------------------------------- microbatches
