@@ -129,6 +129,8 @@ class CheckpointStore:
         """Put a sharded checkpoint every rank has finished writing into place, then move ``latest``."""
         path = self.directory / name
         with interrupts_deferred():
+            if path.is_dir():  # trained to this batch before, from an older checkpoint: replaced, as a file would be
+                shutil.rmtree(path)
             temporary.rename(path)
             self._publish(name, f"{file_sha256(path / 'SHA256SUMS')}  {name}/SHA256SUMS", keep_always)
         return path

@@ -362,7 +362,7 @@ class Trainer:
                 microbatch.split_by_signature() if router.must_split(microbatch.provenance, state.timestamp.batch)
                 else (microbatch,))]
         if router is not None:  # only routing splits microbatches by signature, differently on each rank
-            self._lockstep_forwards(len(microbatches), full_batch.inputs[:1])
+            self._lockstep_forwards(len(microbatches), full_batch.select(slice(0, 1)))
         for index, microbatch in enumerate(microbatches):
             state.batch = microbatch
             is_last = index == len(microbatches) - 1
@@ -432,7 +432,7 @@ class Trainer:
         total = distributed.all_reduce_sum(local_loss_sum.clone(), self.dist)
         return float(total / loss_units)
 
-    def _lockstep_forwards(self, count: int, sample: torch.Tensor) -> None:
+    def _lockstep_forwards(self, count: int, sample: Batch) -> None:
         """Under FSDP2 every forward pass all-gathers, so every rank must run as many as the others. A routed
         step splits microbatches by signature, and ranks hold different classes: a rank with fewer passes
         runs the difference first, on one row without gradients, in eval mode (no dropout draws)."""
@@ -442,9 +442,10 @@ class Trainer:
         if missing:
             was_training = self.model.training
             self.model.eval()
+            set_row_classes(self.model, sample.provenance)  # per-class adapters need the row's class
             with torch.no_grad():
                 for _ in range(missing):
-                    self._forward_model(sample)
+                    self._forward_model(sample.inputs)
                     fsdp_support.reshard_all(self.model)  # as a backward pass would (blocks stay gathered otherwise)
             self.model.train(was_training)
 
@@ -488,7 +489,7 @@ class Trainer:
             self.recipe.eval.batch_size, self.recipe.eval.max_samples, self.dist.rank, self.dist.world_size
         ))
         if batches:
-            self._lockstep_forwards(len(batches), batches[0].inputs[:1].to(self.device))
+            self._lockstep_forwards(len(batches), batches[0].select(slice(0, 1)).to(self.device))
         for batch in batches:
             classes = batch.provenance[:, 0]
             batch = batch.to(self.device)

@@ -126,3 +126,17 @@ def test_the_weights_digest_covers_every_tensor_including_scalar_buffers():
     assert digest == weights_sha256({name: state[name].clone() for name in reversed(list(state))})  # name order
     assert digest != weights_sha256({**state, "count": torch.tensor(8)})
     assert digest != weights_sha256({**state, "w": torch.ones(3, 2)})  # the same bytes in another shape
+
+
+def test_a_sharded_checkpoint_replaces_one_of_the_same_name(tmp_path):
+    # A run that fell back past a damaged sharded checkpoint trains to the same batch again and commits a
+    # folder of the same name: the new one replaces it, as a single file's rename does.
+    store = CheckpointStore(tmp_path, keep=2)
+    for content in (b"old", b"new"):
+        temporary = tmp_path / ".ep0-ba4.dcp.tmp"
+        temporary.mkdir()
+        (temporary / "shard").write_bytes(content)
+        (temporary / "SHA256SUMS").write_text("")
+        store.commit(temporary, "ep0-ba4.dcp")
+    assert (tmp_path / "ep0-ba4.dcp" / "shard").read_bytes() == b"new"
+    assert store.latest().name == "ep0-ba4.dcp" and not temporary.exists()

@@ -270,3 +270,20 @@ def test_a_hugging_face_llama_under_fsdp_with_bf16_parameters(governed, tmp_path
         assert all(v.dtype == torch.float32 for v in weights.values())  # bf16 only while computing
         if name == "fp32":
             assert max_difference(final_weights(tmp_path / "single"), weights) < 2e-5
+
+
+def test_per_class_lora_adapters_with_the_ledger_under_fsdp(governed, tmp_path):
+    from test_hf_models import HAMLET, hf_model
+
+    ledger = {"enabled": True, "key": str(governed.key("trainer"))}
+    config = governed.recipe(model=hf_model("llama", classes=[HAMLET], freeze_base=False),
+                             governance={"ledger": ledger}, data={"batching": "random"},
+                             train={"max_duration": "6ba", "microbatch_size": 2}, checkpoint={"interval": "3ba"})
+    single = write_recipe(tmp_path / "single.yaml", config)
+    assert smalti_cli("train", str(single), "--run-dir", str(tmp_path / "single")).returncode == 0
+    sharded = write_recipe(tmp_path / "fsdp.yaml", dict(config, train={**config["train"], **FSDP}))
+    done = torchrun(2, "train", str(sharded), "--run-dir", str(tmp_path / "fsdp"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    weights = final_weights(tmp_path / "fsdp")
+    assert any(".lora_" in name for name in weights)
+    assert max_difference(final_weights(tmp_path / "single"), weights) < 2e-5
