@@ -132,7 +132,7 @@ class CheckpointStore:
             if path.is_dir():  # trained to this batch before, from an older checkpoint: replaced, as a file would be
                 shutil.rmtree(path)
             temporary.rename(path)
-            self._publish(name, f"{file_sha256(path / 'SHA256SUMS')}  {name}/SHA256SUMS", keep_always)
+            self._publish(name, f"{checkpoint_sha256(path)}  {name}/SHA256SUMS", keep_always)
         return path
 
     def _publish(self, name: str, sidecar: str, keep_always: bool) -> None:
@@ -228,6 +228,12 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def checkpoint_sha256(path: Path) -> str:
+    """The hash a checkpoint's sidecar holds: the file's, or a sharded checkpoint's ``SHA256SUMS``'s (which
+    hashes every file in the folder)."""
+    return file_sha256(path / "SHA256SUMS" if path.is_dir() else path)
 
 
 def weights_sha256(state: dict[str, torch.Tensor]) -> str:

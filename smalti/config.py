@@ -271,6 +271,9 @@ class CheckpointConfig(Section):
     autoresume: bool = True
     before_late_classes: bool = Field(True, description="with data.late_classes: also checkpoint just before "
                                       "they begin each epoch, and keep that checkpoint (a deletion restarts there)")
+    async_save: bool = Field(False, description="train.parallelism fsdp: write sharded checkpoints in the background "
+                             "(dcp.async_save) while training goes on; each becomes latest when every rank has "
+                             "written it, and the final checkpoint is waited for")
 
     _check_interval = field_validator("interval", mode="before")(_time)
 
@@ -314,6 +317,9 @@ class Recipe(Section):
             raise ValueError("governance.policy needs a prepared dataset (data.url with data.taxonomy)")
         if (self.model.adapters.classes or self.model.lora.classes) and self.data.taxonomy is None:
             raise ValueError("model.adapters and model.lora name classes: they need data.taxonomy")
+        if self.checkpoint.async_save and self.train.parallelism != "fsdp":
+            raise ValueError("checkpoint.async_save writes sharded checkpoints in the background: it needs "
+                             "train.parallelism fsdp (a single-file checkpoint is written by rank 0 at once)")
         if self.model.d_model % self.model.n_head:
             raise ValueError(f"model.d_model ({self.model.d_model}) is not divisible by model.n_head ({self.model.n_head})")
         return self
@@ -361,6 +367,7 @@ RESUMABLE_CHANGES = (
     "checkpoint.keep",
     "checkpoint.load_path",
     "checkpoint.autoresume",
+    "checkpoint.async_save",
     "logging",
     "eval.interval",
 )

@@ -31,6 +31,11 @@ class DistInfo:
         return self.world_size > 1
 
 
+def device_type_for(requested: str) -> str:
+    """The device type a recipe's ``train.device`` trains on, which picks the backend (NCCL or gloo)."""
+    return "cuda" if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def init_distributed(device_type: str) -> DistInfo:
     """Join the process group torchrun set up; a plain ``python`` run is world size 1."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

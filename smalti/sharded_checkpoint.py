@@ -20,6 +20,7 @@ same payload as from a single file, with whole tensors (:func:`consolidated`).
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -48,27 +49,77 @@ def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[st
             _OPTIMIZER: {names[id(p)]: dict(state) for p, state in optimizer.state.items() if id(p) in names}}
 
 
+class PendingSave:
+    """A sharded checkpoint the ranks are writing: at once (``future`` None) or in the background."""
+
+    def __init__(self, temporary: Path, future: Any = None) -> None:
+        self.temporary = temporary
+        self.future = future
+
+    def done(self) -> bool:
+        return self.future is None or self.future.done()
+
+    def wait(self) -> None:
+        """Until this rank's part is written (rank 0's: every rank's, and DCP's ``.metadata``)."""
+        if self.future is not None:
+            try:
+                self.future.result()
+            except Exception as error:
+                raise CheckpointError(f"{self.temporary}: the background checkpoint write failed ({error})") from None
+            self.future = None
+
+    def seal(self) -> Path:
+        """Rank 0, once every rank has written: hash every file; the folder is then ready to commit."""
+        sums = "".join(f"{file_sha256(path)}  {path.name}\n" for path in sorted(self.temporary.iterdir())
+                       if path.name != SUMS)
+        with atomic_writer(self.temporary / SUMS) as handle:
+            handle.write(sums.encode())
+        return self.temporary
+
+
 def save(directory: Path, name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
-         meta: dict[str, Any] | None, is_main: bool, barrier) -> Path | None:
-    """Every rank writes its shards into a temporary folder; rank 0 adds ``meta`` and the hashes and returns
-    the folder to commit (:meth:`smalti.checkpoint.CheckpointStore.commit`); other ranks return None."""
+         meta: dict[str, Any] | None, is_main: bool, barrier, background_group: Any = None) -> PendingSave:
+    """Every rank writes its shards into a temporary folder; rank 0 adds ``meta``. Rank 0 seals and commits
+    the folder once every rank has written it (:meth:`PendingSave.seal`,
+    :meth:`smalti.checkpoint.CheckpointStore.commit`).
+
+    ``background_group``: write with ``dcp.async_save`` over this (gloo) group, which then coordinates the
+    ranks' writes off the training thread; the state is copied before this returns, so the steps that
+    follow do not change what is written. ``meta`` is written at once for the same reason."""
     import torch.distributed.checkpoint as dcp
 
     temporary = directory / f".{name}.tmp"
     if is_main:
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
+        assert meta is not None
+        with atomic_writer(temporary / META) as handle:
+            torch.save(meta, handle)
     barrier()
-    dcp.save(sharded_state(model, optimizer), checkpoint_id=str(temporary))
-    if not is_main:
-        return None
-    assert meta is not None
+    state = sharded_state(model, optimizer)
+    if background_group is None:
+        dcp.save(state, checkpoint_id=str(temporary))
+        return PendingSave(temporary)
+    return PendingSave(temporary, dcp.async_save(state, checkpoint_id=str(temporary), process_group=background_group))
+
+
+def save_whole(directory: Path, name: str, payload: dict[str, Any]) -> Path:
+    """Write a payload of whole tensors (a single-file checkpoint's, as :func:`consolidated` gives it) as a
+    sharded checkpoint, in one process and without a process group; returns the folder to commit.
+
+    An edit made offline (``smalti forget --mode ablate``) stays the run's format, so the run resumes
+    under FSDP2 at any world size: DCP cuts whole tensors into each rank's shards on load."""
+    import torch.distributed.checkpoint as dcp
+
+    temporary = directory / f".{name}.tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    meta = {k: v for k, v in payload.items() if k not in ("model", "optimizer")}
+    tensors = {_MODEL: payload["model"], _OPTIMIZER: payload["optimizer"]["state"]}
     with atomic_writer(temporary / META) as handle:
         torch.save(meta, handle)
-    sums = "".join(f"{file_sha256(path)}  {path.name}\n" for path in sorted(temporary.iterdir()) if path.name != SUMS)
-    with atomic_writer(temporary / SUMS) as handle:
-        handle.write(sums.encode())
-    return temporary
+    dcp.save(tensors, checkpoint_id=str(temporary), no_dist=True)
+    return PendingSave(temporary).seal()
 
 
 def load_into(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -128,17 +179,32 @@ def verify(path: Path) -> None:
 
 
 def consolidated(path: Path) -> dict[str, Any]:
-    """The whole checkpoint in one process, as a single-file checkpoint's payload: whole tensors, and the
-    optimizer in torch's own format (parameters numbered in the order the model's ``named_parameters``
-    gives, which is the order Smalti's optimizers are built in)."""
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+    """The whole checkpoint in this process alone, as a single-file checkpoint's payload: whole tensors,
+    and the optimizer's state keyed by parameter name.
 
-    import warnings
+    Local even where a process group exists (``no_dist``): rank 0 of ``smalti forget`` under torchrun
+    reads checkpoints while the other ranks wait, and a collective read would hang."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     payload = read_meta(path)
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    targets: dict[str, Any] = {_MODEL: {}, _OPTIMIZER: {}}
+    for key, info in metadata.items():
+        if not isinstance(info, TensorStorageMetadata):
+            raise CheckpointCorrupt(f"{path}: {key!r} is not a tensor; not a Smalti sharded checkpoint")
+        tensor = torch.empty(tuple(info.size), dtype=info.properties.dtype)
+        group, _, rest = key.partition(".")
+        if group == _MODEL:
+            targets[_MODEL][rest] = tensor
+        elif group == _OPTIMIZER:
+            name, _, field = rest.rpartition(".")
+            targets[_OPTIMIZER].setdefault(name, {})[field] = tensor
+        else:
+            raise CheckpointCorrupt(f"{path}: unexpected entry {key!r}; not a Smalti sharded checkpoint")
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        tensors = _load_state_dict_from_keys(checkpoint_id=str(path))
-    payload["model"] = dict(tensors.get(_MODEL, {}))
-    payload["optimizer"] = {"state": dict(tensors.get(_OPTIMIZER, {})), "param_groups": []}
+        dcp.load(targets, checkpoint_id=str(path), no_dist=True)
+    payload["model"] = targets[_MODEL]
+    payload["optimizer"] = {"state": targets[_OPTIMIZER], "param_groups": []}
     return payload

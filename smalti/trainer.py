@@ -94,8 +94,7 @@ class Trainer:
             raise RecipeError(f"{self.run_dir}: the run directory is a file; name a directory")
         configure_determinism(recipe.train.deterministic)
         requested = recipe.train.device
-        self.dist = distributed.init_distributed("cuda" if requested == "cuda" or (
-            requested == "auto" and torch.cuda.is_available()) else "cpu")
+        self.dist = distributed.init_distributed(distributed.device_type_for(requested))
         self.device = resolve_device(requested, self.dist)
         check_precision(recipe.train.precision, self.device)
 
@@ -177,6 +176,11 @@ class Trainer:
         # What a summary reports, restored on resume: the checkpoint in use, the last logged training
         # loss and the wall time of every session of this run.
         self._last_checkpoint: Path | None = None
+        # A sharded checkpoint being written in the background (checkpoint.async_save), over a gloo group of
+        # its own so its coordination never interleaves with the training step's collectives.
+        self._pending_save: tuple[sharded_checkpoint.PendingSave, str, bool] | None = None
+        self._background_group = (torch.distributed.new_group(backend="gloo") if recipe.checkpoint.async_save
+                                  else None)
         self._last_loss = float("nan")
         self._earlier_seconds = 0.0
         self._fit_started = time.perf_counter()
@@ -252,6 +256,10 @@ class Trainer:
         still registered, or its destructor tears the group down holding the
         GIL that gloo's worker thread needs (a deadlock at exit).
         """
+        try:  # a checkpoint still being written is kept (Ctrl-C, an error in a later step)
+            self._finish_save()
+        except CheckpointError as error:
+            print(f"smalti: {error}", file=sys.stderr)
         for source in (self.data.train, self.data.val):
             close = getattr(source, "close", None)
             if close is not None:
@@ -293,6 +301,8 @@ class Trainer:
                             {"train/loss": self._last_loss, "train/lr": self.optimizer.param_groups[0]["lr"]}
                         )
                     engine.run(Event.BATCH_END)
+                    if self._pending_save is not None:
+                        self._finish_save(wait=False)  # a background save that has ended becomes latest
                     if state.due_at_batch_end(self.eval_every) or state.is_done:
                         self.evaluate()
                     before_late = state.timestamp.batch_in_epoch == self._late_starts_at  # [deletion-aware]
@@ -553,17 +563,34 @@ class Trainer:
                     "head": self.ledger.sign(final=state.is_done, weights=weights), "recorder": recorder},
             }
         if self._fsdp:  # every rank writes its shards (smalti/sharded_checkpoint.py); rank 0 commits
-            temporary = sharded_checkpoint.save(self.checkpoints.directory, name, self.model, self.optimizer, payload,
-                                                self.dist.is_main, lambda: distributed.barrier(self.dist))
-            distributed.barrier(self.dist)
-            if temporary is not None:
-                self._last_checkpoint = self.checkpoints.commit(temporary, name, keep_always=keep_always)
+            self._finish_save()  # one background save at a time
+            background = None if state.is_done else self._background_group  # the final one is waited for
+            pending = sharded_checkpoint.save(self.checkpoints.directory, name, self.model, self.optimizer, payload,
+                                              self.dist.is_main, lambda: distributed.barrier(self.dist), background)
+            self._pending_save = (pending, name, keep_always)
+            if background is None:
+                self._finish_save()
         elif payload is not None:
             payload.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict())
             self._last_checkpoint = self.checkpoints.save(payload, name, keep_always=keep_always)
         distributed.barrier(self.dist)
         self._checkpointed_at = state.timestamp
         self.engine.run(event)
+
+    def _finish_save(self, wait: bool = True) -> None:
+        """Commit the sharded checkpoint being written once every rank has written it (rank 0 moves ``latest``).
+
+        ``wait=False``: only if it has ended; rank 0's write ends after every rank's (DCP gathers their
+        results before it writes ``.metadata``), so rank 0 commits alone."""
+        if self._pending_save is None:
+            return
+        pending, name, keep_always = self._pending_save
+        if not wait and not pending.done():
+            return
+        pending.wait()
+        self._pending_save = None
+        if self.dist.is_main:
+            self._last_checkpoint = self.checkpoints.commit(pending.seal(), name, keep_always=keep_always)
 
     def _whole_weights(self) -> dict[str, torch.Tensor]:
         """The model's whole weights (under FSDP2 gathered to rank 0's CPU: a collective; other ranks get {})."""
@@ -696,7 +723,12 @@ class Trainer:
         """Start from the admitted parent's final weights, and only those (a new optimizer, data order, ledger)."""
         assert self._parent is not None
         link, fitted = self._parent
-        self.model.load_state_dict(fitted, strict=False)
+        if self._fsdp:  # whole tensors (every rank has them) cut into this rank's shards
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.model, fitted, options=StateDictOptions(full_state_dict=True, strict=False))
+        else:
+            self.model.load_state_dict(fitted, strict=False)
         self._parent = None  # the weights are in the model now; do not hold a second copy
         return link
 

@@ -133,9 +133,6 @@ def test_routing_and_the_ledger_under_fsdp_match_one_process(governed, tmp_path)
         close_numbers(a, b, f"step {a.get('step')}")
     verify = smalti_cli("ledger", "verify", str(tmp_path / "fsdp"), "--deep")
     assert verify.returncode == 0, verify.stderr
-    refused = smalti_cli("forget", str(tmp_path / "fsdp"), "--class", MACBETH, "--out", str(tmp_path / "forgot"))
-    assert refused.returncode != 0 and "forgetting an FSDP2 run is not supported yet" in refused.stderr
-    assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "forgot").exists()
 
 
 LEG_AT_ONE = """
@@ -220,12 +217,28 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_kill_9_during_a_sharded_save_leaves_the_previous_checkpoint(tiny_corpus, tmp_path):
+def test_kill_9_during_a_sharded_save_leaves_the_previous_checkpoint_and_async_saves_equal_sync_ones(
+        tiny_corpus, tmp_path):
     config = tiny_recipe(tiny_corpus, train={"max_duration": "9ba", "global_batch_size": 8, "device": "cpu", **FSDP},
                          checkpoint={"interval": "3ba", "keep": 3})
     path = write_recipe(tmp_path / "recipe.yaml", config)
     done = torchrun(2, "train", str(path), "--run-dir", str(tmp_path / "reference"))
     assert done.returncode == 0, done.stderr[-3000:]
+
+    # Written in the background while training goes on, each checkpoint still holds its own step's state.
+    done = torchrun(2, "train", str(path), "--run-dir", str(tmp_path / "async"), "--set", "checkpoint.async_save=true")
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = tmp_path / "async" / "checkpoints"
+    assert sorted(p.name for p in written.glob("*.dcp")) == ["ep0-ba3.dcp", "ep0-ba6.dcp", "ep0-ba9.dcp"]
+    assert (written / "latest").read_text().strip() == "ep0-ba9.dcp" and not list(written.glob(".*.tmp"))
+    for name in ("ep0-ba3.dcp", "ep0-ba6.dcp", "ep0-ba9.dcp"):
+        ours, theirs = load_checkpoint(written / name), load_checkpoint(tmp_path / "reference" / "checkpoints" / name)
+        assert_tree_equal(ours["model"], theirs["model"], f"{name} weights, async vs sync")
+        assert_tree_equal(ours["optimizer"]["state"], theirs["optimizer"]["state"], f"{name} optimizer, async vs sync")
+        assert ours["rng"] == theirs["rng"] and ours["timestamp"] == theirs["timestamp"]
+    refused = smalti_cli("train", str(path), "--run-dir", str(tmp_path / "ddp"), "--set", "train.parallelism=ddp",
+                         "--set", "checkpoint.async_save=true")
+    assert refused.returncode != 0 and "checkpoint.async_save" in refused.stderr and "fsdp" in refused.stderr
 
     script = tmp_path / "kill_in_save.py"
     script.write_text(KILL_IN_SHARDED_SAVE)
@@ -287,3 +300,87 @@ def test_per_class_lora_adapters_with_the_ledger_under_fsdp(governed, tmp_path):
     weights = final_weights(tmp_path / "fsdp")
     assert any(".lora_" in name for name in weights)
     assert max_difference(final_weights(tmp_path / "single"), weights) < 2e-5
+
+
+def test_exact_forget_of_an_fsdp_run_equals_the_counterfactual_fsdp_run_bitwise(governed, tmp_path):
+    import json
+
+    from test_deletion import late_config
+    from test_ledger import TEMPEST, entries
+
+    config, late = late_config(governed)
+    config = dict(config, train={**config["train"], **FSDP})
+    parent = write_recipe(tmp_path / "parent.yaml", config)
+    done = torchrun(2, "train", str(parent), "--run-dir", str(tmp_path / "parent"))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # In one process the replay would add the ranks' gradients in another order: refused, nothing written.
+    refused = smalti_cli("forget", str(tmp_path / "parent"), "--class", TEMPEST, "--out", str(tmp_path / "one"))
+    assert refused.returncode != 0 and "torchrun --nproc-per-node 2" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "one").exists()
+
+    done = torchrun(2, "forget", str(tmp_path / "parent"), "--class", TEMPEST, "--out", str(tmp_path / "forgot"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("steps replayed: 5 of") == 1  # rank 0 reports; the other rank trained quietly
+    counterfactual = write_recipe(tmp_path / "counterfactual.yaml",
+                                  dict(config, data={**config["data"], "exclude_classes": [TEMPEST]}))
+    done = torchrun(2, "train", str(counterfactual), "--run-dir", str(tmp_path / "counterfactual"))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    forgotten = CheckpointStore(tmp_path / "forgot" / "checkpoints", keep=1).latest()
+    assert forgotten.is_dir() and forgotten.name.endswith(".dcp")
+    assert_tree_equal(final_weights(tmp_path / "forgot"), final_weights(tmp_path / "counterfactual"),
+                      "forgotten vs counterfactual")
+    assert not torch.equal(final_weights(tmp_path / "forgot")["tok_emb.weight"],
+                           final_weights(tmp_path / "parent")["tok_emb.weight"])
+    replayed, reference = entries(tmp_path / "forgot"), entries(tmp_path / "counterfactual")
+    assert [e["step"] for e in replayed[1:]] == list(range(late + 1, late + 6))
+    assert replayed[1:] == [e for e in reference[1:] if e["step"] > late]  # field for field
+    verified = smalti_cli("ledger", "verify", str(tmp_path / "forgot"))
+    assert verified.returncode == 0, verified.stderr
+    certificate = json.loads((tmp_path / "forgot" / "deletion-certificate.json").read_text())
+    fork = tmp_path / "parent" / "checkpoints" / certificate["checkpoint"]["name"]
+    assert certificate["world_size"] == 2 and fork.name == f"ep0-ba{late}.dcp"
+    assert certificate["checkpoint"]["sha256"] == (fork.parent / f"{fork.name}.sha256").read_text().split()[0]
+
+
+def test_ablation_of_an_fsdp_run_stays_sharded_and_a_fine_tune_starts_from_it(governed, tmp_path):
+    from smalti.checkpoint import weights_sha256
+    from test_ledger import HAMLET, entries, ledger_recipe
+
+    policy = write_policy(governed, tmp_path / "policy.yaml", [], [{"classes": [HAMLET], "params": ["@adapter"]}])
+    config = ledger_recipe(governed, governance={"policy": str(policy)},
+                           model={"adapters": {"classes": [HAMLET], "hidden": 8}},
+                           train={"max_duration": "6ba", "microbatch_size": 2, **FSDP}, data={"batching": "per_class"},
+                           checkpoint={"interval": "3ba"})
+    done = torchrun(2, "train", str(write_recipe(tmp_path / "parent.yaml", config)), "--run-dir", str(tmp_path / "parent"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = smalti_cli("forget", str(tmp_path / "parent"), "--class", HAMLET, "--mode", "ablate", "--reset", "zero",
+                      "--out", str(tmp_path / "ablated"))
+    assert done.returncode == 0, done.stderr
+    ablated = CheckpointStore(tmp_path / "ablated" / "checkpoints", keep=1).latest()
+    assert ablated.is_dir() and ablated.name == "ep0-ba6.dcp"
+    before, after = latest_payload(tmp_path / "parent"), latest_payload(tmp_path / "ablated")
+    confined = {n for n in after["model"] if "adapter" in n}
+    assert confined
+    for name, value in after["model"].items():
+        if name in confined:
+            assert torch.count_nonzero(value) == 0 and torch.count_nonzero(before["model"][name]) > 0, name
+        else:
+            assert torch.equal(value, before["model"][name]), name  # every other parameter bitwise unchanged
+    for name, state in after["optimizer"]["state"].items():
+        moments = [v for k, v in state.items() if k != "step"]
+        assert all((torch.count_nonzero(v) == 0) == (name in confined) for v in moments), name
+    verified = smalti_cli("ledger", "verify", str(tmp_path / "ablated"))
+    assert verified.returncode == 0, verified.stderr
+
+    # The ablated model is a parent like any other: a fine-tune at 2 FSDP2 ranks starts from its weights, as
+    # the same fine-tune in one process does.
+    child = dict(config, train={**config["train"], "max_duration": "2ba"}, init={"from_run": str(tmp_path / "ablated")})
+    done = torchrun(2, "train", str(write_recipe(tmp_path / "child.yaml", child)), "--run-dir", str(tmp_path / "child"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = dict(child, train={**child["train"], "parallelism": "ddp"})
+    done = smalti_cli("train", str(write_recipe(tmp_path / "single.yaml", single)), "--run-dir", str(tmp_path / "single"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert max_difference(final_weights(tmp_path / "child"), final_weights(tmp_path / "single")) < 2e-5
+    assert entries(tmp_path / "child")[0]["parent"]["start_weights_sha256"] == weights_sha256(after["model"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from smalti.cli.arguments import at_least_one
@@ -21,7 +22,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "signed by the trainer key; `smalti ledger verify OUT` checks both. Where an ancestor of RUN_DIR "
                     "(smalti train --init-from) learned CLASS, the deletion crosses the lineage: exact replays that "
                     "ancestor and trains each descendant again from its new parent (the new ancestors go to "
-                    "OUT.lineage/), ablate resets the ancestor's confined parameters in RUN_DIR's weights.")
+                    "OUT.lineage/), ablate resets the ancestor's confined parameters in RUN_DIR's weights. An "
+                    "exact replay runs at the world size RUN_DIR trained at (that is what makes it bitwise the "
+                    "counterfactual run): for a run trained on N ranks (DDP or FSDP2), torchrun --nproc-per-node N "
+                    "-m smalti forget ...")
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the trained run (parent)")
     parser.add_argument("--class", dest="node", required=True, metavar="CLASS",
                         help="a class or taxonomy node (covers its subtree)")
@@ -50,40 +54,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_forget(args: argparse.Namespace) -> int:
     from smalti.config import load_recipe
-    from smalti.governance.deletion import DeletionError, forget, plan_deletion
+    from smalti.governance.deletion import DeletionError, forget
     from smalti.governance.keys import SigningKey
 
-    from smalti.governance.lineage_deletion import plan_through_lineage
-
-    through = plan_through_lineage(args.run_dir, args.node)
-    if through is not None and args.dry_run:
-        if args.json:
-            print(json.dumps(through.describe(), indent=1))
-            return 0
-        origin = through.origin
-        print(f"{args.node} was learned by an ancestor: {through.runs[0]} (first in its step {origin.first_step})")
-        print(f"exact: replay {through.runs[0]} from "
-              f"{origin.fork_checkpoint.name if origin.fork_checkpoint else 'its initial weights'} without it, then train "
-              f"again, each from its new parent: {', '.join(str(r) for r in through.runs[1:])}")
-        print(f"ablation: {origin.ablation}, if no run since let the class or another class out of those parameters")
-        return 0
-    plan = plan_deletion(args.run_dir, args.node) if through is None else None
     if args.dry_run:
-        described = plan.describe()
-        if args.json:
-            print(json.dumps(described, indent=1))
-            return 0
-        if plan.first_step is None:
-            print(f"{args.node}: never contributed to a step of {args.run_dir}; forgetting it is a no-op")
-        else:
-            start = (f"checkpoint {plan.fork_checkpoint.name} (after step {plan.fork_step})" if plan.fork_checkpoint
-                     else "the initial weights (the class is there from the first steps, or no earlier checkpoint)")
-            print(f"{args.node} ({counted(len(plan.classes), 'class')}) first contributed in step {plan.first_step} of "
-                  f"{plan.total_steps}")
-            print(f"exact: restart from {start}, replay {plan.steps_to_replay} steps "
-                  f"(~{plan.cost_ratio:.0%} of a full retrain)")
-        print(f"ablation: {plan.ablation}")
-        return 0
+        return print_plan(args) if int(os.environ.get("RANK", "0")) == 0 else 0  # under torchrun, rank 0 says it
     if args.out is None:
         raise DeletionError("--out NEW_RUN_DIR is required (or --dry-run)")
     key_path = args.key or load_recipe(args.run_dir / "recipe.yaml").governance.ledger.key
@@ -91,6 +66,8 @@ def run_forget(args: argparse.Namespace) -> int:
         raise DeletionError("no trainer key: pass --key (the run's recipe names none)")
     certificate = forget(args.run_dir, args.node, args.out, SigningKey.load(key_path), args.mode, args.reset,
                          args.eval_samples)
+    if not certificate:  # a rank other than 0 under torchrun: it trained its part of the replay
+        return 0
     if args.json:
         print(json.dumps(certificate, indent=1))
         return 0
@@ -104,6 +81,40 @@ def run_forget(args: argparse.Namespace) -> int:
         marker = "  <- forgotten" if name in certificate["classes"] else ""
         print(f"  {name:40s} loss before {before[name]:.4f}  after {after.get(name, float('nan')):.4f}{marker}")
     print(f"certificate: {args.out / 'deletion-certificate.json'} (check it: smalti ledger verify {args.out})")
+    return 0
+
+
+def print_plan(args: argparse.Namespace) -> int:
+    """``--dry-run``: what forgetting the class takes, read from the verified ledger; changes nothing."""
+    from smalti.governance.deletion import plan_deletion
+    from smalti.governance.lineage_deletion import plan_through_lineage
+
+    through = plan_through_lineage(args.run_dir, args.node)
+    if through is not None:
+        if args.json:
+            print(json.dumps(through.describe(), indent=1))
+            return 0
+        origin = through.origin
+        print(f"{args.node} was learned by an ancestor: {through.runs[0]} (first in its step {origin.first_step})")
+        print(f"exact: replay {through.runs[0]} from "
+              f"{origin.fork_checkpoint.name if origin.fork_checkpoint else 'its initial weights'} without it, then train "
+              f"again, each from its new parent: {', '.join(str(r) for r in through.runs[1:])}")
+        print(f"ablation: {origin.ablation}, if no run since let the class or another class out of those parameters")
+        return 0
+    plan = plan_deletion(args.run_dir, args.node)
+    if args.json:
+        print(json.dumps(plan.describe(), indent=1))
+        return 0
+    if plan.first_step is None:
+        print(f"{args.node}: never contributed to a step of {args.run_dir}; forgetting it is a no-op")
+    else:
+        start = (f"checkpoint {plan.fork_checkpoint.name} (after step {plan.fork_step})" if plan.fork_checkpoint
+                 else "the initial weights (the class is there from the first steps, or no earlier checkpoint)")
+        print(f"{args.node} ({counted(len(plan.classes), 'class')}) first contributed in step {plan.first_step} of "
+              f"{plan.total_steps}")
+        print(f"exact: restart from {start}, replay {plan.steps_to_replay} steps "
+              f"(~{plan.cost_ratio:.0%} of a full retrain)")
+    print(f"ablation: {plan.ablation}")
     return 0
 
 

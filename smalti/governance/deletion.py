@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,8 +41,8 @@ from typing import Any
 
 import torch
 
-from smalti import formats
-from smalti.checkpoint import file_sha256, load_checkpoint, load_weights, weights_sha256
+from smalti import distributed, formats
+from smalti.checkpoint import checkpoint_sha256, load_checkpoint, load_weights, weights_sha256
 from smalti.core.class_losses import ClassLosses
 from smalti.errors import SmaltiError
 from smalti.governance.certificate import ledger_entries, sign_certificate, write_certificate
@@ -299,79 +300,175 @@ def forget(parent: str | Path, node: str, out: str | Path, key: SigningKey, mode
     """Forget ``node`` from the run in ``parent`` into the new run directory ``out``; returns the certificate.
 
     Where an ancestor of ``parent`` learned the class, the deletion crosses the lineage
-    (``smalti.governance.lineage_deletion``)."""
-    from smalti.governance.lineage_deletion import forget_through_lineage, plan_through_lineage
-
+    (``smalti.governance.lineage_deletion``). Under torchrun every rank calls this: rank 0 plans,
+    prepares ``out`` and certifies, every rank trains the replay (at the parent's world size, so the
+    replay is the counterfactual run's arithmetic), and ranks other than 0 return ``{}``."""
     parent, out = Path(parent), Path(out)
     if mode not in ("exact", "ablate"):
         raise DeletionError(f"--mode {mode!r}: choose exact or ablate")
+    info = _join_ranks(parent)
+    try:
+        return _forget(parent, node, out, key, mode, reset, max_eval_samples, info)
+    finally:
+        distributed.shutdown(info)
+
+
+def _join_ranks(parent: Path) -> distributed.DistInfo:
+    """The process group torchrun set up for this deletion (world size 1 without torchrun)."""
+    from smalti.config import load_recipe
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return distributed.DistInfo()
+    if not (parent / "recipe.yaml").is_file():
+        raise DeletionError(f"{parent}: not a run directory (no recipe.yaml)")
+    return distributed.init_distributed(distributed.device_type_for(load_recipe(parent / "recipe.yaml").train.device))
+
+
+@dataclass
+class _Replay:
+    """What rank 0 prepared for an exact replay, and needs again to certify it."""
+
+    plan: DeletionPlan
+    parent_final: dict[str, Any]
+    parent_payload: dict[str, Any]
+    fork_head: dict[str, Any]
+    fork_hash: str | None
+
+
+def _forget(parent: Path, node: str, out: Path, key: SigningKey, mode: str, reset: str,
+            max_eval_samples: int | None, info: distributed.DistInfo) -> dict[str, Any]:
+    done: dict[str, Any] | _Replay | None = None
+    failure: SmaltiError | None = None
+    if info.is_main:
+        try:
+            done = _decide(parent, node, out, key, mode, reset, max_eval_samples, info.world_size)
+        except SmaltiError as error:
+            failure = error
+    # The other ranks learn whether to train (and stop quietly where rank 0 refused: it says why, once).
+    replays = distributed.broadcast_object(None if failure else isinstance(done, _Replay), info)
+    if failure is not None:
+        raise failure
+    if replays is None:
+        raise SystemExit(1)
+    if replays:
+        _train_without(parent, node, out)
+    if not info.is_main:
+        return {}
+    if isinstance(done, _Replay):
+        certificate, final = _replay_certificate(done.plan, out, done.fork_head, done.fork_hash)
+        certificate["evaluation"] = _evaluation(parent, [done.parent_payload, final], max_eval_samples)
+        write_certificate(out, sign_certificate(certificate, key))
+        return certificate
+    assert done is not None
+    return done
+
+
+def _decide(parent: Path, node: str, out: Path, key: SigningKey, mode: str, reset: str,
+            max_eval_samples: int | None, world_size: int) -> dict[str, Any] | _Replay:
+    """Rank 0's part: plan, check, and either finish the deletion (ablation, a class that never
+    contributed, a lineage) and return its certificate, or prepare ``out`` for the replay."""
+    from smalti.governance.lineage_deletion import forget_through_lineage, plan_through_lineage
+
     through = plan_through_lineage(parent, node)
     if through is not None:
+        if world_size > 1:
+            raise DeletionError(f"{node!r} was learned by an ancestor of {parent}; a deletion across a lineage runs "
+                                "in one process: run smalti forget without torchrun")
         return forget_through_lineage(through, out, key, mode, reset, max_eval_samples)
     plan = plan_deletion(parent, node)
-    if _latest(parent).is_dir():
-        raise DeletionError(f"{parent}: trained with train.parallelism fsdp (sharded checkpoints); forgetting an "
-                            "FSDP2 run is not supported yet (docs/distributed.md)")
     parent_final = _final_head(parent)
     if key.public.key_id != parent_final["key_id"]:
         raise DeletionError(f"the signing key {key.public.key_id} is not the parent run's trainer key "
                             f"{parent_final['key_id']}")
     parent_payload = _load(_latest(parent))
+    if mode == "exact" and plan.first_step is not None:
+        require_world_size(parent, parent_payload, world_size)
+        _prepare_out(out)
+        fork_head, fork_hash = _fork(plan, out, parent_final)
+        return _Replay(plan, parent_final, parent_payload, fork_head, fork_hash)
     if mode == "ablate":
         if not plan.confined:
             raise DeletionError(f"cannot ablate {node!r}: {plan.ablation}; use --mode exact")
         _prepare_out(out)
         certificate, final = _ablate(plan, out, key, reset, parent_final), _load(_latest(out))
-    elif plan.first_step is None:
+    else:
         _prepare_out(out)
         certificate = _base_certificate(plan, "noop", parent_final)
         certificate.update(steps_replayed=0, final_weights_sha256=weights_sha256(parent_payload["model"]),
                            note=f"{node} never contributed to a step of this run: nothing to forget; the parent's "
                                 "weights stand")
         final = parent_payload
-    else:
-        _prepare_out(out)
-        certificate, final = _replay(plan, out, key, parent_final)
     certificate["evaluation"] = _evaluation(parent, [parent_payload, final], max_eval_samples)
     write_certificate(out, sign_certificate(certificate, key))
     return certificate
 
 
+def require_world_size(run: Path, payload: dict[str, Any], world_size: int) -> None:
+    """A replay equals the counterfactual run bit for bit only at the world size the run trained at: the
+    ranks' gradient sums are added in an order that depends on it. Refuse any other."""
+    ranks = len(payload["rng"])  # every rank's random state, saved at each checkpoint
+    if ranks != world_size:
+        launch = "in one process, without torchrun" if ranks == 1 else (
+            f"under torchrun at that world size: torchrun --nproc-per-node {ranks} -m smalti forget ...")
+        raise DeletionError(f"{run} trained on {ranks} rank{'s' if ranks > 1 else ''} and this is {world_size}; an "
+                            f"exact replay must run {launch}")
+
+
 def _replay(plan: DeletionPlan, out: Path, key: SigningKey,
             parent_final: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Replay without the class from the fork; the certificate and the final checkpoint's payload."""
+    """Replay without the class from the fork, in this process; the certificate and the final checkpoint's payload."""
+    fork_head, fork_hash = _fork(plan, out, parent_final)
+    _train_without(plan.parent, plan.node, out)
+    return _replay_certificate(plan, out, fork_head, fork_hash)
+
+
+def _fork(plan: DeletionPlan, out: Path, parent_final: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """Start ``out`` from the fork checkpoint (a copy: the parent stays untouched) with the lineage link the
+    replay's ledger begins with; the signed head the replay links and the fork checkpoint's hash."""
+    if plan.fork_checkpoint is None:  # the class was there from the first step: replay from the initial weights
+        head, checkpoint_hash = parent_final, None
+    else:
+        fork = plan.fork_checkpoint
+        head = _load(fork)["ledger"]["head"]
+        (out / "checkpoints").mkdir()
+        if fork.is_dir():  # a sharded checkpoint (FSDP2): its folder, hashed by its SHA256SUMS
+            shutil.copytree(fork, out / "checkpoints" / fork.name)
+        else:
+            shutil.copy2(fork, out / "checkpoints" / fork.name)
+        shutil.copy2(fork.with_name(fork.name + ".sha256"), out / "checkpoints" / (fork.name + ".sha256"))
+        (out / "checkpoints" / "latest").write_text(fork.name + "\n")
+        checkpoint_hash = checkpoint_sha256(fork)
+    write_pending(out, _replay_link(plan, head, "exact", head.get("weights", "") if checkpoint_hash else ""))
+    return head, checkpoint_hash
+
+
+def _train_without(parent: Path, node: str, out: Path) -> None:
+    """Train ``out`` on, from its fork, with ``node`` left out of the data (on every rank under torchrun)."""
     from smalti.config import load_recipe
     from smalti.trainer import Trainer
 
-    if plan.fork_checkpoint is not None:
-        payload_head = _load(plan.fork_checkpoint)["ledger"]["head"]
-        (out / "checkpoints").mkdir()
-        for suffix in ("", ".sha256"):
-            shutil.copy2(plan.fork_checkpoint.with_name(plan.fork_checkpoint.name + suffix),
-                         out / "checkpoints" / (plan.fork_checkpoint.name + suffix))
-        (out / "checkpoints" / "latest").write_text(plan.fork_checkpoint.name + "\n")
-        checkpoint_hash = file_sha256(plan.fork_checkpoint)
-    else:  # the class was there from the first step: replay from the initial weights
-        payload_head, checkpoint_hash = parent_final, None
-    write_pending(out, _replay_link(plan, payload_head, "exact",
-                                    payload_head.get("weights", "") if plan.fork_checkpoint is not None else ""))
-    recipe = load_recipe(plan.parent / "recipe.yaml")
-    excluded = sorted(set(recipe.data.exclude_classes) | {plan.node})
+    excluded = sorted(set(load_recipe(parent / "recipe.yaml").data.exclude_classes) | {node})
     # Shards are verified as the replay reads them (``lazy``): still fail-closed for every example it
     # trains on, without re-verifying the shards of classes the replay never reads.
-    recipe = load_recipe(plan.parent / "recipe.yaml", [f"data.exclude_classes={json.dumps(excluded)}",
-                                                       f"run_dir={out}", "data.verify=lazy"])
+    recipe = load_recipe(parent / "recipe.yaml", [f"data.exclude_classes={json.dumps(excluded)}",
+                                                  f"run_dir={out}", "data.verify=lazy"])
     trainer = Trainer(recipe, out)
     try:
         trainer.fit()
     finally:
         trainer.close()
+
+
+def _replay_certificate(plan: DeletionPlan, out: Path, fork_head: dict[str, Any],
+                        fork_hash: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
     final = _load(_latest(out))
-    certificate = _base_certificate(plan, "exact", payload_head)
+    excluded = sorted(set(final["recipe"]["data"]["exclude_classes"]))
+    certificate = _base_certificate(plan, "exact", fork_head)
     certificate.update(
-        checkpoint={"name": plan.fork_checkpoint.name, "sha256": checkpoint_hash} if plan.fork_checkpoint else None,
+        checkpoint={"name": plan.fork_checkpoint.name, "sha256": fork_hash} if plan.fork_checkpoint else None,
         steps_replayed=plan.steps_to_replay,
         replayed_from_start=plan.fork_checkpoint is None,
+        world_size=len(final["rng"]),
         counterfactual=f"smalti train RECIPE --set 'data.exclude_classes={json.dumps(excluded)}'",
         final_weights_sha256=weights_sha256(final["model"]),
         ledger_head=_final_head(out),
@@ -413,6 +510,7 @@ def _ablate(plan: DeletionPlan, out: Path, key: SigningKey, reset: str, parent_f
     ``--reset initial`` restores (through a lineage: where the adapter was born); ``evidence``: the ledger
     checks, when the caller made them over a whole chain."""
     from smalti.build import build_data, build_model_for
+    from smalti import sharded_checkpoint
     from smalti.checkpoint import CheckpointStore, checkpoint_name
     from smalti.config import load_recipe
     from smalti.determinism import seed_everything
@@ -473,14 +571,19 @@ def _ablate(plan: DeletionPlan, out: Path, key: SigningKey, reset: str, parent_f
     payload["ledger"] = {"head": head.to_json(), "recorder": payload["ledger"]["recorder"]} if payload.get("ledger") else None
     payload.update(eval_metrics={}, eval_by_class={}, evaluated_at=-1)  # the parent's numbers are not these weights'
     timestamp = payload["timestamp"]
-    CheckpointStore(out / "checkpoints", keep=1).save(payload, checkpoint_name(timestamp["epoch"], timestamp["batch"]))
+    store, sharded = CheckpointStore(out / "checkpoints", keep=1), latest.is_dir()
+    name = checkpoint_name(timestamp["epoch"], timestamp["batch"], sharded=sharded)
+    if sharded:  # an FSDP2 run stays sharded, so it resumes under FSDP2 at any world size
+        store.commit(sharded_checkpoint.save_whole(store.directory, name, payload), name)
+    else:
+        store.save(payload, name)
     shutil.copy2(recipe_path, out / "recipe.yaml")
     for extra in ("vocab.json", "data.json"):
         if (plan.parent / extra).is_file():
             shutil.copy2(plan.parent / extra, out / extra)
     certificate = _base_certificate(plan, "ablate", parent_final)
     certificate.update(
-        checkpoint={"name": latest.name, "sha256": file_sha256(latest)},
+        checkpoint={"name": latest.name, "sha256": checkpoint_sha256(latest)},
         steps_replayed=0,
         reset={"to": reset, "parameters": plan.confined},
         evidence=evidence,

@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from smalti.checkpoint import weights_sha256
+from smalti.checkpoint import load_checkpoint, weights_sha256
 from smalti.governance.certificate import sign_certificate, write_certificate
 from smalti.governance.deletion import (DeletionError, DeletionPlan, _ablate, _base_certificate, _evaluation,
                                         ablation_evidence, _final_head, _latest, _load, _prepare_out, _replay,
-                                        plan_deletion)
+                                        plan_deletion, require_world_size)
 from smalti.governance.keys import SigningKey
 from smalti.governance.lineage import chain, run_entry, verify_chain
 from smalti.governance.taxonomy import Taxonomy
@@ -98,6 +98,9 @@ def forget_through_lineage(plan: LineagePlan, out: Path, key: SigningKey, mode: 
             raise DeletionError(f"the signing key {key.public.key_id} is not the trainer key {signer} of {run}, "
                                 f"a run this deletion replaces; every run of the chain from {plan.runs[0]} down "
                                 f"must be signed by the same trainer")
+    if mode == "exact":  # every run of the chain is trained again in this process
+        for run in plan.runs:
+            require_world_size(run, load_checkpoint(_latest(run), tensors=False), 1)
     child_final = _final_head(plan.child)
     child_payload = _load(_latest(plan.child))
     if mode == "ablate":
