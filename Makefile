@@ -13,7 +13,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-finetune test test-fast bench browser clean
+.PHONY: demo demo-finetune test test-fast bench browser go-interop clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -146,8 +146,18 @@ browser:
 		(apt-get install -y -qq chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)) \
 		|| echo "warning: could not install chromium"; }
 
+# The transparency-log interop tests check Smalti's checkpoints, tiles and proofs with the Go project's own
+# code (golang.org/x/mod/sumdb/note and sumdb/tlog: Debian's golang-go and golang-golang-x-mod-dev), installed
+# here the same way; without them those tests fail rather than skip.
+go-interop:
+	@{ command -v go >/dev/null 2>&1 && test -d /usr/share/gocode/src/golang.org/x/mod/sumdb; } || { \
+		command -v apt-get >/dev/null 2>&1 && \
+		(apt-get install -y -qq golang-go golang-golang-x-mod-dev >/dev/null 2>&1 || \
+		 (apt-get update -qq && apt-get install -y -qq golang-go golang-golang-x-mod-dev >/dev/null)) \
+		|| echo "warning: could not install Go and golang.org/x/mod"; }
+
 # pytest exits 5 when it collects nothing; make treats that as the failure it is.
-test: $(VENV)/.test-installed browser
+test: $(VENV)/.test-installed browser go-interop
 	SMALTI_REQUIRE_BROWSER=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.test-installed

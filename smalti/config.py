@@ -110,6 +110,9 @@ class LedgerConfig(Section):
     probe_samples: int = Field(1, ge=1, description="validation examples per class in the entropy probe")
     probe_tokens: int = Field(32, ge=2, description="token positions per class the entropy is computed over")
     flush_every: int = Field(50, ge=1, description="steps between commits to ledger.sqlite")
+    log_name: str = Field("smalti", pattern=r"^[^\s+]+$", description="the ledger's log name: each run's tree "
+                          "heads are C2SP checkpoints with origin LOG_NAME/RUN_ID (e.g. example.org/smalti), "
+                          "no spaces or '+'")
 
 
 class InitConfig(Section):
@@ -353,6 +356,7 @@ class Recipe(Section):
 RESUMABLE_CHANGES = (
     "governance.ledger.key",
     "governance.ledger.flush_every",
+    "governance.ledger.log_name",
     "run_dir",
     "data.url",
     "data.taxonomy",

@@ -13,8 +13,8 @@ import re
 
 CHECKPOINT = "smalti-checkpoint/1"
 DATASET = "smalti-dataset/1"  # the signed manifest.json of a prepared dataset
-LEDGER = "smalti-ledger/2"  # the ledger's SQLite meta; 2: entries pack their numeric tables
-TREE_HEAD = "smalti-ledger-tree-head/1"  # inside every signed tree head's message
+LEDGER = "smalti-ledger/3"  # the ledger's SQLite meta; 2: entries pack their numeric tables; 3: C2SP heads
+TREE_HEAD = "smalti-ledger-tree-head/2"  # an extension line of every signed tree head (a C2SP checkpoint)
 DELETION_CERTIFICATE = "smalti-deletion-certificate/1"
 LINEAGE = "smalti-lineage/1"  # lineage.json: the parent link a deletion leaves for the trainer
 

@@ -246,7 +246,7 @@ class Trainer:
         return Ledger(
             self.run_dir, key, self.router, list(self.data.class_names), fingerprints, probe=probe,
             entropy_every=config.entropy_every, probe_tokens=config.probe_tokens, flush_every=config.flush_every, dist=self.dist,
-            recipe_fingerprint=self.recipe.fingerprint(ignore=RESUMABLE_CHANGES),
+            recipe_fingerprint=self.recipe.fingerprint(ignore=RESUMABLE_CHANGES), log_name=config.log_name,
         )
 
     def close(self) -> None:

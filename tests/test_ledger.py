@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import html as html_lib
+import base64
 import json
 import os
 import re
@@ -231,9 +232,11 @@ def test_resigning_with_another_key_fails_against_the_trainer_key(policy_run, go
     run = _copy_run(policy_run, tmp_path)
     impostor = SigningKey.load(governed.key("model-risk"))
     with sqlite3.connect(run / "ledger.sqlite") as db:
+        origin = db.execute("SELECT value FROM meta WHERE key = 'origin'").fetchone()[0]
         rows = db.execute("SELECT size, root, timestamp, final, weights FROM heads").fetchall()
         for size, root, timestamp, final, weights in rows:
-            head = TreeHead(size=size, root=root, timestamp=timestamp, final=bool(final), weights=weights)
+            head = TreeHead(size=size, root=root, timestamp=timestamp, final=bool(final), weights=weights,
+                            origin=origin)
             db.execute("UPDATE heads SET key_id = ?, signature = ? WHERE size = ?",
                        (impostor.public.key_id, impostor.sign(head.message()), size))
         db.execute("UPDATE meta SET value = ? WHERE key = 'trainer_public_key'", (impostor.public.text,))
@@ -251,7 +254,7 @@ def _synthetic_ledger(run: Path, key, size: int, head_sizes: list[int], magic: b
 
     run.mkdir(parents=True, exist_ok=True)
     store = LedgerStore(ledger_path(run), create=True)
-    store.start_log(key.public)
+    origin = store.start_log(key.public)
     frontier, previous, rows = merkle.Frontier(), ZERO_HASH, []
     for index in range(size):
         body = {"kind": "run"} if index == 0 else {
@@ -264,9 +267,8 @@ def _synthetic_ledger(run: Path, key, size: int, head_sizes: list[int], magic: b
         frontier.append(leaf)
         previous = leaf
         if frontier.size in head_sizes:
-            head = TreeHead(frontier.size, frontier.root(), "2026-01-01T00:00:00+00:00", frontier.size == size)
-            store.append(rows, TreeHead(head.size, head.root, head.timestamp, head.final, key.public.key_id,
-                                        key.sign(head.message())))
+            store.append(rows, TreeHead.signed(key, origin, frontier.size, frontier.root(), frontier.size == size,
+                                               timestamp="2026-01-01T00:00:00+00:00"))
             rows = []
     store.append(rows)
     store.close()
@@ -403,7 +405,9 @@ def test_inclusion_proof_checks_without_smalti(policy_run, governed):
                  path).hex() != head["root"]
     public = load_pem_private_key(governed.key("trainer").read_bytes(), None).public_key()
     public.verify(bytes.fromhex(head["signature"]), head["message"].encode())  # raises if forged
-    assert json.loads(head["message"])["root"] == head["root"]
+    lines = head["message"].splitlines()  # a C2SP checkpoint: origin, size, base64 root, extensions
+    assert lines[0] == head["origin"] and int(lines[1]) == head["size"]
+    assert base64.b64decode(lines[2]).hex() == head["root"]
 
 
 def test_show_and_export(policy_run, tmp_path):

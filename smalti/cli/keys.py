@@ -31,6 +31,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     new.add_argument("--dir", type=Path, required=True, help="folder for the key files")
     new.set_defaults(run=run_new)
 
+    note = keys_sub.add_parser(
+        "note-key", help="print a public key as a C2SP signed-note verifier key",
+        description="Print name+keyid+base64(0x01||key), the verifier key format of C2SP signed notes, which Go's "
+                    "sumdb note package, witnesses and tlog clients read. The name is part of the key ID: a run's "
+                    "tree heads are signed under its ledger origin (smalti ledger checkpoint RUN --verifier-key "
+                    "prints that run's).")
+    note.add_argument("pubkey", type=Path, metavar="PUBKEY", help="public key file (NAME.pub)")
+    note.add_argument("--name", required=True, help="the key name, e.g. a ledger origin example.org/smalti/RUN_ID")
+    note.set_defaults(run=run_note_key)
+
     sign = subparsers.add_parser("sign", help="write a detached signature FILE.sig",
                                  description="Sign the exact bytes of FILE with a private key; writes FILE.sig (JSON).")
     sign.add_argument("file", type=Path)
@@ -47,6 +57,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_new(args: argparse.Namespace) -> int:
     private, public = write_key_pair(args.name, args.dir)
     print(f"{private}  (private, keep secret)\n{public}  key id {PublicKey.load(public).key_id}")
+    return 0
+
+
+def run_note_key(args: argparse.Namespace) -> int:
+    from smalti.governance.ledger.note import verifier_key
+
+    print(verifier_key(args.name, PublicKey.load(args.pubkey).raw))
     return 0
 
 

@@ -51,6 +51,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     proof.add_argument("--step", type=int, required=True)
     proof.set_defaults(run=run_proof)
 
+    checkpoint = sub.add_parser(
+        "checkpoint", help="the latest signed tree head as a C2SP checkpoint (signed note), and its verifier key",
+        description="Print the run's latest signed tree head in the transparency-log world's format: a C2SP "
+                    "tlog-checkpoint (origin LOG_NAME/RUN_ID, size, base64 root hash, smalti- extension lines) "
+                    "in a C2SP signed note, signed by the trainer key under the origin's name. Any note verifier "
+                    "(Go's golang.org/x/mod/sumdb/note, witnesses) checks it with the verifier key "
+                    "(--verifier-key prints it: name+keyid+base64key).")
+    checkpoint.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    checkpoint.add_argument("--size", type=at_least_one, help="the head at this tree size (default: the latest)")
+    checkpoint.add_argument("--verifier-key", action="store_true", help="print the run's note verifier key instead")
+    checkpoint.set_defaults(run=run_checkpoint)
+
     export = sub.add_parser("export", help="write every entry as JSON lines or Parquet",
                             description="One row per entry: index, step, leaf hash (hex) and the decoded entry.")
     export.add_argument("run_dir", type=Path, metavar="RUN_DIR")
@@ -157,8 +169,32 @@ def run_proof(args: argparse.Namespace) -> int:
         "audit_path": [p.hex() for p in proof],
         "tree_head": head.to_json(),
         "how_to_check": "leaf = SHA-256(0x00 || entry); fold the audit path as RFC 9162 section 2.1.3.2; the result "
-                        "must equal tree_head.root; tree_head.signature is Ed25519 over tree_head.message",
+                        "must equal tree_head.root; tree_head.signature is Ed25519 over tree_head.message (a C2SP "
+                        "checkpoint; smalti ledger checkpoint RUN prints it as a signed note)",
     }, indent=1))
+    return 0
+
+
+def run_checkpoint(args: argparse.Namespace) -> int:
+    from smalti.governance.keys import PublicKey
+    from smalti.governance.ledger.note import verifier_key
+    from smalti.governance.ledger.store import LedgerStore, ledger_path
+
+    if not ledger_path(args.run_dir).is_file():
+        raise SmaltiError(f"{args.run_dir}: no ledger here (ledger.sqlite)")
+    store = LedgerStore(ledger_path(args.run_dir))
+    try:
+        heads, origin, recorded = store.heads(), store.origin, store.get_meta("trainer_public_key")
+    finally:
+        store.close()
+    public = PublicKey.parse(recorded or "", where=f"{args.run_dir}: the ledger's trainer key").raw
+    if args.verifier_key:
+        print(verifier_key(origin, public))
+        return 0
+    chosen = [h for h in heads if args.size is None or h.size == args.size]
+    if not chosen:
+        raise SmaltiError(f"{args.run_dir}: no signed tree head" + (f" at size {args.size}" if args.size else ""))
+    sys.stdout.write(chosen[-1].note(public))
     return 0
 
 

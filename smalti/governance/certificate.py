@@ -58,9 +58,7 @@ def write_certificate(out: Path, certificate: dict[str, Any]) -> Path:
 def _head_ok(head: dict[str, Any], key: PublicKey) -> bool:
     """The head's signature holds and its signed message states its own size, root, time and flag."""
     try:
-        message = json.loads(head["message"])
-        same = all(message[k] == head[k] for k in ("size", "root", "timestamp", "final"))
-        return same and key.verify(bytes.fromhex(head["signature"]), head["message"].encode())
+        return TreeHead.states_itself(head) and key.verify(bytes.fromhex(head["signature"]), head["message"].encode())
     except (KeyError, ValueError, TypeError):
         return False
 

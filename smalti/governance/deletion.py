@@ -558,13 +558,9 @@ def _ablate(plan: DeletionPlan, out: Path, key: SigningKey, reset: str, parent_f
     leaf = merkle.leaf_hash(data_bytes)
     store = LedgerStore(ledger_path(out), create=True)
     try:
-        store.start_log(key.public)
+        origin = store.start_log(key.public, load_recipe(recipe_path).governance.ledger.log_name)
         store.append([(0, 0, leaf, data_bytes)])
-        stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        digest = weights_sha256(model)
-        unsigned = TreeHead(size=1, root=merkle.root([leaf]), timestamp=stamp, final=True, weights=digest)
-        head = TreeHead(size=1, root=unsigned.root, timestamp=stamp, final=True, key_id=key.public.key_id,
-                        signature=key.sign(unsigned.message()), weights=digest)
+        head = TreeHead.signed(key, origin, 1, merkle.root([leaf]), final=True, weights=weights_sha256(model))
         store.add_head(head)
     finally:
         store.close()

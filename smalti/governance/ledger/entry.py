@@ -35,6 +35,7 @@ update-share rule); every later entry is one optimizer step (kind ``step``).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import binascii
 import json
 import math
@@ -247,8 +248,12 @@ class TreeHead:
     ``weights`` (heads signed with a checkpoint) is the sha256 of the model's
     weights at that point (``smalti.checkpoint.weights_sha256``): what binds a
     model file to the ledger, and a fine-tune's starting point to its parent.
-    The signed message is the canonical JSON of ``message_fields``, so any
-    Ed25519 tool can check it.
+
+    The signed message is a C2SP checkpoint (``smalti.governance.ledger.note``):
+    the ledger's ``origin`` (its log name, unique per run), size, root and
+    Smalti's extension lines; the signature is the Ed25519 note signature of
+    the key named ``origin``, so Go's note package, witnesses and tlog clients
+    check it as they check any transparency log's.
     """
 
     size: int
@@ -258,15 +263,50 @@ class TreeHead:
     key_id: str = ""
     signature: bytes = b""
     weights: str = ""
+    origin: str = ""
+
+    @classmethod
+    def signed(cls, key: Any, origin: str, size: int, root: bytes, final: bool, weights: str = "",
+               timestamp: str | None = None) -> "TreeHead":
+        """A head signed now by ``key`` (a ``SigningKey``)."""
+        import datetime as _dt
+
+        stamp = timestamp or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        unsigned = cls(size=size, root=root, timestamp=stamp, final=final, weights=weights, origin=origin)
+        return dataclasses.replace(unsigned, key_id=key.public.key_id, signature=key.sign(unsigned.message()))
 
     def message(self) -> bytes:
-        fields = {"final": self.final, "root": self.root.hex(), "size": self.size, "timestamp": self.timestamp,
-                  "version": formats.TREE_HEAD}
+        from smalti.governance.ledger.note import checkpoint_text
+
+        extensions = [f"smalti-format {formats.TREE_HEAD}", f"smalti-time {self.timestamp}",
+                      f"smalti-final {'true' if self.final else 'false'}"]
         if self.weights:
-            fields["weights"] = self.weights
-        return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+            extensions.append(f"smalti-weights {self.weights}")
+        return checkpoint_text(self.origin, self.size, self.root, extensions).encode()
+
+    def note(self, public: bytes) -> str:
+        """The head as a C2SP signed note (``public``: the raw Ed25519 key that signed it)."""
+        from smalti.governance.ledger.note import signature_line
+
+        return self.message().decode() + "\n" + signature_line(self.origin, public, self.signature)
 
     def to_json(self) -> dict[str, Any]:
         return {"size": self.size, "root": self.root.hex(), "timestamp": self.timestamp, "final": self.final,
                 "key_id": self.key_id, "signature": self.signature.hex(), "weights": self.weights,
-                "message": self.message().decode()}
+                "origin": self.origin, "message": self.message().decode()}
+
+    @staticmethod
+    def states_itself(head: dict[str, Any]) -> bool:
+        """Whether a head's JSON says in its signed message what its fields say (size, root, time, flag,
+        weights): the fields are only a reading aid, the message is what is signed."""
+        from smalti.governance.ledger.note import Checkpoint, NoteError
+
+        try:
+            checkpoint = Checkpoint.parse(head["message"])
+            return (checkpoint.origin == head["origin"] and checkpoint.size == head["size"]
+                    and checkpoint.root.hex() == head["root"] and checkpoint.extension("time") == head["timestamp"]
+                    and checkpoint.extension("final") == ("true" if head["final"] else "false")
+                    and (checkpoint.extension("weights") or "") == (head.get("weights") or "")
+                    and checkpoint.extension("format") == formats.TREE_HEAD)
+        except (KeyError, TypeError, NoteError):
+            return False

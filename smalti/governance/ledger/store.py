@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import uuid
 import sqlite3
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -76,9 +77,19 @@ class LedgerStore:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
-    def start_log(self, trainer_key: PublicKey) -> None:
-        """Name this file's format and the key that signs its heads, before the first entry."""
-        self.set_meta({"format": formats.LEDGER, "trainer_public_key": trainer_key.text})
+    def start_log(self, trainer_key: PublicKey, log_name: str = "smalti") -> str:
+        """Name this file's format, the key that signs its heads and the log's origin, before the first
+        entry; returns the origin: ``LOG_NAME/RUN_ID``, unique per ledger (a C2SP checkpoint's first line,
+        and the key name its signatures carry)."""
+        from smalti.governance.ledger.note import check_key_name
+
+        origin = check_key_name(f"{log_name.rstrip('/')}/{uuid.uuid4().hex[:16]}")
+        self.set_meta({"format": formats.LEDGER, "trainer_public_key": trainer_key.text, "origin": origin})
+        return origin
+
+    @property
+    def origin(self) -> str:
+        return self.get_meta("origin") or ""
 
     def set_meta(self, values: dict[str, str]) -> None:
         with self._transaction():
@@ -137,7 +148,8 @@ class LedgerStore:
 
     def heads(self) -> list[TreeHead]:
         rows = self.db.execute("SELECT size, root, timestamp, final, key_id, signature, weights FROM heads ORDER BY size")
-        return [TreeHead(size=s, root=r, timestamp=t, final=bool(f), key_id=k, signature=sig, weights=w)
+        origin = self.origin
+        return [TreeHead(size=s, root=r, timestamp=t, final=bool(f), key_id=k, signature=sig, weights=w, origin=origin)
                 for s, r, t, f, k, sig, w in rows]
 
     @contextlib.contextmanager

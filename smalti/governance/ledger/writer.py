@@ -16,7 +16,6 @@ the same entries an uninterrupted one would (G7).
 
 from __future__ import annotations
 
-import datetime as _dt
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,8 +98,9 @@ class Ledger:
         flush_every: int = 50,
         dist: DistInfo = DistInfo(),
         recipe_fingerprint: str = "",
+        log_name: str = "smalti",
     ) -> None:
-        self.key, self.dist = key, dist
+        self.key, self.dist, self.log_name = key, dist, log_name
         self.class_names = class_names
         self.fingerprints = fingerprints
         self.recorder = ContributionRecorder(router, dist)
@@ -145,7 +145,7 @@ class Ledger:
             return
         if head is None:
             self.store.truncate(0)
-            self.store.start_log(self.key.public)
+            self.store.start_log(self.key.public, self.log_name)
             self._append_bodies([self.genesis if parent is None else dict(self.genesis, parent=parent)])
             return
         size, expected = int(head["size"]), bytes.fromhex(head["root"])
@@ -283,11 +283,7 @@ class Ledger:
         if self.store is None:
             return None
         self.flush()
-        timestamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        unsigned = TreeHead(size=self.frontier.size, root=self.frontier.root(), timestamp=timestamp, final=final,
-                            weights=weights)
-        head = TreeHead(size=unsigned.size, root=unsigned.root, timestamp=timestamp, final=final,
-                        key_id=self.key.public.key_id, signature=self.key.sign(unsigned.message()), weights=weights)
+        head = TreeHead.signed(self.key, self.store.origin, self.frontier.size, self.frontier.root(), final, weights)
         self.store.add_head(head)
         return head.to_json()
 
