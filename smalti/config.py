@@ -113,6 +113,10 @@ class LedgerConfig(Section):
     log_name: str = Field("smalti", pattern=r"^[^\s+]+$", description="the ledger's log name: each run's tree "
                           "heads are C2SP checkpoints with origin LOG_NAME/RUN_ID (e.g. example.org/smalti), "
                           "no spaces or '+'")
+    publish: str | None = Field(None, description="publish the ledger as a C2SP tlog-tiles log to this folder or "
+                                "fsspec URL at every checkpoint (append-only; a failure warns and is retried at the "
+                                "next checkpoint)")
+    publish_options: dict[str, Any] = Field(default_factory=dict, description="fsspec storage options for publish")
 
 
 class InitConfig(Section):
@@ -357,6 +361,8 @@ RESUMABLE_CHANGES = (
     "governance.ledger.key",
     "governance.ledger.flush_every",
     "governance.ledger.log_name",
+    "governance.ledger.publish",
+    "governance.ledger.publish_options",
     "run_dir",
     "data.url",
     "data.taxonomy",

@@ -573,9 +573,24 @@ class Trainer:
         elif payload is not None:
             payload.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict())
             self._last_checkpoint = self.checkpoints.save(payload, name, keep_always=keep_always)
+        if payload is not None and payload["ledger"] is not None and self.recipe.governance.ledger.publish:
+            self._publish_ledger()
         distributed.barrier(self.dist)
         self._checkpointed_at = state.timestamp
         self.engine.run(event)
+
+    def _publish_ledger(self) -> None:
+        """Publish the ledger as tlog tiles up to the head just signed (main rank). The ledger in the run
+        directory is the evidence and is already safe: a destination that fails costs a warning, and the
+        next checkpoint's publication catches up."""
+        from smalti.governance.ledger.tiles import publish
+
+        config = self.recipe.governance.ledger
+        try:
+            publish(self.run_dir, str(config.publish), config.publish_options, verify=False)
+        except Exception as error:  # a network or server failure must not stop training
+            print(f"smalti: warning: could not publish the ledger to {config.publish} ({error}); "
+                  "the next checkpoint tries again", file=sys.stderr)
 
     def _finish_save(self, wait: bool = True) -> None:
         """Commit the sharded checkpoint being written once every rank has written it (rank 0 moves ``latest``).

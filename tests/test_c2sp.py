@@ -133,3 +133,141 @@ def test_log_names_with_spaces_or_plus_are_refused_in_one_line(governed, tmp_pat
     refused = smalti_cli("train", str(path), "--run-dir", str(tmp_path / "run"))
     assert refused.returncode != 0 and "governance.ledger.log_name" in refused.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture
+def put_server(tmp_path):
+    """A real HTTP server on loopback that serves a folder and accepts PUT into it; stopped after the test."""
+    import sys
+
+    from conftest import free_port, wait_for_port
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(REPO / "tests/put_server.py"), str(port), str(folder)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_port(port, process)
+    yield f"http://127.0.0.1:{port}", folder
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def synthetic_ledger(run: Path, key, size: int, heads: list[int], origin: str, salt: str = "") -> Path:
+    """A ledger of ``size`` entries (real encoder, signed heads at ``heads``) under a given origin: enough
+    entries for full tiles at two levels without training 70,000 steps."""
+    from smalti.governance.ledger import merkle
+    from smalti.governance.ledger.entry import ZERO_HASH, TreeHead, encode_entry
+    from smalti.governance.ledger.store import LedgerStore, ledger_path
+
+    run.mkdir(parents=True)
+    store = LedgerStore(ledger_path(run), create=True)
+    store.start_log(key.public)
+    store.set_meta({"origin": origin})
+    frontier, previous, rows = merkle.Frontier(), ZERO_HASH, []
+    for index in range(size):
+        body = {"kind": "run", "salt": salt} if index == 0 else {"kind": "step", "step": index, "loss": 1.0 / index}
+        data = encode_entry(index, previous, body)
+        leaf = merkle.leaf_hash(data)
+        rows.append((index, index, leaf, data))
+        frontier.append(leaf)
+        previous = leaf
+        if frontier.size in heads:
+            store.append(rows, TreeHead.signed(key, origin, frontier.size, frontier.root(), frontier.size == size))
+            rows = []
+    store.append(rows)
+    store.close()
+    return run
+
+
+def test_publish_is_a_tlog_tiles_log_that_go_reads_incrementally_and_never_rewritten(go_check, put_server, tmp_path):
+    from smalti.governance.keys import SigningKey
+    from smalti.governance.ledger.store import LedgerStore, ledger_path
+    from smalti.governance.ledger.tiles import tile_index, tile_path
+
+    assert [tile_index(n) for n in (0, 67, 1234067)] == ["000", "067", "x001/x234/067"]
+    assert tile_path("entries", 5, 17) == "tile/entries/005.p/17" and tile_path(1, 0) == "tile/1/000"
+    key, origin = SigningKey.generate(), "example.org/smalti/synthetic"
+    full = synthetic_ledger(tmp_path / "full", key, 70_000 // 100, [300, 700], origin)  # 700 entries
+    early = tmp_path / "early"
+    shutil.copytree(full, early)
+    store = LedgerStore(ledger_path(early))
+    store.truncate(300)
+    store.close()
+    base, folder = put_server
+    url = f"{base}/logs/run"
+    first = smalti_cli("ledger", "publish", str(early), "--to", url)
+    assert first.returncode == 0, first.stderr
+    verifier = smalti_cli("ledger", "checkpoint", str(full), "--verifier-key").stdout.strip()
+    checked = go(go_check, "tiles", url, verifier)
+    assert checked.returncode == 0, checked.stderr
+    assert "size 300" in checked.stdout and "all 300 entries included" in checked.stdout
+    (tmp_path / "old-checkpoint").write_bytes((folder / "logs/run/checkpoint").read_bytes())
+    served = folder / "logs/run/tile"
+    assert sorted(str(p.relative_to(served)) for p in served.rglob("*") if p.is_file()) == [
+        "0/000", "0/001.p/44", "1/000.p/1", "entries/000", "entries/001.p/44"]
+    stamps = {p: p.stat().st_mtime_ns for p in served.rglob("*") if p.is_file() and ".p" not in str(p)}
+
+    again = smalti_cli("ledger", "publish", str(full), "--to", url)
+    assert again.returncode == 0, again.stderr
+    assert "tree size 700 (was 300)" in again.stdout
+    checked = go(go_check, "tiles", url, verifier, tmp_path / "old-checkpoint")
+    assert checked.returncode == 0, checked.stderr
+    assert "all 700 entries included" in checked.stdout and "consistent with size 300" in checked.stdout
+    assert all(p.stat().st_mtime_ns == stamp for p, stamp in stamps.items())  # full tiles never written again
+    assert (served / "0/002.p/188").is_file() and (served / "1/000.p/2").is_file()
+
+    # Another history under the same log name and key: refused, and the published log is left as it was.
+    forked = synthetic_ledger(tmp_path / "forked", key, 800, [800], origin, salt="rewritten")
+    before = (folder / "logs/run/checkpoint").read_bytes()
+    refused = smalti_cli("ledger", "publish", str(forked), "--to", url)
+    assert refused.returncode != 0 and "not a prefix of this ledger" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert (folder / "logs/run/checkpoint").read_bytes() == before
+    # A tile tampered with on the server: Go's client refuses the log.
+    tampered = bytearray((served / "0/001").read_bytes())
+    tampered[5] ^= 1
+    (served / "0/001").write_bytes(bytes(tampered))
+    assert go(go_check, "tiles", url, verifier).returncode != 0
+
+
+def test_training_publishes_at_every_checkpoint_and_a_dead_destination_only_warns(governed, go_check, put_server,
+                                                                                  tmp_path):
+    from conftest import write_recipe
+    from test_ledger import ledger_recipe
+
+    base, folder = put_server
+    config = ledger_recipe(governed, train={"max_duration": "6ba"}, checkpoint={"interval": "3ba"},
+                           ledger={"publish": f"{base}/run"})
+    done = smalti_cli("train", str(write_recipe(tmp_path / "r.yaml", config)), "--run-dir", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr
+    verifier = smalti_cli("ledger", "checkpoint", str(tmp_path / "run"), "--verifier-key").stdout.strip()
+    checked = go(go_check, "tiles", f"{base}/run", verifier)
+    assert checked.returncode == 0, checked.stderr
+    assert (folder / "run/checkpoint").read_text() == smalti_cli("ledger", "checkpoint", str(tmp_path / "run")).stdout
+
+    dead = dict(config, governance={**config["governance"],
+                                    "ledger": {**config["governance"]["ledger"], "publish": "http://127.0.0.1:9/x"}})
+    done = smalti_cli("train", str(write_recipe(tmp_path / "dead.yaml", dead)), "--run-dir", str(tmp_path / "dead"))
+    assert done.returncode == 0, done.stderr
+    assert "could not publish the ledger" in done.stderr
+    verified = smalti_cli("ledger", "verify", str(tmp_path / "dead"))
+    assert verified.returncode == 0, verified.stderr
+
+
+def test_publish_to_an_s3_compatible_server(s3_server, tmp_path):
+    import s3fs
+
+    from smalti.governance.keys import SigningKey
+
+    run = synthetic_ledger(tmp_path / "run", SigningKey.generate(), 260, [260], "example.org/smalti/s3")
+    done = smalti_cli("ledger", "publish", str(run), "--to", "s3://corpora/logs/run",
+                      "--storage-option", f"client_kwargs.endpoint_url={s3_server}")
+    assert done.returncode == 0, done.stderr
+    s3 = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
+    assert s3.cat_file("corpora/logs/run/checkpoint").decode() == smalti_cli("ledger", "checkpoint", str(run)).stdout
+    assert sorted(p.split("logs/run/")[1] for p in s3.find("corpora/logs/run/tile")) == [
+        "tile/0/000", "tile/0/001.p/4", "tile/1/000.p/1", "tile/entries/000", "tile/entries/001.p/4"]
+    again = smalti_cli("ledger", "publish", str(run), "--to", "s3://corpora/logs/run",
+                       "--storage-option", f"client_kwargs.endpoint_url={s3_server}")
+    assert again.returncode == 0 and "0 tiles written" in again.stdout

@@ -63,6 +63,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     checkpoint.add_argument("--verifier-key", action="store_true", help="print the run's note verifier key instead")
     checkpoint.set_defaults(run=run_checkpoint)
 
+    publish = sub.add_parser(
+        "publish", help="publish the ledger as a C2SP tlog-tiles log to a folder or any fsspec URL",
+        description="Write RUN_DIR's ledger, up to its latest signed tree head, as a C2SP tlog-tiles log under URL "
+                    "(a folder, file://, s3://, or an HTTP server that accepts PUT): checkpoint, the hash tiles "
+                    "tile/L/N[.p/W] and the entry bundles tile/entries/N[.p/W]. Append-only and incremental: what URL "
+                    "already holds must be a prefix of this ledger (else nothing is written), only new tiles are "
+                    "written, a full tile never twice, and the checkpoint last. Any static file server then serves "
+                    "a log that tlog clients and witnesses can check (smalti witness cosign).")
+    publish.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    publish.add_argument("--to", required=True, metavar="URL", help="where the log lives, e.g. s3://bucket/logs/run1")
+    publish.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                         help="an fsspec option for URL, e.g. endpoint_url=http://127.0.0.1:9000 (repeatable)")
+    publish.set_defaults(run=run_publish)
+
     export = sub.add_parser("export", help="write every entry as JSON lines or Parquet",
                             description="One row per entry: index, step, leaf hash (hex) and the decoded entry.")
     export.add_argument("run_dir", type=Path, metavar="RUN_DIR")
@@ -195,6 +209,34 @@ def run_checkpoint(args: argparse.Namespace) -> int:
     if not chosen:
         raise SmaltiError(f"{args.run_dir}: no signed tree head" + (f" at size {args.size}" if args.size else ""))
     sys.stdout.write(chosen[-1].note(public))
+    return 0
+
+
+def storage_options(pairs: list[str]) -> dict[str, object]:
+    """``--storage-option KEY=VALUE`` pairs; values read as YAML scalars (true, 3, a string)."""
+    import yaml
+
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SmaltiError(f"--storage-option {pair!r}: expected KEY=VALUE")
+        if "." in key:  # nested: client_kwargs.endpoint_url=...
+            outer, _, inner = key.partition(".")
+            options.setdefault(outer, {})[inner] = yaml.safe_load(value)  # type: ignore[index]
+        else:
+            options[key] = yaml.safe_load(value)
+    return options
+
+
+def run_publish(args: argparse.Namespace) -> int:
+    from smalti.governance.ledger.tiles import publish
+
+    if not (args.run_dir / "ledger.sqlite").is_file():
+        raise SmaltiError(f"{args.run_dir}: no ledger here (ledger.sqlite)")
+    done = publish(args.run_dir, args.to, storage_options(args.storage_option))
+    print(f"published {args.run_dir} to {args.to}: tree size {done.size} (was {done.previous_size}), "
+          f"{counted(done.written, 'tile')} written")
     return 0
 
 

@@ -5,6 +5,9 @@
 //	    open the signed note with the verifier key; print origin, size and base64 root
 //	c2sp_check inclusion VERIFIER_KEY CHECKPOINT_FILE PROOF_JSON
 //	    also check `smalti ledger proof` output: the entry's RFC 6962 inclusion in the checkpoint's tree
+//	c2sp_check tiles BASE_URL VERIFIER_KEY [OLD_CHECKPOINT_FILE]
+//	    read a published tlog-tiles log over HTTP as a tlog client does: check the checkpoint, every
+//	    entry's inclusion from the tiles, and consistency with an older checkpoint
 //	c2sp_check keygen NAME / c2sp_check sign SIGNER_KEY TEXT_FILE
 //	    make a key pair and sign a note with Go's code, for Smalti's reader to open
 package main
@@ -15,6 +18,8 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"strconv"
 	"strings"
@@ -51,6 +56,10 @@ func main() {
 			fail("sign: %v", err)
 		}
 		os.Stdout.Write(signed)
+		return
+	}
+	if len(os.Args) >= 4 && os.Args[1] == "tiles" {
+		checkTiles(os.Args[2], os.Args[3], os.Args[4:])
 		return
 	}
 	if len(os.Args) < 4 {
@@ -118,4 +127,112 @@ func main() {
 		fail("inclusion: %v", err)
 	}
 	fmt.Printf("entry %d included\n", proof.LeafIndex)
+}
+
+// c2spTiles reads tiles at C2SP paths: Go's tlog names them tile/8/L/N (and tile/8/data/N for entries);
+// C2SP drops the fixed height 8 and calls entry bundles tile/entries/N.
+type c2spTiles struct{ base string }
+
+func (r c2spTiles) Height() int { return 8 }
+
+func (r c2spTiles) ReadTiles(tiles []tlog.Tile) ([][]byte, error) {
+	var out [][]byte
+	for _, t := range tiles {
+		path := strings.Replace(strings.Replace(t.Path(), "tile/8/data/", "tile/entries/", 1), "tile/8/", "tile/", 1)
+		data, err := get(r.base + "/" + path)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, data)
+	}
+	return out, nil
+}
+
+func (r c2spTiles) SaveTiles(tiles []tlog.Tile, data [][]byte) {}
+
+func get(url string) ([]byte, error) {
+	response, err := http.Get(url)
+	if err != nil {
+		return nil, err
+	}
+	defer response.Body.Close()
+	if response.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("GET %s: %s", url, response.Status)
+	}
+	return io.ReadAll(response.Body)
+}
+
+func openCheckpoint(signed []byte, verifier note.Verifier) (tlog.Tree, string) {
+	opened, err := note.Open(signed, note.VerifierList(verifier))
+	if err != nil {
+		fail("note: %v", err)
+	}
+	lines := strings.Split(opened.Text, "\n")
+	size, err := strconv.ParseInt(lines[1], 10, 64)
+	if err != nil {
+		fail("checkpoint size: %v", err)
+	}
+	root, err := tlog.ParseHash(lines[2])
+	if err != nil {
+		fail("checkpoint root: %v", err)
+	}
+	return tlog.Tree{N: size, Hash: root}, lines[0]
+}
+
+func checkTiles(base string, vkey string, older []string) {
+	verifier, err := note.NewVerifier(vkey)
+	if err != nil {
+		fail("verifier key: %v", err)
+	}
+	signed, err := get(base + "/checkpoint")
+	if err != nil {
+		fail("%v", err)
+	}
+	tree, origin := openCheckpoint(signed, verifier)
+	reader := tlog.TileHashReader(tree, c2spTiles{base})
+	for i := int64(0); i < tree.N; i++ {
+		proof, err := tlog.ProveRecord(tree.N, i, reader)
+		if err != nil {
+			fail("prove entry %d: %v", i, err)
+		}
+		bundle := tlog.Tile{H: 8, L: -1, N: i / 256, W: 256}
+		if rest := tree.N - bundle.N*256; rest < 256 {
+			bundle.W = int(rest)
+		}
+		data, err := c2spTiles{base}.ReadTiles([]tlog.Tile{bundle})
+		if err != nil {
+			fail("entries: %v", err)
+		}
+		entry := data[0]
+		for skip := i % 256; ; skip-- {
+			if len(entry) < 2 {
+				fail("bundle %d: truncated", bundle.N)
+			}
+			length := int(entry[0])<<8 | int(entry[1])
+			if skip == 0 {
+				entry = entry[2 : 2+length]
+				break
+			}
+			entry = entry[2+length:]
+		}
+		if err := tlog.CheckRecord(proof, tree.N, tree.Hash, i, tlog.RecordHash(entry)); err != nil {
+			fail("entry %d: %v", i, err)
+		}
+	}
+	fmt.Printf("origin %s\nsize %d\nall %d entries included\n", origin, tree.N, tree.N)
+	if len(older) == 1 {
+		previous, err := os.ReadFile(older[0])
+		if err != nil {
+			fail("%v", err)
+		}
+		old, _ := openCheckpoint(previous, verifier)
+		proof, err := tlog.ProveTree(tree.N, old.N, reader)
+		if err != nil {
+			fail("prove consistency: %v", err)
+		}
+		if err := tlog.CheckTree(proof, tree.N, tree.Hash, old.N, old.Hash); err != nil {
+			fail("consistency with size %d: %v", old.N, err)
+		}
+		fmt.Printf("consistent with size %d\n", old.N)
+	}
 }

@@ -51,8 +51,11 @@ class VerifyReport:
 
 
 def verify_ledger(run_dir: str | Path, public_key: PublicKey | None = None, deep: bool = False,
-                  workers: int | None = None) -> VerifyReport:
+                  workers: int | None = None, in_progress: bool = False) -> VerifyReport:
     """Recompute everything; ``deep`` also parses every entry (canonical JSON, kinds, step order).
+
+    ``in_progress``: a run that may still be training; its last head need not be final, and entries
+    after it (committed since the last checkpoint, not yet signed) are checked but vouch for nothing.
 
     ``workers``: processes that read and hash spans of the ledger (default: one per usable core;
     1, ``deep`` or a platform without ``fork`` checks in this process alone).
@@ -62,7 +65,7 @@ def verify_ledger(run_dir: str | Path, public_key: PublicKey | None = None, deep
     path = ledger_path(run_dir)
     store = LedgerStore(path)
     try:
-        return _verify(store, public_key, deep, default_workers() if workers is None else workers)
+        return _verify(store, public_key, deep, default_workers() if workers is None else workers, in_progress)
     finally:
         store.close()
 
@@ -146,7 +149,8 @@ def _spans(store: LedgerStore, workers: int, deep: bool,
     return spans
 
 
-def _verify(store: LedgerStore, public_key: PublicKey | None, deep: bool, workers: int) -> VerifyReport:
+def _verify(store: LedgerStore, public_key: PublicKey | None, deep: bool, workers: int,
+            in_progress: bool = False) -> VerifyReport:
     report = VerifyReport(ok=False)
     if public_key is None:
         recorded = store.get_meta("trainer_public_key")
@@ -189,11 +193,11 @@ def _verify(store: LedgerStore, public_key: PublicKey | None, deep: bool, worker
     if not heads:
         report.problem = "no signed tree head: nothing vouches for these entries"
         return report
-    if heads[-1].size != frontier.size:
+    if heads[-1].size != frontier.size and not in_progress:
         report.problem = (f"entries {heads[-1].size}..{frontier.size - 1} are not covered by a signed tree head "
                           "(appended after the last checkpoint: a crashed run, or added by hand)")
         return report
-    if not heads[-1].final:
+    if not heads[-1].final and not in_progress:
         report.problem = (f"the last tree head (size {heads[-1].size}) is not the final one: training did not "
                           "finish, or the ledger was cut short")
         return report
