@@ -271,3 +271,88 @@ def test_publish_to_an_s3_compatible_server(s3_server, tmp_path):
     again = smalti_cli("ledger", "publish", str(run), "--to", "s3://corpora/logs/run",
                        "--storage-option", f"client_kwargs.endpoint_url={s3_server}")
     assert again.returncode == 0 and "0 tiles written" in again.stdout
+
+
+def test_a_witness_cosigns_only_consistent_checkpoints_and_catches_a_rewritten_history(governed, go_check, tmp_path):
+    import base64
+    import hashlib
+    import struct
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from smalti.governance.keys import SigningKey
+    from smalti.governance.ledger import merkle
+    from smalti.governance.ledger.store import LedgerStore, ledger_path
+    from smalti.governance.ledger.tiles import PublishedLog
+
+    key, origin = SigningKey.generate(), "example.org/smalti/witnessed"
+    full = synthetic_ledger(tmp_path / "full", key, 700, [300, 700], origin)
+    early = tmp_path / "early"
+    shutil.copytree(full, early)
+    store = LedgerStore(ledger_path(early))
+    store.truncate(300)
+    store.close()
+    log, state = tmp_path / "log", tmp_path / "witness"
+    auditor = governed.key("auditor") if (governed.keys / "auditor.key").exists() else None
+    if auditor is None:
+        assert smalti_cli("keys", "new", "auditor", "--dir", str(tmp_path / "keys")).returncode == 0
+        auditor = tmp_path / "keys" / "auditor.key"
+    log_key = smalti_cli("ledger", "checkpoint", str(full), "--verifier-key").stdout.strip()
+
+    def cosign(*extra: str) -> subprocess.CompletedProcess:
+        return smalti_cli("witness", "cosign", str(log), "--key", str(auditor), "--state", str(state),
+                          "--name", "auditor.example.org/w1", *extra)
+
+    assert smalti_cli("ledger", "publish", str(early), "--to", str(log)).returncode == 0
+    refused = cosign()
+    assert refused.returncode != 0 and "pass --log-key" in refused.stderr
+    first = cosign("--log-key", log_key)
+    assert first.returncode == 0 and "first cosignature" in first.stdout, first.stderr
+    assert smalti_cli("ledger", "publish", str(full), "--to", str(log)).returncode == 0
+    second = cosign()
+    assert second.returncode == 0 and "size 700 (consistent with size 300)" in second.stdout, second.stderr
+
+    # The proof the witness checked, read from tiles, is RFC 6962's proof over the leaves themselves.
+    leaves = LedgerStore(ledger_path(full)).leaves()
+    published = PublishedLog(str(log))
+    for first_size in (1, 2, 255, 256, 257, 300, 511, 512, 699):
+        assert published.consistency_proof(first_size, 700) == merkle.consistency_proof(first_size, leaves)
+    for first_size in (1, 100, 256, 299):
+        assert published.consistency_proof(first_size, 300) == merkle.consistency_proof(first_size, leaves[:300])
+
+    # The cosignature, checked by hand against the spec with the cryptography library alone.
+    cosigned = (log / "checkpoint").read_text()
+    body, signatures = cosigned.rsplit("\n\n", 1)
+    line = next(s for s in signatures.splitlines() if s.startswith("\u2014 auditor.example.org/w1 "))
+    raw = base64.b64decode(line.split(" ")[2])
+    public = SigningKey.load(auditor).public.raw
+    assert raw[:4] == hashlib.sha256(b"auditor.example.org/w1\n\x04" + public).digest()[:4] and len(raw) == 76
+    (stamp,) = struct.unpack(">Q", raw[4:12])
+    Ed25519PublicKey.from_public_bytes(public).verify(raw[12:], f"cosignature/v1\ntime {stamp}\n{body}\n".encode())
+    (tmp_path / "cosigned").write_text(cosigned)
+    assert go(go_check, "note", log_key, tmp_path / "cosigned").returncode == 0  # Go still opens it: one more line
+
+    auditor_pub = auditor.with_suffix(".pub")
+    ok = smalti_cli("ledger", "verify", str(full), "--witness", str(auditor_pub), "--cosigned", str(log))
+    assert ok.returncode == 0 and "witness OK: witnessed by auditor.example.org/w1 at size 700" in ok.stdout, ok.stderr
+    stranger = smalti_cli("ledger", "verify", str(full), "--witness", str(governed.keys / "trainer.pub"),
+                          "--cosigned", str(log))
+    assert stranger.returncode == 1 and "no cosignature by witness key" in stranger.stderr
+
+    # The trainer rewrites history under the same name and key and shows the witness the new log: refused, and
+    # the witness's state still holds what it saw.
+    before = {p.name: p.read_bytes() for p in state.iterdir()}
+    forked = synthetic_ledger(tmp_path / "forked", key, 800, [800], origin, salt="rewritten")
+    shutil.rmtree(log)
+    assert smalti_cli("ledger", "publish", str(forked), "--to", str(log)).returncode == 0
+    split = cosign()
+    assert split.returncode != 0 and "not consistent with size 700" in split.stderr and "split view" in split.stderr
+    assert {p.name: p.read_bytes() for p in state.iterdir()} == before
+    diverged = smalti_cli("ledger", "verify", str(forked), "--witness", str(auditor_pub),
+                          "--cosigned", str(tmp_path / "cosigned"))
+    assert diverged.returncode == 1 and "does not match this ledger" in diverged.stderr
+    # Shown an older checkpoint again: a log only grows.
+    shutil.rmtree(log)
+    assert smalti_cli("ledger", "publish", str(early), "--to", str(log)).returncode == 0
+    back = cosign()
+    assert back.returncode != 0 and "smaller than size 700" in back.stderr

@@ -31,6 +31,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "ledger records, which proves integrity but not who signed)")
     verify.add_argument("--deep", action="store_true", help="also parse every entry (canonical form, step order); "
                         "runs in one process")
+    verify.add_argument("--witness", type=Path, action="append", default=[], metavar="WITNESS.pub",
+                        help="also require a cosignature by this witness (smalti witness cosign) on a checkpoint of "
+                             "this ledger, read from --cosigned (repeatable: every witness named must have cosigned)")
+    verify.add_argument("--cosigned", metavar="FILE_OR_URL", help="the cosigned checkpoint: a file, or a published "
+                        "log's URL (its checkpoint); default: the recipe's governance.ledger.publish URL")
     verify.add_argument("--workers", type=at_least_one, default=None, metavar="N",
                         help="processes reading and hashing the ledger in spans of 8,192 entries (default: one per "
                              "core; 1 checks in this process alone)")
@@ -120,7 +125,34 @@ def run_verify(args: argparse.Namespace) -> int:
             return 1
         described = " <- ".join(f"{parent} ({link.kind})" for parent, link in links)
         print(f"lineage OK: {args.run_dir} <- {described}")
+    if args.witness:
+        problem = _check_witnesses(args)
+        if problem is not None:
+            print(f"witness FAILED verification: {problem}", file=sys.stderr)
+            return 1
     return 0
+
+
+def _check_witnesses(args: argparse.Namespace) -> str | None:
+    """Every --witness must have cosigned a checkpoint of this ledger; None, or what is wrong."""
+    from smalti.config import load_recipe
+    from smalti.governance.keys import PublicKey
+    from smalti.governance.ledger.tiles import PublishedLog, PublishError
+    from smalti.governance.witness import WitnessError, check_witnessed
+
+    source = args.cosigned
+    if source is None and (args.run_dir / "recipe.yaml").is_file():
+        source = load_recipe(args.run_dir / "recipe.yaml").governance.ledger.publish
+    if source is None:
+        return "--witness needs --cosigned FILE_OR_URL (the run's recipe publishes nowhere)"
+    try:
+        note = Path(source).read_text(encoding="utf-8") if Path(source).is_file() else (
+            PublishedLog(source).read("checkpoint").decode("utf-8"))
+        for path in args.witness:
+            print(f"witness OK: {check_witnessed(args.run_dir, note, PublicKey.load(path))} ({path})")
+    except (WitnessError, PublishError, UnicodeDecodeError, OSError) as error:
+        return str(error)
+    return None
 
 
 def _load_step(run_dir: Path, step: int) -> tuple[int, bytes, bytes]:

@@ -11,11 +11,11 @@ import argparse
 import sys
 from typing import Sequence
 
-from smalti.cli import audit, data, export, forget, keys, ledger, policy, sample, taxonomy, tokenizer, train
+from smalti.cli import audit, data, export, forget, keys, ledger, policy, sample, taxonomy, tokenizer, train, witness
 from smalti.errors import SmaltiError
 from smalti.threads import apply_thread_defaults
 
-COMMANDS = (train, sample, export, keys, taxonomy, tokenizer, data, policy, ledger, audit, forget)
+COMMANDS = (train, sample, export, keys, taxonomy, tokenizer, data, policy, ledger, audit, forget, witness)
 
 
 def build_parser() -> argparse.ArgumentParser:

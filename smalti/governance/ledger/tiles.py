@@ -169,3 +169,66 @@ def publish(run: Path, url: str, storage_options: dict[str, Any] | None = None, 
     note = head.note(public)
     write("checkpoint", note.encode())
     return Published(url, head.size, previous, written, note)
+
+
+class PublishedLog:
+    """A published tlog-tiles log read the way a client reads it: its checkpoint, and any subtree hash from
+    the fewest tiles (a subtree of 2**k entries is one tile's 2**(k mod 8) hashes at level k // 8)."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        try:
+            self.fs, self.base = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        except (ImportError, ValueError) as error:
+            raise PublishError(f"{url}: {error}") from None
+        self.url = url
+        self._tiles: dict[str, bytes] = {}
+
+    def read(self, path: str) -> bytes:
+        try:
+            return self.fs.cat_file(f"{self.base.rstrip('/')}/{path}")
+        except FileNotFoundError:
+            raise PublishError(f"{self.url}/{path}: not found") from None
+        except OSError as error:
+            raise PublishError(f"{self.url}/{path}: cannot read ({error})") from None
+
+    def write(self, path: str, data: bytes) -> None:
+        try:
+            self.fs.pipe_file(f"{self.base.rstrip('/')}/{path}", data)
+        except (OSError, NotImplementedError) as error:
+            raise PublishError(f"{self.url}/{path}: cannot write ({error})") from None
+
+    def _hashes(self, level: int, index: int, count: int, size: int) -> list[bytes]:
+        """``count`` hashes of ``level`` from ``index`` on, for a tree of ``size`` entries (one tile)."""
+        tile, offset = divmod(index, WIDTH)
+        width = min(WIDTH, size // WIDTH ** level - tile * WIDTH)
+        path = tile_path(level, tile, width)
+        if path not in self._tiles:
+            data = self.read(path)
+            if len(data) != width * 32:
+                raise PublishError(f"{self.url}/{path}: {len(data)} bytes, a tile of width {width} has {width * 32}")
+            self._tiles[path] = data
+        data = self._tiles[path]
+        return [data[i * 32:(i + 1) * 32] for i in range(offset, offset + count)]
+
+    def range_hash(self, start: int, stop: int, size: int) -> bytes:
+        """MTH(D[start:stop]) of the tree of ``size`` entries, for the ranges proofs use (aligned subtrees and
+        their right edges)."""
+        length = stop - start
+        if length & (length - 1) == 0 and start % length == 0:
+            k = length.bit_length() - 1
+            level = k // 8
+            return merkle.root(self._hashes(level, start // WIDTH ** level, 1 << (k % 8), size))
+        split = 1 << ((length - 1).bit_length() - 1)
+        return merkle.node_hash(self.range_hash(start, start + split, size), self.range_hash(start + split, stop, size))
+
+    def consistency_proof(self, first: int, size: int) -> list[bytes]:
+        """RFC 6962's PROOF(first, D[size]), its nodes read from the tiles."""
+        def sub(m: int, start: int, stop: int, complete: bool) -> list[bytes]:
+            if m == stop - start:
+                return [] if complete else [self.range_hash(start, stop, size)]
+            k = 1 << ((stop - start - 1).bit_length() - 1)
+            if m <= k:
+                return sub(m, start, start + k, complete) + [self.range_hash(start + k, stop, size)]
+            return sub(m - k, start + k, stop, False) + [self.range_hash(start, start + k, size)]
+
+        return sub(first, 0, size, True)
