@@ -21,7 +21,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint", default=None, help="checkpoint path (default: the run's latest)")
     parser.add_argument("--weights", choices=("auto", "raw", "ema"), default="auto",
                         help="'ema': the EMA algorithm's average weights; 'auto' uses them when the run has them")
+    parser.add_argument("--sign", action="store_true", help="sign the folder: an in-toto/SLSA provenance statement "
+                        "signed by the trainer key (provenance.intoto.json), then an OpenSSF model signature over "
+                        "every file (model.sig); check with smalti verify-model or model_signing verify")
+    parser.add_argument("--trainer-key", type=Path, help="--sign: the trainer's Ed25519 private key, the one that "
+                        "signed the run's ledger (default: the recipe's governance.ledger.key)")
+    parser.add_argument("--model-key", type=Path, help="--sign: the trainer's ECDSA P-256 private key for model "
+                        "signing (smalti keys new NAME --type ecdsa-p256)")
     parser.set_defaults(run=run)
+
+    verify = subparsers.add_parser(
+        "verify-model", help="check a signed model folder: its model signature, provenance and ledger checkpoint",
+        description="Check DIR as smalti export --sign wrote it: the OpenSSF model signature (model.sig) over every "
+                    "file, the in-toto statement's DSSE signature by the trainer key, that the files are the "
+                    "statement's subjects, and the final ledger checkpoint it carries (a C2SP signed note by the "
+                    "trainer key). Exit 1 naming the first thing that does not hold.")
+    verify.add_argument("directory", type=Path, metavar="DIR")
+    verify.add_argument("--trainer-pubkey", type=Path, required=True, help="the trainer's Ed25519 public key")
+    verify.add_argument("--model-pubkey", type=Path, required=True, help="the trainer's model-signing public key (PEM)")
+    verify.set_defaults(run=run_verify)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out.exists():
         raise SmaltiError(f"--out {args.out}: exists; name a new folder")
+    if args.sign:
+        trainer_key, model_key = _signing_keys(args)
     model, tokenizer, checkpoint = load_trained_model(args.run_dir, args.checkpoint, args.weights)
     if not isinstance(model, HFCausalLM):
         raise SmaltiError(f"{args.run_dir}: export writes Hugging Face models (model.hf); this run trained "
@@ -41,9 +61,41 @@ def run(args: argparse.Namespace) -> int:
     scratch = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.", dir=args.out.parent))
     try:
         written = export(model, scratch, tokenizer)
+        if args.sign:
+            from smalti.checkpoint import load_checkpoint
+            from smalti.governance.provenance import sign_model
+
+            sign_model(scratch, args.run_dir, load_checkpoint(checkpoint, tensors=False), trainer_key, model_key)
+            written += ["provenance.intoto.json", "model.sig"]
         scratch.rename(args.out)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     print(f"{args.out}: {', '.join(written)} (from {Path(checkpoint).name})")
+    return 0
+
+
+def _signing_keys(args: argparse.Namespace):
+    from smalti.config import load_recipe
+    from smalti.governance.keys import SigningKey
+
+    if args.model_key is None:
+        raise SmaltiError("--sign needs --model-key (an ECDSA P-256 key: smalti keys new NAME --type ecdsa-p256)")
+    trainer = args.trainer_key
+    if trainer is None and (args.run_dir / "recipe.yaml").is_file():
+        trainer = load_recipe(args.run_dir / "recipe.yaml").governance.ledger.key
+    if trainer is None:
+        raise SmaltiError("--sign needs --trainer-key (the run's recipe names no governance.ledger.key)")
+    from smalti.governance.provenance import check_model_key
+
+    check_model_key(args.model_key)
+    return SigningKey.load(trainer), args.model_key
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from smalti.governance.keys import PublicKey
+    from smalti.governance.provenance import verify_model
+
+    for line in verify_model(args.directory, PublicKey.load(args.trainer_pubkey), args.model_pubkey):
+        print(line)
     return 0

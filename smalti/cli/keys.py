@@ -29,6 +29,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     new.add_argument("name", help="the key's name, e.g. data-governance")
     new.add_argument("--dir", type=Path, required=True, help="folder for the key files")
+    new.add_argument("--type", dest="kind", choices=("ed25519", "ecdsa-p256"), default="ed25519",
+                     help="ed25519 (default; every Smalti signature) or ecdsa-p256 (OpenSSF model signing: smalti "
+                          "export --sign --model-key; its .pub is PEM)")
     new.set_defaults(run=run_new)
 
     note = keys_sub.add_parser(
@@ -55,8 +58,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_new(args: argparse.Namespace) -> int:
-    private, public = write_key_pair(args.name, args.dir)
-    print(f"{private}  (private, keep secret)\n{public}  key id {PublicKey.load(public).key_id}")
+    private, public = write_key_pair(args.name, args.dir, args.kind)
+    described = f"key id {PublicKey.load(public).key_id}" if args.kind == "ed25519" else "ECDSA P-256, PEM"
+    print(f"{private}  (private, keep secret)\n{public}  {described}")
     return 0
 
 

@@ -103,25 +103,46 @@ class SigningKey:
     def sign(self, message: bytes) -> bytes:
         return self._key.sign(message)
 
+    @property
+    def cryptography_key(self) -> Ed25519PrivateKey:
+        """The key as the ``cryptography`` library holds it, for libraries that sign with it (DSSE)."""
+        return self._key
+
     def private_pem(self) -> bytes:
         return self._key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
 
 
-def write_key_pair(name: str, directory: str | Path) -> tuple[Path, Path]:
-    """Write ``NAME.key`` (0600) and ``NAME.pub``; refuses to overwrite an existing key."""
+def write_key_pair(name: str, directory: str | Path, kind: str = "ed25519") -> tuple[Path, Path]:
+    """Write ``NAME.key`` (0600) and ``NAME.pub``; refuses to overwrite an existing key.
+
+    ``kind``: ``ed25519`` (every Smalti signature: taxonomy, manifests, policies, ledger heads) or
+    ``ecdsa-p256`` (for OpenSSF model signing, whose library signs with NIST curves only; its public
+    key is written as a PEM SubjectPublicKeyInfo, what ``model_signing verify key`` reads)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    if kind not in ("ed25519", "ecdsa-p256"):
+        raise SignatureError(f"--type {kind!r}: choose ed25519 or ecdsa-p256")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     private, public = directory / f"{name}.key", directory / f"{name}.pub"
     for path in (private, public):
         if path.exists():
             raise SignatureError(f"{path}: already exists; refusing to overwrite a key")
-    key = SigningKey.generate()
+    if kind == "ed25519":
+        key = SigningKey.generate()
+        pem, public_text = key.private_pem(), f"# {name} (key id {key.public.key_id})\n{key.public.text}\n"
+    else:
+        curve_key = ec.generate_private_key(ec.SECP256R1())
+        pem = curve_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption())
+        public_text = curve_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
     fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:
-        handle.write(key.private_pem())
-    public.write_text(f"# {name} (key id {key.public.key_id})\n{key.public.text}\n", encoding="utf-8")
+        handle.write(pem)
+    public.write_text(public_text, encoding="utf-8")
     return private, public
 
 
