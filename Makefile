@@ -13,7 +13,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-finetune test test-fast bench browser go-interop clean
+.PHONY: demo demo-finetune test test-fast bench browser go-interop softhsm clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -156,8 +156,14 @@ go-interop:
 		 (apt-get update -qq && apt-get install -y -qq golang-go golang-golang-x-mod-dev >/dev/null)) \
 		|| echo "warning: could not install Go and golang.org/x/mod"; }
 
+# Keys in a hardware token are tested against SoftHSM2, a real PKCS#11 token (Debian's softhsm2).
+softhsm:
+	@command -v softhsm2-util >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+		(apt-get install -y -qq softhsm2 >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq softhsm2 >/dev/null)) \
+		|| echo "warning: could not install softhsm2"; }
+
 # pytest exits 5 when it collects nothing; make treats that as the failure it is.
-test: $(VENV)/.test-installed browser go-interop
+test: $(VENV)/.test-installed browser go-interop softhsm
 	SMALTI_REQUIRE_BROWSER=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.test-installed

@@ -396,7 +396,8 @@ def _path_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 
 def _is_relative_path(value: Any) -> bool:
-    return isinstance(value, str) and "://" not in value and not value.startswith("~") and not Path(value).is_absolute()
+    return (isinstance(value, str) and "://" not in value and not value.startswith(("~", "pkcs11:"))
+            and not Path(value).is_absolute())  # a pkcs11: URI names a key in a token, not a file
 
 
 def _get(data: dict, dotted: str) -> Any:

@@ -32,6 +32,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     new.add_argument("--type", dest="kind", choices=("ed25519", "ecdsa-p256"), default="ed25519",
                      help="ed25519 (default; every Smalti signature) or ecdsa-p256 (OpenSSF model signing: smalti "
                           "export --sign --model-key; its .pub is PEM)")
+    new.add_argument("--in", dest="token_uri", metavar="PKCS11_URI", help="make the key pair inside a PKCS#11 token "
+                     "(pkcs11:token=LABEL;object=NAME, RFC 7512; PIN from pin-value or SMALTI_PKCS11_PIN): only "
+                     "NAME.pub is written, and the URI is what --key takes from then on")
     new.set_defaults(run=run_new)
 
     note = keys_sub.add_parser(
@@ -58,6 +61,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_new(args: argparse.Namespace) -> int:
+    if args.token_uri:
+        from smalti.governance.pkcs11 import generate
+
+        if args.kind != "ed25519":
+            raise SmaltiError("--in makes Ed25519 keys (the token signs Smalti's signatures); drop --type")
+        path = args.dir / f"{args.name}.pub"
+        if path.exists():
+            raise SmaltiError(f"{path}: already exists; refusing to overwrite a key")
+        public_key = generate(args.token_uri)
+        args.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, f"# {args.name} (key id {public_key.key_id}, in {args.token_uri})\n{public_key.text}\n")
+        print(f"{args.token_uri}  (private, in the token)\n{path}  key id {public_key.key_id}")
+        return 0
     private, public = write_key_pair(args.name, args.dir, args.kind)
     described = f"key id {PublicKey.load(public).key_id}" if args.kind == "ed25519" else "ECDSA P-256, PEM"
     print(f"{private}  (private, keep secret)\n{public}  {described}")

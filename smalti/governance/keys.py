@@ -89,6 +89,12 @@ class SigningKey:
 
     @classmethod
     def load(cls, path: str | Path) -> "SigningKey":
+        """A private key file, or a key in a PKCS#11 token named by its RFC 7512 URI (``pkcs11:token=...;object=...``:
+        ``smalti.governance.pkcs11``), which signs the same way and never leaves the token."""
+        if str(path).startswith("pkcs11:"):
+            from smalti.governance.pkcs11 import Pkcs11SigningKey
+
+            return Pkcs11SigningKey(str(path))  # type: ignore[return-value]
         path = Path(path)
         if not path.is_file():
             raise SignatureError(f"{path}: private key file not found")
@@ -102,11 +108,6 @@ class SigningKey:
 
     def sign(self, message: bytes) -> bytes:
         return self._key.sign(message)
-
-    @property
-    def cryptography_key(self) -> Ed25519PrivateKey:
-        """The key as the ``cryptography`` library holds it, for libraries that sign with it (DSSE)."""
-        return self._key
 
     def private_pem(self) -> bytes:
         return self._key.private_bytes(

@@ -122,11 +122,24 @@ def _uri(location: str) -> str:
 def sign_envelope(payload: dict[str, Any], key: SigningKey) -> dict[str, Any]:
     """A DSSE envelope of the statement, signed with securesystemslib (the in-toto project's signing library)."""
     from securesystemslib.dsse import Envelope
-    from securesystemslib.signer import CryptoSigner
 
     envelope = Envelope(json.dumps(payload, sort_keys=True).encode(), PAYLOAD_TYPE, {})
-    envelope.sign(CryptoSigner(key.cryptography_key, _sslib_key(key.public)))  # keyid: the key id Smalti prints
+    envelope.sign(_Signer(key))
     return envelope.to_dict()
+
+
+class _Signer:
+    """securesystemslib's signer interface over any Smalti key (a file's, or a PKCS#11 token's); the keyid is
+    the key id Smalti prints."""
+
+    def __init__(self, key: SigningKey) -> None:
+        self.key = key
+        self.public_key = _sslib_key(key.public)
+
+    def sign(self, payload: bytes):
+        from securesystemslib.signer import Signature
+
+        return Signature(self.public_key.keyid, self.key.sign(payload).hex())
 
 
 def _sslib_key(public: PublicKey):
