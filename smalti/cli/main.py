@@ -11,11 +11,12 @@ import argparse
 import sys
 from typing import Sequence
 
-from smalti.cli import audit, data, export, forget, keys, ledger, policy, sample, taxonomy, tokenizer, train, witness
+from smalti.cli import (audit, data, export, forget, keys, ledger, policy, sample, serve, taxonomy, tokenizer, train,
+                        witness)
 from smalti.errors import SmaltiError
 from smalti.threads import apply_thread_defaults
 
-COMMANDS = (train, sample, export, keys, taxonomy, tokenizer, data, policy, ledger, audit, forget, witness)
+COMMANDS = (train, sample, export, keys, taxonomy, tokenizer, data, policy, ledger, audit, forget, witness, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -97,7 +97,7 @@ def run_entry(run_dir: Path) -> dict[str, Any]:
     """The run entry (entry 0) of a run's ledger, decoded (callers verify first)."""
     from smalti.governance.ledger.entry import decode_entry
 
-    store = LedgerStore(ledger_path(run_dir))
+    store = LedgerStore(ledger_path(run_dir), read_only=True)
     try:
         row = next(store.rows(0, 1), None)
     finally:
@@ -132,7 +132,7 @@ def chain(run_dir: Path) -> list[tuple[Path, Link]]:
 
 def _signed_head(run_dir: Path, head: dict[str, Any]) -> bool:
     """Whether the parent's ledger holds this exact signed head (size, root, time, flag, weights, signature)."""
-    store = LedgerStore(ledger_path(run_dir))
+    store = LedgerStore(ledger_path(run_dir), read_only=True)
     try:
         heads = {h.size: h for h in store.heads()}
     finally:
@@ -209,7 +209,7 @@ def admit_parent(parent: Path, trusted: list[PublicKey], tokenizer_json: str | N
     where = f"init.from_run {parent}"
     if not ledger_path(parent).is_file():
         raise LineageError(f"{where}: no ledger (only a run trained with governance.ledger can be a parent)")
-    store = LedgerStore(ledger_path(parent))
+    store = LedgerStore(ledger_path(parent), read_only=True)
     try:
         recorded = store.get_meta("trainer_public_key") or ""
     finally:
@@ -245,7 +245,7 @@ def admit_parent(parent: Path, trusted: list[PublicKey], tokenizer_json: str | N
 
 
 def _heads(run_dir: Path) -> list[dict[str, Any]]:
-    store = LedgerStore(ledger_path(run_dir))
+    store = LedgerStore(ledger_path(run_dir), read_only=True)
     try:
         return [h.to_json() for h in store.heads()]
     finally:

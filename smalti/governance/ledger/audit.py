@@ -60,8 +60,8 @@ class Ledger:
     steps: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
-    def load(cls, run_dir: str | Path) -> "Ledger":
-        store = LedgerStore(ledger_path(run_dir))
+    def load(cls, run_dir: str | Path, read_only: bool = False) -> "Ledger":
+        store = LedgerStore(ledger_path(run_dir), read_only=read_only)
         try:
             bodies = [decode_entry(data).body for _, _, _, data in store.rows()]
         finally:

@@ -364,12 +364,19 @@ def _certificate(run_dir: Path) -> str:
 
 def write_report(run_dir: str | Path, out: str | Path, verified: VerifyReport) -> Path:
     """Render the report for ``run_dir`` into ``out`` (atomically); returns the path."""
+    out = Path(out)
+    atomic_write_bytes(out, render_report(run_dir, verified).encode("utf-8"))
+    return out
+
+
+def render_report(run_dir: str | Path, verified: VerifyReport, read_only: bool = False) -> str:
+    """The report as one self-contained HTML page (``read_only``: open the ledger read-only, as the service does)."""
     import matplotlib
     import matplotlib.pyplot as plt
 
     matplotlib.use("Agg")
     run_dir = Path(run_dir)
-    ledger = Ledger.load(run_dir)
+    ledger = Ledger.load(run_dir, read_only=read_only)
     if not ledger.steps:
         raise ValueError(f"{run_dir}: the ledger has no steps to report")
     status = (f'<p class="status ok" id="status">VERIFIED: {verified.entries} entries, every leaf, the tree and '
@@ -418,6 +425,4 @@ Update-share rule: {_e(ledger.run.get('update_share_rule', ''))}.</p>
 {later}
 </body></html>
 """
-    out = Path(out)
-    atomic_write_bytes(out, page.encode("utf-8"))
-    return out
+    return page

@@ -49,10 +49,22 @@ def ledger_path(run_dir: str | Path) -> Path:
 
 
 class LedgerStore:
-    def __init__(self, path: str | Path, *, create: bool = False) -> None:
+    def __init__(self, path: str | Path, *, create: bool = False, read_only: bool = False) -> None:
+        """``read_only``: open the file as SQLite's read-only mode does (``smalti serve``): nothing can be
+        written through this connection, while a trainer may still be appending (WAL readers never block it)."""
         self.path = Path(path)
         if not create and not self.path.is_file():
             raise LedgerError(f"{self.path}: no ledger here (was the run trained with governance.ledger?)")
+        if read_only:
+            try:
+                self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+                problem = formats.format_problem(self.get_meta("format"), formats.LEDGER, str(self.path))
+            except sqlite3.DatabaseError as error:
+                raise LedgerError(f"{self.path}: not a readable ledger ({error})") from None
+            if problem:
+                self.db.close()
+                raise LedgerError(problem)
+            return
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None)  # explicit transactions only
             self.db.execute("PRAGMA page_size=16384")  # entries are ~5 kB: one page each, not an overflow chain

@@ -51,7 +51,7 @@ class VerifyReport:
 
 
 def verify_ledger(run_dir: str | Path, public_key: PublicKey | None = None, deep: bool = False,
-                  workers: int | None = None, in_progress: bool = False) -> VerifyReport:
+                  workers: int | None = None, in_progress: bool = False, read_only: bool = False) -> VerifyReport:
     """Recompute everything; ``deep`` also parses every entry (canonical JSON, kinds, step order).
 
     ``in_progress``: a run that may still be training; its last head need not be final, and entries
@@ -63,7 +63,7 @@ def verify_ledger(run_dir: str | Path, public_key: PublicKey | None = None, deep
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     path = ledger_path(run_dir)
-    store = LedgerStore(path)
+    store = LedgerStore(path, read_only=read_only)
     try:
         return _verify(store, public_key, deep, default_workers() if workers is None else workers, in_progress)
     finally:

@@ -1,0 +1,1 @@
+"""``smalti serve``: read-only, credentialed access to runs for auditors (docs/auditing.md)."""
