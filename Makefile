@@ -34,7 +34,7 @@ T := $(BIN)/smalti
 
 $(DEMO)/keys/trainer.pub: | $(VENV)/.core-installed
 	@echo "== 1. one Ed25519 key pair per authority"
-	for name in data-governance gutenberg-tagger model-risk trainer; do \
+	for name in data-governance gutenberg-tagger model-risk trainer auditor; do \
 		$(T) keys new $$name --dir $(DEMO)/keys || exit 1; done
 
 $(DEMO)/taxonomy.yaml.sig: $(DEMO)/keys/trainer.pub
@@ -44,6 +44,7 @@ $(DEMO)/taxonomy.yaml.sig: $(DEMO)/keys/trainer.pub
 		--data-governance $(DEMO)/keys/data-governance.pub \
 		--tagger gutenberg-tagger=$(DEMO)/keys/gutenberg-tagger.pub:gutenberg \
 		--model-risk $(DEMO)/keys/model-risk.pub --trainer $(DEMO)/keys/trainer.pub \
+		--auditor auditor=$(DEMO)/keys/auditor.pub \
 		--deletable gutenberg/tragedy/hamlet
 	$(T) sign $(DEMO)/taxonomy.yaml --key $(DEMO)/keys/data-governance.key
 
@@ -76,6 +77,9 @@ demo: $(DEMO)/policy.yaml.sig
 	rm -rf $(DEMO)/run-without-hamlet
 	$(T) forget $(DEMO)/run --class gutenberg/tragedy/hamlet --mode ablate --out $(DEMO)/run-without-hamlet --eval-samples 2000
 	$(T) ledger verify $(DEMO)/run-without-hamlet --pubkey $(DEMO)/keys/trainer.pub
+	@echo "== 10. an auditor reads it: serve the demo's runs read-only (docs/auditing.md), then open"
+	@echo "   http://127.0.0.1:8700/ui/ and log in with $(DEMO)/keys/auditor.key (it never leaves the page):"
+	@echo "   $(PIP) install -e '.[serve]' && $(T) serve $(DEMO) --taxonomy $(DEMO)/taxonomy.yaml --trust $(DEMO)/keys/data-governance.pub"
 
 $(VENV)/.hf-installed: $(VENV)/.core-installed
 	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -e ".[hf]"

@@ -173,3 +173,104 @@ def test_a_session_of_requests_leaves_every_run_byte_for_byte(service):
                  "/api/runs/alpha/entropy", "/api/runs/alpha/contributions", "/api/runs/alpha/report"):
         client.get(path)
     assert _bytes(runs / "alpha") == before
+
+
+def test_the_ui_in_headless_chromium_logs_in_draws_and_verifies_in_the_browser(service, governed):
+    import json
+    import os
+    import shutil
+
+    from conftest import smalti_cli
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("SMALTI_REQUIRE_BROWSER"):
+            pytest.fail("chromium is required here (make test installs it) but is not on PATH")
+        pytest.skip("no chromium on this machine (make test installs it)")
+    from playwright.sync_api import sync_playwright
+
+    base, runs, auditor = service
+    info = Client(base, auditor).get("/api/runs/alpha").json()
+    verifier = smalti_cli("ledger", "checkpoint", str(runs / "alpha"), "--verifier-key").stdout.strip()
+    artifacts = REPO / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1600})
+            page.goto(base + "/ui/")
+            page.fill("#key-pem", auditor.read_text())
+            page.click("#login-button")
+            page.wait_for_selector("tr.run-row", timeout=30_000)
+            cookie = next(c for c in page.context.cookies() if c["name"] == "smalti_session")
+            assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+            assert "signed in as auditor-one" in page.text_content("#who")
+            page.click("tr.run-row[data-run=alpha]")
+            page.wait_for_selector("#heatmap rect.cell")
+            assert page.locator("#heatmap rect.cell").count() == len(info["layers"]) * len(info["classes"])
+            page.fill("#verifier-key", verifier)
+            page.fill("#inspect-step", "3")
+            page.click("#verify")
+            page.wait_for_function("!document.getElementById('verdict').textContent.startsWith('checking')")
+            verdict = page.text_content("#verdict")
+            assert verdict.startswith("verified in your browser"), verdict
+            page.screenshot(path=str(artifacts / "serve-ui.png"), full_page=True)
+
+            def flipped(route):  # the test's proxy: one byte of the served proof changed on its way
+                response = route.fetch()
+                proof = response.json()
+                path = proof["audit_path"]
+                path[0] = ("0" if path[0][0] != "0" else "1") + path[0][1:]
+                route.fulfill(response=response, body=json.dumps(proof))
+
+            page.route("**/proof/inclusion*", flipped)
+            page.click("#verify")
+            page.wait_for_function("!document.getElementById('verdict').textContent.startsWith('checking')")
+            failed = page.text_content("#verdict")
+            assert failed.startswith("failed") and "verified" not in failed, failed
+            page.unroute("**/proof/inclusion*")
+            page.fill("#verifier-key", verifier.replace("+", "-", 1).replace("-", "+", 1)[:-4] + "AAAA")
+            page.click("#verify")
+            page.wait_for_function("!document.getElementById('verdict').textContent.startsWith('checking')")
+            assert page.text_content("#verdict").startswith("failed")
+        finally:
+            browser.close()
+
+
+@pytest.mark.slow
+def test_200_concurrent_readers_while_a_run_trains_into_the_same_folder(tmp_path):
+    """Bounded to 20 seconds here (the suite's time budget); `benchmarks/serve_load.py` holds 60."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from conftest import free_port
+    from serve_load import make_environment, measure
+
+    env = make_environment(tmp_path, steps=20)
+    result = measure(env, [200], seconds=20, train_while=True, port=free_port(), kinds=("proof",))
+    case = result["cases"][0]
+    print(f"200 readers: {case['requests']} proofs, {case['rps']} per second, p50 {case['p50_ms']} ms, "
+          f"p99 {case['p99_ms']} ms")
+    assert result["errors"] == 0, case["first_errors"]  # every answer 200, every proof verified
+    assert case["requests"] >= 200 and case["p99_ms"] > 0
+    assert (env["runs"] / "beta" / "ledger.sqlite").is_file()  # the other run really was training meanwhile
+
+
+def test_a_taxonomy_names_auditors_and_serve_refuses_one_without(governed, tmp_path):
+    from conftest import smalti_cli
+
+    for auditors, name in (([], "none"), (["--auditor", f"external={governed.keys / 'model-risk.pub'}"], "some")):
+        out = tmp_path / f"{name}.yaml"
+        made = smalti_cli("taxonomy", "init", str(out), "--name", name, "--class", "a/b", "--data-governance",
+                          str(governed.trust), *auditors)
+        assert made.returncode == 0, made.stderr
+        assert smalti_cli("sign", str(out), "--key", str(governed.key("data-governance"))).returncode == 0
+        (tmp_path / "runs").mkdir(exist_ok=True)
+        if name == "none":
+            refused = smalti_cli("serve", str(tmp_path / "runs"), "--taxonomy", str(out), "--trust", str(governed.trust))
+            assert refused.returncode != 0 and "names no auditor key" in refused.stderr
+            assert len(refused.stderr.strip().splitlines()) == 1
+        else:
+            shown = smalti_cli("taxonomy", "show", str(out), "--trust", str(governed.trust))
+            assert "external: auditor" in shown.stdout, shown.stdout
+    bad = smalti_cli("taxonomy", "init", str(tmp_path / "bad.yaml"), "--name", "bad", "--class", "a/b", "--data-governance",
+                     str(governed.trust), "--auditor", "nameonly")
+    assert bad.returncode != 0 and "expected NAME=PUB" in bad.stderr

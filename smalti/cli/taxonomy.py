@@ -36,6 +36,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                       help="a tagging authority, its public key and the subtrees it may tag (repeatable)")
     init.add_argument("--model-risk", type=Path, metavar="PUB", help="model-risk public key (owns routing policies)")
     init.add_argument("--trainer", type=Path, metavar="PUB", help="trainer public key (signs ledgers)")
+    init.add_argument("--auditor", action="append", default=[], metavar="NAME=PUB",
+                      help="an auditor and its public key: may read runs through smalti serve (repeatable)")
     init.add_argument("--deletable", action="append", default=[], metavar="CLASS",
                       help="mark a class as one that may have to be deleted later (repeatable)")
     init.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
@@ -72,6 +74,13 @@ def run_init(args: argparse.Namespace) -> int:
     for role, path in (("model-risk", args.model_risk), ("trainer", args.trainer)):
         if path is not None:
             authorities[role] = {"role": role, "key": PublicKey.load(path).text}
+    for entry in args.auditor:
+        name, sep, pub = entry.partition("=")
+        if not sep or not name or not pub:
+            raise SmaltiError(f"--auditor {entry!r}: expected NAME=PUB, e.g. external-auditor=keys/auditor.pub")
+        if name in authorities:
+            raise SmaltiError(f"--auditor {name}: an authority of that name exists already")
+        authorities[name] = {"role": "auditor", "key": PublicKey.load(Path(pub)).text}
     text = taxonomy_yaml(args.name, classes, authorities, args.deletable)
     Taxonomy.parse(text.encode(), str(args.out))  # refuse to write what would not load
     args.out.parent.mkdir(parents=True, exist_ok=True)

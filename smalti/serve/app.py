@@ -15,17 +15,19 @@ from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from smalti.errors import SmaltiError
 from smalti.governance.ledger import merkle
 from smalti.governance.taxonomy import Taxonomy
 from smalti.serve.access_log import AccessLog
-from smalti.serve.auth import AuthError, RequestAuthenticator
+from smalti.serve.auth import AuthError, RequestAuthenticator, Sessions
 
 READ_METHODS = ("GET", "HEAD")
 MAX_HEADERS = 16384  # bytes of all request headers together
+PUBLIC = ("/", "/ui", "/openapi.json", "/api/login/challenge", "/api/login")  # served without a credential
 
 
 class NotFound(SmaltiError):
@@ -107,6 +109,28 @@ def create_app(runs_dir: Path, taxonomy: Taxonomy, access_log: Path) -> FastAPI:
                               "request is signed with HTTP Message Signatures (RFC 9421) by an auditor key the signed "
                               "taxonomy names.")
     runs, auth, log = Runs(runs_dir), RequestAuthenticator(taxonomy), AccessLog(access_log)
+    sessions = Sessions(auth)
+    app.mount("/ui", StaticFiles(directory=Path(__file__).parent / "static", html=True), name="ui")
+
+    @app.get("/", include_in_schema=False)
+    def root() -> RedirectResponse:
+        return RedirectResponse("/ui/")
+
+    @app.get("/api/login/challenge", summary="a one-time challenge for a browser login (no credential needed)")
+    def login_challenge() -> dict[str, Any]:
+        return {"challenge": sessions.challenge(), "expires_in": Sessions.CHALLENGE_LIFETIME,
+                "sign": "Ed25519 over 'smalti-login/v1\\n' + challenge, by an auditor key"}
+
+    @app.get("/api/login", summary="exchange a signed challenge for a session cookie (HttpOnly, SameSite=Strict)")
+    def login(challenge: str, key_id: str, signature: str) -> JSONResponse:
+        try:
+            reader, token = sessions.login(challenge, key_id, signature)
+        except AuthError as error:
+            return _error(error.status, error.message)
+        response = JSONResponse({"reader": reader.name, "key_id": reader.key_id, "expires_in": Sessions.LIFETIME})
+        response.set_cookie(Sessions.COOKIE, token, max_age=Sessions.LIFETIME, httponly=True, samesite="strict",
+                            path="/")
+        return response
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -116,11 +140,12 @@ def create_app(runs_dir: Path, taxonomy: Taxonomy, access_log: Path) -> FastAPI:
             response = _error(431, f"request headers of {header_bytes} bytes: more than {MAX_HEADERS}")
         elif request.method not in READ_METHODS:
             response = _error(405, f"{request.method}: this service only reads (GET)")
-        elif request.url.path == "/openapi.json":
+        elif request.url.path in PUBLIC or request.url.path.startswith("/ui/"):  # no run data: code, schema, login
             response = await call_next(request)
         else:
             try:
-                reader = auth.authenticate(request.method, _target_uri(request), list(request.headers.items()))
+                reader = sessions.reader(request.cookies.get(Sessions.COOKIE)) or auth.authenticate(
+                    request.method, _target_uri(request), list(request.headers.items()))
                 request.state.reader = reader
                 response = await call_next(request)
             except AuthError as error:

@@ -120,3 +120,66 @@ class _Headers:
             return self[name]
         except KeyError:
             return default
+
+
+class Sessions:
+    """Browser logins: a one-time challenge signed by an auditor's key buys a short-lived session cookie.
+
+    The page signs ``smalti-login/v1\n<challenge>`` with the key the auditor loads into it (WebCrypto
+    Ed25519); the key never leaves the page. No passwords. The cookie is HttpOnly and SameSite=Strict."""
+
+    COOKIE = "smalti_session"
+    LIFETIME = 15 * 60
+    CHALLENGE_LIFETIME = 120
+
+    def __init__(self, authenticator: RequestAuthenticator) -> None:
+        self.authenticator = authenticator
+        self._challenges: dict[str, float] = {}
+        self._sessions: dict[str, tuple[Reader, float]] = {}
+        self._lock = threading.Lock()
+
+    def challenge(self) -> str:
+        import secrets
+
+        token = secrets.token_hex(16)
+        now = time.time()
+        with self._lock:
+            self._challenges = {k: v for k, v in self._challenges.items() if v > now}
+            self._challenges[token] = now + self.CHALLENGE_LIFETIME
+        return token
+
+    def login(self, challenge: str, key_id: str, signature: str) -> tuple[Reader, str]:
+        import base64
+        import binascii
+        import secrets
+
+        from smalti.governance.keys import PublicKey
+
+        with self._lock:
+            valid = self._challenges.pop(challenge, 0) > time.time()  # one use only
+        if not valid:
+            raise AuthError(401, "login refused: unknown, used or expired challenge (ask /api/login/challenge)")
+        authority = self.authenticator.authorities.get(key_id)
+        try:
+            raw = base64.b64decode(signature, validate=True)
+        except (binascii.Error, ValueError):
+            raise AuthError(401, "login refused: the signature is not base64") from None
+        if authority is None or not PublicKey(authority.key.raw).verify(raw, f"smalti-login/v1\n{challenge}".encode()):
+            raise AuthError(401, "login refused: the signature does not verify under a key the taxonomy names")
+        if authority.role != "auditor":
+            raise AuthError(403, f"key {key_id} is the taxonomy's {authority.role} '{authority.name}', not an auditor")
+        token = secrets.token_urlsafe(32)
+        reader = Reader(authority.name, key_id)
+        with self._lock:
+            self._sessions[token] = (reader, time.time() + self.LIFETIME)
+        return reader, token
+
+    def reader(self, token: str | None) -> Reader | None:
+        if not token:
+            return None
+        with self._lock:
+            found = self._sessions.get(token)
+            if found is None or found[1] < time.time():
+                self._sessions.pop(token, None)
+                return None
+            return found[0]
