@@ -52,7 +52,7 @@ def body(step: int, rng: random.Random) -> dict:
 
 def build(run_dir: Path, entries: int, key: SigningKey) -> int:
     store = LedgerStore(ledger_path(run_dir), create=True)
-    store.start_log(key.public)
+    origin = store.start_log(key.public)
     rng, frontier, previous, rows = random.Random(0), merkle.Frontier(), ZERO_HASH, []
     template = [body(s, rng) for s in range(1, 101)]  # encode real bodies; vary the step
     for index in range(entries):
@@ -63,10 +63,8 @@ def build(run_dir: Path, entries: int, key: SigningKey) -> int:
         frontier.append(leaf)
         previous = leaf
         if frontier.size % 1000 == 0 or index == entries - 1:
-            head = TreeHead(frontier.size, frontier.root(), "2026-01-01T00:00:00+00:00", index == entries - 1)
-            signed = TreeHead(head.size, head.root, head.timestamp, head.final, key.public.key_id,
-                              key.sign(head.message()))
-            store.append(rows, signed)
+            store.append(rows, TreeHead.signed(key, origin, frontier.size, frontier.root(), index == entries - 1,
+                                               timestamp="2026-01-01T00:00:00+00:00"))
             rows = []
     size = ledger_path(run_dir).stat().st_size
     store.close()

@@ -274,3 +274,31 @@ def test_a_taxonomy_names_auditors_and_serve_refuses_one_without(governed, tmp_p
     bad = smalti_cli("taxonomy", "init", str(tmp_path / "bad.yaml"), "--name", "bad", "--class", "a/b", "--data-governance",
                      str(governed.trust), "--auditor", "nameonly")
     assert bad.returncode != 0 and "expected NAME=PUB" in bad.stderr
+
+
+def test_a_run_still_training_is_served_up_to_its_newest_signed_head(service, governed, tmp_path):
+    import time
+
+    from conftest import smalti_cli, write_recipe
+    from test_ledger import ledger_recipe
+
+    base, runs, auditor = service
+    config = ledger_recipe(governed, train={"max_duration": "400ba"}, checkpoint={"interval": "2ba"})
+    recipe = write_recipe(tmp_path / "r.yaml", config)
+    training = subprocess.Popen([sys.executable, "-m", "smalti", "train", str(recipe), "--run-dir", str(runs / "gamma")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    client, seen = Client(base, auditor), []
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and (len(seen) < 2 or seen[-1] <= seen[0]):
+            listed = {r["run"]: r for r in client.get("/api/runs").json()}
+            if listed.get("gamma", {}).get("entries"):
+                seen.append(listed["gamma"]["entries"])
+                proof = client.get("/api/runs/gamma/proof/inclusion?step=1")
+                assert proof.status_code == 200 and proof.json()["tree_head"]["final"] is False
+            time.sleep(0.5)
+    finally:
+        training.terminate()
+        training.wait(timeout=60)
+    assert len(seen) >= 2 and seen[-1] > seen[0], seen  # new entries appear as the run signs new heads
+    assert smalti_cli("ledger", "verify", str(runs / "gamma")).returncode != 0  # unfinished: verify says so

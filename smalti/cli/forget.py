@@ -41,6 +41,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="print the plan or certificate as JSON")
     parser.set_defaults(run=run_forget, trains=True)
 
+    measure = subparsers.add_parser(
+        "eval-forget", help="how much of a class a deletion removed: forget quality, utility, membership, relearning",
+        description="Compare PARENT (trained with CLASS), FORGOTTEN (smalti forget's output) and the counterfactual "
+                    "that never saw CLASS (FORGOTTEN itself after an exact forget, else --counterfactual RUN) on held-out "
+                    "data: the loss on CLASS and a two-sample KS test of forgotten vs counterfactual per-example losses "
+                    "(TOFU's forget quality); every other class's loss (retained utility); the AUC of a loss-based "
+                    "membership attack on CLASS's training vs held-out examples; and a relearning attack: fine-tune on k "
+                    "examples of CLASS for a fixed budget and count the steps back to the parent's loss, against the "
+                    "counterfactual fine-tuned the same way. Writes OUT/forget-eval.json and OUT/relearning.png.")
+    measure.add_argument("parent", type=Path, metavar="PARENT")
+    measure.add_argument("forgotten", type=Path, metavar="FORGOTTEN")
+    measure.add_argument("--class", dest="node", required=True, metavar="CLASS")
+    measure.add_argument("--counterfactual", type=Path, help="a run that never saw CLASS (default: FORGOTTEN, if it is "
+                         "an exact forget)")
+    measure.add_argument("--relearn-examples", default="16,64,256", help="k values, comma-separated (default 16,64,256)")
+    measure.add_argument("--relearn-steps", type=at_least_one, default=50, help="the relearning budget (default 50)")
+    measure.add_argument("--relearn-lr", type=float, help="default: the parent recipe's optimizer.lr")
+    measure.add_argument("--max-examples", type=at_least_one, default=512, help="examples per set (default 512)")
+    measure.add_argument("--out", type=Path, help="default: FORGOTTEN/forget-eval")
+    measure.add_argument("--json", action="store_true")
+    measure.set_defaults(run=run_eval_forget, trains=True)
+
     evaluate = subparsers.add_parser(
         "eval", help="held-out loss of a run's latest checkpoint, overall or per class",
         description="Evaluate RUN_DIR's latest checkpoint on its recipe's validation split.")
@@ -136,4 +158,40 @@ def run_eval(args: argparse.Namespace) -> int:
     print(f"{args.run_dir} @ {latest.name}: mean per-class held-out loss {overall:.4f}")
     for name, loss in (losses.items() if args.by_class else ()):
         print(f"  {name:40s} {loss:.4f}")
+    return 0
+
+
+def run_eval_forget(args: argparse.Namespace) -> int:
+    from smalti.errors import SmaltiError
+    from smalti.governance.forget_eval import evaluate_forgetting, plot
+    from smalti.io import atomic_write_text
+
+    try:
+        ks = tuple(int(k) for k in args.relearn_examples.split(",") if k)
+    except ValueError:
+        raise SmaltiError(f"--relearn-examples {args.relearn_examples!r}: expected numbers like 16,64,256") from None
+    if not ks or min(ks) < 1:
+        raise SmaltiError(f"--relearn-examples {args.relearn_examples!r}: expected positive numbers like 16,64,256")
+    result = evaluate_forgetting(args.parent, args.forgotten, args.node, args.counterfactual, ks, args.relearn_steps,
+                                 args.relearn_lr, args.max_examples)
+    out = args.out or args.forgotten / "forget-eval"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "forget-eval.json", json.dumps(result, indent=1) + "\n")
+    plot(result, out / "relearning.png")
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    quality, mia = result["forget_quality"], result["membership_inference_auc"]
+    print(f"{result['class']}: held-out loss parent {quality['loss_on_class']['parent']:.4f}, forgotten "
+          f"{quality['loss_on_class']['forgotten']:.4f}, counterfactual {quality['loss_on_class']['counterfactual']:.4f}")
+    print(f"forget quality: KS {quality['ks_statistic']:.4f} (p = {quality['ks_p_value']:.3g}) forgotten vs counterfactual")
+    print(f"retained utility: other classes' mean loss changed {result['retained_utility']['change_vs_parent']:+.4f} "
+          f"vs the parent, {result['retained_utility']['change_vs_counterfactual']:+.4f} vs the counterfactual")
+    print(f"membership inference AUC: parent {mia['parent']:.3f}, forgotten {mia['forgotten']:.3f}, counterfactual "
+          f"{mia['counterfactual']:.3f}")
+    for run in result["relearning"]["runs"]:
+        steps = run["steps_to_parent_loss"]
+        print(f"relearning {run['model']:14s} k={run['examples']:<4d} back to the parent's loss in "
+              f"{steps if steps is not None else 'more than ' + str(args.relearn_steps)} steps")
+    print(f"{out / 'forget-eval.json'}, {out / 'relearning.png'}")
     return 0

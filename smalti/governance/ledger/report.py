@@ -362,6 +362,33 @@ def _certificate(run_dir: Path) -> str:
             + (f"<table><tr><th>class</th><th>loss before</th><th>loss after</th></tr>{losses}</table>" if losses else ""))
 
 
+def _forget_eval(run_dir: Path) -> str:
+    """What ``smalti eval-forget`` measured for this deletion, if it was run (its default output folder)."""
+    import base64
+
+    path = run_dir / "forget-eval" / "forget-eval.json"
+    if not path.is_file():
+        return ""
+    result = json.loads(path.read_text())
+    quality, mia, utility = result["forget_quality"], result["membership_inference_auc"], result["retained_utility"]
+    facts = [("class", result["class"]),
+             ("held-out loss on it: parent / forgotten / counterfactual",
+              " / ".join(f"{quality['loss_on_class'][r]:.4f}" for r in ("parent", "forgotten", "counterfactual"))),
+             ("forget quality: KS forgotten vs counterfactual", f"{quality['ks_statistic']:.4f} "
+                                                                 f"(p = {quality['ks_p_value']:.3g})"),
+             ("other classes' mean loss change vs parent / vs counterfactual",
+              f"{utility['change_vs_parent']:+.4f} / {utility['change_vs_counterfactual']:+.4f}"),
+             ("membership inference AUC: parent / forgotten / counterfactual",
+              " / ".join(f"{mia[r]:.3f}" for r in ("parent", "forgotten", "counterfactual")))]
+    facts += [(f"relearning, {r['model']}, k={r['examples']}: steps back to the parent's loss",
+               r["steps_to_parent_loss"] if r["steps_to_parent_loss"] is not None
+               else f"more than {result['relearning']['budget']['steps']}") for r in result["relearning"]["runs"]]
+    png = path.with_name("relearning.png")
+    image = (f'<img alt="relearning curves" src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}">'
+             if png.is_file() else "")
+    return f"<h2>How much was forgotten (smalti eval-forget)</h2>{_rows(facts)}{image}"
+
+
 def write_report(run_dir: str | Path, out: str | Path, verified: VerifyReport) -> Path:
     """Render the report for ``run_dir`` into ``out`` (atomically); returns the path."""
     out = Path(out)
@@ -417,6 +444,7 @@ def render_report(run_dir: str | Path, verified: VerifyReport, read_only: bool =
 &middot; training loss (first, last): {loss_text}</p>
 <h2>Verification</h2>{status}{_rows(head_rows)}
 {_certificate(run_dir)}
+{_forget_eval(run_dir)}
 {_governance(run_dir, ledger)}
 <p>Contribution rule: {_e(ledger.run.get('contribution_rule', ''))}.<br>
 Update-share rule: {_e(ledger.run.get('update_share_rule', ''))}.</p>
