@@ -15,6 +15,7 @@ import pytest
 from conftest import REPO, smalti_cli, write_recipe
 from test_hf_models import hf_model
 from test_ledger import ledger_recipe
+from test_pkcs11 import token  # noqa: F401 (a SoftHSM2 token)
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +105,18 @@ def test_a_changed_file_or_a_foreign_key_fails_every_checker(signed, governed, t
     wrong = smalti_cli("export", str(run), "--out", str(tmp_path / "wrong"), "--sign", "--trainer-key",
                        str(governed.key("model-risk")), "--model-key", str(model_pub.with_suffix(".key")))
     assert wrong.returncode != 0 and "is not the key that signed" in wrong.stderr and not (tmp_path / "wrong").exists()
+
+
+def test_the_model_signing_key_can_live_in_a_pkcs11_token(signed, governed, token, tmp_path):  # noqa: F811
+    run, _, _ = signed
+    uri = "pkcs11:token=smalti;object=model-signing"
+    made = smalti_cli("keys", "new", "model-signing", "--dir", str(token), "--in", uri, "--type", "ecdsa-p256")
+    assert made.returncode == 0, made.stderr
+    assert (token / "model-signing.pub").read_text().startswith("-----BEGIN PUBLIC KEY-----")
+    done = smalti_cli("export", str(run), "--out", str(tmp_path / "model"), "--sign", "--model-key", uri)
+    assert done.returncode == 0, done.stderr
+    checked = model_signing_verify(tmp_path / "model", token / "model-signing.pub")  # OpenSSF's CLI, the PEM alone
+    assert checked.returncode == 0 and "Verification succeeded" in checked.stdout, checked.stderr
+    ours = smalti_cli("verify-model", str(tmp_path / "model"), "--trainer-pubkey", str(governed.keys / "trainer.pub"),
+                      "--model-pubkey", str(token / "model-signing.pub"))
+    assert ours.returncode == 0, ours.stderr

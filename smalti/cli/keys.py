@@ -64,13 +64,15 @@ def run_new(args: argparse.Namespace) -> int:
     if args.token_uri:
         from smalti.governance.pkcs11 import generate
 
-        if args.kind != "ed25519":
-            raise SmaltiError("--in makes Ed25519 keys (the token signs Smalti's signatures); drop --type")
         path = args.dir / f"{args.name}.pub"
         if path.exists():
             raise SmaltiError(f"{path}: already exists; refusing to overwrite a key")
-        public_key = generate(args.token_uri)
+        public_key = generate(args.token_uri, args.kind)
         args.dir.mkdir(parents=True, exist_ok=True)
+        if isinstance(public_key, str):  # ECDSA P-256 for model signing: PEM, as model_signing reads it
+            atomic_write_text(path, public_key)
+            print(f"{args.token_uri}  (private, in the token)\n{path}  ECDSA P-256, PEM")
+            return 0
         atomic_write_text(path, f"# {args.name} (key id {public_key.key_id}, in {args.token_uri})\n{public_key.text}\n")
         print(f"{args.token_uri}  (private, in the token)\n{path}  key id {public_key.key_id}")
         return 0

@@ -114,8 +114,12 @@ class Pkcs11SigningKey:
         raise SignatureError(f"{self.uri.object}: a key in a PKCS#11 token cannot be exported")
 
 
-def generate(uri: str) -> PublicKey:
-    """Make an Ed25519 key pair inside the token (private half sensitive and not extractable)."""
+P256_PARAMS = bytes.fromhex("06082a8648ce3d030107")  # the DER OID 1.2.840.10045.3.1.7 (prime256v1)
+
+
+def generate(uri: str, kind: str = "ed25519") -> PublicKey | str:
+    """Make a key pair inside the token (private half sensitive and not extractable): Ed25519 (every Smalti
+    signature; returns the public key) or ECDSA P-256 (OpenSSF model signing; returns the public key as PEM)."""
     from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
     parsed = Pkcs11Uri.parse(uri)
@@ -123,10 +127,39 @@ def generate(uri: str) -> PublicKey:
     try:
         if list(session.get_objects({Attribute.LABEL: parsed.object, Attribute.CLASS: ObjectClass.PRIVATE_KEY})):
             raise SignatureError(f"{uri}: the token already holds a key labelled {parsed.object!r}; refusing to add another")
+        edwards = kind == "ed25519"
         public, _ = session.generate_keypair(
-            KeyType.EC_EDWARDS, mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN, store=True, label=parsed.object,
-            public_template={Attribute.EC_PARAMS: ED25519_PARAMS, Attribute.VERIFY: True},
+            KeyType.EC_EDWARDS if edwards else KeyType.EC, store=True, label=parsed.object,
+            mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN if edwards else Mechanism.EC_KEY_PAIR_GEN,
+            public_template={Attribute.EC_PARAMS: ED25519_PARAMS if edwards else P256_PARAMS, Attribute.VERIFY: True},
             private_template={Attribute.SIGN: True, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False})
-        return _public_from_point(public[Attribute.EC_POINT])
+        if edwards:
+            return _public_from_point(public[Attribute.EC_POINT])
+        return _p256_pem(public[Attribute.EC_POINT])
     finally:
         session.close()
+
+
+def _p256_pem(point: bytes) -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    if len(point) == 67 and point[:2] == b"\x04\x41":  # DER OCTET STRING around the uncompressed point
+        point = point[2:]
+    key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def with_module_and_pin(uri: str) -> str:
+    """The URI with ``module-path`` and ``pin-value`` filled in from the environment where it has none, for
+    libraries that read them only from the URI (model_signing's PKCS#11 signer); kept in this process."""
+    from urllib.parse import quote
+
+    parsed = Pkcs11Uri.parse(uri)
+    module = parsed.module or os.environ.get(MODULE_ENV) or next((m for m in DEFAULT_MODULES if Path(m).is_file()), None)
+    pin = parsed.pin or os.environ.get(PIN_ENV)
+    extra = [f"module-path={quote(module, safe='/')}"] if module and not parsed.module else []
+    extra += [f"pin-value={quote(pin, safe='')}"] if pin and not parsed.pin else []
+    if not extra:
+        return uri
+    return uri + ("&" if "?" in uri else "?") + "&".join(extra)

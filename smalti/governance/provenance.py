@@ -175,19 +175,29 @@ def sign_model(directory: Path, run: Path, checkpoint: dict[str, Any], trainer_k
     check_model_key(model_key)
     envelope = sign_envelope(statement(directory, run, checkpoint), trainer_key)
     atomic_write_text(directory / PROVENANCE, json.dumps(envelope, indent=1) + "\n")
+    config = model_signing.signing.Config()
     try:
-        (model_signing.signing.Config().use_elliptic_key_signer(private_key=model_key)
-         .set_hashing_config(model_signing.hashing.Config().set_ignored_paths(paths=[directory / SIGNATURE]))
+        if str(model_key).startswith("pkcs11:"):  # a P-256 key in a token, through model_signing's own PKCS#11 signer
+            from smalti.governance.pkcs11 import with_module_and_pin
+
+            config = config.use_pkcs11_signer(pkcs11_uri=with_module_and_pin(str(model_key)))
+        else:
+            config = config.use_elliptic_key_signer(private_key=model_key)
+        (config.set_hashing_config(model_signing.hashing.Config().set_ignored_paths(paths=[directory / SIGNATURE]))
          .sign(directory, directory / SIGNATURE))
-    except (ValueError, TypeError, OSError) as error:
+    except (ValueError, TypeError, OSError, RuntimeError) as error:
         raise ProvenanceError(f"--model-key {model_key}: {error} (an ECDSA P-256/384/521 PEM private key: "
                               f"smalti keys new NAME --type ecdsa-p256)") from None
 
 
 def check_model_key(path: Path) -> None:
-    """model_signing signs with NIST-curve ECDSA keys only; say so in one line before any work is done."""
+    """model_signing signs with NIST-curve ECDSA keys only; say so in one line before any work is done (a key
+    in a PKCS#11 token is checked by model_signing when it signs)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
+
+    if str(path).startswith("pkcs11:"):
+        return
 
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
