@@ -90,17 +90,22 @@ def save(directory: Path, name: str, model: nn.Module, optimizer: torch.optim.Op
 
     temporary = directory / f".{name}.tmp"
     if is_main:
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir(parents=True)
         assert meta is not None
-        with atomic_writer(temporary / META) as handle:
-            torch.save(meta, handle)
+        _begin(temporary, meta)
     barrier()
     state = sharded_state(model, optimizer)
     if background_group is None:
         dcp.save(state, checkpoint_id=str(temporary))
         return PendingSave(temporary)
     return PendingSave(temporary, dcp.async_save(state, checkpoint_id=str(temporary), process_group=background_group))
+
+
+def _begin(temporary: Path, meta: dict[str, Any]) -> None:
+    """A fresh temporary folder holding ``meta.pt`` (written at once: later steps must not change it)."""
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    with atomic_writer(temporary / META) as handle:
+        torch.save(meta, handle)
 
 
 def save_whole(directory: Path, name: str, payload: dict[str, Any]) -> Path:
@@ -112,12 +117,8 @@ def save_whole(directory: Path, name: str, payload: dict[str, Any]) -> Path:
     import torch.distributed.checkpoint as dcp
 
     temporary = directory / f".{name}.tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    meta = {k: v for k, v in payload.items() if k not in ("model", "optimizer")}
+    _begin(temporary, {k: v for k, v in payload.items() if k not in ("model", "optimizer")})
     tensors = {_MODEL: payload["model"], _OPTIMIZER: payload["optimizer"]["state"]}
-    with atomic_writer(temporary / META) as handle:
-        torch.save(meta, handle)
     dcp.save(tensors, checkpoint_id=str(temporary), no_dist=True)
     return PendingSave(temporary).seal()
 

@@ -222,7 +222,6 @@ def run_proof(args: argparse.Namespace) -> int:
 
 
 def run_checkpoint(args: argparse.Namespace) -> int:
-    from smalti.governance.keys import PublicKey
     from smalti.governance.ledger.note import verifier_key
     from smalti.governance.ledger.store import LedgerStore, ledger_path
 
@@ -230,10 +229,9 @@ def run_checkpoint(args: argparse.Namespace) -> int:
         raise SmaltiError(f"{args.run_dir}: no ledger here (ledger.sqlite)")
     store = LedgerStore(ledger_path(args.run_dir))
     try:
-        heads, origin, recorded = store.heads(), store.origin, store.get_meta("trainer_public_key")
+        heads, origin, public = store.heads(), store.origin, store.trainer_key.raw
     finally:
         store.close()
-    public = PublicKey.parse(recorded or "", where=f"{args.run_dir}: the ledger's trainer key").raw
     if args.verifier_key:
         print(verifier_key(origin, public))
         return 0

@@ -70,7 +70,7 @@ def statement(directory: Path, run: Path, checkpoint: dict[str, Any]) -> dict[st
     store = LedgerStore(ledger_path(run))
     try:
         heads, origin = store.heads(), store.origin
-        trainer = PublicKey.parse(store.get_meta("trainer_public_key") or "", f"{run}: trainer key")
+        trainer = store.trainer_key
     finally:
         store.close()
     if not heads or not heads[-1].final:
@@ -213,7 +213,7 @@ def _ledger_key(run: Path) -> PublicKey:
 
     store = LedgerStore(ledger_path(run))
     try:
-        return PublicKey.parse(store.get_meta("trainer_public_key") or "", f"{run}: trainer key")
+        return store.trainer_key
     finally:
         store.close()
 

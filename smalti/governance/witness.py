@@ -158,7 +158,7 @@ def check_witnessed(run: Path, cosigned_note: str, witness: PublicKey) -> str:
 
     store = LedgerStore(ledger_path(run))
     try:
-        origin, trainer = store.origin, PublicKey.parse(store.get_meta("trainer_public_key") or "", str(run))
+        origin, trainer = store.origin, store.trainer_key
         leaves = store.leaves()
     finally:
         store.close()

@@ -73,23 +73,9 @@ func main() {
 	if err != nil {
 		fail("%v", err)
 	}
-	opened, err := note.Open(signed, note.VerifierList(verifier))
-	if err != nil {
-		fail("note: %v", err)
-	}
-	lines := strings.Split(opened.Text, "\n")
-	if len(lines) < 4 {
-		fail("checkpoint: too few lines")
-	}
-	size, err := strconv.ParseInt(lines[1], 10, 64)
-	if err != nil {
-		fail("checkpoint size: %v", err)
-	}
-	root, err := tlog.ParseHash(lines[2])
-	if err != nil {
-		fail("checkpoint root: %v", err)
-	}
-	fmt.Printf("origin %s\nsize %d\nroot %s\n", lines[0], size, lines[2])
+	tree, origin := openCheckpoint(signed, verifier)
+	size, root := tree.N, tree.Hash
+	fmt.Printf("origin %s\nsize %d\nroot %s\n", origin, size, root)
 	if os.Args[1] != "inclusion" {
 		return
 	}
@@ -168,6 +154,9 @@ func openCheckpoint(signed []byte, verifier note.Verifier) (tlog.Tree, string) {
 		fail("note: %v", err)
 	}
 	lines := strings.Split(opened.Text, "\n")
+	if len(lines) < 4 {
+		fail("checkpoint: too few lines")
+	}
 	size, err := strconv.ParseInt(lines[1], 10, 64)
 	if err != nil {
 		fail("checkpoint size: %v", err)

@@ -103,6 +103,11 @@ class LedgerStore:
     def origin(self) -> str:
         return self.get_meta("origin") or ""
 
+    @property
+    def trainer_key(self) -> PublicKey:
+        """The key that signs this ledger's heads, as the ledger records it."""
+        return PublicKey.parse(self.get_meta("trainer_public_key") or "", f"{self.path}: the recorded trainer key")
+
     def set_meta(self, values: dict[str, str]) -> None:
         with self._transaction():
             self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(values.items()))

@@ -97,7 +97,6 @@ def publish(run: Path, url: str, storage_options: dict[str, Any] | None = None, 
 
     ``verify``: verify the whole ledger first (the trainer, which has just written and signed it, skips
     this when it publishes at a checkpoint)."""
-    from smalti.governance.keys import PublicKey
     from smalti.governance.ledger.note import Checkpoint, NoteError, Verifier, open_note
     from smalti.governance.ledger.store import LedgerStore, ledger_path
     from smalti.governance.ledger.verify import verify_ledger
@@ -106,46 +105,19 @@ def publish(run: Path, url: str, storage_options: dict[str, Any] | None = None, 
         report = verify_ledger(run, in_progress=True)  # a run still training publishes what it has signed
         if not report.ok:
             raise PublishError(f"{run}: the ledger does not verify ({report.problem}); refusing to publish it")
-    try:
-        fs, base = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    except (ImportError, ValueError) as error:
-        raise PublishError(f"--to {url}: {error}") from None
-    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-
-    def where(path: str) -> str:
-        return f"{base.rstrip('/')}/{path}"
-
-    def read(path: str) -> bytes | None:
-        try:
-            return fs.cat_file(where(path))
-        except FileNotFoundError:
-            return None
-        except OSError as error:
-            raise PublishError(f"{url}/{path}: cannot read ({error})") from None
-
-    def write(path: str, data: bytes) -> None:
-        target = where(path)
-        try:
-            if local:  # a temporary file renamed into place: a reader never sees half a file
-                fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-                fs.pipe_file(f"{target}.tmp", data)
-                fs.mv(f"{target}.tmp", target)
-            else:  # one PUT (S3, an HTTP server) replaces the object whole
-                fs.pipe_file(target, data)
-        except OSError as error:
-            raise PublishError(f"{url}/{path}: cannot write ({error})") from None
+    log = PublishedLog(url, storage_options)
 
     store = LedgerStore(ledger_path(run))
     try:
         heads, origin = store.heads(), store.origin
-        public = PublicKey.parse(store.get_meta("trainer_public_key") or "", f"{run}: the ledger's trainer key").raw
+        public = store.trainer_key.raw
         if not heads:
             raise PublishError(f"{run}: no signed tree head yet; nothing to publish")
         head = heads[-1]
         leaves = store.leaves(stop=head.size)
         if merkle.root(leaves) != head.root:
             raise PublishError(f"{run}: the entries do not hash to the signed root at size {head.size}")
-        previous, existing = 0, read("checkpoint")
+        previous, existing = 0, log.read("checkpoint", missing_ok=True)
         if existing is not None:
             try:
                 old = Checkpoint.parse(open_note(existing.decode("utf-8"), [Verifier(origin, public)])[0])
@@ -157,17 +129,17 @@ def publish(run: Path, url: str, storage_options: dict[str, Any] | None = None, 
             previous = old.size
         written = 0
         for path, data, _ in tiles(leaves, lambda a, b: [row[3] for row in store.rows(a, b)], previous):
-            found = read(path)
+            found = log.read(path, missing_ok=True)
             if found == data:
                 continue
             if found is not None:
                 raise PublishError(f"{url}/{path}: holds other bytes than this ledger's; refusing to overwrite it")
-            write(path, data)
+            log.write(path, data)
             written += 1
     finally:
         store.close()
     note = head.note(public)
-    write("checkpoint", note.encode())
+    log.write("checkpoint", note.encode())
     return Published(url, head.size, previous, written, note)
 
 
@@ -183,17 +155,29 @@ class PublishedLog:
         self.url = url
         self._tiles: dict[str, bytes] = {}
 
-    def read(self, path: str) -> bytes:
+    def read(self, path: str, missing_ok: bool = False) -> bytes | None:
+        """The bytes at ``path`` (None if absent and ``missing_ok``)."""
         try:
             return self.fs.cat_file(f"{self.base.rstrip('/')}/{path}")
         except FileNotFoundError:
+            if missing_ok:
+                return None
             raise PublishError(f"{self.url}/{path}: not found") from None
         except OSError as error:
             raise PublishError(f"{self.url}/{path}: cannot read ({error})") from None
 
     def write(self, path: str, data: bytes) -> None:
+        """Replace ``path`` whole: on a local disk a temporary file renamed into place (a reader never sees half
+        a file); elsewhere one PUT (S3, an HTTP server)."""
+        target = f"{self.base.rstrip('/')}/{path}"
+        local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         try:
-            self.fs.pipe_file(f"{self.base.rstrip('/')}/{path}", data)
+            if local:
+                self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+                self.fs.pipe_file(f"{target}.tmp", data)
+                self.fs.mv(f"{target}.tmp", target)
+            else:
+                self.fs.pipe_file(target, data)
         except (OSError, NotImplementedError) as error:
             raise PublishError(f"{self.url}/{path}: cannot write ({error})") from None
 
