@@ -48,6 +48,8 @@ def build_data(recipe: Recipe, dist: DistInfo) -> LanguageModelData:
         shuffle_block_shards=config.shuffle_block_shards,
         exclude_classes=tuple(config.exclude_classes),
         late_classes=tuple(config.late_classes),
+        only_classes=tuple(config.only_classes),
+        train_examples=config.train_examples,
     )
     if config.deletable_late and config.url is None and not config.mixture:
         raise RecipeError("data.deletable_late needs a prepared dataset (data.url) whose taxonomy marks classes deletable")
@@ -127,7 +129,7 @@ def build_model(recipe: Recipe, vocab_size: int, class_names: list[str] | None =
             raise RecipeError(f"model.adapters: class '{unknown[0]}' is not in the taxonomy")
         targets = [f"blocks.{i}.mlp" for i in range(config.n_layer)]
         add_class_adapters(model, targets, config.adapters.classes, class_names or [], config.d_model,
-                           config.adapters.hidden)
+                           config.adapters.hidden, config.adapters.gated)
     return model
 
 
@@ -162,4 +164,14 @@ def build_logger_destinations(recipe: Recipe, run_dir: Path, dist: DistInfo) -> 
         from smalti.loggers.mlflow import MLflowLogger
 
         destinations.append(MLflowLogger(run_dir))
+    if recipe.logging.tensorboard:
+        from smalti.loggers.tensorboard import TensorBoardLogger
+
+        destinations.append(TensorBoardLogger(run_dir))
+    if recipe.logging.wandb is not None:
+        from smalti.loggers.wandb import WandbLogger
+
+        config = recipe.logging.wandb
+        destinations.append(WandbLogger(run_dir, config.project, config.mode, config.entity, config.name,
+                                        config.init_timeout))
     return destinations

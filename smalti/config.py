@@ -34,6 +34,9 @@ def _time(value: Any) -> str:
 class AdapterConfig(Section):
     classes: list[str] = Field(default_factory=list, description="classes that get their own adapter in every block")
     hidden: int = Field(32, ge=1, description="width of each adapter's hidden layer")
+    gated: bool = Field(True, description="true: an adapter acts only on its class's rows, so nothing else ever "
+                        "depends on it; false: every row runs through every adapter (an SGTM-like shared slice that "
+                        "only an exclusive rule keeps other classes from updating)")
 
 
 class ResNetSection(Section):
@@ -69,6 +72,8 @@ class LoraSection(Section):
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"],
                                       description="module names the adapters wrap (peft's target_modules)")
     freeze_base: bool = Field(True, description="train only the adapters (false: the base model too, as the policy allows)")
+    gated: bool = Field(True, description="as model.adapters.gated: false puts every class's adapter in every row's "
+                        "forward pass")
 
 
 class ModelConfig(Section):
@@ -192,6 +197,11 @@ class DataConfig(Section):
                                  "epoch (with late_classes)")
     late_classes: list[str] = Field(default_factory=list, description="place these classes last in every epoch, "
                                     "so forgetting them replays only the tail")
+    only_classes: list[str] = Field(default_factory=list, description="train on these classes only (taxonomy nodes "
+                                    "cover their subtrees; evaluation keeps every class)")
+    train_examples: int | None = Field(None, ge=1, description="train on only this many examples of the kept "
+                                       "classes, chosen once from the seed (a relearning attack's k); epochs cycle "
+                                       "over them (batching random)")
 
     _check_cache_limit = field_validator("cache_limit", mode="before")(_parse_bytes)
 
@@ -267,6 +277,8 @@ class EvalConfig(Section):
     interval: str = "500ba"
     max_samples: int | None = Field(1024, ge=1, description="validation windows per evaluation (None: all)")
     batch_size: int = Field(64, ge=1)
+    classes: list[str] = Field(default_factory=list, description="evaluate only these classes' held-out examples "
+                               "(taxonomy nodes; default: every class)")
 
     _check_interval = field_validator("interval", mode="before")(_time)
 
@@ -285,12 +297,28 @@ class CheckpointConfig(Section):
     _check_interval = field_validator("interval", mode="before")(_time)
 
 
+class WandbConfig(Section):
+    project: str = Field(description="the W&B project")
+    mode: Literal["offline", "online"] = Field("offline", description="offline: written under RUN_DIR/wandb, no "
+                                               "network (upload later with `wandb sync`); online: streamed")
+    entity: str | None = Field(None, description="the W&B team or user (online)")
+    name: str | None = Field(None, description="the run's display name (default: the run directory's name)")
+    init_timeout: float = Field(30.0, gt=0.0, description="seconds to wait for W&B to start before warning and "
+                                "training on without it")
+
+
 class LoggingConfig(Section):
     interval: str = "1ba"
     console: bool = True
     progress: Literal["auto", "bar", "lines", "off"] = "auto"
     jsonl: bool = True
     mlflow: bool = False
+    tensorboard: bool = Field(False, description="TensorBoard event files in RUN_DIR/tensorboard (extra tensorboard)")
+    wandb: WandbConfig | None = Field(None, description="Weights & Biases (extra wandb): {project: ..., mode: "
+                                      "offline|online}")
+    governance_layers: list[str] = Field(default_factory=lambda: ["*"], description="layers whose per-class "
+                                         "gradient shares and updated flags trackers show (globs over the "
+                                         "ledger's layer names)")
 
     _check_interval = field_validator("interval", mode="before")(_time)
 

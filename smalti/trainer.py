@@ -186,8 +186,26 @@ class Trainer:
         self._fit_started = time.perf_counter()
         self.engine.run(Event.INIT)
         self.resumed_from = self._resume()
+        self._connect_trackers()
         if self.dist.is_main:
             self._write_run_files()
+
+    def _connect_trackers(self) -> None:
+        """Experiment trackers (TensorBoard, W&B) learn where a resumed run continues, and, with the ledger on,
+        receive its governance signals at the logging interval (``smalti.loggers.governance``)."""
+        from smalti.loggers.governance import GovernanceSignals
+        from smalti.loggers.tracker import TrackerDestination
+
+        for destination in self.logger.destinations:
+            if isinstance(destination, TrackerDestination) and self.resumed_from is not None:
+                destination.resumed_at(self.state.timestamp.batch)
+        if self.ledger is None or not self.logger.wants_governance:
+            return
+        entropy = self.ledger.entropy
+        self.ledger.listeners.append(GovernanceSignals(
+            self.logger.log_governance, self.ledger.recorder.layer_names, self.recipe.logging.governance_layers,
+            round(self.state.batches_in(self.log_every)), [p.start_batch for p in self.router.phases],
+            entropy.layer_names if entropy is not None else (), entropy.class_names if entropy is not None else ()))
 
     def _build_router(self) -> tuple[Policy | None, Router | None]:
         """Routing is on when a policy is configured or an algorithm (layer freezing) adds rules."""
@@ -496,8 +514,8 @@ class Trainer:
         by_class = ClassLosses(len(self.data.class_names), self.device)  # every row has a class: they sum to all
         correct = torch.zeros(1, dtype=torch.float64, device=self.device)
         batches = list(self.data.eval_batches(
-            self.recipe.eval.batch_size, self.recipe.eval.max_samples, self.dist.rank, self.dist.world_size
-        ))
+            self.recipe.eval.batch_size, self.recipe.eval.max_samples, self.dist.rank, self.dist.world_size,
+            self.recipe.eval.classes))
         if batches:
             self._lockstep_forwards(len(batches), batches[0].select(slice(0, 1)).to(self.device))
         for batch in batches:

@@ -156,3 +156,20 @@ def test_serve_load_reports_latency_and_errors():
     assert result["benchmark"] == "serve_load" and result["errors"] == 0 and result["p99_ms"] > 0
     assert {(c["kind"], c["clients"]) for c in result["cases"]} == {("proof", 1), ("query", 1), ("proof", 3),
                                                                      ("query", 3)}
+
+
+def test_forget_quality_reports_one_line_per_method_and_class():
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "forget_quality.py"), "--steps", "8",
+                           "--methods", "exact,sgtm-slice,gradient-ascent", "--classes", "gutenberg/poetry/lovers_complaint",
+                           "--relearn-examples", "4", "--relearn-steps", "2", "--max-examples", "8", "--ascent-steps", "2"],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = {r["method"]: r for r in map(json.loads, done.stdout.strip().splitlines())}
+    assert set(results) == {"exact", "sgtm-slice", "gradient-ascent"}
+    exact = results["exact"]  # its own counterfactual: indistinguishable, to the bit
+    assert exact["ks_statistic"] == 0 and exact["utility_change_vs_counterfactual"] == 0
+    assert exact["cost"]["steps_fraction"] > 0 and results["sgtm-slice"]["cost"]["steps_fraction"] == 0
+    ascent = results["gradient-ascent"]  # pushed the loss on the class up, away from the counterfactual's
+    assert ascent["loss_on_class"]["forgotten"] > ascent["loss_on_class"]["parent"] and ascent["ks_statistic"] > 0
+    assert all(r["benchmark"] == "forget_quality" and r["ratio"] > 0 and "4" in r["relearning_steps"]
+               for r in results.values())

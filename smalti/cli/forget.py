@@ -49,7 +49,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "(TOFU's forget quality); every other class's loss (retained utility); the AUC of a loss-based "
                     "membership attack on CLASS's training vs held-out examples; and a relearning attack: fine-tune on k "
                     "examples of CLASS for a fixed budget and count the steps back to the parent's loss, against the "
-                    "counterfactual fine-tuned the same way. Writes OUT/forget-eval.json and OUT/relearning.png.")
+                    "counterfactual fine-tuned the same way (each attack a Smalti run, started from the model's verified final "
+                    "weights, in OUT/relearning). Writes OUT/forget-eval.json and OUT/relearning.png.")
     measure.add_argument("parent", type=Path, metavar="PARENT")
     measure.add_argument("forgotten", type=Path, metavar="FORGOTTEN")
     measure.add_argument("--class", dest="node", required=True, metavar="CLASS")
@@ -59,6 +60,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     measure.add_argument("--relearn-steps", type=at_least_one, default=50, help="the relearning budget (default 50)")
     measure.add_argument("--relearn-lr", type=float, help="default: the parent recipe's optimizer.lr")
     measure.add_argument("--max-examples", type=at_least_one, default=512, help="examples per set (default 512)")
+    measure.add_argument("--checkpoint-every", type=at_least_one, help="steps between a relearning run's checkpoints "
+                         "(default: its last step only); each attack is a Smalti run in OUT/relearning, so a killed "
+                         "eval-forget resumes it")
     measure.add_argument("--out", type=Path, help="default: FORGOTTEN/forget-eval")
     measure.add_argument("--json", action="store_true")
     measure.set_defaults(run=run_eval_forget, trains=True)
@@ -172,9 +176,9 @@ def run_eval_forget(args: argparse.Namespace) -> int:
         raise SmaltiError(f"--relearn-examples {args.relearn_examples!r}: expected numbers like 16,64,256") from None
     if not ks or min(ks) < 1:
         raise SmaltiError(f"--relearn-examples {args.relearn_examples!r}: expected positive numbers like 16,64,256")
-    result = evaluate_forgetting(args.parent, args.forgotten, args.node, args.counterfactual, ks, args.relearn_steps,
-                                 args.relearn_lr, args.max_examples)
     out = args.out or args.forgotten / "forget-eval"
+    result = evaluate_forgetting(args.parent, args.forgotten, args.node, args.counterfactual, ks, args.relearn_steps,
+                                 args.relearn_lr, args.max_examples, out / "relearning", args.checkpoint_every)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "forget-eval.json", json.dumps(result, indent=1) + "\n")
     plot(result, out / "relearning.png")

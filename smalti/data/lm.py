@@ -15,7 +15,7 @@ import hashlib
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -55,6 +55,8 @@ class OrderConfig:
     shuffle_block_shards: int | None = None
     exclude_classes: tuple[str, ...] = ()  # taxonomy nodes (a node covers its subtree) left out of training
     late_classes: tuple[str, ...] = ()  # placed last in every epoch
+    only_classes: tuple[str, ...] = ()  # train on these taxonomy nodes only
+    train_examples: int | None = None  # only this many examples of the kept classes, chosen once from the seed
 
 
 @dataclass
@@ -86,7 +88,8 @@ class LanguageModelData:
                 shard_sizes=shard_sizes,
                 block_shards=self.order.shuffle_block_shards,
             )
-            if self.order.exclude_classes or self.order.late_classes:
+            if (self.order.exclude_classes or self.order.late_classes or self.order.only_classes
+                    or self.order.train_examples):
                 sample_order = self._filtered(sample_order)
             self.sampler = DeterministicSampler(
                 sample_order, self.order.global_batch_size, self.order.seed, self.train.fingerprint, len(self.train)
@@ -104,8 +107,10 @@ class LanguageModelData:
     def _filtered(self, inner: SampleOrder) -> FilteredOrder:
         if not isinstance(inner, (RandomOrder, PerClassOrder)):
             raise ValueError("exclude_classes and late_classes work with batching random or per_class")
+        if self.order.train_examples and not isinstance(inner, RandomOrder):
+            raise ValueError("train_examples works with batching random")
         chosen = {}
-        for option in ("exclude_classes", "late_classes"):
+        for option in ("exclude_classes", "late_classes", "only_classes"):
             found: set[int] = set()
             for node in getattr(self.order, option):
                 covered = {i for i, name in enumerate(self.class_names) if Taxonomy.covers(node, name)}
@@ -113,9 +118,20 @@ class LanguageModelData:
                     raise ValueError(f"{option}: {node!r} names no class of this dataset")
                 found |= covered
             chosen[option] = frozenset(found)
+        if self.order.only_classes:
+            chosen["exclude_classes"] |= frozenset(range(len(self.class_names))) - chosen["only_classes"]
         classes = self.train.classes
         labels = classes.numpy() if isinstance(classes, torch.Tensor) else np.asarray(classes)
-        return FilteredOrder(inner, labels, chosen["exclude_classes"], chosen["late_classes"] - chosen["exclude_classes"])
+        chosen_rows = None
+        if self.order.train_examples:
+            kept = np.flatnonzero(~np.isin(labels, sorted(chosen["exclude_classes"])))
+            if self.order.train_examples > len(kept):
+                raise ValueError(f"train_examples: {self.order.train_examples} asked, the kept classes have {len(kept)}")
+            picked = np.random.default_rng(self.order.seed).permutation(kept)[: self.order.train_examples]
+            chosen_rows = np.zeros(len(labels), dtype=bool)
+            chosen_rows[picked] = True
+        return FilteredOrder(inner, labels, chosen["exclude_classes"], chosen["late_classes"] - chosen["exclude_classes"],
+                             chosen_rows)
 
     def first_late_batch(self) -> int | None:
         """Where, in every epoch, the late classes begin (a deletion-aware checkpoint goes just before)."""
@@ -159,13 +175,23 @@ class LanguageModelData:
         )
         yield from loader
 
+    def eval_indices(self, max_samples: int | None, classes: Sequence[str] = ()) -> torch.Tensor:
+        """A fixed, evenly spaced subset of the validation examples (of ``classes``, taxonomy nodes, if given):
+        the one held-out set the trainer's evaluation and ``smalti eval-forget`` both measure."""
+        rows = torch.arange(len(self.val))
+        if classes:
+            covered = [i for i, name in enumerate(self.class_names) if any(Taxonomy.covers(c, name) for c in classes)]
+            if not covered:
+                raise DataError(f"eval.classes: {', '.join(classes)} names no class of this dataset")
+            rows = torch.isin(torch.as_tensor(self.val.classes), torch.tensor(covered)).nonzero().squeeze(1)
+        count = len(rows) if max_samples is None else min(max_samples, len(rows))
+        return rows[torch.linspace(0, len(rows) - 1, count).round().long().unique()] if count else rows[:0]
+
     def eval_batches(
-        self, batch_size: int, max_samples: int | None, rank: int = 0, world_size: int = 1
+        self, batch_size: int, max_samples: int | None, rank: int = 0, world_size: int = 1, classes: Sequence[str] = ()
     ) -> Iterator[Batch]:
-        """A fixed, evenly spaced subset of validation examples (every class represented)."""
-        count = len(self.val) if max_samples is None else min(max_samples, len(self.val))
-        indices = torch.linspace(0, len(self.val) - 1, count).round().long().unique()
-        mine = indices.tensor_split(world_size)[rank]
+        """The held-out examples of :meth:`eval_indices` (every class represented), this rank's share."""
+        mine = self.eval_indices(max_samples, classes).tensor_split(world_size)[rank]
         for start in range(0, mine.numel(), batch_size):
             yield self.val.gather(mine[start : start + batch_size])
 

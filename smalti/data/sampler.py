@@ -139,15 +139,19 @@ class FilteredOrder:
 
     Placing classes last (a deletion-aware order) puts that checkpoint late
     in the epoch, so forgetting them replays only the tail.
+
+    ``chosen`` keeps only some examples (a relearning attack's k), filtered
+    the same way.
     """
 
     inner: RandomOrder | PerClassOrder
     classes: np.ndarray  # class index of every example
     excluded: frozenset[int]
     late: frozenset[int] = frozenset()
+    chosen: np.ndarray | None = None  # [examples] bool, or None: every example of a kept class
 
     def _masks(self) -> tuple[np.ndarray, np.ndarray]:
-        n = int(self.classes.max()) + 1 if len(self.classes) else 0
+        n = max(int(self.classes.max()) + 1 if len(self.classes) else 0, max(self.excluded | self.late, default=-1) + 1)
         keep = np.ones(n, dtype=bool)
         keep[sorted(self.excluded)] = False
         late = np.zeros(n, dtype=bool)
@@ -157,7 +161,10 @@ class FilteredOrder:
     def _count(self, keep: np.ndarray) -> int:
         if isinstance(self.inner, PerClassOrder):
             return self.inner.countable(keep)
-        return int(keep[self.classes].sum())
+        return int((keep[self.classes] & self._chosen()).sum())
+
+    def _chosen(self) -> np.ndarray | bool:
+        return True if self.chosen is None else self.chosen
 
     def batches_per_epoch(self, global_batch_size: int) -> int:
         if isinstance(self.inner, PerClassOrder):
@@ -174,7 +181,7 @@ class FilteredOrder:
     def epoch_order(self, epoch: int, seed: int, fingerprint: str, global_batch_size: int) -> np.ndarray:
         order = self.inner.full_order(epoch, seed, fingerprint)
         keep, late = self._masks()
-        order = order[keep[self.classes[order]]]
+        order = order[keep[self.classes[order]] & (True if self.chosen is None else self.chosen[order])]
         if self.late:
             is_late = late[self.classes[order]]
             order = np.concatenate([order[~is_late], order[is_late]])

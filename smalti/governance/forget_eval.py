@@ -7,7 +7,8 @@ the class's held-out examples and on every other class's:
 1. **Forget quality** (TOFU): the class's held-out loss, and the two-sample Kolmogorov-Smirnov
    statistic and p-value between the forgotten and the counterfactual models' per-example losses
    (a high p-value: indistinguishable from never having seen it).
-2. **Retained utility**: every other class's held-out loss, against the parent and the counterfactual.
+2. **Retained utility**: the held-out loss of every other class the parent trained on, against the parent and
+   the counterfactual.
 3. **Membership inference**: the AUC of a loss attack separating the class's training examples from
    its held-out ones (0.5: the model cannot tell them apart; a model that memorised reads higher).
 4. **Relearning**: fine-tune on k examples of the class for a fixed budget and count the steps back
@@ -19,7 +20,8 @@ runs at hand; the study (``benchmarks/unlearning_study.py``, docs/deletion.md) r
 
 from __future__ import annotations
 
-import copy
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 
 from smalti.errors import SmaltiError
+from smalti.governance.taxonomy import Taxonomy, unknown_class
 
 
 class EvalError(SmaltiError):
@@ -77,6 +80,13 @@ def example_losses(model: torch.nn.Module, source, indices: torch.Tensor, batch_
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
+def ks_test(forgotten: np.ndarray, counterfactual: np.ndarray):
+    """TOFU's forget quality: the two-sample Kolmogorov-Smirnov test (scipy's, exact p-value for small samples)."""
+    from scipy.stats import ks_2samp
+
+    return ks_2samp(forgotten, counterfactual)
+
+
 def membership_auc(members: np.ndarray, others: np.ndarray) -> float:
     """AUC of the loss attack (lower loss -> guessed a training member): P(member loss < other loss)."""
     from sklearn.metrics import roc_auc_score
@@ -85,29 +95,90 @@ def membership_auc(members: np.ndarray, others: np.ndarray) -> float:
     return float(roc_auc_score(labels, -np.r_[members, others]))
 
 
-def relearn(model: torch.nn.Module, source, train_indices: torch.Tensor, held_out, held_indices: torch.Tensor,
-            steps: int, lr: float, batch_size: int, seed: int) -> list[float]:
-    """Fine-tune a copy on the examples at ``train_indices`` (cycled, ``batch_size`` at a time, AdamW at ``lr``)
-    and return the class's held-out mean loss before and after every step."""
+@torch.inference_mode()
+def held_out_loss(model: torch.nn.Module, source, indices: torch.Tensor, batch_size: int = 64) -> float:
+    """The mean loss per target token over ``indices``, summed as the trainer's evaluation sums it (so the
+    relearning curve's first point and the parent's target are the numbers its later points are)."""
     from smalti.models.adapters import set_row_classes
 
-    generator = torch.Generator().manual_seed(seed)
-    learner = copy.deepcopy(model)
-    optimizer = torch.optim.AdamW([p for p in learner.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    curve = [float(example_losses(learner, held_out, held_indices).mean())]
-    order = train_indices[torch.randperm(len(train_indices), generator=generator)]
-    for step in range(steps):
-        picked = order[torch.arange(step * batch_size, (step + 1) * batch_size) % len(order)]
-        batch = source.gather(picked)
-        learner.train()
-        set_row_classes(learner, batch.provenance)
-        loss = learner.loss(learner(batch.inputs), batch.targets) / learner.loss_units(batch.targets).clamp(min=1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        learner.eval()
-        curve.append(float(example_losses(learner, held_out, held_indices).mean()))
-    return curve
+    loss = units = 0.0
+    for start in range(0, len(indices), batch_size):
+        batch = source.gather(indices[start:start + batch_size])
+        set_row_classes(model, batch.provenance)
+        logits = model(batch.inputs)
+        loss += float(model.loss(logits, batch.targets).double())
+        units += float(model.loss_units(batch.targets).double())
+    return loss / max(units, 1.0)
+
+
+@dataclass(frozen=True)
+class RelearningBudget:
+    """What an attacker may spend: fixed, recorded, the same for every model compared."""
+
+    steps: int
+    lr: float
+    max_examples: int  # the class's held-out examples evaluated after every step
+    checkpoint_every: int | None = None  # steps between the relearning run's checkpoints (None: the last only)
+
+    def batch(self, k: int) -> int:
+        return min(8, k)
+
+
+def relearning_recipe(run: Path, node: str, k: int, budget: RelearningBudget):
+    """``run``'s recipe turned into the attack: start from its final weights (``init.from_run``, its ledger verified),
+    train every weight (no routing policy binds an attacker) on k examples of ``node`` only, at a constant
+    ``budget.lr``, evaluating ``node``'s held-out loss after every step."""
+    from smalti.config import load_recipe
+
+    recipe = load_recipe(run / "recipe.yaml")
+    overrides = {
+        "run_dir": None, "init.from_run": str(run.resolve()), "init.trust": None, "algorithms": {},
+        "governance.policy": None, "governance.ledger.entropy_every": 0, "governance.ledger.publish": None,
+        "data.exclude_classes": [], "data.only_classes": [node], "data.late_classes": [], "data.deletable_late": False,
+        "data.batching": "random", "data.train_examples": k, "data.verify": "lazy",
+        "train.max_duration": f"{budget.steps}ba", "train.global_batch_size": budget.batch(k),
+        "train.microbatch_size": None,
+        "optimizer.lr": budget.lr, "optimizer.weight_decay": 0.0, "scheduler.name": "constant", "scheduler.warmup": "0ba",
+        "eval.interval": "1ba", "eval.classes": [node], "eval.max_samples": budget.max_examples,
+        "checkpoint.interval": f"{budget.checkpoint_every or budget.steps}ba", "checkpoint.keep": 1,
+        "checkpoint.load_path": None, "checkpoint.before_late_classes": False, "checkpoint.autoresume": True,
+        "logging.console": False, "logging.jsonl": True, "logging.mlflow": False,
+    }
+    if recipe.model.lora.classes:
+        overrides["model.lora.freeze_base"] = False
+    return load_recipe(run / "recipe.yaml", [f"{key}={json.dumps(value)}" for key, value in overrides.items()])
+
+
+def relearning_run_dir(work: Path, run: Path, node: str, k: int, budget: RelearningBudget) -> Path:
+    """One folder per (model, class, k, budget): the same attack on the same model is run once and reused (a
+    counterfactual shared by several comparisons), and a killed attack resumes where it stopped."""
+    key = json.dumps([str(run.resolve()), node, k, budget.steps, budget.lr, budget.max_examples])
+    return work / f"{run.name}-k{k}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def relearn(run: Path, node: str, k: int, budget: RelearningBudget, work: Path,
+            start_loss: float) -> tuple[list[float], int | None]:
+    """Fine-tune ``run`` on k examples of ``node`` as a Smalti run (checkpointed, ledgered, resumable). Returns the
+    class's held-out loss before (``start_loss``) and after every step, read from the run's metrics, and the step
+    the run resumed from (None: it started afresh)."""
+    from smalti.trainer import Trainer
+
+    directory = relearning_run_dir(work, run, node, k, budget)
+    trainer = Trainer(relearning_recipe(run, node, k, budget), directory)
+    resumed = trainer.resumed_from.batch if trainer.resumed_from is not None else None
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    by_step: dict[int, float] = {}
+    for line in (directory / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "eval/loss" in record:
+            by_step[record["ba"]] = record["eval/loss"]
+    missing = [step for step in range(1, budget.steps + 1) if step not in by_step]
+    if missing:
+        raise EvalError(f"{directory}: the relearning run logged no evaluation at step {missing[0]}")
+    return [start_loss] + [by_step[step] for step in range(1, budget.steps + 1)], resumed
 
 
 def steps_to(curve: list[float], target: float) -> int | None:
@@ -117,14 +188,13 @@ def steps_to(curve: list[float], target: float) -> int | None:
 
 def evaluate_forgetting(parent: Path, forgotten: Path, node: str, counterfactual: Path | None = None,
                         relearn_examples: tuple[int, ...] = (16, 64, 256), relearn_steps: int = 50,
-                        relearn_lr: float | None = None, max_examples: int = 512) -> dict[str, Any]:
+                        relearn_lr: float | None = None, max_examples: int = 512, work: Path | None = None,
+                        checkpoint_every: int | None = None) -> dict[str, Any]:
     """The four measurements for forgetting ``node`` (a class or taxonomy node), parent vs forgotten vs
-    counterfactual; see the module docstring."""
-    from scipy.stats import ks_2samp
-
-    from smalti.governance.taxonomy import Taxonomy, unknown_class
-
+    counterfactual; see the module docstring. The relearning attacks are Smalti runs in ``work``
+    (default: ``FORGOTTEN/forget-eval/relearning``)."""
     parent, forgotten = Path(parent), Path(forgotten)
+    work = Path(work) if work is not None else forgotten / "forget-eval" / "relearning"
     counterfactual = Path(counterfactual) if counterfactual else _counterfactual_of(forgotten)
     runs = {"parent": parent, "forgotten": forgotten, "counterfactual": counterfactual}
     recipe, data, models = _data_and_models(runs, parent)
@@ -138,30 +208,37 @@ def evaluate_forgetting(parent: Path, forgotten: Path, node: str, counterfactual
             rows = torch.isin(source.classes, torch.tensor(classes)).nonzero().squeeze(1)
             return rows[torch.randperm(len(rows), generator=generator)[:max_examples]].sort().values
 
-        held, trained = of(data.val, covered), of(data.train, covered)
+        held, trained = data.eval_indices(max_examples, [node]), of(data.train, covered)
         if len(held) == 0 or len(trained) == 0:
             raise EvalError(f"--class {node}: no held-out or no training examples of it in {parent}'s data")
         losses = {name: example_losses(model, data.val, held) for name, model in models.items()}
         member = {name: example_losses(model, data.train, trained) for name, model in models.items()}
-        test = ks_2samp(losses["forgotten"], losses["counterfactual"])
+        test = ks_test(losses["forgotten"], losses["counterfactual"])
         others = {}
+        from smalti.config import load_recipe
+
+        never_trained = load_recipe(parent / "recipe.yaml").data.exclude_classes  # the parent's own exclusions
         for index, name in enumerate(data.class_names):
-            if index in covered:
+            if index in covered or any(Taxonomy.covers(node_out, name) for node_out in never_trained):
                 continue
-            rows = of(data.val, [index])
+            rows = data.eval_indices(max_examples, [name])
             if len(rows):
                 others[name] = {run: round(float(example_losses(m, data.val, rows).mean()), 6)
                                 for run, m in models.items()}
         utility = {run: float(np.mean([v[run] for v in others.values()])) if others else math.nan for run in models}
-        target = float(losses["parent"].mean())
-        lr = relearn_lr if relearn_lr is not None else recipe.optimizer.lr
+        start = {name: held_out_loss(model, data.val, held, recipe.eval.batch_size) for name, model in models.items()}
+        target = start["parent"]
+        budget = RelearningBudget(relearn_steps, relearn_lr if relearn_lr is not None else recipe.optimizer.lr,
+                                  max_examples, checkpoint_every)
+        available = int(torch.isin(data.train.classes, torch.tensor(covered)).sum())
         relearning = []
-        for k in relearn_examples:
-            subset = trained[:k]
+        for asked in relearn_examples:
+            k = min(asked, available)  # a class with fewer training examples: all of them
             for run in ("forgotten", "counterfactual"):
-                curve = relearn(models[run], data.train, subset, data.val, held, relearn_steps, lr,
-                                min(8, len(subset)), recipe.seed)
-                relearning.append({"model": run, "examples": len(subset), "steps_to_parent_loss": steps_to(curve, target),
+                curve, _ = relearn(runs[run], node, k, budget, work, start[run])
+                relearning.append({"model": run, "examples": k, "examples_asked": asked,
+                                   "steps_to_parent_loss": steps_to(curve, target),
+                                   "run": str(relearning_run_dir(work, runs[run], node, k, budget)),
                                    "curve": [round(x, 6) for x in curve]})
         return {
             "class": node, "runs": {k: str(v) for k, v in runs.items()},
@@ -174,8 +251,9 @@ def evaluate_forgetting(parent: Path, forgotten: Path, node: str, counterfactual
                                  "change_vs_parent": round(utility["forgotten"] - utility["parent"], 6),
                                  "change_vs_counterfactual": round(utility["forgotten"] - utility["counterfactual"], 6)},
             "membership_inference_auc": {run: round(membership_auc(member[run], losses[run]), 6) for run in models},
-            "relearning": {"budget": {"steps": relearn_steps, "lr": lr, "optimizer": "AdamW, no weight decay",
-                                      "batch": "min(8, k) of the k examples, cycled"},
+            "relearning": {"budget": {"steps": budget.steps, "lr": budget.lr, "optimizer": recipe.optimizer.name +
+                                      ", no weight decay, constant learning rate, every weight trainable",
+                                      "batch": "min(8, k) of the k examples, cycled (a Smalti run each)"},
                            "target": {"parent_loss_on_class": round(target, 6)}, "runs": relearning},
         }
     finally:

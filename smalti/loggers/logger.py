@@ -1,4 +1,4 @@
-"""Fan-out from the loop to wherever metrics go (console, JSONL, MLflow)."""
+"""Fan-out from the loop to wherever metrics go (console, JSONL, MLflow, TensorBoard, Weights & Biases)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ class LoggerDestination(Callback):
 
     def log_hyperparameters(self, params: Mapping[str, Any]) -> None:
         pass
+
+    def log_governance(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Governance signals of an earlier ``step`` (the ledger computes them in batches); trackers only."""
 
 
 class Logger:
@@ -46,3 +49,14 @@ class Logger:
     def log_hyperparameters(self, params: Mapping[str, Any]) -> None:
         for destination in self.destinations:
             destination.log_hyperparameters(params)
+
+    def log_governance(self, step: int, metrics: Mapping[str, float]) -> None:
+        for destination in self.destinations:
+            destination.log_governance(step, metrics)
+
+    @property
+    def wants_governance(self) -> bool:
+        """Whether a destination shows governance signals (so the trainer computes them only then)."""
+        from smalti.loggers.tracker import TrackerDestination
+
+        return any(isinstance(d, TrackerDestination) for d in self.destinations)

@@ -45,8 +45,9 @@ class Adapter(nn.Module):
 class AdapterGates:
     """Which rows each adapter applies to, for the forward pass about to run."""
 
-    def __init__(self, class_names: Sequence[str], adapter_classes: Sequence[str]) -> None:
+    def __init__(self, class_names: Sequence[str], adapter_classes: Sequence[str], gated: bool = True) -> None:
         self.adapter_classes = list(adapter_classes)
+        self.gated = gated
         # covers[k, c]: class index c falls under adapter k's class
         self.covers = torch.tensor(
             [[Taxonomy.covers(a, c) for c in class_names] for a in adapter_classes], dtype=torch.bool
@@ -54,6 +55,10 @@ class AdapterGates:
         self.rows: torch.Tensor | None = None  # [adapters, batch] float gates, or None: all off
 
     def set_provenance(self, provenance: torch.Tensor | None) -> None:
+        if not self.gated:  # a shared slice: in every row's forward pass, whatever its class (or none)
+            batch = 1 if provenance is None else len(provenance)
+            self.rows = torch.ones(len(self.adapter_classes), batch)
+            return
         if provenance is None:
             self.rows = None
             return
@@ -62,7 +67,10 @@ class AdapterGates:
         self.rows = hits.any(dim=-1).float()
 
     def set_on(self, adapter_classes: Sequence[str], batch_size: int) -> None:
-        """Turn chosen adapters on for every row (generation)."""
+        """Turn chosen adapters on for every row (generation); ungated adapters are always on."""
+        if not self.gated:
+            self.set_provenance(None)
+            return
         self.rows = torch.tensor([[1.0 if a in adapter_classes else 0.0] * batch_size for a in self.adapter_classes])
 
 
@@ -78,6 +86,8 @@ class AdapterBank(nn.Module):
         if rows is None:
             return output
         rows = rows.to(device=x.device, dtype=output.dtype)
+        if rows.shape[1] != output.shape[0]:  # ungated: one row of ones broadcast over any batch
+            rows = rows[:, :1].expand(-1, output.shape[0])
         for k, branch in enumerate(self.children()):
             gate = rows[k].view(-1, *([1] * (output.dim() - 1)))
             output = output + gate * branch(x)
@@ -86,13 +96,13 @@ class AdapterBank(nn.Module):
 
 def add_class_adapters(
     model: nn.Module, targets: Sequence[str], adapter_classes: Sequence[str], class_names: Sequence[str], width: int,
-    hidden: int,
+    hidden: int, gated: bool = True,
 ) -> AdapterGates:
     """Attach an adapter bank to each target module; returns the gates the trainer sets per batch."""
     keys = [adapter_key(c) for c in adapter_classes]
     if len(set(keys)) != len(keys):
         raise ValueError("two adapter classes map to the same module name")
-    gates = AdapterGates(class_names, adapter_classes)
+    gates = AdapterGates(class_names, adapter_classes, gated)
     modules = dict(model.named_modules())
     for name in targets:
         target = modules[name]

@@ -153,7 +153,7 @@ def add_lora_adapters(model: HFCausalLM, lora: Any, class_names: Sequence[str]) 
     for name, child in model.hf.named_children():  # injection replaced modules inside our children, not these
         if getattr(model, name) is not child:
             model.add_module(name, child)
-    gates = AdapterGates(class_names, lora.classes)
+    gates = AdapterGates(class_names, lora.classes, lora.gated)
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
             module.set_adapter(keys)  # every class's adapter active; the gates choose the rows
@@ -169,6 +169,8 @@ def add_lora_adapters(model: HFCausalLM, lora: Any, class_names: Sequence[str]) 
 def _gate_hook(gates: AdapterGates, index: int):
     def hook(_module: nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
         rows = gates.rows
+        if not gates.gated:  # a shared slice: in every row's forward pass
+            return output
         if rows is None:
             return output * 0.0  # no class given: every adapter off (``smalti sample --adapter`` turns one on)
         gate = rows[index].to(device=output.device, dtype=output.dtype)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from smalti.governance.keys import PublicKey, SigningKey
 from smalti.software import software
 from smalti.governance.ledger import merkle
 from smalti.governance.ledger.entropy import EntropyProbe
+from smalti.loggers.governance import StepSignals
 from smalti.governance.ledger.entry import ZERO_HASH, TreeHead, encode_packed_entry, pack_table
 from smalti.governance.ledger.recorder import (
     UPDATE_SHARE_RULE,
@@ -63,6 +64,13 @@ class _PendingStep:
     gradient: tuple[torch.Tensor, bool, float]  # Gram matrix of signature rows, outside row first?, 1/loss scale
     update: tuple[torch.Tensor, tuple[int, int, int, int]]  # Gram matrix of parameters and updates, row roles
     entropy: torch.Tensor | None = None
+
+
+def _shares(gradient: tuple[np.ndarray, ...]) -> np.ndarray:
+    """Each signature's share of each layer's gradient, ``<G_s, G> / |G|^2`` (0 where the layer had none)."""
+    _, dots, gradient_sq = gradient
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(gradient_sq > 0, dots / gradient_sq, 0.0)
 
 
 def routing_record(router: Router, layer_of: np.ndarray, n_layers: int) -> list[dict[str, Any]]:
@@ -109,6 +117,7 @@ class Ledger:
         # The latest profile, (step, layer names, [classes, layers] entropies): what State.entropy_profile holds.
         self.last_entropy: tuple[int, list[str], torch.Tensor] | None = None
         self.pending: list[_PendingStep] = []
+        self.listeners: list[Callable[[list[StepSignals]], None]] = []  # called with each committed batch of steps
         self.genesis = {
             "kind": "run",
             "format": ENTRY_FORMAT,
@@ -223,11 +232,16 @@ class Ledger:
             return
         # One device-to-host copy for every pending number: one synchronisation per flush, not eight per step.
         host = iter(_to_host([t for p in self.pending for t in (p.loss, p.gradient[0], p.update[0])]))
-        bodies = [self._body(p, next(host), contribution_numbers(next(host), *p.gradient[1:]),
-                             update_numbers(next(host), p.update[1]))
-                  for p in self.pending]
-        self._append_bodies(bodies)
+        numbers = [(p, next(host), contribution_numbers(next(host), *p.gradient[1:]), update_numbers(next(host), p.update[1]))
+                   for p in self.pending]
+        self._append_bodies([self._body(*step) for step in numbers])
         self.pending = []
+        if self.listeners:  # trackers' views of what was just committed (smalti.loggers.governance)
+            signals = [StepSignals(p.step, list(p.signatures), _shares(gradient), p.updated.astype(bool),
+                                   None if p.entropy is None else p.entropy.cpu().double().numpy())
+                       for p, _, gradient, _ in numbers]
+            for listener in self.listeners:
+                listener(signals)
 
     def _append_bodies(self, bodies: list[dict[str, Any]]) -> None:
         """Append entries whose tables are already packed (the first entry has none)."""
@@ -251,7 +265,7 @@ class Ledger:
             relative = np.where(before_norm > 0, update_norm / before_norm, np.nan)
             moved = (update_norm > 0) & (previous_norm > 0)
             cosine = np.where(moved, dot_previous / (update_norm * previous_norm), np.nan)
-            shares = np.where(gradient_sq > 0, dots / gradient_sq, 0.0)
+        shares = _shares(gradient)
         layers = np.column_stack([p.updated.astype(np.float64), update_norm, relative, cosine, after_norm,
                                   np.sqrt(gradient_sq)])
         contributions = {}
