@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -134,6 +133,7 @@ def ascend(parent: Path, node: str, steps: int, out: Path) -> float:
 def summary(result: dict[str, Any], ks: list[int]) -> dict[str, Any]:
     quality, utility, mia = result["forget_quality"], result["retained_utility"], result["membership_inference_auc"]
     steps = {(r["model"], r["examples_asked"]): r["steps_to_parent_loss"] for r in result["relearning"]["runs"]}
+    final = {(r["model"], r["examples_asked"]): r["curve"][-1] for r in result["relearning"]["runs"]}
     return {
         "loss_on_class": quality["loss_on_class"],
         "ks_statistic": quality["ks_statistic"], "ks_p_value": quality["ks_p_value"],
@@ -142,7 +142,23 @@ def summary(result: dict[str, Any], ks: list[int]) -> dict[str, Any]:
         "mia_auc": mia,
         "relearning_steps": {str(k): {"forgotten": steps.get(("forgotten", k)),
                                       "counterfactual": steps.get(("counterfactual", k))} for k in ks},
+        "relearned_loss": {str(k): {"forgotten": final.get(("forgotten", k)),
+                                    "counterfactual": final.get(("counterfactual", k))} for k in ks},
     }
+
+
+def timed(record: Path, out: Path, make) -> float:
+    """Seconds ``make()`` took to write ``out``, measured once and kept beside the runs (a rerun with --keep
+    reuses both; NaN for a run kept without its time)."""
+    if record.is_file():
+        return json.loads(record.read_text())["seconds"]
+    if out.exists():
+        return float("nan")
+    started = time.perf_counter()
+    make()
+    seconds = time.perf_counter() - started
+    record.write_text(json.dumps({"seconds": seconds}))
+    return seconds
 
 
 def main() -> None:
@@ -182,10 +198,9 @@ def main() -> None:
             counterfactual: dict[str, tuple[Path, float]] = {}
             for arm in sorted({ARM_OF[m] for m in methods}):
                 out = root / f"exact-{arm}-{short}"
-                started = time.perf_counter()
-                if not out.is_dir():
-                    forget(root / f"parent-{arm}", node, out, signing_key, "exact")
-                counterfactual[arm] = (out, time.perf_counter() - started)
+                seconds = timed(root / f"cost-exact-{arm}-{short}.json", out,
+                                lambda: forget(root / f"parent-{arm}", node, out, signing_key, "exact"))
+                counterfactual[arm] = (out, seconds)
             for method in methods:
                 arm = ARM_OF[method]
                 parent = root / f"parent-{arm}"
@@ -195,14 +210,14 @@ def main() -> None:
                     steps_fraction = plan.steps_to_replay / plan.total_steps
                 elif method == "gradient-ascent":
                     forgotten = root / f"ascent-{short}"
-                    seconds = ascend(parent, node, args.ascent_steps, forgotten)
+                    seconds = timed(root / f"cost-ascent-{short}.json", forgotten,
+                                    lambda: ascend(parent, node, args.ascent_steps, forgotten))
                     steps_fraction = args.ascent_steps / args.steps
                 else:
                     forgotten = root / f"ablate-{arm}-{short}"
-                    started = time.perf_counter()
-                    if not forgotten.is_dir():
-                        forget(parent, node, forgotten, signing_key, "ablate")
-                    seconds, steps_fraction = time.perf_counter() - started, 0.0
+                    seconds = timed(root / f"cost-ablate-{arm}-{short}.json", forgotten,
+                                    lambda: forget(parent, node, forgotten, signing_key, "ablate"))
+                    steps_fraction = 0.0
                 result = evaluate_forgetting(parent, forgotten, node, counterfactual[arm][0], tuple(ks),
                                              args.relearn_steps, None, args.max_examples, root / "relearning")
                 emit({
