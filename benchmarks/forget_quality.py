@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from common import BABY_GPT, HF_LLAMA, emit, governed_shakespeare, machine
+from common import BABY_GPT, HF_LLAMA, Governed, emit, governed_shakespeare, machine
 
 from smalti.config import Recipe
 from smalti.core.algorithm import Algorithm
@@ -178,8 +178,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.keep or tmp)
         root.mkdir(parents=True, exist_ok=True)
-        governed = governed_shakespeare(root / "data", seq_len=128 if hf else 64, bpe_vocab=2048 if hf else None)
-        key, _ = write_key_pair("trainer", root / "trainer-key")
+        if (root / "data" / "dataset" / "manifest.json").is_file():  # --keep: the runs are the data's
+            data = root / "data"
+            governed = Governed(data, data / "taxonomy.yaml", data / "keys" / "data-governance.pub", data / "dataset",
+                                data / "keys" / "model-risk.key")
+            key = root / "trainer-key" / "trainer.key"
+        else:
+            governed = governed_shakespeare(root / "data", seq_len=128 if hf else 64, bpe_vocab=2048 if hf else None)
+            key, _ = write_key_pair("trainer", root / "trainer-key")
         nodes = list(Taxonomy.parse(governed.taxonomy.read_bytes(), str(governed.taxonomy)).classes)
         plays = [c for c in nodes if not any(other.startswith(c + "/") for other in nodes)]
         excluded = [c for c in plays if c not in STUDIED + KEPT]
