@@ -193,6 +193,28 @@ class Governed:
     model_risk_key: Path
 
 
+def write_signed_policy(governed: Governed, path: Path, rules: list[dict[str, Any]] | None = None,
+                        exclusive: list[dict[str, Any]] | None = None, name: str = "benchmark") -> Path:
+    """A routing policy bound to the governed taxonomy and signed by its model-risk key: what `smalti policy
+    check --bind` and `smalti sign` leave for a user."""
+    import yaml
+
+    from smalti.governance.keys import PublicKey, SigningKey, sign_bytes
+    from smalti.governance.taxonomy import Taxonomy
+
+    taxonomy = Taxonomy.load(governed.taxonomy, PublicKey.load(governed.trust))
+    spec: dict[str, Any] = {"policy": name, "taxonomy": {"name": taxonomy.name, "fingerprint": taxonomy.fingerprint},
+                            "default": "allow"}
+    if exclusive:
+        spec["exclusive"] = exclusive
+    if rules:
+        spec["rules"] = rules
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    path.with_name(path.name + ".sig").write_text(
+        sign_bytes(path.read_bytes(), SigningKey.load(governed.model_risk_key)).to_json())
+    return path
+
+
 def governed_shakespeare(root: Path, shard_examples: int = 20_000, seq_len: int = 64,
                          bpe_vocab: int | None = None) -> Governed:
     """Keys, a signed taxonomy and the prepared, signed Shakespeare dataset (examples of ``seq_len`` tokens),

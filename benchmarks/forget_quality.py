@@ -32,15 +32,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-from common import BABY_GPT, HF_LLAMA, Governed, emit, governed_shakespeare, machine
+from common import BABY_GPT, HF_LLAMA, Governed, emit, governed_shakespeare, machine, write_signed_policy
 
 from smalti.config import Recipe
 from smalti.core.algorithm import Algorithm
 from smalti.core.event import Event
 from smalti.governance.deletion import forget, plan_deletion
 from smalti.governance.forget_eval import evaluate_forgetting
-from smalti.governance.keys import PublicKey, SigningKey, sign_bytes, write_key_pair
+from smalti.governance.keys import SigningKey, write_key_pair
 from smalti.governance.taxonomy import Taxonomy
 from smalti.trainer import Trainer
 
@@ -77,17 +76,6 @@ def adapters_for(arm: str, hf: bool) -> dict[str, Any]:
     return {"adapters": {"classes": STUDIED, "hidden": 256 if arm == "wide" else 32, "gated": arm != "sgtm"}}
 
 
-def write_policy(governed, path: Path) -> Path:
-    """Each studied class confined to its own adapter (which, exclusive, no other class may update)."""
-    taxonomy = Taxonomy.load(governed.taxonomy, PublicKey.load(governed.trust))
-    spec = {"policy": "forget-quality", "taxonomy": {"name": taxonomy.name, "fingerprint": taxonomy.fingerprint},
-            "default": "allow", "exclusive": [{"classes": [c], "params": ["@adapter"]} for c in STUDIED]}
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    path.with_name(path.name + ".sig").write_text(
-        sign_bytes(path.read_bytes(), SigningKey.load(governed.model_risk_key)).to_json())
-    return path
-
-
 def recipe(governed, arm: str, steps: int, key: Path, policy: Path, excluded: list[str], hf: bool) -> Recipe:
     model: dict[str, Any] = {"hf": {"config": dict(HF_LLAMA)}} if hf else dict(BABY_GPT)
     model.update(adapters_for(arm, hf))
@@ -109,17 +97,15 @@ def recipe(governed, arm: str, steps: int, key: Path, policy: Path, excluded: li
     })
 
 
-def fit(config: Recipe, run: Path, algorithms=None) -> float:
-    started = time.perf_counter()
+def fit(config: Recipe, run: Path, algorithms=None) -> None:
     trainer = Trainer(config, run, algorithms=algorithms)
     try:
         trainer.fit()
     finally:
         trainer.close()
-    return time.perf_counter() - started
 
 
-def ascend(parent: Path, node: str, steps: int, out: Path) -> float:
+def ascend(parent: Path, node: str, steps: int, out: Path) -> None:
     """The plain parent fine-tuned on the class's training examples with the loss negated (a Smalti run)."""
     from smalti.config import load_recipe
 
@@ -127,7 +113,7 @@ def ascend(parent: Path, node: str, steps: int, out: Path) -> float:
                  "data.batching": "random", "train.max_duration": f"{steps}ba", "scheduler.name": "constant",
                  "scheduler.warmup": "0ba"}
     config = load_recipe(parent / "recipe.yaml", [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
-    return fit(config, out, algorithms=[NegatedLoss()])
+    fit(config, out, algorithms=[NegatedLoss()])
 
 
 def summary(result: dict[str, Any], ks: list[int]) -> dict[str, Any]:
@@ -189,15 +175,14 @@ def main() -> None:
         nodes = list(Taxonomy.parse(governed.taxonomy.read_bytes(), str(governed.taxonomy)).classes)
         plays = [c for c in nodes if not any(other.startswith(c + "/") for other in nodes)]
         excluded = [c for c in plays if c not in STUDIED + KEPT]
-        policy = write_policy(governed, root / "policy.yaml")
+        # Each studied class confined to its own adapter (which, exclusive, no other class may update).
+        policy = write_signed_policy(governed, root / "policy.yaml", name="forget-quality",
+                                     exclusive=[{"classes": [c], "params": ["@adapter"]} for c in STUDIED])
         train_s: dict[str, float] = {}
         for arm in sorted({ARM_OF[m] for m in methods}):
             run = root / f"parent-{arm}"
-            if not (run / "checkpoints").is_dir():
-                train_s[arm] = fit(recipe(governed, arm, args.steps, key, policy, excluded, hf), run)
-            else:
-                train_s[arm] = json.loads((root / f"train-{arm}.json").read_text())["seconds"]
-            (root / f"train-{arm}.json").write_text(json.dumps({"seconds": train_s[arm]}))
+            train_s[arm] = timed(root / f"train-{arm}.json", run,
+                                 lambda: fit(recipe(governed, arm, args.steps, key, policy, excluded, hf), run))
         signing_key = SigningKey.load(key)
         for node in classes:
             short = node.rsplit("/", 1)[-1]

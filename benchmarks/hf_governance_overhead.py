@@ -24,13 +24,10 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import yaml
-
-from common import HF_LLAMA, TwinSteps, emit, governed_shakespeare, machine
+from common import HF_LLAMA, TwinSteps, emit, governed_shakespeare, machine, write_signed_policy
 
 from smalti.config import Recipe
-from smalti.governance.keys import PublicKey, SigningKey, sign_bytes, write_key_pair
-from smalti.governance.taxonomy import Taxonomy
+from smalti.governance.keys import write_key_pair
 from smalti.trainer import Trainer
 
 SEQ_LEN, BATCH = 256, 32
@@ -39,18 +36,11 @@ ADAPTED = ["gutenberg/tragedy/hamlet", "gutenberg/tragedy/macbeth", "gutenberg/c
 
 
 def write_policy(governed, path: Path, lora: bool) -> Path:
-    taxonomy = Taxonomy.load(governed.taxonomy, PublicKey.load(governed.trust))
-    spec = {"policy": "benchmark", "taxonomy": {"name": taxonomy.name, "fingerprint": taxonomy.fingerprint},
-            "default": "allow"}
     if lora:
-        spec["exclusive"] = [{"classes": [c], "params": ["@adapter"]} for c in ADAPTED]
-    else:
-        spec["rules"] = [{"classes": ["gutenberg/history"], "params": ["model.embed_tokens"], "action": "deny"},
-                         {"classes": ["gutenberg/tragedy"], "params": ["model.layers.0"], "action": "deny"}]
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    path.with_name(path.name + ".sig").write_text(
-        sign_bytes(path.read_bytes(), SigningKey.load(governed.model_risk_key)).to_json())
-    return path
+        return write_signed_policy(governed, path, exclusive=[{"classes": [c], "params": ["@adapter"]} for c in ADAPTED])
+    return write_signed_policy(governed, path, rules=[
+        {"classes": ["gutenberg/history"], "params": ["model.embed_tokens"], "action": "deny"},
+        {"classes": ["gutenberg/tragedy"], "params": ["model.layers.0"], "action": "deny"}])
 
 
 def recipe(governed, steps: int, governed_run: bool, lora: bool, policy: Path, trainer_key: Path) -> Recipe:

@@ -24,14 +24,10 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import yaml
-
-from common import BABY_GPT, TwinSteps, emit, governed_shakespeare, machine
+from common import BABY_GPT, TwinSteps, emit, governed_shakespeare, machine, write_signed_policy
 
 from smalti.config import Recipe
 from smalti.core.callback import Callback
-from smalti.governance.keys import PublicKey, SigningKey, sign_bytes
-from smalti.governance.taxonomy import Taxonomy
 from smalti.trainer import Trainer
 
 GROUPS = {  # four groups of classes, each with its own allowed set
@@ -43,18 +39,12 @@ GROUPS = {  # four groups of classes, each with its own allowed set
 
 
 def write_policy(governed, path: Path, mixed: bool) -> Path:
-    taxonomy = Taxonomy.load(governed.taxonomy, PublicKey.load(governed.trust))
     if mixed:
         rules = [{"classes": [group], "params": [params], "action": "deny"} for group, params in GROUPS.items()]
     else:
         rules = [{"classes": ["gutenberg/history"], "params": ["tok_emb"], "action": "deny"},
                  {"classes": ["gutenberg/tragedy"], "params": ["blocks.0"], "action": "deny"}]
-    spec = {"policy": "benchmark", "taxonomy": {"name": taxonomy.name, "fingerprint": taxonomy.fingerprint},
-            "default": "allow", "rules": rules}
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    path.with_name(path.name + ".sig").write_text(
-        sign_bytes(path.read_bytes(), SigningKey.load(governed.model_risk_key)).to_json())
-    return path
+    return write_signed_policy(governed, path, rules=rules)
 
 
 def recipe(governed, steps: int, policy: Path | None, batching: str, microbatch: int | None) -> Recipe:

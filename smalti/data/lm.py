@@ -106,7 +106,7 @@ class LanguageModelData:
 
     def _filtered(self, inner: SampleOrder) -> FilteredOrder:
         if not isinstance(inner, (RandomOrder, PerClassOrder)):
-            raise ValueError("exclude_classes and late_classes work with batching random or per_class")
+            raise ValueError("exclude_classes, late_classes and only_classes work with batching random or per_class")
         if self.order.train_examples and not isinstance(inner, RandomOrder):
             raise ValueError("train_examples works with batching random")
         chosen = {}

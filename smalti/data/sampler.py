@@ -161,10 +161,12 @@ class FilteredOrder:
     def _count(self, keep: np.ndarray) -> int:
         if isinstance(self.inner, PerClassOrder):
             return self.inner.countable(keep)
-        return int((keep[self.classes] & self._chosen()).sum())
+        return int(self._trained(keep).sum())
 
-    def _chosen(self) -> np.ndarray | bool:
-        return True if self.chosen is None else self.chosen
+    def _trained(self, keep: np.ndarray, examples: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """Which of ``examples`` (default: all) train: of a kept class, and chosen if only some are."""
+        mask = keep[self.classes[examples]]
+        return mask if self.chosen is None else mask & self.chosen[examples]
 
     def batches_per_epoch(self, global_batch_size: int) -> int:
         if isinstance(self.inner, PerClassOrder):
@@ -181,7 +183,7 @@ class FilteredOrder:
     def epoch_order(self, epoch: int, seed: int, fingerprint: str, global_batch_size: int) -> np.ndarray:
         order = self.inner.full_order(epoch, seed, fingerprint)
         keep, late = self._masks()
-        order = order[keep[self.classes[order]] & (True if self.chosen is None else self.chosen[order])]
+        order = order[self._trained(keep, order)]
         if self.late:
             is_late = late[self.classes[order]]
             order = np.concatenate([order[~is_late], order[is_late]])

@@ -97,18 +97,18 @@ def membership_auc(members: np.ndarray, others: np.ndarray) -> float:
 
 @torch.inference_mode()
 def held_out_loss(model: torch.nn.Module, source, indices: torch.Tensor, batch_size: int = 64) -> float:
-    """The mean loss per target token over ``indices``, summed as the trainer's evaluation sums it (so the
+    """The mean loss per target token over ``indices``, summed by the trainer's own evaluation code (so the
     relearning curve's first point and the parent's target are the numbers its later points are)."""
+    from smalti.core.class_losses import ClassLosses
     from smalti.models.adapters import set_row_classes
 
-    loss = units = 0.0
+    by_class = ClassLosses(int(source.classes.max()) + 1)
     for start in range(0, len(indices), batch_size):
         batch = source.gather(indices[start:start + batch_size])
         set_row_classes(model, batch.provenance)
-        logits = model(batch.inputs)
-        loss += float(model.loss(logits, batch.targets).double())
-        units += float(model.loss_units(batch.targets).double())
-    return loss / max(units, 1.0)
+        by_class.add(model, batch.provenance[:, 0], model(batch.inputs), batch.targets)
+    loss, units = by_class.sums.sum(dim=1)
+    return float(loss / units.clamp(min=1))
 
 
 @dataclass(frozen=True)
@@ -193,6 +193,8 @@ def evaluate_forgetting(parent: Path, forgotten: Path, node: str, counterfactual
     """The four measurements for forgetting ``node`` (a class or taxonomy node), parent vs forgotten vs
     counterfactual; see the module docstring. The relearning attacks are Smalti runs in ``work``
     (default: ``FORGOTTEN/forget-eval/relearning``)."""
+    from smalti.config import load_recipe
+
     parent, forgotten = Path(parent), Path(forgotten)
     work = Path(work) if work is not None else forgotten / "forget-eval" / "relearning"
     counterfactual = Path(counterfactual) if counterfactual else _counterfactual_of(forgotten)
@@ -215,8 +217,6 @@ def evaluate_forgetting(parent: Path, forgotten: Path, node: str, counterfactual
         member = {name: example_losses(model, data.train, trained) for name, model in models.items()}
         test = ks_test(losses["forgotten"], losses["counterfactual"])
         others = {}
-        from smalti.config import load_recipe
-
         never_trained = load_recipe(parent / "recipe.yaml").data.exclude_classes  # the parent's own exclusions
         for index, name in enumerate(data.class_names):
             if index in covered or any(Taxonomy.covers(node_out, name) for node_out in never_trained):

@@ -15,21 +15,11 @@ The ledger stays the evidence (signed, verifiable); a tracker is a view of it.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 
-
-@dataclass
-class StepSignals:
-    """One ledger step's numbers, on the host."""
-
-    step: int
-    signatures: list[str]
-    shares: np.ndarray  # [signatures, layers]: share of each layer's gradient
-    updated: np.ndarray  # [layers]: the layer moved in this step
-    entropy: np.ndarray | None  # [probe classes, probe layers], at the steps it is measured
+from smalti.governance.ledger.writer import StepSignals
 
 
 class GovernanceSignals:

@@ -55,10 +55,6 @@ class AdapterGates:
         self.rows: torch.Tensor | None = None  # [adapters, batch] float gates, or None: all off
 
     def set_provenance(self, provenance: torch.Tensor | None) -> None:
-        if not self.gated:  # a shared slice: in every row's forward pass, whatever its class (or none)
-            batch = 1 if provenance is None else len(provenance)
-            self.rows = torch.ones(len(self.adapter_classes), batch)
-            return
         if provenance is None:
             self.rows = None
             return
@@ -68,9 +64,6 @@ class AdapterGates:
 
     def set_on(self, adapter_classes: Sequence[str], batch_size: int) -> None:
         """Turn chosen adapters on for every row (generation); ungated adapters are always on."""
-        if not self.gated:
-            self.set_provenance(None)
-            return
         self.rows = torch.tensor([[1.0 if a in adapter_classes else 0.0] * batch_size for a in self.adapter_classes])
 
 
@@ -82,12 +75,15 @@ class AdapterBank(nn.Module):
         self._gates = [gates]  # a list, so the shared gates are not registered as a submodule
 
     def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        rows = self._gates[0].rows
+        gates = self._gates[0]
+        if not gates.gated:  # a shared slice: in every row's forward pass, whatever its class (or none)
+            for branch in self.children():
+                output = output + branch(x)
+            return output
+        rows = gates.rows
         if rows is None:
             return output
         rows = rows.to(device=x.device, dtype=output.dtype)
-        if rows.shape[1] != output.shape[0]:  # ungated: one row of ones broadcast over any batch
-            rows = rows[:, :1].expand(-1, output.shape[0])
         for k, branch in enumerate(self.children()):
             gate = rows[k].view(-1, *([1] * (output.dim() - 1)))
             output = output + gate * branch(x)

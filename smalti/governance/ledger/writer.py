@@ -30,7 +30,6 @@ from smalti.governance.keys import PublicKey, SigningKey
 from smalti.software import software
 from smalti.governance.ledger import merkle
 from smalti.governance.ledger.entropy import EntropyProbe
-from smalti.loggers.governance import StepSignals
 from smalti.governance.ledger.entry import ZERO_HASH, TreeHead, encode_packed_entry, pack_table
 from smalti.governance.ledger.recorder import (
     UPDATE_SHARE_RULE,
@@ -64,6 +63,18 @@ class _PendingStep:
     gradient: tuple[torch.Tensor, bool, float]  # Gram matrix of signature rows, outside row first?, 1/loss scale
     update: tuple[torch.Tensor, tuple[int, int, int, int]]  # Gram matrix of parameters and updates, row roles
     entropy: torch.Tensor | None = None
+
+
+@dataclass
+class StepSignals:
+    """One committed step's per-layer numbers on the host: what its entry packs, and what trackers are shown
+    (``smalti.loggers.governance``)."""
+
+    step: int
+    signatures: list[str]
+    shares: np.ndarray  # [signatures, layers]: share of each layer's gradient
+    updated: np.ndarray  # [layers]: the layer moved in this step
+    entropy: np.ndarray | None  # [probe classes, probe layers], at the steps it is measured
 
 
 def _shares(gradient: tuple[np.ndarray, ...]) -> np.ndarray:
@@ -232,16 +243,18 @@ class Ledger:
             return
         # One device-to-host copy for every pending number: one synchronisation per flush, not eight per step.
         host = iter(_to_host([t for p in self.pending for t in (p.loss, p.gradient[0], p.update[0])]))
-        numbers = [(p, next(host), contribution_numbers(next(host), *p.gradient[1:]), update_numbers(next(host), p.update[1]))
-                   for p in self.pending]
-        self._append_bodies([self._body(*step) for step in numbers])
+        bodies, signals = [], []
+        for p in self.pending:
+            loss, gradient = next(host), contribution_numbers(next(host), *p.gradient[1:])
+            update = update_numbers(next(host), p.update[1])
+            step = StepSignals(p.step, list(p.signatures), _shares(gradient), p.updated.astype(bool),
+                               None if p.entropy is None else p.entropy.cpu().double().numpy())
+            bodies.append(self._body(p, loss, gradient, update, step))
+            signals.append(step)
+        self._append_bodies(bodies)
         self.pending = []
-        if self.listeners:  # trackers' views of what was just committed (smalti.loggers.governance)
-            signals = [StepSignals(p.step, list(p.signatures), _shares(gradient), p.updated.astype(bool),
-                                   None if p.entropy is None else p.entropy.cpu().double().numpy())
-                       for p, _, gradient, _ in numbers]
-            for listener in self.listeners:
-                listener(signals)
+        for listener in self.listeners:  # trackers' views of what was just committed (smalti.loggers.governance)
+            listener(signals)
 
     def _append_bodies(self, bodies: list[dict[str, Any]]) -> None:
         """Append entries whose tables are already packed (the first entry has none)."""
@@ -256,16 +269,16 @@ class Ledger:
         self.store.append(rows)
 
     def _body(self, p: _PendingStep, loss: np.ndarray, gradient: tuple[np.ndarray, ...],
-              update: tuple[np.ndarray, ...]) -> dict[str, Any]:
+              update: tuple[np.ndarray, ...], signals: StepSignals) -> dict[str, Any]:
         """A step entry with its tables packed straight from the arrays (NaN where a statistic is undefined;
         a signature's table runs to the last layer it reached, zero where it sent no gradient)."""
-        norms, dots, gradient_sq = gradient
+        norms, _, gradient_sq = gradient
         update_norm, before_norm, after_norm, dot_previous, previous_norm = update
         with np.errstate(divide="ignore", invalid="ignore"):
             relative = np.where(before_norm > 0, update_norm / before_norm, np.nan)
             moved = (update_norm > 0) & (previous_norm > 0)
             cosine = np.where(moved, dot_previous / (update_norm * previous_norm), np.nan)
-        shares = _shares(gradient)
+        shares = signals.shares
         layers = np.column_stack([p.updated.astype(np.float64), update_norm, relative, cosine, after_norm,
                                   np.sqrt(gradient_sq)])
         contributions = {}
@@ -287,8 +300,8 @@ class Ledger:
             "layers": pack_table(layers),
             "contributions": contributions,
         }
-        if p.entropy is not None:
-            body["entropy"] = pack_table(p.entropy.cpu().double().numpy())
+        if signals.entropy is not None:
+            body["entropy"] = pack_table(signals.entropy)
         return body
 
     def sign(self, final: bool, weights: str = "") -> dict[str, Any] | None:
