@@ -87,11 +87,14 @@ def start_server(env: dict, port: int) -> subprocess.Popen:
 
 
 async def _login(session, base: str, key) -> None:
+    """A sign-in code as `smalti auditor sign-in` makes it (the challenge signed for this origin), for a cookie."""
+    from smalti.serve.auth import login_message
+
     async with session.get(f"{base}/api/login/challenge") as response:
         challenge = (await response.json())["challenge"]
-    signature = base64.b64encode(key.sign(f"smalti-login/v1\n{challenge}".encode())).decode()
-    async with session.get(f"{base}/api/login", params={"challenge": challenge, "key_id": key.public.key_id,
-                                                         "signature": signature}) as response:
+    signature = base64.urlsafe_b64encode(key.sign(login_message(base, challenge))).decode().rstrip("=")
+    async with session.post(f"{base}/api/login", json={"code": f"{challenge}.{key.public.key_id}.{signature}"}) \
+            as response:
         if response.status != 200:
             raise RuntimeError(f"login: {response.status} {await response.text()}")
 

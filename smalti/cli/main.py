@@ -11,12 +11,13 @@ import argparse
 import sys
 from typing import Sequence
 
-from smalti.cli import (audit, data, export, forget, keys, ledger, policy, sample, serve, taxonomy, tokenizer, train,
-                        witness)
+from smalti.cli import (audit, auditor, data, export, forget, keys, ledger, policy, sample, serve, taxonomy, tokenizer,
+                        train, witness)
 from smalti.errors import SmaltiError
 from smalti.threads import apply_thread_defaults
 
-COMMANDS = (train, sample, export, keys, taxonomy, tokenizer, data, policy, ledger, audit, forget, witness, serve)
+COMMANDS = (train, sample, export, keys, taxonomy, tokenizer, data, policy, ledger, audit, forget, witness, serve,
+            auditor)
 
 
 def build_parser() -> argparse.ArgumentParser:

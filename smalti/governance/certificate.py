@@ -36,14 +36,14 @@ def ledger_entries(run: Path, tables: bool = True) -> tuple[dict[str, Any], list
     return bodies[0], bodies[1:], heads
 
 
-def _message(certificate: dict[str, Any]) -> bytes:
+def signed_message(certificate: dict[str, Any]) -> bytes:
     unsigned = {k: v for k, v in certificate.items() if k not in ("signature", "key_id")}
     return json.dumps(unsigned, sort_keys=True, separators=(",", ":")).encode()
 
 
 def sign_certificate(certificate: dict[str, Any], key: SigningKey) -> dict[str, Any]:
     certificate = dict(certificate, key_id=key.public.key_id)
-    certificate["signature"] = key.sign(_message(certificate)).hex()
+    certificate["signature"] = key.sign(signed_message(certificate)).hex()
     return certificate
 
 
@@ -85,7 +85,7 @@ def verify_certificate(run: str | Path, public_key: PublicKey | None = None) -> 
         key = PublicKey.parse(store.get_meta("trainer_public_key") or "", f"{parent_run} trainer key")
         store.close()
     if certificate.get("key_id") != key.key_id or not key.verify(bytes.fromhex(certificate.get("signature", "")),
-                                                                  _message(certificate)):
+                                                                  signed_message(certificate)):
         return f"{path}: the signature does not verify under trainer key {key.key_id}"
     head = parent.get("head") or {}
     problem = _original_problem(path, "parent", parent_run, head, key)

@@ -80,7 +80,7 @@ class Taxonomy:
             raise TaxonomyError(f"{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
         if not isinstance(spec, dict):
             raise TaxonomyError(f"{where}: a taxonomy is a mapping with 'taxonomy', 'authorities' and 'classes'")
-        unknown = set(spec) - {"taxonomy", "authorities", "classes", "deletable"}
+        unknown = set(spec) - {"taxonomy", "authorities", "classes", "deletable", "allow_shared_keys"}
         if unknown:
             raise TaxonomyError(f"{where}: unknown key '{sorted(unknown)[0]}'")
         name = spec.get("taxonomy")
@@ -94,6 +94,7 @@ class Taxonomy:
         authorities = {}
         for auth_name, entry in (spec.get("authorities") or {}).items():
             authorities[auth_name] = _authority(auth_name, entry, known, where)
+        _check_distinct_keys(authorities, spec.get("allow_shared_keys") is True, where)
         if not any(a.role == "data-governance" for a in authorities.values()):
             raise TaxonomyError(f"{where}: no authority has role 'data-governance'")
         deletable = spec.get("deletable") or []
@@ -211,6 +212,19 @@ def _walk(node: Any, prefix: str, out: list[str], where: str) -> None:
             raise TaxonomyError(f"{where}: class '{path}' defined twice")
         out.append(path)
         _walk(children, f"{path}/", out, where)
+
+
+def _check_distinct_keys(authorities: dict[str, Authority], allowed: bool, where: str) -> None:
+    """One key, one authority: a key named twice would hold both roles, and a reader (the audit service, say)
+    could not tell which one signed; a taxonomy that means it says ``allow_shared_keys: true``."""
+    seen: dict[str, str] = {}
+    for name, authority in authorities.items():
+        if authority.key is None:
+            continue
+        other = seen.setdefault(authority.key.key_id, name)
+        if other != name and not allowed:
+            raise TaxonomyError(f"{where}: authorities '{other}' and '{name}' have the same key "
+                                f"{authority.key.key_id}; give each its own key (or set allow_shared_keys: true)")
 
 
 def _authority(name: str, entry: Any, known: set[str], where: str) -> Authority:

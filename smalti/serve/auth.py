@@ -1,30 +1,41 @@
-"""Who is asking: HTTP Message Signatures (RFC 9421) by a key the signed taxonomy names.
+"""Who is asking: HTTP Message Signatures (RFC 9421) by a key the signed taxonomy names, or a browser session
+bought with a one-time challenge signed outside the browser.
 
 Why RFC 9421 and not mutual TLS: the auditor's credential is then the same Ed25519 key the taxonomy
 already names in the auditor role; there is no certificate authority to run, no client certificate
 to issue, and it survives TLS-terminating proxies. Each request signs its method and full target URI
-(``@method``, ``@target-uri``) with ``created`` and a ``nonce``, under the tag ``smalti-audit``; the
-service keeps every nonce until its signature would have expired, so a replayed request is refused.
-The verification itself is the ``http-message-signatures`` library's.
+(``@method``, ``@target-uri``) with ``created`` and a ``nonce``, under the tag ``smalti-audit``.
 
-401: no signature, a malformed or failing one, an unknown key, an expired or replayed one.
+Every signature is bound to this service: ``@target-uri`` is rebuilt from the service's configured public
+origin (``--origin``), never from the client's ``Host`` header, so a request signed for another service does
+not verify here, and the login message names the origin too. Replays are refused by nonce while the service
+runs, and signatures created before the service started are refused outright (the nonces of an earlier
+process are not kept, so this is what stops a replay across a restart).
+
+401: no signature, a malformed or failing one, an unknown key, an expired, replayed or pre-start one.
 403: a valid signature by a key the taxonomy names in another role (e.g. the trainer's).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime
+import secrets
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
+from smalti.governance.keys import PublicKey
 from smalti.governance.taxonomy import Authority, Taxonomy
 
 TAG = "smalti-audit"
 MAX_AGE = datetime.timedelta(minutes=5)
 MAX_HEADER = 8192  # bytes of Signature and Signature-Input together
+LOGIN_CONTEXT = "smalti-login/v2"
 
 
 class AuthError(Exception):
@@ -41,26 +52,39 @@ class Reader:
     key_id: str
 
 
+def login_message(origin: str, challenge: str) -> bytes:
+    """What an auditor signs to sign in to the service at ``origin``: a context string no other Smalti signature
+    starts with (tree heads sign C2SP checkpoints, cosignatures ``cosignature/v1``, requests RFC 9421 signature
+    bases, certificates and files JSON or raw digests), the origin and the challenge."""
+    return f"{LOGIN_CONTEXT}\n{origin}\n{challenge}\n".encode()
+
+
 class RequestAuthenticator:
-    def __init__(self, taxonomy: Taxonomy) -> None:
-        self.authorities: dict[str, Authority] = {a.key.key_id: a for a in taxonomy.authorities.values() if a.key}
+    def __init__(self, taxonomy: Taxonomy, origin: str) -> None:
+        self.authorities: dict[str, Authority] = {}
+        for a in taxonomy.authorities.values():  # a key shared by roles (allow_shared_keys) reads as its auditor
+            if a.key and (a.key.key_id not in self.authorities or a.role == "auditor"):
+                self.authorities[a.key.key_id] = a
+        self.origin = origin.rstrip("/")
+        self.started = int(time.time())
         self._nonces: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
+        self._resolver = self._make_resolver()
 
-    def _resolver(self):
+    def _make_resolver(self) -> Any:
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
         from http_message_signatures import HTTPSignatureKeyResolver
 
-        authorities = self.authorities
+        keys = {key_id: Ed25519PublicKey.from_public_bytes(a.key.raw) for key_id, a in self.authorities.items()}
 
         class Keys(HTTPSignatureKeyResolver):
-            def resolve_public_key(self, key_id: str):
-                authority = authorities.get(key_id)
-                return Ed25519PublicKey.from_public_bytes(authority.key.raw) if authority else None
+            def resolve_public_key(self, key_id: str) -> Any:
+                return keys.get(key_id)
 
         return Keys()
 
-    def authenticate(self, method: str, url: str, headers: list[tuple[str, str]]) -> Reader:
+    def authenticate(self, method: str, target: str, headers: list[tuple[str, str]]) -> Reader:
+        """``target``: the path and query exactly as sent; the URI signed is this service's origin + target."""
         from http_message_signatures import HTTPMessageVerifier, algorithms
         from http_message_signatures.exceptions import HTTPMessageSignaturesException
 
@@ -71,24 +95,33 @@ class RequestAuthenticator:
         size = sum(len(v) for n, v in headers if n.lower() in ("signature", "signature-input"))
         if size > MAX_HEADER:
             raise AuthError(401, f"signature headers of {size} bytes: more than {MAX_HEADER}")
-        verifier = HTTPMessageVerifier(signature_algorithm=algorithms.ED25519, key_resolver=self._resolver())
-        message = SimpleNamespace(method=method.upper(), url=url, headers=_Headers(headers))
+        verifier = HTTPMessageVerifier(signature_algorithm=algorithms.ED25519, key_resolver=self._resolver)
+        message = SimpleNamespace(method=method.upper(), url=self.origin + target, headers=_Headers(headers))
         try:
             results = verifier.verify(message, max_age=MAX_AGE, expect_tag=TAG,
                                       require_components=("@method", "@target-uri"))
         except (HTTPMessageSignaturesException, ValueError, TypeError, KeyError) as error:
-            raise AuthError(401, f"signature refused: {' '.join(str(error).split())[:200]}") from None
+            reason = " ".join(str(error).split())[:200] or type(error).__name__
+            raise AuthError(401, f"signature refused: {reason} (requests are signed for {self.origin})") from None
         params = results[0].parameters
-        key_id, nonce = str(params.get("keyid", "")), params.get("nonce")
+        key_id, nonce, created = str(params.get("keyid", "")), params.get("nonce"), params.get("created")
         if not nonce:
             raise AuthError(401, "signature refused: it carries no nonce (replays could not be told apart)")
+        if type(created) is int and created < self.started:
+            raise AuthError(401, "signature refused: created before this service started (sign a fresh request)")
         now = time.time()
         with self._lock:
-            self._nonces = {k: until for k, until in self._nonces.items() if until > now}
+            if len(self._nonces) > 10_000:
+                self._nonces = {k: until for k, until in self._nonces.items() if until > now}
             if (key_id, nonce) in self._nonces:
                 raise AuthError(401, "signature refused: replayed (this nonce was used already)")
             self._nonces[(key_id, nonce)] = now + MAX_AGE.total_seconds() + 60
-        authority = self.authorities[key_id]
+        return self.reader(key_id)
+
+    def reader(self, key_id: str) -> Reader:
+        authority = self.authorities.get(key_id)
+        if authority is None:
+            raise AuthError(401, f"key {key_id} is not named in the taxonomy")
         if authority.role != "auditor":
             raise AuthError(403, f"key {key_id} is the taxonomy's {authority.role} '{authority.name}', not an auditor")
         return Reader(authority.name, key_id)
@@ -100,10 +133,10 @@ class _Headers:
     def __init__(self, pairs: list[tuple[str, str]]) -> None:
         self._pairs = pairs
 
-    def items(self):
+    def items(self) -> list[tuple[str, str]]:
         return list(self._pairs)
 
-    def __iter__(self):
+    def __iter__(self) -> Any:
         return iter(name for name, _ in self._pairs)
 
     def __contains__(self, name: Any) -> bool:
@@ -122,56 +155,75 @@ class _Headers:
             return default
 
 
-class Sessions:
-    """Browser logins: a one-time challenge signed by an auditor's key buys a short-lived session cookie.
+@dataclass
+class _Session:
+    reader: Reader
+    expires: float
 
-    The page signs ``smalti-login/v1\n<challenge>`` with the key the auditor loads into it (WebCrypto
-    Ed25519); the key never leaves the page. No passwords. The cookie is HttpOnly and SameSite=Strict."""
+
+class Sessions:
+    """Browser sessions, bought with a sign-in code: the service's one-time challenge signed *outside* the
+    browser (``smalti auditor sign-in``), so no private key ever enters a page this service serves.
+
+    The code is ``CHALLENGE.KEY_ID.SIGNATURE`` (the signature base64url, over :func:`login_message`). A challenge
+    is good once, for two minutes; a session lasts fifteen minutes (HttpOnly, SameSite=Strict, Secure over
+    https). Both stores are bounded: a flood of challenges is refused once 10,000 are outstanding, and a reader
+    keeps at most 256 sessions (the oldest goes).
+    """
 
     COOKIE = "smalti_session"
     LIFETIME = 15 * 60
     CHALLENGE_LIFETIME = 120
+    MAX_CHALLENGES = 10_000
+    MAX_SESSIONS_PER_READER = 256
 
     def __init__(self, authenticator: RequestAuthenticator) -> None:
         self.authenticator = authenticator
         self._challenges: dict[str, float] = {}
-        self._sessions: dict[str, tuple[Reader, float]] = {}
+        self._sessions: OrderedDict[str, _Session] = OrderedDict()
         self._lock = threading.Lock()
 
     def challenge(self) -> str:
-        import secrets
-
-        token = secrets.token_hex(16)
         now = time.time()
         with self._lock:
-            self._challenges = {k: v for k, v in self._challenges.items() if v > now}
+            if len(self._challenges) >= self.MAX_CHALLENGES:
+                self._challenges = {k: v for k, v in self._challenges.items() if v > now}
+            if len(self._challenges) >= self.MAX_CHALLENGES:
+                raise AuthError(503, f"{self.MAX_CHALLENGES} sign-in challenges are outstanding; try again in "
+                                     f"{self.CHALLENGE_LIFETIME} seconds")
+            token = secrets.token_hex(16)
             self._challenges[token] = now + self.CHALLENGE_LIFETIME
         return token
 
-    def login(self, challenge: str, key_id: str, signature: str) -> tuple[Reader, str]:
-        import base64
-        import binascii
-        import secrets
-
-        from smalti.governance.keys import PublicKey
-
+    def login(self, code: str) -> tuple[Reader, str]:
+        parts = code.strip().split(".") if isinstance(code, str) else []
+        if len(parts) != 3:
+            raise AuthError(400, "sign-in code: expected CHALLENGE.KEY_ID.SIGNATURE, as smalti auditor sign-in "
+                                 "prints it")
+        challenge, key_id, signature = parts
         with self._lock:
             valid = self._challenges.pop(challenge, 0) > time.time()  # one use only
         if not valid:
-            raise AuthError(401, "login refused: unknown, used or expired challenge (ask /api/login/challenge)")
+            raise AuthError(401, "sign-in refused: unknown, used or expired challenge (run smalti auditor sign-in "
+                                 "again)")
         authority = self.authenticator.authorities.get(key_id)
         try:
-            raw = base64.b64decode(signature, validate=True)
+            raw = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
         except (binascii.Error, ValueError):
-            raise AuthError(401, "login refused: the signature is not base64") from None
-        if authority is None or not PublicKey(authority.key.raw).verify(raw, f"smalti-login/v1\n{challenge}".encode()):
-            raise AuthError(401, "login refused: the signature does not verify under a key the taxonomy names")
-        if authority.role != "auditor":
-            raise AuthError(403, f"key {key_id} is the taxonomy's {authority.role} '{authority.name}', not an auditor")
+            raise AuthError(401, "sign-in refused: the signature is not base64url") from None
+        message = login_message(self.authenticator.origin, challenge)
+        if authority is None or authority.key is None or not PublicKey(authority.key.raw).verify(raw, message):
+            raise AuthError(401, f"sign-in refused: the signature does not verify under a key the taxonomy names, "
+                                 f"for {self.authenticator.origin}")
+        reader = self.authenticator.reader(key_id)
         token = secrets.token_urlsafe(32)
-        reader = Reader(authority.name, key_id)
+        now = time.time()
         with self._lock:
-            self._sessions[token] = (reader, time.time() + self.LIFETIME)
+            self._sessions = OrderedDict((t, s) for t, s in self._sessions.items() if s.expires > now)
+            mine = [t for t, s in self._sessions.items() if s.reader.key_id == key_id]
+            for old in mine[: max(0, len(mine) - self.MAX_SESSIONS_PER_READER + 1)]:
+                del self._sessions[old]
+            self._sessions[token] = _Session(reader, now + self.LIFETIME)
         return reader, token
 
     def reader(self, token: str | None) -> Reader | None:
@@ -179,7 +231,48 @@ class Sessions:
             return None
         with self._lock:
             found = self._sessions.get(token)
-            if found is None or found[1] < time.time():
+            if found is None or found.expires < time.time():
                 self._sessions.pop(token, None)
                 return None
-            return found[0]
+            return found.reader
+
+    def logout(self, token: str | None, everywhere: bool = False) -> int:
+        """End this session, or (``everywhere``) every session of its reader; returns how many ended."""
+        with self._lock:
+            found = self._sessions.get(token or "")
+            if found is None:
+                return 0
+            ended = [t for t, s in self._sessions.items() if s.reader.key_id == found.reader.key_id] \
+                if everywhere else [token]
+            for t in ended:
+                del self._sessions[t]
+            return len(ended)
+
+    def count(self) -> int:
+        return len(self._sessions)
+
+
+class RefusalThrottle:
+    """Failed authentications per client address per minute; past ``limit`` the client gets 429 without the
+    service spending a signature check on it."""
+
+    def __init__(self, limit: int = 600, window: float = 60.0, clients: int = 4096) -> None:
+        self.limit, self.window, self.clients = limit, window, clients
+        self._counts: dict[str, int] = {}
+        self._since = time.monotonic()
+        self._lock = threading.Lock()
+
+    def _roll(self) -> None:
+        if time.monotonic() - self._since > self.window:
+            self._counts, self._since = {}, time.monotonic()
+
+    def blocked(self, client: str) -> bool:
+        with self._lock:
+            self._roll()
+            return self._counts.get(client, 0) >= self.limit
+
+    def failed(self, client: str) -> None:
+        with self._lock:
+            self._roll()
+            key = client if client in self._counts or len(self._counts) < self.clients else "(others)"
+            self._counts[key] = self._counts.get(key, 0) + 1

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from smalti.errors import SmaltiError
-from smalti.governance.ledger.entry import decode_entry
+from smalti.governance.ledger.entry import EntryFormatError, decode_entry
 from smalti.governance.ledger.store import LedgerStore, ledger_path
 from smalti.governance.taxonomy import Taxonomy, unknown_class
 
@@ -48,6 +48,23 @@ def describe_steps(steps: list[int], max_runs: int = 6) -> str:
     return f"{count} from {steps[0]} to {steps[-1]}"
 
 
+def check_step_shape(run: dict[str, Any], step: dict[str, Any]) -> None:
+    """A step entry's tables fit the run entry: a row per layer, layer indices in range, an entropy row per probed
+    class. (Types are checked when entries are decoded; this is what only the run entry can tell.)"""
+    layers = len(run["layers"])
+    if step.get("kind") != "step":
+        raise EntryFormatError("not a step entry")
+    if "layers" in step and len(step["layers"]) != layers:
+        raise EntryFormatError(f"layers: {len(step['layers'])} rows for {layers} layers")
+    for signature, cells in step.get("contributions", {}).items():
+        if any(not 0 <= cell[0] < layers for cell in cells):
+            raise EntryFormatError(f"contributions[{signature}]: a layer index outside 0..{layers - 1}")
+    entropy, config = step.get("entropy"), run.get("entropy")
+    if entropy is not None and (config is None or len(entropy) != len(config["classes"])
+                                or any(len(row) != len(config["layers"]) for row in entropy)):
+        raise EntryFormatError("entropy: not one row per probed class and a column per probed layer")
+
+
 def _signature_classes(signature: str) -> list[str]:
     return signature.split("+")
 
@@ -68,6 +85,11 @@ class Ledger:
             store.close()
         if not bodies or bodies[0]["kind"] != "run":
             raise AuditError(f"{ledger_path(run_dir)}: empty ledger or no run entry")
+        for index, body in enumerate(bodies[1:], 1):
+            try:
+                check_step_shape(bodies[0], body)
+            except EntryFormatError as error:
+                raise AuditError(f"{ledger_path(run_dir)}: entry {index} is malformed ({error})") from None
         return cls(run=bodies[0], steps=bodies[1:])
 
     @property

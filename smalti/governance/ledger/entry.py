@@ -236,7 +236,110 @@ def decode_entry(data: bytes, canonical: bool = True) -> Entry:
     body = stored if legacy else unpack_body(stored)
     if canonical and canonical_json(body if legacy else pack_body(body)) != data[HEADER_SIZE:]:
         raise EntryFormatError("body is not in canonical form")
+    check_types(body)
     return Entry(index, previous, body)
+
+
+# ------------------------------------------------------------------ field types
+#
+# A signed entry is only as trustworthy as its signer, and the party being audited holds the trainer key: an
+# entry can say anything its signer chose. So every field a reader shows or computes with has its type checked
+# here, once, where entries are decoded; a loss that is a string of HTML is refused as malformed, not rendered.
+
+_NON_FINITE = ("nan", "inf", "-inf")
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float) or value in _NON_FINITE
+
+
+def _require(ok: bool, field: str, expected: str) -> None:
+    if not ok:
+        raise EntryFormatError(f"{field}: expected {expected}")
+
+
+def _strings(value: Any) -> bool:
+    return type(value) is list and all(type(v) is str for v in value)
+
+
+def _ints(value: Any) -> bool:
+    return type(value) is list and all(type(v) is int for v in value)
+
+
+def _optional_str_map(value: Any) -> bool:
+    return type(value) is dict and all(v is None or type(v) is str for v in value.values())
+
+
+def check_types(body: dict[str, Any]) -> None:
+    """Raise :class:`EntryFormatError` naming the first field whose type is not what Smalti writes."""
+    if body["kind"] == "run":
+        _check_run(body)
+    else:
+        _check_step(body)
+
+
+def _check_run(body: dict[str, Any]) -> None:
+    _require(_strings(body.get("classes")), "classes", "a list of class names")
+    layers = body.get("layers")
+    _require(type(layers) is list and all(type(layer) is dict and type(layer.get("name")) is str
+                                          and _strings(layer.get("parameters")) for layer in layers),
+             "layers", "a list of {name, parameters}")
+    for field in ("contribution_rule", "update_share_rule", "trainer_key", "recipe_fingerprint"):
+        if field in body:
+            _require(type(body[field]) is str, field, "a string")
+    if "fingerprints" in body:
+        _require(_optional_str_map(body["fingerprints"]), "fingerprints", "a map of names to digests")
+    routing = body.get("routing")
+    if routing is not None:
+        _require(type(routing) is list and all(
+            type(phase) is dict and _is_int(phase.get("start_batch")) and _strings(phase.get("layers"))
+            and len(phase["layers"]) == len(body["classes"])
+            and all(len(row) == len(layers) and set(row) <= {"0", "1", "p"} for row in phase["layers"])
+            for phase in routing), "routing", "per phase a start batch and one 0/1/p string per class")
+    parent = body.get("parent")
+    if parent is not None:
+        _require(type(parent) is dict and type(parent.get("run_dir")) is str and type(parent.get("head")) is dict
+                 and type(parent.get("kind", "replay")) is str
+                 and all(type(parent.get(f)) in (str, type(None)) for f in ("trainer_key", "forgotten", "mode",
+                                                                               "start_weights_sha256"))
+                 and type(parent.get("fork_step")) in (int, type(None)), "parent",
+                 "a link {kind, run_dir, head, trainer_key, ...}")
+    entropy = body.get("entropy")
+    if entropy is not None:
+        _require(type(entropy) is dict and _strings(entropy.get("layers")) and _strings(entropy.get("classes"))
+                 and _is_int(entropy.get("every", 0)), "entropy", "{every, layers, classes, ...}")
+
+
+def _check_step(body: dict[str, Any]) -> None:
+    _require(_is_int(body.get("step")), "step", "an integer")
+    _require(_is_number(body.get("loss")), "loss", "a number")
+    if "time" in body:
+        _require(type(body["time"]) is dict and all(_is_int(v) for v in body["time"].values()), "time",
+                 "a map of counters (batch, epoch, sample, ...) to integers")
+    if "skipped" in body:
+        _require(type(body["skipped"]) is bool, "skipped", "true or false")
+    examples = body.get("examples", {})
+    _require(type(examples) is dict and all(_ints(ids) for ids in examples.values()), "examples",
+             "a map of class signatures to example indices")
+    _require(_ints(body.get("dropped", [])), "dropped", "a list of example indices")
+    counts = body.get("counts", {})
+    _require(type(counts) is dict and all(_is_int(n) for n in counts.values()), "counts",
+             "a map of classes to integers")
+    if "fingerprints" in body:
+        _require(_optional_str_map(body["fingerprints"]), "fingerprints", "a map of names to digests")
+    contributions = body.get("contributions", {})
+    _require(type(contributions) is dict and all(
+        type(cells) is list and all(type(cell) is list and len(cell) == 3 and _is_int(cell[0])
+                                    and _is_number(cell[1]) and _is_number(cell[2]) for cell in cells)
+        for cells in contributions.values()), "contributions", "per signature a list of [layer, norm, share]")
+    for field in ("layers", "entropy"):
+        if field in body:
+            _require(type(body[field]) is list and all(type(row) is list and all(
+                v is None or _is_number(v) for v in row) for row in body[field]), field, "a table of numbers")
 
 
 @dataclass(frozen=True)

@@ -199,3 +199,71 @@ def verify_consistency(first: int, second: int, proof: Sequence[bytes], first_ro
         fn >>= 1
         sn >>= 1
     return fr == first_root and sr == second_root and sn == 0
+
+
+class Tree:
+    """Every complete, aligned subtree's hash over a fixed list of leaves (about 2n hashes), so that the root
+    of any prefix, and inclusion and consistency proofs for any size up to n, cost O(log^2 n) hashes instead
+    of rehashing the leaves: what a service answering many proofs over one signed tree keeps."""
+
+    def __init__(self, leaf_hashes: Sequence[bytes]) -> None:
+        self.levels: list[list[bytes]] = [list(leaf_hashes)]
+        sha256 = hashlib.sha256
+        while len(self.levels[-1]) > 1:
+            below = self.levels[-1]
+            self.levels.append([sha256(_NODE + below[i] + below[i + 1]).digest() for i in range(0, len(below) - 1, 2)])
+
+    @property
+    def size(self) -> int:
+        return len(self.levels[0])
+
+    def __len__(self) -> int:
+        return sum(len(level) for level in self.levels)
+
+    def root(self, start: int = 0, stop: int | None = None) -> bytes:
+        """MTH(D[start:stop]) for a range the RFC's recursion visits (``start`` aligned to the range's split)."""
+        stop = self.size if stop is None else stop
+        n = stop - start
+        if n <= 0:
+            return hashlib.sha256(b"").digest()
+        height = n.bit_length() - 1
+        if n == 1 << height and start % n == 0:
+            return self.levels[height][start >> height]
+        k = _split(n)
+        return node_hash(self.root(start, start + k), self.root(start + k, stop))
+
+    def inclusion_proof(self, index: int, size: int | None = None) -> list[bytes]:
+        """PATH(index, D[size]), as :func:`inclusion_proof` gives it."""
+        size = self.size if size is None else size
+        if not 0 <= index < size <= self.size:
+            raise IndexError(f"leaf {index} outside a tree of {size}")
+        path: list[bytes] = []
+        start, stop = 0, size
+        while stop - start > 1:
+            k = _split(stop - start)
+            if index < start + k:
+                path.append(self.root(start + k, stop))
+                stop = start + k
+            else:
+                path.append(self.root(start, start + k))
+                start += k
+        return path[::-1]
+
+    def consistency_proof(self, first: int, size: int | None = None) -> list[bytes]:
+        """PROOF(first, D[size]), as :func:`consistency_proof` gives it."""
+        size = self.size if size is None else size
+        if not 0 < first <= size <= self.size:
+            raise ValueError(f"consistency proof needs 0 < first ({first}) <= size ({size}) <= {self.size}")
+        path: list[bytes] = []
+        start, stop, m, complete = 0, size, first, True
+        while m != stop - start:
+            k = _split(stop - start)
+            if m <= k:
+                path.append(self.root(start + k, stop))
+                stop = start + k
+            else:
+                path.append(self.root(start, start + k))
+                start, m, complete = start + k, m - k, False
+        if not complete:
+            path.append(self.root(start, stop))
+        return path[::-1]

@@ -22,8 +22,9 @@ import html
 import io
 import json
 import math
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import yaml
@@ -57,6 +58,14 @@ svg { max-width: 100%; height: auto; }
 
 def _e(value: Any) -> str:
     return html.escape(str(value))
+
+
+def _number(value: Any, spec: str = ".4f") -> str:
+    """A number as text (a non-number as itself, escaped by the caller): ledgers and certificates are the audited
+    party's writing, so nothing in them is assumed to be the type it should be."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return format(value, spec) if math.isfinite(value) else str(value)
+    return str(value)
 
 
 def _rows(pairs: list[tuple[str, Any]]) -> str:
@@ -233,10 +242,9 @@ def _entropy(ledger: Ledger) -> str | None:
 def _governance(run_dir: Path, ledger: Ledger) -> str:
     """Software, data, taxonomy with its authorities by name, the policy's rules and what they allowed."""
     fingerprints = ledger.run.get("fingerprints") or {}
-    data_path = run_dir / "data.json"
-    data = json.loads(data_path.read_text()) if data_path.is_file() else {}
+    data = _json_object(run_dir / "data.json")
     run_software = ledger.run.get("software") or {}
-    facts = [("trained with", describe(run_software) if run_software else "not recorded"),
+    facts = [("trained with", _describe(run_software)),
              ("this report by", describe(software()))]
     if data.get("source") == "dataset":
         facts += [("dataset", f"{data.get('name', '?')} version {data.get('manifest_version', '?')} at {data.get('url')}"),
@@ -249,10 +257,15 @@ def _governance(run_dir: Path, ledger: Ledger) -> str:
 
     taxonomy_bytes, where = _read_evidence(run_dir, "taxonomy.yaml", fingerprints.get("taxonomy"))
     trainer = ledger.run.get("trainer_key")
+    taxonomy = None
     if taxonomy_bytes is not None:
-        from smalti.governance.taxonomy import Taxonomy
+        from smalti.governance.taxonomy import Taxonomy, TaxonomyError
 
-        taxonomy = Taxonomy.parse(taxonomy_bytes, where)
+        try:
+            taxonomy = Taxonomy.parse(taxonomy_bytes, where)
+        except TaxonomyError as error:
+            where = f"{where}, but it does not parse ({error})"
+    if taxonomy is not None:
         rows = "".join(
             f"<tr><td>{_e(a.name)}</td><td>{_e(a.role)}</td><td><code>{_e(a.key.key_id if a.key else '-')}</code>"
             f"{' (signs this ledger)' if a.key and a.key.key_id == trainer else ''}</td>"
@@ -263,25 +276,55 @@ def _governance(run_dir: Path, ledger: Ledger) -> str:
         parts.append(f"<h3>Taxonomy</h3><p>{_e(where)}; the ledger records fingerprint "
                      f"<code>{_e(fingerprints.get('taxonomy'))}</code> and trainer key <code>{_e(trainer)}</code>.</p>")
 
+    parts.append(_policy(run_dir, fingerprints))
+    parts.append(_allow_matrix(ledger))
+    return "".join(parts)
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from the run folder, or {} if it is missing, a link, or not an object."""
+    if not path.is_file() or path.is_symlink():
+        return {}
+    try:
+        found = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def _describe(recorded: Any) -> str:
+    try:
+        return describe(recorded) if isinstance(recorded, dict) and recorded else "not recorded"
+    except (TypeError, AttributeError, KeyError):
+        return "not readable"
+
+
+def _policy(run_dir: Path, fingerprints: dict[str, Any]) -> str:
+    """The routing policy's rules, from the trainer's copy, if it is the one the ledger records and parses."""
     policy_bytes, where = _read_evidence(run_dir, "policy.yaml", fingerprints.get("policy"))
     if policy_bytes is not None:
-        spec = yaml.safe_load(policy_bytes.decode("utf-8")) or {}
-        rules = "".join(f"<tr><td>{i}</td><td>{_e(', '.join(r.get('classes', [])))}</td>"
-                        f"<td>{_e(', '.join(r.get('params', [])))}</td><td>{_e(r.get('phase', 'always'))}</td>"
-                        f"<td>{_e(r.get('action'))}</td></tr>" for i, r in enumerate(spec.get("rules") or [], 1))
-        exclusive = "".join(f"<tr><td>{_e(', '.join(r.get('classes', [])))}</td><td>{_e(', '.join(r.get('params', [])))}"
-                            f"</td></tr>" for r in spec.get("exclusive") or [])
-        parts.append(
-            f"<h3>Routing policy {_e(spec.get('policy', ''))}</h3><p class='sub'>{_e(where)}; default "
+        try:
+            return _policy_rules(policy_bytes, where)
+        except (yaml.YAMLError, UnicodeDecodeError, AttributeError, TypeError) as error:
+            where = f"{where}, but it does not parse ({type(error).__name__})"
+    if fingerprints.get("policy"):
+        return (f"<h3>Routing policy</h3><p>{_e(where)}; the ledger records fingerprint "
+                f"<code>{_e(fingerprints.get('policy'))}</code>.</p>")
+    return ""
+
+
+def _policy_rules(policy_bytes: bytes, where: str) -> str:
+    spec = yaml.safe_load(policy_bytes.decode("utf-8")) or {}
+    rules = "".join(f"<tr><td>{i}</td><td>{_e(', '.join(r.get('classes', [])))}</td>"
+                    f"<td>{_e(', '.join(r.get('params', [])))}</td><td>{_e(r.get('phase', 'always'))}</td>"
+                    f"<td>{_e(r.get('action'))}</td></tr>" for i, r in enumerate(spec.get("rules") or [], 1))
+    exclusive = "".join(f"<tr><td>{_e(', '.join(r.get('classes', [])))}</td><td>{_e(', '.join(r.get('params', [])))}"
+                        f"</td></tr>" for r in spec.get("exclusive") or [])
+    return (f"<h3>Routing policy {_e(spec.get('policy', ''))}</h3><p class='sub'>{_e(where)}; default "
             f"<b>{_e(spec.get('default', 'allow'))}</b>; the first matching rule decides</p>"
             f"<table><tr><th>#</th><th>classes</th><th>parameters</th><th>phase</th><th>action</th></tr>{rules}</table>"
             + (f"<p>Exclusive (the class may update only these; no other class may):</p><table><tr><th>classes</th>"
                f"<th>parameters</th></tr>{exclusive}</table>" if exclusive else ""))
-    elif fingerprints.get("policy"):
-        parts.append(f"<h3>Routing policy</h3><p>{_e(where)}; the ledger records fingerprint "
-                     f"<code>{_e(fingerprints.get('policy'))}</code>.</p>")
-    parts.append(_allow_matrix(ledger))
-    return "".join(parts)
 
 
 def _allow_matrix(ledger: Ledger) -> str:
@@ -302,7 +345,7 @@ def _allow_matrix(ledger: Ledger) -> str:
             if name in leaves:
                 groups.setdefault(row, []).append(name)
         if len(groups) == 1 and set(next(iter(groups))) == {"1"}:
-            out.append(f"<p>Batches {phase['start_batch']}&ndash;{end}: every class may update every layer.</p>")
+            out.append(f"<p>Batches {_e(phase['start_batch'])}&ndash;{_e(end)}: every class may update every layer.</p>")
             continue
         keys = list(groups)
         head = "".join(f"<th>({i}) {len(groups[k])} class{'es' if len(groups[k]) > 1 else ''}</th>"
@@ -311,93 +354,126 @@ def _allow_matrix(ledger: Ledger) -> str:
             {"1": "<td class='y'>✓</td>", "0": "<td class='n'>✗</td>"}.get(k[j], "<td class='p'>~</td>") for k in keys)
             + "</tr>" for j, layer in enumerate(layers))
         legend = "".join(f"<li>({i}) {_e(', '.join(_label(c) for c in groups[k]))}</li>" for i, k in enumerate(keys, 1))
-        out.append(f"<p><b>Batches {phase['start_batch']}&ndash;{end}</b></p><div class='grid'><table><tr><th>layer"
+        out.append(f"<p><b>Batches {_e(phase['start_batch'])}&ndash;{_e(end)}</b></p><div class='grid'><table><tr><th>layer"
                    f"</th>{head}</tr>{body}</table><ul>{legend}</ul></div>")
     return "".join(out)
 
 
-def _held_out(run_dir: Path) -> str:
-    """Each class's held-out loss at the run's last evaluation (recorded in its latest checkpoint)."""
+def _held_out(run_dir: Path, max_bytes: int | None = None) -> str:
+    """Each class's held-out loss at the run's last evaluation (recorded in its latest checkpoint; read only if it
+    is a plain file within ``max_bytes``, as the service asks)."""
     from smalti.checkpoint import CheckpointStore, load_checkpoint
     from smalti.errors import CheckpointError
 
     try:
         latest = CheckpointStore(run_dir / "checkpoints", keep=1).latest()
+        if latest is not None and max_bytes is not None and (
+                latest.is_symlink() or not latest.is_file() or latest.stat().st_size > max_bytes):
+            return (f"<h2>Held-out loss per class</h2><p>Not shown: {_e(latest.name)} is not a plain checkpoint file "
+                    f"of at most {max_bytes >> 20} MB.</p>")
         payload = load_checkpoint(latest) if latest is not None else None
     except CheckpointError as error:
         return f"<h2>Held-out loss per class</h2><p>{_e(error)}</p>"
     losses = (payload or {}).get("eval_by_class") or {}
-    if not losses:
+    if not isinstance(losses, dict) or not losses:
         return "<h2>Held-out loss per class</h2><p>Not recorded (no evaluation in the latest checkpoint).</p>"
-    at = payload["evaluated_at"]
-    rows = "".join(f"<tr><td>{_e(_group(name))}</td><td>{_e(name.rsplit('/', 1)[-1])}</td><td class='num'>{loss:.4f}</td></tr>"
-                   for name, loss in sorted(losses.items()))
-    return (f"<h2>Held-out loss per class</h2><p class='sub'>At the evaluation after batch {at} "
+    at = payload.get("evaluated_at")
+    rows = "".join(f"<tr><td>{_e(_group(str(name)))}</td><td>{_e(str(name).rsplit('/', 1)[-1])}</td>"
+                   f"<td class='num'>{_e(_number(loss))}</td></tr>" for name, loss in sorted(losses.items(), key=str))
+    return (f"<h2>Held-out loss per class</h2><p class='sub'>At the evaluation after batch {_e(at)} "
             f"({_e(latest.name)}), the validation examples of each class.</p><div class='grid'><table><tr><th>under"
             f"</th><th>class</th><th>loss</th></tr>{rows}</table></div>")
 
 
-def _certificate(run_dir: Path) -> str:
+def _certificate(run_dir: Path, path_label: Any = str) -> str:
     from smalti.governance.certificate import CERTIFICATE, verify_certificate
 
     path = run_dir / CERTIFICATE
-    if not path.is_file():
+    if not path.is_file() or path.is_symlink():
         return ""
-    certificate = json.loads(path.read_text())
+    try:
+        certificate = json.loads(path.read_text())
+        if not isinstance(certificate, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError) as error:
+        return f"<h2>Deletion certificate</h2><p class='status bad'>CERTIFICATE UNREADABLE: {_e(error)}</p>"
     problem = verify_certificate(run_dir)
     status = ("<p class='status ok'>CERTIFICATE VERIFIED against the trainer key the parent ledger records</p>"
               if problem is None else f"<p class='status bad'>CERTIFICATE FAILED: {_e(problem)}</p>")
-    evaluation = certificate.get("evaluation") or {}
-    before, after = evaluation.get("before") or {}, evaluation.get("after") or {}
-    losses = "".join(f"<tr><td>{_e(n)}{' (forgotten)' if n in certificate.get('classes', []) else ''}</td>"
-                     f"<td class='num'>{before[n]:.4f}</td><td class='num'>{after.get(n, math.nan):.4f}</td></tr>"
-                     for n in sorted(before))
+    evaluation = certificate.get("evaluation") if isinstance(certificate.get("evaluation"), dict) else {}
+    before = evaluation.get("before") if isinstance(evaluation.get("before"), dict) else {}
+    after = evaluation.get("after") if isinstance(evaluation.get("after"), dict) else {}
+    forgotten = certificate.get("classes") if isinstance(certificate.get("classes"), list) else []
+    losses = "".join(f"<tr><td>{_e(n)}{' (forgotten)' if n in forgotten else ''}</td>"
+                     f"<td class='num'>{_e(_number(before[n]))}</td><td class='num'>{_e(_number(after.get(n, math.nan)))}"
+                     f"</td></tr>" for n in sorted(before, key=str))
+    parent = certificate.get("parent") if isinstance(certificate.get("parent"), dict) else {}
     facts = [("forgotten", certificate.get("class")), ("mode", certificate.get("mode")),
-             ("parent run", (certificate.get("parent") or {}).get("run_dir")),
+             ("parent run", path_label(parent["run_dir"]) if isinstance(parent.get("run_dir"), str) else None),
              ("first contribution step", certificate.get("first_contribution_step")),
              ("steps replayed", f"{certificate.get('steps_replayed')} of {certificate.get('full_retrain_steps')}"),
              ("signed", certificate.get("timestamp")), ("by trainer key", certificate.get("key_id")),
-             ("software", describe(certificate["software"]) if certificate.get("software") else "not recorded")]
+             ("software", describe(certificate["software"]) if isinstance(certificate.get("software"), dict)
+              else "not recorded")]
     return (f"<h2>Deletion certificate</h2>{status}{_rows(facts)}"
             + (f"<table><tr><th>class</th><th>loss before</th><th>loss after</th></tr>{losses}</table>" if losses else ""))
 
 
 def _forget_eval(run_dir: Path) -> str:
     """What ``smalti eval-forget`` measured for this deletion, if it was run (its default output folder)."""
-    import base64
-
     path = run_dir / "forget-eval" / "forget-eval.json"
     if not path.is_file():
         return ""
-    result = json.loads(path.read_text())
-    quality, mia, utility = result["forget_quality"], result["membership_inference_auc"], result["retained_utility"]
+    try:
+        result = json.loads(path.read_text())
+        quality, mia, utility = result["forget_quality"], result["membership_inference_auc"], result["retained_utility"]
+        return _forget_eval_rows(path, result, quality, mia, utility)
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        return f"<h2>How much was forgotten (smalti eval-forget)</h2><p>Unreadable: {_e(type(error).__name__)}</p>"
+
+
+def _forget_eval_rows(path: Path, result: dict[str, Any], quality: dict[str, Any], mia: dict[str, Any],
+                      utility: dict[str, Any]) -> str:
+    import base64
+
     facts = [("class", result["class"]),
              ("held-out loss on it: parent / forgotten / counterfactual",
-              " / ".join(f"{quality['loss_on_class'][r]:.4f}" for r in ("parent", "forgotten", "counterfactual"))),
-             ("forget quality: KS forgotten vs counterfactual", f"{quality['ks_statistic']:.4f} "
-                                                                 f"(p = {quality['ks_p_value']:.3g})"),
+              " / ".join(_number(quality['loss_on_class'][r]) for r in ("parent", "forgotten", "counterfactual"))),
+             ("forget quality: KS forgotten vs counterfactual", f"{_number(quality['ks_statistic'])} "
+                                                                 f"(p = {_number(quality['ks_p_value'], '.3g')})"),
              ("other classes' mean loss change vs parent / vs counterfactual",
-              f"{utility['change_vs_parent']:+.4f} / {utility['change_vs_counterfactual']:+.4f}"),
+              f"{_number(utility['change_vs_parent'])} / {_number(utility['change_vs_counterfactual'])}"),
              ("membership inference AUC: parent / forgotten / counterfactual",
-              " / ".join(f"{mia[r]:.3f}" for r in ("parent", "forgotten", "counterfactual")))]
+              " / ".join(_number(mia[r], '.3f') for r in ("parent", "forgotten", "counterfactual")))]
     facts += [(f"relearning, {r['model']}, k={r['examples']}: steps back to the parent's loss",
                r["steps_to_parent_loss"] if r["steps_to_parent_loss"] is not None
                else f"more than {result['relearning']['budget']['steps']}") for r in result["relearning"]["runs"]]
     png = path.with_name("relearning.png")
     image = (f'<img alt="relearning curves" src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}">'
-             if png.is_file() else "")
+             if png.is_file() and not png.is_symlink() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" else "")
     return f"<h2>How much was forgotten (smalti eval-forget)</h2>{_rows(facts)}{image}"
 
 
 def write_report(run_dir: str | Path, out: str | Path, verified: VerifyReport) -> Path:
-    """Render the report for ``run_dir`` into ``out`` (atomically); returns the path."""
+    """Render the report for ``run_dir`` into ``out`` (atomically, with the usual permissions); returns the path."""
     out = Path(out)
     atomic_write_bytes(out, render_report(run_dir, verified).encode("utf-8"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out, 0o666 & ~umask)
     return out
 
 
-def render_report(run_dir: str | Path, verified: VerifyReport, read_only: bool = False) -> str:
-    """The report as one self-contained HTML page (``read_only``: open the ledger read-only, as the service does)."""
+def render_report(run_dir: str | Path, verified: VerifyReport, read_only: bool = False, title: str | None = None,
+                  untrusted: str | None = None, path_label: Callable[[str], str] = str,
+                  max_checkpoint_bytes: int | None = None) -> str:
+    """The report as one self-contained HTML page.
+
+    Everything in it that the run folder supplies is escaped: the ledger, its certificate and its files are
+    the audited party's writing. The service renders with ``read_only`` (the ledger opened read-only),
+    ``title`` (the run's name rather than a path of its machine), ``untrusted`` (why the signer is not the
+    taxonomy's trainer, shown in red above everything), ``path_label`` (how a parent's path is shown) and
+    ``max_checkpoint_bytes`` (the largest checkpoint it reads held-out losses from)."""
     import matplotlib
     import matplotlib.pyplot as plt
 
@@ -406,8 +482,9 @@ def render_report(run_dir: str | Path, verified: VerifyReport, read_only: bool =
     ledger = Ledger.load(run_dir, read_only=read_only)
     if not ledger.steps:
         raise ValueError(f"{run_dir}: the ledger has no steps to report")
-    status = (f'<p class="status ok" id="status">VERIFIED: {verified.entries} entries, every leaf, the tree and '
-              f"{verified.heads} signed tree heads check out</p>" if verified.ok else
+    status = (f'<p class="status ok" id="status">VERIFIED: {_e(verified.entries)} entries, every leaf, the tree and '
+              f"{_e(verified.heads)} signed tree heads check out</p>" if verified.ok and untrusted is None else
+              f'<p class="status bad" id="status">NOT TRUSTED: {_e(untrusted)}</p>' if untrusted is not None else
               f'<p class="status bad" id="status">VERIFICATION FAILED: {_e(verified.problem or "")}</p>')
     head = verified.last_head or {}
     head_rows = [("entries", verified.entries), ("signed tree heads", verified.heads),
@@ -434,22 +511,22 @@ def render_report(run_dir: str | Path, verified: VerifyReport, read_only: bool =
     later = "".join(f'<figure id="{fid}"><h2>{_e(title)}</h2>{svg}<figcaption>{_e(caption)}'
                     f"</figcaption></figure>" for fid, title, caption, svg in sections[1:])
     first, last = ledger.steps[0], ledger.steps[-1]
-    loss_text = ", ".join(f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else str(v)
-                          for v in (first["loss"], last["loss"]))
+    loss_text = ", ".join(_number(v) for v in (first["loss"], last["loss"]))
+    name = title if title is not None else str(run_dir)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
-<title>Smalti audit report: {_e(run_dir)}</title><style>{_STYLE}</style></head><body>
+<title>Smalti audit report: {_e(name)}</title><style>{_STYLE}</style></head><body>
 <h1>Smalti audit report</h1>
-<p class="sub">{_e(run_dir.resolve())} &middot; steps {first['step']}&ndash;{last['step']}
-&middot; training loss (first, last): {loss_text}</p>
+<p class="sub">{_e(name)} &middot; steps {_e(first['step'])}&ndash;{_e(last['step'])}
+&middot; training loss (first, last): {_e(loss_text)}</p>
 <h2>Verification</h2>{status}{_rows(head_rows)}
-{_certificate(run_dir)}
+{_certificate(run_dir, path_label)}
 {_forget_eval(run_dir)}
 {_governance(run_dir, ledger)}
 <p>Contribution rule: {_e(ledger.run.get('contribution_rule', ''))}.<br>
 Update-share rule: {_e(ledger.run.get('update_share_rule', ''))}.</p>
 {figures}
-{_held_out(run_dir)}
+{_held_out(run_dir, max_checkpoint_bytes)}
 {later}
 </body></html>
 """

@@ -50,14 +50,18 @@ def ledger_path(run_dir: str | Path) -> Path:
 
 class LedgerStore:
     def __init__(self, path: str | Path, *, create: bool = False, read_only: bool = False) -> None:
-        """``read_only``: open the file as SQLite's read-only mode does (``smalti serve``): nothing can be
-        written through this connection, while a trainer may still be appending (WAL readers never block it)."""
+        """``read_only``: nothing is written through this connection, and nothing is created beside the file
+        (``smalti serve``, lineage readers): a ledger no trainer is writing (no ``-wal`` file: its last writer
+        closed it) is opened ``immutable``, so SQLite creates no ``-wal``/``-shm`` in a folder it only reads;
+        while a trainer appends, its own ``-wal`` exists and the reader joins it as any WAL reader does."""
         self.path = Path(path)
         if not create and not self.path.is_file():
             raise LedgerError(f"{self.path}: no ledger here (was the run trained with governance.ledger?)")
         if read_only:
             try:
-                self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+                quiescent = not self.path.with_name(self.path.name + "-wal").exists()
+                self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro{'&immutable=1' if quiescent else ''}",
+                                          uri=True, isolation_level=None)
                 problem = formats.format_problem(self.get_meta("format"), formats.LEDGER, str(self.path))
             except sqlite3.DatabaseError as error:
                 raise LedgerError(f"{self.path}: not a readable ledger ({error})") from None
@@ -142,8 +146,11 @@ class LedgerStore:
     def rows(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, int, bytes, bytes]]:
         """(index, step, leaf, data) in index order."""
         stop = stop if stop is not None else 2**62
-        yield from self.db.execute("SELECT idx, step, leaf, data FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx",
-                                   (start, stop))
+        # A plain loop, not ``yield from``: a reader that stops early and closes the store must not have the
+        # cursor closed after the connection (``yield from`` would, when the generator is collected).
+        for row in self.db.execute("SELECT idx, step, leaf, data FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx",
+                                   (start, stop)):
+            yield row
 
     def row_chunks(self, size: int, start: int | None = None) -> Iterator[list[tuple[int, int, bytes, bytes]]]:
         """All rows (from index ``start`` on) in index order, ``size`` at a time (what verification reads)."""
@@ -162,6 +169,32 @@ class LedgerStore:
     def entry_at_step(self, step: int) -> tuple[int, bytes, bytes] | None:
         row = self.db.execute("SELECT idx, leaf, data FROM entries WHERE step = ? AND idx > 0", (step,)).fetchone()
         return (int(row[0]), row[1], row[2]) if row else None
+
+    def latest_head(self) -> TreeHead | None:
+        """The newest signed head (one row read, however many heads the ledger holds)."""
+        row = self.db.execute("SELECT size, root, timestamp, final, key_id, signature, weights FROM heads "
+                              "ORDER BY size DESC LIMIT 1").fetchone()
+        if row is None:
+            return None
+        s, r, t, f, k, sig, w = row
+        return TreeHead(size=s, root=r, timestamp=t, final=bool(f), key_id=k, signature=sig, weights=w,
+                        origin=self.origin)
+
+    def leaf_range(self, start: int, stop: int) -> list[bytes]:
+        """The leaf hashes of entries ``start`` to ``stop - 1``."""
+        return [row[0] for row in self.db.execute("SELECT leaf FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx",
+                                                  (start, stop))]
+
+    def index_at_step(self, step: int) -> int | None:
+        """The index of the last entry at or before ``step`` (None before the first step)."""
+        row = self.db.execute("SELECT MAX(idx) FROM entries WHERE step <= ? AND idx > 0", (step,)).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def __enter__(self) -> "LedgerStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def heads(self) -> list[TreeHead]:
         rows = self.db.execute("SELECT size, root, timestamp, final, key_id, signature, weights FROM heads ORDER BY size")
