@@ -77,9 +77,10 @@ demo: $(DEMO)/policy.yaml.sig
 	rm -rf $(DEMO)/run-without-hamlet
 	$(T) forget $(DEMO)/run --class gutenberg/tragedy/hamlet --mode ablate --out $(DEMO)/run-without-hamlet --eval-samples 2000
 	$(T) ledger verify $(DEMO)/run-without-hamlet --pubkey $(DEMO)/keys/trainer.pub
-	@echo "== 10. an auditor reads it: serve the demo's runs read-only (docs/auditing.md), then open"
-	@echo "   http://127.0.0.1:8700/ui/ and log in with $(DEMO)/keys/auditor.key (it never leaves the page):"
+	@echo "== 10. an auditor reads it: serve the demo's runs read-only (docs/auditing.md), then sign in to the web UI"
+	@echo "   with a one-time code signed on the auditor's machine (the key never enters the browser):"
 	@echo "   $(PIP) install -e '.[serve]' && $(T) serve $(DEMO) --taxonomy $(DEMO)/taxonomy.yaml --trust $(DEMO)/keys/data-governance.pub"
+	@echo "   $(T) auditor sign-in http://127.0.0.1:8700 --key $(DEMO)/keys/auditor.key --open"
 
 $(VENV)/.hf-installed: $(VENV)/.core-installed
 	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -e ".[hf]"

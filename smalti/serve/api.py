@@ -179,22 +179,22 @@ NAME = Query(..., min_length=1, max_length=1000)
 
 @runs.get("/runs/{run}/audit/layer", summary="which classes reached a layer, how much, how often")
 def audit_layer(run: str = RUN, name: str = NAME, svc: Service = Depends(service)) -> dict[str, Any]:
-    return svc.query(run, lambda ledger: ledger.layer(name))
+    return svc.query(run, ("layer", name), lambda ledger: ledger.layer(name))
 
 
 @runs.get("/runs/{run}/audit/class", summary="which layers a class (or taxonomy node) reached, in which steps")
 def audit_class(run: str = RUN, name: str = NAME, svc: Service = Depends(service)) -> dict[str, Any]:
-    return svc.query(run, lambda ledger: ledger.for_class(name))
+    return svc.query(run, ("class", name), lambda ledger: ledger.for_class(name))
 
 
 @runs.get("/runs/{run}/audit/example", summary="which steps and layers an example (its ledger index) reached")
 def audit_example(run: str = RUN, index: int = Query(..., ge=0, le=BIG), svc: Service = Depends(service)) -> dict[str, Any]:
-    return svc.query(run, lambda ledger: ledger.example(index))
+    return svc.query(run, ("example", index), lambda ledger: ledger.example(index))
 
 
 @runs.get("/runs/{run}/audit/param", summary="as audit/layer, for the layer holding a parameter")
 def audit_param(run: str = RUN, name: str = NAME, svc: Service = Depends(service)) -> dict[str, Any]:
-    return svc.query(run, lambda ledger: ledger.parameter(name))
+    return svc.query(run, ("param", name), lambda ledger: ledger.parameter(name))
 
 
 @runs.get("/runs/{run}/contributions", summary="per step, class signature and layer: norm and share (a page of entries)")
@@ -216,7 +216,7 @@ def contribution_summary(run: str = RUN, upto_step: int | None = Query(None, ge=
 
 @runs.get("/runs/{run}/entropy", summary="entropy profiles: per class and layer, at up to max_profiles measured steps")
 def entropy(run: str = RUN, max_profiles: int = Query(200, ge=1, le=1000), svc: Service = Depends(service)) -> dict[str, Any]:
-    return svc.heavy(lambda: svc.entropy(run, max_profiles))
+    return svc.entropy(run, max_profiles)
 
 
 @runs.get("/runs/{run}/certificate", summary="the deletion certificate and the exact bytes its signature covers")

@@ -175,15 +175,18 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.include_router(api.sessions)
     app.include_router(api.runs)
     app.add_api_route("/", lambda: RedirectResponse("/ui/"), include_in_schema=False)
-    _add_error_handlers(app)
+    _add_error_handlers(app, service)
     app.add_middleware(Guard, service=service)
     return app
 
 
-def _add_error_handlers(app: FastAPI) -> None:
+def _add_error_handlers(app: FastAPI, service: Service) -> None:
+    root = str(service.runs.root)
+
     def answer(status: int):
         async def handler(_: Request, error: Exception) -> JSONResponse:
-            return JSONResponse({"error": str(error), "status": status}, status_code=status)
+            message = str(error).replace(root + "/", "").replace(root, ".")  # no path of this machine leaves it
+            return JSONResponse({"error": message, "status": status}, status_code=status)
         return handler
 
     for kind, status in ((NotFound, 404), (BadRequest, 400), (Unprocessable, 422), (Busy, 503), (SmaltiError, 400)):

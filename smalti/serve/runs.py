@@ -23,7 +23,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -75,35 +75,43 @@ class Trust:
         return {"trusted": self.trusted, "reason": self.reason, "trainer": self.trainer}
 
 
-K = TypeVar("K")
-V = TypeVar("V")
-
-
 class BoundedCache:
-    """A thread-safe LRU with a cap on entries and on a total weight (e.g. leaf hashes held)."""
+    """A thread-safe LRU with a cap on entries and on a total weight (e.g. Merkle hashes held). A value is built
+    once however many readers ask for it at the same time: the others wait for that build (single flight)."""
 
     def __init__(self, entries: int, weight: int | None = None) -> None:
         self.entries, self.weight = entries, weight
         self._items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+        self._building: dict[Any, threading.Event] = {}
         self._held = 0
         self._lock = threading.Lock()
 
     def get(self, key: Any, make: Callable[[], Any], weigh: Callable[[Any], int] = lambda _: 0) -> Any:
+        while True:
+            with self._lock:
+                if key in self._items:
+                    self._items.move_to_end(key)
+                    return self._items[key][0]
+                building = self._building.get(key)
+                if building is None:
+                    self._building[key] = threading.Event()
+                    break
+            building.wait()  # another reader builds it; then look again (its build may have failed)
+        try:
+            value = make()  # outside the lock: a slow build does not stall other keys
+            weight = weigh(value)
+        except BaseException:
+            with self._lock:
+                self._building.pop(key).set()
+            raise
         with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key][0]
-        value = make()  # outside the lock: a slow build does not stall other runs
-        weight = weigh(value)
-        if self.weight is not None and weight > self.weight:
-            return value  # too big to keep: answered, not cached
-        with self._lock:
-            if key not in self._items:
+            if self.weight is None or weight <= self.weight:  # else too big to keep: answered, not cached
                 self._items[key] = (value, weight)
                 self._held += weight
-            while len(self._items) > self.entries or (self.weight is not None and self._held > self.weight):
-                _, (_, dropped) = self._items.popitem(last=False)
-                self._held -= dropped
+                while len(self._items) > self.entries or (self.weight is not None and self._held > self.weight):
+                    _, (_, dropped) = self._items.popitem(last=False)
+                    self._held -= dropped
+            self._building.pop(key).set()
         return value
 
 
@@ -235,8 +243,8 @@ class Runs:
             if not rows:
                 raise Unprocessable(f"run {name!r}: the ledger has no run entry")
             body = self._decode(name, 0, rows[0][3])
-            if body["kind"] != "run":
-                raise Unprocessable(f"run {name!r}: entry 0 is not a run entry")
+            if body["kind"] != "run" or "classes" not in body or "layers" not in body:
+                raise Unprocessable(f"run {name!r}: entry 0 is not a run entry naming its classes and layers")
             return body
 
         return self._run_entries.get((name, head.origin, head.signature if head.size == 1 else b""), read)
@@ -346,8 +354,10 @@ class Runs:
         classes, layers = run["classes"], [layer["name"] for layer in run["layers"]]
         snapshots, steps = self._summaries.get((name, head.size, head.root),
                                                lambda: self._snapshots(name, head, run))
-        if not len(steps):
-            raise NotFound(f"run {name!r} has no step entries yet")
+        if not len(steps):  # a run with no steps of its own (an ablation: its run entry names its parent)
+            shown = _shown_classes(classes, snapshots[0])
+            return {"classes": [classes[c] for c in shown], "layers": layers, "upto_step": 0, "first_step": 0,
+                    "last_step": 0, "entries": 0, "matrix": [[0.0] * len(shown) for _ in layers]}
         upto = int(steps[-1]) if upto_step is None else upto_step
         stop = int(np.searchsorted(steps, upto, side="right")) + 1  # entries 1..stop-1 are at or before
         base = (stop - 1) // SUMMARY_EVERY

@@ -20,7 +20,7 @@ from smalti.governance.ledger.note import verifier_key
 from smalti.governance.taxonomy import Taxonomy
 from smalti.serve.access_log import AccessLog
 from smalti.serve.auth import RefusalThrottle, RequestAuthenticator, Sessions
-from smalti.serve.runs import BadRequest, Limits, NotFound, Runs, Unprocessable
+from smalti.serve.runs import BadRequest, BoundedCache, Limits, NotFound, Runs, Unprocessable
 
 T = TypeVar("T")
 MAX_LINEAGE = 64
@@ -69,6 +69,7 @@ class Service:
         self.access_log = AccessLog(settings.access_log, settings.service_key, access_origin)
         self.access_verifier = verifier_key(access_origin, settings.service_key.public.raw)
         self._heavy = threading.BoundedSemaphore(settings.heavy_slots)
+        self._answers = BoundedCache(256)  # forensic answers and entropy profiles: small, and dear to recompute
         self._reports = threading.BoundedSemaphore(settings.report_slots)
 
     def close(self) -> None:
@@ -87,9 +88,11 @@ class Service:
     def heavy(self, work: Callable[[], T]) -> T:
         return self._slot(self._heavy, work, "whole-ledger work")
 
-    def query(self, run: str, ask: Callable[[Any], T]) -> T:
+    def query(self, run: str, question: tuple[Any, ...], ask: Callable[[Any], T]) -> T:
+        """A forensic query, streamed over the ledger under one heavy slot; its (small) answer kept per head."""
         head, _ = self.runs.head(run)
-        return self.heavy(lambda: ask(self.runs.ledger(run, head)))
+        return self._answers.get((run, head.size, head.root, question),
+                                 lambda: self.heavy(lambda: ask(self.runs.ledger(run, head))))
 
     # ---------------------------------------------------------------- runs
 
@@ -139,6 +142,10 @@ class Service:
 
     def entropy(self, run: str, max_profiles: int) -> dict[str, Any]:
         head, _ = self.runs.head(run)
+        return self._answers.get((run, head.size, head.root, "entropy", max_profiles),
+                                 lambda: self.heavy(lambda: self._entropy(run, head, max_profiles)))
+
+    def _entropy(self, run: str, head: TreeHead, max_profiles: int) -> dict[str, Any]:
         config = self.runs.run_entry(run, head).get("entropy") or {}
         every = int(config.get("every") or 0)
         measured = (head.size - 1) // every if every > 0 else 0
@@ -154,6 +161,8 @@ class Service:
 
     def report(self, run: str) -> str:
         """The HTML report, checked against the taxonomy's trainer key (rendered once per head, then kept)."""
+        from smalti.governance.ledger.audit import AuditError
+        from smalti.governance.ledger.entry import EntryFormatError
         from smalti.governance.ledger.report import render_report
         from smalti.governance.ledger.verify import VerifyReport, verify_ledger
 
@@ -166,9 +175,12 @@ class Service:
             verified = (verify_ledger(path, key, workers=1, in_progress=True, read_only=True) if key is not None
                         else VerifyReport(ok=False, problem="the taxonomy names no single trainer to check it "
                                                             "against"))
-            return render_report(path, verified, read_only=True, title=run, untrusted=None if trust.trusted
-                                 else trust.reason, path_label=self.runs.label,
-                                 max_checkpoint_bytes=self.settings.limits.max_report_checkpoint_bytes)
+            try:
+                return render_report(path, verified, read_only=True, title=run, untrusted=None if trust.trusted
+                                     else trust.reason, path_label=self.runs.label,
+                                     max_checkpoint_bytes=self.settings.limits.max_report_checkpoint_bytes)
+            except (EntryFormatError, AuditError, ValueError) as error:
+                raise Unprocessable(f"run {run!r}: its ledger cannot be reported ({error})") from None
 
         return self.runs.reports.get((run, head.size, head.root, head.signature),
                                      lambda: self._slot(self._reports, render, "reports"))

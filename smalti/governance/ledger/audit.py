@@ -51,9 +51,11 @@ def describe_steps(steps: list[int], max_runs: int = 6) -> str:
 def check_step_shape(run: dict[str, Any], step: dict[str, Any]) -> None:
     """A step entry's tables fit the run entry: a row per layer, layer indices in range, an entropy row per probed
     class. (Types are checked when entries are decoded; this is what only the run entry can tell.)"""
-    layers = len(run["layers"])
     if step.get("kind") != "step":
         raise EntryFormatError("not a step entry")
+    if "layers" not in run:
+        return  # a run entry that names no layers (only hand-made test ledgers): nothing to fit
+    layers = len(run["layers"])
     if "layers" in step and len(step["layers"]) != layers:
         raise EntryFormatError(f"layers: {len(step['layers'])} rows for {layers} layers")
     for signature, cells in step.get("contributions", {}).items():
@@ -79,8 +81,13 @@ class Ledger:
     @classmethod
     def load(cls, run_dir: str | Path, read_only: bool = False) -> "Ledger":
         store = LedgerStore(ledger_path(run_dir), read_only=read_only)
+        bodies = []
         try:
-            bodies = [decode_entry(data).body for _, _, _, data in store.rows()]
+            for index, _, _, data in store.rows():
+                try:
+                    bodies.append(decode_entry(data).body)
+                except EntryFormatError as error:
+                    raise AuditError(f"{ledger_path(run_dir)}: entry {index} is malformed ({error})") from None
         finally:
             store.close()
         if not bodies or bodies[0]["kind"] != "run":

@@ -283,8 +283,10 @@ def check_types(body: dict[str, Any]) -> None:
 
 
 def _check_run(body: dict[str, Any]) -> None:
-    _require(_strings(body.get("classes")), "classes", "a list of class names")
-    layers = body.get("layers")
+    """Fields are checked where present (readers that need one, such as the audit service, require it)."""
+    if "classes" in body:
+        _require(_strings(body["classes"]), "classes", "a list of class names")
+    layers = body.get("layers", [])
     _require(type(layers) is list and all(type(layer) is dict and type(layer.get("name")) is str
                                           and _strings(layer.get("parameters")) for layer in layers),
              "layers", "a list of {name, parameters}")
@@ -297,7 +299,7 @@ def _check_run(body: dict[str, Any]) -> None:
     if routing is not None:
         _require(type(routing) is list and all(
             type(phase) is dict and _is_int(phase.get("start_batch")) and _strings(phase.get("layers"))
-            and len(phase["layers"]) == len(body["classes"])
+            and len(phase["layers"]) == len(body.get("classes", []))
             and all(len(row) == len(layers) and set(row) <= {"0", "1", "p"} for row in phase["layers"])
             for phase in routing), "routing", "per phase a start batch and one 0/1/p string per class")
     parent = body.get("parent")
@@ -316,7 +318,8 @@ def _check_run(body: dict[str, Any]) -> None:
 
 def _check_step(body: dict[str, Any]) -> None:
     _require(_is_int(body.get("step")), "step", "an integer")
-    _require(_is_number(body.get("loss")), "loss", "a number")
+    if "loss" in body:
+        _require(_is_number(body["loss"]), "loss", "a number")
     if "time" in body:
         _require(type(body["time"]) is dict and all(_is_int(v) for v in body["time"].values()), "time",
                  "a map of counters (batch, epoch, sample, ...) to integers")

@@ -220,14 +220,17 @@ def _entropy(ledger: Ledger) -> str | None:
     layers, classes = config["layers"], config["classes"]
     steps = [e["step"] for e in measured]
     values = np.array([e["entropy"] for e in measured])  # [T, C, L]
+    # Constrained layout makes room for the right panel's class names (long taxonomy paths) instead of letting
+    # them run into the left panel; the legend sits under the left panel, clear of both.
     fig, (over_time, profile) = plt.subplots(1, 2, figsize=(12, max(3.8, 0.16 * len(classes) + 1.2)),
-                                              gridspec_kw={"width_ratios": [1, 1]})
+                                              gridspec_kw={"width_ratios": [1, 1]}, layout="constrained")
     palette = plt.get_cmap("tab10" if len(layers) <= 10 else "tab20")
     for j, layer in enumerate(layers):
         over_time.plot(steps, values[:, :, j].mean(axis=1), label=layer, color=palette(j % palette.N))
     over_time.set_xlabel("step")
     over_time.set_ylabel("spectral entropy (mean over classes)")
-    over_time.legend(fontsize=7)
+    over_time.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=min(4, len(layers)),
+                     frameon=False)
     image = profile.imshow(values[-1], aspect="auto", cmap="cividis", interpolation="nearest")
     profile.set_xticks(range(len(layers)), layers, rotation=45, ha="right", fontsize=7)
     profile.set_yticks(range(len(classes)), [_label(c) for c in classes], fontsize=6.5)
@@ -511,7 +514,7 @@ def render_report(run_dir: str | Path, verified: VerifyReport, read_only: bool =
     later = "".join(f'<figure id="{fid}"><h2>{_e(title)}</h2>{svg}<figcaption>{_e(caption)}'
                     f"</figcaption></figure>" for fid, title, caption, svg in sections[1:])
     first, last = ledger.steps[0], ledger.steps[-1]
-    loss_text = ", ".join(_number(v) for v in (first["loss"], last["loss"]))
+    loss_text = ", ".join(_number(v) for v in (first.get("loss"), last.get("loss")))
     name = title if title is not None else str(run_dir)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">

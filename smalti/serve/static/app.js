@@ -141,7 +141,7 @@ async function loadRuns() {
     cell(row, run.final ? "final" : "in progress");
     cell(row, run.signed || "-");
     const trust = run.trust || {};
-    cell(row, trust.trusted ? `trainer ${trust.trainer}` : `NOT TRUSTED: ${trust.reason}`,
+    cell(row, trust.trusted ? `signed by ${trust.trainer}` : `NOT TRUSTED: ${trust.reason}`,
          trust.trusted ? "trusted" : "untrusted");
     body.appendChild(row);
   }
@@ -174,7 +174,21 @@ function drawLineage(runs) {
   for (const r of runs) (columns[depth.get(r.run)] = columns[depth.get(r.run)] || []).push(r);
   const width = 190, gap = 110, height = 30, vgap = 22;
   const place = new Map();
-  columns.forEach((column, c) => column.forEach((r, i) => place.set(r.run, { x: 10 + c * (width + gap), y: 10 + i * (height + vgap) })));
+  // Each generation in its parents' order, each run level with its parent where that row is free, so that
+  // edges run straight and never through another run.
+  const rowOf = new Map();
+  let rows = 0;
+  columns.forEach((column, c) => {
+    if (c > 0) column.sort((a, b) => rowOf.get(a.parent) - rowOf.get(b.parent));
+    let next = 0;
+    for (const r of column) {
+      const row = Math.max(next, c > 0 ? rowOf.get(r.parent) : next);
+      rowOf.set(r.run, row);
+      next = row + 1;
+      rows = Math.max(rows, next);
+      place.set(r.run, { x: 10 + c * (width + gap), y: 10 + row * (height + vgap) });
+    }
+  });
   for (const r of runs) {
     if (!r.parent || !place.has(r.parent)) continue;
     const from = place.get(r.parent), to = place.get(r.run);
@@ -193,9 +207,8 @@ function drawLineage(runs) {
     group.appendChild(svgEl("title", {}, `${r.run}${r.parent ? ` (from ${r.parent})` : ""}`));
     svg.appendChild(group);
   }
-  const maxRows = Math.max(1, ...columns.map((c) => (c ? c.length : 0)));
   svg.setAttribute("width", 20 + columns.length * (width + gap) - gap);
-  svg.setAttribute("height", 20 + maxRows * (height + vgap));
+  svg.setAttribute("height", 20 + Math.max(1, rows) * (height + vgap));
 }
 
 async function openRun(name) {
@@ -211,7 +224,7 @@ async function openRun(name) {
   $("run-title").textContent = name;
   const trust = info.trust || {};
   $("run-trust").className = `verdict ${trust.trusted ? "ok" : "bad"}`;
-  $("run-trust").textContent = trust.trusted ? `Signed by the taxonomy's trainer ${trust.trainer} (the service says; verify below)`
+  $("run-trust").textContent = trust.trusted ? `Signed by ${trust.trainer}, a trainer the taxonomy names (the service says so; verify below)`
     : `NOT TRUSTED: ${trust.reason}`;
   $("run-summary").textContent = `${info.steps} steps, ${info.head.size} entries, ${info.head.final ? "final" : "still training"}; ` +
     `classes ${info.classes.length}, layers ${info.layers.length}` +

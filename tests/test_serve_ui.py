@@ -1,0 +1,393 @@
+"""The auditor's web UI and the served report in real headless Chromium (Debian's, through Playwright), against a
+real `smalti serve` on loopback. The page is served by the party under audit, so the tests play that party: a
+proxy in front of the page changes proofs, answers another step than asked, shows an older or a different
+history; a ledger names its layers with markup. What must hold: no key ever enters the page, the green verdict
+appears only for what the browser itself checked, script never runs from ledger content, and the page lays out
+without clipping or overflow at 1280 and 760 pixels."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import REPO, smalti_cli
+from serve_helpers import CHROMIUM_ARGS, chromium_path, make_audit_taxonomy, serving, sign_in_code
+from test_ledger import train, train_policy_run
+
+ARTIFACTS = REPO / "test-artifacts"
+LONG_LAYER = "base_model.model.model.layers.{}.self_attn.q_proj.lora_A.acme_customer_pii_support_tickets"
+PAYLOAD = '<img src=x onerror="alert(1)">'
+
+
+def _long_names(run: Path, key) -> None:
+    """Long layer names as Hugging Face and PEFT give them, and fourteen more long leaf classes (the layout case)."""
+    from ledger_factory import grow_ledger
+
+    def edit(index: int, body: dict) -> dict:
+        if index:
+            return body
+        extra = [f"customers/region-{r}/very-long-department-name-{r:02d}/tickets" for r in range(14)]
+        layers = [dict(layer, name=LONG_LAYER.format(i)) for i, layer in enumerate(body["layers"])]
+        entropy = dict(body["entropy"], classes=[f"customers/{c.replace('/', '-')}-department/support-tickets-archive"
+                                                 for c in body["entropy"]["classes"]])
+        return dict(body, classes=body["classes"] + extra, layers=layers, routing=None, entropy=entropy)
+
+    grow_ledger(run, 40, key, edit=edit)
+
+
+def _markup_names(run: Path, key) -> None:
+    """A ledger whose strings are markup (well typed: names are strings), signed by the trainer key."""
+    from ledger_factory import grow_ledger
+
+    def edit(index: int, body: dict) -> dict:
+        if index:
+            return body
+        layers = [dict(layer, name=f"{layer['name']}{PAYLOAD}") for layer in body["layers"]]
+        return dict(body, layers=layers, contribution_rule=f"<script>alert(2)</script>{PAYLOAD}",
+                    fingerprints={k: f"{v}{PAYLOAD}" for k, v in body["fingerprints"].items()})
+
+    grow_ledger(run, 6, key, edit=edit)
+
+
+@pytest.fixture(scope="module")
+def ui(governed, tmp_path_factory):
+    from smalti.governance.keys import SigningKey
+
+    chromium = chromium_path()
+    root = tmp_path_factory.mktemp("serve_ui")
+    runs = root / "runs"
+    train(governed, runs / "alpha", train={"max_duration": "6ba"}, checkpoint={"interval": "2ba"})
+    key = SigningKey.load(governed.key("trainer"))
+    shutil.copytree(runs / "alpha", runs / "wide")
+    _long_names(runs / "wide", key)
+    shutil.copytree(runs / "alpha", runs / "markup")
+    _markup_names(runs / "markup", key)
+    policy_root = root / "policy"
+    policy_root.mkdir()
+    parent = train_policy_run(governed, policy_root)
+    shutil.move(str(parent), str(runs / "tuned"))
+    forgot = smalti_cli("forget", str(runs / "tuned"), "--class", "gutenberg/tragedy/hamlet", "--mode", "ablate",
+                        "--out", str(runs / "tuned-without-hamlet"), "--eval-samples", "16", timeout=600)
+    assert forgot.returncode == 0, forgot.stderr
+    taxonomy = make_audit_taxonomy(governed, root)
+    trainer_key = [x for x in (governed.keys / "trainer.pub").read_text().splitlines() if x.startswith("ed25519:")][0]
+    with serving(runs, taxonomy, governed.trust) as (base, _):
+        from playwright.sync_api import sync_playwright
+
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            try:
+                yield {"base": base, "runs": runs, "auditor": root / "keys" / "auditor.key", "browser": browser,
+                       "trainer_key": trainer_key, "governed": governed}
+            finally:
+                browser.close()
+
+
+def _signed_in_page(ui, width: int = 1280, height: int = 1000):
+    context = ui["browser"].new_context(viewport={"width": width, "height": height})
+    page = context.new_page()
+    page.goto(f"{ui['base']}/ui/#code={sign_in_code(ui['base'], ui['auditor'])}")
+    page.wait_for_selector("tr.run-row", timeout=30_000)
+    return context, page
+
+
+def _until(page, selector: str, pattern: str) -> str:
+    """Wait until the element's text matches (Playwright's locator assertions: no eval, which the page's
+    Content-Security-Policy forbids), and return it."""
+    from playwright.sync_api import expect
+
+    expect(page.locator(selector)).to_have_text(re.compile(pattern, re.S), timeout=30_000)
+    return page.text_content(selector)
+
+
+def _verdict(page) -> str:
+    return _until(page, "#verdict", r"^(?!checking)\S")
+
+
+def _open(page, run: str) -> None:
+    page.click(f"tr.run-row[data-run='{run}'] button.run-link")
+    _until(page, "#run-title", f"^{re.escape(run)}$")
+    page.wait_for_selector("#heatmap rect.cell")
+
+
+def test_no_key_enters_the_page_and_a_code_signed_elsewhere_signs_in(ui):
+    pem = ui["auditor"].read_text()
+    secret = "".join(pem.splitlines()[1:-1])
+    context = ui["browser"].new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    seen: list[str] = []
+    page.on("request", lambda r: seen.append(f"{r.method} {r.url} {r.headers} {r.post_data or ''}"))
+    try:
+        page.goto(ui["base"] + "/ui/")
+        page.wait_for_selector("#sign-in:not([hidden])")
+        assert page.locator("input[type=file], textarea").count() == 0  # nowhere to put a key
+        source = requests.get(ui["base"] + "/ui/app.js", timeout=30).text
+        assert "pkcs8" not in source and "PRIVATE KEY" not in source and '"sign"' not in source
+        page.fill("#code", "not-a-code")
+        page.click("#sign-in-button")
+        _until(page, "#sign-in-status", "failed")
+        page.fill("#code", sign_in_code(ui["base"], ui["auditor"]))
+        page.click("#sign-in-button")
+        page.wait_for_selector("tr.run-row", timeout=30_000)
+        assert page.text_content("#who").startswith("signed in as auditor-one")
+        cookie = next(c for c in context.cookies() if c["name"] == "smalti_session")
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+        linked = context.new_page()  # the link `smalti auditor sign-in` prints (and opens with --open)
+        linked.on("request", lambda r: seen.append(f"{r.method} {r.url} {r.headers} {r.post_data or ''}"))
+        linked.goto(f"{ui['base']}/ui/#code={sign_in_code(ui['base'], ui['auditor'])}")
+        linked.wait_for_selector("tr.run-row", timeout=30_000)
+        assert "#code=" not in linked.url  # single use, and kept out of the history
+        _open(linked, "alpha")
+        linked.fill("#trainer-key", ui["trainer_key"])
+        linked.fill("#inspect-step", "2")
+        linked.click("#verify")
+        assert _verdict(linked).startswith("verified in your browser")
+    finally:
+        context.close()
+    assert seen and not any(secret[:40] in r or "PRIVATE KEY" in r for r in seen)
+
+
+def test_the_green_verdict_is_only_for_what_the_browser_checked(ui):
+    from ledger_factory import grow_ledger
+    from smalti.governance.keys import PublicKey, SigningKey
+    from smalti.governance.ledger.store import LedgerStore, ledger_path
+
+    context, page = _signed_in_page(ui)
+    try:
+        _open(page, "alpha")
+        page.fill("#trainer-key", ui["trainer_key"])
+        page.fill("#inspect-step", "3")
+        page.click("#verify")
+        verdict = _verdict(page)
+        assert verdict.startswith("verified in your browser: entry 3 is step 3") and "first tree" in verdict, verdict
+        shown = dict(zip(page.locator("#entry th").all_text_contents(), page.locator("#entry td").all_text_contents()))
+        assert shown["step"] == "3" and float(shown["loss"]) > 0  # the entry's content, not only hashes
+        page.click("#verify")
+        assert "the same tree this browser verified before" in _verdict(page)
+
+        routed: list[str] = []
+
+        def through(pattern: str, change):  # the test's proxy: the service's answer changed on its way
+            def handler(route):
+                response = route.fetch()
+                route.fulfill(response=response, body=change(response))
+            page.route(pattern, handler)
+            routed.append(pattern)
+
+        def clear() -> None:
+            while routed:
+                page.unroute(routed.pop())
+
+        def check(expected: str, step: int = 3) -> None:
+            page.fill("#inspect-step", str(step))
+            page.click("#verify")
+            verdict = _verdict(page)
+            assert verdict.startswith("failed") and expected in verdict, verdict
+            clear()
+
+        def flip(response) -> str:
+            proof = response.json()
+            proof["audit_path"][0] = ("0" if proof["audit_path"][0][0] != "0" else "1") + proof["audit_path"][0][1:]
+            return json.dumps(proof)
+
+        through("**/proof/inclusion*", flip)
+        check("does not lead to the signed root")
+        client = requests.Session()
+        assert client.post(ui["base"] + "/api/login", json={"code": sign_in_code(ui["base"], ui["auditor"])}).ok
+        step3 = client.get(ui["base"] + "/api/runs/alpha/proof/inclusion?step=3").text
+        through("**/proof/inclusion*", lambda response: step3)  # asked for step 5, given step 3's genuine proof
+        check("asked for step 5; the service proved entry 3, which is step 3", step=5)
+
+        def beyond(response) -> str:
+            proof = response.json()
+            proof["leaf_index"] = proof["tree_size"]
+            return json.dumps(proof)
+
+        through("**/proof/inclusion*", beyond)
+        check("outside the tree")
+
+        # An older signed checkpoint than this browser already verified: history was cut.
+        with LedgerStore(ledger_path(ui["runs"] / "alpha"), read_only=True) as store:
+            older, public = store.heads()[0], store.trainer_key.raw
+        through("**/alpha/checkpoint", lambda response: older.note(public))
+        check("history was cut", step=1)
+
+        # The same size, another root, signed by the trainer: a split view (another auditor may see this one).
+        fork = ui["runs"].parent / "fork"
+        shutil.copytree(ui["runs"] / "alpha", fork)
+        grow_ledger(fork, 6, SigningKey.load(ui["governed"].key("trainer")),
+                    edit=lambda i, body: dict(body, loss=1.5) if i == 2 else body)
+        with LedgerStore(ledger_path(fork), read_only=True) as store:
+            note = store.heads()[-1].note(public)
+        forked = _proof_from(fork, 1)
+        through("**/alpha/checkpoint", lambda response: note)
+        through("**/proof/inclusion*", lambda response: forked)
+        check("split view", step=1)
+
+        # A tree this browser saw earlier, smaller: the newer one must extend it, by a proof checked here.
+        page.evaluate(f"localStorage.setItem('smalti-verified:{older.origin}', "
+                      f"JSON.stringify({{size: {older.size}, root: '{older.root.hex()}'}}))")
+        page.fill("#inspect-step", "3")
+        page.click("#verify")
+        assert f"consistent with the tree of {older.size} entries" in _verdict(page)
+        page.evaluate(f"localStorage.setItem('smalti-verified:{older.origin}', "
+                      f"JSON.stringify({{size: {older.size}, root: '{'00' * 32}'}}))")
+        check("does not extend the tree of")
+        page.evaluate(f"localStorage.removeItem('smalti-verified:{older.origin}')")
+
+        page.fill("#trainer-key", "ed25519:" + base64.b64encode(PublicKey.load(ui["auditor"].with_suffix(".pub")).raw).decode())
+        check("no signature by the trainer key")
+
+        # Opening another run clears the verdict; a certificate is valid only once its signature verifies here.
+        page.fill("#trainer-key", ui["trainer_key"])
+        _open(page, "tuned-without-hamlet")
+        assert page.text_content("#verdict") == ""
+        _until(page, "#certificate-verdict", r"\S")
+        assert page.text_content("#certificate-verdict") == "certificate signature verified in your browser"
+        assert "gutenberg/tragedy/hamlet" in page.text_content("#certificate")
+
+        def tamper(response) -> str:
+            answer = response.json()
+            message = json.loads(base64.b64decode(answer["signed_message_base64"]))
+            message["class"] = "gutenberg/comedy/tempest"
+            answer["signed_message_base64"] = base64.b64encode(json.dumps(message, sort_keys=True, separators=(",", ":"))
+                                                               .encode()).decode()
+            return json.dumps(answer)
+
+        through("**/certificate", tamper)
+        page.click("#refresh")
+        _until(page, "#certificate-verdict", "^certificate not")
+        assert page.locator("#certificate td").count() == 0
+        clear()
+
+        # A session ended elsewhere: the next action says so and shows the sign-in form again.
+        assert client.post(ui["base"] + "/api/logout?everywhere=true", json={}).json()["ended"] >= 2
+        page.click("#refresh")
+        page.wait_for_selector("#sign-in:not([hidden])")
+        assert "session ended" in page.text_content("#sign-in-status")
+    finally:
+        context.close()
+
+
+def _proof_from(run: Path, step: int) -> str:
+    from smalti.governance.ledger import merkle
+    from smalti.governance.ledger.store import LedgerStore, ledger_path
+
+    with LedgerStore(ledger_path(run), read_only=True) as store:
+        head = store.heads()[-1]
+        index, leaf, data = store.entry_at_step(step)
+        leaves = store.leaves(stop=head.size)
+    return json.dumps({"step": step, "leaf_index": index, "tree_size": head.size,
+                       "entry_base64": base64.b64encode(data).decode(), "leaf_hash": leaf.hex(),
+                       "audit_path": [p.hex() for p in merkle.inclusion_proof(index, leaves)], "tree_head": {}})
+
+
+def _boxes(page, selector: str) -> list[dict]:
+    return page.eval_on_selector_all(selector, "nodes => nodes.map(n => { const b = n.getBoundingClientRect(); "
+                                               "return {x: b.left, y: b.top, r: b.right, b: b.bottom, t: n.textContent}; })")
+
+
+def _overlap(a: dict, b: dict) -> bool:
+    return a["x"] < b["r"] - 0.5 and b["x"] < a["r"] - 0.5 and a["y"] < b["b"] - 0.5 and b["y"] < a["b"] - 0.5
+
+
+@pytest.mark.parametrize("width", [1280, 760])
+def test_the_page_lays_out_without_clipping_overlap_or_overflow(ui, width):
+    context, page = _signed_in_page(ui, width=width, height=1400)
+    try:
+        _open(page, "wide")
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), "the page scrolls sideways"
+        svg = _boxes(page, "#heatmap")[0]
+        page.evaluate("document.getElementById('heatmap-box').scrollLeft = 0")
+        classes, layers, cells = (_boxes(page, "#heatmap .class-label"), _boxes(page, "#heatmap .layer-label"),
+                                  _boxes(page, "#heatmap rect.cell"))
+        assert len(classes) >= 14 + 4 and len(layers) >= 5
+        first_cell_x, first_cell_y = min(c["x"] for c in cells), min(c["y"] for c in cells)
+        for label in classes + layers:  # whole, inside the drawing: nothing cut at an edge
+            assert label["x"] >= svg["x"] - 0.5 and label["y"] >= svg["y"] - 0.5, label
+            assert label["r"] <= svg["r"] + 0.5 and label["b"] <= svg["b"] + 0.5, label
+        assert all(label["r"] <= first_cell_x + 0.5 for label in layers)  # no layer name under the cells
+        assert all(label["b"] <= first_cell_y + 0.5 for label in classes)  # no class name over them
+        for group in (classes, layers):
+            assert not any(_overlap(a, b) for i, a in enumerate(group) for b in group[i + 1:]), "labels collide"
+        assert page.locator("#heatmap .scale").count() > 0 and page.locator("#heatmap .scale-label").count() == 3
+        if width == 1280:
+            assert all(label["r"] <= width for label in classes + layers)  # in the viewport itself
+        assert page.locator("#entropy .axis text").count() >= 6  # ticks with values and the axis titles
+        assert page.locator("#entropy-legend li").count() > 0
+        nodes = _boxes(page, "#lineage g.node")
+        lineage = _boxes(page, "#lineage")[0]
+        assert len(nodes) == len(page.locator("tr.run-row").all())
+        assert not any(_overlap(a, b) for i, a in enumerate(nodes) for b in nodes[i + 1:])
+        assert all(n["r"] <= lineage["r"] + 0.5 and n["b"] <= lineage["b"] + 0.5 for n in nodes)
+        edges = page.locator("#lineage path.edge")
+        assert edges.count() >= 1 and edges.first.get_attribute("marker-end") == "url(#arrow)"
+        assert "replay: forgot hamlet" in page.text_content("#lineage")
+        assert page.eval_on_selector("tr.run-row button.run-link", "b => getComputedStyle(b).cursor") == "pointer"
+        page.fill("#step", "3")
+        page.dispatch_event("#step", "change")
+        _until(page, "#step-label", r"^3 \(3 entries\)")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / f"serve-ui-{width}.png"), full_page=True)
+    finally:
+        context.close()
+
+
+def test_the_report_shows_ledger_markup_as_text_and_runs_no_script(ui, tmp_path):
+    context, page = _signed_in_page(ui)
+    dialogs: list[str] = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    try:
+        page.goto(ui["base"] + "/api/runs/markup/report")
+        page.wait_for_selector("#status")
+        text = page.text_content("body")
+        assert PAYLOAD in text and "<script>alert(2)</script>" in text  # shown, as text
+        assert page.locator("img[src=x]").count() == 0 and page.locator("body script").count() == 0
+        # Escaping alone, without the service's Content-Security-Policy: the same report as a file.
+        from smalti.governance.ledger.report import write_report
+        from smalti.governance.ledger.verify import verify_ledger
+
+        offline = write_report(ui["runs"] / "markup", tmp_path / "report.html", verify_ledger(ui["runs"] / "markup"))
+        page.goto(offline.as_uri())
+        page.wait_for_selector("#status")
+        assert PAYLOAD in page.text_content("body") and page.locator("img[src=x]").count() == 0
+        assert oct(offline.stat().st_mode & 0o777) != oct(0o600)  # the usual umask, not private
+        # A loss that is markup (the defect found): refused where entries are decoded, named in a JSON 422.
+        from ledger_factory import grow_ledger
+        from smalti.governance.keys import SigningKey
+
+        shutil.copytree(ui["runs"] / "alpha", ui["runs"] / "badloss")
+        grow_ledger(ui["runs"] / "badloss", 6, SigningKey.load(ui["governed"].key("trainer")),
+                    edit=lambda i, body: dict(body, loss=PAYLOAD) if i == 6 else body)
+        answer = context.request.get(ui["base"] + "/api/runs/badloss/report")
+        assert answer.status == 422 and "entry 6 is malformed (loss: expected a number)" in answer.json()["error"]
+        assert str(ui["runs"]) not in answer.text()
+    finally:
+        context.close()
+        shutil.rmtree(ui["runs"] / "badloss", ignore_errors=True)
+    assert dialogs == []
+
+
+def test_the_offline_reports_entropy_legend_does_not_cover_the_class_labels(ui, tmp_path):
+    from smalti.governance.ledger.report import write_report
+    from smalti.governance.ledger.verify import verify_ledger
+
+    report = write_report(ui["runs"] / "wide", tmp_path / "report.html", verify_ledger(ui["runs"] / "wide"))
+    context = ui["browser"].new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    try:
+        page.goto(report.as_uri())
+        legend = _boxes(page, "#entropy svg g[id^=legend]")
+        left = _boxes(page, "#entropy svg g[id=axes_1] g[id^=patch]")  # the left panel's plotting area
+        labels = _boxes(page, "#entropy svg g[id=axes_2] g[id^=ytick] text")
+        assert legend and labels and left
+        assert not any(_overlap(a, b) for a in legend for b in labels), "the legend covers class labels"
+        assert not any(_overlap(a, b) for a in left for b in labels), "class labels run into the left panel"
+    finally:
+        context.close()
