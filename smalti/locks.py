@@ -22,19 +22,37 @@ from types import TracebackType
 from smalti.errors import SmaltiError
 
 
+RUN_LOCK = ".smalti.lock"  # in a run directory: held by the one process writing it
+
+
 class LockHeld(SmaltiError):
     """Another live process holds the lock."""
 
 
-class FolderLock:
-    """``with FolderLock(path, "training into run/"):`` holds an exclusive lock on ``path`` until the block ends."""
+_HELD: dict[str, list[int]] = {}  # real path -> [handle, holders] of the locks this process holds exclusively
 
-    def __init__(self, path: str | Path, purpose: str) -> None:
-        self.path, self.purpose = Path(path), purpose
+
+class FolderLock:
+    """``with FolderLock(path, "training into run/"):`` holds an exclusive lock on ``path`` until the block ends.
+
+    Re-entrant within a process (``smalti forget`` holds its output folder's lock while the trainer it starts
+    takes the same lock). ``shared=True`` (readers: a deletion reading its parent) only checks that no writer
+    holds the lock, and creates no file where there is none."""
+
+    def __init__(self, path: str | Path, purpose: str, shared: bool = False) -> None:
+        self.path, self.purpose, self.shared = Path(path), purpose, shared
         self._handle: int | None = None
+        self._key = ""
         self.previous: dict[str, object] = {}
 
     def acquire(self) -> "FolderLock":
+        self._key = os.path.realpath(self.path)
+        if self._key in _HELD:  # this process holds it already
+            _HELD[self._key][1] += 1
+            self._handle = -1
+            return self
+        if self.shared:
+            return self._check_no_writer()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -44,6 +62,7 @@ class FolderLock:
             os.close(handle)
             raise LockHeld(f"{self.path.parent}: {describe_holder(holder)} (lock {self.path.name}); wait for it "
                            f"to finish or stop it") from None
+        _HELD[self._key] = [handle, 1]
         self.previous = _read_holder(handle)
         record = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": self.purpose,
                   "command": " ".join(sys.argv)[:300],
@@ -53,12 +72,35 @@ class FolderLock:
         self._handle = handle
         return self
 
+    def _check_no_writer(self) -> "FolderLock":
+        try:
+            handle = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return self  # never written by a process that locks: nothing to wait for
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(handle)
+            os.close(handle)
+            raise LockHeld(f"{self.path.parent}: {describe_holder(holder)}; read it when that has finished") from None
+        self._handle = handle
+        return self
+
     def release(self) -> None:
-        if self._handle is not None:
-            os.ftruncate(self._handle, 0)  # released cleanly: an empty file names no holder
+        if self._handle is None:
+            return
+        held = _HELD.get(self._key)
+        if self._handle == -1 or (held is not None and held[0] == self._handle):
+            held[1] -= 1
+            if held[1] == 0:
+                del _HELD[self._key]
+                os.ftruncate(held[0], 0)  # released cleanly: an empty file names no holder
+                fcntl.flock(held[0], fcntl.LOCK_UN)
+                os.close(held[0])
+        else:  # a shared check
             fcntl.flock(self._handle, fcntl.LOCK_UN)
             os.close(self._handle)
-            self._handle = None
+        self._handle = None
 
     @property
     def took_over_stale(self) -> bool:

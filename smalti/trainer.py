@@ -47,6 +47,7 @@ from smalti.governance.lineage import REPLAY_CHANGES, Link, admit_parent, fitted
 from smalti.governance.policy import Policy, model_fingerprint
 from smalti.governance.routing import Router, routed_backward
 from smalti.io import atomic_write_bytes
+from smalti.locks import RUN_LOCK, FolderLock, LockHeld
 from smalti.loggers.logger import Logger
 from smalti.models.adapters import set_row_classes
 from smalti.optim import LRSchedule, build_optimizer
@@ -147,8 +148,7 @@ class Trainer:
         # A fine-tune's parent is admitted here too (not when resuming: the run already started from it).
         starts_fresh = not (recipe.checkpoint.autoresume and self.checkpoints.all())
         self._parent = self._admit_parent(ledger_key) if recipe.init.from_run is not None and starts_fresh else None
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = self._lock_run_dir()
         distributed.barrier(self.dist)
         self.logger = Logger(self.state, build_logger_destinations(recipe, self.run_dir, self.dist))
         self.engine = Engine(self.state, self.logger, self.algorithms, callbacks)
@@ -267,6 +267,31 @@ class Trainer:
             recipe_fingerprint=self.recipe.fingerprint(ignore=RESUMABLE_CHANGES), log_name=config.log_name,
         )
 
+    def _lock_run_dir(self) -> FolderLock | None:
+        """One writer per run directory: rank 0 holds its lock for the trainer's life (every rank of one torchrun
+        job is that one writer); a second process, of this job or another, refuses in one line naming the holder."""
+        lock, problem = None, None
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                lock = FolderLock(self.run_dir / RUN_LOCK, f"training into {self.run_dir}").acquire()
+            except LockHeld as error:
+                problem = error
+        if distributed.all_reduce_max(1 if problem else 0, self.dist):
+            raise problem or LockHeld(f"{self.run_dir}: in use by another process (rank 0 could not lock it)")
+        return lock
+
+    @property
+    def run_lock(self) -> FolderLock | None:
+        """The run directory's lock, on the main rank."""
+        return self._lock
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         """Release what the trainer opened: data readers, DDP, and a process group it created.
 
@@ -293,6 +318,9 @@ class Trainer:
         distributed.shutdown(self.dist)
         if self._owns_fsdp_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        if getattr(self, "_lock", None) is not None:
+            self._lock.release()
+            self._lock = None
 
     # ------------------------------------------------------------------ the loop
 
@@ -303,6 +331,9 @@ class Trainer:
         if state.is_done:  # resumed at max_duration: report the run as recorded, change nothing
             return self._result(0.0, start_tokens, already_complete=True)
         self.logger.log_hyperparameters(self.recipe.to_dict())
+        # Training mode for every module, whatever built the model: a transformers model loaded from a folder
+        # arrives in eval mode (dropout off), and a resumed process must train as the uninterrupted one did.
+        self.model.train()
         try:
             engine.run(Event.FIT_START)
             while not state.is_done:
@@ -363,6 +394,8 @@ class Trainer:
         (their ratio, summed over ranks, is the batch's mean loss).
         """
         state, engine = self.state, self.engine
+        if not self.model.training:  # whatever ran since the last step (an evaluation, a probe) put it back
+            self.model.train()
         engine.run(Event.BATCH_START)
         self.schedule.apply(state)
         state.batch = loaded = batch.to(self.device)

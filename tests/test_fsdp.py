@@ -309,7 +309,7 @@ def test_exact_forget_of_an_fsdp_run_equals_the_counterfactual_fsdp_run_bitwise(
     from test_ledger import TEMPEST, entries
 
     config, late = late_config(governed)
-    config = dict(config, train={**config["train"], **FSDP})
+    config = dict(config, train={**config["train"], **FSDP}, model={**config["model"], "dropout": 0.1})  # as users run
     parent = write_recipe(tmp_path / "parent.yaml", config)
     done = torchrun(2, "train", str(parent), "--run-dir", str(tmp_path / "parent"))
     assert done.returncode == 0, done.stderr[-3000:]

@@ -34,7 +34,8 @@ def _chain(governed, root: Path, forgotten: str | None = None, **sections) -> di
                            train={"max_duration": f"{STEPS[name]}ba", **own.get("train", {})},
                            checkpoint={"interval": "3ba", "keep": 4},
                            init={"from_run": str(runs[parent])} if parent else {},
-                           **{k: v for k, v in own.items() if k not in ("data", "train")})
+                           model={"dropout": 0.1, **own.get("model", {})},  # dropout on, as users train
+                           **{k: v for k, v in own.items() if k not in ("data", "train", "model")})
     return runs
 
 

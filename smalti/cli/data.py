@@ -18,6 +18,19 @@ TRUST_HELP = ("pinned data-governance public key; without it the taxonomy is che
               "the data-governance key it lists itself")
 
 
+def _writer_lock(out: str):
+    """One writer per local dataset folder: a lock beside it (inside, it would be a file the manifest does not
+    list); a remote destination (s3://, http://) has no lock here."""
+    import contextlib
+
+    from smalti.locks import FolderLock
+
+    if "://" in out and not out.startswith("file://"):
+        return contextlib.nullcontext()
+    folder = Path(out.removeprefix("file://")).resolve()
+    return FolderLock(folder.parent / f".{folder.name}.lock", f"preparing the dataset {out}")
+
+
 def _storage_options(pairs: list[str]) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for text in pairs:
@@ -110,8 +123,9 @@ def run_prepare(args: argparse.Namespace) -> int:
         version=args.version,
     )
     started = time.perf_counter()
-    manifest = prepare_dataset(documents, taxonomy, key, args.out, options, _storage_options(args.storage_option),
-                               tokenizer=tokenizer, show_progress=Console(stderr=True).is_terminal)
+    with _writer_lock(args.out):
+        manifest = prepare_dataset(documents, taxonomy, key, args.out, options, _storage_options(args.storage_option),
+                                   tokenizer=tokenizer, show_progress=Console(stderr=True).is_terminal)
     shards = sum(len(s["shards"]) for s in manifest["splits"].values())
     examples = {name: s["examples"] for name, s in manifest["splits"].items()}
     print(f"{args.out}: {examples['train']:,} train + {counted(examples['val'], 'val example')} in "

@@ -67,7 +67,10 @@ def run(args: argparse.Namespace) -> int:
 
             sign_model(scratch, args.run_dir, load_checkpoint(checkpoint, tensors=False), trainer_key, model_key)
             written += ["provenance.intoto.json", "model.sig"]
-        scratch.rename(args.out)
+        try:
+            scratch.rename(args.out)  # whole or not at all; a second export to the same --out finds it taken
+        except OSError:
+            raise SmaltiError(f"--out {args.out}: appeared while exporting (another export?); nothing written") from None
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise

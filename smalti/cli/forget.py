@@ -176,12 +176,14 @@ def run_eval_forget(args: argparse.Namespace) -> int:
         raise SmaltiError(f"--relearn-examples {args.relearn_examples!r}: expected numbers like 16,64,256") from None
     if not ks or min(ks) < 1:
         raise SmaltiError(f"--relearn-examples {args.relearn_examples!r}: expected positive numbers like 16,64,256")
+    from smalti.locks import RUN_LOCK, FolderLock
+
     out = args.out or args.forgotten / "forget-eval"
-    result = evaluate_forgetting(args.parent, args.forgotten, args.node, args.counterfactual, ks, args.relearn_steps,
-                                 args.relearn_lr, args.max_examples, out / "relearning", args.checkpoint_every)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "forget-eval.json", json.dumps(result, indent=1) + "\n")
-    plot(result, out / "relearning.png")
+    with FolderLock(out / RUN_LOCK, f"evaluating the deletion of {args.node} into {out}"):
+        result = evaluate_forgetting(args.parent, args.forgotten, args.node, args.counterfactual, ks, args.relearn_steps,
+                                     args.relearn_lr, args.max_examples, out / "relearning", args.checkpoint_every)
+        atomic_write_text(out / "forget-eval.json", json.dumps(result, indent=1) + "\n")
+        plot(result, out / "relearning.png")
     if args.json:
         print(json.dumps(result, indent=1))
         return 0

@@ -26,9 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train PyTorch models fast, and govern what they learn.",
         epilog="Run 'smalti COMMAND --help' for a command's options. On a machine where other processes are busy, "
                "training makes idle torch threads sleep at once (OMP_WAIT_POLICY=PASSIVE) unless OMP_WAIT_POLICY or "
-               "GOMP_SPINCOUNT is set: see docs/architecture.md.",
+               "GOMP_SPINCOUNT is set (smalti -v COMMAND says when it does): see docs/architecture.md.",
     )
     parser.add_argument("--version", action="version", version=version_line())
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also print notes about how Smalti set itself up (e.g. torch's thread wait policy on a "
+                             "busy machine)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in COMMANDS:
         command.add_parser(subparsers)
@@ -46,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "trains", False):
-        apply_thread_defaults()  # before the command imports torch
+        apply_thread_defaults(announce=args.verbose)  # before the command imports torch
     try:
         return int(args.run(args) or 0)
     except SmaltiError as error:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from smalti.cli.output import console as output_console, table as new_table
@@ -52,6 +53,11 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"init.from_run={args.init_from}"] if args.init_from is not None else [])
     recipe = load_recipe(args.recipe, overrides)
     trainer = Trainer(recipe, resolve_run_dir(recipe, args.recipe, args.run_dir))
+    lock = trainer.run_lock
+    if lock is not None and lock.took_over_stale:
+        holder = lock.previous
+        print(f"smalti: note: {trainer.run_dir}: its previous writer (pid {holder.get('pid', '?')} on host "
+              f"{holder.get('host', '?')}) ended without releasing it; resuming", file=sys.stderr)
     try:
         result = trainer.fit()
         if trainer.dist.is_main:

@@ -31,6 +31,8 @@ signed (Ed25519) by the trainer key. ``smalti ledger verify`` checks it.
 
 from __future__ import annotations
 
+import contextlib
+
 import datetime as _dt
 import json
 import os
@@ -53,6 +55,7 @@ from smalti.governance.ledger.store import LedgerStore, ledger_path
 from smalti.governance.ledger.verify import verify_ledger
 from smalti.governance.taxonomy import Taxonomy, unknown_class
 from smalti.software import software
+from smalti.locks import RUN_LOCK, FolderLock
 
 ABLATION_LIMIT = (
     "ablation removes what the class's gradients wrote into its confined parameters; the rest of the model "
@@ -289,10 +292,23 @@ def _final_head(run: Path) -> dict[str, Any]:
     return heads[-1].to_json()
 
 
+def occupied(folder: Path) -> bool:
+    """Whether ``folder`` holds anything but its lock (which a deletion writing into it holds itself)."""
+    return folder.exists() and any(p.name != RUN_LOCK for p in folder.iterdir())
+
+
 def _prepare_out(out: Path) -> None:
-    if out.exists() and any(out.iterdir()):
+    if occupied(out):
         raise DeletionError(f"--out {out}: exists and is not empty; name a new run directory")
     out.mkdir(parents=True, exist_ok=True)
+
+
+def lock_for_deletion(stack: contextlib.ExitStack, parent: Path, node: str, out: Path) -> None:
+    """Hold ``out`` (the one writer of the new run) and check no one is training ``parent`` meanwhile."""
+    if occupied(out):
+        raise DeletionError(f"--out {out}: exists and is not empty; name a new run directory")
+    stack.enter_context(FolderLock(out / RUN_LOCK, f"forgetting {node} into {out}"))
+    stack.enter_context(FolderLock(parent / RUN_LOCK, f"reading {parent} to forget {node}", shared=True))
 
 
 def forget(parent: str | Path, node: str, out: str | Path, key: SigningKey, mode: str = "exact",
@@ -337,10 +353,18 @@ class _Replay:
 
 def _forget(parent: Path, node: str, out: Path, key: SigningKey, mode: str, reset: str,
             max_eval_samples: int | None, info: distributed.DistInfo) -> dict[str, Any]:
+    with contextlib.ExitStack() as locks:
+        return _forget_locked(parent, node, out, key, mode, reset, max_eval_samples, info, locks)
+
+
+def _forget_locked(parent: Path, node: str, out: Path, key: SigningKey, mode: str, reset: str,
+                   max_eval_samples: int | None, info: distributed.DistInfo,
+                   locks: contextlib.ExitStack) -> dict[str, Any]:
     done: dict[str, Any] | _Replay | None = None
     failure: SmaltiError | None = None
     if info.is_main:
         try:
+            lock_for_deletion(locks, parent, node, out)
             done = _decide(parent, node, out, key, mode, reset, max_eval_samples, info.world_size)
         except SmaltiError as error:
             failure = error

@@ -32,7 +32,7 @@ from typing import Any
 from smalti.checkpoint import load_checkpoint, weights_sha256
 from smalti.governance.certificate import sign_certificate, write_certificate
 from smalti.governance.deletion import (DeletionError, DeletionPlan, _ablate, _base_certificate, _evaluation,
-                                        ablation_evidence, _final_head, _latest, _load, _prepare_out, _replay,
+                                        ablation_evidence, _final_head, _latest, _load, _prepare_out, _replay, occupied,
                                         plan_deletion, require_world_size)
 from smalti.governance.keys import SigningKey
 from smalti.governance.lineage import chain, run_entry, verify_chain
@@ -141,7 +141,7 @@ def _replay_through_lineage(plan: LineagePlan, out: Path, key: SigningKey,
     folder = lineage_dir(out)
     targets = [folder / f"{i}-{run.name}" for i, run in enumerate(plan.runs[:-1])] + [out]
     for target in targets:  # all refused up front: nothing is trained into a folder that is in use
-        if target.exists() and any(target.iterdir()):
+        if occupied(target):
             raise DeletionError(f"{target}: exists and is not empty; name a new --out")
     _prepare_out(targets[0])
     origin_certificate, _ = _replay(plan.origin, targets[0], key, _final_head(plan.runs[0]))

@@ -56,6 +56,9 @@ class HFCausalLM(CausalLMObjective, nn.Module):
         if own:
             raise RecipeError(f"model.hf: {type(hf_model).__name__} holds tensors of its own ({own[0][0]}); "
                               "only models whose weights live in submodules are supported")
+        # from_pretrained returns a model in eval mode while this wrapper starts in training mode: make every
+        # module agree, so that nothing trains with dropout off until an evaluation happens to switch it on.
+        self.train()
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.hf(input_ids=idx, use_cache=False).logits
