@@ -79,6 +79,28 @@ def test_the_openssf_model_signing_cli_and_in_toto_check_the_exported_model(sign
     assert AutoModelForCausalLM.from_pretrained(str(model), local_files_only=True) is not None  # still a model folder
 
 
+def test_verify_model_takes_the_folder_however_it_is_named(signed, governed):
+    """A relative path made model_signing see model.sig as an extra file (it compares absolute paths)."""
+    import os
+    import subprocess
+    import sys
+
+    run, _, model_pub = signed
+    root = run.parent
+    exported = subprocess.run([sys.executable, "-m", "smalti", "export", "run", "--out", "export/relative", "--sign",
+                               "--model-key", "keys/trainer-model.key"], cwd=root, capture_output=True, text=True,
+                              timeout=300)  # exported as a user would, with relative paths
+    assert exported.returncode == 0, exported.stderr
+    model = root / "export" / "relative"
+    keys = ["--trainer-pubkey", str(governed.keys / "trainer.pub"), "--model-pubkey", str(model_pub)]
+    for cwd, folder in ((root, "export/relative"), (REPO, str(model)), (model.parent, model.name + "/"),
+                        (model, ".")):
+        done = subprocess.run([sys.executable, "-m", "smalti", "verify-model", folder, *keys], cwd=cwd,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (folder, done.stderr)
+        assert f"every file of {folder.rstrip('/')}" in done.stdout
+
+
 def test_a_changed_file_or_a_foreign_key_fails_every_checker(signed, governed, tmp_path):
     import shutil
 

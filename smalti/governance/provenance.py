@@ -166,6 +166,7 @@ def sign_model(directory: Path, run: Path, checkpoint: dict[str, Any], trainer_k
                model_key: Path) -> None:
     """Write ``provenance.intoto.json``, then ``model.sig`` over the whole folder (the provenance included)."""
     model_signing = _model_signing()
+    directory = Path(directory).resolve()  # model_signing compares ignored paths with the absolute ones it walks
 
     from smalti.io import atomic_write_text
 
@@ -221,6 +222,10 @@ def _ledger_key(run: Path) -> PublicKey:
 def verify_model(directory: Path, trainer: PublicKey, model_key: Path) -> list[str]:
     """Check a signed model folder; the lines of what holds, or ``ProvenanceError`` naming what does not."""
     model_signing = _model_signing()
+    shown = directory
+    # model_signing walks the folder as absolute paths and compares the ignored signature file with them: a
+    # relative path ("export/model") made it see model.sig as an extra file.
+    directory = Path(directory).resolve()
 
     from smalti.governance.ledger.note import Checkpoint, NoteError, Verifier, open_note
 
@@ -233,7 +238,7 @@ def verify_model(directory: Path, trainer: PublicKey, model_key: Path) -> list[s
          .verify(directory, directory / SIGNATURE))
     except Exception as error:  # the library raises ValueError and others; any failure is the answer
         raise ProvenanceError(f"{directory / SIGNATURE}: the model signature does not verify ({error})") from None
-    lines = [f"model signature OK: every file of {directory} (OMS bundle, key {model_key})"]
+    lines = [f"model signature OK: every file of {shown} (OMS bundle, key {model_key})"]
     try:
         envelope = json.loads((directory / PROVENANCE).read_text())
     except ValueError as error:
