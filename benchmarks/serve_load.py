@@ -86,8 +86,9 @@ def start_server(env: dict, port: int) -> subprocess.Popen:
     raise SystemExit("smalti serve did not start")
 
 
-async def _login(session, base: str, key) -> None:
-    """A sign-in code as `smalti auditor sign-in` makes it (the challenge signed for this origin), for a cookie."""
+async def _login(session, base: str, key) -> str:
+    """A sign-in code as `smalti auditor sign-in` makes it (the challenge signed for this origin), for a session:
+    its cookie stays in ``session``'s jar, its other half is returned for the X-Smalti-Session header."""
     from smalti.serve.auth import login_message
 
     async with session.get(f"{base}/api/login/challenge") as response:
@@ -97,6 +98,7 @@ async def _login(session, base: str, key) -> None:
             as response:
         if response.status != 200:
             raise RuntimeError(f"login: {response.status} {await response.text()}")
+        return (await response.json())["session"]  # the session's second half, sent as a header
 
 
 def check_proof(proof: dict, trainer) -> bool:
@@ -116,13 +118,15 @@ async def load(base: str, key, trainer, kind: str, clients: int, seconds: float,
 
     latencies: list[float] = []
     errors: list[str] = []
+    signing_in = asyncio.Lock()
     stop = time.perf_counter() + seconds
 
     async def reader(index: int) -> None:
         rng = random.Random(index)
         connector = aiohttp.TCPConnector(limit=1)
         async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
-            await _login(session, base, key)
+            async with signing_in:  # one at a time: one address may hold only a few unanswered challenges
+                headers = {"X-Smalti-Session": await _login(session, base, key)}
             while time.perf_counter() < stop:
                 if kind == "proof":
                     path = f"/api/runs/alpha/proof/inclusion?step={rng.randint(1, steps)}"
@@ -130,7 +134,7 @@ async def load(base: str, key, trainer, kind: str, clients: int, seconds: float,
                     path = f"/api/runs/alpha/audit/layer?name={rng.choice(layers)}"
                 started = time.perf_counter()
                 try:
-                    async with session.get(base + path) as response:
+                    async with session.get(base + path, headers=headers) as response:
                         body = await response.read()
                         latencies.append((time.perf_counter() - started) * 1000)
                         if response.status != 200:

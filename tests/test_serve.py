@@ -117,6 +117,13 @@ def test_browser_sessions_sign_in_out_and_revoke_everywhere(service):
         assert answer.status_code == 200 and answer.json()["reader"] == "auditor-one"
         cookie = answer.headers["set-cookie"].lower()
         assert "httponly" in cookie and "samesite=strict" in cookie
+        assert answer.json()["session"] not in cookie  # the header's half is not the cookie's
+        cookie_only = s.get(base + "/api/whoami", timeout=30)  # what a page on another port of this host would hold
+        assert cookie_only.status_code == 401
+        header_only = requests.get(base + "/api/whoami", headers={"X-Smalti-Session": answer.json()["session"]},
+                                   timeout=30)  # what script in the page could read
+        assert header_only.status_code == 401
+        s.headers["X-Smalti-Session"] = answer.json()["session"]
         assert s.get(base + "/api/whoami", timeout=30).json()["reader"] == "auditor-one"
     code = sign_in_code(base, auditor)
     assert requests.post(base + "/api/login", json={"code": code}, timeout=30).status_code == 200
@@ -125,6 +132,9 @@ def test_browser_sessions_sign_in_out_and_revoke_everywhere(service):
     for body, status in (({"code": "x"}, 400), ({"nope": 1}, 400)):
         assert requests.post(base + "/api/login", json=body, timeout=30).status_code == status
     assert requests.post(base + "/api/login", data="code=x", timeout=30).status_code == 415
+    nested = requests.post(base + "/api/login", data="[" * 3000, headers={"Content-Type": "application/json"},
+                           timeout=30)
+    assert nested.status_code == 400 and nested.json()["error"] == "the body is not JSON"
     assert sessions[0].post(base + "/api/logout", json={}, timeout=30).json()["ended"] == 1
     assert sessions[0].get(base + "/api/runs", timeout=30).status_code == 401  # its cookie is gone
     assert sessions[1].post(base + "/api/logout?everywhere=true", json={}, timeout=30).json()["ended"] >= 2
@@ -140,20 +150,26 @@ def test_the_session_and_challenge_stores_are_bounded():
     key = SigningKey.generate()
     taxonomy = Taxonomy("t", ["a"], {"aud": Authority("aud", "auditor", key.public)}, frozenset(), "")
     sessions = Sessions(RequestAuthenticator(taxonomy, "http://x"))
-    sessions.MAX_CHALLENGES = 5
-    challenges = [sessions.challenge() for _ in range(5)]
+    sessions.MAX_CHALLENGES, sessions.MAX_CHALLENGES_PER_CLIENT = 5, 2
+    sessions.challenge("a"), sessions.challenge("a")
+    with pytest.raises(AuthError) as one_client:
+        sessions.challenge("a")  # one address cannot hold every challenge
+    assert one_client.value.status == 429
+    challenges = [sessions.challenge(f"c{i}") for i in range(3)]
     with pytest.raises(AuthError) as full:
-        sessions.challenge()
+        sessions.challenge("d")
     assert full.value.status == 503
-    tokens = []
-    for challenge in challenges:
+
+    def code(challenge: str) -> str:
         signature = base64.urlsafe_b64encode(key.sign(login_message("http://x", challenge))).decode().rstrip("=")
-        tokens.append(sessions.login(f"{challenge}.{key.public.key_id}.{signature}")[1])
-    sessions.MAX_SESSIONS_PER_READER = 3
-    challenge = sessions.challenge()
-    signature = base64.urlsafe_b64encode(key.sign(login_message("http://x", challenge))).decode().rstrip("=")
-    sessions.login(f"{challenge}.{key.public.key_id}.{signature}")
-    assert sessions.count() == 3 and sessions.reader(tokens[0]) is None and sessions.reader(tokens[-1]) is not None
+        return f"{challenge}.{key.public.key_id}.{signature}"
+
+    made = [sessions.login(code(c))[1:] for c in challenges]
+    assert sessions.reader(made[0][0], made[0][1]) is not None
+    assert sessions.reader(made[0][0], made[1][1]) is None and sessions.reader(made[0][0], None) is None
+    sessions.MAX_SESSIONS_PER_READER = 2
+    sessions.login(code(sessions.challenge("e")))
+    assert sessions.count() == 2 and sessions.reader(*made[0]) is None and sessions.reader(*made[-1]) is not None
 
 
 def test_a_run_signed_by_a_key_the_taxonomy_never_named_is_untrusted_everywhere(service):
@@ -340,28 +356,148 @@ def test_the_access_log_records_what_was_read_and_is_a_signed_log(service, tmp_p
                                      old.root, checkpoint.root)
 
 
-def test_an_internal_error_is_recorded_with_its_500(service, tmp_path):
-    """A ledger whose heads table has another shape makes SQLite raise: the answer is a JSON 500 and the log has it."""
+FAULTY_SERVICE = """
+import sys
+import smalti.serve.service as service
+
+def broken(self, run):
+    raise RuntimeError("an injected fault")
+
+service.Service.lineage = broken  # /api/runs/RUN fails inside the route; nothing else does
+from smalti.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_an_internal_error_is_a_json_500_and_recorded(service, governed, tmp_path):
+    """A fault injected into a real server process (the service's own code raising mid-route)."""
+    _, runs, auditor, _, taxonomy = service
+    port = free_port()
+    launcher = tmp_path / "faulty.py"
+    launcher.write_text(FAULTY_SERVICE)
+    process = subprocess.Popen([sys.executable, str(launcher), "serve", str(runs), "--taxonomy", str(taxonomy),
+                                "--trust", str(governed.trust), "--listen", f"127.0.0.1:{port}",
+                                "--access-log", str(tmp_path / "access.sqlite")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    try:
+        wait_for_port(port, process)
+        client = Client(f"http://127.0.0.1:{port}", auditor)
+        answer = client.get("/api/runs/alpha")
+        assert answer.status_code == 500 and answer.json() == {"error": "internal error (RuntimeError)", "status": 500}
+        records = client.get("/api/access-log?last=5").json()["last"]
+        assert any(r.get("path") == "/api/runs/alpha" and r["status"] == 500 for r in records)
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def test_hostile_ledgers_and_odd_input_are_refused_quickly_not_500_or_hung(service, tmp_path):
     from smalti import formats
 
     base, runs, auditor, _, _ = service
-    odd = runs / "odd"
-    odd.mkdir()
-    (odd / "recipe.yaml").write_text("seed: 1\n")
-    with sqlite3.connect(odd / "ledger.sqlite") as db:
+    hostile = runs / "hostile"
+    hostile.mkdir()
+    (hostile / "recipe.yaml").write_text("seed: 1\n")
+    with sqlite3.connect(hostile / "ledger.sqlite") as db:  # heads is a recursive view that never ends
         db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         db.execute("INSERT INTO meta VALUES ('format', ?)", (formats.LEDGER,))
-        db.execute("CREATE TABLE heads (size INTEGER)")
+        db.execute("CREATE TABLE entries (idx INTEGER PRIMARY KEY, step INTEGER NOT NULL, leaf BLOB NOT NULL, "
+                   "data BLOB NOT NULL)")
+        db.execute("CREATE VIEW heads AS WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n) "
+                   "SELECT x AS size, x AS root, '' AS timestamp, 0 AS final, '' AS key_id, x AS signature, '' AS "
+                   "weights FROM n WHERE x < 0")
+    import shutil
+
+    shutil.copytree(runs / "alpha", runs / "shmlink")
+    (runs / "shmlink" / "ledger.sqlite-shm").symlink_to(tmp_path / "elsewhere-shm")
     try:
         client = Client(base, auditor)
-        answer = client.get("/api/runs/odd/checkpoint")
-        assert answer.status_code == 500 and answer.json()["error"].startswith("internal error")
-        records = client.get("/api/access-log?last=5").json()["last"]
-        assert any(r.get("path") == "/api/runs/odd/checkpoint" and r["status"] == 500 for r in records)
+        started = time.time()
+        answer = client.get("/api/runs/hostile")
+        assert answer.status_code == 422 and "heads is a view" in answer.json()["error"]
+        listed = {r["run"]: r for r in client.get("/api/runs").json()}
+        assert listed["hostile"]["trust"]["trusted"] is False and time.time() - started < 10
+        linked = client.get("/api/runs/shmlink/checkpoint")
+        assert linked.status_code == 422 and "not a plain file" in linked.json()["error"]
+        assert not (tmp_path / "elsewhere-shm").exists()
+        assert client.get("/api/runs/alpha/tile/entries/000.p/%C2%B2").status_code == 404  # a Unicode digit
     finally:
-        import shutil
+        shutil.rmtree(hostile)
+        shutil.rmtree(runs / "shmlink")
 
-        shutil.rmtree(odd)
+
+def test_sign_in_bodies_are_bounded_in_size_and_time(service):
+    base, _, _, _, _ = service
+    port = int(base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:  # a chunked body of any size
+        raw.sendall(b"POST /api/login HTTP/1.1\r\nHost: " + base.split("//")[1].encode() +
+                    b"\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+        reply = raw.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 411")
+    started = time.time()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:  # a body that never comes
+        raw.sendall(b"POST /api/login HTTP/1.1\r\nHost: " + base.split("//")[1].encode() +
+                    b"\r\nContent-Type: application/json\r\nContent-Length: 4000\r\n\r\n{")
+        reply = raw.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 408") and time.time() - started < 10  # the test server gives 2 seconds
+    too_big = requests.post(base + "/api/login", data="x" * 5000, headers={"Content-Type": "application/json"},
+                            timeout=30)
+    assert too_big.status_code == 413
+
+
+def test_behind_a_configured_proxy_one_client_cannot_get_another_refused(service, governed, tmp_path):
+    _, runs, auditor, _, taxonomy = service
+    with serving(runs, taxonomy, governed.trust, "--origin", "https://audit.example", "--proxy", "127.0.0.1",
+                 "--access-log", str(tmp_path / "access.sqlite")) as (base, _):
+        proxy = {"Host": "audit.example"}
+        for _ in range(610):  # one client behind the proxy, refused until it is throttled
+            requests.get(base + "/api/runs", headers={**proxy, "X-Forwarded-For": "203.0.113.7"}, timeout=30)
+        blocked = requests.get(base + "/api/runs", headers={**proxy, "X-Forwarded-For": "203.0.113.7"}, timeout=30)
+        assert blocked.status_code == 429
+        other = requests.get(base + "/api/runs", headers={**proxy, "X-Forwarded-For": "198.51.100.2"}, timeout=30)
+        assert other.status_code == 401  # heard, not throttled: its own address
+        spoofed = requests.get(base + "/api/runs", headers={**proxy, "X-Forwarded-For": "198.51.100.2, 203.0.113.7"},
+                               timeout=30)
+        assert spoofed.status_code == 429  # the proxy appends the real one last: what comes before is the client's
+
+
+def test_the_auditor_client_follows_no_redirect_and_prints_no_terminal_escapes(tmp_path, governed):
+    import http.server
+    import threading
+
+    class Hostile(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.startswith("/api/runs/moved"):
+                self.send_response(302)
+                self.send_header("Location", "http://10.0.0.1/internal")
+                self.end_headers()
+                return
+            body = json.dumps({"error": "\r\x1b[2Kalpha: all 7 entries chain and hash to the root\x1b[8m"}).encode()
+            self.send_response(404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        keys = tmp_path / "keys"
+        from smalti.governance.keys import write_key_pair
+
+        write_key_pair("auditor", keys)
+        lied = smalti_cli("auditor", "verify", base, "alpha", "--key", str(keys / "auditor.key"), "--trainer-key",
+                          str(governed.keys / "trainer.pub"))
+        assert lied.returncode != 0 and "\x1b" not in lied.stderr and "\r" not in lied.stderr
+        assert "\\x1b[2K" in lied.stderr  # shown, as an escape
+        moved = smalti_cli("auditor", "audit", base, "moved", "--class", "x", "--key", str(keys / "auditor.key"))
+        assert moved.returncode != 0 and "redirected (302)" in moved.stderr and "not followed" in moved.stderr
+    finally:
+        server.shutdown()
 
 
 def test_refused_requests_are_aggregated_not_logged_one_by_one(service):
@@ -597,3 +733,11 @@ def test_a_run_still_training_is_served_up_to_its_newest_signed_head(service, go
         training.wait(timeout=60)
     assert len(seen) >= 2 and seen[-1] > seen[0], seen  # new entries appear as the run signs new heads
     assert smalti_cli("ledger", "verify", str(runs / "gamma")).returncode != 0  # unfinished: verify says so
+
+
+def test_one_address_cannot_take_every_sign_in_challenge(service):
+    """Last in the module: it leaves this address's challenges taken for two minutes."""
+    base, _, auditor, _, _ = service
+    answers = [requests.get(base + "/api/login/challenge", timeout=30).status_code for _ in range(40)]
+    assert answers[:20].count(200) >= 20 and 429 in answers
+    assert requests.post(base + "/api/login", json={"code": "x.y.z"}, timeout=30).status_code == 401  # uses none

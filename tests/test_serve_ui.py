@@ -11,6 +11,7 @@ import base64
 import json
 import re
 import shutil
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -166,6 +167,7 @@ def test_the_green_verdict_is_only_for_what_the_browser_checked(ui):
         page.click("#verify")
         verdict = _verdict(page)
         assert verdict.startswith("verified in your browser: entry 3 is step 3") and "first tree" in verdict, verdict
+        verifier = client_verifier(ui, "alpha")
         shown = dict(zip(page.locator("#entry th").all_text_contents(), page.locator("#entry td").all_text_contents()))
         assert shown["step"] == "3" and float(shown["loss"]) > 0  # the entry's content, not only hashes
         page.click("#verify")
@@ -176,7 +178,7 @@ def test_the_green_verdict_is_only_for_what_the_browser_checked(ui):
         def through(pattern: str, change):  # the test's proxy: the service's answer changed on its way
             def handler(route):
                 response = route.fetch()
-                route.fulfill(response=response, body=change(response))
+                route.fulfill(response=response, status=200, body=change(response))
             page.route(pattern, handler)
             routed.append(pattern)
 
@@ -199,7 +201,8 @@ def test_the_green_verdict_is_only_for_what_the_browser_checked(ui):
         through("**/proof/inclusion*", flip)
         check("does not lead to the signed root")
         client = requests.Session()
-        assert client.post(ui["base"] + "/api/login", json={"code": sign_in_code(ui["base"], ui["auditor"])}).ok
+        signed_in = client.post(ui["base"] + "/api/login", json={"code": sign_in_code(ui["base"], ui["auditor"])})
+        client.headers["X-Smalti-Session"] = signed_in.json()["session"]
         step3 = client.get(ui["base"] + "/api/runs/alpha/proof/inclusion?step=3").text
         through("**/proof/inclusion*", lambda response: step3)  # asked for step 5, given step 3's genuine proof
         check("asked for step 5; the service proved entry 3, which is step 3", step=5)
@@ -230,16 +233,36 @@ def test_the_green_verdict_is_only_for_what_the_browser_checked(ui):
         through("**/proof/inclusion*", lambda response: forked)
         check("split view", step=1)
 
+        # Another log altogether, shorter, signed by the same trainer under a name of its own: a swap, not a
+        # "first tree" (the browser remembers the run's log by the run, not by the name the checkpoint gives).
+        swapped = ui["runs"].parent / "swapped"
+        shutil.copytree(ui["runs"] / "alpha", swapped)
+        with sqlite3.connect(swapped / "ledger.sqlite") as db:
+            db.execute("UPDATE meta SET value = 'smalti/00000000deadbeef' WHERE key = 'origin'")
+        grow_ledger(swapped, 3, SigningKey.load(ui["governed"].key("trainer")))
+        with LedgerStore(ledger_path(swapped), read_only=True) as store:
+            swapped_note = store.heads()[-1].note(public)
+        swapped_proof = _proof_from(swapped, 1)
+        through("**/alpha/checkpoint", lambda response: swapped_note)
+        through("**/proof/inclusion*", lambda response: swapped_proof)
+        check("now shows smalti/00000000deadbeef", step=1)
+        page.fill("#trainer-key", verifier)  # a verifier key names the one log it verifies
+        through("**/alpha/checkpoint", lambda response: swapped_note)
+        through("**/proof/inclusion*", lambda response: swapped_proof)
+        check("the verifier key you gave is for", step=1)
+        page.fill("#trainer-key", ui["trainer_key"])
+
         # A tree this browser saw earlier, smaller: the newer one must extend it, by a proof checked here.
-        page.evaluate(f"localStorage.setItem('smalti-verified:{older.origin}', "
-                      f"JSON.stringify({{size: {older.size}, root: '{older.root.hex()}'}}))")
+        memory = f"smalti-verified:{ui['base']}:alpha"
+        page.evaluate(f"localStorage.setItem('{memory}', JSON.stringify({{origin: '{older.origin}', "
+                      f"size: {older.size}, root: '{older.root.hex()}'}}))")
         page.fill("#inspect-step", "3")
         page.click("#verify")
         assert f"consistent with the tree of {older.size} entries" in _verdict(page)
-        page.evaluate(f"localStorage.setItem('smalti-verified:{older.origin}', "
-                      f"JSON.stringify({{size: {older.size}, root: '{'00' * 32}'}}))")
+        page.evaluate(f"localStorage.setItem('{memory}', JSON.stringify({{origin: '{older.origin}', "
+                      f"size: {older.size}, root: '{'00' * 32}'}}))")
         check("does not extend the tree of")
-        page.evaluate(f"localStorage.removeItem('smalti-verified:{older.origin}')")
+        page.evaluate(f"localStorage.removeItem('{memory}')")
 
         page.fill("#trainer-key", "ed25519:" + base64.b64encode(PublicKey.load(ui["auditor"].with_suffix(".pub")).raw).decode())
         check("no signature by the trainer key")
@@ -266,6 +289,18 @@ def test_the_green_verdict_is_only_for_what_the_browser_checked(ui):
         assert page.locator("#certificate td").count() == 0
         clear()
 
+        # A genuine certificate of another run, shown as if it were alpha's: not this run's.
+        other = client.get(ui["base"] + "/api/runs/tuned-without-hamlet/certificate").text
+
+        def claims_certificate(response) -> str:
+            return json.dumps(dict(response.json(), deletion_certificate=True))
+
+        through("**/api/runs/alpha", claims_certificate)
+        through("**/alpha/certificate", lambda response: other)
+        _open(page, "alpha")
+        _until(page, "#certificate-verdict", "not this run's")
+        clear()
+
         # A session ended elsewhere: the next action says so and shows the sign-in form again.
         assert client.post(ui["base"] + "/api/logout?everywhere=true", json={}).json()["ended"] >= 2
         page.click("#refresh")
@@ -273,6 +308,13 @@ def test_the_green_verdict_is_only_for_what_the_browser_checked(ui):
         assert "session ended" in page.text_content("#sign-in-status")
     finally:
         context.close()
+
+
+def client_verifier(ui, run: str) -> str:
+    """The run's note verifier key, as the trainer gives it (smalti ledger checkpoint RUN --verifier-key)."""
+    from conftest import smalti_cli as cli
+
+    return cli("ledger", "checkpoint", str(ui["runs"] / run), "--verifier-key").stdout.strip()
 
 
 def _proof_from(run: Path, step: int) -> str:
@@ -342,13 +384,20 @@ def test_the_page_lays_out_without_clipping_overlap_or_overflow(ui, width):
 def test_the_report_shows_ledger_markup_as_text_and_runs_no_script(ui, tmp_path):
     context, page = _signed_in_page(ui)
     dialogs: list[str] = []
+    context.on("page", lambda opened: opened.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss())))
     page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
     try:
-        page.goto(ui["base"] + "/api/runs/markup/report")
-        page.wait_for_selector("#status")
-        text = page.text_content("body")
+        _open(page, "markup")
+        with context.expect_page() as opened:
+            page.click("#open-report")  # a one-use link the page asks for: a navigation carries no header
+        report = opened.value
+        report.wait_for_selector("#status")
+        assert "/report/" in report.url and report.url.split("/report/")[1]
+        again = requests.get(report.url, timeout=30)
+        assert again.status_code == 404 and "ticket" in again.json()["error"]  # used once
+        text = report.text_content("body")
         assert PAYLOAD in text and "<script>alert(2)</script>" in text  # shown, as text
-        assert page.locator("img[src=x]").count() == 0 and page.locator("body script").count() == 0
+        assert report.locator("img[src=x]").count() == 0 and report.locator("body script").count() == 0
         # Escaping alone, without the service's Content-Security-Policy: the same report as a file.
         from smalti.governance.ledger.report import write_report
         from smalti.governance.ledger.verify import verify_ledger
@@ -365,9 +414,11 @@ def test_the_report_shows_ledger_markup_as_text_and_runs_no_script(ui, tmp_path)
         shutil.copytree(ui["runs"] / "alpha", ui["runs"] / "badloss")
         grow_ledger(ui["runs"] / "badloss", 6, SigningKey.load(ui["governed"].key("trainer")),
                     edit=lambda i, body: dict(body, loss=PAYLOAD) if i == 6 else body)
-        answer = context.request.get(ui["base"] + "/api/runs/badloss/report")
-        assert answer.status == 422 and "entry 6 is malformed (loss: expected a number)" in answer.json()["error"]
-        assert str(ui["runs"]) not in answer.text()
+        from serve_helpers import Client
+
+        answer = Client(ui["base"], ui["auditor"]).get("/api/runs/badloss/report")
+        assert answer.status_code == 422 and "entry 6 is malformed (loss: expected a number)" in answer.json()["error"]
+        assert str(ui["runs"]) not in answer.text
     finally:
         context.close()
         shutil.rmtree(ui["runs"] / "badloss", ignore_errors=True)
@@ -391,3 +442,43 @@ def test_the_offline_reports_entropy_legend_does_not_cover_the_class_labels(ui, 
         assert not any(_overlap(a, b) for a in left for b in labels), "class labels run into the left panel"
     finally:
         context.close()
+
+
+def test_the_served_report_trusts_only_the_taxonomys_trainer_and_reads_nothing_outside(ui, tmp_path):
+    """A certificate re-signed by an outsider whose parent is a ledger outside the folder, and a checkpoints folder
+    that is a link out of it: the report says NOT SIGNED, reads neither, writes nowhere, and names no path."""
+    import os
+
+    from serve_helpers import Client
+    from smalti.governance.certificate import CERTIFICATE, sign_certificate
+    from smalti.governance.keys import SigningKey
+
+    runs, outside = ui["runs"], tmp_path / "outside"
+    shutil.copytree(runs / "tuned", outside / "parent")
+    shutil.copytree(runs / "tuned-without-hamlet", runs / "recertified")
+    certificate = json.loads((runs / "recertified" / CERTIFICATE).read_text())
+    certificate["parent"] = dict(certificate["parent"], run_dir=str(outside / "parent"))
+    outsider = SigningKey.load(ui["auditor"].parent / "outsider.key")
+    (runs / "recertified" / CERTIFICATE).write_text(json.dumps(sign_certificate(certificate, outsider)))
+    shutil.copytree(runs / "alpha", runs / "linked")
+    shutil.move(str(runs / "linked" / "checkpoints"), str(outside / "checkpoints"))
+    (runs / "linked" / "checkpoints").symlink_to(outside / "checkpoints", target_is_directory=True)
+    stamps = {p: os.stat(p).st_mtime_ns for p in (outside / "parent", runs / "tuned", runs / "recertified")}
+    try:
+        client = Client(ui["base"], ui["auditor"])
+        report = client.get("/api/runs/recertified/report")
+        assert report.status_code == 200
+        assert "CERTIFICATE NOT SIGNED by the taxonomy's trainer key" in report.text
+        assert "CERTIFICATE VERIFIED" not in report.text and "SIGNATURE VERIFIED" not in report.text
+        genuine = client.get("/api/runs/tuned-without-hamlet/report").text
+        assert "CERTIFICATE SIGNATURE VERIFIED against the taxonomy's trainer key" in genuine
+        linked = client.get("/api/runs/linked/report").text
+        assert "no checkpoints folder of its own" in linked
+        for text in (report.text, genuine, linked):
+            assert str(runs) not in text and str(tmp_path) not in text and str(outside) not in text
+        assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps  # nothing written, in or out of the folder
+        assert not list((outside / "parent").glob("ledger.sqlite-*"))
+    finally:
+        shutil.rmtree(runs / "recertified")
+        (runs / "linked" / "checkpoints").unlink()
+        shutil.rmtree(runs / "linked")

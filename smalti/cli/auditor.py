@@ -40,11 +40,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                      "tlog-tiles bundles, check their chain, and check they hash to the signed root.", run_verify)
     verify.add_argument("run_name", metavar="RUN")
     verify.add_argument("--trainer-key", type=Path, required=True, help="the trainer's public key, from the trainer")
+    _history_options(verify)
     proof = command("proof", "prove one step's entry into the signed checkpoint, and show it",
                     "Fetch the step's entry and its inclusion proof, and check both here.", run_proof)
     proof.add_argument("run_name", metavar="RUN")
     proof.add_argument("--step", type=int, required=True)
     proof.add_argument("--trainer-key", type=Path, required=True, help="the trainer's public key, from the trainer")
+    _history_options(proof)
     audit = command("audit", "ask the service which layers a class reached, or which classes a layer learned from",
                     "The service's answer to a forensic query, as JSON (computed by the service from the ledger; "
                     "use verify to check the ledger itself).", run_audit)
@@ -55,6 +57,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     log = command("access-log", "the service's access log: its signed checkpoint and last records",
                   "Print the access log's signed checkpoint and its last records, as JSON.", run_access_log)
     log.add_argument("--last", type=int, default=20)
+
+
+def _history_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log", metavar="ORIGIN",
+                        help="the run's log name as the trainer told you (smalti ledger checkpoint RUN prints it "
+                             "first); a log of another run signed by the same trainer is refused")
+    parser.add_argument("--state", type=Path, metavar="DIR",
+                        help="a folder of yours where the last checkpoint verified for each run is kept: the next "
+                             "one must be the same log and extend it (a consistency proof checked here), so a cut "
+                             "or rewritten history is caught")
+
+
+def _checkpoint(client, args: argparse.Namespace):
+    """The run's checkpoint, checked under the trainer key (and the log's name and history, where given)."""
+    checkpoint = client.verified_checkpoint(args.run_name, _trainer(args), args.log)
+    history = client.check_history(args.run_name, checkpoint, args.state) if args.state else None
+    return checkpoint, history
 
 
 def _client(args: argparse.Namespace):
@@ -81,25 +100,41 @@ def run_sign_in(args: argparse.Namespace) -> int:
 
 
 def run_runs(args: argparse.Namespace) -> int:
+    from smalti.serve.client import RemoteError, printable
+
     runs = _client(args).json("/api/runs")
+    if not isinstance(runs, list):
+        raise RemoteError(f"{args.origin}/api/runs: not a list of runs")
     for run in runs:
-        trust = run.get("trust") or {}
-        print(f"{run['run']:<32} {run['entries']:>7} entries  {'final' if run['final'] else 'in progress':<11}  "
-              f"{'trusted' if trust.get('trusted') else 'NOT TRUSTED: ' + str(trust.get('reason'))}")
+        trust = run.get("trust") or {} if isinstance(run, dict) else {}
+        state = "final" if run.get("final") else "in progress"
+        verdict = "trusted" if trust.get("trusted") is True else "NOT TRUSTED: " + printable(trust.get("reason"))
+        print(f"{printable(run.get('run'), 64):<32} {printable(run.get('entries'), 12):>7} entries  {state:<11}  "
+              f"{verdict}")
     return 0
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    checkpoint = _client(args).verify_entries(args.run_name, _trainer(args))
-    print(f"{args.run_name}: all {checkpoint.size} entries chain and hash to the root the trainer signed "
-          f"({checkpoint.origin}, final {checkpoint.extension('final')})")
+    from smalti.serve.client import printable
+
+    client = _client(args)
+    checkpoint, history = _checkpoint(client, args)
+    client.verify_entries(args.run_name, _trainer(args), checkpoint)
+    print(f"{printable(args.run_name)}: all {checkpoint.size} entries chain and hash to the root the trainer signed "
+          f"(log {printable(checkpoint.origin)}, final {printable(checkpoint.extension('final'))})"
+          + (f"; {history}" if history else ""))
     return 0
 
 
 def run_proof(args: argparse.Namespace) -> int:
-    body = _client(args).verify_inclusion(args.run_name, args.step, _trainer(args))
+    from smalti.serve.client import printable
+
+    client = _client(args)
+    checkpoint, history = _checkpoint(client, args)
+    body = client.verify_inclusion(args.run_name, args.step, _trainer(args), checkpoint)
     shown = {k: body[k] for k in ("step", "loss", "counts", "skipped") if k in body}
-    print(f"{args.run_name}: step {args.step}'s entry is in the tree the trainer signed")
+    print(f"{printable(args.run_name)}: step {args.step}'s entry is in the tree the trainer signed (log "
+          f"{printable(checkpoint.origin)} at size {checkpoint.size})" + (f"; {history}" if history else ""))
     json.dump(shown, sys.stdout, indent=1)
     print()
     return 0

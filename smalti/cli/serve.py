@@ -36,10 +36,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tls-cert", type=Path, help="serve https with this certificate chain (PEM)")
     parser.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
     parser.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
-                        help="seconds a connection has to send a request's head (default 10)")
+                        help="seconds a connection has to send a request's head, and a sign-in request its body "
+                             "(default 10)")
     parser.add_argument("--max-connections", type=int, default=1000, help="open connections in all (default 1000)")
     parser.add_argument("--max-per-client", type=int, default=256,
                         help="open connections from one address (default 256)")
+    parser.add_argument("--proxy", action="append", default=[], metavar="ADDRESS",
+                        help="a reverse proxy in front of the service (e.g. 127.0.0.1): for requests from it, the "
+                             "client is the last address it appended to X-Forwarded-For (for throttling and the "
+                             "access log), and it is exempt from --max-per-client; repeatable")
     parser.set_defaults(run=run)
 
 
@@ -86,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         raise SmaltiError("smalti serve needs the serve extra: pip install 'smalti[serve]'") from None
     log = args.access_log or args.runs_dir / ".smalti-access.sqlite"
     settings = ServeSettings(runs_dir=args.runs_dir, taxonomy=taxonomy, origin=origin, access_log=log,
-                             service_key=_service_key(args, log))
+                             service_key=_service_key(args, log), proxies=tuple(args.proxy),
+                             body_timeout=args.header_timeout)
     app = create_app(settings)
     service = app.state.service
     auditors = ", ".join(a.name for a in taxonomy.authorities.values() if a.role == "auditor")
@@ -96,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     if service.access_log.lock.took_over_stale:
         print(f"note: a previous service on this access log ({service.access_log.lock.previous.get('pid')}) ended "
               f"without closing it", flush=True)
-    limits = ConnectionLimits(args.header_timeout, args.max_connections, args.max_per_client)
+    limits = ConnectionLimits(args.header_timeout, args.max_connections, args.max_per_client, tuple(args.proxy))
     try:
         serve_forever(app, host, int(port), limits, str(args.tls_cert) if args.tls_cert else None,
                       str(args.tls_key) if args.tls_key else None)

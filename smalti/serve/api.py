@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from typing import Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
@@ -24,6 +25,7 @@ BIG = 2**53  # the largest integer a browser's JSON numbers hold exactly
 RUN = Path(..., max_length=255, description="a run: the name of its folder")
 sessions = APIRouter(prefix="/api", tags=["sessions"])
 runs = APIRouter(prefix="/api", tags=["runs"])
+reports = APIRouter(tags=["reports"])
 
 
 def service(request: Request) -> Service:
@@ -42,9 +44,9 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 @sessions.get("/login/challenge", summary="a one-time challenge to sign with `smalti auditor sign-in` (no credential)")
-def login_challenge(svc: Service = Depends(service)) -> dict[str, Any]:
+def login_challenge(request: Request, svc: Service = Depends(service)) -> dict[str, Any]:
     try:
-        challenge = svc.sessions.challenge()
+        challenge = svc.sessions.challenge(request.state.client)
     except AuthError as error:
         return _error(error.status, error.message)  # type: ignore[return-value]
     return {"challenge": challenge, "origin": svc.origin, "expires_in": Sessions.CHALLENGE_LIFETIME,
@@ -52,20 +54,22 @@ def login_challenge(svc: Service = Depends(service)) -> dict[str, Any]:
                     "outside the browser: smalti auditor sign-in ORIGIN --key KEY"}
 
 
-@sessions.post("/login", summary="exchange a sign-in code for a session cookie (HttpOnly, SameSite=Strict)")
+@sessions.post("/login", summary="exchange a sign-in code for a session: an HttpOnly cookie and a token for the "
+                                   "X-Smalti-Session header, both needed on every request")
 async def login(request: Request, svc: Service = Depends(service)) -> JSONResponse:
     try:
         body = json.loads(await request.body() or b"{}")
         code = body.get("code") if isinstance(body, dict) else None
         if not isinstance(code, str):
             raise AuthError(400, 'the body must be JSON {"code": "..."} with the code smalti auditor sign-in printed')
-        who, token = svc.sessions.login(code)
-    except ValueError:
+        who, token, binding = svc.sessions.login(code)
+    except (ValueError, RecursionError):
         return _error(400, "the body is not JSON")
     except AuthError as error:
         return _error(error.status, error.message)
     request.state.reader = who
-    response = JSONResponse({"reader": who.name, "key_id": who.key_id, "expires_in": Sessions.LIFETIME})
+    response = JSONResponse({"reader": who.name, "key_id": who.key_id, "expires_in": Sessions.LIFETIME,
+                             "session": binding, "header": "X-Smalti-Session"})
     response.set_cookie(svc.cookie_name, token, max_age=Sessions.LIFETIME, httponly=True, samesite="strict",
                         path="/", secure=svc.secure)
     return response
@@ -73,7 +77,7 @@ async def login(request: Request, svc: Service = Depends(service)) -> JSONRespon
 
 @sessions.post("/logout", summary="end this session, or every session of this reader (?everywhere=true)")
 def logout(request: Request, everywhere: bool = False, svc: Service = Depends(service)) -> JSONResponse:
-    ended = svc.sessions.logout(request.cookies.get(svc.cookie_name), everywhere)
+    ended = svc.sessions.logout(request.cookies.get(svc.cookie_name), request.headers.get(Sessions.HEADER), everywhere)
     response = JSONResponse({"ended": ended})
     response.delete_cookie(svc.cookie_name, path="/", secure=svc.secure, httponly=True, samesite="strict")
     return response
@@ -127,9 +131,8 @@ def _parse_tile(tile: str) -> tuple[str, int, int | None]:
     parts = path.split("/")
     level, groups = parts[0], parts[1:]
     ok = (level == "entries" or level in ("0", "1", "2", "3")) and groups and all(
-        len(g) == 4 and g[0] == "x" and g[1:].isdigit() for g in groups[:-1]) and len(groups[-1]) == 3 \
-        and groups[-1].isdigit()
-    if not ok or (partial and not (partial.isdigit() and 1 <= int(partial) <= 255)):
+        re.fullmatch(r"x[0-9]{3}", g) for g in groups[:-1]) and re.fullmatch(r"[0-9]{3}", groups[-1])
+    if not ok or (partial and not (re.fullmatch(r"[0-9]{1,3}", partial) and 1 <= int(partial) <= 255)):
         raise NotFound(f"no tile {tile!r}: tiles are L/NNN or entries/NNN (x-prefixed groups of three digits), "
                        f"with .p/W for a partial one")
     return level, int("".join(g.lstrip("x") for g in groups)), int(partial) if partial else None
@@ -230,6 +233,22 @@ def certificate(run: str = RUN, svc: Service = Depends(service)) -> dict[str, An
                                                                        "taxonomy's trainer key)")
 def report(run: str = RUN, svc: Service = Depends(service)) -> HTMLResponse:
     return HTMLResponse(svc.report(run))
+
+
+@runs.get("/runs/{run}/report-ticket", summary="a one-minute, one-use URL that opens the report in a browser")
+def report_ticket(run: str = RUN, who: Reader = Depends(reader), svc: Service = Depends(service)) -> dict[str, Any]:
+    svc.runs.path(run)
+    return {"url": f"/report/{svc.sessions.ticket(who, run)}", "expires_in": Sessions.TICKET_LIFETIME}
+
+
+@reports.get("/report/{ticket}", response_class=HTMLResponse, include_in_schema=False)
+def report_by_ticket(request: Request, ticket: str = Path(..., max_length=64),
+                     svc: Service = Depends(service)) -> HTMLResponse:
+    found = svc.sessions.redeem(ticket)
+    if found is None:
+        raise NotFound("unknown, used or expired report ticket: open the report from the page again")
+    request.state.reader = found.reader
+    return HTMLResponse(svc.report(found.run))
 
 
 @runs.get("/access-log", summary="who read what: the access log's signed checkpoint and last records")

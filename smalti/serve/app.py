@@ -13,7 +13,9 @@ read, and every path is looked up by name among the runs (``smalti.serve.runs``)
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from smalti.errors import SmaltiError
 from smalti.serve import api
-from smalti.serve.auth import AuthError
+from smalti.serve.auth import AuthError, Sessions
 from smalti.serve.runs import BadRequest, NotFound, Unprocessable
 from smalti.serve.service import Busy, Service, ServeSettings
 
@@ -62,8 +64,10 @@ class Guard:
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
         query = scope.get("query_string", b"").decode("latin-1")
         target = (scope.get("raw_path") or path.encode()).decode("latin-1") + (f"?{query}" if query else "")
-        client = (scope.get("client") or ("?", 0))[0]
+        client = self.service.client_address((scope.get("client") or ("?", 0))[0], headers)
         reader, refusal = None, self._refusal(method, path, headers, client)
+        if refusal is None and method == "POST":
+            receive, refusal = await self._read_body(receive)
         if refusal is None and not self._public(path):
             try:
                 reader = self._authenticate(method, target, headers)
@@ -71,22 +75,22 @@ class Guard:
                 refusal = (error.status, error.message)
         if refusal is not None:
             status, message = refusal
-            if status in (401, 421, 429, 431):
+            if status in (400, 401, 408, 411, 413, 415, 421, 429, 431):
                 service.throttle.failed(client)
             service.access_log.refused(client, status)
             await self._send_json(send, status, message, path)
             return
-        scope.setdefault("state", {})["reader"] = reader
+        scope.setdefault("state", {}).update(reader=reader, client=client)
         status = await self._call(scope, receive, send, method, path)
-        state_reader = scope["state"].get("reader")
-        if state_reader is not None or path == "/api/login":
-            who = state_reader or reader
-            event = {"/api/login": "sign-in", "/api/logout": "sign-out"}.get(path, "request")
-            if who is not None:
-                service.access_log.record(who.name, who.key_id, method, path, query if path != "/api/login" else "",
-                                          status, event)
-            else:
-                service.access_log.refused(client, status)
+        who = scope["state"].get("reader")  # a sign-in or a report ticket names its reader once the route ran
+        if who is not None:
+            event = {"/api/login": "sign-in", "/api/logout": "sign-out"}.get(
+                path, "report" if path.startswith("/report/") else "request")
+            shown = "/report/(ticket)" if path.startswith("/report/") else path
+            service.access_log.record(who.name, who.key_id, method, shown, query if path != "/api/login" else "",
+                                      status, event)
+        elif path == "/api/login" or path.startswith("/report/"):
+            service.access_log.refused(client, status)
 
     def _refusal(self, method: str, path: str, headers: list[tuple[str, str]], client: str) -> tuple[int, str] | None:
         size = sum(len(k) + len(v) for k, v in headers)
@@ -99,8 +103,10 @@ class Guard:
         if method not in ("GET", "HEAD") and not (method == "POST" and path in POSTS):
             return 405, f"{method}: this service only reads (GET, HEAD; POST only to sign in and out)"
         if method == "POST":
+            if any(k == "transfer-encoding" for k, _ in headers):
+                return 411, "send the body with a Content-Length (no chunked encoding)"
             length = next((v for k, v in headers if k == "content-length"), "0")
-            if not length.isdigit() or int(length) > MAX_BODY:
+            if not re.fullmatch(r"[0-9]{1,9}", length) or int(length) > MAX_BODY:
                 return 413, f"a sign-in body is at most {MAX_BODY} bytes"
             if not any(k == "content-type" and v.split(";")[0].strip() == "application/json" for k, v in headers):
                 return 415, "send JSON (Content-Type: application/json)"
@@ -108,9 +114,36 @@ class Guard:
             return 429, "too many refused requests from this address; wait a minute"
         return None
 
+    async def _read_body(self, receive: Any) -> tuple[Any, tuple[int, str] | None]:
+        """A POST's whole body, at most MAX_BODY bytes within the body timeout (a body sent slowly holds nothing
+        for long); then a ``receive`` that gives the route exactly that body."""
+        loop, seconds = asyncio.get_running_loop(), self.service.settings.body_timeout
+        deadline, body, more = loop.time() + seconds, b"", True
+        while more:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                return receive, (408, f"the body did not arrive within {seconds:g} seconds")
+            if message["type"] != "http.request":
+                return receive, (400, "the client went away")
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > MAX_BODY:
+                return receive, (413, f"a sign-in body is at most {MAX_BODY} bytes")
+        sent = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay, None
+
     @staticmethod
     def _public(path: str) -> bool:
-        return path in PUBLIC or path.startswith("/ui/")
+        return path in PUBLIC or path.startswith("/ui/") or path.startswith("/report/")
 
     def _authenticate(self, method: str, target: str, headers: list[tuple[str, str]]):
         cookie = SimpleCookie()
@@ -121,7 +154,8 @@ class Guard:
                 except Exception:  # a malformed cookie header is no credential, not an error
                     pass
         token = cookie.get(self.service.cookie_name)
-        session = self.service.sessions.reader(token.value if token else None)
+        binding = next((v for k, v in headers if k == Sessions.HEADER), None)
+        session = self.service.sessions.reader(token.value if token else None, binding)
         if session is not None:
             return session
         if token is not None and not any(k == "signature" for k, _ in headers):
@@ -133,13 +167,13 @@ class Guard:
         sent: dict[str, Any] = {"status": 500, "started": False}
         head = method == "HEAD"
         csp = UI_CSP.encode() if (path.startswith("/ui") or path == "/") else (
-            REPORT_CSP.encode() if path.endswith("/report") else _BASE_CSP.encode())
+            REPORT_CSP.encode() if path.endswith("/report") or path.startswith("/report/") else _BASE_CSP.encode())
 
         async def guarded_send(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 sent["status"], sent["started"] = message["status"], True
                 extra = [(b"content-security-policy", csp), *SECURITY_HEADERS]
-                if path.startswith("/api/") or path == "/openapi.json":
+                if path.startswith(("/api/", "/report/")) or path == "/openapi.json":
                     extra.append((b"cache-control", b"no-store"))
                 message = dict(message, headers=[*message.get("headers", []), *extra])
             elif message["type"] == "http.response.body" and head:
@@ -174,6 +208,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.mount("/ui", StaticFiles(directory=Path(__file__).parent / "static", html=True), name="ui")
     app.include_router(api.sessions)
     app.include_router(api.runs)
+    app.include_router(api.reports)
     app.add_api_route("/", lambda: RedirectResponse("/ui/"), include_in_schema=False)
     _add_error_handlers(app, service)
     app.add_middleware(Guard, service=service)

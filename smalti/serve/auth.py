@@ -159,6 +159,14 @@ class _Headers:
 class _Session:
     reader: Reader
     expires: float
+    binding: str  # the second half of the credential, held by the page (sessionStorage), never in a cookie
+
+
+@dataclass
+class _Ticket:
+    reader: Reader
+    run: str
+    expires: float
 
 
 class Sessions:
@@ -166,44 +174,74 @@ class Sessions:
     browser (``smalti auditor sign-in``), so no private key ever enters a page this service serves.
 
     The code is ``CHALLENGE.KEY_ID.SIGNATURE`` (the signature base64url, over :func:`login_message`). A challenge
-    is good once, for two minutes; a session lasts fifteen minutes (HttpOnly, SameSite=Strict, Secure over
-    https). Both stores are bounded: a flood of challenges is refused once 10,000 are outstanding, and a reader
-    keeps at most 256 sessions (the oldest goes).
+    is good once, for two minutes; a session lasts fifteen minutes.
+
+    A session is two halves, both needed on every request: an HttpOnly, SameSite=Strict cookie (Secure over
+    https), which script cannot read, and a token the page keeps in ``sessionStorage`` and sends as the
+    ``X-Smalti-Session`` header. Cookies are not bound to a port, so a page of another service on the same host
+    receives the cookie; it never has the header's half, which the browser keeps per origin. A page that could
+    run script here would have the header's half but not the cookie, and could not carry the session away.
+
+    The browser opens the HTML report, which cannot carry a header, through a **report ticket**: a random URL
+    the signed-in page asks for, good once, for one minute, for one run.
+
+    Every store is bounded: 100,000 outstanding challenges in all and 32 per client address; 256 sessions per
+    reader (the oldest goes); 1,000 tickets.
     """
 
     COOKIE = "smalti_session"
+    HEADER = "x-smalti-session"
     LIFETIME = 15 * 60
     CHALLENGE_LIFETIME = 120
-    MAX_CHALLENGES = 10_000
+    TICKET_LIFETIME = 60
+    MAX_CHALLENGES = 100_000
+    MAX_CHALLENGES_PER_CLIENT = 32
     MAX_SESSIONS_PER_READER = 256
+    MAX_TICKETS = 1000
 
     def __init__(self, authenticator: RequestAuthenticator) -> None:
         self.authenticator = authenticator
-        self._challenges: dict[str, float] = {}
+        self._challenges: dict[str, tuple[float, str]] = {}  # challenge -> (expiry, client)
+        self._per_client: dict[str, int] = {}
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
+        self._tickets: OrderedDict[str, _Ticket] = OrderedDict()
         self._lock = threading.Lock()
 
-    def challenge(self) -> str:
+    def _drop_expired_challenges(self, now: float) -> None:
+        self._challenges = {k: v for k, v in self._challenges.items() if v[0] > now}
+        self._per_client = {}
+        for _, client in self._challenges.values():
+            self._per_client[client] = self._per_client.get(client, 0) + 1
+
+    def challenge(self, client: str = "") -> str:
         now = time.time()
         with self._lock:
-            if len(self._challenges) >= self.MAX_CHALLENGES:
-                self._challenges = {k: v for k, v in self._challenges.items() if v > now}
+            if (len(self._challenges) >= self.MAX_CHALLENGES
+                    or self._per_client.get(client, 0) >= self.MAX_CHALLENGES_PER_CLIENT):
+                self._drop_expired_challenges(now)
+            if self._per_client.get(client, 0) >= self.MAX_CHALLENGES_PER_CLIENT:
+                raise AuthError(429, f"{self.MAX_CHALLENGES_PER_CLIENT} sign-in challenges are outstanding for this "
+                                     f"address; use one, or wait {self.CHALLENGE_LIFETIME} seconds")
             if len(self._challenges) >= self.MAX_CHALLENGES:
                 raise AuthError(503, f"{self.MAX_CHALLENGES} sign-in challenges are outstanding; try again in "
                                      f"{self.CHALLENGE_LIFETIME} seconds")
             token = secrets.token_hex(16)
-            self._challenges[token] = now + self.CHALLENGE_LIFETIME
+            self._challenges[token] = (now + self.CHALLENGE_LIFETIME, client)
+            self._per_client[client] = self._per_client.get(client, 0) + 1
         return token
 
-    def login(self, code: str) -> tuple[Reader, str]:
+    def login(self, code: str) -> tuple[Reader, str, str]:
+        """(reader, cookie token, header token)."""
         parts = code.strip().split(".") if isinstance(code, str) else []
         if len(parts) != 3:
             raise AuthError(400, "sign-in code: expected CHALLENGE.KEY_ID.SIGNATURE, as smalti auditor sign-in "
                                  "prints it")
         challenge, key_id, signature = parts
         with self._lock:
-            valid = self._challenges.pop(challenge, 0) > time.time()  # one use only
-        if not valid:
+            expiry, client = self._challenges.pop(challenge, (0.0, ""))  # one use only
+            if expiry and self._per_client.get(client):
+                self._per_client[client] -= 1
+        if expiry <= time.time():
             raise AuthError(401, "sign-in refused: unknown, used or expired challenge (run smalti auditor sign-in "
                                  "again)")
         authority = self.authenticator.authorities.get(key_id)
@@ -216,17 +254,18 @@ class Sessions:
             raise AuthError(401, f"sign-in refused: the signature does not verify under a key the taxonomy names, "
                                  f"for {self.authenticator.origin}")
         reader = self.authenticator.reader(key_id)
-        token = secrets.token_urlsafe(32)
+        token, binding = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         now = time.time()
         with self._lock:
             self._sessions = OrderedDict((t, s) for t, s in self._sessions.items() if s.expires > now)
             mine = [t for t, s in self._sessions.items() if s.reader.key_id == key_id]
             for old in mine[: max(0, len(mine) - self.MAX_SESSIONS_PER_READER + 1)]:
                 del self._sessions[old]
-            self._sessions[token] = _Session(reader, now + self.LIFETIME)
-        return reader, token
+            self._sessions[token] = _Session(reader, now + self.LIFETIME, binding)
+        return reader, token, binding
 
-    def reader(self, token: str | None) -> Reader | None:
+    def reader(self, token: str | None, binding: str | None) -> Reader | None:
+        """The session's reader if the cookie's token and the header's binding are one live session's."""
         if not token:
             return None
         with self._lock:
@@ -234,19 +273,36 @@ class Sessions:
             if found is None or found.expires < time.time():
                 self._sessions.pop(token, None)
                 return None
+            if not binding or not secrets.compare_digest(found.binding, binding):
+                return None
             return found.reader
 
-    def logout(self, token: str | None, everywhere: bool = False) -> int:
+    def logout(self, token: str | None, binding: str | None, everywhere: bool = False) -> int:
         """End this session, or (``everywhere``) every session of its reader; returns how many ended."""
         with self._lock:
             found = self._sessions.get(token or "")
-            if found is None:
+            if found is None or not binding or not secrets.compare_digest(found.binding, binding):
                 return 0
             ended = [t for t, s in self._sessions.items() if s.reader.key_id == found.reader.key_id] \
                 if everywhere else [token]
             for t in ended:
                 del self._sessions[t]
             return len(ended)
+
+    def ticket(self, reader: Reader, run: str) -> str:
+        now = time.time()
+        with self._lock:
+            self._tickets = OrderedDict((t, x) for t, x in self._tickets.items() if x.expires > now)
+            while len(self._tickets) >= self.MAX_TICKETS:
+                self._tickets.popitem(last=False)
+            token = secrets.token_urlsafe(32)
+            self._tickets[token] = _Ticket(reader, run, now + self.TICKET_LIFETIME)
+        return token
+
+    def redeem(self, token: str) -> _Ticket | None:
+        with self._lock:
+            found = self._tickets.pop(token, None)
+        return found if found is not None and found.expires > time.time() else None
 
     def count(self) -> int:
         return len(self._sessions)

@@ -13,6 +13,7 @@ import base64
 import datetime
 import struct
 import uuid
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,8 +27,24 @@ from smalti.governance.ledger.note import Checkpoint, NoteError, Verifier, open_
 from smalti.serve.auth import TAG, login_message
 
 
+MAX_ANSWER = 64 << 20  # bytes of one answer (an entry bundle is at most 16 MiB)
+
+
 class RemoteError(SmaltiError):
     """The service refused, or answered something that does not check out."""
+
+
+def printable(text: str, limit: int = 300) -> str:
+    """What a service says, safe for a terminal: control characters (escape sequences that could erase a line and
+    print a fake success) shown as escapes, and at most ``limit`` characters."""
+    import unicodedata
+
+    def safe(c: str) -> str:
+        if c == " " or unicodedata.category(c)[0] not in "CZ":  # controls, format marks, odd separators
+            return c
+        return f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
+
+    return "".join(safe(c) for c in str(text)[:limit])
 
 
 class _TokenBackedKey(Ed25519PrivateKey):
@@ -90,9 +107,20 @@ class AuditClient:
             self._signer.sign(prepared, key_id=self.key.public.key_id, covered_component_ids=("@method", "@target-uri"),
                               tag=TAG, nonce=uuid.uuid4().hex, created=datetime.datetime.now(datetime.timezone.utc))
         try:
-            return self.session.send(prepared, timeout=self.timeout)
+            response = self.session.send(prepared, timeout=self.timeout, allow_redirects=False, stream=True)
+            if 300 <= response.status_code < 400:  # never follow: the signature was made for this URL only
+                raise RemoteError(f"{self.origin}{path}: redirected ({response.status_code}) to "
+                                  f"{printable(response.headers.get('location', '?'))}; not followed")
+            body = bytearray()
+            for chunk in response.iter_content(1 << 16):
+                body += chunk
+                if len(body) > MAX_ANSWER:
+                    response.close()
+                    raise RemoteError(f"{self.origin}{path}: an answer larger than {MAX_ANSWER >> 20} MiB; not read")
+            response._content, response._content_consumed = bytes(body), True
+            return response
         except self._requests.RequestException as error:
-            raise RemoteError(f"{self.origin}: {type(error).__name__}: {error}") from None
+            raise RemoteError(f"{self.origin}: {type(error).__name__}: {printable(str(error))}") from None
 
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params or None)
@@ -113,7 +141,7 @@ class AuditClient:
                 message = response.json()["error"]
             except (ValueError, KeyError, TypeError):
                 message = response.text[:200]
-            raise RemoteError(f"{self.origin}{path}: {response.status_code} {message}")
+            raise RemoteError(f"{self.origin}{path}: {response.status_code} {printable(message)}")
         return response
 
     # ---------------------------------------------------------------- signing in
@@ -129,20 +157,60 @@ class AuditClient:
 
     # ---------------------------------------------------------------- checks made here
 
-    def verified_checkpoint(self, run: str, trainer: PublicKey) -> Checkpoint:
-        """The run's latest checkpoint, its note signature checked under ``trainer`` (the auditor's own copy)."""
+    def verified_checkpoint(self, run: str, trainer: PublicKey, expect_origin: str | None = None) -> Checkpoint:
+        """The run's latest checkpoint, its note signature checked under ``trainer`` (the auditor's own copy), and
+        its log's name ``expect_origin`` where the auditor knows it (a log of another run signed by the same
+        trainer would otherwise pass)."""
         note = self.text(f"/api/runs/{run}/checkpoint")
         origin = note.split("\n", 1)[0]
+        if expect_origin is not None and origin != expect_origin:
+            raise RemoteError(f"run {run}: the service shows the log {printable(origin)}, not {expect_origin}")
         try:
             text, _ = open_note(note, [Verifier(origin, trainer.raw)])
             return Checkpoint.parse(text)
         except NoteError as error:
-            raise RemoteError(f"run {run}: its checkpoint is not signed by trainer key {trainer.key_id} ({error})") \
-                from None
+            raise RemoteError(f"run {run}: its checkpoint is not signed by trainer key {trainer.key_id} "
+                              f"({printable(str(error))})") from None
 
-    def verify_inclusion(self, run: str, step: int, trainer: PublicKey) -> dict[str, Any]:
+    def check_history(self, run: str, checkpoint: Checkpoint, state: Path) -> str:
+        """Hold ``checkpoint`` against the last one verified for this run from this service (kept in ``state``, a
+        folder of the auditor's): the same log, and a tree that extends the old one by a consistency proof
+        checked here. Returns what held; keeps the new checkpoint."""
+        import hashlib
+        import json as _json
+
+        state.mkdir(parents=True, exist_ok=True)
+        record = state / (hashlib.sha256(f"{self.origin}\n{run}".encode()).hexdigest()[:32] + ".json")
+        before = _json.loads(record.read_text()) if record.is_file() else None
+        said = "first checkpoint verified for this run from this service"
+        if before is not None:
+            size, root = int(before["size"]), bytes.fromhex(before["root"])
+            if before["origin"] != checkpoint.origin:
+                raise RemoteError(f"run {run}: its log was {before['origin']} when last verified; the service now "
+                                  f"shows {printable(checkpoint.origin)}")
+            if size > checkpoint.size:
+                raise RemoteError(f"run {run}: a tree of {size} entries was verified before; the service now shows "
+                                  f"{checkpoint.size}: history was cut")
+            if size == checkpoint.size and root != checkpoint.root:
+                raise RemoteError(f"run {run}: another tree of {size} entries than the one verified before: a split "
+                                  "view")
+            if size < checkpoint.size:
+                proof = self.json(f"/api/runs/{run}/proof/consistency", first=size, second=checkpoint.size)
+                if not merkle.verify_consistency(size, checkpoint.size, [bytes.fromhex(p) for p in proof["proof"]],
+                                                 root, checkpoint.root):
+                    raise RemoteError(f"run {run}: the tree of {checkpoint.size} entries does not extend the tree of "
+                                      f"{size} verified before")
+            said = f"consistent with the tree of {size} entries verified before"
+        from smalti.io import atomic_write_text
+
+        atomic_write_text(record, _json.dumps({"origin": checkpoint.origin, "size": checkpoint.size,
+                                               "root": checkpoint.root.hex()}) + "\n")
+        return said
+
+    def verify_inclusion(self, run: str, step: int, trainer: PublicKey,
+                         checkpoint: Checkpoint | None = None) -> dict[str, Any]:
         """The entry of ``step``, proven into the trainer-signed checkpoint; returns its decoded body."""
-        checkpoint = self.verified_checkpoint(run, trainer)
+        checkpoint = checkpoint or self.verified_checkpoint(run, trainer)
         proof = self.json(f"/api/runs/{run}/proof/inclusion", step=step, tree_size=checkpoint.size)
         entry = base64.b64decode(proof["entry_base64"])
         index = proof["leaf_index"]
@@ -158,10 +226,10 @@ class AuditClient:
                               f"(step {body.get('step')})")
         return body
 
-    def verify_entries(self, run: str, trainer: PublicKey) -> Checkpoint:
+    def verify_entries(self, run: str, trainer: PublicKey, checkpoint: Checkpoint | None = None) -> Checkpoint:
         """Every entry under the signed checkpoint, fetched as tlog-tiles entry bundles, hashed here: their root
         must be the signed root, and each must chain to the one before."""
-        checkpoint = self.verified_checkpoint(run, trainer)
+        checkpoint = checkpoint or self.verified_checkpoint(run, trainer)
         leaves, previous = [], bytes(32)
         for bundle in range((checkpoint.size + 255) // 256):
             width = min(256, checkpoint.size - bundle * 256)

@@ -152,10 +152,14 @@ class Runs:
                       and _regular_file(Path(entry.path) / "recipe.yaml"))
 
     def path(self, name: str) -> Path:
-        """The run's folder: one of the root's real children, by name ("..", "%2e%2e" and links land on 404)."""
-        if "/" in name or name.startswith(".") or not name or name not in self.names():
+        """The run's folder: one of the root's real children, by name ("..", "%2e%2e" and links land on 404).
+        One ``lstat`` per check, not a listing: the cost of a request does not grow with the number of runs."""
+        if not name or "/" in name or "\0" in name or name.startswith(".") or len(name) > 255:
             raise NotFound(f"no run named {name!r} here")
-        return self.root / name
+        path = self.root / name
+        if not _real_folder(path) or not _regular_file(path / "recipe.yaml"):
+            raise NotFound(f"no run named {name!r} here")
+        return path
 
     def file(self, name: str, relative: str) -> Path | None:
         """A plain file the run holds at ``relative`` (no link anywhere on the way), or None."""
@@ -181,6 +185,10 @@ class Runs:
         ledger = self.file(name, LEDGER_FILE)
         if ledger is None:
             raise NotFound(f"run {name!r} has no ledger")
+        for suffix in ("-wal", "-shm"):  # SQLite writes a -shm it finds: never through a link out of the folder
+            companion = ledger.with_name(ledger.name + suffix)
+            if os.path.lexists(companion) and not _regular_file(companion):
+                raise Unprocessable(f"run {name!r}: {companion.name} is not a plain file")
         try:
             store = LedgerStore(ledger, read_only=True)
         except LedgerError as error:

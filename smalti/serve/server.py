@@ -30,6 +30,7 @@ class ConnectionLimits:
     header_timeout: float = 10.0
     max_connections: int = 1000
     max_per_client: int = 256
+    proxies: tuple[str, ...] = ()  # every client behind a reverse proxy shares its address: no per-client cap
 
 
 def _raw_response(status: int, reason: str, message: str) -> bytes:
@@ -45,7 +46,8 @@ def guarded_protocol(limits: ConnectionLimits) -> type:
             self._head_timer = None
             address = self.client[0] if self.client else None
             same = sum(1 for c in self.connections if getattr(c, "client", None) and c.client[0] == address)
-            if len(self.connections) > limits.max_connections or (address and same > limits.max_per_client):
+            capped = address and address not in limits.proxies and same > limits.max_per_client
+            if len(self.connections) > limits.max_connections or capped:
                 transport.write(_raw_response(503, "Service Unavailable", "too many connections; try again later"))
                 transport.close()
                 return

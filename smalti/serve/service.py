@@ -41,6 +41,8 @@ class ServeSettings:
     heavy_slots: int = 2  # whole-ledger scans at once (queries, heatmap builds, entropy)
     report_slots: int = 1  # reports rendered at once
     heavy_wait: float = 30.0  # seconds a request waits for a slot before 503
+    proxies: tuple[str, ...] = ()  # reverse proxies whose X-Forwarded-For names the client (the only ones believed)
+    body_timeout: float = 10.0  # seconds a sign-in request has to send its body
 
 
 def check_origin(origin: str) -> str:
@@ -74,6 +76,15 @@ class Service:
 
     def close(self) -> None:
         self.access_log.close()
+
+    def client_address(self, peer: str, headers: list[tuple[str, str]]) -> str:
+        """Who is asking, for throttling and the log: the TCP peer, or behind a configured reverse proxy the last
+        address that proxy appended to X-Forwarded-For (anything before it the client could have written)."""
+        if peer not in self.settings.proxies:
+            return peer
+        forwarded = [v for k, v in headers if k == "x-forwarded-for"]
+        last = forwarded[-1].split(",")[-1].strip() if forwarded else ""
+        return last[:64] or peer
 
     # ---------------------------------------------------------------- bounded work
 
@@ -163,7 +174,7 @@ class Service:
         """The HTML report, checked against the taxonomy's trainer key (rendered once per head, then kept)."""
         from smalti.governance.ledger.audit import AuditError
         from smalti.governance.ledger.entry import EntryFormatError
-        from smalti.governance.ledger.report import render_report
+        from smalti.governance.ledger.report import ServedBy, render_report
         from smalti.governance.ledger.verify import VerifyReport, verify_ledger
 
         head, recorded = self.runs.head(run)
@@ -175,12 +186,14 @@ class Service:
             verified = (verify_ledger(path, key, workers=1, in_progress=True, read_only=True) if key is not None
                         else VerifyReport(ok=False, problem="the taxonomy names no single trainer to check it "
                                                             "against"))
+            served = ServedBy(self.runs.label, key, self.settings.limits.max_report_checkpoint_bytes)
             try:
-                return render_report(path, verified, read_only=True, title=run, untrusted=None if trust.trusted
-                                     else trust.reason, path_label=self.runs.label,
-                                     max_checkpoint_bytes=self.settings.limits.max_report_checkpoint_bytes)
-            except (EntryFormatError, AuditError, ValueError) as error:
+                page = render_report(path, verified, read_only=True, title=run,
+                                     untrusted=None if trust.trusted else trust.reason, served=served)
+            except (EntryFormatError, AuditError, ValueError, TypeError, OverflowError) as error:
                 raise Unprocessable(f"run {run!r}: its ledger cannot be reported ({error})") from None
+            root = str(self.runs.root)  # whatever a message below quoted: no path of this machine leaves it
+            return page.replace(root + "/", "").replace(root, ".")
 
         return self.runs.reports.get((run, head.size, head.root, head.signature),
                                      lambda: self._slot(self._reports, render, "reports"))

@@ -250,7 +250,9 @@ _NON_FINITE = ("nan", "inf", "-inf")
 
 
 def _is_int(value: Any) -> bool:
-    return type(value) is int
+    """A count or an index, as the trainer writes them: a non-negative integer a float64 (and a browser) holds
+    exactly, so no reader overflows on a step of 2**70."""
+    return type(value) is int and 0 <= value < 2**53
 
 
 def _is_number(value: Any) -> bool:
@@ -267,7 +269,7 @@ def _strings(value: Any) -> bool:
 
 
 def _ints(value: Any) -> bool:
-    return type(value) is list and all(type(v) is int for v in value)
+    return type(value) is list and all(type(v) is int and 0 <= v < 2**53 for v in value)
 
 
 def _optional_str_map(value: Any) -> bool:

@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -87,12 +88,35 @@ def _group(name: str) -> str:
     return name.rsplit("/", 1)[0] if "/" in name else ""
 
 
+@dataclass(frozen=True)
+class ServedBy:
+    """How the audit service renders the report of a folder the audited party wrote: files are read only where
+    no symbolic link leads out of the run, paths are shown by ``path_label``, a certificate is checked against
+    the taxonomy's trainer key alone (no ledger it names is opened), and a checkpoint over ``max_checkpoint_bytes``
+    is not read."""
+
+    path_label: Callable[[str], str]
+    certificate_key: Any  # a PublicKey
+    max_checkpoint_bytes: int
+
+
+def plain_file(run_dir: Path, *parts: str) -> Path | None:
+    """``run_dir/parts...`` if every folder on the way is a real folder and the end a plain file (no link)."""
+    path = run_dir
+    for part in parts[:-1]:
+        path = path / part
+        if path.is_symlink() or not path.is_dir():
+            return None
+    path = path / parts[-1]
+    return path if path.is_file() and not path.is_symlink() else None
+
+
 def _read_evidence(run_dir: Path, name: str, fingerprint: str | None) -> tuple[bytes | None, str]:
     """A signed document the trainer copied into the run, if its sha256 is the one the ledger records."""
     import hashlib
 
-    path = run_dir / EVIDENCE / name
-    if not path.is_file():
+    path = plain_file(run_dir, EVIDENCE, name)
+    if path is None:
         return None, f"not in the run directory ({EVIDENCE}/{name})"
     data = path.read_bytes()
     if fingerprint and hashlib.sha256(data).hexdigest() != fingerprint:
@@ -242,7 +266,7 @@ def _entropy(ledger: Ledger) -> str | None:
 # ---------------------------------------------------------------------------------------------- sections
 
 
-def _governance(run_dir: Path, ledger: Ledger) -> str:
+def _governance(run_dir: Path, ledger: Ledger, path_label: Callable[[str], str] = str) -> str:
     """Software, data, taxonomy with its authorities by name, the policy's rules and what they allowed."""
     fingerprints = ledger.run.get("fingerprints") or {}
     data = _json_object(run_dir / "data.json")
@@ -250,7 +274,9 @@ def _governance(run_dir: Path, ledger: Ledger) -> str:
     facts = [("trained with", _describe(run_software)),
              ("this report by", describe(software()))]
     if data.get("source") == "dataset":
-        facts += [("dataset", f"{data.get('name', '?')} version {data.get('manifest_version', '?')} at {data.get('url')}"),
+        url = str(data.get("url"))
+        shown = url if "://" in url and not url.startswith("file://") else path_label(url)
+        facts += [("dataset", f"{data.get('name', '?')} version {data.get('manifest_version', '?')} at {shown}"),
                   ("dataset manifest root", data.get("manifest_root")),
                   ("tagged and signed by", data.get("signer"))]
     elif data:
@@ -286,7 +312,7 @@ def _governance(run_dir: Path, ledger: Ledger) -> str:
 
 def _json_object(path: Path) -> dict[str, Any]:
     """A JSON object from the run folder, or {} if it is missing, a link, or not an object."""
-    if not path.is_file() or path.is_symlink():
+    if plain_file(path.parent, path.name) is None:
         return {}
     try:
         found = json.loads(path.read_text())
@@ -369,14 +395,18 @@ def _held_out(run_dir: Path, max_bytes: int | None = None) -> str:
     from smalti.errors import CheckpointError
 
     try:
-        latest = CheckpointStore(run_dir / "checkpoints", keep=1).latest()
+        folder = run_dir / "checkpoints"
+        if max_bytes is not None and (folder.is_symlink() or not folder.is_dir()):
+            return "<h2>Held-out loss per class</h2><p>Not shown: the run holds no checkpoints folder of its own.</p>"
+        latest = CheckpointStore(folder, keep=1).latest()
         if latest is not None and max_bytes is not None and (
-                latest.is_symlink() or not latest.is_file() or latest.stat().st_size > max_bytes):
+                plain_file(folder, latest.name) is None or latest.stat().st_size > max_bytes):
             return (f"<h2>Held-out loss per class</h2><p>Not shown: {_e(latest.name)} is not a plain checkpoint file "
                     f"of at most {max_bytes >> 20} MB.</p>")
         payload = load_checkpoint(latest) if latest is not None else None
     except CheckpointError as error:
-        return f"<h2>Held-out loss per class</h2><p>{_e(error)}</p>"
+        shown = "the latest checkpoint cannot be read" if max_bytes is not None else str(error)  # no server paths
+        return f"<h2>Held-out loss per class</h2><p>{_e(shown)}</p>"
     losses = (payload or {}).get("eval_by_class") or {}
     if not isinstance(losses, dict) or not losses:
         return "<h2>Held-out loss per class</h2><p>Not recorded (no evaluation in the latest checkpoint).</p>"
@@ -388,21 +418,20 @@ def _held_out(run_dir: Path, max_bytes: int | None = None) -> str:
             f"</th><th>class</th><th>loss</th></tr>{rows}</table></div>")
 
 
-def _certificate(run_dir: Path, path_label: Any = str) -> str:
-    from smalti.governance.certificate import CERTIFICATE, verify_certificate
+def _certificate(run_dir: Path, served: ServedBy | None = None) -> str:
+    from smalti.governance.certificate import CERTIFICATE
 
-    path = run_dir / CERTIFICATE
-    if not path.is_file() or path.is_symlink():
+    path = plain_file(run_dir, CERTIFICATE)
+    if path is None:
         return ""
+    path_label = served.path_label if served is not None else str
     try:
         certificate = json.loads(path.read_text())
         if not isinstance(certificate, dict):
             raise ValueError("not an object")
     except (ValueError, UnicodeDecodeError) as error:
         return f"<h2>Deletion certificate</h2><p class='status bad'>CERTIFICATE UNREADABLE: {_e(error)}</p>"
-    problem = verify_certificate(run_dir)
-    status = ("<p class='status ok'>CERTIFICATE VERIFIED against the trainer key the parent ledger records</p>"
-              if problem is None else f"<p class='status bad'>CERTIFICATE FAILED: {_e(problem)}</p>")
+    status = _certificate_status(run_dir, certificate, served)
     evaluation = certificate.get("evaluation") if isinstance(certificate.get("evaluation"), dict) else {}
     before = evaluation.get("before") if isinstance(evaluation.get("before"), dict) else {}
     after = evaluation.get("after") if isinstance(evaluation.get("after"), dict) else {}
@@ -422,10 +451,34 @@ def _certificate(run_dir: Path, path_label: Any = str) -> str:
             + (f"<table><tr><th>class</th><th>loss before</th><th>loss after</th></tr>{losses}</table>" if losses else ""))
 
 
+def _certificate_status(run_dir: Path, certificate: dict[str, Any], served: ServedBy | None) -> str:
+    """Offline, the full check (the parent's ledger, the replay's, the certified weights); served, only the
+    signature under the taxonomy's trainer key: a certificate names its parent by a path the audited party chose,
+    and the service opens no ledger outside the folder it serves."""
+    from smalti.governance.certificate import signed_message, verify_certificate
+
+    if served is None:
+        problem = verify_certificate(run_dir)
+        return ("<p class='status ok'>CERTIFICATE VERIFIED against the trainer key the parent ledger records</p>"
+                if problem is None else f"<p class='status bad'>CERTIFICATE FAILED: {_e(problem)}</p>")
+    key = served.certificate_key
+    try:
+        valid = (key is not None and certificate.get("key_id") == key.key_id
+                 and key.verify(bytes.fromhex(str(certificate.get("signature", ""))), signed_message(certificate)))
+    except (ValueError, TypeError):
+        valid = False
+    if not valid:
+        return ("<p class='status bad'>CERTIFICATE NOT SIGNED by the taxonomy's trainer key"
+                f"{' ' + _e(key.key_id) if key is not None else ''}</p>")
+    return (f"<p class='status ok'>CERTIFICATE SIGNATURE VERIFIED against the taxonomy's trainer key {_e(key.key_id)}"
+            "</p><p class='sub'>The service checks the signature only; smalti ledger verify on the runs checks the "
+            "parent's ledger, the replay's and the certified weights.</p>")
+
+
 def _forget_eval(run_dir: Path) -> str:
     """What ``smalti eval-forget`` measured for this deletion, if it was run (its default output folder)."""
-    path = run_dir / "forget-eval" / "forget-eval.json"
-    if not path.is_file():
+    path = plain_file(run_dir, "forget-eval", "forget-eval.json")
+    if path is None:
         return ""
     try:
         result = json.loads(path.read_text())
@@ -451,9 +504,9 @@ def _forget_eval_rows(path: Path, result: dict[str, Any], quality: dict[str, Any
     facts += [(f"relearning, {r['model']}, k={r['examples']}: steps back to the parent's loss",
                r["steps_to_parent_loss"] if r["steps_to_parent_loss"] is not None
                else f"more than {result['relearning']['budget']['steps']}") for r in result["relearning"]["runs"]]
-    png = path.with_name("relearning.png")
+    png = plain_file(path.parent.parent, path.parent.name, "relearning.png")
     image = (f'<img alt="relearning curves" src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}">'
-             if png.is_file() and not png.is_symlink() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" else "")
+             if png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" else "")
     return f"<h2>How much was forgotten (smalti eval-forget)</h2>{_rows(facts)}{image}"
 
 
@@ -468,23 +521,19 @@ def write_report(run_dir: str | Path, out: str | Path, verified: VerifyReport) -
 
 
 def render_report(run_dir: str | Path, verified: VerifyReport, read_only: bool = False, title: str | None = None,
-                  untrusted: str | None = None, path_label: Callable[[str], str] = str,
-                  max_checkpoint_bytes: int | None = None) -> str:
+                  untrusted: str | None = None, served: ServedBy | None = None) -> str:
     """The report as one self-contained HTML page.
 
     Everything in it that the run folder supplies is escaped: the ledger, its certificate and its files are
     the audited party's writing. The service renders with ``read_only`` (the ledger opened read-only),
     ``title`` (the run's name rather than a path of its machine), ``untrusted`` (why the signer is not the
-    taxonomy's trainer, shown in red above everything), ``path_label`` (how a parent's path is shown) and
-    ``max_checkpoint_bytes`` (the largest checkpoint it reads held-out losses from)."""
+    taxonomy's trainer, shown in red above everything) and ``served`` (``ServedBy``)."""
     import matplotlib
     import matplotlib.pyplot as plt
 
     matplotlib.use("Agg")
     run_dir = Path(run_dir)
     ledger = Ledger.load(run_dir, read_only=read_only)
-    if not ledger.steps:
-        raise ValueError(f"{run_dir}: the ledger has no steps to report")
     status = (f'<p class="status ok" id="status">VERIFIED: {_e(verified.entries)} entries, every leaf, the tree and '
               f"{_e(verified.heads)} signed tree heads check out</p>" if verified.ok and untrusted is None else
               f'<p class="status bad" id="status">NOT TRUSTED: {_e(untrusted)}</p>' if untrusted is not None else
@@ -494,7 +543,7 @@ def render_report(run_dir: str | Path, verified: VerifyReport, read_only: bool =
                  ("checked against", f"key {verified.key_id} ({verified.key_source})")]
     head_rows += [(k, head[k]) for k in ("size", "root", "timestamp", "final", "key_id", "signature") if k in head]
     with plt.rc_context({"svg.fonttype": "none", "font.family": "sans-serif"}):  # text stays text
-        sections = [
+        sections = [] if not ledger.steps else [
             ("heatmap", "Which classes each layer learned from",
              "Mean share of each layer's step gradient per class, over the run, on a log scale: blank, the class "
              "never reached the layer; × the policy forbade it in every phase; / in some phases. Classes are grouped "
@@ -504,7 +553,7 @@ def render_report(run_dir: str | Path, verified: VerifyReport, read_only: bool =
             ("composition", "Class composition over time", "Examples per class in each step (the most frequent "
              "classes; grey: all others).", _composition(ledger)),
         ]
-        entropy = _entropy(ledger)
+        entropy = _entropy(ledger) if ledger.steps else None
     if entropy is not None:
         sections.append(("entropy", "Entropy profiles", "Spectral entropy of each probed layer's representation "
                          "on the fixed probe set: over time (left), and for every class at the last profile (right).",
@@ -513,23 +562,27 @@ def render_report(run_dir: str | Path, verified: VerifyReport, read_only: bool =
                       f"</figcaption></figure>" for fid, title, caption, svg in sections[:1])
     later = "".join(f'<figure id="{fid}"><h2>{_e(title)}</h2>{svg}<figcaption>{_e(caption)}'
                     f"</figcaption></figure>" for fid, title, caption, svg in sections[1:])
-    first, last = ledger.steps[0], ledger.steps[-1]
-    loss_text = ", ".join(_number(v) for v in (first.get("loss"), last.get("loss")))
     name = title if title is not None else str(run_dir)
+    if ledger.steps:
+        first, last = ledger.steps[0], ledger.steps[-1]
+        loss_text = ", ".join(_number(v) for v in (first.get("loss"), last.get("loss")))
+        summary = (f"steps {_e(first['step'])}&ndash;{_e(last['step'])} &middot; training loss (first, last): "
+                   f"{_e(loss_text)}")
+    else:  # an ablation: a run entry that names its parent, and no steps of its own
+        summary = "no training steps of its own (a deletion by ablation of its parent's weights)"
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
 <title>Smalti audit report: {_e(name)}</title><style>{_STYLE}</style></head><body>
 <h1>Smalti audit report</h1>
-<p class="sub">{_e(name)} &middot; steps {_e(first['step'])}&ndash;{_e(last['step'])}
-&middot; training loss (first, last): {_e(loss_text)}</p>
+<p class="sub">{_e(name)} &middot; {summary}</p>
 <h2>Verification</h2>{status}{_rows(head_rows)}
-{_certificate(run_dir, path_label)}
+{_certificate(run_dir, served)}
 {_forget_eval(run_dir)}
-{_governance(run_dir, ledger)}
+{_governance(run_dir, ledger, served.path_label if served else str)}
 <p>Contribution rule: {_e(ledger.run.get('contribution_rule', ''))}.<br>
 Update-share rule: {_e(ledger.run.get('update_share_rule', ''))}.</p>
 {figures}
-{_held_out(run_dir, max_checkpoint_bytes)}
+{_held_out(run_dir, served.max_checkpoint_bytes if served else None)}
 {later}
 </body></html>
 """

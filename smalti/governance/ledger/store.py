@@ -68,6 +68,10 @@ class LedgerStore:
             if problem:
                 self.db.close()
                 raise LedgerError(problem)
+            shape = self._shape_problem()
+            if shape:
+                self.db.close()
+                raise LedgerError(f"{self.path}: {shape}")
             return
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None)  # explicit transactions only
@@ -83,6 +87,21 @@ class LedgerStore:
                 raise LedgerError(problem)
         except sqlite3.DatabaseError as error:
             raise LedgerError(f"{self.path}: not a readable ledger ({error})") from None
+
+    _TABLES = {"meta": ["key", "value"], "entries": ["idx", "step", "leaf", "data"],
+               "heads": ["size", "root", "timestamp", "final", "key_id", "signature", "weights"]}
+
+    def _shape_problem(self) -> str | None:
+        """A file another program wrote may hold views (a recursive one never ends) or other columns in place of
+        Smalti's tables: a reader refuses it before running a query on it."""
+        found = dict(self.db.execute("SELECT name, type FROM sqlite_master WHERE name IN ('meta', 'entries', 'heads')"))
+        for table, columns in self._TABLES.items():
+            if found.get(table) != "table":
+                return f"not a ledger ({table} is {'missing' if table not in found else 'a ' + found[table]})"
+            names = [row[1] for row in self.db.execute(f"PRAGMA table_info({table})")]
+            if names != columns:
+                return f"not a ledger (the {table} table's columns are {', '.join(names)})"
+        return None
 
     def close(self) -> None:
         self.db.close()

@@ -59,8 +59,16 @@ function facts(table, pairs) {
 
 class SignedOut extends Error {}
 
+// A session is two halves: an HttpOnly cookie the browser sends, and this token, kept per origin in
+// sessionStorage and sent as a header. A page of another service on the same host gets the cookie (cookies
+// ignore ports) but never this half.
+const SESSION = "smalti-session";
+
 async function api(path, options = {}) {
-  const response = await fetch(path, { credentials: "same-origin", ...options });
+  const headers = { ...(options.headers || {}) };
+  const token = sessionStorage.getItem(SESSION);
+  if (token) headers["X-Smalti-Session"] = token;
+  const response = await fetch(path, { credentials: "same-origin", ...options, headers });
   if (!response.ok) {
     let message = response.statusText;
     try { message = (await response.json()).error; } catch (e) { /* not JSON */ }
@@ -84,6 +92,7 @@ function guarded(action) {
 // ---------------------------------------------------------------------------------------------- signing in
 
 function showSignIn(message) {
+  sessionStorage.removeItem(SESSION);
   $("app").hidden = true;
   $("sign-in").hidden = false;
   $("sign-out").hidden = true;
@@ -95,8 +104,9 @@ async function signIn(code) {
   const status = $("sign-in-status");
   status.textContent = "signing in...";
   try {
-    await api("/api/login", { method: "POST", headers: { "Content-Type": "application/json" },
-                              body: JSON.stringify({ code: code.trim() }) });
+    const session = await api("/api/login", { method: "POST", headers: { "Content-Type": "application/json" },
+                                              body: JSON.stringify({ code: code.trim() }) });
+    sessionStorage.setItem(SESSION, session.session);
     $("code").value = "";
     status.textContent = "";
     await start();
@@ -263,12 +273,12 @@ function drawHeatmap(summary) {
     const probe = svgEl("g");
     svg.appendChild(probe);
     const nodes = texts.map((t) => probe.appendChild(svgEl("text", angle ? { transform: `rotate(${angle})` } : {}, t)));
-    const size = Math.max(0, ...nodes.map((n) => n.getBBox().width));
+    const size = nodes.reduce((m, n) => Math.max(m, n.getBBox().width), 0);
     probe.remove();
     return size;
   };
   const size = 16, left = Math.ceil(measure(layers)) + 12, top = Math.ceil(measure(classes)) + 12, scale = 40;
-  const largest = Math.max(1e-12, ...matrix.flat());
+  const largest = matrix.reduce((m, row) => row.reduce((n, v) => Math.max(n, v), m), 1e-12);
   const width = left + classes.length * size + 20 + scale + 60, height = top + layers.length * size + 10;
   svg.setAttribute("width", width);
   svg.setAttribute("height", Math.max(height, top + 130));
@@ -323,7 +333,8 @@ function drawEntropy(entropy) {
     return values.length ? values.reduce((a, b) => a + b, 0) / values.length : null;
   }));
   const all = series.flat().filter((v) => v !== null);
-  const low = Math.min(...all), high = Math.max(...all, low + 1e-9);
+  const low = all.reduce((m, v) => Math.min(m, v), Infinity);
+  const high = Math.max(all.reduce((m, v) => Math.max(m, v), -Infinity), low + 1e-9);
   const W = 760, H = 260, L = 60, R = 20, T = 10, B = 40;
   svg.setAttribute("width", W); svg.setAttribute("height", H);
   const first = steps[0], last = steps[steps.length - 1];
@@ -362,20 +373,20 @@ function drawEntropy(entropy) {
 
 // ---------------------------------------------------------------------------------------------- keys and notes
 
-// The trainer key as the auditor pasted it: "ed25519:BASE64" (trainer.pub) or a note verifier key
-// "name+hex+BASE64(0x01||key)". Returns the raw 32-byte Ed25519 key.
+// The trainer key as the auditor pasted it: "ed25519:BASE64" (trainer.pub), or a note verifier key
+// "name+hex+BASE64(0x01||key)", which also names the one log it may verify. Returns {raw, log}.
 function trainerKey() {
   const text = $("trainer-key").value.trim();
   if (text.startsWith("ed25519:")) {
     const raw = b64decode(text.slice(8));
     if (raw.length !== 32) throw new Error("the trainer key is not a 32-byte Ed25519 key");
-    return raw;
+    return { raw, log: null };
   }
-  const parts = text.split("+");
-  if (parts.length === 3) {
-    const raw = b64decode(parts[2]);
+  const parts = text.match(/^([^+\s]+)\+([0-9a-f]{8})\+([A-Za-z0-9+/]+=*)$/); // base64 may hold "+" itself
+  if (parts) {
+    const raw = b64decode(parts[3]);
     if (raw.length !== 33 || raw[0] !== 1) throw new Error("the verifier key is not an Ed25519 note key");
-    return raw.slice(1);
+    return { raw: raw.slice(1), log: parts[1] };
   }
   throw new Error("give the trainer's public key (ed25519:... from trainer.pub, or a note verifier key)");
 }
@@ -399,8 +410,11 @@ function parseNote(note) {
   return { text, signatures, origin: lines[0], size, root: b64decode(lines[2]) };
 }
 
-async function verifiedCheckpoint(note, raw) {
+async function verifiedCheckpoint(note, { raw, log }) {
   const checkpoint = parseNote(note);
+  if (log !== null && checkpoint.origin !== log) {
+    throw new Error(`the service shows the log ${checkpoint.origin}; the verifier key you gave is for ${log}`);
+  }
   const keyId = await noteKeyId(checkpoint.origin, raw);
   const line = checkpoint.signatures.find((s) => s.name === checkpoint.origin && equal(s.bytes.slice(0, 4), keyId));
   if (!line) throw new Error(`the checkpoint carries no signature by the trainer key for ${checkpoint.origin}`);
@@ -455,18 +469,25 @@ async function verifyConsistency(first, second, proof, firstRoot, secondRoot) {
   return sn === 0 && equal(fr, firstRoot) && equal(sr, secondRoot);
 }
 
-// The last tree this browser verified for a log: a newer one must extend it.
-function remembered(origin) {
-  try { const r = JSON.parse(localStorage.getItem(`smalti-verified:${origin}`)); return r && r.size ? r : null; }
+// The last tree this browser verified for a run of this service, with its log's name: the next one must be the
+// same log and extend that tree. Keyed by the run, not by the name the checkpoint gives itself, so that a log
+// swapped for another (a new name, a shorter history) is caught too.
+const memoryKey = (run) => `smalti-verified:${location.origin}:${run}`;
+function remembered(run) {
+  try { const r = JSON.parse(localStorage.getItem(memoryKey(run))); return r && r.size ? r : null; }
   catch (e) { return null; }
 }
-function remember(origin, checkpoint) {
-  localStorage.setItem(`smalti-verified:${origin}`, JSON.stringify({ size: checkpoint.size, root: hex(checkpoint.root) }));
+function remember(run, checkpoint) {
+  localStorage.setItem(memoryKey(run), JSON.stringify({ origin: checkpoint.origin, size: checkpoint.size,
+                                                         root: hex(checkpoint.root) }));
 }
 
-async function checkAgainstMemory(path, checkpoint) {
-  const before = remembered(checkpoint.origin);
-  if (!before) return "first tree this browser verified for this log";
+async function checkAgainstMemory(path, run, checkpoint) {
+  const before = remembered(run);
+  if (!before) return "first tree this browser verified for this run";
+  if (before.origin !== checkpoint.origin) {
+    throw new Error(`this browser verified the log ${before.origin} for ${run}; the service now shows ${checkpoint.origin}`);
+  }
   if (before.size > checkpoint.size) {
     throw new Error(`this browser verified a tree of ${before.size} entries for ${checkpoint.origin}; the service now shows ${checkpoint.size}: history was cut`);
   }
@@ -520,9 +541,9 @@ async function verifyEntry() {
     const path = `/api/runs/${encodeURIComponent(current.run)}`;
     const step = Number($("inspect-step").value);
     if (!Number.isSafeInteger(step) || step < 0) return fail("the step is not a whole number");
-    const raw = trainerKey();
+    const key = trainerKey();
     localStorage.setItem("smalti-trainer-key", $("trainer-key").value.trim());
-    const checkpoint = await verifiedCheckpoint(await api(`${path}/checkpoint`), raw);
+    const checkpoint = await verifiedCheckpoint(await api(`${path}/checkpoint`), key);
     const proof = await api(`${path}/proof/inclusion?step=${step}&tree_size=${checkpoint.size}`);
     if (proof.tree_size !== checkpoint.size) return fail("the proof is for another tree size than the checkpoint");
     if (!(Number.isSafeInteger(proof.leaf_index) && proof.leaf_index >= 0 && proof.leaf_index < checkpoint.size)) {
@@ -537,8 +558,8 @@ async function verifyEntry() {
     if (entry.body.kind !== "step" || entry.body.step !== step) {
       return fail(`asked for step ${step}; the service proved entry ${entry.index}, which is step ${entry.body.step}`);
     }
-    const history = await checkAgainstMemory(path, checkpoint);
-    remember(checkpoint.origin, checkpoint);
+    const history = await checkAgainstMemory(path, current.run, checkpoint);
+    remember(current.run, checkpoint);
     verdict.className = "verdict ok";
     verdict.textContent = `verified in your browser: entry ${entry.index} is step ${step}, in ${checkpoint.origin} ` +
                           `at size ${checkpoint.size}, signed by the trainer key you gave; ${history}`;
@@ -560,13 +581,18 @@ async function showCertificate(path) {
   try {
     const message = b64decode(answer.signed_message_base64);
     const content = JSON.parse(dec.decode(message));
-    const raw = trainerKey();
+    const { raw } = trainerKey();
     const keyId = hex(await sha256(raw)).slice(0, 16);
     if (answer.key_id !== keyId) throw new Error(`signed by key ${answer.key_id}, not by the trainer key you gave (${keyId})`);
     const publicKey = await crypto.subtle.importKey("raw", raw, { name: "Ed25519" }, false, ["verify"]);
     if (!/^([0-9a-f]{2})+$/.test(answer.signature || "") ||
         !await crypto.subtle.verify("Ed25519", publicKey, unhex(answer.signature), message)) {
       throw new Error("its signature does not verify under the trainer key you gave");
+    }
+    // A certificate signed by the same trainer for another run is not this run's.
+    const head = content.ledger_head || {};
+    if (head.origin !== current.info.origin) {
+      throw new Error(`it certifies the run whose log is ${head.origin}, not this run's (${current.info.origin})`);
     }
     verdict.className = "verdict ok";
     verdict.textContent = "certificate signature verified in your browser";
@@ -589,6 +615,11 @@ $("trainer-key").addEventListener("change", guarded(async () => {
   if (current && current.info.deletion_certificate) await showCertificate(`/api/runs/${encodeURIComponent(current.run)}`);
 }));
 $("refresh").addEventListener("click", guarded(async () => { await loadRuns(); if (current) await openRun(current.run); }));
+$("open-report").addEventListener("click", guarded(async () => {
+  // A navigation cannot carry the session's header: the page asks for a one-minute, one-use link instead.
+  const ticket = await api(`/api/runs/${encodeURIComponent(current.run)}/report-ticket`);
+  window.open(ticket.url, "_blank", "noopener");
+}));
 $("sign-in-command").textContent = `smalti auditor sign-in ${location.origin} --key auditor.key --open`;
 
 (async () => {
