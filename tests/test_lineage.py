@@ -193,3 +193,27 @@ def test_a_fine_tune_needs_its_own_ledger_and_load_path_to_other_data_is_one_lin
     refused = _train(other, tmp_path / "loaded")
     assert refused.returncode != 0 and len(refused.stderr.strip().splitlines()) == 1
     assert "use --init-from its run" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_a_parent_that_trains_on_after_a_child_started_from_it_leaves_the_link_intact(governed, tmp_path):
+    """The train summary invites it ("raise train.max_duration to train on"): the link is checked against the
+    parent's checkpoint at the head the child names, not its latest; once that one is pruned, against the digest
+    the signed head carries, with a note."""
+    recipe = _config(governed, tmp_path, [TRAGEDY], 8)
+    base, child = tmp_path / "base", tmp_path / "child"
+    assert _train(recipe, base).returncode == 0
+    (tmp_path / "ft").mkdir()
+    done = _train(_config(governed, tmp_path / "ft", [COMEDY, POETRY], 2), child, "--init-from", str(base))
+    assert done.returncode == 0, done.stderr
+    trainer = str(governed.keys / "trainer.pub")
+    for steps, note in ((12, False), (20, True)):  # keep 3 at every 4: ep0-ba8 is kept at 12, pruned by 20
+        more = _train(recipe, base, "--set", f"train.max_duration={steps}ba")
+        assert more.returncode == 0, more.stderr
+        verified = smalti_cli("ledger", "verify", str(child), "--pubkey", trainer)
+        assert verified.returncode == 0, verified.stderr
+        assert "lineage OK" in verified.stdout
+        assert ("has trained on since the head its child names" in verified.stdout) == note, verified.stdout
+        audited = smalti_cli("audit", str(child), "--class", "gutenberg/comedy", "--pubkey", trainer)
+        assert audited.returncode == 0, audited.stderr
+    weights = base / "checkpoints" / "ep0-ba20.pt"
+    assert weights.is_file() and not (base / "checkpoints" / "ep0-ba8.pt").exists()

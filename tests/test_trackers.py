@@ -38,12 +38,22 @@ def _recipe(governed, tmp_path: Path, trackers: bool = True, **logging) -> Path:
 
 
 def tensorboard_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar series, as TensorBoard's own reader gives it (orphaned steps of a killed run purged)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    """Every scalar series, as TensorBoard's own readers give it (orphaned steps of a killed run purged): the
+    legacy accumulator and the plugin one behind `tensorboard --load_fast=false` must agree."""
+    from tensorboard.backend.event_processing import event_accumulator, plugin_event_accumulator
 
-    reader = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
-    reader.Reload()
-    return {tag: [(e.step, e.value) for e in reader.Scalars(tag)] for tag in reader.Tags()["scalars"]}
+    legacy = event_accumulator.EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    legacy.Reload()
+    found = {tag: [(e.step, e.value) for e in legacy.Scalars(tag)] for tag in legacy.Tags()["scalars"]}
+    plugin = plugin_event_accumulator.EventAccumulator(str(run / "tensorboard"), size_guidance={"tensors": 0},
+                                                       purge_orphaned_data=True)
+    plugin.Reload()
+    from tensorboard.util import tensor_util
+
+    seen = {tag: [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in plugin.Tensors(tag)]
+            for tag in found}
+    assert {tag: [s for s, _ in v] for tag, v in seen.items()} == {tag: [s for s, _ in v] for tag, v in found.items()}
+    return found
 
 
 def wandb_history(run: Path) -> list[dict[str, float]]:

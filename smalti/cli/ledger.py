@@ -119,12 +119,15 @@ def run_verify(args: argparse.Namespace) -> int:
 
     links = chain(args.run_dir)
     if links:  # every link behind the run: each parent's ledger, the head its child names, the weights
-        problem = verify_chain(args.run_dir)
+        notes: list[str] = []
+        problem = verify_chain(args.run_dir, notes)
         if problem is not None:
             print(f"lineage FAILED verification: {problem}", file=sys.stderr)
             return 1
         described = " <- ".join(f"{parent} ({link.kind})" for parent, link in links)
         print(f"lineage OK: {args.run_dir} <- {described}")
+        for note in notes:
+            print(f"note: {note}")
     if args.witness:
         problem = _check_witnesses(args)
         if problem is not None:

@@ -141,8 +141,9 @@ def _signed_head(run_dir: Path, head: dict[str, Any]) -> bool:
     return stored is not None and stored.to_json() == {k: head.get(k) for k in stored.to_json()}
 
 
-def check_link(child: Path, link: Link) -> str | None:
-    """One link, checked from the parent's side: None if it holds, else what is wrong, in one line."""
+def check_link(child: Path, link: Link, notes: list[str] | None = None) -> str | None:
+    """One link, checked from the parent's side: None if it holds, else what is wrong, in one line. What an
+    auditor should know though it holds (the parent trained on) is appended to ``notes``."""
     parent = Path(link.run_dir)
     where = f"{child}: its parent {parent}"
     if not ledger_path(parent).is_file():
@@ -162,34 +163,47 @@ def check_link(child: Path, link: Link) -> str | None:
         if link.start_weights_sha256 != link.head.get("weights"):
             return (f"{where}: the child started from weights {str(link.start_weights_sha256)[:16]}..., the parent's "
                     f"final head signs {str(link.head.get('weights'))[:16]}...")
-        return _final_checkpoint_problem(parent, link.head, where)
+        return _named_checkpoint_problem(parent, link.head, where, notes)
     elif link.start_weights_sha256 and link.head.get("weights") and link.start_weights_sha256 != link.head["weights"]:
         return f"{where}: the child did not start from the weights the parent's head signs"
     return None
 
 
-def _final_checkpoint_problem(parent: Path, head: dict[str, Any], where: str) -> str | None:
-    """Where the parent's final checkpoint is at hand, it must still hold the weights its final head signs."""
+def _named_checkpoint_problem(parent: Path, head: dict[str, Any], where: str,
+                              notes: list[str] | None) -> str | None:
+    """The parent's checkpoint at the head its child names must still hold the weights that head signs. A parent
+    may train on after a child started from it (its summary invites it): its latest checkpoint is then another
+    one, and says nothing about the link. Where the named checkpoint was pruned since, the link rests on the
+    weights' digest the signed head carries, and a note says so."""
     from smalti.checkpoint import CheckpointStore, load_checkpoint, weights_sha256
     from smalti.errors import CheckpointError
 
-    latest = CheckpointStore(parent / "checkpoints", keep=1).latest() if (parent / "checkpoints").is_dir() else None
-    if latest is None:
+    kept = CheckpointStore(parent / "checkpoints", keep=1).all() if (parent / "checkpoints").is_dir() else []
+    if not kept:
         return None  # an auditor may hold the ledgers without the weights
-    try:
-        digest = weights_sha256(load_checkpoint(latest)["model"])
-    except CheckpointError as error:
-        return f"{where}: its final checkpoint cannot be read ({error})"
-    if digest != head.get("weights"):
-        return f"{where}: its final checkpoint {latest.name} no longer holds the weights its final head signs"
+    for path in reversed(kept):  # newest first: a fine-tune usually starts from the parent's latest
+        try:
+            payload = load_checkpoint(path)
+        except CheckpointError:
+            continue  # a damaged older checkpoint is not the one named unless it is the only candidate
+        if ((payload.get("ledger") or {}).get("head") or {}).get("root") != head.get("root"):
+            continue
+        if weights_sha256(payload["model"]) != head.get("weights"):
+            return f"{where}: its checkpoint {path.name} at the head the child names no longer holds the weights " \
+                   f"that head signs"
+        return None
+    if notes is not None:
+        notes.append(f"{parent} has trained on since the head its child names (size {head.get('size')}); that "
+                     f"head's checkpoint is no longer kept, so the link was checked against the weights' digest "
+                     f"the signed head carries")
     return None
 
 
-def verify_chain(run_dir: Path) -> str | None:
+def verify_chain(run_dir: Path, notes: list[str] | None = None) -> str | None:
     """Every link behind a run (each checked as ``check_link`` does), nearest first; None if all hold."""
     current = Path(run_dir)
     for parent, link in chain(run_dir):
-        problem = check_link(current, link)
+        problem = check_link(current, link, notes)
         if problem is not None:
             return problem
         current = parent

@@ -2,7 +2,9 @@
 
 Written live with ``torch.utils.tensorboard``. A resumed run opens the same folder with ``purge_step`` at the
 step after its checkpoint: TensorBoard's reader then drops what the killed process wrote past that point, so the
-curve has each step once (the replay writes those steps again, with the same values).
+curve has each step once (the replay writes those steps again, with the same values). A fresh run writes a
+session start too (at step 0): the reader behind ``tensorboard --load_fast=false`` purges only at a *second*
+start, so without the first one a resumed run's replayed steps showed twice there.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ class TensorBoardLogger(TrackerDestination):
     def _start(self, state: State) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        purge = None if self._resumed_at is None else self._resumed_at + 1
+        purge = 0 if self._resumed_at is None else self._resumed_at + 1
         self._writer = SummaryWriter(log_dir=str(self.directory), purge_step=purge, flush_secs=30)
-        if purge is None and self._params:
+        if self._resumed_at is None and self._params:
             import yaml
 
             self._writer.add_text("recipe", "```\n" + yaml.safe_dump(self._params, sort_keys=False) + "```", 0)
