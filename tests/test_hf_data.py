@@ -49,9 +49,9 @@ def _taxonomy(governed) -> Taxonomy:
     return Taxonomy.load(governed.taxonomy, PublicKey.load(governed.trust))
 
 
-def _prepare(governed, documents, out: Path, tokenizer=None) -> dict:
+def _prepare(governed, documents, out: Path, tokenizer=None, holdout: str = "auto") -> dict:
     return prepare_dataset(documents, _taxonomy(governed), SigningKey.load(governed.key("tagger")), str(out),
-                           PrepareOptions(name="same", seq_len=16, shard_examples=150), tokenizer=tokenizer,
+                           PrepareOptions(name="same", seq_len=16, shard_examples=150, holdout=holdout), tokenizer=tokenizer,
                            show_progress=False)
 
 
@@ -108,7 +108,7 @@ def test_packing_joins_a_class_s_documents_with_eos_and_never_mixes_classes(gove
     documents = list(documents_from_source(_jsonl(tmp_path, rows + [
         {"id": "extra/1", "class": "gutenberg/tragedy/hamlet", "text": "To be."},
         {"id": "extra/2", "class": "gutenberg/tragedy/hamlet", "text": "Or not to be."}]), id_column="id"))
-    manifest = _prepare(governed, documents, tmp_path / "packed", tokenizer)
+    manifest = _prepare(governed, documents, tmp_path / "packed", tokenizer, holdout="tail")
     examples = []
     for shard in manifest["splits"]["train"]["shards"]:
         content = parse_shard((tmp_path / "packed" / shard["name"]).read_bytes(), shard["name"])

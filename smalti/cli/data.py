@@ -72,7 +72,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                          help="a Hugging Face tokenizer directory (tokenizer.json), e.g. from 'smalti tokenizer train' "
                               "(default: the characters of the source)")
     prepare.add_argument("--seq-len", type=int, default=64, help="tokens per example, plus one for the target (default 64)")
-    prepare.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of each document for validation")
+    prepare.add_argument("--val-fraction", type=float, default=0.1,
+                         help="the share of each class's tokens held out for validation (default 0.1)")
+    prepare.add_argument("--holdout", choices=("auto", "documents", "tail"), default="auto",
+                         help="what is held out: 'documents' whole documents per class, chosen by the hash of their "
+                              "ids (for many short documents); 'tail' the last part of every document (for long "
+                              "ones); 'auto' (default) documents when packing with --tokenizer, else tail. A class "
+                              "with one document always gives its tail")
+    prepare.add_argument("--min-holdout-documents", type=int, default=1, metavar="N",
+                         help="with whole documents: at least N per class (default 1)")
     prepare.add_argument("--shard-examples", type=int, default=20_000, help="examples per shard (default 20000)")
     prepare.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE", help="for fsspec (repeatable)")
     prepare.add_argument("--overwrite", action="store_true", help="replace a dataset already at OUT")
@@ -118,6 +126,8 @@ def run_prepare(args: argparse.Namespace) -> int:
         name=args.name or args.source.stem,
         seq_len=args.seq_len,
         val_fraction=args.val_fraction,
+        holdout=args.holdout,
+        min_holdout_documents=args.min_holdout_documents,
         shard_examples=args.shard_examples,
         overwrite=args.overwrite,
         version=args.version,

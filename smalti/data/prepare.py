@@ -1,8 +1,19 @@
 """``smalti data prepare``: turn documents into tagged, signed shards.
 
-Every example is a window of ``seq_len + 1`` tokens of one document (so it has
-exactly one class), cut at stride ``seq_len``; the last ``val_fraction`` of
-each document goes to the validation split. Everything is checked before a
+Every example is a window of ``seq_len + 1`` tokens of one class's text, cut at stride ``seq_len``. What is held
+out for validation (``PrepareOptions.holdout``):
+
+- ``documents``: whole documents of each class, chosen by the SHA-256 of their ids (so the choice is the same
+  on every machine and does not move when other documents are added), until they hold ``val_fraction`` of the
+  class's tokens, at least ``min_holdout_documents`` of them, and never every document of the class. A class
+  with a single document falls back to ``tail`` for that class. This is what packed short documents need: the
+  tail of each short document would be a string of fragments, and every training row would stop mid-word;
+  held-out losses measured on that are noise.
+- ``tail``: the last ``val_fraction`` of every document (long documents, as the bundled plays are).
+- ``auto`` (the default): ``documents`` when documents are packed (``--tokenizer``), ``tail`` for character
+  windows inside each document.
+
+The manifest records the mode and, per class, the documents held out. Everything is checked before a
 byte is written: the signer must be a tagging authority of the taxonomy and
 allowed to tag every class it signs. Shards are written first and the signed
 manifest last, so an interrupted run leaves no dataset, only shards that the
@@ -35,7 +46,7 @@ from smalti.data.manifest import (
     run_length,
 )
 from smalti.data.sources import Document
-from smalti.data.tokenizer import CharTokenizer, HFTokenizer, Tokenizer
+from smalti.data.tokenizer import CharTokenizer, HFTokenizer
 from smalti.errors import DataError
 from smalti.io import atomic_write_bytes, remote_filesystem
 from smalti.governance.ledger import merkle
@@ -43,11 +54,16 @@ from smalti.governance.keys import SigningKey, sign_bytes
 from smalti.governance.taxonomy import Taxonomy
 
 
+HOLDOUT_MODES = ("auto", "documents", "tail")
+
+
 @dataclass(frozen=True)
 class PrepareOptions:
     name: str
     seq_len: int = 64
     val_fraction: float = 0.1
+    holdout: str = "auto"  # documents | tail | auto (see the module docstring)
+    min_holdout_documents: int = 1
     shard_examples: int = 20_000
     overwrite: bool = False
     version: int | None = None  # default: one more than the dataset this replaces at the same place, else 1
@@ -85,12 +101,60 @@ def _windows(doc_id: str, split: str, class_name: str, ids: np.ndarray, seq_len:
         yield _Example(f"{doc_id}/{split}/{k:06d}", class_name, tokens, content_sha256(tokens))
 
 
-def _split_parts(docs: list[Document], tokenizer: Tokenizer, split: str, val_fraction: float) -> Iterable[tuple[Document, np.ndarray]]:
-    """Each document's share of ``split``: the first ``1 - val_fraction`` of its tokens train, the rest validate."""
+@dataclass(frozen=True)
+class Holdout:
+    """What validates: whole documents (by id) and the classes whose documents give their tails instead."""
+
+    mode: str
+    documents: frozenset[str]
+    tail_classes: frozenset[str]
+
+    def share(self, doc: Document, ids: np.ndarray, split: str, val_fraction: float) -> np.ndarray:
+        if doc.class_name in self.tail_classes:
+            cut = int(len(ids) * (1.0 - val_fraction))
+            return ids[:cut] if split == "train" else ids[cut:]
+        held = doc.doc_id in self.documents
+        return ids if held == (split == "val") else ids[:0]
+
+    def record(self, docs: list[Document]) -> dict[str, Any]:
+        by_class: dict[str, list[str]] = {}
+        for doc in docs:
+            if doc.doc_id in self.documents:
+                by_class.setdefault(doc.class_name, []).append(doc.doc_id)
+        return {"mode": self.mode, "tail_classes": sorted(self.tail_classes),
+                "validation_documents": {c: sorted(ids) for c, ids in sorted(by_class.items())}}
+
+
+def choose_holdout(docs: list[Document], lengths: dict[str, int], mode: str, val_fraction: float,
+                   min_documents: int = 1) -> Holdout:
+    """Which documents validate (``documents``), or that every document gives its tail (``tail``)."""
+    if mode == "tail":
+        return Holdout("tail", frozenset(), frozenset(d.class_name for d in docs))
+    by_class: dict[str, list[Document]] = {}
     for doc in docs:
-        ids = tokenizer.encode(doc.text, where=doc.doc_id)
-        cut = int(len(ids) * (1.0 - val_fraction))
-        yield doc, (ids[:cut] if split == "train" else ids[cut:])
+        by_class.setdefault(doc.class_name, []).append(doc)
+    held: set[str] = set()
+    tails: set[str] = set()
+    for name, members in by_class.items():
+        if len(members) < 2:
+            tails.add(name)  # one document: its tail, or the class would have no training or no validation
+            continue
+        members = sorted(members, key=lambda d: hashlib.sha256(d.doc_id.encode()).hexdigest())
+        goal, taken, chosen = val_fraction * sum(lengths[d.doc_id] for d in members), 0, 0
+        for doc in members[:-1]:  # at least one document always trains
+            if chosen >= min_documents and taken >= goal:
+                break
+            held.add(doc.doc_id)
+            taken += lengths[doc.doc_id]
+            chosen += 1
+    return Holdout("documents", frozenset(held), frozenset(tails))
+
+
+def _split_parts(docs: list[Document], encoded: dict[str, np.ndarray], split: str, holdout: Holdout,
+                 val_fraction: float) -> Iterable[tuple[Document, np.ndarray]]:
+    """Each document's share of ``split``."""
+    for doc in docs:
+        yield doc, holdout.share(doc, encoded[doc.doc_id], split, val_fraction)
 
 
 def _packed(parts: Iterable[tuple[Document, np.ndarray]], split: str, eos: int, seq_len: int) -> Iterable[_Example]:
@@ -195,9 +259,16 @@ def prepare_dataset(
     """
     if options.seq_len < 1 or options.shard_examples < 1 or not 0.0 < options.val_fraction < 1.0:
         raise DataError("need seq_len >= 1, shard_examples >= 1 and 0 < val_fraction < 1")
+    if options.holdout not in HOLDOUT_MODES or options.min_holdout_documents < 1:
+        raise DataError(f"--holdout {options.holdout!r}: choose one of {', '.join(HOLDOUT_MODES)} (and at least one "
+                        f"document per class)")
     docs = list(documents)
     signer = _check_documents(docs, taxonomy, key)
     tokenizer = tokenizer or CharTokenizer.from_texts(d.text for d in docs)
+    encoded = {doc.doc_id: tokenizer.encode(doc.text, where=doc.doc_id) for doc in docs}
+    mode = options.holdout if options.holdout != "auto" else ("tail" if tokenizer.eos_id is None else "documents")
+    holdout = choose_holdout(docs, {k: len(v) for k, v in encoded.items()}, mode, options.val_fraction,
+                             options.min_holdout_documents)
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     length = options.seq_len + 1
 
@@ -217,7 +288,7 @@ def prepare_dataset(
         task = progress.add_task("preparing", total=len(docs) * len(SPLITS))
         for split in SPLITS:
             writer = _SplitWriter(split, fs, root, length, dtype, options.shard_examples)
-            parts = _split_parts(docs, tokenizer, split, options.val_fraction)
+            parts = _split_parts(docs, encoded, split, holdout, options.val_fraction)
             if tokenizer.eos_id is None:  # characters: windows inside each document
                 for doc, ids in parts:
                     for example in _windows(doc.doc_id, split, doc.class_name, ids, options.seq_len):
@@ -241,6 +312,7 @@ def prepare_dataset(
         "example_length": length,
         "token_dtype": np.dtype(dtype).name,
         "val_fraction": options.val_fraction,
+        "holdout": holdout.record(docs),
         "splits": splits,
         "merkle_root": merkle.root(all_leaves).hex(),
     }
