@@ -159,11 +159,22 @@ def test_a_dataset_s_tokenizer_is_checked_against_the_signed_manifest(governed_c
 
 def test_bad_sources_are_one_line(governed, tmp_path, bpe):
     rows = tmp_path / "no-class.jsonl"
-    rows.write_text(json.dumps({"text": "words"}) + "\n")
+    rows.write_text(json.dumps({"text": "words", "class": "gutenberg/comedy/tempest"}) + "\n\n"
+                    + json.dumps({"text": "words"}) + "\n")  # the third line of the file, after a blank one
     common = ["--taxonomy", str(governed.taxonomy), "--trust", str(governed.trust), "--key", str(governed.key("tagger"))]
     done = smalti_cli("data", "prepare", "--source", str(rows), "--out", str(tmp_path / "x"), *common)
     assert done.returncode != 0 and len(done.stderr.strip().splitlines()) == 1
-    assert "no-class.jsonl: row 0 has no 'class' column" in done.stderr and not (tmp_path / "x").exists()
+    assert "no-class.jsonl:3: no 'class' column" in done.stderr and not (tmp_path / "x").exists()
+    table = tmp_path / "sources.csv"  # a column's values mapped into the taxonomy with a template
+    table.write_text('text,source\n"first\nsecond line",tempest\nthird,hamlett\n')
+    done = smalti_cli("data", "prepare", "--source", str(table), "--class-template", "gutenberg/comedy/{source}",
+                      "--out", str(tmp_path / "t"), *common)
+    assert done.returncode != 0 and len(done.stderr.strip().splitlines()) == 1
+    assert "class 'gutenberg/comedy/hamlett' is not in taxonomy" in done.stderr
+    assert "did you mean 'gutenberg/tragedy/hamlet'" in done.stderr
+    done = smalti_cli("data", "prepare", "--source", str(table), "--class-template", "gutenberg/{genre}/{source}",
+                      "--out", str(tmp_path / "t"), *common)
+    assert done.returncode != 0 and "sources.csv:3: no 'genre' column (for --class-template" in done.stderr
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "a.txt").write_text("text")
     done = smalti_cli("data", "prepare", "--source", str(tmp_path / "plain"), "--out", str(tmp_path / "y"), *common)

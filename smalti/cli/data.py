@@ -64,7 +64,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     prepare.add_argument("--out", required=True, help="output folder (path or fsspec URL)")
     prepare.add_argument("--name", default=None, help="dataset name (default: the source's name)")
     prepare.add_argument("--mapping", type=Path, default=None, help="CSV mapping files to classes (folder sources)")
-    prepare.add_argument("--class-template", default=None, help="e.g. 'gutenberg/{genre}/{work}' (folder sources)")
+    prepare.add_argument("--class-template", default=None,
+                         help="the class from a row's columns, e.g. 'gutenberg/{genre}/{work}' (a mapping CSV), "
+                              "'acme/{source}' (a table's source column), 'gutenberg/{dir}/{stem}' (a folder of texts)")
     prepare.add_argument("--text-column", default="text", help="table sources (default: text)")
     prepare.add_argument("--class-column", default="class", help="table sources (default: class)")
     prepare.add_argument("--id-column", default=None, help="table sources (default: row number)")

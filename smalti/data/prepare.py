@@ -23,6 +23,7 @@ timestamps), so preparing twice gives identical bytes.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import io
 import json
@@ -89,7 +90,11 @@ def _check_documents(documents: list[Document], taxonomy: Taxonomy, key: Signing
             raise DataError(f"document '{doc.doc_id}' appears twice in the source")
         seen.add(doc.doc_id)
         if doc.class_name not in taxonomy:
-            raise DataError(f"document '{doc.doc_id}': class '{doc.class_name}' is not in taxonomy '{taxonomy.name}'")
+            close = difflib.get_close_matches(doc.class_name, taxonomy.classes, n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else \
+                " (map a column's values into the taxonomy with --class-template, e.g. 'acme/{source}')"
+            raise DataError(f"document '{doc.doc_id}': class '{doc.class_name}' is not in taxonomy "
+                            f"'{taxonomy.name}'{hint}")
         if not taxonomy.may_tag(authority, doc.class_name):
             raise DataError(f"document '{doc.doc_id}': '{authority.name}' may not tag class '{doc.class_name}'")
     return authority.name

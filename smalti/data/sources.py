@@ -123,7 +123,9 @@ def _is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file())
 
 
-def _table_rows(path: Path) -> list[dict]:
+def _table_rows(path: Path) -> list[tuple[str, dict]]:
+    """(where, row) for every row: ``file:LINE`` with the file's own line numbers where the table is text (JSONL,
+    CSV: what an editor shows), ``file row N`` (from 1) where it is not (Parquet, a datasets folder)."""
     if _is_saved_dataset(path):
         try:
             import datasets
@@ -134,41 +136,53 @@ def _table_rows(path: Path) -> list[dict]:
             if len(loaded) != 1:
                 raise DataError(f"{path}: a dataset with splits {', '.join(loaded)}; give one split's folder")
             loaded = next(iter(loaded.values()))
-        return loaded.to_list()
+        return [(f"{path} row {number}", row) for number, row in enumerate(loaded.to_list(), start=1)]
     if not path.is_file():
         raise DataError(f"{path}: table not found")
+    rows: list[tuple[str, dict]] = []
     if path.suffix in (".jsonl", ".json"):
-        rows = []
         with path.open(encoding="utf-8") as handle:
             for line, text in enumerate(handle, start=1):
                 if text.strip():
                     try:
-                        rows.append(json.loads(text))
+                        row = json.loads(text)
                     except json.JSONDecodeError:
                         raise DataError(f"{path}:{line}: not valid JSON") from None
+                    if not isinstance(row, dict):
+                        raise DataError(f"{path}:{line}: not a JSON object")
+                    rows.append((f"{path}:{line}", row))
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(path).to_pylist()
+        rows = [(f"{path} row {number}", row) for number, row in enumerate(pq.read_table(path).to_pylist(), start=1)]
     elif path.suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
+            reader = csv.DictReader(handle)
+            rows = [(f"{path}:{reader.line_num}", row) for row in reader]
     else:
         raise DataError(f"{path}: expected a .parquet, .jsonl or .csv table, or a datasets folder (save_to_disk)")
     return rows
 
 
 def documents_from_table(
-    path: Path, text_column: str = "text", class_column: str = "class", id_column: str | None = None
+    path: Path, text_column: str = "text", class_column: str = "class", id_column: str | None = None,
+    template: str | None = None,
 ) -> Iterator[Document]:
+    """A table's rows as documents; the class from ``class_column``, or from ``template`` over the row's columns
+    (``acme/{source}`` maps a ``source`` column's values into the taxonomy)."""
     path = Path(path)
     rows = _table_rows(path)
-    for number, row in enumerate(rows):
-        for column in (text_column, class_column) + ((id_column,) if id_column else ()):
+    fields = _template_fields(template) if template is not None else []
+    for number, (where, row) in enumerate(rows):
+        needed = [text_column] + (fields if template is not None else [class_column]) + ([id_column] if id_column else [])
+        for column in needed:
             if column not in row:
-                raise DataError(f"{path}: row {number} has no '{column}' column")
+                hint = f" (for --class-template '{template}')" if column in fields else ""
+                raise DataError(f"{where}: no '{column}' column{hint}")
         doc_id = str(row[id_column]) if id_column else f"row{number:08d}"
-        yield Document(doc_id=doc_id, class_name=str(row[class_column]), text=str(row[text_column]))
+        class_name = (template.format(**{k: str(row[k]) for k in fields}) if template is not None
+                      else str(row[class_column]))
+        yield Document(doc_id=doc_id, class_name=class_name, text=str(row[text_column]))
 
 
 def documents_from_source(
@@ -178,7 +192,7 @@ def documents_from_source(
     """Any source: a folder with a mapping CSV, a folder of text files, a table, or a saved datasets folder."""
     source = Path(source)
     if _is_saved_dataset(source) or source.is_file():
-        return documents_from_table(source, text_column, class_column, id_column)
+        return documents_from_table(source, text_column, class_column, id_column, template)
     if not source.is_dir():
         raise DataError(f"{source}: source not found")
     if mapping is not None or (source / "manifest.csv").is_file():
