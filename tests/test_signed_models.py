@@ -142,3 +142,33 @@ def test_the_model_signing_key_can_live_in_a_pkcs11_token(signed, governed, toke
     ours = smalti_cli("verify-model", str(tmp_path / "model"), "--trainer-pubkey", str(governed.keys / "trainer.pub"),
                       "--model-pubkey", str(token / "model-signing.pub"))
     assert ours.returncode == 0, ours.stderr
+
+
+def test_an_ablated_class_s_adapter_is_left_out_of_the_export_and_the_provenance_says_so(governed, tmp_path):
+    """A folder named after a deleted class (its adapter reset, lora_B zero) used to ship in the export."""
+    from conftest import write_policy
+    from securesystemslib.dsse import Envelope
+    from test_hf_models import HAMLET, MACBETH
+
+    policy = write_policy(governed, tmp_path / "policy.yaml", [], [{"classes": [HAMLET], "params": ["@adapter"]}])
+    config = ledger_recipe(governed, model=hf_model("llama", classes=[HAMLET, MACBETH], freeze_base=False),
+                           governance={"policy": str(policy)}, train={"max_duration": "4ba", "microbatch_size": 2},
+                           data={"batching": "per_class"})
+    run = tmp_path / "run"
+    assert smalti_cli("train", str(write_recipe(tmp_path / "r.yaml", config)), "--run-dir", str(run)).returncode == 0
+    forgot = smalti_cli("forget", str(run), "--class", HAMLET, "--mode", "ablate", "--out", str(tmp_path / "forgot"),
+                        "--eval-samples", "16")
+    assert forgot.returncode == 0, forgot.stderr
+    assert smalti_cli("keys", "new", "model", "--dir", str(tmp_path / "keys"), "--type", "ecdsa-p256").returncode == 0
+    done = smalti_cli("export", str(tmp_path / "forgot"), "--out", str(tmp_path / "model"), "--sign",
+                      "--model-key", str(tmp_path / "keys" / "model.key"))
+    assert done.returncode == 0, done.stderr
+    assert f"left out the adapter of {HAMLET}" in done.stdout
+    adapters = {p.name for p in (tmp_path / "model" / "adapters").iterdir()}
+    assert adapters and not any("hamlet" in name for name in adapters) and any("macbeth" in name for name in adapters)
+    envelope = Envelope.from_dict(json.loads((tmp_path / "model" / "provenance.intoto.json").read_text()))
+    left_out = json.loads(envelope.payload)["predicate"]["buildDefinition"]["internalParameters"]["adapters_left_out"]
+    assert left_out["classes"] == [HAMLET]
+    verified = smalti_cli("verify-model", str(tmp_path / "model"), "--trainer-pubkey", str(governed.keys / "trainer.pub"),
+                          "--model-pubkey", str(tmp_path / "keys" / "model.pub"))
+    assert verified.returncode == 0, verified.stderr

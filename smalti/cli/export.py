@@ -51,21 +51,30 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out.exists():
         raise SmaltiError(f"--out {args.out}: exists; name a new folder")
+    from rich.console import Console
+
+    progress = Console(stderr=True)
     if args.sign:
         trainer_key, model_key = _signing_keys(args)
-    model, tokenizer, checkpoint = load_trained_model(args.run_dir, args.checkpoint, args.weights)
+    with progress.status("loading the trained model"):
+        model, tokenizer, checkpoint = load_trained_model(args.run_dir, args.checkpoint, args.weights)
     if not isinstance(model, HFCausalLM):
         raise SmaltiError(f"{args.run_dir}: export writes Hugging Face models (model.hf); this run trained "
                           f"{type(model).__name__}")
+    from smalti.governance.certificate import ablated_classes
+
+    left_out = frozenset(ablated_classes(args.run_dir))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.", dir=args.out.parent))
     try:
-        written = export(model, scratch, tokenizer)
+        with progress.status("writing the model folder (transformers, peft)"):
+            written = export(model, scratch, tokenizer, left_out)
         if args.sign:
             from smalti.checkpoint import load_checkpoint
             from smalti.governance.provenance import sign_model
 
-            sign_model(scratch, args.run_dir, load_checkpoint(checkpoint, tensors=False), trainer_key, model_key)
+            with progress.status("signing: in-toto provenance, then an OpenSSF model signature over every file"):
+                sign_model(scratch, args.run_dir, load_checkpoint(checkpoint, tensors=False), trainer_key, model_key)
             written += ["provenance.intoto.json", "model.sig"]
         try:
             scratch.rename(args.out)  # whole or not at all; a second export to the same --out finds it taken
@@ -75,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     print(f"{args.out}: {', '.join(written)} (from {Path(checkpoint).name})")
+    for name in sorted(left_out):
+        print(f"left out the adapter of {name}: ablated by smalti forget (see the run's deletion certificate)")
     return 0
 
 

@@ -36,6 +36,22 @@ def ledger_entries(run: Path, tables: bool = True) -> tuple[dict[str, Any], list
     return bodies[0], bodies[1:], heads
 
 
+def ablated_classes(run: Path) -> list[str]:
+    """The classes whose adapters this run's deletion certificate says were ablated (reset), none otherwise:
+    what an export of the run leaves out, so that no folder named after a deleted class ships."""
+    path = Path(run) / CERTIFICATE
+    if not path.is_file():
+        return []
+    try:
+        certificate = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(certificate, dict) or certificate.get("mode") != "ablate":
+        return []
+    classes = certificate.get("classes") or [certificate.get("class")]
+    return sorted(str(c) for c in classes if c)
+
+
 def signed_message(certificate: dict[str, Any]) -> bytes:
     unsigned = {k: v for k, v in certificate.items() if k not in ("signature", "key_id")}
     return json.dumps(unsigned, sort_keys=True, separators=(",", ":")).encode()

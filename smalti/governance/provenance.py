@@ -61,7 +61,7 @@ def _descriptor(name: str, content: bytes, media_type: str, **annotations: Any) 
 
 def statement(directory: Path, run: Path, checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The in-toto Statement (SLSA Provenance v1) for the model files in ``directory``, trained in ``run``."""
-    from smalti.governance.certificate import CERTIFICATE
+    from smalti.governance.certificate import CERTIFICATE, ablated_classes
     from smalti.governance.ledger.note import verifier_key
     from smalti.governance.ledger.store import LedgerStore, ledger_path
     from smalti.governance.lineage import chain, run_entry
@@ -102,7 +102,11 @@ def statement(directory: Path, run: Path, checkpoint: dict[str, Any]) -> dict[st
                 "internalParameters": {"recipe_fingerprint": checkpoint.get("recipe_fingerprint"),
                                        "fingerprints": entry.get("fingerprints", {}),
                                        "classes": entry.get("classes", []),
-                                       "trained_to": checkpoint.get("timestamp")},
+                                       "trained_to": checkpoint.get("timestamp"),
+                                       "adapters_left_out": {
+                                           "classes": ablated_classes(run),
+                                           "why": "ablated by smalti forget (the deletion certificate is a "
+                                                  "byproduct): not exported"}},
                 "resolvedDependencies": dependencies,
             },
             "runDetails": {

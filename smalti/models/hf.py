@@ -182,13 +182,16 @@ def _gate_hook(gates: AdapterGates, index: int):
     return hook
 
 
-def export(model: HFCausalLM, directory: Path, tokenizer: Any | None = None) -> list[str]:
+def export(model: HFCausalLM, directory: Path, tokenizer: Any | None = None,
+           leave_out: frozenset[str] = frozenset()) -> list[str]:
     """A folder transformers loads unchanged: the base model (``save_pretrained``), the tokenizer, and each
-    class's LoRA adapter as a peft adapter folder under ``adapters/<class key>``. Returns what was written."""
+    class's LoRA adapter as a peft adapter folder under ``adapters/<class key>``, except the classes in
+    ``leave_out`` (adapters a deletion ablated: a reset adapter is no use, and its folder would name a deleted
+    class). Returns what was written."""
     written = []
     gates = getattr(model, "adapter_gates", None)
     if gates is not None:
-        written += _export_adapters(model, directory / "adapters", gates)
+        written += _export_adapters(model, directory / "adapters", gates, leave_out)
     base = _without_lora(model)
     base.save_pretrained(str(directory), safe_serialization=True)
     written.append("model (save_pretrained)")
@@ -213,7 +216,8 @@ def _without_lora(model: HFCausalLM) -> nn.Module:
     return hf
 
 
-def _export_adapters(model: HFCausalLM, directory: Path, gates: AdapterGates) -> list[str]:
+def _export_adapters(model: HFCausalLM, directory: Path, gates: AdapterGates,
+                     leave_out: frozenset[str] = frozenset()) -> list[str]:
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -223,6 +227,8 @@ def _export_adapters(model: HFCausalLM, directory: Path, gates: AdapterGates) ->
     written = []
     config = _lora_config(model)
     for class_name in gates.adapter_classes:
+        if class_name in leave_out:
+            continue
         key = adapter_key(class_name)
         state = get_peft_model_state_dict(model.hf, adapter_name=key)
         folder = directory / key
