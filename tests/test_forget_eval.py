@@ -193,3 +193,17 @@ def test_an_ungated_slice_is_in_every_rows_forward_pass_and_still_only_its_class
     assert torch.equal(outputs[True, "trained"], outputs[True, "ablated"])
     # Ungated: the same rows ran through Hamlet's slice, so ablating it changes them.
     assert not torch.equal(outputs[False, "trained"], outputs[False, "ablated"])
+
+
+def test_eval_forget_without_its_extra_says_so_in_one_line_before_any_work(tmp_path):
+    """It used to fail with ModuleNotFoundError after 30 seconds of work when scipy was missing."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = ("import sys; sys.modules['scipy'] = None; from smalti.cli.main import main; "
+            f"sys.exit(main(['eval-forget', {str(tmp_path / 'parent')!r}, {str(tmp_path / 'forgot')!r}, '--class', 'x']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode != 0 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "needs the eval extra (scipy is not installed): pip install 'smalti[eval]'" in done.stderr

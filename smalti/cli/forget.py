@@ -167,6 +167,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_eval_forget(args: argparse.Namespace) -> int:
     from smalti.errors import SmaltiError
+    from smalti.extras import require
+
+    require("eval", "smalti eval-forget", "scipy", "sklearn")
     from smalti.governance.forget_eval import evaluate_forgetting, plot
     from smalti.io import atomic_write_text
 

@@ -144,8 +144,13 @@ def add_lora_adapters(model: HFCausalLM, lora: Any, class_names: Sequence[str]) 
     if unknown:
         raise RecipeError(f"model.lora: class '{unknown[0]}' is not in the taxonomy")
     keys = [adapter_key(c) for c in lora.classes]
-    settings = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                          target_modules=list(lora.target_modules), bias="none")
+    # GPT-2's projections are Conv1D (weights stored transposed): peft turns fan_in_fan_out on for them anyway,
+    # with a warning on every run; say it up front instead.
+    targets = list(lora.target_modules)
+    transposed = any(type(m).__name__ == "Conv1D" and any(n == t or n.endswith("." + t) for t in targets)
+                     for n, m in model.hf.named_modules())
+    settings = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                          bias="none", fan_in_fan_out=transposed)
     try:
         with warnings.catch_warnings():  # peft warns that a second adapter is one more adapter: that is the point
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
