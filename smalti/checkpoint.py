@@ -163,7 +163,10 @@ def _expected_digest(path: Path) -> str | None:
     sidecar = path.with_name(path.name + ".sha256")
     if not sidecar.is_file():
         return None
-    return sidecar.read_text(encoding="utf-8").split()[0]
+    words = sidecar.read_text(encoding="utf-8", errors="replace").split()
+    if not words:
+        raise CheckpointCorrupt(f"{sidecar}: empty (it should hold the checkpoint's sha256)")
+    return words[0]
 
 
 def load_checkpoint(location: str | Path, tensors: bool = True) -> dict[str, Any]:

@@ -17,9 +17,11 @@ from smalti.governance.ledger.store import LedgerStore, ledger_path
 
 
 def grow_ledger(run_dir: Path, steps: int, key: SigningKey, head_every: int = 1000,
-                edit: Callable[[int, dict[str, Any]], dict[str, Any]] | None = None) -> int:
+                edit: Callable[[int, dict[str, Any]], dict[str, Any]] | None = None,
+                raw: Callable[[int, bytes], bytes] | None = None) -> int:
     """Rewrite ``run_dir``'s ledger with ``steps`` step entries cycled from its own; ``edit(index, packed_body)``
-    may change any entry before it is encoded (what a dishonest trainer would write). Returns the size."""
+    may change any entry before it is encoded, and ``raw(index, bytes)`` the encoded bytes themselves (what a
+    dishonest trainer would write, even what no JSON encoder would). Returns the size."""
     path = ledger_path(run_dir)
     store = LedgerStore(path)
     try:
@@ -40,6 +42,8 @@ def grow_ledger(run_dir: Path, steps: int, key: SigningKey, head_every: int = 10
             if edit is not None:
                 body = edit(index, body)
             data = encode_packed_entry(index, previous, body)
+            if raw is not None:
+                data = raw(index, data)
             leaf = merkle.leaf_hash(data)
             rows.append((index, body.get("step", 0), leaf, data))
             frontier.append(leaf)

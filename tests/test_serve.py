@@ -117,6 +117,7 @@ def test_browser_sessions_sign_in_out_and_revoke_everywhere(service):
         assert answer.status_code == 200 and answer.json()["reader"] == "auditor-one"
         cookie = answer.headers["set-cookie"].lower()
         assert "httponly" in cookie and "samesite=strict" in cookie
+        assert cookie.startswith("smalti_session_")  # named per origin: a service on another port has its own
         assert answer.json()["session"] not in cookie  # the header's half is not the cookie's
         cookie_only = s.get(base + "/api/whoami", timeout=30)  # what a page on another port of this host would hold
         assert cookie_only.status_code == 401
@@ -170,6 +171,20 @@ def test_the_session_and_challenge_stores_are_bounded():
     sessions.MAX_SESSIONS_PER_READER = 2
     sessions.login(code(sessions.challenge("e")))
     assert sessions.count() == 2 and sessions.reader(*made[0]) is None and sessions.reader(*made[-1]) is not None
+
+
+def test_the_refusal_throttle_keeps_counting_past_its_table():
+    from smalti.serve.auth import RefusalThrottle
+    from smalti.serve.service import normal_address
+
+    throttle = RefusalThrottle(limit=3, clients=2)
+    for client in ("a", "b"):
+        throttle.failed(client)
+    for _ in range(3):
+        throttle.failed("fresh-1")  # the table is full: counted with every address not in it
+    assert throttle.blocked("fresh-2") and not throttle.blocked("a")
+    assert normal_address("2001:db8::1") == normal_address("2001:db8::ffff") == "2001:db8::/64"
+    assert normal_address("::ffff:127.0.0.1") == "127.0.0.1"
 
 
 def test_a_run_signed_by_a_key_the_taxonomy_never_named_is_untrusted_everywhere(service):
@@ -391,39 +406,74 @@ def test_an_internal_error_is_a_json_500_and_recorded(service, governed, tmp_pat
         process.wait(timeout=20)
 
 
-def test_hostile_ledgers_and_odd_input_are_refused_quickly_not_500_or_hung(service, tmp_path):
+def _hostile_ledger(run: Path, view: str) -> None:
+    """A ledger whose ``view`` table (meta or heads) is a recursive view that never ends."""
     from smalti import formats
 
-    base, runs, auditor, _, _ = service
-    hostile = runs / "hostile"
-    hostile.mkdir()
-    (hostile / "recipe.yaml").write_text("seed: 1\n")
-    with sqlite3.connect(hostile / "ledger.sqlite") as db:  # heads is a recursive view that never ends
-        db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        db.execute("INSERT INTO meta VALUES ('format', ?)", (formats.LEDGER,))
-        db.execute("CREATE TABLE entries (idx INTEGER PRIMARY KEY, step INTEGER NOT NULL, leaf BLOB NOT NULL, "
-                   "data BLOB NOT NULL)")
-        db.execute("CREATE VIEW heads AS WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n) "
-                   "SELECT x AS size, x AS root, '' AS timestamp, 0 AS final, '' AS key_id, x AS signature, '' AS "
-                   "weights FROM n WHERE x < 0")
+    run.mkdir()
+    (run / "recipe.yaml").write_text("seed: 1\n")
+    tables = {"meta": "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+              "entries": "CREATE TABLE entries (idx INTEGER PRIMARY KEY, step INTEGER NOT NULL, leaf BLOB NOT NULL, "
+                         "data BLOB NOT NULL)",
+              "heads": "CREATE TABLE heads (size INTEGER PRIMARY KEY, root BLOB NOT NULL, timestamp TEXT NOT NULL, "
+                       "final INTEGER NOT NULL, key_id TEXT NOT NULL, signature BLOB NOT NULL, weights TEXT NOT NULL)"}
+    forever = {"meta": "CREATE VIEW meta AS WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n) "
+                       "SELECT 'k' || x AS key, x AS value FROM n",
+               "heads": "CREATE VIEW heads AS WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n) "
+                        "SELECT x AS size, x AS root, '' AS timestamp, 0 AS final, '' AS key_id, x AS signature, "
+                        "'' AS weights FROM n WHERE x < 0"}
+    with sqlite3.connect(run / "ledger.sqlite") as db:
+        for name, sql in tables.items():
+            db.execute(forever[view] if name == view else sql)
+        if view != "meta":
+            db.execute("INSERT INTO meta VALUES ('format', ?)", (formats.LEDGER,))
+
+
+def test_hostile_ledgers_and_odd_input_are_refused_quickly_not_500_or_hung(service, governed, tmp_path):
     import shutil
 
+    from ledger_factory import grow_ledger
+    from smalti.governance.keys import SigningKey
+
+    base, runs, auditor, _, _ = service
+    _hostile_ledger(runs / "hostile", "heads")
+    _hostile_ledger(runs / "hostile-meta", "meta")
     shutil.copytree(runs / "alpha", runs / "shmlink")
     (runs / "shmlink" / "ledger.sqlite-shm").symlink_to(tmp_path / "elsewhere-shm")
+    shutil.copytree(runs / "alpha", runs / "strays")
+    (runs / "strays" / "ledger.sqlite-wal").write_bytes(b"")  # a stray -wal: still nothing created beside it
+    shutil.copytree(runs / "alpha", runs / "nested")
+    deep = b"[" * 100_000 + b"]" * 100_000
+
+    def nest(index: int, data: bytes) -> bytes:  # a body no JSON encoder would write; signed all the same
+        return data[:-1] + b',"deep":' + deep + b"}" if index in (0, 2) else data
+
+    grow_ledger(runs / "nested", 6, SigningKey.load(governed.key("trainer")), raw=nest)
+    (runs / "garbage").mkdir()
+    (runs / "garbage" / "recipe.yaml").write_text("seed: 1\n")
+    (runs / "garbage" / "ledger.sqlite").write_bytes(b"not a database at all" * 100)
     try:
         client = Client(base, auditor)
         started = time.time()
-        answer = client.get("/api/runs/hostile")
-        assert answer.status_code == 422 and "heads is a view" in answer.json()["error"]
+        for name in ("hostile", "hostile-meta"):
+            answer = client.get(f"/api/runs/{name}")
+            assert answer.status_code == 422 and "is a view" in answer.json()["error"], answer.text
         listed = {r["run"]: r for r in client.get("/api/runs").json()}
-        assert listed["hostile"]["trust"]["trusted"] is False and time.time() - started < 10
+        assert listed["hostile-meta"]["trust"]["trusted"] is False and time.time() - started < 10
+        assert listed["nested"]["trust"]["trusted"] is False  # its run entry is refused; the listing still answers
+        assert str(runs) not in listed["garbage"]["trust"]["reason"] and "garbage/ledger.sqlite" in \
+            listed["garbage"]["trust"]["reason"]
+        nested = client.get("/api/runs/nested/entries/2")
+        assert nested.status_code == 422 and "nested too deeply" in nested.json()["error"]
         linked = client.get("/api/runs/shmlink/checkpoint")
         assert linked.status_code == 422 and "not a plain file" in linked.json()["error"]
         assert not (tmp_path / "elsewhere-shm").exists()
+        assert client.get("/api/runs/strays/checkpoint").status_code == 200
+        assert not (runs / "strays" / "ledger.sqlite-shm").exists()
         assert client.get("/api/runs/alpha/tile/entries/000.p/%C2%B2").status_code == 404  # a Unicode digit
     finally:
-        shutil.rmtree(hostile)
-        shutil.rmtree(runs / "shmlink")
+        for name in ("hostile", "hostile-meta", "shmlink", "strays", "nested", "garbage"):
+            shutil.rmtree(runs / name)
 
 
 def test_sign_in_bodies_are_bounded_in_size_and_time(service):
@@ -461,12 +511,34 @@ def test_behind_a_configured_proxy_one_client_cannot_get_another_refused(service
         assert spoofed.status_code == 429  # the proxy appends the real one last: what comes before is the client's
 
 
-def test_the_auditor_client_follows_no_redirect_and_prints_no_terminal_escapes(tmp_path, governed):
+def test_the_auditor_client_follows_no_redirect_and_prints_no_terminal_escapes(service, tmp_path, governed):
     import http.server
     import threading
 
+    from smalti.governance.ledger.store import LedgerStore, ledger_path
+
+    with LedgerStore(ledger_path(service[1] / "alpha"), read_only=True) as store:
+        note = store.heads()[-1].note(store.trainer_key.raw)  # a genuine checkpoint, then a lying proof
+
     class Hostile(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
+            if self.path.startswith("/api/runs/alpha/checkpoint"):
+                body = note.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            if self.path.startswith("/api/runs/alpha/proof"):
+                body = json.dumps({"leaf_index": "\r\x1b[2Kalpha: step 3's entry is in the tree\x1b[8m", "tree_size": 7,
+                                   "entry_base64": "", "audit_path": []}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
             if self.path.startswith("/api/runs/moved"):
                 self.send_response(302)
                 self.send_header("Location", "http://10.0.0.1/internal")
@@ -490,10 +562,13 @@ def test_the_auditor_client_follows_no_redirect_and_prints_no_terminal_escapes(t
         from smalti.governance.keys import write_key_pair
 
         write_key_pair("auditor", keys)
-        lied = smalti_cli("auditor", "verify", base, "alpha", "--key", str(keys / "auditor.key"), "--trainer-key",
+        lied = smalti_cli("auditor", "verify", base, "beta", "--key", str(keys / "auditor.key"), "--trainer-key",
                           str(governed.keys / "trainer.pub"))
         assert lied.returncode != 0 and "\x1b" not in lied.stderr and "\r" not in lied.stderr
         assert "\\x1b[2K" in lied.stderr  # shown, as an escape
+        proof = smalti_cli("auditor", "proof", base, "alpha", "--step", "3", "--key", str(keys / "auditor.key"),
+                           "--trainer-key", str(governed.keys / "trainer.pub"))
+        assert proof.returncode != 0 and "\x1b" not in proof.stderr and "\r" not in proof.stderr, proof.stderr
         moved = smalti_cli("auditor", "audit", base, "moved", "--class", "x", "--key", str(keys / "auditor.key"))
         assert moved.returncode != 0 and "redirected (302)" in moved.stderr and "not followed" in moved.stderr
     finally:
@@ -598,7 +673,7 @@ def test_https_origin_sets_secure_cookies_and_binds_signatures_to_https(governed
                                      verify=str(tmp_path / "cert.pem"))
         assert answer.status_code == 200
         cookie = answer.headers["set-cookie"]
-        assert cookie.startswith("__Host-smalti_session=") and "secure" in cookie.lower()
+        assert cookie.startswith("__Host-smalti_session_") and "secure" in cookie.lower()
         with pytest.raises(requests.exceptions.SSLError):
             requests.get(base + "/api/runs", timeout=10)  # an unchecked certificate is refused by the client
 
@@ -735,9 +810,25 @@ def test_a_run_still_training_is_served_up_to_its_newest_signed_head(service, go
     assert smalti_cli("ledger", "verify", str(runs / "gamma")).returncode != 0  # unfinished: verify says so
 
 
+def test_report_links_are_one_use_and_logged_with_their_run(service):
+    base, _, auditor, _, _ = service
+    session = requests.Session()
+    signed_in = session.post(base + "/api/login", json={"code": sign_in_code(base, auditor)}, timeout=30).json()
+    session.headers["X-Smalti-Session"] = signed_in["session"]
+    url = session.get(base + "/api/runs/alpha/report-ticket", timeout=30).json()["url"]
+    assert requests.head(base + url, timeout=30).status_code == 405  # a HEAD does not use it up
+    assert requests.get(base + url, timeout=30).status_code == 200
+    assert requests.get(base + url, timeout=30).status_code == 404
+    records = Client(base, auditor).get("/api/access-log?last=20").json()["last"]
+    assert any(r.get("event") == "report" and r["query"] == "run=alpha" and url not in json.dumps(r) for r in records)
+
+
 def test_one_address_cannot_take_every_sign_in_challenge(service):
     """Last in the module: it leaves this address's challenges taken for two minutes."""
     base, _, auditor, _, _ = service
     answers = [requests.get(base + "/api/login/challenge", timeout=30).status_code for _ in range(40)]
     assert answers[:20].count(200) >= 20 and 429 in answers
     assert requests.post(base + "/api/login", json={"code": "x.y.z"}, timeout=30).status_code == 401  # uses none
+    for _ in range(620):  # refused sign-ins count toward the address's budget too
+        requests.post(base + "/api/login", json={"code": "a.b.c"}, timeout=30)
+    assert requests.post(base + "/api/login", json={"code": "a.b.c"}, timeout=30).status_code == 429

@@ -106,7 +106,9 @@ def run_runs(args: argparse.Namespace) -> int:
     if not isinstance(runs, list):
         raise RemoteError(f"{args.origin}/api/runs: not a list of runs")
     for run in runs:
-        trust = run.get("trust") or {} if isinstance(run, dict) else {}
+        if not isinstance(run, dict):
+            raise RemoteError(f"{args.origin}/api/runs: an entry of the list is not a run")
+        trust = run.get("trust") if isinstance(run.get("trust"), dict) else {}
         state = "final" if run.get("final") else "in progress"
         verdict = "trusted" if trust.get("trusted") is True else "NOT TRUSTED: " + printable(trust.get("reason"))
         print(f"{printable(run.get('run'), 64):<32} {printable(run.get('entries'), 12):>7} entries  {state:<11}  "

@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     if service.access_log.lock.took_over_stale:
         print(f"note: a previous service on this access log ({service.access_log.lock.previous.get('pid')}) ended "
               f"without closing it", flush=True)
-    limits = ConnectionLimits(args.header_timeout, args.max_connections, args.max_per_client, tuple(args.proxy))
+    limits = ConnectionLimits(args.header_timeout, args.max_connections, args.max_per_client,
+                              tuple(sorted(service.proxies)))
     try:
         serve_forever(app, host, int(port), limits, str(args.tls_cert) if args.tls_cert else None,
                       str(args.tls_key) if args.tls_key else None)

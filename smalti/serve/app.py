@@ -82,11 +82,16 @@ class Guard:
             return
         scope.setdefault("state", {}).update(reader=reader, client=client)
         status = await self._call(scope, receive, send, method, path)
+        if status >= 400 and path in ("/api/login", "/api/login/challenge"):
+            service.throttle.failed(client)  # refused sign-ins count toward the address's budget too
         who = scope["state"].get("reader")  # a sign-in or a report ticket names its reader once the route ran
         if who is not None:
             event = {"/api/login": "sign-in", "/api/logout": "sign-out"}.get(
                 path, "report" if path.startswith("/report/") else "request")
-            shown = "/report/(ticket)" if path.startswith("/report/") else path
+            if path.startswith("/report/"):  # the ticket is a secret; the run it opened is the record
+                shown, query = "/report/(ticket)", f"run={scope['state'].get('report_run', '')}"
+            else:
+                shown = path
             service.access_log.record(who.name, who.key_id, method, shown, query if path != "/api/login" else "",
                                       status, event)
         elif path == "/api/login" or path.startswith("/report/"):
@@ -102,6 +107,8 @@ class Guard:
                          f"{hosts[0] if hosts else 'no host'}")
         if method not in ("GET", "HEAD") and not (method == "POST" and path in POSTS):
             return 405, f"{method}: this service only reads (GET, HEAD; POST only to sign in and out)"
+        if method == "HEAD" and path.startswith("/report/"):
+            return 405, "HEAD: a report link is good once; open it with GET"
         if method == "POST":
             if any(k == "transfer-encoding" for k, _ in headers):
                 return 411, "send the body with a Content-Length (no chunked encoding)"
@@ -216,11 +223,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
 
 def _add_error_handlers(app: FastAPI, service: Service) -> None:
-    root = str(service.runs.root)
-
     def answer(status: int):
         async def handler(_: Request, error: Exception) -> JSONResponse:
-            message = str(error).replace(root + "/", "").replace(root, ".")  # no path of this machine leaves it
+            message = service.scrub(str(error))  # no path of this machine leaves it
             return JSONResponse({"error": message, "status": status}, status_code=status)
         return handler
 

@@ -197,28 +197,37 @@ class Sessions:
     MAX_CHALLENGES = 100_000
     MAX_CHALLENGES_PER_CLIENT = 32
     MAX_SESSIONS_PER_READER = 256
-    MAX_TICKETS = 1000
+    MAX_TICKETS = 10_000
+    MAX_TICKETS_PER_READER = 16
 
     def __init__(self, authenticator: RequestAuthenticator) -> None:
         self.authenticator = authenticator
-        self._challenges: dict[str, tuple[float, str]] = {}  # challenge -> (expiry, client)
+        self._challenges: dict[str, tuple[float, str]] = {}  # challenge -> (expiry, client), oldest first
         self._per_client: dict[str, int] = {}
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
         self._tickets: OrderedDict[str, _Ticket] = OrderedDict()
         self._lock = threading.Lock()
 
     def _drop_expired_challenges(self, now: float) -> None:
-        self._challenges = {k: v for k, v in self._challenges.items() if v[0] > now}
-        self._per_client = {}
-        for _, client in self._challenges.values():
-            self._per_client[client] = self._per_client.get(client, 0) + 1
+        """From the oldest on (they expire in the order they were made): amortised O(1) a challenge."""
+        while self._challenges:
+            token, (expiry, client) = next(iter(self._challenges.items()))
+            if expiry > now:
+                break
+            del self._challenges[token]
+            self._uncount(client)
+
+    def _uncount(self, client: str) -> None:
+        left = self._per_client.get(client, 0) - 1
+        if left > 0:
+            self._per_client[client] = left
+        else:
+            self._per_client.pop(client, None)
 
     def challenge(self, client: str = "") -> str:
         now = time.time()
         with self._lock:
-            if (len(self._challenges) >= self.MAX_CHALLENGES
-                    or self._per_client.get(client, 0) >= self.MAX_CHALLENGES_PER_CLIENT):
-                self._drop_expired_challenges(now)
+            self._drop_expired_challenges(now)
             if self._per_client.get(client, 0) >= self.MAX_CHALLENGES_PER_CLIENT:
                 raise AuthError(429, f"{self.MAX_CHALLENGES_PER_CLIENT} sign-in challenges are outstanding for this "
                                      f"address; use one, or wait {self.CHALLENGE_LIFETIME} seconds")
@@ -239,8 +248,8 @@ class Sessions:
         challenge, key_id, signature = parts
         with self._lock:
             expiry, client = self._challenges.pop(challenge, (0.0, ""))  # one use only
-            if expiry and self._per_client.get(client):
-                self._per_client[client] -= 1
+            if expiry:
+                self._uncount(client)
         if expiry <= time.time():
             raise AuthError(401, "sign-in refused: unknown, used or expired challenge (run smalti auditor sign-in "
                                  "again)")
@@ -290,11 +299,16 @@ class Sessions:
             return len(ended)
 
     def ticket(self, reader: Reader, run: str) -> str:
+        """A report link for ``run``; a reader holds at most 16 (its oldest goes), so no reader can push out
+        another's."""
         now = time.time()
         with self._lock:
             self._tickets = OrderedDict((t, x) for t, x in self._tickets.items() if x.expires > now)
-            while len(self._tickets) >= self.MAX_TICKETS:
-                self._tickets.popitem(last=False)
+            mine = [t for t, x in self._tickets.items() if x.reader.key_id == reader.key_id]
+            for old in mine[: max(0, len(mine) - self.MAX_TICKETS_PER_READER + 1)]:
+                del self._tickets[old]
+            if len(self._tickets) >= self.MAX_TICKETS:
+                raise AuthError(503, "too many report links are outstanding; try again in a minute")
             token = secrets.token_urlsafe(32)
             self._tickets[token] = _Ticket(reader, run, now + self.TICKET_LIFETIME)
         return token
@@ -312,7 +326,7 @@ class RefusalThrottle:
     """Failed authentications per client address per minute; past ``limit`` the client gets 429 without the
     service spending a signature check on it."""
 
-    def __init__(self, limit: int = 600, window: float = 60.0, clients: int = 4096) -> None:
+    def __init__(self, limit: int = 600, window: float = 60.0, clients: int = 65536) -> None:
         self.limit, self.window, self.clients = limit, window, clients
         self._counts: dict[str, int] = {}
         self._since = time.monotonic()
@@ -323,9 +337,13 @@ class RefusalThrottle:
             self._counts, self._since = {}, time.monotonic()
 
     def blocked(self, client: str) -> bool:
+        """Over the limit: the client's own count, or, once the table is full of other addresses, the count all
+        addresses not in it share (so that coming from a fresh address does not switch the throttle off)."""
         with self._lock:
             self._roll()
-            return self._counts.get(client, 0) >= self.limit
+            if client in self._counts or len(self._counts) < self.clients:
+                return self._counts.get(client, 0) >= self.limit
+            return self._counts.get("(others)", 0) >= self.limit
 
     def failed(self, client: str) -> None:
         with self._lock:

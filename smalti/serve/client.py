@@ -130,7 +130,12 @@ class AuditClient:
         return self._checked(response, path).json()
 
     def text(self, path: str, **params: Any) -> str:
-        return self._checked(self.get(path, **params), path).text
+        """UTF-8, whatever charset the answer claims (C2SP notes are UTF-8; their signature lines start with an
+        em dash)."""
+        try:
+            return self._checked(self.get(path, **params), path).content.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RemoteError(f"{self.origin}{path}: the answer is not UTF-8 text") from None
 
     def content(self, path: str, **params: Any) -> bytes:
         return self._checked(self.get(path, **params), path).content
@@ -212,18 +217,24 @@ class AuditClient:
         """The entry of ``step``, proven into the trainer-signed checkpoint; returns its decoded body."""
         checkpoint = checkpoint or self.verified_checkpoint(run, trainer)
         proof = self.json(f"/api/runs/{run}/proof/inclusion", step=step, tree_size=checkpoint.size)
-        entry = base64.b64decode(proof["entry_base64"])
-        index = proof["leaf_index"]
+        if not isinstance(proof, dict):
+            raise RemoteError(f"run {run}: the inclusion proof is not a JSON object")
+        index = proof.get("leaf_index")
         if not (type(index) is int and 0 <= index < checkpoint.size and proof["tree_size"] == checkpoint.size):
-            raise RemoteError(f"run {run}: the proof is for entry {index} of {proof['tree_size']}, not within "
-                              f"the signed tree of {checkpoint.size}")
+            raise RemoteError(f"run {run}: the proof is for entry {printable(index)} of "
+                              f"{printable(proof.get('tree_size'))}, not within the signed tree of {checkpoint.size}")
+        try:
+            entry = base64.b64decode(str(proof.get("entry_base64")), validate=True)
+            path = [bytes.fromhex(p) for p in proof.get("audit_path") or []]
+        except (ValueError, TypeError):
+            raise RemoteError(f"run {run}: the inclusion proof is malformed") from None
         if not merkle.verify_inclusion(index, checkpoint.size, merkle.leaf_hash(entry),
-                                       [bytes.fromhex(p) for p in proof["audit_path"]], checkpoint.root):
+                                       path, checkpoint.root):
             raise RemoteError(f"run {run}: the inclusion proof for step {step} does not lead to the signed root")
         body = decode_entry(entry).body
         if struct.unpack(">Q", entry[4:12])[0] != index or body.get("step") != step:
             raise RemoteError(f"run {run}: asked for step {step}, the service proved entry {index} "
-                              f"(step {body.get('step')})")
+                              f"(step {printable(body.get('step'))})")
         return body
 
     def verify_entries(self, run: str, trainer: PublicKey, checkpoint: Checkpoint | None = None) -> Checkpoint:

@@ -151,6 +151,13 @@ class Runs:
                       if not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False)
                       and _regular_file(Path(entry.path) / "recipe.yaml"))
 
+    def is_run(self, name: str) -> bool:
+        try:
+            self.path(name)
+        except NotFound:
+            return False
+        return True
+
     def path(self, name: str) -> Path:
         """The run's folder: one of the root's real children, by name ("..", "%2e%2e" and links land on 404).
         One ``lstat`` per check, not a listing: the cost of a request does not grow with the number of runs."""
@@ -310,9 +317,11 @@ class Runs:
 
     # ---------------------------------------------------------------- Merkle tree
 
-    def tree(self, name: str, head: TreeHead) -> merkle.Tree:
+    def tree(self, name: str, head: TreeHead, build: Callable[[Callable[[], Any]], Any] = lambda work: work()
+             ) -> merkle.Tree:
         """The Merkle tree under ``head`` (every aligned subtree's hash), checked against its signed root once,
-        then kept (bounded): proofs and tiles read it instead of the store."""
+        then kept (bounded): proofs and tiles read it instead of the store. ``build`` runs the whole-ledger read
+        (the service runs it in a heavy slot)."""
         def read() -> merkle.Tree:
             with self.store(name) as store:
                 leaves = store.leaf_range(0, head.size)
@@ -322,9 +331,10 @@ class Runs:
                                     f"{head.size}")
             return tree
 
-        return self._leaves.get((name, head.size, head.root), read, weigh=len)
+        return self._leaves.get((name, head.size, head.root), lambda: build(read), weigh=len)
 
-    def tile(self, name: str, head: TreeHead, level: str, index: int, width: int | None) -> bytes:
+    def tile(self, name: str, head: TreeHead, level: str, index: int, width: int | None,
+             build: Callable[[Callable[[], Any]], Any] = lambda work: work()) -> bytes:
         """One C2SP tlog-tiles tile or entry bundle of the tree at ``head``, reading only what it covers."""
         if level == "entries":
             available = max(0, min(WIDTH, head.size - index * WIDTH))
@@ -338,7 +348,7 @@ class Runs:
         span = WIDTH ** height  # leaves under one hash of this level
         available = max(0, min(WIDTH, head.size // span - index * WIDTH))
         width = self._tile_width(available, width, f"{level}/{index}")
-        hashes = self.tree(name, head).levels[8 * height]  # a level-L tile holds complete subtrees of 256**L leaves
+        hashes = self.tree(name, head, build).levels[8 * height]  # a level-L tile: complete subtrees of 256**L leaves
         return b"".join(hashes[index * WIDTH:index * WIDTH + width])
 
     @staticmethod

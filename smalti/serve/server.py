@@ -22,6 +22,8 @@ from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from smalti.serve.service import normal_address
+
 MAX_HEAD = 65536  # bytes h11 buffers for one request head
 
 
@@ -44,8 +46,8 @@ def guarded_protocol(limits: ConnectionLimits) -> type:
         def connection_made(self, transport: Any) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._head_timer = None
-            address = self.client[0] if self.client else None
-            same = sum(1 for c in self.connections if getattr(c, "client", None) and c.client[0] == address)
+            address = self._address = normal_address(self.client[0]) if self.client else None
+            same = sum(1 for c in self.connections if getattr(c, "_address", None) == address)
             capped = address and address not in limits.proxies and same > limits.max_per_client
             if len(self.connections) > limits.max_connections or capped:
                 transport.write(_raw_response(503, "Service Unavailable", "too many connections; try again later"))

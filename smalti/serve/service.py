@@ -7,6 +7,8 @@ paths of this machine never leave it (a parent outside the served folder is show
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +47,20 @@ class ServeSettings:
     body_timeout: float = 10.0  # seconds a sign-in request has to send its body
 
 
+def normal_address(address: str) -> str:
+    """An address as the service counts clients: IPv4 as itself (an IPv4-mapped IPv6 address too), IPv6 by its
+    /64; anything else (a name, garbage in a header) as given."""
+    try:
+        parsed = ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        return address
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
+    return str(parsed)
+
+
 def check_origin(origin: str) -> str:
     """``http(s)://host[:port]`` with nothing after it; a one-line error otherwise."""
     parts = urlsplit(origin)
@@ -62,13 +78,17 @@ class Service:
         default_port = 443 if parts.scheme == "https" else 80
         self.hosts = {parts.netloc} | ({parts.hostname} if (parts.port or default_port) == default_port else set())
         self.secure = parts.scheme == "https"
-        self.cookie_name = "__Host-smalti_session" if self.secure else Sessions.COOKIE
+        # One cookie name per origin: cookies ignore ports, and two services on one host must not overwrite each
+        # other's session cookie (the header half is per origin anyway).
+        tag = hashlib.sha256(self.origin.encode()).hexdigest()[:8]
+        self.cookie_name = f"{'__Host-' if self.secure else ''}{Sessions.COOKIE}_{tag}"
         self.runs = Runs(settings.runs_dir, settings.taxonomy, settings.limits)
         self.authenticator = RequestAuthenticator(settings.taxonomy, self.origin)
         self.sessions = Sessions(self.authenticator)
         self.throttle = RefusalThrottle()
         access_origin = f"smalti-access/{parts.netloc}"
         self.access_log = AccessLog(settings.access_log, settings.service_key, access_origin)
+        self.proxies = {normal_address(p) for p in settings.proxies}
         self.access_verifier = verifier_key(access_origin, settings.service_key.public.raw)
         self._heavy = threading.BoundedSemaphore(settings.heavy_slots)
         self._answers = BoundedCache(256)  # forensic answers and entropy profiles: small, and dear to recompute
@@ -79,12 +99,19 @@ class Service:
 
     def client_address(self, peer: str, headers: list[tuple[str, str]]) -> str:
         """Who is asking, for throttling and the log: the TCP peer, or behind a configured reverse proxy the last
-        address that proxy appended to X-Forwarded-For (anything before it the client could have written)."""
-        if peer not in self.settings.proxies:
-            return peer
-        forwarded = [v for k, v in headers if k == "x-forwarded-for"]
-        last = forwarded[-1].split(",")[-1].strip() if forwarded else ""
-        return last[:64] or peer
+        address that proxy appended to X-Forwarded-For (anything before it the client could have written). An
+        IPv6 client counts as its /64, as one host usually holds a whole /64."""
+        peer = normal_address(peer)
+        if peer in self.proxies:
+            forwarded = [v for k, v in headers if k == "x-forwarded-for"]
+            last = forwarded[-1].split(",")[-1].strip() if forwarded else ""
+            peer = normal_address(last[:64]) or peer
+        return peer
+
+    def scrub(self, text: str) -> str:
+        """A message for a client, without the paths of this machine that a lower layer quoted."""
+        root = str(self.runs.root)
+        return text.replace(root + "/", "").replace(root, ".")
 
     # ---------------------------------------------------------------- bounded work
 
@@ -113,10 +140,10 @@ class Service:
         if size is None or size == latest.size:
             return latest
         with self.runs.store(run) as store:
-            found = [h for h in store.heads() if h.size == size]
-        if not found:
+            found = store.head_of_size(size)
+        if found is None:
             raise BadRequest(f"tree_size={size}: the ledger signed no head of that size (latest {latest.size})")
-        return found[0]
+        return found
 
     def run_summary(self, name: str) -> dict[str, Any]:
         """One row of the run list: never fails as a whole because one run is broken."""
@@ -131,25 +158,32 @@ class Service:
                     "forgotten": parent.get("forgotten") if parent else None}
         except (NotFound, Unprocessable, SmaltiError) as error:
             return {"run": name, "entries": 0, "final": False, "signed": None, "origin": None,
-                    "trust": {"trusted": False, "reason": str(error), "trainer": None},
+                    "trust": {"trusted": False, "reason": self.scrub(str(error)), "trainer": None},
                     "parent": None, "link": None, "forgotten": None}
 
     def lineage(self, run: str) -> list[dict[str, Any]]:
-        """The run's ancestors, nearest first, followed only within the served folder."""
+        """The run's ancestors, nearest first, followed only within the served folder (a lookup per ancestor)."""
         found, seen, current = [], {run}, run
         while len(found) < MAX_LINEAGE:
-            head, _ = self.runs.head(current)
+            try:
+                head, _ = self.runs.head(current)
+            except (NotFound, Unprocessable):
+                break
             parent = self.runs.run_entry(current, head).get("parent")
             if not parent:
                 break
             label = self.runs.label(parent["run_dir"])
             found.append({"run": label, "kind": parent.get("kind", "replay"), "forgotten": parent.get("forgotten"),
                           "mode": parent.get("mode"), "head_size": (parent.get("head") or {}).get("size")})
-            if label in seen or label not in self.runs.names():
+            if label in seen or not self.runs.is_run(label):
                 break  # outside the folder, not a run here, or a circle
             seen.add(label)
             current = label
         return found
+
+    def tree(self, run: str, head: TreeHead) -> Any:
+        """The run's Merkle tree at ``head``, built (a whole-ledger read) under a heavy slot when not kept."""
+        return self.runs.tree(run, head, build=self.heavy)
 
     def entropy(self, run: str, max_profiles: int) -> dict[str, Any]:
         head, _ = self.runs.head(run)
@@ -192,8 +226,7 @@ class Service:
                                      untrusted=None if trust.trusted else trust.reason, served=served)
             except (EntryFormatError, AuditError, ValueError, TypeError, OverflowError) as error:
                 raise Unprocessable(f"run {run!r}: its ledger cannot be reported ({error})") from None
-            root = str(self.runs.root)  # whatever a message below quoted: no path of this machine leaves it
-            return page.replace(root + "/", "").replace(root, ".")
+            return self.scrub(page)  # whatever a message below quoted: no path of this machine leaves it
 
         return self.runs.reports.get((run, head.size, head.root, head.signature),
                                      lambda: self._slot(self._reports, render, "reports"))

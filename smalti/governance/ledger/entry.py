@@ -225,6 +225,13 @@ def decode_header(data: bytes) -> tuple[int, bytes]:
 def decode_entry(data: bytes, canonical: bool = True) -> Entry:
     """The entry in ``data``; ``canonical=False`` skips re-encoding the body to check it is the one
     spelling of its content (half the cost), for readers of a ledger that was just verified."""
+    try:
+        return _decode_entry(data, canonical)
+    except RecursionError:
+        raise EntryFormatError("body is nested too deeply") from None
+
+
+def _decode_entry(data: bytes, canonical: bool) -> Entry:
     index, previous = decode_header(data)
     try:
         stored = json.loads(data[HEADER_SIZE:])

@@ -396,7 +396,8 @@ def _held_out(run_dir: Path, max_bytes: int | None = None) -> str:
 
     try:
         folder = run_dir / "checkpoints"
-        if max_bytes is not None and (folder.is_symlink() or not folder.is_dir()):
+        if max_bytes is not None and (folder.is_symlink() or not folder.is_dir() or (
+                (folder / "latest").exists() and plain_file(folder, "latest") is None)):
             return "<h2>Held-out loss per class</h2><p>Not shown: the run holds no checkpoints folder of its own.</p>"
         latest = CheckpointStore(folder, keep=1).latest()
         if latest is not None and max_bytes is not None and (
@@ -418,7 +419,7 @@ def _held_out(run_dir: Path, max_bytes: int | None = None) -> str:
             f"</th><th>class</th><th>loss</th></tr>{rows}</table></div>")
 
 
-def _certificate(run_dir: Path, served: ServedBy | None = None) -> str:
+def _certificate(run_dir: Path, served: ServedBy | None = None, log: str = "") -> str:
     from smalti.governance.certificate import CERTIFICATE
 
     path = plain_file(run_dir, CERTIFICATE)
@@ -431,7 +432,7 @@ def _certificate(run_dir: Path, served: ServedBy | None = None) -> str:
             raise ValueError("not an object")
     except (ValueError, UnicodeDecodeError) as error:
         return f"<h2>Deletion certificate</h2><p class='status bad'>CERTIFICATE UNREADABLE: {_e(error)}</p>"
-    status = _certificate_status(run_dir, certificate, served)
+    status = _certificate_status(run_dir, certificate, served, log)
     evaluation = certificate.get("evaluation") if isinstance(certificate.get("evaluation"), dict) else {}
     before = evaluation.get("before") if isinstance(evaluation.get("before"), dict) else {}
     after = evaluation.get("after") if isinstance(evaluation.get("after"), dict) else {}
@@ -451,7 +452,7 @@ def _certificate(run_dir: Path, served: ServedBy | None = None) -> str:
             + (f"<table><tr><th>class</th><th>loss before</th><th>loss after</th></tr>{losses}</table>" if losses else ""))
 
 
-def _certificate_status(run_dir: Path, certificate: dict[str, Any], served: ServedBy | None) -> str:
+def _certificate_status(run_dir: Path, certificate: dict[str, Any], served: ServedBy | None, log: str) -> str:
     """Offline, the full check (the parent's ledger, the replay's, the certified weights); served, only the
     signature under the taxonomy's trainer key: a certificate names its parent by a path the audited party chose,
     and the service opens no ledger outside the folder it serves."""
@@ -470,6 +471,10 @@ def _certificate_status(run_dir: Path, certificate: dict[str, Any], served: Serv
     if not valid:
         return ("<p class='status bad'>CERTIFICATE NOT SIGNED by the taxonomy's trainer key"
                 f"{' ' + _e(key.key_id) if key is not None else ''}</p>")
+    certified = certificate.get("ledger_head") if isinstance(certificate.get("ledger_head"), dict) else {}
+    if certified.get("origin") != log:  # a genuine certificate of another run, copied in
+        return (f"<p class='status bad'>CERTIFICATE OF ANOTHER RUN: it certifies the log "
+                f"{_e(certified.get('origin'))}, this run's ledger is {_e(log)}</p>")
     return (f"<p class='status ok'>CERTIFICATE SIGNATURE VERIFIED against the taxonomy's trainer key {_e(key.key_id)}"
             "</p><p class='sub'>The service checks the signature only; smalti ledger verify on the runs checks the "
             "parent's ledger, the replay's and the certified weights.</p>")
@@ -541,8 +546,10 @@ def render_report(run_dir: str | Path, verified: VerifyReport, read_only: bool =
     head = verified.last_head or {}
     head_rows = [("entries", verified.entries), ("signed tree heads", verified.heads),
                  ("checked against", f"key {verified.key_id} ({verified.key_source})")]
-    head_rows += [(k, head[k]) for k in ("size", "root", "timestamp", "final", "key_id", "signature") if k in head]
-    with plt.rc_context({"svg.fonttype": "none", "font.family": "sans-serif"}):  # text stays text
+    head_rows += [("log" if k == "origin" else k, head[k]) for k in ("origin", "size", "root", "timestamp", "final",
+                                                                     "key_id", "signature") if k in head]
+    # Text stays text, and names are never read as TeX: a layer called "$\\foo$" is the ledger's writing.
+    with plt.rc_context({"svg.fonttype": "none", "font.family": "sans-serif", "text.parse_math": False}):
         sections = [] if not ledger.steps else [
             ("heatmap", "Which classes each layer learned from",
              "Mean share of each layer's step gradient per class, over the run, on a log scale: blank, the class "
@@ -576,7 +583,7 @@ def render_report(run_dir: str | Path, verified: VerifyReport, read_only: bool =
 <h1>Smalti audit report</h1>
 <p class="sub">{_e(name)} &middot; {summary}</p>
 <h2>Verification</h2>{status}{_rows(head_rows)}
-{_certificate(run_dir, served)}
+{_certificate(run_dir, served, str(head.get("origin", "")))}
 {_forget_eval(run_dir)}
 {_governance(run_dir, ledger, served.path_label if served else str)}
 <p>Contribution rule: {_e(ledger.run.get('contribution_rule', ''))}.<br>

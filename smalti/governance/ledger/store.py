@@ -51,27 +51,30 @@ def ledger_path(run_dir: str | Path) -> Path:
 class LedgerStore:
     def __init__(self, path: str | Path, *, create: bool = False, read_only: bool = False) -> None:
         """``read_only``: nothing is written through this connection, and nothing is created beside the file
-        (``smalti serve``, lineage readers): a ledger no trainer is writing (no ``-wal`` file: its last writer
-        closed it) is opened ``immutable``, so SQLite creates no ``-wal``/``-shm`` in a folder it only reads;
-        while a trainer appends, its own ``-wal`` exists and the reader joins it as any WAL reader does."""
+        (``smalti serve``, lineage readers). A ledger whose writer is not running (no ``-shm`` beside it: its last
+        writer closed it, or only a stray ``-wal`` is left) is opened ``immutable``, so SQLite creates no
+        ``-wal``/``-shm`` in a folder it only reads (a stray ``-wal``'s uncheckpointed pages are then not read:
+        the reader sees the last state the file itself holds). While a trainer appends, its own ``-wal`` and
+        ``-shm`` exist and the reader joins them as any WAL reader does.
+
+        Before any query, the file's tables must be Smalti's: a file another program wrote may hold views in
+        their place (a recursive one never ends)."""
         self.path = Path(path)
         if not create and not self.path.is_file():
             raise LedgerError(f"{self.path}: no ledger here (was the run trained with governance.ledger?)")
         if read_only:
             try:
-                quiescent = not self.path.with_name(self.path.name + "-wal").exists()
-                self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro{'&immutable=1' if quiescent else ''}",
+                live = all(self.path.with_name(self.path.name + s).exists() for s in ("-wal", "-shm"))
+                self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro{'' if live else '&immutable=1'}",
                                           uri=True, isolation_level=None)
-                problem = formats.format_problem(self.get_meta("format"), formats.LEDGER, str(self.path))
-            except sqlite3.DatabaseError as error:
+                shape = self._shape_problem()
+                problem = f"{self.path}: {shape}" if shape else formats.format_problem(
+                    self.get_meta("format"), formats.LEDGER, str(self.path))
+            except (sqlite3.DatabaseError, RecursionError) as error:
                 raise LedgerError(f"{self.path}: not a readable ledger ({error})") from None
             if problem:
                 self.db.close()
                 raise LedgerError(problem)
-            shape = self._shape_problem()
-            if shape:
-                self.db.close()
-                raise LedgerError(f"{self.path}: {shape}")
             return
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None)  # explicit transactions only
@@ -193,6 +196,15 @@ class LedgerStore:
         """The newest signed head (one row read, however many heads the ledger holds)."""
         row = self.db.execute("SELECT size, root, timestamp, final, key_id, signature, weights FROM heads "
                               "ORDER BY size DESC LIMIT 1").fetchone()
+        if row is None:
+            return None
+        s, r, t, f, k, sig, w = row
+        return TreeHead(size=s, root=r, timestamp=t, final=bool(f), key_id=k, signature=sig, weights=w,
+                        origin=self.origin)
+
+    def head_of_size(self, size: int) -> TreeHead | None:
+        row = self.db.execute("SELECT size, root, timestamp, final, key_id, signature, weights FROM heads "
+                              "WHERE size = ?", (size,)).fetchone()
         if row is None:
             return None
         s, r, t, f, k, sig, w = row

@@ -13,7 +13,9 @@ const $ = (id) => document.getElementById(id);
 const enc = new TextEncoder();
 const dec = new TextDecoder("utf-8", { fatal: true });
 const SVG = "http://www.w3.org/2000/svg";
-let current = null; // {run, info, summary}
+let current = null; // {run, info, summary, opened}: what the page shows now
+let opening = 0; // counts run openings: a late answer for an earlier one is dropped, never shown under this one
+const stillOpen = (run, opened) => current !== null && current.run === run && current.opened === opened;
 
 // ---------------------------------------------------------------------------------------------- bytes
 
@@ -226,9 +228,11 @@ async function openRun(name) {
   for (const id of ["verdict", "certificate-verdict", "proof-details"]) { $(id).textContent = ""; $(id).className = id === "proof-details" ? "" : "verdict"; }
   $("entry").replaceChildren();
   $("certificate").replaceChildren();
+  const opened = ++opening;
   const [info, summary, entropy] = await Promise.all([api(path), api(`${path}/contributions/summary`),
                                                       api(`${path}/entropy`)]);
-  current = { run: name, info, summary };
+  if (opened !== opening) return; // another run was opened meanwhile
+  current = { run: name, info, summary, opened };
   document.querySelectorAll("tr.run-row").forEach((row) => row.classList.toggle("open", row.dataset.run === name));
   $("run").hidden = false;
   $("run-title").textContent = name;
@@ -244,7 +248,7 @@ async function openRun(name) {
   $("inspect-step").value = summary.first_step;
   drawHeatmap(summary);
   drawEntropy(entropy);
-  if (info.deletion_certificate) await showCertificate(path);
+  if (info.deletion_certificate) await showCertificate(name, opened);
 }
 
 // ---------------------------------------------------------------------------------------------- heatmap
@@ -254,8 +258,9 @@ async function slide() {
   const step = Number($("step").value);
   $("step-label").textContent = `${step} (loading)`;
   pendingStep = step;
-  const summary = await api(`/api/runs/${encodeURIComponent(current.run)}/contributions/summary?upto_step=${step}`);
-  if (pendingStep === step) drawHeatmap(summary);
+  const { run, opened } = current;
+  const summary = await api(`/api/runs/${encodeURIComponent(run)}/contributions/summary?upto_step=${step}`);
+  if (pendingStep === step && stillOpen(run, opened)) drawHeatmap(summary);
 }
 
 function colour(value) { // 0..1 -> light to dark blue
@@ -278,7 +283,7 @@ function drawHeatmap(summary) {
     return size;
   };
   const size = 16, left = Math.ceil(measure(layers)) + 12, top = Math.ceil(measure(classes)) + 12, scale = 40;
-  const largest = matrix.reduce((m, row) => row.reduce((n, v) => Math.max(n, v), m), 1e-12);
+  const largest = matrix.reduce((m, row) => row.reduce((n, v) => (Number.isFinite(v) ? Math.max(n, v) : n), m), 1e-12);
   const width = left + classes.length * size + 20 + scale + 60, height = top + layers.length * size + 10;
   svg.setAttribute("width", width);
   svg.setAttribute("height", Math.max(height, top + 130));
@@ -290,11 +295,11 @@ function drawHeatmap(summary) {
   layers.forEach((layer, i) => {
     svg.appendChild(svgEl("text", { x: left - 8, y: top + i * size + 12, "text-anchor": "end", class: "layer-label" }, layer));
     classes.forEach((name, j) => {
-      const value = matrix[i][j];
+      const value = typeof matrix[i][j] === "number" && Number.isFinite(matrix[i][j]) ? matrix[i][j] : 0;
       const rect = svgEl("rect", { x: left + j * size, y: top + i * size, width: size - 1, height: size - 1,
                                    fill: value > 0 ? colour(0.08 + 0.92 * value / largest) : "#f4f4f4",
                                    class: "cell", "data-layer": layer, "data-class": name });
-      rect.appendChild(svgEl("title", {}, `${layer} / ${name}: ${value.toFixed(4)}`));
+      rect.appendChild(svgEl("title", {}, `${layer} / ${name}: ${Number(value).toFixed(4)}`));
       svg.appendChild(rect);
     });
   });
@@ -536,9 +541,13 @@ async function verifyEntry() {
   verdict.textContent = "checking...";
   $("entry").replaceChildren();
   $("proof-details").textContent = "";
-  const fail = (why) => { verdict.className = "verdict bad"; verdict.textContent = `failed: ${why}`; };
+  const { run, opened } = current;
+  const fail = (why) => {
+    if (!stillOpen(run, opened)) return;
+    verdict.className = "verdict bad"; verdict.textContent = `failed: ${why}`;
+  };
   try {
-    const path = `/api/runs/${encodeURIComponent(current.run)}`;
+    const path = `/api/runs/${encodeURIComponent(run)}`;
     const step = Number($("inspect-step").value);
     if (!Number.isSafeInteger(step) || step < 0) return fail("the step is not a whole number");
     const key = trainerKey();
@@ -558,8 +567,9 @@ async function verifyEntry() {
     if (entry.body.kind !== "step" || entry.body.step !== step) {
       return fail(`asked for step ${step}; the service proved entry ${entry.index}, which is step ${entry.body.step}`);
     }
-    const history = await checkAgainstMemory(path, current.run, checkpoint);
-    remember(current.run, checkpoint);
+    const history = await checkAgainstMemory(path, run, checkpoint);
+    if (!stillOpen(run, opened)) return; // the auditor opened another run meanwhile: nothing to show or keep
+    remember(run, checkpoint);
     verdict.className = "verdict ok";
     verdict.textContent = `verified in your browser: entry ${entry.index} is step ${step}, in ${checkpoint.origin} ` +
                           `at size ${checkpoint.size}, signed by the trainer key you gave; ${history}`;
@@ -573,34 +583,44 @@ async function verifyEntry() {
 
 // ---------------------------------------------------------------------------------------------- certificate
 
-// Shown as valid only once its signature verifies here, under the trainer key given; what is shown is parsed
-// from the very bytes that were verified, not from a copy the service sent alongside.
-async function showCertificate(path) {
+// Shown as valid only once its signature verifies here, under the trainer key given, and it certifies this run:
+// the log it names is the one this run's checkpoint (verified here too) is signed for, and the one this browser
+// verified for the run before (or the verifier key names). What is shown is parsed from the very bytes that were
+// verified, not from a copy the service sent alongside.
+async function showCertificate(run, opened) {
   const verdict = $("certificate-verdict");
+  const path = `/api/runs/${encodeURIComponent(run)}`;
   const answer = await api(`${path}/certificate`);
+  const show = (ok, text, rows) => {
+    if (!stillOpen(run, opened)) return;
+    verdict.className = `verdict ${ok ? "ok" : "bad"}`;
+    verdict.textContent = text;
+    if (rows) facts($("certificate"), rows); else $("certificate").replaceChildren();
+  };
   try {
     const message = b64decode(answer.signed_message_base64);
     const content = JSON.parse(dec.decode(message));
-    const { raw } = trainerKey();
-    const keyId = hex(await sha256(raw)).slice(0, 16);
+    const key = trainerKey();
+    const keyId = hex(await sha256(key.raw)).slice(0, 16);
     if (answer.key_id !== keyId) throw new Error(`signed by key ${answer.key_id}, not by the trainer key you gave (${keyId})`);
-    const publicKey = await crypto.subtle.importKey("raw", raw, { name: "Ed25519" }, false, ["verify"]);
+    const publicKey = await crypto.subtle.importKey("raw", key.raw, { name: "Ed25519" }, false, ["verify"]);
     if (!/^([0-9a-f]{2})+$/.test(answer.signature || "") ||
         !await crypto.subtle.verify("Ed25519", publicKey, unhex(answer.signature), message)) {
       throw new Error("its signature does not verify under the trainer key you gave");
     }
-    // A certificate signed by the same trainer for another run is not this run's.
-    const head = content.ledger_head || {};
-    if (head.origin !== current.info.origin) {
-      throw new Error(`it certifies the run whose log is ${head.origin}, not this run's (${current.info.origin})`);
+    const checkpoint = await verifiedCheckpoint(await api(`${path}/checkpoint`), key);
+    const before = remembered(run);
+    if (before && before.origin !== checkpoint.origin) {
+      throw new Error(`this browser verified the log ${before.origin} for ${run}; the service now shows ${checkpoint.origin}`);
     }
-    verdict.className = "verdict ok";
-    verdict.textContent = "certificate signature verified in your browser";
-    facts($("certificate"), Object.entries(content));
+    const head = content.ledger_head || {};
+    if (head.origin !== checkpoint.origin) {
+      throw new Error(`it certifies the run whose log is ${head.origin}, not this run's (${checkpoint.origin})`);
+    }
+    show(true, "certificate signature verified in your browser, for this run's log", Object.entries(content));
   } catch (error) {
-    verdict.className = "verdict bad";
-    verdict.textContent = `certificate not verified: ${error.message}`;
-    $("certificate").replaceChildren();
+    if (error instanceof SignedOut) throw error;
+    show(false, `certificate not verified: ${error.message}`, null);
   }
 }
 
@@ -612,7 +632,7 @@ $("step").addEventListener("change", guarded(slide));
 $("step").addEventListener("input", () => { $("step-label").textContent = `${$("step").value} (release to load)`; });
 $("verify").addEventListener("click", guarded(verifyEntry));
 $("trainer-key").addEventListener("change", guarded(async () => {
-  if (current && current.info.deletion_certificate) await showCertificate(`/api/runs/${encodeURIComponent(current.run)}`);
+  if (current && current.info.deletion_certificate) await showCertificate(current.run, current.opened);
 }));
 $("refresh").addEventListener("click", guarded(async () => { await loadRuns(); if (current) await openRun(current.run); }));
 $("open-report").addEventListener("click", guarded(async () => {
