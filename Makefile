@@ -13,7 +13,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-finetune test test-fast bench browser go-interop softhsm clean
+.PHONY: demo demo-finetune install test test-fast bench browser go-interop softhsm clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ $(BIN)/python:
 $(VENV)/.core-installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -e .
 	touch $@
+
+# A team's own project: everything (README, "Use it on your own data").
+install: | $(BIN)/python
+	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -e ".[all]"
+	@echo "installed; put it on your PATH: export PATH=\"$$PWD/$(BIN):\$$PATH\""
 
 $(VENV)/.test-installed: $(VENV)/.core-installed
 	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,mlflow,vision,hf]"

@@ -226,7 +226,7 @@ def test_deleting_inserting_reordering_truncating_and_forging_are_detected(polic
 
 
 def test_resigning_with_another_key_fails_against_the_trainer_key(policy_run, governed, tmp_path):
-    from smalti.governance.keys import SigningKey
+    from smalti.governance.keys import PublicKey, SigningKey
     from smalti.governance.ledger.entry import TreeHead
 
     run = _copy_run(policy_run, tmp_path)
@@ -241,8 +241,13 @@ def test_resigning_with_another_key_fails_against_the_trainer_key(policy_run, go
                        (impostor.public.key_id, impostor.sign(head.message()), size))
         db.execute("UPDATE meta SET value = ? WHERE key = 'trainer_public_key'", (impostor.public.text,))
     report = _verify(run, key=governed.keys / "trainer.pub")
-    assert not report.ok and "signature is not valid for trainer key" in report.problem
+    trainer_id = PublicKey.load(governed.keys / "trainer.pub").key_id
+    assert not report.ok and f"signed by key {impostor.public.key_id}, not by trainer key {trainer_id}" in report.problem
     assert _verify(run).ok  # integrity alone holds: which is why the auditor passes --pubkey
+    with sqlite3.connect(run / "ledger.sqlite") as db:  # the trainer's key id, the impostor's signature
+        db.execute("UPDATE heads SET key_id = ?", (trainer_id,))
+    report = _verify(run, key=governed.keys / "trainer.pub")
+    assert not report.ok and "signature is not valid for trainer key" in report.problem  # integrity alone holds: which is why the auditor passes --pubkey
     assert _verify(policy_run, deep=True, key=governed.keys / "trainer.pub").ok
 
 
@@ -812,6 +817,21 @@ def test_the_report_shows_what_governed_the_run(policy_run, tmp_path):
     assert "comedy-tagger" in page and "model-risk" in page
     assert "tok_emb.*" in page and "gutenberg/poetry" in page and "@adapter" in page  # the policy's rules
     assert "What the policy allowed, per phase" in page and "class='n'>✗" in page
+    # smalti policy check shows the same groups, numbered and named alike (they differed), names never cut at 80
+    import re
+
+    from conftest import smalti_cli
+
+    checked = smalti_cli("policy", "check", str(policy_run.parent / "policy.yaml"), "--recipe",
+                         str(policy_run / "recipe.yaml"), env={"COLUMNS": "80"})
+    assert checked.returncode == 0, checked.stderr
+    in_report = re.findall(r"<th>\((\d)\) ([^<]+)</th>", page.split("What the policy allowed")[1])
+    in_terminal = re.findall(r"^  \((\d)\) (.+)$", checked.stdout, re.M)
+    assert in_report and [n for n, _ in in_report] == [n for n, _ in in_terminal][: len(in_report)]
+    legend = dict(in_terminal)
+    for number, label in in_report:  # the report's header names the members its legend lists
+        assert all(name.strip() in legend[number] for name in label.split(",")), (number, label, legend[number])
+    assert "…" not in checked.stdout
     held_out = page.split("Held-out loss per class")[1].split("</table>")[0]
     for leaf in ("hamlet", "macbeth", "tempest", "sonnets"):
         assert f"<td>{leaf}</td>" in held_out

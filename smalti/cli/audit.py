@@ -68,7 +68,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**answer, "inherited": inherited}, indent=1))
         return 0
-    _print(console, answer, len(ledger.layer_names))
+    if ledger.steps or not inherited:
+        _print(console, answer, len(ledger.layer_names))
+    else:  # an ablation: no steps of its own, so its own table would be empty
+        console.print(f"{args.run_dir} has no training steps of its own (it is a deletion by ablation of its "
+                      f"parent's weights); what its lineage taught:", highlight=False)
     for part in inherited:
         console.print(f"\ninherited from {part['run_dir']} ({part['link']} link, its steps up to {part['up_to_step']}):",
                       highlight=False)

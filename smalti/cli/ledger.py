@@ -111,7 +111,10 @@ def run_verify(args: argparse.Namespace) -> int:
         print(f"ledger FAILED verification: {report.problem}", file=sys.stderr)
         return 1
     head = report.last_head
-    print(f"ledger OK: {report.entries} entries, {report.heads} signed tree heads; final root {head['root']} "
+    from smalti.cli.output import counted
+
+    print(f"ledger OK: {counted(report.entries, 'entry', 'entries')}, {counted(report.heads, 'signed tree head')}; "
+          f"final root {head['root']} "
           f"(size {head['size']}, signed {head['timestamp']} by key {report.key_id})")
     if args.pubkey is None:
         print(f"note: checked against {report.key_source}")

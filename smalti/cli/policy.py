@@ -40,7 +40,7 @@ def run_check(args: argparse.Namespace) -> int:
     from smalti.core.time import Time
     from smalti.data.shards import open_tokenizer, read_manifest
     from smalti.governance.keys import PublicKey
-    from smalti.governance.policy import Policy, model_fingerprint
+    from smalti.governance.policy import Policy, leaf_classes, model_fingerprint
     from smalti.governance.routing import Router
     from smalti.governance.taxonomy import Taxonomy
     from smalti.io import atomic_write_text
@@ -76,7 +76,7 @@ def run_check(args: argparse.Namespace) -> int:
     max_duration = Time.parse(recipe.train.max_duration)
     router = Router(model, list(taxonomy.classes), policy, [], lambda t: shape.batches_in(t, max_duration))
     router.close()
-    print_matrix(router, sorted(manifest.class_counts()), shape.batches_in(max_duration, max_duration))
+    print_matrix(router, leaf_classes(list(taxonomy.classes)), shape.batches_in(max_duration, max_duration))
     state = "bound, not yet signed" if args.bind else "signature verified"
     print(f"{path}: valid ({state}); {counted(len(policy.rules), 'rule')}, {len(policy.exclusive)} exclusive; "
           f"fingerprint {policy.fingerprint}")
@@ -84,7 +84,10 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def print_matrix(router, classes: list[str], total_batches: float) -> None:
-    """One table per phase: layers down, groups of classes that behave alike across."""
+    """One table per phase: layers down, groups of classes that behave alike across (numbered as the audit
+    report numbers them: the taxonomy's leaves, in its order)."""
+    from smalti.governance.policy import group_label
+
     layers: dict[str, list[int]] = {}
     for i, name in enumerate(router.names):
         layers.setdefault(name.rsplit(".", 1)[0], []).append(i)
@@ -97,10 +100,10 @@ def print_matrix(router, classes: list[str], total_batches: float) -> None:
             columns.setdefault(phase.allowed[index].tobytes(), []).append(c)
         label = f"phase: batches {phase.start_batch}..{end} ({phase.start_batch / total_batches:.2f}..{end / total_batches:.2f}dur)"
         table = new_table(label)
-        table.add_column("layer", no_wrap=True)
+        table.add_column("layer", overflow="fold")  # a long adapter name folds at 80 columns, never cut
         groups = list(columns.values())
         for number, members in enumerate(groups, start=1):
-            table.add_column(f"({number}) {counted(len(members), 'class')}", justify="center", no_wrap=True)
+            table.add_column(f"({number}) {group_label(members)}", justify="center", overflow="fold")
         for layer, indices in layers.items():
             marks = []
             for members in groups:

@@ -266,3 +266,15 @@ def _exclusive(entry: Any, where: str) -> ExclusiveRule:
     if "*" in classes:
         raise PolicyError(f"{where}: an exclusive rule names classes, not '*'")
     return ExclusiveRule(classes=classes, params=_names(entry.get("params"), "params", where))
+
+
+def leaf_classes(names: list[str]) -> list[str]:
+    """The classes examples can carry (the taxonomy's leaves), in the taxonomy's order: the columns of every view
+    of what a policy allowed (``smalti policy check``, the audit report), so their groups are numbered alike."""
+    return [c for c in names if not any(other.startswith(c + "/") for other in names)]
+
+
+def group_label(members: list[str], width: int = 30) -> str:
+    """A group of classes by their last names (``docs, tickets``), or by their number where that is too long."""
+    short = ", ".join(m.rsplit("/", 1)[-1] for m in members)
+    return short if len(short) <= width else f"{len(members)} classes"

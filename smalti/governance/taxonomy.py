@@ -195,7 +195,11 @@ def unknown_class(option: str, name: str, classes: list[str]) -> str:
     for leaf in difflib.get_close_matches(name.rsplit("/", 1)[-1], list(by_leaf), n=3, cutoff=0.6):
         close += [n for n in by_leaf[leaf] if n not in close]
     hint = f"; did you mean {' or '.join(repr(c) for c in close[:3])}?" if close else ""
-    return f"{option} {name!r}: no class or node of this run's {len(classes)} classes is called that{hint}"
+    leaves = sum(1 for c in classes if not any(other.startswith(c + "/") for other in classes))
+    nodes = len(classes) - leaves
+    counted = f"{leaves} class{'es' if leaves != 1 else ''}" + (f" and {nodes} node{'s' if nodes != 1 else ''}"
+                                                               if nodes else "")
+    return f"{option} {name!r}: no class or node of this run's {counted} is called that{hint}"
 
 
 def _walk(node: Any, prefix: str, out: list[str], where: str) -> None:

@@ -361,8 +361,10 @@ def _allow_matrix(ledger: Ledger) -> str:
     phases = ledger.run.get("routing") or []
     if not phases:
         return ""
+    from smalti.governance.policy import group_label, leaf_classes
+
     names, layers = ledger.run["classes"], ledger.layer_names
-    leaves = {c for c in names if not any(o.startswith(c + "/") for o in names)}  # nodes carry no examples
+    leaves = set(leaf_classes(names))  # nodes carry no examples; the same columns as smalti policy check
     last_step = ledger.steps[-1]["step"] if ledger.steps else 0
     out = ["<h3>What the policy allowed, per phase</h3><p class='sub'>From the ledger's run entry: ✓ the "
            "classes may update the layer, ✗ they may not, ~ only some of its parameters. Decisions taken during "
@@ -377,8 +379,7 @@ def _allow_matrix(ledger: Ledger) -> str:
             out.append(f"<p>Batches {_e(phase['start_batch'])}&ndash;{_e(end)}: every class may update every layer.</p>")
             continue
         keys = list(groups)
-        head = "".join(f"<th>({i}) {len(groups[k])} class{'es' if len(groups[k]) > 1 else ''}</th>"
-                       for i, k in enumerate(keys, 1))
+        head = "".join(f"<th>({i}) {_e(group_label(groups[k]))}</th>" for i, k in enumerate(keys, 1))
         body = "".join(f"<tr><td><code>{_e(layer)}</code></td>" + "".join(
             {"1": "<td class='y'>✓</td>", "0": "<td class='n'>✗</td>"}.get(k[j], "<td class='p'>~</td>") for k in keys)
             + "</tr>" for j, layer in enumerate(layers))

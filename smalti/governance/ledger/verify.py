@@ -273,7 +273,10 @@ class _Walk:
         if root != head.root:
             return (f"tree head at size {size}: its signed root does not match entries {self.previous_head_size}.."
                     f"{size - 1} (an entry in that range was changed, inserted or removed)")
-        if head.key_id != self.public_key.key_id or not self.public_key.verify(head.signature, head.message()):
+        if head.key_id != self.public_key.key_id:  # name the key that did sign: a wrong --pubkey reads as such
+            return (f"tree head at size {size}: signed by key {head.key_id}, not by trainer key "
+                    f"{self.public_key.key_id} (is --pubkey the trainer's?)")
+        if not self.public_key.verify(head.signature, head.message()):
             return f"tree head at size {size}: signature is not valid for trainer key {self.public_key.key_id}"
         self.previous_head_size = size
         return None
