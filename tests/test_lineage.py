@@ -139,7 +139,8 @@ def test_ledger_verify_names_the_bad_link(governed, three, tmp_path):
         torch.save(payload, payload_path)
         payload_path.with_name(payload_path.name + ".sha256").unlink()
         failed = smalti_cli("ledger", "verify", str(ft1))
-        assert failed.returncode == 1 and "no longer holds the weights its final head signs" in failed.stderr
+        assert failed.returncode == 1 and "at the head the child names no longer holds the weights that head signs" \
+            in failed.stderr
         shutil.rmtree(base)
         shutil.copytree(backup, base)
         _resign_final_head(base, governed.key("trainer"))  # still a valid ledger, but not the head the child names

@@ -353,8 +353,15 @@ class _Replay:
 
 def _forget(parent: Path, node: str, out: Path, key: SigningKey, mode: str, reset: str,
             max_eval_samples: int | None, info: distributed.DistInfo) -> dict[str, Any]:
-    with contextlib.ExitStack() as locks:
-        return _forget_locked(parent, node, out, key, mode, reset, max_eval_samples, info, locks)
+    created = not out.exists()
+    try:
+        with contextlib.ExitStack() as locks:
+            return _forget_locked(parent, node, out, key, mode, reset, max_eval_samples, info, locks)
+    except BaseException:
+        if info.is_main and created and out.is_dir() and [p.name for p in out.iterdir()] == [RUN_LOCK]:  # refused: nothing
+            (out / RUN_LOCK).unlink()
+            out.rmdir()
+        raise
 
 
 def _forget_locked(parent: Path, node: str, out: Path, key: SigningKey, mode: str, reset: str,
