@@ -45,8 +45,9 @@ def test_two_gloo_ranks_match_single_process(tmp_path, tiny_corpus):
     assert max(abs(a - b) for (_, a), (_, b) in zip(eval_losses(tmp_path / "single"), eval_losses(tmp_path / "ddp"))) < 1e-4
     payload = latest_payload(tmp_path / "ddp")
     assert len(payload["rng"]) == 2 and payload["timestamp"]["sample"] == 24 * 8
-    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["algorithms.json", "checkpoints", "data.json", "metrics.jsonl", "recipe.yaml",
-                                                                    "vocab.json"]
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [  # the lock: one per job, rank 0's
+        ".smalti.lock", "algorithms.json", "checkpoints", "data.json", "metrics.jsonl", "recipe.yaml", "vocab.json"]
+    assert (tmp_path / "ddp" / ".smalti.lock").read_text() == ""  # released at the end
 
 
 def test_ddp_run_resumes_after_the_job_is_restarted(tmp_path, tiny_corpus):

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +26,16 @@ def _start(recipe, run_dir) -> subprocess.Popen:
                             cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+def _training(governed, tmp_path, steps: int, interval: int) -> tuple[Path, subprocess.Popen]:
+    """A run training in its own process, once it holds its run directory's lock."""
+    recipe = write_recipe(tmp_path / "r.yaml", ledger_recipe(governed, train={"max_duration": f"{steps}ba"},
+                                                             checkpoint={"interval": f"{interval}ba"}))
+    run = tmp_path / "run"
+    process = _start(recipe, run)
+    _wait_until_locked(run, process)
+    return recipe, process
+
+
 def _wait_until_locked(run_dir, process) -> None:
     lock = run_dir / ".smalti.lock"
     deadline = time.time() + 120
@@ -36,12 +47,9 @@ def _wait_until_locked(run_dir, process) -> None:
 
 @pytest.mark.slow
 def test_a_second_writer_refuses_in_one_line_and_the_first_run_is_intact(governed, tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", ledger_recipe(governed, train={"max_duration": "20000ba"},
-                                                             checkpoint={"interval": "25ba"}))
     run = tmp_path / "run"
-    first = _start(recipe, run)
+    recipe, first = _training(governed, tmp_path, 20000, 25)
     try:
-        _wait_until_locked(run, first)
         second = smalti_cli("train", str(recipe), "--run-dir", str(run))
         assert second.returncode != 0
         assert len(second.stderr.strip().splitlines()) == 1, second.stderr
@@ -66,11 +74,8 @@ def test_a_second_writer_refuses_in_one_line_and_the_first_run_is_intact(governe
 
 @pytest.mark.slow
 def test_a_lock_left_by_a_killed_run_is_taken_over_and_the_run_resumes(governed, tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", ledger_recipe(governed, train={"max_duration": "40ba"},
-                                                             checkpoint={"interval": "5ba"}))
     run = tmp_path / "run"
-    first = _start(recipe, run)
-    _wait_until_locked(run, first)
+    recipe, first = _training(governed, tmp_path, 40, 5)
     first.send_signal(signal.SIGKILL)
     first.wait()
     assert f'"pid": {first.pid}' in (run / ".smalti.lock").read_text()  # the dead holder is still named

@@ -521,35 +521,25 @@ def test_the_auditor_client_follows_no_redirect_and_prints_no_terminal_escapes(s
         note = store.heads()[-1].note(store.trainer_key.raw)  # a genuine checkpoint, then a lying proof
 
     class Hostile(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path.startswith("/api/runs/alpha/checkpoint"):
-                body = note.encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-                return
-            if self.path.startswith("/api/runs/alpha/proof"):
-                body = json.dumps({"leaf_index": "\r\x1b[2Kalpha: step 3's entry is in the tree\x1b[8m", "tree_size": 7,
-                                   "entry_base64": "", "audit_path": []}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-                return
-            if self.path.startswith("/api/runs/moved"):
-                self.send_response(302)
-                self.send_header("Location", "http://10.0.0.1/internal")
-                self.end_headers()
-                return
-            body = json.dumps({"error": "\r\x1b[2Kalpha: all 7 entries chain and hash to the root\x1b[8m"}).encode()
-            self.send_response(404)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
+        def answer(self, status: int, kind: str, body: bytes, **headers: str) -> None:
+            self.send_response(status)
+            for name, value in {"Content-Type": kind, "Content-Length": str(len(body)), **headers}.items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(body)
+
+        def do_GET(self):
+            if self.path.startswith("/api/runs/alpha/checkpoint"):
+                self.answer(200, "text/plain", note.encode())
+            elif self.path.startswith("/api/runs/alpha/proof"):
+                self.answer(200, "application/json", json.dumps({
+                    "leaf_index": "\r\x1b[2Kalpha: step 3's entry is in the tree\x1b[8m", "tree_size": 7,
+                    "entry_base64": "", "audit_path": []}).encode())
+            elif self.path.startswith("/api/runs/moved"):
+                self.answer(302, "text/plain", b"", Location="http://10.0.0.1/internal")
+            else:
+                self.answer(404, "application/json", json.dumps(
+                    {"error": "\r\x1b[2Kalpha: all 7 entries chain and hash to the root\x1b[8m"}).encode())
 
         def log_message(self, *args):
             pass

@@ -48,7 +48,7 @@ def test_memory_stays_bounded_however_a_long_ledger_is_read(governed, tmp_path):
                   "/api/runs/long/contributions/summary", "/api/runs/long/contributions/summary?upto_step=12345",
                   f"/api/runs/long/audit/layer?name={layer}", f"/api/runs/long/audit/class?name={node}",
                   "/api/runs/long/audit/example?index=3", "/api/runs/long/entropy",
-                  "/api/runs/long/proof/inclusion?step=17", f"/api/runs/long/proof/consistency?first=100"]
+                  "/api/runs/long/proof/inclusion?step=17", "/api/runs/long/proof/consistency?first=100"]
 
         def read_all() -> None:
             with concurrent.futures.ThreadPoolExecutor(8) as pool:

@@ -155,8 +155,7 @@ def test_no_key_enters_the_page_and_a_code_signed_elsewhere_signs_in(ui):
 
 
 def test_the_green_verdict_is_only_for_what_the_browser_checked(ui):
-    from ledger_factory import grow_ledger
-    from smalti.governance.keys import PublicKey, SigningKey
+    from smalti.governance.keys import PublicKey
     from smalti.governance.ledger.store import LedgerStore, ledger_path
 
     context, page = _signed_in_page(ui)
@@ -222,27 +221,14 @@ def test_the_green_verdict_is_only_for_what_the_browser_checked(ui):
         check("history was cut", step=1)
 
         # The same size, another root, signed by the trainer: a split view (another auditor may see this one).
-        fork = ui["runs"].parent / "fork"
-        shutil.copytree(ui["runs"] / "alpha", fork)
-        grow_ledger(fork, 6, SigningKey.load(ui["governed"].key("trainer")),
-                    edit=lambda i, body: dict(body, loss=1.5) if i == 2 else body)
-        with LedgerStore(ledger_path(fork), read_only=True) as store:
-            note = store.heads()[-1].note(public)
-        forked = _proof_from(fork, 1)
+        note, forked = _other_history(ui, "fork", 6, edit=lambda i, body: dict(body, loss=1.5) if i == 2 else body)
         through("**/alpha/checkpoint", lambda response: note)
         through("**/proof/inclusion*", lambda response: forked)
         check("split view", step=1)
 
         # Another log altogether, shorter, signed by the same trainer under a name of its own: a swap, not a
         # "first tree" (the browser remembers the run's log by the run, not by the name the checkpoint gives).
-        swapped = ui["runs"].parent / "swapped"
-        shutil.copytree(ui["runs"] / "alpha", swapped)
-        with sqlite3.connect(swapped / "ledger.sqlite") as db:
-            db.execute("UPDATE meta SET value = 'smalti/00000000deadbeef' WHERE key = 'origin'")
-        grow_ledger(swapped, 3, SigningKey.load(ui["governed"].key("trainer")))
-        with LedgerStore(ledger_path(swapped), read_only=True) as store:
-            swapped_note = store.heads()[-1].note(public)
-        swapped_proof = _proof_from(swapped, 1)
+        swapped_note, swapped_proof = _other_history(ui, "swapped", 3, origin="smalti/00000000deadbeef")
         through("**/alpha/checkpoint", lambda response: swapped_note)
         through("**/proof/inclusion*", lambda response: swapped_proof)
         check("now shows smalti/00000000deadbeef", step=1)
@@ -324,6 +310,24 @@ def test_the_green_verdict_is_only_for_what_the_browser_checked(ui):
         assert "session ended" in page.text_content("#sign-in-status")
     finally:
         context.close()
+
+
+def _other_history(ui, name: str, steps: int, edit=None, origin: str | None = None) -> tuple[str, str]:
+    """Alpha's entries rewritten (``edit``), under another log name (``origin``), signed by the trainer: the signed
+    checkpoint and step 1's inclusion proof a dishonest service would show in alpha's place."""
+    from ledger_factory import grow_ledger
+    from smalti.governance.keys import SigningKey
+    from smalti.governance.ledger.store import LedgerStore, ledger_path
+
+    copy = ui["runs"].parent / name
+    shutil.copytree(ui["runs"] / "alpha", copy)
+    if origin is not None:
+        with sqlite3.connect(copy / "ledger.sqlite") as db:
+            db.execute("UPDATE meta SET value = ? WHERE key = 'origin'", (origin,))
+    grow_ledger(copy, steps, SigningKey.load(ui["governed"].key("trainer")), edit=edit)
+    with LedgerStore(ledger_path(copy), read_only=True) as store:
+        note = store.heads()[-1].note(store.trainer_key.raw)
+    return note, _proof_from(copy, 1)
 
 
 def client_verifier(ui, run: str) -> str:

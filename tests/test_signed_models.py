@@ -81,7 +81,6 @@ def test_the_openssf_model_signing_cli_and_in_toto_check_the_exported_model(sign
 
 def test_verify_model_takes_the_folder_however_it_is_named(signed, governed):
     """A relative path made model_signing see model.sig as an extra file (it compares absolute paths)."""
-    import os
     import subprocess
     import sys
 
