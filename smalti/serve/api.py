@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
+from smalti.governance.ledger import merkle
 from smalti.governance.ledger.note import verifier_key
 from smalti.serve.auth import AuthError, Reader, Sessions
 from smalti.serve.runs import BadRequest, NotFound, Unprocessable
@@ -150,14 +151,20 @@ def entry(run: str = RUN, index: int = Path(..., ge=0, le=BIG), svc: Service = D
 def inclusion(run: str = RUN, step: int = Query(..., ge=0, le=BIG, description="the optimizer step"),
               tree_size: int | None = Query(None, ge=1, le=BIG, description="a signed size (default: the latest)"),
               svc: Service = Depends(service)) -> dict[str, Any]:
-    latest, _ = svc.runs.head(run)
-    head = svc.head_at(run, tree_size)
-    index = svc.runs.index_of_step(run, step)
-    if index is None or index >= head.size:
+    with svc.runs.store(run) as store:  # one connection for the head, the entry's index and its bytes
+        latest = store.latest_head()
+        head = (latest if tree_size is None or latest is None or tree_size == latest.size
+                else store.head_of_size(tree_size))
+        found = store.entry_at_step(step)
+    if latest is None:
+        raise NotFound(f"run {run!r} has no signed tree head yet")
+    if head is None:
+        raise BadRequest(f"tree_size={tree_size}: the ledger signed no head of that size (latest {latest.size})")
+    if found is None or found[0] >= head.size:
         raise BadRequest(f"step {step}: no entry under the signed head of size {head.size}")
-    _, leaf, data = svc.runs.entry(run, head, index)
+    index, leaf, data = found
     tree = svc.tree(run, latest)
-    if tree.root(0, head.size) != head.root:
+    if tree.root(0, head.size) != head.root or tree.levels[0][index] != merkle.leaf_hash(data):
         raise Unprocessable(f"run {run!r}: its signed head of size {head.size} does not match its entries")
     proof = tree.inclusion_proof(index, head.size)
     return {"step": step, "leaf_index": index, "tree_size": head.size, "entry_base64": base64.b64encode(data).decode(),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sqlite3
 from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
@@ -231,6 +232,12 @@ def _add_error_handlers(app: FastAPI, service: Service) -> None:
 
     for kind, status in ((NotFound, 404), (BadRequest, 400), (Unprocessable, 422), (Busy, 503), (SmaltiError, 400)):
         app.add_exception_handler(kind, answer(status))
+
+    async def unreadable(_: Request, error: sqlite3.DatabaseError) -> JSONResponse:
+        return JSONResponse({"error": f"a ledger could not be read ({service.scrub(str(error))})", "status": 422},
+                            status_code=422)
+
+    app.add_exception_handler(sqlite3.DatabaseError, unreadable)
 
     async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0] if error.errors() else {}

@@ -134,17 +134,6 @@ class Service:
 
     # ---------------------------------------------------------------- runs
 
-    def head_at(self, run: str, size: int | None) -> TreeHead:
-        """The latest signed head, or the signed head of exactly ``size`` entries."""
-        latest, _ = self.runs.head(run)
-        if size is None or size == latest.size:
-            return latest
-        with self.runs.store(run) as store:
-            found = store.head_of_size(size)
-        if found is None:
-            raise BadRequest(f"tree_size={size}: the ledger signed no head of that size (latest {latest.size})")
-        return found
-
     def run_summary(self, name: str) -> dict[str, Any]:
         """One row of the run list: never fails as a whole because one run is broken."""
         try:

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import uuid
+import os
 import sqlite3
+import time
+import uuid
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -38,6 +40,10 @@ CREATE TABLE IF NOT EXISTS heads (size INTEGER PRIMARY KEY, root BLOB NOT NULL, 
                                   final INTEGER NOT NULL, key_id TEXT NOT NULL, signature BLOB NOT NULL,
                                   weights TEXT NOT NULL DEFAULT '');
 """
+
+
+READ_SECONDS = 120.0  # the longest a read-only connection may run queries (a hostile file's, or an audit's)
+_GOOD_SHAPES: set[tuple[int, int, int, int]] = set()
 
 
 class LedgerError(SmaltiError):
@@ -65,11 +71,11 @@ class LedgerStore:
         if read_only:
             try:
                 live = all(self.path.with_name(self.path.name + s).exists() for s in ("-wal", "-shm"))
-                self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro{'' if live else '&immutable=1'}",
+                self.db = sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=ro{'' if live else '&immutable=1'}",
                                           uri=True, isolation_level=None)
-                shape = self._shape_problem()
-                problem = f"{self.path}: {shape}" if shape else formats.format_problem(
-                    self.get_meta("format"), formats.LEDGER, str(self.path))
+                deadline = time.monotonic() + READ_SECONDS  # whatever a file holds, no read runs longer
+                self.db.set_progress_handler(lambda: int(time.monotonic() > deadline), 100_000)
+                problem = self._checked_shape()
             except (sqlite3.DatabaseError, RecursionError) as error:
                 raise LedgerError(f"{self.path}: not a readable ledger ({error})") from None
             if problem:
@@ -93,6 +99,22 @@ class LedgerStore:
 
     _TABLES = {"meta": ["key", "value"], "entries": ["idx", "step", "leaf", "data"],
                "heads": ["size", "root", "timestamp", "final", "key_id", "signature", "weights"]}
+
+    def _checked_shape(self) -> str | None:
+        """Smalti's tables, then its format, once per version of the file (its device, inode, size and time): a
+        reader that opens the same ledger for every request pays for the checks once."""
+        status = os.stat(self.path)
+        key = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+        if key not in _GOOD_SHAPES:
+            shape = self._shape_problem()
+            problem = f"{self.path}: {shape}" if shape else formats.format_problem(
+                self.get_meta("format"), formats.LEDGER, str(self.path))
+            if problem:
+                return problem
+            if len(_GOOD_SHAPES) > 4096:
+                _GOOD_SHAPES.clear()
+            _GOOD_SHAPES.add(key)
+        return None
 
     def _shape_problem(self) -> str | None:
         """A file another program wrote may hold views (a recursive one never ends) or other columns in place of
