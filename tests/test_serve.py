@@ -187,6 +187,24 @@ def test_the_refusal_throttle_keeps_counting_past_its_table():
     assert normal_address("::ffff:127.0.0.1") == "127.0.0.1"
 
 
+def test_a_burst_across_a_minute_boundary_is_still_refused():
+    from smalti.serve.auth import RefusalThrottle
+
+    now = [100.0]
+    throttle = RefusalThrottle(limit=10, window=60.0, clock=lambda: now[0])
+    now[0] = 159.0
+    for _ in range(6):
+        throttle.failed("a")
+    now[0] = 161.0  # the minute turned: a fixed window would forget the six
+    for _ in range(5):
+        throttle.failed("a")
+    assert throttle.blocked("a")
+    now[0] = 161.0 + 60.0  # a minute of quiet: this minute's five now weigh less than the limit
+    assert not throttle.blocked("a")
+    now[0] = 400.0  # long quiet: nothing left
+    assert not throttle.blocked("a") and throttle._previous == {} and throttle._current == {}
+
+
 def test_a_run_signed_by_a_key_the_taxonomy_never_named_is_untrusted_everywhere(service):
     base, _, auditor, _, _ = service
     client = Client(base, auditor)

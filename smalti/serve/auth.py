@@ -27,7 +27,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 from smalti.governance.keys import PublicKey
 from smalti.governance.taxonomy import Authority, Taxonomy
@@ -323,30 +323,46 @@ class Sessions:
 
 
 class RefusalThrottle:
-    """Failed authentications per client address per minute; past ``limit`` the client gets 429 without the
-    service spending a signature check on it."""
+    """Failed authentications per client address over a sliding minute; past ``limit`` the client gets 429
+    without the service spending a signature check on it.
 
-    def __init__(self, limit: int = 600, window: float = 60.0, clients: int = 65536) -> None:
-        self.limit, self.window, self.clients = limit, window, clients
-        self._counts: dict[str, int] = {}
-        self._since = time.monotonic()
+    The window slides (this minute's count plus the last minute's, weighted by how much of it still overlaps)
+    so that a burst that straddles a minute boundary is not forgiven at the boundary."""
+
+    def __init__(
+        self, limit: int = 600, window: float = 60.0, clients: int = 65536, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.limit, self.window, self.clients, self._clock = limit, window, clients, clock
+        self._current: dict[str, int] = {}
+        self._previous: dict[str, int] = {}
+        self._since = clock()
         self._lock = threading.Lock()
 
-    def _roll(self) -> None:
-        if time.monotonic() - self._since > self.window:
-            self._counts, self._since = {}, time.monotonic()
+    def _roll(self) -> float:
+        """Moves the window on; answers how much of the previous minute still counts (0..1)."""
+        elapsed = self._clock() - self._since
+        if elapsed >= self.window:
+            whole = int(elapsed // self.window)
+            self._previous = self._current if whole == 1 else {}
+            self._current = {}
+            self._since += whole * self.window
+            elapsed -= whole * self.window
+        return 1.0 - elapsed / self.window
+
+    def _key(self, client: str) -> str:
+        known = client in self._current or client in self._previous
+        return client if known or len(self._current) < self.clients else "(others)"
 
     def blocked(self, client: str) -> bool:
         """Over the limit: the client's own count, or, once the table is full of other addresses, the count all
         addresses not in it share (so that coming from a fresh address does not switch the throttle off)."""
         with self._lock:
-            self._roll()
-            if client in self._counts or len(self._counts) < self.clients:
-                return self._counts.get(client, 0) >= self.limit
-            return self._counts.get("(others)", 0) >= self.limit
+            overlap = self._roll()
+            key = self._key(client)
+            return self._current.get(key, 0) + overlap * self._previous.get(key, 0) >= self.limit
 
     def failed(self, client: str) -> None:
         with self._lock:
             self._roll()
-            key = client if client in self._counts or len(self._counts) < self.clients else "(others)"
-            self._counts[key] = self._counts.get(key, 0) + 1
+            key = self._key(client)
+            self._current[key] = self._current.get(key, 0) + 1
