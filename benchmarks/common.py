@@ -199,8 +199,8 @@ def write_signed_policy(governed: Governed, path: Path, rules: list[dict[str, An
     check --bind` and `smalti sign` leave for a user."""
     import yaml
 
-    from smalti.governance.keys import PublicKey, SigningKey, sign_bytes
-    from smalti.governance.taxonomy import Taxonomy
+    from smalti.trust.keys import PublicKey, SigningKey, sign_bytes
+    from smalti.trust.taxonomy import Taxonomy
 
     taxonomy = Taxonomy.load(governed.taxonomy, PublicKey.load(governed.trust))
     spec: dict[str, Any] = {"policy": name, "taxonomy": {"name": taxonomy.name, "fingerprint": taxonomy.fingerprint},
@@ -223,8 +223,8 @@ def governed_shakespeare(root: Path, shard_examples: int = 20_000, seq_len: int 
     from smalti.data.prepare import PrepareOptions, prepare_dataset
     from smalti.data.sources import classes_from_mapping, documents_from_folder
     from smalti.data.tokenizer import train_bpe
-    from smalti.governance.keys import PublicKey, SigningKey, sign_bytes, write_key_pair
-    from smalti.governance.taxonomy import Taxonomy, taxonomy_yaml
+    from smalti.trust.keys import PublicKey, SigningKey, sign_bytes, write_key_pair
+    from smalti.trust.taxonomy import Taxonomy, taxonomy_yaml
 
     corpus, template = REPO / "data" / "shakespeare", "gutenberg/{genre}/{work}"
     keys = root / "keys"

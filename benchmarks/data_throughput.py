@@ -37,8 +37,8 @@ from common import emit, free_port, governed_shakespeare, machine
 from smalti.data.lm import OrderConfig, dataset_data
 from smalti.data.manifest import ShardEntry, verify_shard
 from smalti.data.shards import CacheConfig
-from smalti.governance.keys import PublicKey
-from smalti.governance.taxonomy import Taxonomy
+from smalti.trust.keys import PublicKey
+from smalti.trust.taxonomy import Taxonomy
 
 BATCH_SIZES = (64, 512)  # samples of 64 tokens: 4k and 32k tokens per batch
 

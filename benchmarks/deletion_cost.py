@@ -37,8 +37,9 @@ from common import BABY_GPT, emit, governed_shakespeare, machine
 
 from smalti.config import Recipe
 from smalti.checkpoint import CheckpointStore
-from smalti.governance.deletion import forget, loss_by_class, weights_sha256
-from smalti.governance.keys import SigningKey, write_key_pair
+from smalti.workflows.deletion import loss_by_class, weights_sha256
+from smalti.workflows.forget import forget
+from smalti.trust.keys import SigningKey, write_key_pair
 from smalti.trainer import Trainer
 
 FORGET = "gutenberg/comedy/comedy_of_errors"
@@ -87,7 +88,7 @@ class Setup:
 
 
 def prepare(root: Path, batch_size: int = 12, tiny: bool = False, eval_samples: int = 12) -> Setup:
-    from smalti.governance.taxonomy import Taxonomy
+    from smalti.trust.taxonomy import Taxonomy
 
     governed = governed_shakespeare(root)
     key, _ = write_key_pair("trainer", root / "trainer-key")

@@ -16,7 +16,7 @@ from pathlib import Path
 from common import emit, machine
 from deletion_cost import FORGET, add_setup_arguments, fit, latest, prepare
 
-from smalti.governance.deletion import loss_by_class, plan_deletion
+from smalti.workflows.deletion import loss_by_class, plan_deletion
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ Three plays of very different sizes are each forgotten, one at a time, by five m
 - ``gradient-ascent``: a reference Smalti does not offer as deletion: the plain run fine-tuned to *raise* its
   loss on the class's training examples for ``--ascent-steps`` steps (a Smalti run with the loss negated).
 
-Each deletion is measured by ``smalti.governance.forget_eval.evaluate_forgetting`` against its own counterfactual
+Each deletion is measured by ``smalti.workflows.forget_eval.evaluate_forgetting`` against its own counterfactual
 (the exact forget of the same parent: the same architecture and policy, never having seen the class): forget
 quality (the class's held-out loss; KS of per-example losses against the counterfactual, as TOFU), retained utility
 (the other trained classes' loss, change against the parent), the loss-attack membership AUC, and relearning
@@ -37,10 +37,11 @@ from common import BABY_GPT, HF_LLAMA, Governed, emit, governed_shakespeare, mac
 from smalti.config import Recipe
 from smalti.core.algorithm import Algorithm
 from smalti.core.event import Event
-from smalti.governance.deletion import forget, plan_deletion
-from smalti.governance.forget_eval import evaluate_forgetting
-from smalti.governance.keys import SigningKey, write_key_pair
-from smalti.governance.taxonomy import Taxonomy
+from smalti.workflows.deletion import plan_deletion
+from smalti.workflows.forget import forget
+from smalti.workflows.forget_eval import evaluate_forgetting
+from smalti.trust.keys import SigningKey, write_key_pair
+from smalti.trust.taxonomy import Taxonomy
 from smalti.trainer import Trainer
 
 # Three plays of very different sizes (characters: 14k, 88k, 174k), and two the models keep: about 470k characters,

@@ -85,7 +85,7 @@ def main() -> None:
     times: dict[str, list[float]] = {f"{m}{g}": [] for m in ("ddp", "fsdp") for g in ("", "+ledger")}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        from smalti.governance.keys import write_key_pair
+        from smalti.trust.keys import write_key_pair
 
         write_key_pair("trainer", root)
         for repeat in range(args.repeats):

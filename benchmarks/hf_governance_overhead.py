@@ -27,7 +27,7 @@ from pathlib import Path
 from common import HF_LLAMA, TwinSteps, emit, governed_shakespeare, machine, write_signed_policy
 
 from smalti.config import Recipe
-from smalti.governance.keys import write_key_pair
+from smalti.trust.keys import write_key_pair
 from smalti.trainer import Trainer
 
 SEQ_LEN, BATCH = 256, 32

@@ -40,7 +40,7 @@ from pathlib import Path
 from common import BABY_GPT, TwinSteps, emit, governed_shakespeare, machine
 
 from smalti.config import Recipe
-from smalti.governance.keys import write_key_pair
+from smalti.trust.keys import write_key_pair
 from smalti.governance.routing import routed_backward
 from smalti.trainer import Trainer
 

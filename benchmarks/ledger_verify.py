@@ -30,9 +30,9 @@ from pathlib import Path
 
 from common import emit, machine
 
-from smalti.governance.keys import SigningKey
-from smalti.governance.ledger import merkle
-from smalti.governance.ledger.entry import ZERO_HASH, TreeHead, encode_entry
+from smalti.trust.keys import SigningKey
+from smalti.trust import merkle
+from smalti.trust.entry import ZERO_HASH, TreeHead, encode_entry
 from smalti.governance.ledger.store import LedgerStore, ledger_path
 from smalti.governance.ledger.verify import default_workers, verify_ledger
 

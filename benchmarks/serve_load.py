@@ -32,8 +32,8 @@ sys.path.insert(0, str(REPO))
 
 def make_environment(root: Path, steps: int) -> dict:
     """Keys, a signed taxonomy naming an auditor, and a finished ledger run under root/runs/alpha."""
-    from smalti.governance.keys import PublicKey, SigningKey, sign_bytes, write_key_pair
-    from smalti.governance.taxonomy import taxonomy_yaml
+    from smalti.trust.keys import PublicKey, SigningKey, sign_bytes, write_key_pair
+    from smalti.trust.taxonomy import taxonomy_yaml
 
     keys = root / "keys"
     for name in ("data-governance", "trainer", "auditor"):
@@ -102,8 +102,8 @@ async def _login(session, base: str, key) -> str:
 
 
 def check_proof(proof: dict, trainer) -> bool:
-    from smalti.governance.ledger import merkle
-    from smalti.governance.ledger.entry import TreeHead
+    from smalti.trust import merkle
+    from smalti.trust.entry import TreeHead
 
     head = proof["tree_head"]
     leaf = merkle.leaf_hash(base64.b64decode(proof["entry_base64"]))
@@ -156,7 +156,7 @@ async def load(base: str, key, trainer, kind: str, clients: int, seconds: float,
 
 def measure(env: dict, clients: list[int], seconds: float, train_while: bool, port: int,
             kinds: tuple[str, ...] = ("proof", "query")) -> dict:
-    from smalti.governance.keys import PublicKey, SigningKey
+    from smalti.trust.keys import PublicKey, SigningKey
     from smalti.governance.ledger.audit import Ledger
 
     server = start_server(env, port)

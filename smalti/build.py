@@ -13,8 +13,8 @@ from smalti.data.lm import LanguageModelData, OrderConfig, corpus_data, dataset_
 from smalti.data.shards import CacheConfig
 from smalti.distributed import DistInfo
 from smalti.errors import RecipeError
-from smalti.governance.keys import PublicKey
-from smalti.governance.taxonomy import Taxonomy
+from smalti.trust.keys import PublicKey
+from smalti.trust.taxonomy import Taxonomy
 from smalti.loggers.console import ConsoleLogger
 from smalti.loggers.jsonl import JSONLLogger
 from smalti.loggers.logger import LoggerDestination

@@ -29,7 +29,7 @@ import torch
 from smalti import formats
 from smalti.errors import CheckpointCorrupt, CheckpointError
 from smalti.interrupts import interrupts_deferred
-from smalti.io import atomic_write_bytes, atomic_writer
+from smalti.io import atomic_write_bytes, atomic_writer, file_sha256
 
 LATEST = "latest"
 _NAME = re.compile(r"^ep(\d+)-ba(\d+)\.(pt|dcp)$")
@@ -222,15 +222,6 @@ def load_checkpoint(location: str | Path, tensors: bool = True) -> dict[str, Any
     if problem:
         raise CheckpointError(problem)
     return payload
-
-
-def file_sha256(path: Path) -> str:
-    """A file's sha256, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checkpoint_sha256(path: Path) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -60,3 +61,12 @@ def remote_filesystem(url: str, storage_options: dict | None = None):
                         f"'smalti[remote]')") from None
     except ValueError as error:
         raise DataError(f"{url}: cannot open ({error})") from None
+
+
+def file_sha256(path: Path) -> str:
+    """A file's sha256, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

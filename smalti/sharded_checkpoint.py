@@ -27,9 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from smalti.checkpoint import file_sha256
 from smalti.errors import CheckpointCorrupt, CheckpointError
-from smalti.io import atomic_writer
+from smalti.io import atomic_writer, file_sha256
 
 SUMS = "SHA256SUMS"
 META = "meta.pt"

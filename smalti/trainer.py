@@ -36,19 +36,19 @@ from smalti.core.event import Event
 from smalti.core.state import State
 from smalti.core.surgery import applied_surgery, apply_surgery
 from smalti.core.time import Time, Timestamp
-from smalti.data.batch import Batch
+from smalti.core.batch import Batch
 from smalti.data.lm import LanguageModelData
 from smalti.determinism import capture_rng_state, configure_determinism, restore_rng_state, seed_everything
 from smalti.errors import CheckpointError, RecipeError
-from smalti.governance.keys import PublicKey, SigningKey
+from smalti.trust.keys import PublicKey, SigningKey
 from smalti.governance.ledger.entropy import probe_batch
 from smalti.governance.ledger.writer import Ledger
 from smalti.governance.lineage import REPLAY_CHANGES, Link, admit_parent, fitted_weights, read_pending
-from smalti.governance.policy import Policy, model_fingerprint
+from smalti.trust.policy import Policy, model_fingerprint
 from smalti.governance.routing import Router, routed_backward
 from smalti.io import atomic_write_bytes
 from smalti.locks import RUN_LOCK, FolderLock, LockHeld
-from smalti.loggers.logger import Logger
+from smalti.core.logger import Logger
 from smalti.models.adapters import set_row_classes
 from smalti.optim import LRSchedule, build_optimizer
 from smalti.precision import autocast, check_precision, grad_scaler

@@ -120,8 +120,8 @@ CLASS_TEMPLATE = "gutenberg/{genre}/{work}"
 def make_governance(root: Path, corpus: Path, shard_examples: int = 200, deletable: tuple[str, ...] = ()) -> Governed:
     from smalti.data.prepare import PrepareOptions, prepare_dataset
     from smalti.data.sources import classes_from_mapping, documents_from_folder
-    from smalti.governance.keys import PublicKey, SigningKey, sign_bytes, write_key_pair
-    from smalti.governance.taxonomy import Taxonomy, taxonomy_yaml
+    from smalti.trust.keys import PublicKey, SigningKey, sign_bytes, write_key_pair
+    from smalti.trust.taxonomy import Taxonomy, taxonomy_yaml
 
     keys = root / "keys"
     for name in ("data-governance", "tagger", "comedy-tagger", "model-risk", "trainer"):
@@ -231,8 +231,8 @@ def s3_server(monkeypatch):
 def write_policy(g: Governed, path: Path, rules: list, exclusive: list | None = None, default: str = "allow",
                  sign_with: str | None = "model-risk", **extra: Any) -> Path:
     """A policy bound to the governed taxonomy, signed by the model-risk key (or another, or none)."""
-    from smalti.governance.keys import SigningKey, sign_bytes
-    from smalti.governance.taxonomy import Taxonomy
+    from smalti.trust.keys import SigningKey, sign_bytes
+    from smalti.trust.taxonomy import Taxonomy
 
     taxonomy = Taxonomy.parse(g.taxonomy.read_bytes(), str(g.taxonomy))
     spec = {"policy": path.stem, "taxonomy": {"name": taxonomy.name, "fingerprint": taxonomy.fingerprint},

@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from smalti.governance.keys import SigningKey
-from smalti.governance.ledger import merkle
-from smalti.governance.ledger.entry import HEADER_SIZE, ZERO_HASH, TreeHead, encode_packed_entry
+from smalti.trust.keys import SigningKey
+from smalti.trust import merkle
+from smalti.trust.entry import HEADER_SIZE, ZERO_HASH, TreeHead, encode_packed_entry
 from smalti.governance.ledger.store import LedgerStore, ledger_path
 
 

@@ -24,8 +24,8 @@ from conftest import REPO, free_port, wait_for_port
 
 def make_audit_taxonomy(governed, root: Path) -> Path:
     """The governed taxonomy's classes, with data governance, the trainer and one auditor (root/keys/auditor)."""
-    from smalti.governance.keys import PublicKey, SigningKey, sign_bytes, write_key_pair
-    from smalti.governance.taxonomy import Taxonomy, taxonomy_yaml
+    from smalti.trust.keys import PublicKey, SigningKey, sign_bytes, write_key_pair
+    from smalti.trust.taxonomy import Taxonomy, taxonomy_yaml
 
     keys = root / "keys"
     for name in ("auditor", "outsider"):
@@ -111,7 +111,7 @@ class Client:
 
 def sign_in_code(base: str, key_path: Path, origin: str | None = None) -> str:
     """A code as `smalti auditor sign-in` makes it; ``origin`` signs it for another service instead."""
-    from smalti.governance.keys import SigningKey
+    from smalti.trust.keys import SigningKey
     from smalti.serve.auth import login_message
 
     key = SigningKey.load(key_path)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smalti.data.batch import Batch, union_provenance
+from smalti.core.batch import Batch, union_provenance
 from smalti.functional.alibi import apply_alibi
 from smalti.functional.augment import (autocontrast, equalize, posterize, randaugment_batch, augmix_batch, rotate,
                                         solarize, translate_x)

@@ -120,7 +120,7 @@ def test_resuming_with_other_surgery_is_refused(tmp_path):
 
 def test_a_run_with_surgery_can_be_sampled_and_evaluated_per_class(tmp_path, tiny_corpus):
     from conftest import tiny_recipe
-    from smalti.governance.deletion import loss_by_class
+    from smalti.workflows.deletion import loss_by_class
     from smalti.generation import load_generator
     from smalti.checkpoint import CheckpointStore
 

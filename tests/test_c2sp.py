@@ -46,7 +46,7 @@ def run(governed, tmp_path_factory) -> Path:
 
 def test_every_tree_head_is_a_checkpoint_that_go_verifies_with_the_printed_verifier_key(run, governed, go_check,
                                                                                          tmp_path):
-    from smalti.governance.ledger.note import Checkpoint, Verifier, open_note
+    from smalti.trust.note import Checkpoint, Verifier, open_note
     from smalti.governance.ledger.store import LedgerStore, ledger_path
 
     key = smalti_cli("ledger", "checkpoint", str(run), "--verifier-key")
@@ -107,7 +107,7 @@ def test_an_inclusion_proof_checks_against_the_checkpoint_with_go_tlog(run, go_c
 
 
 def test_our_note_reader_opens_notes_go_signed_and_ignores_unknown_keys(go_check, tmp_path):
-    from smalti.governance.ledger.note import NoteError, Verifier, open_note, split_note
+    from smalti.trust.note import NoteError, Verifier, open_note, split_note
 
     skey, vkey = go(go_check, "keygen", "example.org/witness").stdout.split()
     _, stranger = go(go_check, "keygen", "example.org/stranger").stdout.split()
@@ -156,8 +156,8 @@ def put_server(tmp_path):
 def synthetic_ledger(run: Path, key, size: int, heads: list[int], origin: str, salt: str = "") -> Path:
     """A ledger of ``size`` entries (real encoder, signed heads at ``heads``) under a given origin: enough
     entries for full tiles at two levels without training 70,000 steps."""
-    from smalti.governance.ledger import merkle
-    from smalti.governance.ledger.entry import ZERO_HASH, TreeHead, encode_entry
+    from smalti.trust import merkle
+    from smalti.trust.entry import ZERO_HASH, TreeHead, encode_entry
     from smalti.governance.ledger.store import LedgerStore, ledger_path
 
     run.mkdir(parents=True)
@@ -181,7 +181,7 @@ def synthetic_ledger(run: Path, key, size: int, heads: list[int], origin: str, s
 
 
 def test_publish_is_a_tlog_tiles_log_that_go_reads_incrementally_and_never_rewritten(go_check, put_server, tmp_path):
-    from smalti.governance.keys import SigningKey
+    from smalti.trust.keys import SigningKey
     from smalti.governance.ledger.store import LedgerStore, ledger_path
     from smalti.governance.ledger.tiles import tile_index, tile_path
 
@@ -258,7 +258,7 @@ def test_training_publishes_at_every_checkpoint_and_a_dead_destination_only_warn
 def test_publish_to_an_s3_compatible_server(s3_server, tmp_path):
     import s3fs
 
-    from smalti.governance.keys import SigningKey
+    from smalti.trust.keys import SigningKey
 
     run = synthetic_ledger(tmp_path / "run", SigningKey.generate(), 260, [260], "example.org/smalti/s3")
     done = smalti_cli("ledger", "publish", str(run), "--to", "s3://corpora/logs/run",
@@ -280,8 +280,8 @@ def test_a_witness_cosigns_only_consistent_checkpoints_and_catches_a_rewritten_h
 
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    from smalti.governance.keys import SigningKey
-    from smalti.governance.ledger import merkle
+    from smalti.trust.keys import SigningKey
+    from smalti.trust import merkle
     from smalti.governance.ledger.store import LedgerStore, ledger_path
     from smalti.governance.ledger.tiles import PublishedLog
 

@@ -121,7 +121,7 @@ def test_commands_that_need_no_model_never_import_torch(tmp_path):
     import sys
 
     from conftest import REPO
-    from smalti.governance.keys import SigningKey, write_key_pair
+    from smalti.trust.keys import SigningKey, write_key_pair
     from test_ledger import _synthetic_ledger
 
     write_key_pair("trainer", tmp_path / "keys")

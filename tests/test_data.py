@@ -138,7 +138,7 @@ def test_too_small_dataset_for_batch(tiny_corpus):
 
 
 def test_split_by_signature_groups_rows_by_their_set_of_classes():
-    from smalti.data.batch import Batch
+    from smalti.core.batch import Batch
 
     def batch(provenance):
         rows = len(provenance)

@@ -21,7 +21,7 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def _recipe(tmp_path, tiny_corpus):
-    from smalti.governance.keys import write_key_pair
+    from smalti.trust.keys import write_key_pair
 
     key, _ = write_key_pair("trainer", tmp_path / "keys")
     config = tiny_recipe(

@@ -62,7 +62,7 @@ def test_eval_forget_reads_an_exact_forget_as_the_counterfactual_and_a_fake_one_
 
 
 def test_the_membership_auc_is_the_attack_it_says(tmp_path):
-    from smalti.governance.forget_eval import membership_auc
+    from smalti.workflows.forget_eval import membership_auc
 
     rng = np.random.default_rng(3)
     members, others = rng.normal(1.0, 0.3, 200), rng.normal(1.5, 0.3, 150)
@@ -74,7 +74,7 @@ def test_the_membership_auc_is_the_attack_it_says(tmp_path):
 def test_the_ks_statistic_is_the_largest_gap_between_the_two_empirical_distributions():
     from scipy.stats import mannwhitneyu
 
-    from smalti.governance.forget_eval import ks_test, membership_auc
+    from smalti.workflows.forget_eval import ks_test, membership_auc
 
     rng = np.random.default_rng(5)
     forgotten, counterfactual = rng.normal(2.0, 0.4, 90), rng.normal(2.3, 0.5, 70)
@@ -98,14 +98,14 @@ def forgot(parent, tmp_path_factory):  # noqa: F811
 _ATTACK = """
 import sys
 from pathlib import Path
-from smalti.governance.forget_eval import RelearningBudget, relearn
+from smalti.workflows.forget_eval import RelearningBudget, relearn
 relearn(Path(sys.argv[1]), sys.argv[2], 8, RelearningBudget(60, 1e-3, 16, checkpoint_every=10), Path(sys.argv[3]), 0.0)
 """
 
 
 @pytest.mark.slow
 def test_a_relearning_attack_is_a_smalti_run_that_resumes_exactly_after_kill_9(forgot, tmp_path):
-    from smalti.governance.forget_eval import RelearningBudget, relearn, relearning_run_dir
+    from smalti.workflows.forget_eval import RelearningBudget, relearn, relearning_run_dir
 
     budget = RelearningBudget(60, 1e-3, 16, checkpoint_every=10)
     whole, started = relearn(forgot, TEMPEST, 8, budget, tmp_path / "whole", 0.0)
@@ -143,7 +143,7 @@ def test_a_relearning_attack_is_a_smalti_run_that_resumes_exactly_after_kill_9(f
 def test_a_relearning_run_trains_on_k_examples_of_the_class_only(forgot):
     from smalti.build import build_data
     from smalti.distributed import DistInfo
-    from smalti.governance.forget_eval import RelearningBudget, relearning_recipe
+    from smalti.workflows.forget_eval import RelearningBudget, relearning_recipe
 
     config = relearning_recipe(forgot, TEMPEST, 8, RelearningBudget(5, 1e-3, 16))
     data = build_data(config, DistInfo())

@@ -17,7 +17,7 @@ import torch
 
 from smalti import formats
 from smalti.data.manifest import canonical_json
-from smalti.governance.keys import SigningKey, sign_bytes
+from smalti.trust.keys import SigningKey, sign_bytes
 
 from conftest import smalti_cli
 from test_ledger import TEMPEST, train

@@ -110,7 +110,7 @@ def close_numbers(a, b, path=""):
 
 
 def test_routing_and_the_ledger_under_fsdp_match_one_process(governed, tmp_path):
-    from smalti.governance.certificate import ledger_entries
+    from smalti.workflows.certificate import ledger_entries
 
     single = write_recipe(tmp_path / "single.yaml", governed_fsdp(governed, tmp_path))
     sharded = write_recipe(tmp_path / "fsdp.yaml", governed_fsdp(governed, tmp_path, **FSDP))

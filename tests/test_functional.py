@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from smalti.data.batch import Batch
+from smalti.core.batch import Batch
 from smalti.functional import (
     compute_ema,
     ema_smoothing,

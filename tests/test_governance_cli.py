@@ -5,7 +5,7 @@ import stat
 import subprocess
 
 from smalti.cli.main import main
-from smalti.governance.keys import PublicKey, SigningKey
+from smalti.trust.keys import PublicKey, SigningKey
 
 from conftest import CLASS_TEMPLATE, smalti_cli
 

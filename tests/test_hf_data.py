@@ -12,8 +12,8 @@ import pytest
 from smalti.data.prepare import PrepareOptions, prepare_dataset
 from smalti.data.sources import documents_from_source
 from smalti.data.tokenizer import HFTokenizer, train_bpe
-from smalti.governance.keys import PublicKey, SigningKey
-from smalti.governance.taxonomy import Taxonomy
+from smalti.trust.keys import PublicKey, SigningKey
+from smalti.trust.taxonomy import Taxonomy
 
 from conftest import TINY_WORKS, smalti_cli
 

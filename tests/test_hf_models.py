@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +12,7 @@ from smalti.build import build_data
 from smalti.distributed import DistInfo
 from smalti.trainer import Trainer
 
-from conftest import REPO, smalti_cli, write_policy, write_recipe
+from conftest import smalti_cli, write_policy, write_recipe
 from helpers import assert_tree_equal, latest_payload, recipe
 from test_routing import PerturbClass
 

@@ -41,8 +41,8 @@ def short_documents(per_class: int = 60) -> list[dict]:
 
 
 def _governance(root: Path):
-    from smalti.governance.keys import PublicKey, SigningKey, sign_bytes, write_key_pair
-    from smalti.governance.taxonomy import Taxonomy, taxonomy_yaml
+    from smalti.trust.keys import PublicKey, SigningKey, sign_bytes, write_key_pair
+    from smalti.trust.taxonomy import Taxonomy, taxonomy_yaml
 
     keys = root / "keys"
     for name in ("data-governance", "tagger", "trainer"):
@@ -93,7 +93,7 @@ def test_short_packed_documents_validate_on_whole_documents_and_the_numbers_mean
     from smalti.data.prepare import PrepareOptions, prepare_dataset
     from smalti.data.sources import documents_from_source
     from smalti.data.tokenizer import train_bpe
-    from smalti.governance.keys import SigningKey
+    from smalti.trust.keys import SigningKey
     from smalti.trainer import Trainer
     from helpers import recipe
 

@@ -44,14 +44,14 @@ def train(governed, run_dir: Path, **sections):
 
 
 def entries(run_dir: Path) -> list[dict]:
-    from smalti.governance.ledger.entry import decode_entry
+    from smalti.trust.entry import decode_entry
 
     with sqlite3.connect(run_dir / "ledger.sqlite") as db:
         return [decode_entry(row[0]).body for row in db.execute("SELECT data FROM entries ORDER BY idx")]
 
 
 def test_a_governed_run_writes_one_verifiable_entry_per_step(governed, tmp_path):
-    from smalti.governance.keys import PublicKey
+    from smalti.trust.keys import PublicKey
     from smalti.governance.ledger.verify import verify_ledger
 
     run = train(governed, tmp_path / "run", train={"max_duration": "10ba"})
@@ -95,7 +95,7 @@ def _copy_run(run: Path, tmp_path: Path) -> Path:
 
 
 def _verify(run: Path, deep: bool = False, key: Path | None = None, workers: int | None = None):
-    from smalti.governance.keys import PublicKey
+    from smalti.trust.keys import PublicKey
     from smalti.governance.ledger.verify import verify_ledger
 
     return verify_ledger(run, PublicKey.load(key) if key else None, deep=deep, workers=workers)
@@ -105,7 +105,7 @@ def _verify(run: Path, deep: bool = False, key: Path | None = None, workers: int
 
 def _rewrite(run: Path, index: int, data: bytes, *, rehash: bool) -> None:
     """Store new bytes for an entry; with ``rehash`` also its leaf and every later entry's chain link."""
-    from smalti.governance.ledger.entry import HEADER_SIZE, HEADER, MAGIC
+    from smalti.trust.entry import HEADER_SIZE, HEADER, MAGIC
 
     with sqlite3.connect(run / "ledger.sqlite") as db:
         rows = db.execute("SELECT idx, data FROM entries WHERE idx >= ? ORDER BY idx", (index,)).fetchall()
@@ -125,7 +125,7 @@ def _rewrite(run: Path, index: int, data: bytes, *, rehash: bool) -> None:
 
 
 def _mutate_field(data: bytes, key: str) -> bytes:
-    from smalti.governance.ledger.entry import HEADER_SIZE, canonical_json
+    from smalti.trust.entry import HEADER_SIZE, canonical_json
 
     body = json.loads(data[HEADER_SIZE:])
     value = body[key]
@@ -149,7 +149,7 @@ def test_changing_any_field_of_any_entry_is_detected_and_located(policy_run, tmp
         originals = db.execute("SELECT idx, data FROM entries ORDER BY idx").fetchall()
     checked = 0
     for index, data in originals:
-        from smalti.governance.ledger.entry import HEADER_SIZE
+        from smalti.trust.entry import HEADER_SIZE
 
         for key in json.loads(data[HEADER_SIZE:]):
             run = _copy_run(policy_run, tmp_path / f"{index}-{key}")
@@ -207,7 +207,7 @@ def test_deleting_inserting_reordering_truncating_and_forging_are_detected(polic
             db.execute("DELETE FROM entries WHERE idx >= 7")
             db.execute("DELETE FROM heads WHERE size > 7")
         elif attack == "append":  # a well-formed, correctly chained entry that no head signed
-            from smalti.governance.ledger.entry import encode_entry
+            from smalti.trust.entry import encode_entry
 
             last = rows[-1]
             data = encode_entry(last[0] + 1, last[2], {"kind": "step", "step": last[1] + 1})
@@ -226,8 +226,8 @@ def test_deleting_inserting_reordering_truncating_and_forging_are_detected(polic
 
 
 def test_resigning_with_another_key_fails_against_the_trainer_key(policy_run, governed, tmp_path):
-    from smalti.governance.keys import PublicKey, SigningKey
-    from smalti.governance.ledger.entry import TreeHead
+    from smalti.trust.keys import PublicKey, SigningKey
+    from smalti.trust.entry import TreeHead
 
     run = _copy_run(policy_run, tmp_path)
     impostor = SigningKey.load(governed.key("model-risk"))
@@ -253,8 +253,8 @@ def test_resigning_with_another_key_fails_against_the_trainer_key(policy_run, go
 
 def _synthetic_ledger(run: Path, key, size: int, head_sizes: list[int], magic: bytes | None = None) -> None:
     """A ledger written entry by entry with the real encoder (or, with ``magic``, an older format's header)."""
-    from smalti.governance.ledger import merkle
-    from smalti.governance.ledger.entry import HEADER, ZERO_HASH, TreeHead, canonical_json, encode_entry
+    from smalti.trust import merkle
+    from smalti.trust.entry import HEADER, ZERO_HASH, TreeHead, canonical_json, encode_entry
     from smalti.governance.ledger.store import LedgerStore, ledger_path
 
     run.mkdir(parents=True, exist_ok=True)
@@ -285,7 +285,7 @@ def test_verification_read_in_chunks_names_the_same_problems(tmp_path, monkeypat
     """verify checks whole chunks (in worker processes: whole spans) at once and walks entry by entry only where
     one fails: wherever the chunk and span edges and the signed heads fall, it accepts the intact ledger and names
     the same first problem."""
-    from smalti.governance.keys import SigningKey
+    from smalti.trust.keys import SigningKey
     from smalti.governance.ledger import verify
 
     monkeypatch.setattr(verify, "CHUNK", chunk)
@@ -314,7 +314,7 @@ def test_verification_read_in_chunks_names_the_same_problems(tmp_path, monkeypat
     with sqlite3.connect(deleted / "ledger.sqlite") as db:
         db.execute("DELETE FROM entries WHERE idx = 40")
     assert verify.verify_ledger(deleted, key.public, workers=workers).problem.startswith("entry 40: missing")
-    from smalti.governance.ledger.entry import HEADER, HEADER_SIZE, MAGIC
+    from smalti.trust.entry import HEADER, HEADER_SIZE, MAGIC
 
     relinked = _copy_run(run, tmp_path / "relinked")  # entry 32 (a span's first) chained to nothing, then rehashed
     with sqlite3.connect(run / "ledger.sqlite") as db:
@@ -325,7 +325,7 @@ def test_verification_read_in_chunks_names_the_same_problems(tmp_path, monkeypat
 
 
 def test_a_damaged_store_is_a_one_line_failure_saying_from_where(tmp_path, monkeypatch):
-    from smalti.governance.keys import SigningKey
+    from smalti.trust.keys import SigningKey
     from smalti.governance.ledger import verify
 
     monkeypatch.setattr(verify, "SPAN", 256)
@@ -347,7 +347,7 @@ def test_a_damaged_store_is_a_one_line_failure_saying_from_where(tmp_path, monke
 
 def test_format_1_ledgers_still_verify_and_read(tmp_path):
     """Entries written before the numeric tables were packed (b"TSL1", every number in decimal)."""
-    from smalti.governance.keys import SigningKey
+    from smalti.trust.keys import SigningKey
     from smalti.governance.ledger.audit import Ledger
     from smalti.governance.ledger.verify import verify_ledger
 
@@ -392,7 +392,6 @@ def _fold(index: int, size: int, leaf: bytes, path: list[bytes]) -> bytes:
 
 
 def test_inclusion_proof_checks_without_smalti(policy_run, governed):
-    import base64
 
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
@@ -804,7 +803,7 @@ def test_the_run_entry_records_what_the_policy_allowed(policy_run):
 
 def test_the_report_shows_what_governed_the_run(policy_run, tmp_path):
     from smalti.governance.ledger.audit import Ledger
-    from smalti.governance.ledger.report import write_report
+    from smalti.workflows.report import write_report
     from smalti.governance.ledger.verify import verify_ledger
     from smalti.software import software
 
@@ -921,7 +920,7 @@ def test_entropy_profile_matches_an_independent_svd(rows_per_class):
     import numpy as np
     import torch
 
-    from smalti.data.batch import Batch
+    from smalti.core.batch import Batch
     from smalti.governance.ledger.entropy import EntropyProbe
     from smalti.models.gpt import GPT, GPTConfig
 

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from smalti.governance.ledger.entry import (HEADER, HEADER_SIZE, LEGACY_MAGIC, ZERO_HASH, EntryFormatError,
+from smalti.trust.entry import (HEADER, HEADER_SIZE, LEGACY_MAGIC, ZERO_HASH, EntryFormatError,
                                              canonical_json, decode_entry, encode_entry, encode_packed_entry,
                                              pack_table)
 

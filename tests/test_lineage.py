@@ -109,7 +109,7 @@ def _tamper_ledger_of(run: Path) -> None:
 
 def _resign_final_head(run: Path, key_path: Path) -> None:
     """What a parent's operator could do with its key: sign the same final tree again, a second later."""
-    from smalti.governance.keys import SigningKey
+    from smalti.trust.keys import SigningKey
     from smalti.governance.ledger.store import LedgerStore
 
     store = LedgerStore(run / "ledger.sqlite")
@@ -169,7 +169,7 @@ def test_a_parent_whose_weights_are_not_its_signed_ones_is_refused(governed, thr
 
 
 def test_a_parent_signed_by_an_untrusted_key_is_refused(governed, three, tmp_path):
-    from smalti.governance.keys import write_key_pair
+    from smalti.trust.keys import write_key_pair
 
     _, other = write_key_pair("someone-else", tmp_path / "keys")
     recipe = _config(governed, tmp_path, [COMEDY, POETRY], 2, init={"trust": str(other)})

@@ -84,7 +84,7 @@ def test_forgetting_what_the_base_learned_from_a_fine_tune_equals_the_chain_trai
 
 
 def test_the_plan_starts_where_the_class_entered_the_lineage(governed, chain_runs, tmp_path):
-    from smalti.governance.lineage_deletion import plan_through_lineage
+    from smalti.workflows.lineage_deletion import plan_through_lineage
 
     assert plan_through_lineage(chain_runs["ft1"], HAMLET) is None  # its parent never saw a tragedy
     assert plan_through_lineage(chain_runs["base"], TEMPEST) is None  # no parent: an ordinary deletion
@@ -95,8 +95,8 @@ def test_the_plan_starts_where_the_class_entered_the_lineage(governed, chain_run
 
 
 def test_ablation_through_a_lineage_resets_the_adapter_the_ancestor_confined_the_class_to(governed, tmp_path):
-    from smalti.governance.deletion import forget
-    from smalti.governance.keys import SigningKey
+    from smalti.workflows.forget import forget
+    from smalti.trust.keys import SigningKey
 
     policy = write_policy(governed, tmp_path / "policy.yaml", [], [{"classes": [HAMLET], "params": ["@adapter"]}])
     adapters = {"model": {"adapters": {"classes": [HAMLET], "hidden": 8}}, "governance": {"policy": str(policy)},

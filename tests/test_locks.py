@@ -64,7 +64,7 @@ def test_a_second_writer_refuses_in_one_line_and_the_first_run_is_intact(governe
     finally:
         first.send_signal(signal.SIGINT)  # Ctrl-C: it keeps its last checkpoint and releases the folder
         assert first.wait(timeout=120) == 130, first.stderr.read()
-    from smalti.governance.keys import PublicKey
+    from smalti.trust.keys import PublicKey
     from smalti.governance.ledger.verify import verify_ledger
 
     report = verify_ledger(run, PublicKey.load(governed.keys / "trainer.pub"), in_progress=True)

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from smalti.governance.ledger import merkle
+from smalti.trust import merkle
 
 # The CT reference leaves and the published tree heads for sizes 0..8 (RFC 6962 test vectors,
 # as used by google/certificate-transparency and transparency-dev/merkle).

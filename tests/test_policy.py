@@ -5,10 +5,10 @@ import re
 import pytest
 
 from smalti.core.time import Time
-from smalti.governance.keys import PublicKey
-from smalti.governance.policy import Policy, PolicyError, Rule, matches, model_fingerprint
+from smalti.trust.keys import PublicKey
+from smalti.trust.policy import Policy, PolicyError, Rule, matches, model_fingerprint
 from smalti.governance.routing import Router
-from smalti.governance.taxonomy import Taxonomy
+from smalti.trust.taxonomy import Taxonomy
 from smalti.models.gpt import GPT, GPTConfig
 
 from conftest import write_policy

@@ -10,7 +10,7 @@ from smalti.build import build_data
 from smalti.data.manifest import canonical_json
 from smalti.distributed import DistInfo
 from smalti.errors import SmaltiError
-from smalti.governance.keys import SigningKey, sign_bytes
+from smalti.trust.keys import SigningKey, sign_bytes
 from smalti.trainer import Trainer
 
 from conftest import smalti_cli, write_recipe
@@ -254,8 +254,8 @@ def test_an_extra_shard_the_manifest_does_not_list(governed_copy):
 
 def _prepare(g, documents, **options):
     from smalti.data.prepare import PrepareOptions, prepare_dataset
-    from smalti.governance.keys import PublicKey
-    from smalti.governance.taxonomy import Taxonomy
+    from smalti.trust.keys import PublicKey
+    from smalti.trust.taxonomy import Taxonomy
 
     taxonomy = Taxonomy.load(g.taxonomy, PublicKey.load(g.trust))
     return prepare_dataset(documents, taxonomy, SigningKey.load(g.key("tagger")), str(g.dataset),

@@ -12,7 +12,7 @@ import torch
 from smalti.build import build_data
 from smalti.distributed import DistInfo
 from smalti.errors import CheckpointError
-from smalti.governance.ledger.entry import decode_entry, encode_entry
+from smalti.trust.entry import decode_entry, encode_entry
 from smalti.trainer import Trainer
 
 from conftest import CLASS_TEMPLATE, make_governance, write_policy
@@ -88,8 +88,8 @@ def _governed_with(root: Path, corpus: Path, change) -> dict:
     """A governed dataset of ``corpus`` plus a one-example document, after ``change`` edits its documents."""
     from smalti.data.prepare import PrepareOptions, prepare_dataset
     from smalti.data.sources import documents_from_folder
-    from smalti.governance.keys import PublicKey, SigningKey
-    from smalti.governance.taxonomy import Taxonomy
+    from smalti.trust.keys import PublicKey, SigningKey
+    from smalti.trust.taxonomy import Taxonomy
 
     g = make_governance(root, corpus)
     documents = list(documents_from_folder(corpus, template=CLASS_TEMPLATE))
@@ -148,7 +148,7 @@ def test_a_resume_with_another_trainer_key_is_refused(two_signings, tiny_corpus,
     """One ledger, one signing key: heads signed by two keys would verify under neither. (Where a taxonomy
     names the trainer, its key is checked before; a raw corpus names none.)"""
     from conftest import tiny_recipe
-    from smalti.governance.keys import write_key_pair
+    from smalti.trust.keys import write_key_pair
     from smalti.governance.ledger.store import LedgerError
 
     first, _ = two_signings

@@ -9,7 +9,7 @@ from torch import nn
 
 from smalti.build import build_data
 from smalti.core.callback import Callback
-from smalti.data.batch import Batch
+from smalti.core.batch import Batch
 from smalti.distributed import DistInfo
 from smalti.errors import SmaltiError
 from smalti.functional import freeze_times, freezing_units, frozen_layer_count
@@ -325,7 +325,7 @@ def test_adapters_leave_the_output_unchanged_at_initialisation(governed):
     ("no adapters", "matches no parameter"),
 ])
 def test_tampered_or_mismatched_policies_refuse_to_train(governed, tmp_path, mutation, message):
-    from smalti.governance.keys import SigningKey, sign_bytes
+    from smalti.trust.keys import SigningKey, sign_bytes
 
     path = tmp_path / "policy.yaml"
     write_policy(governed, path, [{"classes": [MACBETH], "params": ["ln_f"], "action": "deny"}],

@@ -31,7 +31,7 @@ def service(governed, tmp_path_factory):
     """Runs (a governed one; a copy re-signed by an outsider's key), a taxonomy naming an auditor, and
     `smalti serve` on loopback; stopped after the module."""
     from ledger_factory import grow_ledger
-    from smalti.governance.keys import SigningKey
+    from smalti.trust.keys import SigningKey
 
     root = tmp_path_factory.mktemp("serve")
     runs = root / "runs"
@@ -144,8 +144,8 @@ def test_browser_sessions_sign_in_out_and_revoke_everywhere(service):
 
 
 def test_the_session_and_challenge_stores_are_bounded():
-    from smalti.governance.keys import SigningKey
-    from smalti.governance.taxonomy import Authority, Taxonomy
+    from smalti.trust.keys import SigningKey
+    from smalti.trust.taxonomy import Authority, Taxonomy
     from smalti.serve.auth import AuthError, RequestAuthenticator, Sessions, login_message
 
     key = SigningKey.generate()
@@ -219,7 +219,7 @@ def test_a_run_signed_by_a_key_the_taxonomy_never_named_is_untrusted_everywhere(
 
 
 def test_proofs_tiles_and_queries_hold_and_bad_input_is_a_json_error(service):
-    from smalti.governance.ledger import merkle
+    from smalti.trust import merkle
     from smalti.governance.ledger.store import LedgerStore, ledger_path
     from smalti.governance.ledger.tiles import tiles
 
@@ -365,8 +365,8 @@ def test_no_absolute_path_of_the_server_leaves_it(service, governed, tmp_path):
 
 
 def test_the_access_log_records_what_was_read_and_is_a_signed_log(service, tmp_path):
-    from smalti.governance.ledger import merkle
-    from smalti.governance.ledger.note import Checkpoint, Verifier, open_note
+    from smalti.trust import merkle
+    from smalti.trust.note import Checkpoint, Verifier, open_note
 
     base, runs, auditor, _, _ = service
     client = Client(base, auditor)
@@ -451,7 +451,7 @@ def test_hostile_ledgers_and_odd_input_are_refused_quickly_not_500_or_hung(servi
     import shutil
 
     from ledger_factory import grow_ledger
-    from smalti.governance.keys import SigningKey
+    from smalti.trust.keys import SigningKey
 
     base, runs, auditor, _, _ = service
     _hostile_ledger(runs / "hostile", "heads")
@@ -567,7 +567,7 @@ def test_the_auditor_client_follows_no_redirect_and_prints_no_terminal_escapes(s
     base = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         keys = tmp_path / "keys"
-        from smalti.governance.keys import write_key_pair
+        from smalti.trust.keys import write_key_pair
 
         write_key_pair("auditor", keys)
         lied = smalti_cli("auditor", "verify", base, "beta", "--key", str(keys / "auditor.key"), "--trainer-key",
@@ -672,7 +672,7 @@ def test_https_origin_sets_secure_cookies_and_binds_signatures_to_https(governed
     taxonomy = make_audit_taxonomy(governed, tmp_path)
     with serving(runs, taxonomy, governed.trust, "--tls-cert", str(tmp_path / "cert.pem"), "--tls-key",
                  str(tmp_path / "key.pem"), scheme="https") as (base, _):
-        from smalti.governance.keys import SigningKey
+        from smalti.trust.keys import SigningKey
         from smalti.serve.client import AuditClient
 
         client = AuditClient(base, SigningKey.load(tmp_path / "keys" / "auditor.key"), tls_verify=str(tmp_path / "cert.pem"))
@@ -728,8 +728,8 @@ def test_a_taxonomy_names_auditors_and_serve_refuses_one_without(governed, tmp_p
 
 
 def test_one_key_in_two_roles_is_refused_unless_the_taxonomy_says_so(governed, tmp_path):
-    from smalti.governance.keys import PublicKey
-    from smalti.governance.taxonomy import Taxonomy, TaxonomyError, taxonomy_yaml
+    from smalti.trust.keys import PublicKey
+    from smalti.trust.taxonomy import Taxonomy, TaxonomyError, taxonomy_yaml
 
     shared = smalti_cli("taxonomy", "init", str(tmp_path / "t.yaml"), "--name", "t", "--class", "a/b",
                         "--data-governance", str(governed.trust), "--trainer", str(governed.keys / "trainer.pub"),
@@ -747,9 +747,9 @@ def test_one_key_in_two_roles_is_refused_unless_the_taxonomy_says_so(governed, t
 
 def test_ledger_fields_of_the_wrong_type_are_refused_when_entries_are_decoded(governed, tmp_path):
     from ledger_factory import grow_ledger
-    from smalti.governance.keys import SigningKey
+    from smalti.trust.keys import SigningKey
     from smalti.governance.ledger.audit import AuditError, Ledger
-    from smalti.governance.ledger.entry import EntryFormatError
+    from smalti.trust.entry import EntryFormatError
 
     import shutil
 

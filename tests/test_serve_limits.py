@@ -28,7 +28,7 @@ def _rss_mb(pid: int) -> float:
 @pytest.mark.slow
 def test_memory_stays_bounded_however_a_long_ledger_is_read(governed, tmp_path):
     from ledger_factory import grow_ledger
-    from smalti.governance.keys import SigningKey
+    from smalti.trust.keys import SigningKey
     from smalti.governance.ledger.tiles import tile_index
     from smalti.serve.client import AuditClient
 

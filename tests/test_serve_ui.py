@@ -58,7 +58,7 @@ def _markup_names(run: Path, key) -> None:
 
 @pytest.fixture(scope="module")
 def ui(governed, tmp_path_factory):
-    from smalti.governance.keys import SigningKey
+    from smalti.trust.keys import SigningKey
 
     chromium = chromium_path()
     root = tmp_path_factory.mktemp("serve_ui")
@@ -155,7 +155,7 @@ def test_no_key_enters_the_page_and_a_code_signed_elsewhere_signs_in(ui):
 
 
 def test_the_green_verdict_is_only_for_what_the_browser_checked(ui):
-    from smalti.governance.keys import PublicKey
+    from smalti.trust.keys import PublicKey
     from smalti.governance.ledger.store import LedgerStore, ledger_path
 
     context, page = _signed_in_page(ui)
@@ -316,7 +316,7 @@ def _other_history(ui, name: str, steps: int, edit=None, origin: str | None = No
     """Alpha's entries rewritten (``edit``), under another log name (``origin``), signed by the trainer: the signed
     checkpoint and step 1's inclusion proof a dishonest service would show in alpha's place."""
     from ledger_factory import grow_ledger
-    from smalti.governance.keys import SigningKey
+    from smalti.trust.keys import SigningKey
     from smalti.governance.ledger.store import LedgerStore, ledger_path
 
     copy = ui["runs"].parent / name
@@ -338,7 +338,7 @@ def client_verifier(ui, run: str) -> str:
 
 
 def _proof_from(run: Path, step: int) -> str:
-    from smalti.governance.ledger import merkle
+    from smalti.trust import merkle
     from smalti.governance.ledger.store import LedgerStore, ledger_path
 
     with LedgerStore(ledger_path(run), read_only=True) as store:
@@ -419,7 +419,7 @@ def test_the_report_shows_ledger_markup_as_text_and_runs_no_script(ui, tmp_path)
         assert PAYLOAD in text and "<script>alert(2)</script>" in text  # shown, as text
         assert report.locator("img[src=x]").count() == 0 and report.locator("body script").count() == 0
         # Escaping alone, without the service's Content-Security-Policy: the same report as a file.
-        from smalti.governance.ledger.report import write_report
+        from smalti.workflows.report import write_report
         from smalti.governance.ledger.verify import verify_ledger
 
         offline = write_report(ui["runs"] / "markup", tmp_path / "report.html", verify_ledger(ui["runs"] / "markup"))
@@ -429,7 +429,7 @@ def test_the_report_shows_ledger_markup_as_text_and_runs_no_script(ui, tmp_path)
         assert oct(offline.stat().st_mode & 0o777) != oct(0o600)  # the usual umask, not private
         # A loss that is markup (the defect found): refused where entries are decoded, named in a JSON 422.
         from ledger_factory import grow_ledger
-        from smalti.governance.keys import SigningKey
+        from smalti.trust.keys import SigningKey
 
         shutil.copytree(ui["runs"] / "alpha", ui["runs"] / "badloss")
         grow_ledger(ui["runs"] / "badloss", 6, SigningKey.load(ui["governed"].key("trainer")),
@@ -446,7 +446,7 @@ def test_the_report_shows_ledger_markup_as_text_and_runs_no_script(ui, tmp_path)
 
 
 def test_the_offline_reports_entropy_legend_does_not_cover_the_class_labels(ui, tmp_path):
-    from smalti.governance.ledger.report import write_report
+    from smalti.workflows.report import write_report
     from smalti.governance.ledger.verify import verify_ledger
 
     report = write_report(ui["runs"] / "wide", tmp_path / "report.html", verify_ledger(ui["runs"] / "wide"))
@@ -470,8 +470,8 @@ def test_the_served_report_trusts_only_the_taxonomys_trainer_and_reads_nothing_o
     import os
 
     from serve_helpers import Client
-    from smalti.governance.certificate import CERTIFICATE, sign_certificate
-    from smalti.governance.keys import SigningKey
+    from smalti.workflows.certificate import CERTIFICATE, sign_certificate
+    from smalti.trust.keys import SigningKey
 
     runs, outside = ui["runs"], tmp_path / "outside"
     shutil.copytree(runs / "tuned", outside / "parent")

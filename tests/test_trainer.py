@@ -73,7 +73,7 @@ ALGORITHM_CASES = {
 
 def test_evaluation_records_each_class_loss_and_a_resume_restores_it(tmp_path, tiny_corpus):
     """Each class's held-out loss, as the final checkpoint carries it, against a row-by-row float64 recount."""
-    from smalti.governance.deletion import loss_by_class
+    from smalti.workflows.deletion import loss_by_class
     from smalti.models.adapters import set_row_classes
 
     config = tiny_recipe(tiny_corpus, train={"max_duration": "12ba"}, eval={"interval": "12ba", "batch_size": 5})

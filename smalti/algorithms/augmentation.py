@@ -21,7 +21,7 @@ from smalti.functional.augment import augmix_batch, randaugment_batch
 from smalti.functional.mixing import cutmix_batch, mixup_batch
 from smalti.functional.occlusion import colout_batch, cutout_batch
 from smalti.functional.progressive_resizing import resize_batch, resizing_scale
-from smalti.loggers.logger import Logger
+from smalti.core.logger import Logger
 
 
 _Config = NoOptions

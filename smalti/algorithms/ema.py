@@ -12,7 +12,7 @@ from smalti.core.event import Event
 from smalti.core.state import State
 from smalti.core.time import Time
 from smalti.functional.ema import compute_ema, ema_smoothing
-from smalti.loggers.logger import Logger
+from smalti.core.logger import Logger
 
 
 class EMAConfig(BaseModel):

@@ -10,7 +10,7 @@ from smalti.core.algorithm import Algorithm
 from smalti.core.event import Event
 from smalti.core.state import State
 from smalti.functional.gradient_clipping import apply_gradient_clipping
-from smalti.loggers.logger import Logger
+from smalti.core.logger import Logger
 
 
 class GradientClippingConfig(BaseModel):

@@ -11,7 +11,7 @@ from smalti.core.algorithm import Algorithm
 from smalti.core.event import Event
 from smalti.core.state import State
 from smalti.functional.label_smoothing import smooth_labels
-from smalti.loggers.logger import Logger
+from smalti.core.logger import Logger
 
 
 class LabelSmoothingConfig(BaseModel):

@@ -11,8 +11,8 @@ from smalti.core.event import Event
 from smalti.core.state import State
 from smalti.core.time import Time, TimeUnit
 from smalti.functional.layer_freezing import freeze_times, freezing_units, settled, unit_entropies
-from smalti.governance.policy import Rule
-from smalti.loggers.logger import Logger
+from smalti.trust.policy import Rule
+from smalti.core.logger import Logger
 
 
 class LayerFreezingConfig(BaseModel):

@@ -10,7 +10,7 @@ from smalti.core.algorithm import Algorithm
 from smalti.core.event import Event
 from smalti.core.state import State
 from smalti.functional.sam import sharpness_aware_perturbation
-from smalti.loggers.logger import Logger
+from smalti.core.logger import Logger
 
 
 class SAMConfig(BaseModel):

@@ -10,7 +10,7 @@ from smalti.core.algorithm import Algorithm
 from smalti.core.event import Event
 from smalti.core.state import State
 from smalti.functional.selective_backprop import select_by_loss, should_select
-from smalti.loggers.logger import Logger
+from smalti.core.logger import Logger
 
 
 class SelectiveBackpropConfig(BaseModel):

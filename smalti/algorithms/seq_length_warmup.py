@@ -11,7 +11,7 @@ from smalti.core.event import Event
 from smalti.core.state import State
 from smalti.core.time import Time
 from smalti.functional.seq_length_warmup import set_batch_sequence_length, warmup_sequence_length
-from smalti.loggers.logger import Logger
+from smalti.core.logger import Logger
 
 
 class SequenceLengthWarmupConfig(BaseModel):

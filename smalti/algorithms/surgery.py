@@ -28,7 +28,7 @@ from smalti.functional.noop_model import apply_noop_model
 from smalti.functional.squeeze_excite import apply_squeeze_excite
 from smalti.functional.stochastic_depth import apply_stochastic_depth
 from smalti.functional.weight_standardization import apply_weight_standardization
-from smalti.loggers.logger import Logger
+from smalti.core.logger import Logger
 
 
 _Config = NoOptions

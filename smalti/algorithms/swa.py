@@ -12,7 +12,7 @@ from smalti.core.event import Event
 from smalti.core.state import State
 from smalti.core.time import Time
 from smalti.functional.weight_averaging import update_running_average
-from smalti.loggers.logger import Logger
+from smalti.core.logger import Logger
 
 
 class SWAConfig(BaseModel):

@@ -36,14 +36,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from smalti.governance.keys import PublicKey
+    from smalti.trust.keys import PublicKey
     from smalti.governance.ledger.audit import AuditError, Ledger, training_index
     from smalti.governance.ledger.verify import verify_ledger
 
     verified = verify_ledger(args.run_dir, PublicKey.load(args.pubkey) if args.pubkey else None)
     console = output_console()  # names are never cut, in a terminal or not
     if args.report is not None:
-        from smalti.governance.ledger.report import write_report
+        from smalti.workflows.report import write_report
 
         path = write_report(args.run_dir, args.report, verified)
         console.print(f"audit report: {path.resolve()}")

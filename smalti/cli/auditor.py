@@ -77,14 +77,14 @@ def _checkpoint(client, args: argparse.Namespace):
 
 
 def _client(args: argparse.Namespace):
-    from smalti.governance.keys import SigningKey
+    from smalti.trust.keys import SigningKey
     from smalti.serve.client import AuditClient
 
     return AuditClient(args.origin, SigningKey.load(args.key), tls_verify=str(args.tls_ca) if args.tls_ca else True)
 
 
 def _trainer(args: argparse.Namespace):
-    from smalti.governance.keys import PublicKey
+    from smalti.trust.keys import PublicKey
 
     return PublicKey.load(args.trainer_key)
 

@@ -104,8 +104,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _load_taxonomy(path: Path, trust: Path | None):
-    from smalti.governance.keys import PublicKey
-    from smalti.governance.taxonomy import Taxonomy
+    from smalti.trust.keys import PublicKey
+    from smalti.trust.taxonomy import Taxonomy
 
     return Taxonomy.load(path, PublicKey.load(trust) if trust else None)
 
@@ -114,7 +114,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     from smalti.data.prepare import PrepareOptions, prepare_dataset
     from smalti.data.sources import documents_from_source
     from smalti.data.tokenizer import HFTokenizer
-    from smalti.governance.keys import SigningKey
+    from smalti.trust.keys import SigningKey
 
     taxonomy = _load_taxonomy(args.taxonomy, args.trust)
     key = SigningKey.load(args.key)

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if not isinstance(model, HFCausalLM):
         raise SmaltiError(f"{args.run_dir}: export writes Hugging Face models (model.hf); this run trained "
                           f"{type(model).__name__}")
-    from smalti.governance.certificate import ablated_classes
+    from smalti.workflows.certificate import ablated_classes
 
     left_out = frozenset(ablated_classes(args.run_dir))
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
             written = export(model, scratch, tokenizer, left_out)
         if args.sign:
             from smalti.checkpoint import load_checkpoint
-            from smalti.governance.provenance import sign_model
+            from smalti.workflows.provenance import sign_model
 
             with progress.status("signing: in-toto provenance, then an OpenSSF model signature over every file"):
                 sign_model(scratch, args.run_dir, load_checkpoint(checkpoint, tensors=False), trainer_key, model_key)
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _signing_keys(args: argparse.Namespace):
     from smalti.config import load_recipe
-    from smalti.governance.keys import SigningKey
+    from smalti.trust.keys import SigningKey
 
     if args.model_key is None:
         raise SmaltiError("--sign needs --model-key (an ECDSA P-256 key: smalti keys new NAME --type ecdsa-p256)")
@@ -100,15 +100,15 @@ def _signing_keys(args: argparse.Namespace):
         trainer = load_recipe(args.run_dir / "recipe.yaml").governance.ledger.key
     if trainer is None:
         raise SmaltiError("--sign needs --trainer-key (the run's recipe names no governance.ledger.key)")
-    from smalti.governance.provenance import check_model_key
+    from smalti.workflows.provenance import check_model_key
 
     check_model_key(args.model_key)
     return SigningKey.load(trainer), args.model_key
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from smalti.governance.keys import PublicKey
-    from smalti.governance.provenance import verify_model
+    from smalti.trust.keys import PublicKey
+    from smalti.workflows.provenance import verify_model
 
     for line in verify_model(args.directory, PublicKey.load(args.trainer_pubkey), args.model_pubkey):
         print(line)

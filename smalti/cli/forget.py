@@ -80,8 +80,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_forget(args: argparse.Namespace) -> int:
     from smalti.config import load_recipe
-    from smalti.governance.deletion import DeletionError, forget
-    from smalti.governance.keys import SigningKey
+    from smalti.workflows.deletion import DeletionError
+    from smalti.workflows.forget import forget
+    from smalti.trust.keys import SigningKey
 
     if args.dry_run:
         return print_plan(args) if int(os.environ.get("RANK", "0")) == 0 else 0  # under torchrun, rank 0 says it
@@ -112,8 +113,8 @@ def run_forget(args: argparse.Namespace) -> int:
 
 def print_plan(args: argparse.Namespace) -> int:
     """``--dry-run``: what forgetting the class takes, read from the verified ledger; changes nothing."""
-    from smalti.governance.deletion import plan_deletion
-    from smalti.governance.lineage_deletion import plan_through_lineage
+    from smalti.workflows.deletion import plan_deletion
+    from smalti.workflows.lineage_deletion import plan_through_lineage
 
     through = plan_through_lineage(args.run_dir, args.node)
     if through is not None:
@@ -146,7 +147,7 @@ def print_plan(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from smalti.checkpoint import CheckpointStore
-    from smalti.governance.deletion import DeletionError, loss_by_class
+    from smalti.workflows.deletion import DeletionError, loss_by_class
 
     latest = CheckpointStore(args.run_dir / "checkpoints", keep=1).latest()
     if latest is None or not (args.run_dir / "recipe.yaml").is_file():
@@ -170,7 +171,7 @@ def run_eval_forget(args: argparse.Namespace) -> int:
     from smalti.extras import require
 
     require("eval", "smalti eval-forget", "scipy", "sklearn")
-    from smalti.governance.forget_eval import evaluate_forgetting, plot
+    from smalti.workflows.forget_eval import evaluate_forgetting, plot
     from smalti.io import atomic_write_text
 
     try:

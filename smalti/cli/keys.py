@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from smalti.governance.keys import (
+from smalti.trust.keys import (
     PublicKey,
     SigningKey,
     read_signature,
@@ -62,7 +62,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_new(args: argparse.Namespace) -> int:
     if args.token_uri:
-        from smalti.governance.pkcs11 import generate
+        from smalti.trust.pkcs11 import generate
 
         path = args.dir / f"{args.name}.pub"
         if path.exists():
@@ -83,7 +83,7 @@ def run_new(args: argparse.Namespace) -> int:
 
 
 def run_note_key(args: argparse.Namespace) -> int:
-    from smalti.governance.ledger.note import verifier_key
+    from smalti.trust.note import verifier_key
 
     print(verifier_key(args.name, PublicKey.load(args.pubkey).raw))
     return 0

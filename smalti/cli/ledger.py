@@ -91,10 +91,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from smalti.governance.keys import PublicKey
+    from smalti.trust.keys import PublicKey
     from smalti.governance.ledger.verify import verify_ledger
 
-    from smalti.governance.certificate import CERTIFICATE, verify_certificate
+    from smalti.workflows.certificate import CERTIFICATE, verify_certificate
 
     key = PublicKey.load(args.pubkey) if args.pubkey else None
     certificate = args.run_dir / CERTIFICATE
@@ -142,9 +142,9 @@ def run_verify(args: argparse.Namespace) -> int:
 def _check_witnesses(args: argparse.Namespace) -> str | None:
     """Every --witness must have cosigned a checkpoint of this ledger; None, or what is wrong."""
     from smalti.config import load_recipe
-    from smalti.governance.keys import PublicKey
+    from smalti.trust.keys import PublicKey
     from smalti.governance.ledger.tiles import PublishedLog, PublishError
-    from smalti.governance.witness import WitnessError, check_witnessed
+    from smalti.workflows.witness import WitnessError, check_witnessed
 
     source = args.cosigned
     if source is None and (args.run_dir / "recipe.yaml").is_file():
@@ -176,7 +176,7 @@ def _load_step(run_dir: Path, step: int) -> tuple[int, bytes, bytes]:
 
 def run_show(args: argparse.Namespace) -> int:
     from smalti.governance.ledger.audit import Ledger
-    from smalti.governance.ledger.entry import decode_entry
+    from smalti.trust.entry import decode_entry
 
     if args.step is not None:
         index, leaf, data = _load_step(args.run_dir, args.step)
@@ -198,7 +198,7 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def run_proof(args: argparse.Namespace) -> int:
-    from smalti.governance.ledger import merkle
+    from smalti.trust import merkle
     from smalti.governance.ledger.store import LedgerStore, ledger_path
 
     index, leaf, data = _load_step(args.run_dir, args.step)
@@ -228,7 +228,7 @@ def run_proof(args: argparse.Namespace) -> int:
 
 
 def run_checkpoint(args: argparse.Namespace) -> int:
-    from smalti.governance.ledger.note import verifier_key
+    from smalti.trust.note import verifier_key
     from smalti.governance.ledger.store import LedgerStore, ledger_path
 
     if not ledger_path(args.run_dir).is_file():
@@ -277,7 +277,7 @@ def run_publish(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from smalti.governance.ledger.entry import decode_entry
+    from smalti.trust.entry import decode_entry
     from smalti.governance.ledger.store import LedgerStore, ledger_path
     from smalti.io import atomic_write_bytes
 

@@ -39,10 +39,10 @@ def run_check(args: argparse.Namespace) -> int:
     from smalti.core.state import DataShape
     from smalti.core.time import Time
     from smalti.data.shards import open_tokenizer, read_manifest
-    from smalti.governance.keys import PublicKey
-    from smalti.governance.policy import Policy, leaf_classes, model_fingerprint
+    from smalti.trust.keys import PublicKey
+    from smalti.trust.policy import Policy, leaf_classes, model_fingerprint
     from smalti.governance.routing import Router
-    from smalti.governance.taxonomy import Taxonomy
+    from smalti.trust.taxonomy import Taxonomy
     from smalti.io import atomic_write_text
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -86,7 +86,7 @@ def run_check(args: argparse.Namespace) -> int:
 def print_matrix(router, classes: list[str], total_batches: float) -> None:
     """One table per phase: layers down, groups of classes that behave alike across (numbered as the audit
     report numbers them: the taxonomy's leaves, in its order)."""
-    from smalti.governance.policy import group_label
+    from smalti.trust.policy import group_label
 
     layers: dict[str, list[int]] = {}
     for i, name in enumerate(router.names):

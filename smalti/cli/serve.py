@@ -48,7 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _service_key(args: argparse.Namespace, log: Path):
-    from smalti.governance.keys import SigningKey, write_key_pair
+    from smalti.trust.keys import SigningKey, write_key_pair
 
     if args.service_key:
         return SigningKey.load(args.service_key)
@@ -59,8 +59,8 @@ def _service_key(args: argparse.Namespace, log: Path):
 
 
 def run(args: argparse.Namespace) -> int:
-    from smalti.governance.keys import PublicKey
-    from smalti.governance.taxonomy import Taxonomy
+    from smalti.trust.keys import PublicKey
+    from smalti.trust.taxonomy import Taxonomy
 
     if not args.runs_dir.is_dir():
         raise SmaltiError(f"{args.runs_dir}: not a folder of runs")

@@ -10,9 +10,9 @@ from rich.tree import Tree
 from smalti.data.sources import classes_from_mapping
 from smalti.cli.output import console as output_console, counted
 from smalti.errors import SmaltiError
-from smalti.governance.keys import PublicKey
+from smalti.trust.keys import PublicKey
 from smalti.io import atomic_write_text
-from smalti.governance.taxonomy import Taxonomy, taxonomy_yaml
+from smalti.trust.taxonomy import Taxonomy, taxonomy_yaml
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

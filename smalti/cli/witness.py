@@ -35,8 +35,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_cosign(args: argparse.Namespace) -> int:
     from smalti.cli.ledger import storage_options
-    from smalti.governance.keys import SigningKey
-    from smalti.governance.witness import cosign
+    from smalti.trust.keys import SigningKey
+    from smalti.workflows.witness import cosign
 
     key = SigningKey.load(args.key)
     done = cosign(args.url, key, args.name or f"witness/{key.public.key_id}", args.state, args.log_key,

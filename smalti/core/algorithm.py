@@ -8,7 +8,7 @@ from smalti.core.event import Event
 from smalti.core.state import State
 
 if TYPE_CHECKING:
-    from smalti.loggers.logger import Logger
+    from smalti.core.logger import Logger
 
 
 class Algorithm:

@@ -9,7 +9,7 @@ from smalti.core.callback import Callback, Handler
 from smalti.core.event import Event
 from smalti.core.passes import DEFAULT_PASSES, AlgorithmPass, order_for_event
 from smalti.core.state import State
-from smalti.loggers.logger import Logger
+from smalti.core.logger import Logger
 
 
 class Engine:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from smalti.core.time import Time, Timestamp, TimeUnit
-from smalti.data.batch import Batch
+from smalti.core.batch import Batch
 
 
 @dataclass

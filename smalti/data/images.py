@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from smalti.data.batch import Batch
+from smalti.core.batch import Batch
 from smalti.data.lm import LanguageModelData, OrderConfig
 from smalti.errors import DataError
 

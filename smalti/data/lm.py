@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from smalti.core.state import DataShape
-from smalti.data.batch import Batch
+from smalti.core.batch import Batch
 from smalti.data.freshness import FreshnessRule, check_freshness
 from smalti.data.sampler import (DeterministicSampler, FilteredOrder, MixtureOrder, PerClassOrder, RandomOrder,
                                   SampleOrder, make_order)
@@ -30,7 +30,7 @@ from smalti.data.sources import documents_from_folder
 from smalti.data.tokenizer import CharTokenizer, HFTokenizer
 from smalti.data.windows import TokenWindows
 from smalti.errors import DataError
-from smalti.governance.taxonomy import Taxonomy
+from smalti.trust.taxonomy import Taxonomy
 
 
 GATHER_BATCHES = 32

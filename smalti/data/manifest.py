@@ -36,9 +36,9 @@ import pyarrow.parquet as pq
 
 from smalti import formats
 from smalti.errors import DataError
-from smalti.governance.ledger import merkle
-from smalti.governance.keys import Signature, SignatureError, verify_bytes
-from smalti.governance.taxonomy import Taxonomy
+from smalti.trust import merkle
+from smalti.trust.keys import Signature, SignatureError, verify_bytes
+from smalti.trust.taxonomy import Taxonomy
 
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"  # a Hugging Face tokenizer's own file, beside the shards (sha256 signed)

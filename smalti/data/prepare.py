@@ -50,9 +50,9 @@ from smalti.data.sources import Document
 from smalti.data.tokenizer import CharTokenizer, HFTokenizer
 from smalti.errors import DataError
 from smalti.io import atomic_write_bytes, remote_filesystem
-from smalti.governance.ledger import merkle
-from smalti.governance.keys import SigningKey, sign_bytes
-from smalti.governance.taxonomy import Taxonomy
+from smalti.trust import merkle
+from smalti.trust.keys import SigningKey, sign_bytes
+from smalti.trust.taxonomy import Taxonomy
 
 
 HOLDOUT_MODES = ("auto", "documents", "tail")

@@ -14,7 +14,7 @@ import fsspec
 import numpy as np
 import torch
 
-from smalti.data.batch import Batch
+from smalti.core.batch import Batch
 from smalti.data.cache import ShardCache
 from smalti.data.manifest import (
     MANIFEST,
@@ -30,8 +30,8 @@ from smalti.data.manifest import (
 from smalti.data.tokenizer import CharTokenizer, HFTokenizer
 from smalti.errors import DataError
 from smalti.io import remote_filesystem
-from smalti.governance.keys import Signature
-from smalti.governance.taxonomy import Taxonomy
+from smalti.trust.keys import Signature
+from smalti.trust.taxonomy import Taxonomy
 
 
 PREFETCH_SHARDS = 2  # decoded ahead of use, in a background thread (pyarrow decodes without the GIL)

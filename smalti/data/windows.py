@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from smalti.data.batch import Batch
+from smalti.core.batch import Batch
 
 
 class TokenWindows:

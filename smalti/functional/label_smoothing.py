@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from smalti.data.batch import IGNORE_INDEX
+from smalti.core.batch import IGNORE_INDEX
 
 
 def smooth_labels(

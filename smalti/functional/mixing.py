@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from smalti.data.batch import Batch, union_provenance
+from smalti.core.batch import Batch, union_provenance
 
 
 def _dense_targets(targets: torch.Tensor, num_classes: int) -> torch.Tensor:

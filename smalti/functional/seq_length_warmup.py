@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from smalti.data.batch import Batch
+from smalti.core.batch import Batch
 
 
 def warmup_sequence_length(

@@ -30,7 +30,7 @@ from typing import Any
 
 from smalti import formats
 from smalti.errors import SmaltiError
-from smalti.governance.keys import PublicKey
+from smalti.trust.keys import PublicKey
 from smalti.governance.ledger.store import LedgerStore, ledger_path
 from smalti.governance.ledger.verify import verify_ledger
 from smalti.io import atomic_write_bytes
@@ -95,7 +95,7 @@ def read_pending(run_dir: Path) -> Link | None:
 
 def run_entry(run_dir: Path) -> dict[str, Any]:
     """The run entry (entry 0) of a run's ledger, decoded (callers verify first)."""
-    from smalti.governance.ledger.entry import decode_entry
+    from smalti.trust.entry import decode_entry
 
     store = LedgerStore(ledger_path(run_dir), read_only=True)
     try:

@@ -46,7 +46,7 @@ from smalti.core.time import Time, TimeUnit
 from smalti.distributed import DistInfo
 from smalti.errors import SmaltiError
 from smalti.fsdp import ShardedGradients
-from smalti.governance.policy import Policy, Rule, matches
+from smalti.trust.policy import Policy, Rule, matches
 
 
 class RoutingError(SmaltiError):

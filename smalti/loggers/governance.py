@@ -15,11 +15,22 @@ The ledger stays the evidence (signed, verifiable); a tracker is a view of it.
 from __future__ import annotations
 
 import fnmatch
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 
-from smalti.governance.ledger.writer import StepSignals
+
+@dataclass
+class StepSignals:
+    """One committed step's per-layer numbers on the host: what its ledger entry packs, and what trackers are
+    shown. Defined here, below the ledger, so that this view of it never imports the ledger."""
+
+    step: int
+    signatures: list[str]
+    shares: np.ndarray  # [signatures, layers]: share of each layer's gradient
+    updated: np.ndarray  # [layers]: the layer moved in this step
+    entropy: np.ndarray | None  # [probe classes, probe layers], at the steps it is measured
 
 
 class GovernanceSignals:

@@ -1,20 +1,22 @@
-"""Fan-out from the loop to wherever metrics go (console, JSONL, MLflow, TensorBoard, Weights & Biases)."""
+"""The base of every place metrics go (console, JSONL, MLflow, TensorBoard, Weights & Biases).
+
+``Logger``, the fan-out the loop calls, is ``smalti.core.logger.Logger`` (still importable from here)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
-
-import torch
+from typing import Any, Mapping
 
 from smalti.core.callback import Callback
+from smalti.core.logger import Logger
 from smalti.core.time import Timestamp
 
-if TYPE_CHECKING:
-    from smalti.core.state import State
+__all__ = ["Logger", "LoggerDestination"]
 
 
 class LoggerDestination(Callback):
     """A place metrics are written to. Every record is stamped with its Time."""
+
+    shows_governance = False  # trackers set it: the loop computes governance signals only for them
 
     def log_metrics(self, metrics: Mapping[str, float], timestamp: Timestamp) -> None:
         pass
@@ -24,39 +26,3 @@ class LoggerDestination(Callback):
 
     def log_governance(self, step: int, metrics: Mapping[str, float]) -> None:
         """Governance signals of an earlier ``step`` (the ledger computes them in batches); trackers only."""
-
-
-class Logger:
-    """What algorithms and callbacks log through.
-
-    Values may be tensors: they are converted to floats here, once, and only
-    if some destination will write them (on non-zero ranks there is none, so
-    logging costs nothing there and forces no device sync).
-    """
-
-    def __init__(self, state: "State", destinations: Sequence[LoggerDestination] = ()) -> None:
-        self._state = state
-        self.destinations = list(destinations)
-
-    def log_metrics(self, metrics: Mapping[str, float | torch.Tensor]) -> None:
-        if not self.destinations:
-            return
-        values = {k: float(v) for k, v in metrics.items()}
-        timestamp = self._state.timestamp
-        for destination in self.destinations:
-            destination.log_metrics(values, timestamp)
-
-    def log_hyperparameters(self, params: Mapping[str, Any]) -> None:
-        for destination in self.destinations:
-            destination.log_hyperparameters(params)
-
-    def log_governance(self, step: int, metrics: Mapping[str, float]) -> None:
-        for destination in self.destinations:
-            destination.log_governance(step, metrics)
-
-    @property
-    def wants_governance(self) -> bool:
-        """Whether a destination shows governance signals (so the trainer computes them only then)."""
-        from smalti.loggers.tracker import TrackerDestination
-
-        return any(isinstance(d, TrackerDestination) for d in self.destinations)

@@ -24,6 +24,7 @@ class TrackerDestination(LoggerDestination):
     """A destination whose failures are contained. Subclasses implement the ``_``-prefixed hooks."""
 
     tracker = "tracker"  # the name a warning gives
+    shows_governance = True
 
     def __init__(self) -> None:
         self.failed = False

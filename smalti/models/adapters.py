@@ -23,8 +23,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from smalti.governance.policy import adapter_key
-from smalti.governance.taxonomy import Taxonomy
+from smalti.trust.policy import adapter_key
+from smalti.trust.taxonomy import Taxonomy
 
 
 class Adapter(nn.Module):

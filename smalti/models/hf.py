@@ -138,7 +138,7 @@ def add_lora_adapters(model: HFCausalLM, lora: Any, class_names: Sequence[str]) 
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from smalti.governance.policy import adapter_key
+    from smalti.trust.policy import adapter_key
 
     unknown = [c for c in lora.classes if c not in class_names]
     if unknown:
@@ -226,7 +226,7 @@ def _export_adapters(model: HFCausalLM, directory: Path, gates: AdapterGates,
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from smalti.governance.policy import adapter_key
+    from smalti.trust.policy import adapter_key
     from smalti.io import atomic_write_text
 
     written = []

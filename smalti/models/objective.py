@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from smalti.data.batch import IGNORE_INDEX
+from smalti.core.batch import IGNORE_INDEX
 
 
 class CausalLMObjective:

@@ -33,9 +33,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from smalti.governance.keys import SigningKey
-from smalti.governance.ledger import merkle
-from smalti.governance.ledger.note import checkpoint_text, signature_line
+from smalti.trust.keys import SigningKey
+from smalti.trust import merkle
+from smalti.trust.note import checkpoint_text, signature_line
 from smalti.locks import FolderLock
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS access (idx INTEGER PRIMARY KEY, leaf BLOB NOT NULL, record TEXT NOT NULL)"

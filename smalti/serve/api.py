@@ -16,8 +16,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
-from smalti.governance.ledger import merkle
-from smalti.governance.ledger.note import verifier_key
+from smalti.trust import merkle
+from smalti.trust.note import verifier_key
 from smalti.serve.auth import AuthError, Reader, Sessions
 from smalti.serve.runs import BadRequest, NotFound, Unprocessable
 from smalti.serve.service import Service
@@ -113,7 +113,7 @@ def run_info(run: str = RUN, svc: Service = Depends(service)) -> dict[str, Any]:
 @runs.get("/runs/{run}/checkpoint", response_class=PlainTextResponse,
           summary="the latest signed tree head as a C2SP checkpoint (signed note)")
 def checkpoint(run: str = RUN, svc: Service = Depends(service)) -> PlainTextResponse:
-    from smalti.governance.keys import PublicKey
+    from smalti.trust.keys import PublicKey
 
     head, recorded = svc.runs.head(run)
     return PlainTextResponse(head.note(PublicKey.parse(recorded, f"run {run!r}: the recorded key").raw))

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Callable
 
-from smalti.governance.keys import PublicKey
-from smalti.governance.taxonomy import Authority, Taxonomy
+from smalti.trust.keys import PublicKey
+from smalti.trust.taxonomy import Authority, Taxonomy
 
 TAG = "smalti-audit"
 MAX_AGE = datetime.timedelta(minutes=5)

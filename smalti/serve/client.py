@@ -20,10 +20,10 @@ from urllib.parse import urlsplit
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from smalti.errors import SmaltiError
-from smalti.governance.keys import PublicKey, SigningKey
-from smalti.governance.ledger import merkle
-from smalti.governance.ledger.entry import HEADER_SIZE, decode_entry
-from smalti.governance.ledger.note import Checkpoint, NoteError, Verifier, open_note
+from smalti.trust.keys import PublicKey, SigningKey
+from smalti.trust import merkle
+from smalti.trust.entry import HEADER_SIZE, decode_entry
+from smalti.trust.note import Checkpoint, NoteError, Verifier, open_note
 from smalti.serve.auth import TAG, login_message
 
 

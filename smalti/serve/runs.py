@@ -28,13 +28,13 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from smalti.errors import SmaltiError
-from smalti.governance.keys import PublicKey
-from smalti.governance.ledger import merkle
+from smalti.trust.keys import PublicKey
+from smalti.trust import merkle
 from smalti.governance.ledger.audit import Ledger, check_step_shape
-from smalti.governance.ledger.entry import EntryFormatError, TreeHead, decode_entry
+from smalti.trust.entry import EntryFormatError, TreeHead, decode_entry
 from smalti.governance.ledger.store import LEDGER_FILE, LedgerError, LedgerStore
 from smalti.governance.ledger.tiles import MAX_ENTRY, WIDTH
-from smalti.governance.taxonomy import Taxonomy
+from smalti.trust.taxonomy import Taxonomy
 
 SUMMARY_EVERY = 256  # entries between the heatmap's cumulative snapshots
 MAX_CERTIFICATE_BYTES = 1 << 20
@@ -412,7 +412,7 @@ class Runs:
 
     def certificate(self, name: str) -> tuple[dict[str, Any], bytes]:
         """The deletion certificate as parsed, and the exact bytes its signature covers."""
-        from smalti.governance.certificate import CERTIFICATE, signed_message
+        from smalti.workflows.certificate import CERTIFICATE, signed_message
 
         path = self.file(name, CERTIFICATE)
         if path is None:

@@ -16,13 +16,13 @@ from typing import Any, Callable, TypeVar
 from urllib.parse import urlsplit
 
 from smalti.errors import SmaltiError
-from smalti.governance.keys import SigningKey
-from smalti.governance.ledger.entry import TreeHead
-from smalti.governance.ledger.note import verifier_key
-from smalti.governance.taxonomy import Taxonomy
+from smalti.trust.keys import SigningKey
+from smalti.trust.entry import TreeHead
+from smalti.trust.note import verifier_key
+from smalti.trust.taxonomy import Taxonomy
 from smalti.serve.access_log import AccessLog
 from smalti.serve.auth import RefusalThrottle, RequestAuthenticator, Sessions
-from smalti.serve.runs import BadRequest, BoundedCache, Limits, NotFound, Runs, Unprocessable
+from smalti.serve.runs import BoundedCache, Limits, NotFound, Runs, Unprocessable
 
 T = TypeVar("T")
 MAX_LINEAGE = 64
@@ -196,8 +196,8 @@ class Service:
     def report(self, run: str) -> str:
         """The HTML report, checked against the taxonomy's trainer key (rendered once per head, then kept)."""
         from smalti.governance.ledger.audit import AuditError
-        from smalti.governance.ledger.entry import EntryFormatError
-        from smalti.governance.ledger.report import ServedBy, render_report
+        from smalti.trust.entry import EntryFormatError
+        from smalti.workflows.report import ServedBy, render_report
         from smalti.governance.ledger.verify import VerifyReport, verify_ledger
 
         head, recorded = self.runs.head(run)

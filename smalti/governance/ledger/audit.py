@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from smalti.errors import SmaltiError
-from smalti.governance.ledger.entry import EntryFormatError, decode_entry
+from smalti.trust.entry import EntryFormatError, decode_entry
 from smalti.governance.ledger.store import LedgerStore, ledger_path
-from smalti.governance.taxonomy import Taxonomy, unknown_class
+from smalti.trust.taxonomy import Taxonomy, unknown_class
 
 
 class AuditError(SmaltiError):
@@ -204,7 +204,7 @@ def training_index(run_dir: str | Path, example: str) -> int:
 
     from smalti.config import load_recipe
     from smalti.data.shards import ShardedSplit, read_manifest
-    from smalti.governance.keys import PublicKey
+    from smalti.trust.keys import PublicKey
 
     run_dir = Path(run_dir)
     recipe = load_recipe(run_dir / "recipe.yaml")

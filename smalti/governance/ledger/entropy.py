@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from smalti.data.batch import Batch
+from smalti.core.batch import Batch
 from smalti.models.adapters import set_row_classes
 
 

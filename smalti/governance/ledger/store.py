@@ -26,8 +26,8 @@ from typing import Iterator, Sequence
 
 from smalti import formats
 from smalti.errors import SmaltiError
-from smalti.governance.keys import PublicKey
-from smalti.governance.ledger.entry import TreeHead
+from smalti.trust.keys import PublicKey
+from smalti.trust.entry import TreeHead
 
 LEDGER_FILE = "ledger.sqlite"
 ENTRY_FORMAT = 2  # in the run entry: 2 packs the numeric tables (see entry.py); format 1 entries still verify
@@ -141,7 +141,7 @@ class LedgerStore:
         """Name this file's format, the key that signs its heads and the log's origin, before the first
         entry; returns the origin: ``LOG_NAME/RUN_ID``, unique per ledger (a C2SP checkpoint's first line,
         and the key name its signatures carry)."""
-        from smalti.governance.ledger.note import check_key_name
+        from smalti.trust.note import check_key_name
 
         origin = check_key_name(f"{log_name.rstrip('/')}/{uuid.uuid4().hex[:16]}")
         self.set_meta({"format": formats.LEDGER, "trainer_public_key": trainer_key.text, "origin": origin})

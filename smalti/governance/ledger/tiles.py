@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 import fsspec
 
 from smalti.errors import SmaltiError
-from smalti.governance.ledger import merkle
+from smalti.trust import merkle
 
 WIDTH = 256  # hashes per full tile, entries per full bundle (the spec's tile height of 8)
 MAX_ENTRY = 0xFFFF  # entries are uint16 length-prefixed in bundles
@@ -97,7 +97,7 @@ def publish(run: Path, url: str, storage_options: dict[str, Any] | None = None, 
 
     ``verify``: verify the whole ledger first (the trainer, which has just written and signed it, skips
     this when it publishes at a checkpoint)."""
-    from smalti.governance.ledger.note import Checkpoint, NoteError, Verifier, open_note
+    from smalti.trust.note import Checkpoint, NoteError, Verifier, open_note
     from smalti.governance.ledger.store import LedgerStore, ledger_path
     from smalti.governance.ledger.verify import verify_ledger
 

@@ -33,9 +33,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from smalti.governance.keys import PublicKey
-from smalti.governance.ledger import merkle
-from smalti.governance.ledger.entry import HEADER_SIZE, MAGICS, ZERO_HASH, EntryFormatError, TreeHead, decode_entry
+from smalti.trust.keys import PublicKey
+from smalti.trust import merkle
+from smalti.trust.entry import HEADER_SIZE, MAGICS, ZERO_HASH, EntryFormatError, TreeHead, decode_entry
 from smalti.governance.ledger.store import LedgerStore, ledger_path
 
 

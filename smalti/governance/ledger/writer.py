@@ -24,13 +24,13 @@ import numpy as np
 import torch
 
 from smalti import distributed
-from smalti.data.batch import Batch
+from smalti.core.batch import Batch
 from smalti.distributed import DistInfo
-from smalti.governance.keys import PublicKey, SigningKey
+from smalti.trust.keys import PublicKey, SigningKey
 from smalti.software import software
-from smalti.governance.ledger import merkle
+from smalti.trust import merkle
 from smalti.governance.ledger.entropy import EntropyProbe
-from smalti.governance.ledger.entry import ZERO_HASH, TreeHead, encode_packed_entry, pack_table
+from smalti.trust.entry import ZERO_HASH, TreeHead, encode_packed_entry, pack_table
 from smalti.governance.ledger.recorder import (
     UPDATE_SHARE_RULE,
     ContributionRecorder,
@@ -39,6 +39,7 @@ from smalti.governance.ledger.recorder import (
     update_numbers,
 )
 from smalti.governance.ledger.store import ENTRY_FORMAT, LedgerError, LedgerStore, ledger_path
+from smalti.loggers.governance import StepSignals
 from smalti.governance.routing import MicrobatchPlan, Router
 
 CONTRIBUTION_RULE = (
@@ -63,18 +64,6 @@ class _PendingStep:
     gradient: tuple[torch.Tensor, bool, float]  # Gram matrix of signature rows, outside row first?, 1/loss scale
     update: tuple[torch.Tensor, tuple[int, int, int, int]]  # Gram matrix of parameters and updates, row roles
     entropy: torch.Tensor | None = None
-
-
-@dataclass
-class StepSignals:
-    """One committed step's per-layer numbers on the host: what its entry packs, and what trackers are shown
-    (``smalti.loggers.governance``)."""
-
-    step: int
-    signatures: list[str]
-    shares: np.ndarray  # [signatures, layers]: share of each layer's gradient
-    updated: np.ndarray  # [layers]: the layer moved in this step
-    entropy: np.ndarray | None  # [probe classes, probe layers], at the steps it is measured
 
 
 def _shares(gradient: tuple[np.ndarray, ...]) -> np.ndarray:
