@@ -13,7 +13,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-finetune install test test-fast bench browser go-interop softhsm clean
+.PHONY: demo demo-finetune install test test-fast lint bench browser go-interop softhsm clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -173,8 +173,15 @@ softhsm:
 		|| echo "warning: could not install softhsm2"; }
 
 # pytest exits 5 when it collects nothing; make treats that as the failure it is.
-test: $(VENV)/.test-installed browser go-interop softhsm
+test: lint browser go-interop softhsm
 	SMALTI_REQUIRE_BROWSER=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Lint (ruff: pyflakes and a few bug patterns), formatting (ruff format) and types (mypy) of smalti/, as
+# pyproject.toml configures them; `make test` runs this first.
+lint: $(VENV)/.test-installed
+	$(BIN)/ruff check smalti tests benchmarks
+	$(BIN)/ruff format --check smalti
+	$(BIN)/mypy
 
 test-fast: $(VENV)/.test-installed
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

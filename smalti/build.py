@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -66,7 +67,7 @@ def build_data(recipe: Recipe, dist: DistInfo) -> LanguageModelData:
     if config.deletable_late:  # the classes data governance marked deletable go last in every epoch
         late = tuple(dict.fromkeys(order.late_classes + tuple(sorted(taxonomy.deletable))))
         order = dataclasses.replace(order, late_classes=late)
-    options = dict(
+    options: dict[str, Any] = dict(
         storage_options=config.storage_options,
         cache=CacheConfig(config.cache_dir, config.cache_limit),
         verify=config.verify,
@@ -99,6 +100,7 @@ def build_model(recipe: Recipe, vocab_size: int, class_names: list[str] | None =
     For ``resnet`` the classes are the labels (``vocab_size`` is unused).
     """
     config = recipe.model
+    model: torch.nn.Module
     if config.name == "hf":
         from smalti.models.hf import add_lora_adapters, build_hf_model
 

@@ -30,6 +30,7 @@ from smalti import formats
 from smalti.errors import CheckpointCorrupt, CheckpointError
 from smalti.interrupts import interrupts_deferred
 from smalti.io import atomic_write_bytes, atomic_writer, file_sha256
+from smalti.payload import Payload, read_payload
 
 LATEST = "latest"
 _NAME = re.compile(r"^ep(\d+)-ba(\d+)\.(pt|dcp)$")
@@ -121,7 +122,7 @@ class CheckpointStore:
         with interrupts_deferred():  # Ctrl-C mid-save: finish this checkpoint, then stop (smalti/interrupts.py)
             with atomic_writer(path) as handle:
                 writer = _HashingWriter(handle)
-                torch.save(payload, writer)
+                torch.save(payload, writer)  # type: ignore[arg-type]  # a binary raw stream, not typed as IO[bytes]
             self._publish(name, f"{writer.digest.hexdigest()}  {name}", keep_always)
         return path
 
@@ -167,6 +168,13 @@ def _expected_digest(path: Path) -> str | None:
     if not words:
         raise CheckpointCorrupt(f"{sidecar}: empty (it should hold the checkpoint's sha256)")
     return words[0]
+
+
+def load_payload(location: str | Path, tensors: bool = True) -> Payload:
+    """A training checkpoint, typed: ``load_checkpoint`` (hash-checked, format-checked, unable to run code), then
+    every field of the payload checked (``smalti.payload.read_payload``): the reader the loop, deletion,
+    lineage, generation and the report share."""
+    return read_payload(load_checkpoint(location, tensors), str(location))
 
 
 def load_checkpoint(location: str | Path, tensors: bool = True) -> dict[str, Any]:

@@ -13,13 +13,16 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from smalti.core.time import Time
 from smalti.errors import RecipeError
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
 
 
 class Section(BaseModel):
@@ -418,7 +421,8 @@ def _path_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             found += _path_fields(annotation, f"{prefix}{name}.")
-        elif annotation is Path or annotation == (Path | None) or (field.json_schema_extra or {}).get("path"):
+        elif annotation is Path or annotation == (Path | None) or (
+                field.json_schema_extra or {}).get("path"):  # type: ignore[union-attr]  # always a dict in Smalti's fields
             found.append(f"{prefix}{name}")
     return found
 
@@ -463,7 +467,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def _describe_error(error: dict[str, Any]) -> str:
+def _describe_error(error: ErrorDetails) -> str:
     location = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
         parent_path, key = error["loc"][:-1], str(error["loc"][-1])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -47,7 +47,7 @@ def capture_rng_state() -> dict[str, Any]:
     Plain values (no tensors, no numpy objects) pickle anywhere: through
     ``all_gather_object`` to rank 0 and into a ``weights_only`` checkpoint.
     """
-    kind, keys, position, has_gauss, cached = np.random.get_state()
+    kind, keys, position, has_gauss, cached = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": [kind, keys.tolist(), int(position), int(has_gauss), float(cached)],

@@ -18,7 +18,7 @@ while they run (:meth:`smalti.governance.routing.Router.autograd_params`).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence, cast
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,9 @@ from torch import nn
 from smalti.config import FSDPConfig
 from smalti.distributed import DistInfo
 from smalti.errors import RecipeError
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -86,7 +89,7 @@ class ShardedGradients:
     """
 
     def __init__(self, params: Sequence[nn.Parameter], info: DistInfo) -> None:
-        self.params, self.info = list(params), info
+        self.params, self.info = cast("list[DTensor]", list(params)), info  # sharded by FSDP2: DTensors
         world = max(info.world_size, 1)
         self._rows = [math.ceil(p.shape[0] / world) if p.dim() else 1 for p in self.params]
         self._rest = [math.prod(p.shape[1:]) if p.dim() else 1 for p in self.params]

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from smalti.build import build_model, with_recipe_surgery
-from smalti.checkpoint import CheckpointStore, load_checkpoint, load_weights
+from smalti.checkpoint import CheckpointStore, load_payload, load_weights
 from smalti.config import Recipe
 from smalti.data.tokenizer import CharTokenizer, HFTokenizer, load_tokenizer
 from smalti.errors import CheckpointError, SmaltiError
@@ -49,7 +49,8 @@ def load_generator(
     run_dir: Path, checkpoint: str | None = None, weights: str = "auto", adapters: list[str] | None = None
 ) -> Generator:
     model, tokenizer, _ = load_trained_model(run_dir, checkpoint, weights, adapters)
-    return Generator(model=model, tokenizer=tokenizer, adapters=list(adapters or []))
+    # a text model: the GPT or a Hugging Face one, both with CausalLMObjective's generate
+    return Generator(model=model, tokenizer=tokenizer, adapters=list(adapters or []))  # type: ignore[arg-type]
 
 
 def load_trained_model(
@@ -64,19 +65,20 @@ def load_trained_model(
         if latest is None:
             raise CheckpointError(f"{run_dir}: no checkpoint yet (train first)")
         checkpoint = str(latest)
-    payload = load_checkpoint(checkpoint)
-    recipe = Recipe.model_validate(payload["recipe"])
-    if payload.get("tokenizer") is None:
+    payload = load_payload(checkpoint)
+    recipe = Recipe.model_validate(payload.recipe)
+    if payload.tokenizer is None:
         raise CheckpointError(f"{checkpoint}: not a text model (no tokenizer in the checkpoint); nothing to sample")
-    tokenizer = load_tokenizer(payload["tokenizer"])
-    model = with_recipe_surgery(build_model(recipe, tokenizer.vocab_size, payload.get("classes")), recipe)
-    load_weights(model, payload["model"], checkpoint)
+    tokenizer = load_tokenizer(payload.tokenizer)
+    model = with_recipe_surgery(build_model(recipe, tokenizer.vocab_size, payload.classes), recipe)
+    assert payload.model is not None  # read with its tensors
+    load_weights(model, payload.model, checkpoint)
     gates = getattr(model, "adapter_gates", None)
     unknown = [a for a in adapters or [] if gates is None or a not in gates.adapter_classes]
     if unknown:
         available = ", ".join(gates.adapter_classes) if gates is not None else "none"
         raise SmaltiError(f"{checkpoint}: no adapter for class '{unknown[0]}' (this run has: {available})")
-    averages = payload["algorithms"].get("EMA", {}).get("averages")
+    averages = payload.algorithms.get("EMA", {}).get("averages")
     if weights == "ema" and averages is None:
         raise CheckpointError(f"{checkpoint}: --weights ema, but this run has no EMA weights")
     if weights in ("ema", "auto") and averages is not None:

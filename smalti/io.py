@@ -7,7 +7,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Self
 
 
 def fsync_dir(directory: Path) -> None:
@@ -70,3 +70,17 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+class Closing:
+    """A handle that holds files, connections or processes: ``with Handle(...) as handle:`` closes it, also
+    after an error. Subclasses define ``close`` (called once; closing twice must be harmless)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

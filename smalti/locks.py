@@ -91,6 +91,7 @@ class FolderLock:
             return
         held = _HELD.get(self._key)
         if self._handle == -1 or (held is not None and held[0] == self._handle):
+            assert held is not None  # a re-entrant hold (-1) is always registered in _HELD
             held[1] -= 1
             if held[1] == 0:
                 del _HELD[self._key]

@@ -30,7 +30,8 @@ def build_optimizer(model: torch.nn.Module, config: OptimizerConfig) -> torch.op
 
 
 def _groups(model: torch.nn.Module) -> tuple[list[str], list[str]]:
-    decay, no_decay = [], []
+    decay: list[str] = []
+    no_decay: list[str] = []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             (decay if parameter.dim() >= 2 else no_decay).append(name)

@@ -37,9 +37,8 @@ def ledger_digits(governed, algorithms, steps=3):
 
 def test_mixup_examples_count_under_both_classes_in_the_ledger(governed, tmp_path):
     capture = BatchCapture()
-    trainer = Trainer(recipe(ledger_digits(governed, {"mixup": {"alpha": 1.0}})), tmp_path / "run", callbacks=[capture])
-    trainer.fit()
-    trainer.close()
+    with Trainer(recipe(ledger_digits(governed, {"mixup": {"alpha": 1.0}})), tmp_path / "run", callbacks=[capture]) as trainer:
+        trainer.fit()
     classes = trainer.data.class_names
     steps = [e for e in entries(tmp_path / "run") if e.get("kind") == "step"]
     assert len(steps) == 3
@@ -83,9 +82,8 @@ def test_algorithms_that_cannot_honour_routing_are_refused(governed, tmp_path, a
 
 def test_adaptive_clipping_runs_under_the_ledger(governed, tmp_path):
     algorithms = {"gradient_clipping": {"clipping_type": "adaptive", "clipping_threshold": 0.01}}
-    trainer = Trainer(recipe(ledger_digits(governed, algorithms, steps=2)), tmp_path / "run")
-    trainer.fit()
-    trainer.close()
+    with Trainer(recipe(ledger_digits(governed, algorithms, steps=2)), tmp_path / "run") as trainer:
+        trainer.fit()
     assert len([e for e in entries(tmp_path / "run") if e.get("kind") == "step"]) == 2
 
 
@@ -126,9 +124,8 @@ def test_a_run_with_surgery_can_be_sampled_and_evaluated_per_class(tmp_path, tin
 
     config = tiny_recipe(tiny_corpus, algorithms={"gated_linear_units": {}, "alibi": {}},
                          train={"max_duration": "4ba"})
-    trainer = Trainer(recipe(config), tmp_path / "run")
-    trainer.fit()
-    trainer.close()
+    with Trainer(recipe(config), tmp_path / "run") as trainer:
+        trainer.fit()
     generator = load_generator(tmp_path / "run")
     assert "blocks.0.mlp.gate.weight" in dict(generator.model.named_parameters())
     assert isinstance(generator.sample("ROMEO", max_new_tokens=5, rng=torch.Generator().manual_seed(1)), str)

@@ -147,9 +147,8 @@ def test_every_pair_in_a_shipped_stack_trains_together(stack, first, second, tmp
     task = "text" if stack.startswith("shakespeare") else "images"
     config = config_for(task, {first: options[first], second: options[second]}, tiny_corpus)
     config["train"]["max_duration"] = "6ba"
-    trainer = Trainer(recipe(config), tmp_path / "run")
-    result = trainer.fit()
-    trainer.close()
+    with Trainer(recipe(config), tmp_path / "run") as trainer:
+        result = trainer.fit()
     assert result.timestamp.batch == 6 and torch.isfinite(torch.tensor(result.train_loss))
 
 

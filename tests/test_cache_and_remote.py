@@ -125,9 +125,8 @@ def test_prepare_to_s3_verify_and_train_from_it(governed, tiny_corpus, s3_server
     data.train.close(), data.val.close(), local.train.close(), local.val.close()
 
     # Train from the bucket, through the cache: the same model as training from the local copy.
-    trainer = Trainer(config, tmp_path / "from-s3")
-    trainer.fit()
-    trainer.close()
+    with Trainer(config, tmp_path / "from-s3") as trainer:
+        trainer.fit()
     assert len(losses(tmp_path / "from-s3")) == 4
     assert list((tmp_path / "cache").glob("*.shard")), "the shards came through the cache"
     Trainer(recipe(governed.recipe(train={"max_duration": "4ba"})), tmp_path / "from-disk").fit()

@@ -16,7 +16,7 @@ def test_torch_compile_trains_like_eager(tmp_path, tiny_corpus):
     Trainer(recipe(eager), tmp_path / "eager").fit()
     assert not torch._dynamo.utils.counters["stats"]["unique_graphs"]
     trainer = Trainer(recipe(compiled), tmp_path / "compiled")
-    assert isinstance(trainer._forward_model, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(trainer.placement.forward_model, torch._dynamo.eval_frame.OptimizedModule)
     trainer.fit()
     # the forward really ran through dynamo: graphs were captured and compiled, none fell back to eager
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1

@@ -40,11 +40,8 @@ def late_config(governed, **data):
 def _train_config(config: dict, run_dir: Path) -> Path:
     from smalti.trainer import Trainer
 
-    trainer = Trainer(recipe(config), run_dir)
-    try:
+    with Trainer(recipe(config), run_dir) as trainer:
         trainer.fit()
-    finally:
-        trainer.close()
     return run_dir
 
 

@@ -149,9 +149,8 @@ def test_two_rank_ledger_equals_one_process_ledger(governed, tmp_path):
     path = write_recipe(tmp_path / "recipe.yaml", config)
     ddp = torchrun(2, "train", str(path), "--run-dir", str(tmp_path / "ddp"))
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    single = Trainer(recipe(config), tmp_path / "single")
-    single.fit()
-    single.close()
+    with Trainer(recipe(config), tmp_path / "single") as single:
+        single.fit()
     assert smalti_cli("ledger", "verify", str(tmp_path / "ddp")).returncode == 0
 
     two, one = entries(tmp_path / "ddp"), entries(tmp_path / "single")

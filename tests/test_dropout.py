@@ -70,11 +70,8 @@ def test_every_module_trains_at_every_step_whatever_built_the_model(governed, tm
 
     config = _config(governed, family, source, tmp_path / "folder", train={"max_duration": "5ba"})
     watch = _mode_watch()
-    trainer = Trainer(recipe(config), tmp_path / "run", callbacks=[watch])
-    try:
+    with Trainer(recipe(config), tmp_path / "run", callbacks=[watch]) as trainer:
         trainer.fit()
-    finally:
-        trainer.close()
     assert watch.seen and all(training for _, training in watch.seen), watch.seen
 
 

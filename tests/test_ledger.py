@@ -35,11 +35,8 @@ def ledger_recipe(governed, **sections):
 def train(governed, run_dir: Path, **sections):
     from smalti.trainer import Trainer
 
-    trainer = Trainer(make_recipe(ledger_recipe(governed, **sections)), run_dir)
-    try:
+    with Trainer(make_recipe(ledger_recipe(governed, **sections)), run_dir) as trainer:
         trainer.fit()
-    finally:
-        trainer.close()
     return run_dir
 
 
@@ -573,9 +570,8 @@ def test_recording_does_not_change_training(governed, tmp_path, device):
     sections = dict(train={"max_duration": "6ba", "microbatch_size": 2, "device": device},
                     data={"batching": "per_class"})
     with_ledger = train(governed, tmp_path / "on", **sections)
-    plain = Trainer(make_recipe(governed.recipe(**sections)), tmp_path / "off")
-    plain.fit()
-    plain.close()
+    with Trainer(make_recipe(governed.recipe(**sections)), tmp_path / "off") as plain:
+        plain.fit()
     assert_tree_equal(latest_payload(with_ledger)["model"], latest_payload(tmp_path / "off")["model"])
     assert_tree_equal(latest_payload(with_ledger)["optimizer"], latest_payload(tmp_path / "off")["optimizer"])
 
@@ -611,9 +607,8 @@ def test_a_gradient_from_outside_the_recorder_counts_in_the_step_but_for_no_clas
 
     sections = dict(train={"max_duration": "3ba", "microbatch_size": 2}, data={"batching": "per_class"})
     for name, recipe in (("on", ledger_recipe(governed, **sections)), ("off", governed.recipe(**sections))):
-        trainer = Trainer(make_recipe(recipe), tmp_path / name, algorithms=[OutsideGradient()])
-        trainer.fit()
-        trainer.close()
+        with Trainer(make_recipe(recipe), tmp_path / name, algorithms=[OutsideGradient()]) as trainer:
+            trainer.fit()
     assert_tree_equal(latest_payload(tmp_path / "on")["model"], latest_payload(tmp_path / "off")["model"])
     body = entries(tmp_path / "on")
     layers = [layer["name"] for layer in body[0]["layers"]]

@@ -28,11 +28,8 @@ def _config(g, root: Path, **sections) -> dict:
 
 
 def _train(config: dict, run: Path) -> Path:
-    trainer = Trainer(recipe(config), run)
-    try:
+    with Trainer(recipe(config), run) as trainer:
         trainer.fit()
-    finally:
-        trainer.close()
     return run
 
 
@@ -126,9 +123,8 @@ def test_a_resume_across_a_key_rotation_is_refused_and_continues_as_a_new_run(tw
     reference = _train(_config(first, tmp_path, train={"max_duration": "12ba"}), tmp_path / "reference")
     rotating = tmp_path / "rotating"
     config = _config(first, tmp_path, train={"max_duration": "12ba"}, checkpoint={"interval": "4ba", "keep": 5})
-    trainer = Trainer(recipe({**config, "train": {**config["train"], "max_duration": "4ba"}}), rotating)
-    trainer.fit()
-    trainer.close()
+    with Trainer(recipe({**config, "train": {**config["train"], "max_duration": "4ba"}}), rotating) as trainer:
+        trainer.fit()
 
     # Data governance rotates every key and re-signs; model risk re-binds and re-signs the same rules in place.
     rotated = _config(second, tmp_path, train={"max_duration": "12ba"}, checkpoint={"interval": "4ba", "keep": 5})

@@ -83,11 +83,15 @@ class CutOut(BatchTransform):
         Measured in Smalti: see docs/algorithms.md.
     """
 
+    # the options, set from CutOutConfig by ConfiguredAlgorithm.__init__
+    num_holes: int
+    length: float
     config_model = CutOutConfig
     order = OCCLUDE
 
     def transform(self, state: State) -> None:
         images = _images(state, "CutOut")
+        assert state.batch is not None  # _images checked it
         state.batch = replace(state.batch, inputs=cutout_batch(images, self.num_holes, self.length))
 
 
@@ -108,11 +112,15 @@ class ColOut(BatchTransform):
         Measured in Smalti: see docs/algorithms.md.
     """
 
+    # the options, set from ColOutConfig by ConfiguredAlgorithm.__init__
+    p_row: float
+    p_col: float
     config_model = ColOutConfig
     order = RESIZE
 
     def transform(self, state: State) -> None:
         images = _images(state, "ColOut")
+        assert state.batch is not None  # _images checked it
         state.batch = replace(state.batch, inputs=colout_batch(images, self.p_row, self.p_col))
 
 
@@ -134,11 +142,14 @@ class MixUp(BatchTransform):
         Measured in Smalti: see docs/algorithms.md.
     """
 
+    # the options, set from MixUpConfig by ConfiguredAlgorithm.__init__
+    alpha: float
     config_model = MixUpConfig
     order = MIX
 
     def transform(self, state: State) -> None:
         _images(state, "MixUp")
+        assert state.batch is not None  # _images checked it
         weight = float(torch.distributions.Beta(self.alpha, self.alpha).sample())
         permutation = torch.randperm(state.batch.num_samples).to(state.batch.inputs.device)
         state.batch = mixup_batch(state.batch, _num_classes(state), weight, permutation)
@@ -161,11 +172,14 @@ class CutMix(BatchTransform):
         Measured in Smalti: see docs/algorithms.md.
     """
 
+    # the options, set from CutMixConfig by ConfiguredAlgorithm.__init__
+    alpha: float
     config_model = CutMixConfig
     order = MIX
 
     def transform(self, state: State) -> None:
         images = _images(state, "CutMix")
+        assert state.batch is not None  # _images checked it
         weight = float(torch.distributions.Beta(self.alpha, self.alpha).sample())
         height, width = images.shape[-2:]
         center = (int(torch.randint(height, ())), int(torch.randint(width, ())))
@@ -193,11 +207,16 @@ class RandAugment(BatchTransform):
         Measured in Smalti: see docs/algorithms.md.
     """
 
+    # the options, set from RandAugmentConfig by ConfiguredAlgorithm.__init__
+    depth: int
+    severity: int
+    augmentation_set: Literal["all", "safe"]
     config_model = RandAugmentConfig
     order = AUGMENT
 
     def transform(self, state: State) -> None:
         images = _images(state, "RandAugment")
+        assert state.batch is not None  # _images checked it
         state.batch = replace(state.batch, inputs=randaugment_batch(images, self.depth, self.severity,
                                                                       self.augmentation_set))
 
@@ -223,11 +242,18 @@ class AugMix(BatchTransform):
         Measured in Smalti: see docs/algorithms.md.
     """
 
+    # the options, set from AugMixConfig by ConfiguredAlgorithm.__init__
+    severity: int
+    depth: int
+    width: int
+    alpha: float
+    augmentation_set: Literal["all", "safe"]
     config_model = AugMixConfig
     order = AUGMENT
 
     def transform(self, state: State) -> None:
         images = _images(state, "AugMix")
+        assert state.batch is not None  # _images checked it
         state.batch = replace(state.batch, inputs=augmix_batch(images, self.severity, self.depth, self.width,
                                                                  self.alpha, self.augmentation_set))
 
@@ -253,10 +279,17 @@ class ProgressiveResizing(BatchTransform):
         Measured in Smalti: see docs/algorithms.md.
     """
 
+    # the options, set from ProgressiveResizingConfig by ConfiguredAlgorithm.__init__
+    initial_scale: float
+    delay_fraction: float
+    finetune_fraction: float
+    size_increment: int
+    mode: Literal["resize", "crop"]
     config_model = ProgressiveResizingConfig
     order = RESIZE
 
     def transform(self, state: State) -> None:
         images = _images(state, "ProgressiveResizing")
+        assert state.batch is not None  # _images checked it
         scale = resizing_scale(state.elapsed_fraction, self.initial_scale, self.delay_fraction, self.finetune_fraction)
         state.batch = replace(state.batch, inputs=resize_batch(images, scale, self.mode, self.size_increment))

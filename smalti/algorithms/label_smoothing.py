@@ -55,5 +55,6 @@ class LabelSmoothing(Algorithm):
             smoothed = smooth_labels(state.batch.targets, num_classes, self.smoothing)
             state.batch = replace(state.batch, targets=smoothed)
         else:
+            assert self._original_targets is not None  # match() lets AFTER_LOSS through only while they are held
             state.batch = replace(state.batch, targets=self._original_targets)
             self._original_targets = None

@@ -90,7 +90,7 @@ class LayerFreezing(Algorithm):
         return event is Event.BATCH_END and profile is not None and profile[0] == state.timestamp.batch
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
-        router = state.router
+        router = state.governance
         if event is Event.FIT_START:
             if router is None or not hasattr(router, "freeze"):
                 raise ValueError("layer_freezing mode 'entropy' needs the ledger's entropy profiles: "

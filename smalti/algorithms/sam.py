@@ -57,7 +57,8 @@ class SAM(Algorithm):
         for p in parameters:
             p.grad = None
         outputs = model(batch.inputs)
-        loss = model.loss(outputs, batch.targets) / model.loss_units(batch.targets).clamp(min=1)
+        # Module.__getattr__ types the model's loss methods as Tensor | Module
+        loss = model.loss(outputs, batch.targets) / model.loss_units(batch.targets).clamp(min=1)  # type: ignore[operator]
         loss.backward()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             for p in parameters:

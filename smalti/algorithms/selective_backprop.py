@@ -68,7 +68,8 @@ class SelectiveBackprop(Algorithm):
         model.eval()  # scoring must not move batch-norm statistics
         try:
             with torch.no_grad():
-                losses = model.example_losses(model(inputs), batch.targets)
+                # Module.__getattr__ types the model's loss methods as Tensor | Module
+                losses = model.example_losses(model(inputs), batch.targets)  # type: ignore[operator]
         finally:
             model.train(was_training)
         state.batch = batch.select(select_by_loss(losses, self.keep).cpu())

@@ -72,6 +72,9 @@ class BlurPool(SurgeryAlgorithm):
         Measured in Smalti: see docs/algorithms.md (digits ResNet).
     """
 
+    # the options, set from BlurPoolConfig by ConfiguredAlgorithm.__init__
+    min_channels: int
+    replace_maxpools: bool
     config_model = BlurPoolConfig
 
     def surgery(self, model: nn.Module) -> nn.Module:
@@ -97,6 +100,9 @@ class SqueezeExcite(SurgeryAlgorithm):
         Measured in Smalti: see docs/algorithms.md.
     """
 
+    # the options, set from SqueezeExciteConfig by ConfiguredAlgorithm.__init__
+    min_channels: int
+    latent_channels: float
     config_model = SqueezeExciteConfig
 
     def surgery(self, model: nn.Module) -> nn.Module:
@@ -121,6 +127,8 @@ class GhostBatchNorm(SurgeryAlgorithm):
         Measured in Smalti: outputs in evaluation equal plain batch norm (tests).
     """
 
+    # the options, set from GhostBatchNormConfig by ConfiguredAlgorithm.__init__
+    ghost_batch_size: int
     config_model = GhostBatchNormConfig
 
     def surgery(self, model: nn.Module) -> nn.Module:
@@ -146,6 +154,8 @@ class WeightStandardization(SurgeryAlgorithm):
         Measured in Smalti: the functional form matches a hand computation (tests).
     """
 
+    # the options, set from WeightStandardizationConfig by ConfiguredAlgorithm.__init__
+    n_last_layers_ignore: int
     config_model = WeightStandardizationConfig
 
     def surgery(self, model: nn.Module) -> nn.Module:
@@ -172,6 +182,10 @@ class StochasticDepth(SurgeryAlgorithm):
         Measured in Smalti: see docs/algorithms.md.
     """
 
+    # the options, set from StochasticDepthConfig by ConfiguredAlgorithm.__init__
+    drop_rate: float
+    drop_distribution: Literal["linear", "uniform"]
+    mode: Literal["sample", "block"]
     config_model = StochasticDepthConfig
 
     def surgery(self, model: nn.Module) -> nn.Module:
@@ -201,6 +215,13 @@ class Factorize(SurgeryAlgorithm):
         Measured in Smalti: outputs preserved at full rank; best rank-r error otherwise (tests).
     """
 
+    # the options, set from FactorizeConfig by ConfiguredAlgorithm.__init__
+    factorize_linears: bool
+    factorize_convs: bool
+    min_features: int
+    min_channels: int
+    latent_features: float
+    latent_channels: float
     config_model = FactorizeConfig
 
     def surgery(self, model: nn.Module) -> nn.Module:
@@ -227,6 +248,9 @@ class GatedLinearUnits(SurgeryAlgorithm):
         Measured in Smalti: see docs/algorithms.md.
     """
 
+    # the options, set from GatedLinearUnitsConfig by ConfiguredAlgorithm.__init__
+    activation: Literal["gelu", "relu", "silu"]
+    hidden: int | None
     config_model = GatedLinearUnitsConfig
 
     def surgery(self, model: nn.Module) -> nn.Module:
@@ -250,6 +274,8 @@ class Alibi(SurgeryAlgorithm):
         Measured in Smalti: see docs/algorithms.md.
     """
 
+    # the options, set from AlibiConfig by ConfiguredAlgorithm.__init__
+    max_sequence_length: int | None
     config_model = AlibiConfig
 
     def surgery(self, model: nn.Module) -> nn.Module:
@@ -276,6 +302,10 @@ class GyroDropout(SurgeryAlgorithm):
         Measured in Smalti: see docs/algorithms.md.
     """
 
+    # the options, set from GyroDropoutConfig by ConfiguredAlgorithm.__init__
+    sigma: int
+    tau: int
+    rotate_every: int
     config_model = GyroDropoutConfig
 
     def surgery(self, model: nn.Module) -> nn.Module:

@@ -12,6 +12,7 @@ import json
 import sys
 import webbrowser
 from pathlib import Path
+from typing import Any, cast
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -108,7 +109,7 @@ def run_runs(args: argparse.Namespace) -> int:
     for run in runs:
         if not isinstance(run, dict):
             raise RemoteError(f"{args.origin}/api/runs: an entry of the list is not a run")
-        trust = run.get("trust") if isinstance(run.get("trust"), dict) else {}
+        trust = cast(dict[str, Any], run.get("trust")) if isinstance(run.get("trust"), dict) else {}
         state = "final" if run.get("final") else "in progress"
         verdict = "trusted" if trust.get("trusted") is True else "NOT TRUSTED: " + printable(trust.get("reason"))
         print(f"{printable(run.get('run'), 64):<32} {printable(run.get('entries'), 12):>7} entries  {state:<11}  "

@@ -159,7 +159,8 @@ def run_verify(args: argparse.Namespace) -> int:
         for split in manifest.data["splits"]:
             reader = ShardedSplit(manifest, split, taxonomy, options, cache=None, memory_shards=1)
             task = progress.add_task(f"verifying {split}", total=len(reader.shards))
-            reader.verify_all(lambda entry, task=task: progress.advance(task))
+            # mypy cannot infer the type of a lambda with a default argument
+            reader.verify_all(lambda entry, task=task: progress.advance(task))  # type: ignore[misc]
             total_bytes += sum(entry.bytes for entry in reader.shards)
     seconds = time.perf_counter() - started
     table = new_table(f"{args.url}: verified")

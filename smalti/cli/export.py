@@ -70,11 +70,11 @@ def run(args: argparse.Namespace) -> int:
         with progress.status("writing the model folder (transformers, peft)"):
             written = export(model, scratch, tokenizer, left_out)
         if args.sign:
-            from smalti.checkpoint import load_checkpoint
+            from smalti.checkpoint import load_payload
             from smalti.workflows.provenance import sign_model
 
             with progress.status("signing: in-toto provenance, then an OpenSSF model signature over every file"):
-                sign_model(scratch, args.run_dir, load_checkpoint(checkpoint, tensors=False), trainer_key, model_key)
+                sign_model(scratch, args.run_dir, load_payload(checkpoint, tensors=False).to_dict(), trainer_key, model_key)
             written += ["provenance.intoto.json", "model.sig"]
         try:
             scratch.rename(args.out)  # whole or not at all; a second export to the same --out finds it taken

@@ -111,6 +111,7 @@ def run_verify(args: argparse.Namespace) -> int:
         print(f"ledger FAILED verification: {report.problem}", file=sys.stderr)
         return 1
     head = report.last_head
+    assert head is not None  # a verified ledger has a last signed head
     from smalti.cli.output import counted
 
     print(f"ledger OK: {counted(report.entries, 'entry', 'entries')}, {counted(report.heads, 'signed tree head')}; "

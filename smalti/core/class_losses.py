@@ -11,6 +11,8 @@ numbers comparable to the digit.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -20,7 +22,7 @@ class ClassLosses:
     def __init__(self, classes: int, device: torch.device | str = "cpu") -> None:
         self.sums = torch.zeros(2, classes, dtype=torch.float64, device=device)
 
-    def add(self, model: torch.nn.Module, classes: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+    def add(self, model: Any, classes: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
         """Add one batch. ``classes``: each row's class index, on the CPU (grouping rows there costs no GPU wait)."""
         for index in classes.unique().tolist():
             rows = (classes == index).nonzero().squeeze(1).to(logits.device)

@@ -10,9 +10,10 @@ from smalti.core.event import Event
 from smalti.core.passes import DEFAULT_PASSES, AlgorithmPass, order_for_event
 from smalti.core.state import State
 from smalti.core.logger import Logger
+from smalti.io import Closing
 
 
-class Engine:
+class Engine(Closing):
     """The single place that decides who acts on an event, and in what order.
 
     The per-event order is computed once (the passes are pure functions of

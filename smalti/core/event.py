@@ -8,7 +8,7 @@ from enum import Enum
 class Event(str, Enum):
     """Every point in the loop where algorithms, callbacks and loggers may act.
 
-    The loop, as the trainer runs it (``smalti/trainer.py``)::
+    The loop, as ``smalti/train/loop.py`` runs it (``[...]``: the step seam's hooks, ``smalti/train/seam.py``)::
 
         INIT                                  # model built, before any surgery is frozen
         FIT_START
@@ -25,7 +25,7 @@ class Event(str, Enum):
                     loss = model.loss(outputs, targets)
                     AFTER_LOSS
                     BEFORE_BACKWARD
-                    backward()                # [governance routes gradients here]
+                    backward()                # [the seam's backward: routed, per signature]
                     AFTER_BACKWARD
                 BEFORE_OPTIMIZER_STEP         # gradients complete; clipping happens here
                 optimizer.step()

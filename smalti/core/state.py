@@ -57,14 +57,20 @@ class State:
     eval_metrics: dict[str, float] = field(default_factory=dict)
     eval_by_class: dict[str, float] = field(default_factory=dict)  # held-out loss per class, same evaluation
     stop_training: bool = False
-    # Governance, for the algorithms that work with it: the router (None when routing is off) and the
-    # ledger's latest entropy profile (step, layer names, [classes, layers] entropies).
-    router: Any = None
+    # Governance, for the algorithms that work with it: what the step seam offers them (the router, through
+    # which layer freezing freezes; None when nothing governs the step) and the ledger's latest entropy
+    # profile (step, layer names, [classes, layers] entropies).
+    governance: Any = None
     entropy_profile: tuple[int, list[str], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.max_duration.unit is TimeUnit.DURATION:
             raise ValueError("max_duration cannot be in 'dur' (it defines what 1dur means)")
+
+    @property
+    def router(self) -> Any:
+        """Deprecated name of ``governance`` (kept for one release, removed in 0.3)."""
+        return self.governance
 
     def batches_in(self, time: Time) -> float:
         """``time`` as a (possibly fractional) number of batches."""

@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import IO, Callable, Iterator
 
 from smalti.errors import DataError
-from smalti.io import atomic_write_bytes, atomic_write_text
+from smalti.io import atomic_write_bytes, atomic_write_text, Closing
 
 SUFFIX = ".shard"
 
 
-class ShardCache:
+class ShardCache(Closing):
     def __init__(self, directory: str | Path, limit_bytes: int) -> None:
         if limit_bytes <= 0:
             raise DataError(f"cache limit must be positive, got {limit_bytes}")

@@ -38,7 +38,9 @@ GATHER_BATCHES = 32
 
 class ExampleSource(Protocol):
     classes: torch.Tensor  # class index of every example
-    fingerprint: str
+
+    @property
+    def fingerprint(self) -> str: ...  # read-only: an attribute or a property
 
     def __len__(self) -> int: ...
 
@@ -320,7 +322,8 @@ def mixture_data(
         raise DataError("data.mixture supports batching 'random' only")
     rules = freshness or [FreshnessRule()] * len(urls)
     parts = [dataset_data(url, taxonomy, seq_len, order, freshness=rule, **options) for url, rule in zip(urls, rules)]
-    if len({part.tokenizer.fingerprint for part in parts}) != 1:
+    # a prepared dataset always has a tokenizer
+    if len({part.tokenizer.fingerprint for part in parts}) != 1:  # type: ignore[union-attr]
         raise DataError("data.mixture: the datasets were prepared with different tokenizers or vocabularies")
     train = ConcatSource([p.train for p in parts])
     return LanguageModelData(

@@ -266,7 +266,8 @@ def verify_shard(data: bytes, entry: ShardEntry, url: str) -> ShardContent:
     # Hash every row's tokens as little-endian uint32 without a per-row copy; compare whole columns
     # first and walk row by row only to name the first bad example (per-row Python was most of the cost).
     canonical = np.ascontiguousarray(content.tokens, dtype="<u4")
-    rows = memoryview(canonical).cast("B")
+    # numpy stubs declare __buffer__ only on Python >= 3.12
+    rows = memoryview(canonical).cast("B")  # type: ignore[arg-type]
     width = canonical.shape[1] * 4
     sha256 = hashlib.sha256
     ids, classes, digests = content.ids, content.classes, content.digests

@@ -278,32 +278,9 @@ def prepare_dataset(
     length = options.seq_len + 1
 
     fs, root = remote_filesystem(out_url, storage_options)
-    replaced = _previous_version(fs, root, out_url)
-    if replaced is not None and not options.overwrite:
-        raise DataError(f"{out_url}: already holds a prepared dataset (pass --overwrite to replace it)")
-    version = options.version if options.version is not None else (replaced or 0) + 1
-    if version < 1 or (replaced is not None and version <= replaced):
-        raise DataError(f"{out_url}: version {version} must be at least 1 and above the version it replaces "
-                        f"({replaced}), or loaders that saw that one refuse this as a rollback")
+    version = _next_version(fs, root, out_url, options)
     fs.makedirs(root, exist_ok=True)
-
-    splits: dict[str, dict[str, Any]] = {}
-    all_leaves: list[bytes] = []
-    with Progress(disable=not show_progress, transient=True) as progress:
-        task = progress.add_task("preparing", total=len(docs) * len(SPLITS))
-        for split in SPLITS:
-            writer = _SplitWriter(split, fs, root, length, dtype, options.shard_examples)
-            parts = _split_parts(docs, encoded, split, holdout, options.val_fraction)
-            if tokenizer.eos_id is None:  # characters: windows inside each document
-                for doc, ids in parts:
-                    for example in _windows(doc.doc_id, split, doc.class_name, ids, options.seq_len):
-                        writer.add(example)
-                    progress.advance(task)
-            else:
-                for example in _packed(_advancing(parts, progress, task), split, tokenizer.eos_id, options.seq_len):
-                    writer.add(example)
-            splits[split] = writer.finish(options.seq_len)
-            all_leaves.extend(writer.leaves)
+    splits, all_leaves = _write_splits(docs, encoded, holdout, tokenizer, fs, root, dtype, options, show_progress)
 
     manifest = {
         "format": formats.DATASET,
@@ -332,6 +309,43 @@ def prepare_dataset(
         if str(path).endswith(".parquet") and str(path).rsplit("/", 1)[-1] not in written:
             fs.rm_file(path)
     return manifest
+
+
+def _next_version(fs: Any, root: str, out_url: str, options: PrepareOptions) -> int:
+    """The version this preparation writes: above the one it replaces (loaders refuse a rollback)."""
+    replaced = _previous_version(fs, root, out_url)
+    if replaced is not None and not options.overwrite:
+        raise DataError(f"{out_url}: already holds a prepared dataset (pass --overwrite to replace it)")
+    version = options.version if options.version is not None else (replaced or 0) + 1
+    if version < 1 or (replaced is not None and version <= replaced):
+        raise DataError(f"{out_url}: version {version} must be at least 1 and above the version it replaces "
+                        f"({replaced}), or loaders that saw that one refuse this as a rollback")
+    return version
+
+
+def _write_splits(docs: list[Document], encoded: dict[str, Any], holdout: Any, tokenizer: Any, fs: Any, root: str,
+                  dtype: Any, options: PrepareOptions,
+                  show_progress: bool) -> tuple[dict[str, dict[str, Any]], list[bytes]]:
+    """Each split's shards (characters: windows inside each document; a Hugging Face tokenizer: each class's
+    documents packed); their records and the Merkle leaves of every example."""
+    splits: dict[str, dict[str, Any]] = {}
+    all_leaves: list[bytes] = []
+    with Progress(disable=not show_progress, transient=True) as progress:
+        task = progress.add_task("preparing", total=len(docs) * len(SPLITS))
+        for split in SPLITS:
+            writer = _SplitWriter(split, fs, root, options.seq_len + 1, dtype, options.shard_examples)
+            parts = _split_parts(docs, encoded, split, holdout, options.val_fraction)
+            if tokenizer.eos_id is None:
+                for doc, ids in parts:
+                    for example in _windows(doc.doc_id, split, doc.class_name, ids, options.seq_len):
+                        writer.add(example)
+                    progress.advance(task)
+            else:
+                for example in _packed(_advancing(parts, progress, task), split, tokenizer.eos_id, options.seq_len):
+                    writer.add(example)
+            splits[split] = writer.finish(options.seq_len)
+            all_leaves.extend(writer.leaves)
+    return splits, all_leaves
 
 
 def _advancing(parts, progress, task):

@@ -29,7 +29,7 @@ from smalti.data.manifest import (
 )
 from smalti.data.tokenizer import CharTokenizer, HFTokenizer
 from smalti.errors import DataError
-from smalti.io import remote_filesystem
+from smalti.io import remote_filesystem, Closing
 from smalti.trust.keys import Signature
 from smalti.trust.taxonomy import Taxonomy
 
@@ -89,7 +89,7 @@ def _refuse_unlisted_shards(fs: fsspec.AbstractFileSystem, root: str, manifest: 
                         f"({len(unlisted)} such file{'s' if len(unlisted) > 1 else ''}); remove it or prepare the dataset again")
 
 
-class ShardedSplit:
+class ShardedSplit(Closing):
     """One split of a prepared dataset, addressed by example index.
 
     Example classes come from the signed manifest, so samplers that need
@@ -186,7 +186,7 @@ class ShardedSplit:
                     self._cache = ShardCache(self.cache_config.directory, self.cache_config.limit_bytes)
                 cached = self._cache.verified_path(entry.sha256)
                 if cached is not None:  # verified when it entered the cache: decode straight from the file
-                    data, trusted = cached, True
+                    data, trusted = cached, True  # type: ignore[assignment]  # a Path: parse_shard reads either
                 else:
                     data, trusted = self._cache.read(entry.sha256, entry.bytes, lambda: self._download(entry))
         content = parse_shard(data, where, columns=["tokens"]) if trusted else verify_shard(data, entry, self.url)

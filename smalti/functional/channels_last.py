@@ -8,7 +8,8 @@ from torch import nn
 
 def apply_channels_last(model: nn.Module) -> nn.Module:
     """Store every 4-d parameter and buffer NHWC; on GPUs cuDNN's fastest convolutions want it. Outputs are unchanged."""
-    return model.to(memory_format=torch.channels_last)
+    # Module.to accepts memory_format at runtime; torch's overload stubs leave it out
+    return model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
 
 def to_channels_last(x: torch.Tensor) -> torch.Tensor:

@@ -43,14 +43,16 @@ class FactorizedConv2d(nn.Module):
         super().__init__()
         if conv.groups != 1:
             raise ValueError("grouped convolutions are not factorized")
-        self.first = nn.Conv2d(conv.in_channels, rank, conv.kernel_size, conv.stride, conv.padding,
-                               conv.dilation, bias=False, padding_mode=conv.padding_mode)
+        # nn.Conv2d stores kernel_size, stride, padding and dilation as tuple[int, ...]; a Conv2d's are pairs
+        self.first = nn.Conv2d(conv.in_channels, rank, conv.kernel_size, conv.stride, conv.padding,  # type: ignore[arg-type]
+                               conv.dilation, bias=False, padding_mode=conv.padding_mode)  # type: ignore[arg-type]
         self.second = nn.Conv2d(rank, conv.out_channels, 1, bias=conv.bias is not None)
         first, second = svd_factors(conv.weight.flatten(1), rank)
         with torch.no_grad():
             self.first.weight.copy_(first.view_as(self.first.weight))
             self.second.weight.copy_(second.view_as(self.second.weight))
             if conv.bias is not None:
+                assert self.second.bias is not None  # made with bias=True just above
                 self.second.bias.copy_(conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,12 +9,18 @@ sub-network is trained many times.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 
 class GyroDropoutLayer(nn.Module):
     """Replaces ``nn.Dropout``; the masks and the step counter are buffers, so they survive a checkpoint."""
+
+    masks: torch.Tensor
+    steps: torch.Tensor
+    seed: torch.Tensor
 
     def __init__(self, p: float, sigma: int, tau: int, rotate_every: int = 1) -> None:
         super().__init__()
@@ -27,7 +33,7 @@ class GyroDropoutLayer(nn.Module):
         # step once the width is known, are then the same on every rank and in every resumed run.
         self.register_buffer("seed", torch.randint(2**62, ()))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         masks = state_dict.get(prefix + "masks")
         if masks is not None and masks.shape != self.masks.shape:
             self.masks = torch.empty_like(masks, device=self.masks.device)  # sized lazily on the first step

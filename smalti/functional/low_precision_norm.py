@@ -8,6 +8,9 @@ autocast, or on a CPU, they are the original norm exactly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,7 +44,7 @@ class LowPrecisionGroupNorm(nn.GroupNorm):
                        _cast(self.bias, dtype), self.eps)
 
 
-def _uncast(norm, *args) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def _uncast(norm: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
     """Run ``norm`` with autocast off, so it stays in the dtype its inputs were cast to."""
     with torch.autocast("cuda", enabled=False):
         return norm(*args)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -25,7 +27,7 @@ class NoOpModel(nn.Module):
         self.width = int(width)
         self.token_model = hasattr(config, "vocab_size")
         self.weight = nn.Parameter(torch.zeros(()))
-        self._original_type = type(original)
+        self._original_type: type[Any] = type(original)  # its loss methods are looked up by name
         if hasattr(self._original_type, "accuracy_counts"):  # a classifier: evaluation still reports accuracy
             self.accuracy_counts = self._original_type.accuracy_counts
 

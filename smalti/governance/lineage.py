@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from smalti import formats
-from smalti.errors import SmaltiError
+from smalti.errors import CheckpointError, SmaltiError
 from smalti.trust.keys import PublicKey
 from smalti.governance.ledger.store import LedgerStore, ledger_path
 from smalti.governance.ledger.verify import verify_ledger
@@ -175,20 +175,19 @@ def _named_checkpoint_problem(parent: Path, head: dict[str, Any], where: str,
     may train on after a child started from it (its summary invites it): its latest checkpoint is then another
     one, and says nothing about the link. Where the named checkpoint was pruned since, the link rests on the
     weights' digest the signed head carries, and a note says so."""
-    from smalti.checkpoint import CheckpointStore, load_checkpoint, weights_sha256
-    from smalti.errors import CheckpointError
+    from smalti.checkpoint import CheckpointStore, load_payload, weights_sha256
 
     kept = CheckpointStore(parent / "checkpoints", keep=1).all() if (parent / "checkpoints").is_dir() else []
     if not kept:
         return None  # an auditor may hold the ledgers without the weights
     for path in reversed(kept):  # newest first: a fine-tune usually starts from the parent's latest
         try:
-            payload = load_checkpoint(path)
+            payload = load_payload(path)
         except CheckpointError:
             continue  # a damaged older checkpoint is not the one named unless it is the only candidate
-        if ((payload.get("ledger") or {}).get("head") or {}).get("root") != head.get("root"):
+        if (payload.ledger_head or {}).get("root") != head.get("root"):
             continue
-        if weights_sha256(payload["model"]) != head.get("weights"):
+        if weights_sha256(payload.model or {}) != head.get("weights"):
             return f"{where}: its checkpoint {path.name} at the head the child names no longer holds the weights " \
                    f"that head signs"
         return None
@@ -217,7 +216,7 @@ def admit_parent(parent: Path, trusted: list[PublicKey], tokenizer_json: str | N
     """A fine-tune's parent, checked before a single weight is used: its ledger verifies against a trusted
     trainer key and is final, every link behind it holds, its final checkpoint is the one its final head
     signs, and it trained with the same tokenizer. Returns the link and the parent's final weights."""
-    from smalti.checkpoint import CheckpointStore, load_checkpoint, weights_sha256
+    from smalti.checkpoint import CheckpointStore, load_payload, weights_sha256
 
     parent = Path(parent)
     where = f"init.from_run {parent}"
@@ -245,17 +244,18 @@ def admit_parent(parent: Path, trusted: list[PublicKey], tokenizer_json: str | N
     latest = CheckpointStore(parent / "checkpoints", keep=1).latest()
     if latest is None:
         raise LineageError(f"{where}: no checkpoint")
-    payload = load_checkpoint(latest)
-    digest = weights_sha256(payload["model"])
-    if (payload.get("ledger") or {}).get("head", {}).get("root") != final.get("root") or digest != final.get("weights"):
+    payload = load_payload(latest)
+    assert payload.model is not None  # read with its tensors
+    digest = weights_sha256(payload.model)
+    if (payload.ledger_head or {}).get("root") != final.get("root") or digest != final.get("weights"):
         raise LineageError(f"{where}: {latest.name} is not the checkpoint its final signed head names (weights "
                            f"{digest[:16]}..., the head signs {str(final.get('weights'))[:16]}...)")
-    if tokenizer_json is not None and payload.get("tokenizer") not in (None, tokenizer_json):
+    if tokenizer_json is not None and payload.tokenizer not in (None, tokenizer_json):
         raise LineageError(f"{where}: it trained with another tokenizer; a fine-tune must use the parent's")
     head = next(h for h in _heads(parent) if h["size"] == final["size"])
     link = Link(kind="init", run_dir=str(parent.resolve()), head=head, trainer_key=recorded,
                 start_weights_sha256=digest, fingerprints=run_entry(parent).get("fingerprints", {}))
-    return link, payload["model"]
+    return link, payload.model
 
 
 def _heads(run_dir: Path) -> list[dict[str, Any]]:
@@ -278,3 +278,16 @@ def fitted_weights(parent: dict[str, Any], child_names: list[str]) -> tuple[dict
         else:
             missing.append(name)
     return fitted, missing
+
+
+def fit_parent_weights(parent: dict[str, Any], child_names: list[str], where: str) -> dict[str, Any]:
+    """``fitted_weights``, refusing unless everything the child has that the parent has not is an adapter (a
+    LoRA adapter of peft, or a per-class adapter of ``smalti.models.adapters``), and the parent has no weight
+    the child has no place for."""
+    fitted, missing = fitted_weights(parent, child_names)
+    new = [n for n in missing if ".lora_" not in n and ".adapters." not in n]
+    if new or len(fitted) < len(parent):
+        extra = sorted(set(parent) - {n.replace(".base_layer.", ".") for n in fitted})
+        raise CheckpointError(f"{where}: the parent's weights do not fit this model "
+                              f"({'missing ' + new[0] if new else 'no place for ' + extra[0]}); only adapters may be new")
+    return fitted

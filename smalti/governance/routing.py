@@ -33,7 +33,7 @@ from __future__ import annotations
 import bisect
 import types
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ from smalti.distributed import DistInfo
 from smalti.errors import SmaltiError
 from smalti.fsdp import ShardedGradients
 from smalti.trust.policy import Policy, Rule, matches
+from smalti.io import Closing
 
 
 class RoutingError(SmaltiError):
@@ -69,13 +70,13 @@ def _own_forward_with(module: nn.Module, x: torch.Tensor, params: dict[str, torc
     """The module's class forward with some parameters swapped (the forbidden rows see them detached)."""
     saved = {name: module._parameters[name] for name in params}
     try:
-        module._parameters.update(params)
+        module._parameters.update(params)  # type: ignore[arg-type]  # detached tensors stand in for parameters
         return type(module).forward(module, x)
     finally:
         module._parameters.update(saved)
 
 
-_EXACT: dict[type, Callable[[nn.Module, torch.Tensor, dict], torch.Tensor]] = {
+_EXACT: dict[type, Callable[[Any, torch.Tensor, dict], torch.Tensor]] = {  # each takes a module of its key's type
     nn.Linear: lambda m, x, p: F.linear(x, p["weight"], p.get("bias")),
     nn.Embedding: lambda m, x, p: F.embedding(x, p["weight"], m.padding_idx, m.max_norm, m.norm_type,
                                               m.scale_grad_by_freq, m.sparse),
@@ -140,7 +141,7 @@ def routed_backward(loss: torch.Tensor, plan: MicrobatchPlan) -> None:
         torch.autograd.backward(loss, inputs=plan.inputs)
 
 
-class Router:
+class Router(Closing):
     """Compiled routing for one model; create once, then ``plan`` each microbatch."""
 
     def __init__(
@@ -199,17 +200,17 @@ class Router:
         confined = np.zeros((n_classes, n_params), dtype=bool)  # class c may update p only if it is its own
         owned = np.ones((n_classes, n_params), dtype=bool)  # p confined to some node: only that node's classes
         own = np.zeros((n_classes, n_params), dtype=bool)
-        for rule, params in zip(policy.exclusive if policy else [], policy.exclusive_parameters(self.names) if policy else []):
+        for exclusive, params in zip(policy.exclusive if policy else [], policy.exclusive_parameters(self.names) if policy else []):
             mask = np.array([n in params for n in self.names], dtype=bool)
-            members = np.array([rule.covers(c) for c in self.class_names], dtype=bool)
+            members = np.array([exclusive.covers(c) for c in self.class_names], dtype=bool)
             confined[members] = True
             own[np.ix_(members, mask)] = True
             owned[np.ix_(~members, mask)] = False
         exclusive_ok = owned & (~confined | own)
 
-        end = batches_in(Time(1.0, TimeUnit.DURATION))  # a phase starting at the end of training never runs
-        boundaries = sorted({0} | {b for w in windows for b in w if b is not None and 0 < b < end})
-        phases = []
+        training_end = batches_in(Time(1.0, TimeUnit.DURATION))  # a phase starting at the end of training never runs
+        boundaries = sorted({0} | {b for w in windows for b in w if b is not None and 0 < b < training_end})
+        phases: list[Phase] = []
         for start in boundaries:
             decided = np.zeros((n_classes, n_params), dtype=bool)
             allowed = np.zeros((n_classes, n_params), dtype=bool)
@@ -444,6 +445,7 @@ def _routed_forward(router: Router, functional: Callable, original: Callable) ->
         split = plan.splits.get(module) if plan is not None else None
         if split is None:
             return original(*args, **kwargs)
+        assert plan is not None  # a split comes from the active plan
         x = args[0]
         if x.shape[0] == 1 and plan.rows > 1:  # shared by every row (GPT-2's positions): one copy per row,
             x = x.expand(plan.rows, *x.shape[1:])  # so each row's share of the gradient goes where it may
@@ -452,7 +454,8 @@ def _routed_forward(router: Router, functional: Callable, original: Callable) ->
                 f"module {router._module_names[module]} must be split by examples but its input has no batch "
                 f"dimension (shape {tuple(x.shape)})"
             )
-        current = module._parameters  # under FSDP2, the unsharded parameters while the module runs
+        # under FSDP2, the unsharded parameters while the module runs; the split names only present ones
+        current = cast("dict[str, nn.Parameter]", module._parameters)
         outputs = [functional(module, x.index_select(0, rows),
                               {n: current[n] if ok else current[n].detach() for n, ok in allowed.items()})
                    for rows, allowed in split.partitions]
@@ -466,7 +469,7 @@ def _holder_recorder(router: Router, module: nn.Module, owned: tuple[list[str], 
     names, indices = owned
 
     def record(_module: nn.Module, _args: Any) -> None:
-        current = module._parameters
+        current = cast("dict[str, nn.Parameter]", module._parameters)  # the names are of present parameters
         for name, index in zip(names, indices):
             router._holders[index] = current[name]
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import secrets
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 from smalti.core.state import State
 from smalti.errors import RecipeError
@@ -27,8 +27,8 @@ from smalti.loggers.tracker import TrackerDestination
 class WandbLogger(TrackerDestination):
     tracker = "Weights & Biases"
 
-    def __init__(self, run_dir: Path, project: str, mode: str = "offline", entity: str | None = None,
-                 name: str | None = None, init_timeout: float = 30.0) -> None:
+    def __init__(self, run_dir: Path, project: str, mode: Literal["offline", "online"] = "offline",
+                 entity: str | None = None, name: str | None = None, init_timeout: float = 30.0) -> None:
         super().__init__()
         try:
             import wandb  # noqa: F401

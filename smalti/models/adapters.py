@@ -104,7 +104,8 @@ def add_class_adapters(
         target = modules[name]
         target.adapters = AdapterBank(width, hidden, adapter_classes, gates)
         target.register_forward_hook(lambda module, args, output: module.adapters(args[0], output))
-    model.adapter_gates = gates
+    # nn.Module's __setattr__ is typed for tensors and modules only
+    model.adapter_gates = gates  # type: ignore[assignment]
     return gates
 
 

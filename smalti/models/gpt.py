@@ -63,6 +63,8 @@ def alibi_causal_bias(n_head: int, length: int) -> torch.Tensor:
 
 
 class CausalSelfAttention(nn.Module):
+    alibi_bias: torch.Tensor  # a buffer, registered only with config.alibi
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.n_head = config.n_head

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
 import torch
 from torch import nn
@@ -28,6 +28,9 @@ from torch import nn
 from smalti.errors import RecipeError
 from smalti.models.adapters import AdapterGates
 from smalti.models.objective import CausalLMObjective
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # Where each family keeps its list of decoder layers (for the entropy probe), first match wins.
 _LAYER_LISTS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers")
@@ -46,6 +49,8 @@ def _quiet_transformers() -> None:
 
 class HFCausalLM(CausalLMObjective, nn.Module):
     """A transformers causal LM behind Smalti's model interface (ids -> logits, summed loss, sampling)."""
+
+    hf: PreTrainedModel  # set in __init__ with object.__setattr__ (not registered as a child)
 
     def __init__(self, hf_model: nn.Module) -> None:
         super().__init__()
@@ -166,11 +171,12 @@ def add_lora_adapters(model: HFCausalLM, lora: Any, class_names: Sequence[str]) 
         if isinstance(module, BaseTunerLayer):
             module.set_adapter(keys)  # every class's adapter active; the gates choose the rows
             for k, key in enumerate(keys):
-                module.lora_B[key].register_forward_hook(_gate_hook(gates, k))
+                cast(nn.ModuleDict, module.lora_B)[key].register_forward_hook(_gate_hook(gates, k))
     for name, parameter in model.named_parameters():
         is_lora = ".lora_" in name
         parameter.requires_grad_(is_lora or not lora.freeze_base)
-    model.adapter_gates = gates
+    # nn.Module's __setattr__ is typed for tensors and modules only
+    model.adapter_gates = gates  # type: ignore[assignment]
     return gates
 
 
@@ -206,7 +212,7 @@ def export(model: HFCausalLM, directory: Path, tokenizer: Any | None = None,
     return written
 
 
-def _without_lora(model: HFCausalLM) -> nn.Module:
+def _without_lora(model: HFCausalLM) -> PreTrainedModel:
     """A copy of the transformers model with every LoRA layer replaced by its base layer."""
     import copy
 

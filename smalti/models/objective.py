@@ -9,6 +9,8 @@ gradient accumulation exactly one big batch. The bundled GPT and Hugging Face mo
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 import torch.nn.functional as F
 
@@ -16,7 +18,11 @@ from smalti.core.batch import IGNORE_INDEX
 
 
 class CausalLMObjective:
-    context_length: int
+    if TYPE_CHECKING:  # what the model mixing this in brings (read-only there); declared for the checker only
+        @property
+        def context_length(self) -> int: ...
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
     @staticmethod
     def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

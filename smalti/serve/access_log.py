@@ -37,13 +37,14 @@ from smalti.trust.keys import SigningKey
 from smalti.trust import merkle
 from smalti.trust.note import checkpoint_text, signature_line
 from smalti.locks import FolderLock
+from smalti.io import Closing
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS access (idx INTEGER PRIMARY KEY, leaf BLOB NOT NULL, record TEXT NOT NULL)"
 MAX_QUERY = 512  # characters of a query string kept
 MAX_REFUSAL_BUCKETS = 1024
 
 
-class AccessLog:
+class AccessLog(Closing):
     def __init__(self, path: Path, key: SigningKey, origin: str, window: float = 60.0) -> None:
         self.path = Path(path)
         self.lock = FolderLock(self.path.with_name(self.path.name + ".lock"), f"serving with access log {self.path.name}")

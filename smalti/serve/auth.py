@@ -27,7 +27,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from smalti.trust.keys import PublicKey
 from smalti.trust.taxonomy import Authority, Taxonomy
@@ -67,7 +67,7 @@ class RequestAuthenticator:
                 self.authorities[a.key.key_id] = a
         self.origin = origin.rstrip("/")
         self.started = int(time.time())
-        self._nonces: dict[tuple[str, str], float] = {}
+        self._nonces: dict[tuple[str, int | str], float] = {}
         self._lock = threading.Lock()
         self._resolver = self._make_resolver()
 
@@ -75,7 +75,8 @@ class RequestAuthenticator:
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
         from http_message_signatures import HTTPSignatureKeyResolver
 
-        keys = {key_id: Ed25519PublicKey.from_public_bytes(a.key.raw) for key_id, a in self.authorities.items()}
+        keys = {key_id: Ed25519PublicKey.from_public_bytes(cast(PublicKey, a.key).raw)  # only authorities with a key
+                for key_id, a in self.authorities.items()}
 
         class Keys(HTTPSignatureKeyResolver):
             def resolve_public_key(self, key_id: str) -> Any:
@@ -292,6 +293,7 @@ class Sessions:
             found = self._sessions.get(token or "")
             if found is None or not binding or not secrets.compare_digest(found.binding, binding):
                 return 0
+            assert token is not None  # sessions are keyed by issued tokens, never by ""
             ended = [t for t, s in self._sessions.items() if s.reader.key_id == found.reader.key_id] \
                 if everywhere else [token]
             for t in ended:

@@ -34,7 +34,7 @@ class RemoteError(SmaltiError):
     """The service refused, or answered something that does not check out."""
 
 
-def printable(text: str, limit: int = 300) -> str:
+def printable(text: object, limit: int = 300) -> str:
     """What a service says, safe for a terminal: control characters (escape sequences that could erase a line and
     print a fake success) shown as escapes, and at most ``limit`` characters."""
     import unicodedata
@@ -53,7 +53,7 @@ class _TokenBackedKey(Ed25519PrivateKey):
     def __init__(self, key: SigningKey) -> None:
         self._key = key
 
-    def sign(self, data: bytes) -> bytes:
+    def sign(self, data: bytes) -> bytes:  # type: ignore[override]  # the signature library passes bytes only
         return self._key.sign(data)
 
     def public_key(self) -> Any:
@@ -241,7 +241,8 @@ class AuditClient:
         """Every entry under the signed checkpoint, fetched as tlog-tiles entry bundles, hashed here: their root
         must be the signed root, and each must chain to the one before."""
         checkpoint = checkpoint or self.verified_checkpoint(run, trainer)
-        leaves, previous = [], bytes(32)
+        leaves: list[bytes] = []
+        previous = bytes(32)
         for bundle in range((checkpoint.size + 255) // 256):
             width = min(256, checkpoint.size - bundle * 256)
             data = self.content(f"/api/runs/{run}/tile/entries/{_tile_index(bundle)}"

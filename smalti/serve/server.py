@@ -18,11 +18,14 @@ from __future__ import annotations
 import json
 import resource
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from smalti.serve.service import normal_address
+
+if TYPE_CHECKING:
+    import asyncio
 
 MAX_HEAD = 65536  # bytes h11 buffers for one request head
 
@@ -43,7 +46,9 @@ def _raw_response(status: int, reason: str, message: str) -> bytes:
 
 def guarded_protocol(limits: ConnectionLimits) -> type:
     class GuardedH11Protocol(H11Protocol):
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        _head_timer: asyncio.TimerHandle | None
+
+        def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._head_timer = None
             address = self._address = normal_address(self.client[0]) if self.client else None

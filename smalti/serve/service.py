@@ -12,7 +12,7 @@ import ipaddress
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar, cast
 from urllib.parse import urlsplit
 
 from smalti.errors import SmaltiError
@@ -23,6 +23,7 @@ from smalti.trust.taxonomy import Taxonomy
 from smalti.serve.access_log import AccessLog
 from smalti.serve.auth import RefusalThrottle, RequestAuthenticator, Sessions
 from smalti.serve.runs import BoundedCache, Limits, NotFound, Runs, Unprocessable
+from smalti.io import Closing
 
 T = TypeVar("T")
 MAX_LINEAGE = 64
@@ -70,13 +71,14 @@ def check_origin(origin: str) -> str:
     return f"{parts.scheme}://{parts.netloc.lower()}"
 
 
-class Service:
+class Service(Closing):
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
         self.origin = check_origin(settings.origin)
         parts = urlsplit(self.origin)
         default_port = 443 if parts.scheme == "https" else 80
-        self.hosts = {parts.netloc} | ({parts.hostname} if (parts.port or default_port) == default_port else set())
+        self.hosts = {parts.netloc} | ({cast(str, parts.hostname)}  # check_origin saw a host name
+                                       if (parts.port or default_port) == default_port else set())
         self.secure = parts.scheme == "https"
         # One cookie name per origin: cookies ignore ports, and two services on one host must not overwrite each
         # other's session cookie (the header half is per origin anyway).
@@ -152,6 +154,7 @@ class Service:
 
     def lineage(self, run: str) -> list[dict[str, Any]]:
         """The run's ancestors, nearest first, followed only within the served folder (a lookup per ancestor)."""
+        found: list[dict[str, Any]]
         found, seen, current = [], {run}, run
         while len(found) < MAX_LINEAGE:
             try:

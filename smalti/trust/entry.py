@@ -105,7 +105,7 @@ def _pack_matrix(rows: list[list[Any]]) -> dict[str, Any]:
     return _pack([[_float32(v) for v in row] for row in rows], len(rows[0]) if rows else 0)
 
 
-def _pack(rows: list[list[float]], columns: int) -> dict[str, Any]:
+def _pack(rows: list[list[float]] | np.ndarray, columns: int) -> dict[str, Any]:
     table = np.array(rows, dtype="<f4").reshape(len(rows), columns)
     table[np.isnan(table)] = np.nan  # one NaN bit pattern, so equal content gives equal bytes
     return {"f32": base64.b64encode(table.tobytes()).decode("ascii"), "shape": [len(rows), columns]}

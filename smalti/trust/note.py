@@ -17,6 +17,7 @@ import base64
 import binascii
 import hashlib
 from dataclasses import dataclass
+from typing import Sequence
 
 from smalti.errors import SmaltiError
 
@@ -75,7 +76,7 @@ class Verifier:
         return verifier
 
 
-def checkpoint_text(origin: str, size: int, root: bytes, extensions: list[str] = ()) -> str:
+def checkpoint_text(origin: str, size: int, root: bytes, extensions: Sequence[str] = ()) -> str:
     """The note text of a checkpoint; extension lines must be non-empty."""
     if not origin or "\n" in origin:
         raise NoteError(f"checkpoint origin {origin!r}: must be one non-empty line")

@@ -42,7 +42,8 @@ class Pkcs11Uri:
         if not is_uri(uri):
             raise SignatureError(f"{uri}: not a pkcs11: URI")
         path, _, query = uri[len("pkcs11:"):].partition("?")
-        attributes, options = {}, {}
+        attributes: dict[str, str] = {}
+        options: dict[str, str] = {}
         for part, into in ((path, attributes), (query, options)):
             for item in filter(None, part.split(";" if into is attributes else "&")):
                 name, sep, value = item.partition("=")

@@ -183,7 +183,8 @@ class Policy:
                 f"{where}: written for a model with fingerprint {self.model_fingerprint[:12]}..., "
                 f"this model's is {fingerprint[:12]}... (layers or adapters differ)"
             )
-        for label, rules in (("rule", self.rules), ("exclusive rule", self.exclusive)):
+        groups: list[tuple[str, Sequence[Rule | ExclusiveRule]]] = [("rule", self.rules), ("exclusive rule", self.exclusive)]
+        for label, rules in groups:
             for i, rule in enumerate(rules, start=1):
                 for node in rule.classes:
                     if node != "*" and node not in taxonomy:

@@ -34,7 +34,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -195,10 +195,10 @@ def unknown_class(option: str, name: str, classes: list[str]) -> str:
     for leaf in difflib.get_close_matches(name.rsplit("/", 1)[-1], list(by_leaf), n=3, cutoff=0.6):
         close += [n for n in by_leaf[leaf] if n not in close]
     hint = f"; did you mean {' or '.join(repr(c) for c in close[:3])}?" if close else ""
-    leaves = sum(1 for c in classes if not any(other.startswith(c + "/") for other in classes))
-    nodes = len(classes) - leaves
-    counted = f"{leaves} class{'es' if leaves != 1 else ''}" + (f" and {nodes} node{'s' if nodes != 1 else ''}"
-                                                               if nodes else "")
+    leaf_count = sum(1 for c in classes if not any(other.startswith(c + "/") for other in classes))
+    node_count = len(classes) - leaf_count
+    counted = f"{leaf_count} class{'es' if leaf_count != 1 else ''}" + (f" and {node_count} node{'s' if node_count != 1 else ''}"
+                                                               if node_count else "")
     return f"{option} {name!r}: no class or node of this run's {counted} is called that{hint}"
 
 
@@ -253,7 +253,7 @@ def _authority(name: str, entry: Any, known: set[str], where: str) -> Authority:
     return Authority(name=name, role=role, key=key, may_tag=may_tag)
 
 
-def taxonomy_yaml(name: str, classes: list[str], authorities: dict[str, dict], deletable: list[str] = ()) -> str:
+def taxonomy_yaml(name: str, classes: list[str], authorities: dict[str, dict], deletable: Sequence[str] = ()) -> str:
     """Write a taxonomy file from class paths (ancestors are added) and authority entries."""
     tree: dict = {}
     for path in classes:
@@ -264,7 +264,7 @@ def taxonomy_yaml(name: str, classes: list[str], authorities: dict[str, dict], d
     def nulls(node: dict) -> dict | None:
         return {k: nulls(v) for k, v in node.items()} or None
 
-    document = {"taxonomy": name, "authorities": authorities, "classes": nulls(tree)}
+    document: dict[str, Any] = {"taxonomy": name, "authorities": authorities, "classes": nulls(tree)}
     if deletable:
         document["deletable"] = list(deletable)
     return yaml.safe_dump(document, sort_keys=False, default_flow_style=False, width=120)

@@ -160,9 +160,9 @@ def _run_problem(path: Path, run: Path, ledger_head: dict[str, Any], weights: st
         return f"{path}: the run's ledger does not start from the certified parent head"
     if not heads or heads[-1].root.hex() != ledger_head["root"] or heads[-1].size != ledger_head["size"]:
         return f"{path}: the last signed tree head of {run} is not the certified one"
-    from smalti.checkpoint import CheckpointStore, load_checkpoint, weights_sha256  # torch: only for the weights
+    from smalti.checkpoint import CheckpointStore, load_payload, weights_sha256  # torch: only for the weights
 
     latest = CheckpointStore(run / "checkpoints", keep=1).latest()
-    if latest is None or weights_sha256(load_checkpoint(latest)["model"]) != weights:
+    if latest is None or weights_sha256(load_payload(latest).model or {}) != weights:
         return f"{path}: the final weights of {run} do not match the certified hash"
     return None

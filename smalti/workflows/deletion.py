@@ -40,13 +40,14 @@ import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from smalti import formats
 from smalti.checkpoint import checkpoint_sha256, load_checkpoint, load_weights, weights_sha256
 from smalti.core.class_losses import ClassLosses
+from smalti.payload import read_payload
 from smalti.errors import SmaltiError
 from smalti.workflows.certificate import ledger_entries
 from smalti.trust.keys import SigningKey
@@ -139,7 +140,8 @@ def _ablation(parent: Path, node: str, genesis: dict[str, Any]) -> tuple[str, li
         return "not possible: the run has no routing policy, so no exclusive rule confines the class", []
     from smalti.trust.keys import PublicKey as _Key
 
-    taxonomy = Taxonomy.load(recipe.data.taxonomy, _Key.load(recipe.data.trust)) if recipe.data.taxonomy else None
+    taxonomy = (Taxonomy.load(recipe.data.taxonomy, _Key.load(recipe.data.trust))
+                if recipe.data.taxonomy and recipe.data.trust else None)
     policy = Policy.load(recipe.governance.policy, taxonomy) if taxonomy else Policy.parse(
         Path(recipe.governance.policy).read_bytes(), str(recipe.governance.policy))
     recorded = genesis.get("fingerprints", {}).get("policy")
@@ -152,9 +154,12 @@ def _ablation(parent: Path, node: str, genesis: dict[str, Any]) -> tuple[str, li
     return f"not possible: no exclusive rule of policy {recipe.governance.policy} confines {node!r}", []
 
 
-def load_payload(checkpoint: Path) -> dict[str, Any]:
-    """Through the one checkpoint reader: hash-checked, format-checked, and unable to run code."""
-    return load_checkpoint(checkpoint)
+def load_payload(checkpoint: Path, tensors: bool = True) -> dict[str, Any]:
+    """Through the one checkpoint reader: hash-checked, format-checked, unable to run code, and every field of
+    the payload type-checked (``smalti.payload.read_payload``); the dict, which an ablation rewrites."""
+    raw = load_checkpoint(checkpoint, tensors=tensors)
+    read_payload(raw, str(checkpoint))
+    return raw
 
 
 def _close(data) -> None:
@@ -238,7 +243,7 @@ def evaluation(parent: Path, payloads: list[dict[str, Any]], max_samples: int | 
     """Held-out loss per class before and after: as the trainer recorded them at its final evaluations
     when both have them and no other sample count is asked for, else evaluated here on the same examples
     (the parent's recipe: evaluation keeps every class, whatever training excluded)."""
-    recorded = [recorded_losses(payload) for payload in payloads]
+    recorded: Sequence[dict[str, float] | None] = [recorded_losses(payload) for payload in payloads]
     if max_samples is None and all(losses is not None for losses in recorded):
         source = "recorded by the trainer at its final evaluation"
     else:
@@ -361,11 +366,8 @@ def train_without(parent: Path, node: str, out: Path) -> None:
     # trains on, without re-verifying the shards of classes the replay never reads.
     recipe = load_recipe(parent / "recipe.yaml", [f"data.exclude_classes={json.dumps(excluded)}",
                                                   f"run_dir={out}", "data.verify=lazy"])
-    trainer = Trainer(recipe, out)
-    try:
+    with Trainer(recipe, out) as trainer:
         trainer.fit()
-    finally:
-        trainer.close()
 
 
 def replay_certificate(plan: DeletionPlan, out: Path, fork_head: dict[str, Any],
@@ -414,78 +416,20 @@ def ablation_evidence(run: Path, node: str, confined: list[str]) -> dict[str, An
 
 
 def ablate(plan: DeletionPlan, out: Path, key: SigningKey, reset: str, parent_final: dict[str, Any],
-            initial_from: Path | None = None, evidence: dict[str, Any] | None = None) -> dict[str, Any]:
+           initial_from: Path | None = None, evidence: dict[str, Any] | None = None) -> dict[str, Any]:
     """Reset ``plan.confined`` in the parent's final weights. ``initial_from``: the run whose initial weights
     ``--reset initial`` restores (through a lineage: where the adapter was born); ``evidence``: the ledger
     checks, when the caller made them over a whole chain."""
-    from smalti.build import build_data, build_model_for
-    from smalti import sharded_checkpoint
-    from smalti.checkpoint import CheckpointStore, checkpoint_name
-    from smalti.config import load_recipe
-    from smalti.determinism import seed_everything
-    from smalti.distributed import DistInfo
-    from smalti.trust import merkle
-    from smalti.trust.entry import ZERO_HASH, encode_entry
-    from smalti.optim import optimizer_parameter_names
-
     if reset not in ("initial", "zero"):
         raise DeletionError(f"--reset {reset!r}: choose initial or zero")
-    genesis = ledger_entries(plan.parent, tables=False)[0]
     evidence = evidence or ablation_evidence(plan.parent, plan.node, plan.confined)
-
-    def initial_model(run: Path) -> torch.nn.Module:
-        recipe = load_recipe(run / "recipe.yaml")
-        seed_everything(recipe.seed)
-        data = build_data(recipe, DistInfo())
-        try:
-            return build_model_for(recipe, data)
-        finally:
-            _close(data)
-
     latest = latest_checkpoint(plan.parent)
     payload = load_payload(latest)
-    recipe_path = plan.parent / "recipe.yaml"
-    built = initial_model(plan.parent)  # the run's optimizer layout (and, by default, its initial weights)
-    initial = (built if initial_from is None else initial_model(initial_from)).state_dict()
-    model = payload["model"]
-    for name in plan.confined:
-        model[name] = initial[name].clone() if reset == "initial" else torch.zeros_like(model[name])
-    names = optimizer_parameter_names(built)
-    for index, state in payload["optimizer"]["state"].items():  # Adam's moments hold the class's gradients too
-        # Keyed by position in the optimizer (a single-file checkpoint) or by name (a sharded one).
-        name = index if isinstance(index, str) else names[index] if isinstance(index, int) and index < len(names) else None
-        if name in plan.confined:
-            for k, v in state.items():
-                if isinstance(v, torch.Tensor) and v.shape == model[name].shape:
-                    state[k] = torch.zeros_like(v)
-
-    # The new run's ledger: one entry naming the parent head and what was reset, then a final signed head.
-    link = _replay_link(plan, parent_final, "ablate", parent_final.get("weights", ""), fork_step=plan.total_steps)
-    body = dict(genesis, parent=link.to_json(),
-                ablation={"reset": reset, "parameters": plan.confined, "layers": evidence["confined_layers"]})
-    data_bytes = encode_entry(0, ZERO_HASH, body)
-    leaf = merkle.leaf_hash(data_bytes)
-    store = LedgerStore(ledger_path(out), create=True)
-    try:
-        origin = store.start_log(key.public, load_recipe(recipe_path).governance.ledger.log_name)
-        store.append([(0, 0, leaf, data_bytes)])
-        head = TreeHead.signed(key, origin, 1, merkle.root([leaf]), final=True, weights=weights_sha256(model))
-        store.add_head(head)
-    finally:
-        store.close()
-    payload["ledger"] = {"head": head.to_json(), "recorder": payload["ledger"]["recorder"]} if payload.get("ledger") else None
+    model = _reset_confined(plan, payload, reset, initial_from)
+    head = _ablation_ledger(plan, out, key, reset, parent_final, evidence, weights_sha256(model))
+    payload["ledger"] = {"head": head, "recorder": payload["ledger"]["recorder"]} if payload.get("ledger") else None
     payload.update(eval_metrics={}, eval_by_class={}, evaluated_at=-1)  # the parent's numbers are not these weights'
-    timestamp = payload["timestamp"]
-    store, sharded = CheckpointStore(out / "checkpoints", keep=1), latest.is_dir()
-    name = checkpoint_name(timestamp["epoch"], timestamp["batch"], sharded=sharded)
-    if sharded:  # an FSDP2 run stays sharded, so it resumes under FSDP2 at any world size
-        store.commit(sharded_checkpoint.save_whole(store.directory, name, payload), name)
-    else:
-        store.save(payload, name)
-    shutil.copy2(recipe_path, out / "recipe.yaml")
-    for extra in ("vocab.json", "data.json"):
-        if (plan.parent / extra).is_file():
-            shutil.copy2(plan.parent / extra, out / extra)
+    _write_ablated_run(plan.parent, out, latest, payload)
     certificate = base_certificate(plan, "ablate", parent_final)
     certificate.update(
         checkpoint={"name": latest.name, "sha256": checkpoint_sha256(latest)},
@@ -494,6 +438,87 @@ def ablate(plan: DeletionPlan, out: Path, key: SigningKey, reset: str, parent_fi
         evidence=evidence,
         limits=ABLATION_LIMIT,
         final_weights_sha256=weights_sha256(model),
-        ledger_head=head.to_json(),
+        ledger_head=head,
     )
     return certificate
+
+
+def _initial_model(run: Path) -> torch.nn.Module:
+    """The model a run's recipe builds before training (its seed, its surgery)."""
+    from smalti.build import build_data, build_model_for
+    from smalti.config import load_recipe
+    from smalti.determinism import seed_everything
+    from smalti.distributed import DistInfo
+
+    recipe = load_recipe(run / "recipe.yaml")
+    seed_everything(recipe.seed)
+    data = build_data(recipe, DistInfo())
+    try:
+        return build_model_for(recipe, data)
+    finally:
+        _close(data)
+
+
+def _reset_confined(plan: DeletionPlan, payload: dict[str, Any], reset: str,
+                    initial_from: Path | None) -> dict[str, torch.Tensor]:
+    """Reset the confined parameters in ``payload``'s weights, and clear their optimizer state (Adam's moments
+    hold the class's gradients too); the weights."""
+    from smalti.optim import optimizer_parameter_names
+
+    built = _initial_model(plan.parent)  # the run's optimizer layout (and, by default, its initial weights)
+    initial = (built if initial_from is None else _initial_model(initial_from)).state_dict()
+    model = payload["model"]
+    for confined in plan.confined:
+        model[confined] = initial[confined].clone() if reset == "initial" else torch.zeros_like(model[confined])
+    names = optimizer_parameter_names(built)
+    for index, state in payload["optimizer"]["state"].items():
+        # Keyed by position in the optimizer (a single-file checkpoint) or by name (a sharded one).
+        name = index if isinstance(index, str) else names[index] if isinstance(index, int) and index < len(names) else None
+        if name in plan.confined:
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor) and v.shape == model[name].shape:
+                    state[k] = torch.zeros_like(v)
+    return model
+
+
+def _ablation_ledger(plan: DeletionPlan, out: Path, key: SigningKey, reset: str, parent_final: dict[str, Any],
+                     evidence: dict[str, Any], weights: str) -> dict[str, Any]:
+    """The new run's ledger: one entry naming the parent head and what was reset, then a final signed head."""
+    from smalti.config import load_recipe
+    from smalti.trust import merkle
+    from smalti.trust.entry import ZERO_HASH, encode_entry
+
+    genesis = ledger_entries(plan.parent, tables=False)[0]
+    link = _replay_link(plan, parent_final, "ablate", parent_final.get("weights", ""), fork_step=plan.total_steps)
+    body = dict(genesis, parent=link.to_json(),
+                ablation={"reset": reset, "parameters": plan.confined, "layers": evidence["confined_layers"]})
+    data_bytes = encode_entry(0, ZERO_HASH, body)
+    leaf = merkle.leaf_hash(data_bytes)
+    store = LedgerStore(ledger_path(out), create=True)
+    try:
+        origin = store.start_log(key.public, load_recipe(plan.parent / "recipe.yaml").governance.ledger.log_name)
+        store.append([(0, 0, leaf, data_bytes)])
+        head = TreeHead.signed(key, origin, 1, merkle.root([leaf]), final=True, weights=weights)
+        store.add_head(head)
+    finally:
+        store.close()
+    return head.to_json()
+
+
+def _write_ablated_run(parent: Path, out: Path, latest: Path, payload: dict[str, Any]) -> None:
+    """The ablated checkpoint (sharded if the parent's was: it resumes under FSDP2 at any world size) and the
+    run files an auditor reads."""
+    from smalti import sharded_checkpoint
+    from smalti.checkpoint import CheckpointStore, checkpoint_name
+
+    timestamp = payload["timestamp"]
+    store, sharded = CheckpointStore(out / "checkpoints", keep=1), latest.is_dir()
+    name = checkpoint_name(timestamp["epoch"], timestamp["batch"], sharded=sharded)
+    if sharded:
+        store.commit(sharded_checkpoint.save_whole(store.directory, name, payload), name)
+    else:
+        store.save(payload, name)
+    shutil.copy2(parent / "recipe.yaml", out / "recipe.yaml")
+    for extra in ("vocab.json", "data.json"):
+        if (parent / extra).is_file():
+            shutil.copy2(parent / extra, out / extra)

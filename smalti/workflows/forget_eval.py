@@ -47,7 +47,7 @@ class Loaded:
 def _data_and_models(runs: dict[str, Path], recipe_run: Path):
     """The held-out and training data of ``recipe_run``'s recipe (every class kept), and each run's model."""
     from smalti.build import build_data, build_model_for
-    from smalti.checkpoint import CheckpointStore, load_checkpoint, load_weights
+    from smalti.checkpoint import CheckpointStore, load_payload, load_weights
     from smalti.config import load_recipe
     from smalti.determinism import seed_everything
     from smalti.distributed import DistInfo
@@ -61,7 +61,7 @@ def _data_and_models(runs: dict[str, Path], recipe_run: Path):
         if latest is None:
             raise EvalError(f"{run}: no checkpoint")
         model = build_model_for(recipe, data)
-        load_weights(model, load_checkpoint(latest)["model"], latest)
+        load_weights(model, load_payload(latest).model or {}, latest)
         model.eval()
         models[name] = model
     return recipe, data, models
@@ -76,7 +76,8 @@ def example_losses(model: torch.nn.Module, source, indices: torch.Tensor, batch_
     for start in range(0, len(indices), batch_size):
         batch = source.gather(indices[start:start + batch_size])
         set_row_classes(model, batch.provenance)
-        out.append(model.example_losses(model(batch.inputs), batch.targets).double().cpu())
+        # Module.__getattr__ types the model's loss methods as Tensor | Module
+        out.append(model.example_losses(model(batch.inputs), batch.targets).double().cpu())  # type: ignore[operator]
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
@@ -131,7 +132,7 @@ def relearning_recipe(run: Path, node: str, k: int, budget: RelearningBudget):
     from smalti.config import load_recipe
 
     recipe = load_recipe(run / "recipe.yaml")
-    overrides = {
+    overrides: dict[str, Any] = {
         "run_dir": None, "init.from_run": str(run.resolve()), "init.trust": None, "algorithms": {},
         "governance.policy": None, "governance.ledger.entropy_every": 0, "governance.ledger.publish": None,
         "data.exclude_classes": [], "data.only_classes": [node], "data.late_classes": [], "data.deletable_late": False,

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from smalti.checkpoint import load_checkpoint, weights_sha256
+from smalti.checkpoint import weights_sha256
 from smalti.workflows.certificate import sign_certificate, write_certificate
 from smalti.workflows.deletion import (DeletionError, DeletionPlan, ablate, base_certificate, evaluation,
                                         ablation_evidence, final_head, latest_checkpoint, load_payload, prepare_out, replay, occupied,
@@ -100,7 +100,7 @@ def forget_through_lineage(plan: LineagePlan, out: Path, key: SigningKey, mode: 
                                 f"must be signed by the same trainer")
     if mode == "exact":  # every run of the chain is trained again in this process
         for run in plan.runs:
-            require_world_size(run, load_checkpoint(latest_checkpoint(run), tensors=False), 1)
+            require_world_size(run, load_payload(latest_checkpoint(run), tensors=False), 1)
     child_final = final_head(plan.child)
     child_payload = load_payload(latest_checkpoint(plan.child))
     if mode == "ablate":
@@ -152,11 +152,8 @@ def _replay_through_lineage(plan: LineagePlan, out: Path, key: SigningKey,
                      *_excluding(run, plan.node)]
         recipe = load_recipe(run / "recipe.yaml", overrides)
         prepare_out(target)
-        trainer = Trainer(recipe, target)
-        try:
+        with Trainer(recipe, target) as trainer:
             trainer.fit()
-        finally:
-            trainer.close()
         steps = load_payload(latest_checkpoint(target))["timestamp"]["batch"]
         links.append(_replacement(run, target, "trained again from its new parent", steps))
     final = load_payload(latest_checkpoint(out))

@@ -128,7 +128,7 @@ def sign_envelope(payload: dict[str, Any], key: SigningKey) -> dict[str, Any]:
     from securesystemslib.dsse import Envelope
 
     envelope = Envelope(json.dumps(payload, sort_keys=True).encode(), PAYLOAD_TYPE, {})
-    envelope.sign(_Signer(key))
+    envelope.sign(_Signer(key))  # type: ignore[arg-type]  # _Signer has the Signer interface, not its ABC as base
     return envelope.to_dict()
 
 

@@ -25,7 +25,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import numpy as np
 import yaml
@@ -271,7 +271,7 @@ def _governance(run_dir: Path, ledger: Ledger, path_label: Callable[[str], str] 
     fingerprints = ledger.run.get("fingerprints") or {}
     data = _json_object(run_dir / "data.json")
     run_software = ledger.run.get("software") or {}
-    facts = [("trained with", _describe(run_software)),
+    facts: list[tuple[str, Any]] = [("trained with", _describe(run_software)),
              ("this report by", describe(software()))]
     if data.get("source") == "dataset":
         url = str(data.get("url"))
@@ -392,7 +392,7 @@ def _allow_matrix(ledger: Ledger) -> str:
 def _held_out(run_dir: Path, max_bytes: int | None = None) -> str:
     """Each class's held-out loss at the run's last evaluation (recorded in its latest checkpoint; read only if it
     is a plain file within ``max_bytes``, as the service asks)."""
-    from smalti.checkpoint import CheckpointStore, load_checkpoint
+    from smalti.checkpoint import CheckpointStore, load_payload
     from smalti.errors import CheckpointError
 
     try:
@@ -405,14 +405,15 @@ def _held_out(run_dir: Path, max_bytes: int | None = None) -> str:
                 plain_file(folder, latest.name) is None or latest.stat().st_size > max_bytes):
             return (f"<h2>Held-out loss per class</h2><p>Not shown: {_e(latest.name)} is not a plain checkpoint file "
                     f"of at most {max_bytes >> 20} MB.</p>")
-        payload = load_checkpoint(latest) if latest is not None else None
+        payload = load_payload(latest) if latest is not None else None
     except CheckpointError as error:
         shown = "the latest checkpoint cannot be read" if max_bytes is not None else str(error)  # no server paths
         return f"<h2>Held-out loss per class</h2><p>{_e(shown)}</p>"
-    losses = (payload or {}).get("eval_by_class") or {}
+    losses = payload.eval_by_class if payload is not None else {}
     if not isinstance(losses, dict) or not losses:
         return "<h2>Held-out loss per class</h2><p>Not recorded (no evaluation in the latest checkpoint).</p>"
-    at = payload.get("evaluated_at")
+    assert payload is not None and latest is not None  # the losses came from the latest checkpoint
+    at = payload.evaluated_at
     rows = "".join(f"<tr><td>{_e(_group(str(name)))}</td><td>{_e(str(name).rsplit('/', 1)[-1])}</td>"
                    f"<td class='num'>{_e(_number(loss))}</td></tr>" for name, loss in sorted(losses.items(), key=str))
     return (f"<h2>Held-out loss per class</h2><p class='sub'>At the evaluation after batch {_e(at)} "
@@ -434,14 +435,15 @@ def _certificate(run_dir: Path, served: ServedBy | None = None, log: str = "") -
     except (ValueError, UnicodeDecodeError) as error:
         return f"<h2>Deletion certificate</h2><p class='status bad'>CERTIFICATE UNREADABLE: {_e(error)}</p>"
     status = _certificate_status(run_dir, certificate, served, log)
-    evaluation = certificate.get("evaluation") if isinstance(certificate.get("evaluation"), dict) else {}
-    before = evaluation.get("before") if isinstance(evaluation.get("before"), dict) else {}
-    after = evaluation.get("after") if isinstance(evaluation.get("after"), dict) else {}
-    forgotten = certificate.get("classes") if isinstance(certificate.get("classes"), list) else []
+    evaluation = (cast(dict[str, Any], certificate.get("evaluation")) if isinstance(certificate.get("evaluation"), dict)
+                  else {})
+    before = cast(dict[str, Any], evaluation.get("before")) if isinstance(evaluation.get("before"), dict) else {}
+    after = cast(dict[str, Any], evaluation.get("after")) if isinstance(evaluation.get("after"), dict) else {}
+    forgotten = cast(list[Any], certificate.get("classes")) if isinstance(certificate.get("classes"), list) else []
     losses = "".join(f"<tr><td>{_e(n)}{' (forgotten)' if n in forgotten else ''}</td>"
                      f"<td class='num'>{_e(_number(before[n]))}</td><td class='num'>{_e(_number(after.get(n, math.nan)))}"
                      f"</td></tr>" for n in sorted(before, key=str))
-    parent = certificate.get("parent") if isinstance(certificate.get("parent"), dict) else {}
+    parent = cast(dict[str, Any], certificate.get("parent")) if isinstance(certificate.get("parent"), dict) else {}
     facts = [("forgotten", certificate.get("class")), ("mode", certificate.get("mode")),
              ("parent run", path_label(parent["run_dir"]) if isinstance(parent.get("run_dir"), str) else None),
              ("first contribution step", certificate.get("first_contribution_step")),
@@ -472,7 +474,8 @@ def _certificate_status(run_dir: Path, certificate: dict[str, Any], served: Serv
     if not valid:
         return ("<p class='status bad'>CERTIFICATE NOT SIGNED by the taxonomy's trainer key"
                 f"{' ' + _e(key.key_id) if key is not None else ''}</p>")
-    certified = certificate.get("ledger_head") if isinstance(certificate.get("ledger_head"), dict) else {}
+    certified = (cast(dict[str, Any], certificate.get("ledger_head")) if isinstance(certificate.get("ledger_head"), dict)
+                 else {})
     if certified.get("origin") != log:  # a genuine certificate of another run, copied in
         return (f"<p class='status bad'>CERTIFICATE OF ANOTHER RUN: it certifies the log "
                 f"{_e(certified.get('origin'))}, this run's ledger is {_e(log)}</p>")

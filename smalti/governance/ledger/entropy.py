@@ -75,7 +75,8 @@ class EntropyProbe:
         self.classes = sorted(set(row_class.tolist()))
         self.class_names = [class_names[c] for c in self.classes]
         self._rows = [(row_class == c).nonzero().flatten() for c in self.classes]
-        self._on_device: dict[tuple, torch.Tensor] = {}  # index tensors, moved to the device once
+        # per layer width: classes and their index tensors, moved to the device once
+        self._on_device: dict[tuple, list[tuple[list[int], torch.Tensor]]] = {}
 
     @torch.no_grad()
     def measure(self) -> torch.Tensor:

@@ -84,7 +84,8 @@ class ContributionRecorder:
         self.names = router.names
         self._index = {id(p): i for i, p in enumerate(self.params)}
         # A layer is a module with parameters of its own; a tied parameter belongs to its first owner.
-        self.layer_names, self.layer_parameters = [], []
+        self.layer_names: list[str] = []
+        self.layer_parameters: list[list[str]] = []
         layer_of = np.full(len(self.params), -1, dtype=np.int64)
         for name, module in router.model.named_modules():
             own = [self._index[id(p)] for p in module.parameters(recurse=False)
@@ -115,7 +116,7 @@ class ContributionRecorder:
             from smalti.fsdp import ShardedGradients
 
             self._shards = ShardedGradients(self.params, dist)
-            self._update_shapes = [p.to_local().shape for p in self.params]
+            self._update_shapes = [p.to_local().shape for p in self.params]  # type: ignore[attr-defined]  # DTensors
             self.update_layout = FlatLayout([s.numel() for s in self._update_shapes], layer_of, len(self.layer_names))
             self.update_layout.layer_order(device)
         self._updates = torch.zeros(4, self.update_layout.size, device=device)
@@ -141,7 +142,7 @@ class ContributionRecorder:
     def _take_outside(self, i: int) -> None:
         """Parameter ``i``'s ``.grad``, there before the recorder reached it in this step, was made by something
         else: part of the step gradient but of no signature, it is copied into row 0."""
-        self._row_views[0][i].copy_(self.holders[i].grad)
+        self._row_views[0][i].copy_(self.holders[i].grad)  # type: ignore[arg-type]  # callers saw it is not None
         self._written[0, i] = True
         self._touched[i] = True
 
@@ -264,7 +265,7 @@ class ContributionRecorder:
     def _current_values(self) -> list[torch.Tensor]:
         """The parameters, or under FSDP2 this rank's shards of them."""
         if self.sharded:
-            return [p.detach().to_local() for p in self.params]
+            return [p.detach().to_local() for p in self.params]  # type: ignore[attr-defined]  # FSDP2: DTensors
         return [p.detach() for p in self.params]
 
     def _all_reduce(self, local: list[str]) -> tuple[list[str], torch.Tensor]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal, overload
 
 import fsspec
 
@@ -154,6 +154,12 @@ class PublishedLog:
             raise PublishError(f"{url}: {error}") from None
         self.url = url
         self._tiles: dict[str, bytes] = {}
+
+    @overload
+    def read(self, path: str, missing_ok: Literal[False] = False) -> bytes: ...
+
+    @overload
+    def read(self, path: str, missing_ok: bool) -> bytes | None: ...
 
     def read(self, path: str, missing_ok: bool = False) -> bytes | None:
         """The bytes at ``path`` (None if absent and ``missing_ok``)."""

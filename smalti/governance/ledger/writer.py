@@ -41,6 +41,7 @@ from smalti.governance.ledger.recorder import (
 from smalti.governance.ledger.store import ENTRY_FORMAT, LedgerError, LedgerStore, ledger_path
 from smalti.loggers.governance import StepSignals
 from smalti.governance.routing import MicrobatchPlan, Router
+from smalti.io import Closing
 
 CONTRIBUTION_RULE = (
     "per layer and routing signature s (a class, or classes joined by '+' for a mixed example): norm = |G_s|, "
@@ -91,7 +92,7 @@ def routing_record(router: Router, layer_of: np.ndarray, n_layers: int) -> list[
     return phases
 
 
-class Ledger:
+class Ledger(Closing):
     def __init__(
         self,
         run_dir: str | Path,
@@ -134,7 +135,7 @@ class Ledger:
             "routing": routing_record(router, self.recorder.layer_of.numpy(), len(self.recorder.layer_names)),
             "entropy": None if self.entropy is None else {
                 "every": entropy_every, "tokens_per_class": probe_tokens, "layers": self.entropy.layer_names, "classes": self.entropy.class_names,
-                "probe_examples": probe.sample_ids.tolist(),
+                "probe_examples": probe.sample_ids.tolist(),  # type: ignore[union-attr]  # entropy implies a probe
             },
         }
         self.store: LedgerStore | None = None
@@ -142,7 +143,8 @@ class Ledger:
         self._previous_leaf = ZERO_HASH
         if dist.is_main:
             self.store = LedgerStore(ledger_path(run_dir), create=True)
-        self._step_examples: tuple[list[int], list[int], dict[str, int]] = ([], [], {})
+        # (examples by signature, dropped), set by start_step; the initial placeholder has another shape
+        self._step_examples: tuple[dict[str, list[int]], list[int]] = ({}, [])  # set by start_step
         self._gradient: tuple[list[str], torch.Tensor, bool, float] | None = None
 
     # ---------------------------------------------------------------- start and resume
@@ -255,6 +257,7 @@ class Ledger:
             rows.append((index, int(body.get("step", 0)), leaf, data))
             self.frontier.append(leaf)
             self._previous_leaf = leaf
+        assert self.store is not None  # both callers return early without a store
         self.store.append(rows)
 
     def _body(self, p: _PendingStep, loss: np.ndarray, gradient: tuple[np.ndarray, ...],
