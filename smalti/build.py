@@ -53,7 +53,9 @@ def build_data(recipe: Recipe, dist: DistInfo) -> LanguageModelData:
         train_examples=config.train_examples,
     )
     if config.deletable_late and config.url is None and not config.mixture:
-        raise RecipeError("data.deletable_late needs a prepared dataset (data.url) whose taxonomy marks classes deletable")
+        raise RecipeError(
+            "data.deletable_late needs a prepared dataset (data.url) whose taxonomy marks classes deletable"
+        )
     if config.images is not None:
         from smalti.data.images import digits_data
 
@@ -79,8 +81,14 @@ def build_data(recipe: Recipe, dist: DistInfo) -> LanguageModelData:
         rules = [FreshnessRule(m.manifest_root, m.min_version) for m in config.mixture]
         return mixture_data(urls, weights, taxonomy, recipe.seq_len, order, freshness=rules, **options)
     assert config.url is not None
-    return dataset_data(config.url, taxonomy, recipe.seq_len, order,
-                        freshness=FreshnessRule(config.manifest_root, config.min_version), **options)
+    return dataset_data(
+        config.url,
+        taxonomy,
+        recipe.seq_len,
+        order,
+        freshness=FreshnessRule(config.manifest_root, config.min_version),
+        **options,
+    )
 
 
 def class_unit(recipe: Recipe) -> int | None:
@@ -109,9 +117,15 @@ def build_model(recipe: Recipe, vocab_size: int, class_names: list[str] | None =
             add_lora_adapters(model, config.lora, class_names or [])
         return model
     if config.name == "resnet":
-        return ResNet(ResNetConfig(num_classes=len(class_names or []), in_channels=1,
-                                   widths=tuple(config.resnet.widths), blocks_per_stage=config.resnet.blocks_per_stage,
-                                   dropout=config.dropout))
+        return ResNet(
+            ResNetConfig(
+                num_classes=len(class_names or []),
+                in_channels=1,
+                widths=tuple(config.resnet.widths),
+                blocks_per_stage=config.resnet.blocks_per_stage,
+                dropout=config.dropout,
+            )
+        )
     model = GPT(
         GPTConfig(
             vocab_size=vocab_size,
@@ -130,8 +144,15 @@ def build_model(recipe: Recipe, vocab_size: int, class_names: list[str] | None =
         if unknown:
             raise RecipeError(f"model.adapters: class '{unknown[0]}' is not in the taxonomy")
         targets = [f"blocks.{i}.mlp" for i in range(config.n_layer)]
-        add_class_adapters(model, targets, config.adapters.classes, class_names or [], config.d_model,
-                           config.adapters.hidden, config.adapters.gated)
+        add_class_adapters(
+            model,
+            targets,
+            config.adapters.classes,
+            class_names or [],
+            config.d_model,
+            config.adapters.hidden,
+            config.adapters.gated,
+        )
     return model
 
 
@@ -174,6 +195,7 @@ def build_logger_destinations(recipe: Recipe, run_dir: Path, dist: DistInfo) -> 
         from smalti.loggers.wandb import WandbLogger
 
         config = recipe.logging.wandb
-        destinations.append(WandbLogger(run_dir, config.project, config.mode, config.entity, config.name,
-                                        config.init_timeout))
+        destinations.append(
+            WandbLogger(run_dir, config.project, config.mode, config.entity, config.name, config.init_timeout)
+        )
     return destinations

@@ -96,14 +96,17 @@ class CheckpointStore:
         if pointed is None and not found:
             return None
         newest_first = [pointed] if pointed is not None else []
-        newest_first += [p for p in reversed(found) if p != pointed and (pointed is None or _order(p) < _order(pointed))]
+        newest_first += [
+            p for p in reversed(found) if p != pointed and (pointed is None or _order(p) < _order(pointed))
+        ]
         for path in newest_first:
             try:
                 return path, load_checkpoint(path, tensors=tensors), problems
             except CheckpointCorrupt as error:
                 problems.append(str(error))
-        raise CheckpointError(f"{self.directory}: no intact checkpoint ({'; '.join(problems)}); move the folder "
-                              f"aside to start over")
+        raise CheckpointError(
+            f"{self.directory}: no intact checkpoint ({'; '.join(problems)}); move the folder aside to start over"
+        )
 
     def latest(self) -> Path | None:
         pointer = self.directory / LATEST
@@ -211,14 +214,17 @@ def load_checkpoint(location: str | Path, tensors: bool = True) -> dict[str, Any
     except FileNotFoundError:
         raise CheckpointCorrupt(f"{location}: checkpoint not found") from None
     except ImportError as error:
-        raise CheckpointError(f"{location}: {error} (s3:// and http(s):// need the remote extra: pip install "
-                              f"'smalti[remote]')") from None
+        raise CheckpointError(
+            f"{location}: {error} (s3:// and http(s):// need the remote extra: pip install 'smalti[remote]')"
+        ) from None
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{location}: cannot read checkpoint ({error})") from None
     if is_local:
         expected = _expected_digest(Path(location))
         if expected is not None and hashlib.sha256(data).hexdigest() != expected:
-            raise CheckpointCorrupt(f"{location}: checkpoint is corrupt (sha256 differs from {Path(location).name}.sha256)")
+            raise CheckpointCorrupt(
+                f"{location}: checkpoint is corrupt (sha256 differs from {Path(location).name}.sha256)"
+            )
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for a damaged archive
@@ -264,4 +270,5 @@ def load_weights(model: torch.nn.Module, weights: dict[str, Any], where: str | P
         detail = " ".join(str(error).split())
         raise CheckpointError(
             f"{where}: its weights do not fit the model the recipe describes (a run trained from Python with "
-            f"its own model= must be loaded there): {detail[:300]}") from None
+            f"its own model= must be loaded there): {detail[:300]}"
+        ) from None

@@ -37,9 +37,12 @@ def _time(value: Any) -> str:
 class AdapterConfig(Section):
     classes: list[str] = Field(default_factory=list, description="classes that get their own adapter in every block")
     hidden: int = Field(32, ge=1, description="width of each adapter's hidden layer")
-    gated: bool = Field(True, description="true: an adapter acts only on its class's rows, so nothing else ever "
-                        "depends on it; false: every row runs through every adapter (an SGTM-like shared slice that "
-                        "only an exclusive rule keeps other classes from updating)")
+    gated: bool = Field(
+        True,
+        description="true: an adapter acts only on its class's rows, so nothing else ever "
+        "depends on it; false: every row runs through every adapter (an SGTM-like shared slice that "
+        "only an exclusive rule keeps other classes from updating)",
+    )
 
 
 class ResNetSection(Section):
@@ -48,11 +51,15 @@ class ResNetSection(Section):
 
 
 class HFModelSection(Section):
-    config: dict[str, Any] | None = Field(None, description="a transformers config, randomly initialised: model_type "
-                                          "(llama, qwen2, gpt2, gpt_neox, ...) and its sizes; vocab_size defaults to "
-                                          "the tokenizer's")
-    path: Path | None = Field(None, description="a local folder in save_pretrained layout (safetensors); never "
-                              "downloaded")
+    config: dict[str, Any] | None = Field(
+        None,
+        description="a transformers config, randomly initialised: model_type "
+        "(llama, qwen2, gpt2, gpt_neox, ...) and its sizes; vocab_size defaults to "
+        "the tokenizer's",
+    )
+    path: Path | None = Field(
+        None, description="a local folder in save_pretrained layout (safetensors); never downloaded"
+    )
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 
     @model_validator(mode="after")
@@ -67,21 +74,29 @@ class HFModelSection(Section):
 
 
 class LoraSection(Section):
-    classes: list[str] = Field(default_factory=list, description="classes that get their own LoRA adapter "
-                               "(a policy's exclusive rule can confine each to it)")
+    classes: list[str] = Field(
+        default_factory=list,
+        description="classes that get their own LoRA adapter (a policy's exclusive rule can confine each to it)",
+    )
     r: int = Field(8, ge=1, description="rank")
     alpha: float = Field(16.0, gt=0.0, description="scaling numerator (scaling = alpha / r)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"],
-                                      description="module names the adapters wrap (peft's target_modules)")
-    freeze_base: bool = Field(True, description="train only the adapters (false: the base model too, as the policy allows)")
-    gated: bool = Field(True, description="as model.adapters.gated: false puts every class's adapter in every row's "
-                        "forward pass")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        description="module names the adapters wrap (peft's target_modules)",
+    )
+    freeze_base: bool = Field(
+        True, description="train only the adapters (false: the base model too, as the policy allows)"
+    )
+    gated: bool = Field(
+        True, description="as model.adapters.gated: false puts every class's adapter in every row's forward pass"
+    )
 
 
 class ModelConfig(Section):
-    name: Literal["gpt", "resnet", "hf"] = Field("gpt", description="gpt (text), resnet (data.images) or hf "
-                                                  "(a Hugging Face causal LM: set model.hf)")
+    name: Literal["gpt", "resnet", "hf"] = Field(
+        "gpt", description="gpt (text), resnet (data.images) or hf (a Hugging Face causal LM: set model.hf)"
+    )
     n_layer: int = Field(4, ge=1)
     n_head: int = Field(4, ge=1)
     d_model: int = Field(128, ge=1)
@@ -118,20 +133,31 @@ class LedgerConfig(Section):
     probe_samples: int = Field(1, ge=1, description="validation examples per class in the entropy probe")
     probe_tokens: int = Field(32, ge=2, description="token positions per class the entropy is computed over")
     flush_every: int = Field(50, ge=1, description="steps between commits to ledger.sqlite")
-    log_name: str = Field("smalti", pattern=r"^[^\s+]+$", description="the ledger's log name: each run's tree "
-                          "heads are C2SP checkpoints with origin LOG_NAME/RUN_ID (e.g. example.org/smalti), "
-                          "no spaces or '+'")
-    publish: str | None = Field(None, description="publish the ledger as a C2SP tlog-tiles log to this folder or "
-                                "fsspec URL at every checkpoint (append-only; a failure warns and is retried at the "
-                                "next checkpoint)")
+    log_name: str = Field(
+        "smalti",
+        pattern=r"^[^\s+]+$",
+        description="the ledger's log name: each run's tree "
+        "heads are C2SP checkpoints with origin LOG_NAME/RUN_ID (e.g. example.org/smalti), "
+        "no spaces or '+'",
+    )
+    publish: str | None = Field(
+        None,
+        description="publish the ledger as a C2SP tlog-tiles log to this folder or "
+        "fsspec URL at every checkpoint (append-only; a failure warns and is retried at the "
+        "next checkpoint)",
+    )
     publish_options: dict[str, Any] = Field(default_factory=dict, description="fsspec storage options for publish")
 
 
 class InitConfig(Section):
-    from_run: Path | None = Field(None, description="start from this run's final weights (a fine-tune): its ledger "
-                                  "is verified first and named in this run's first ledger entry")
-    trust: Path | None = Field(None, description="the parent's trainer public key (default: this taxonomy's "
-                               "trainer key or this run's own)")
+    from_run: Path | None = Field(
+        None,
+        description="start from this run's final weights (a fine-tune): its ledger "
+        "is verified first and named in this run's first ledger entry",
+    )
+    trust: Path | None = Field(
+        None, description="the parent's trainer public key (default: this taxonomy's trainer key or this run's own)"
+    )
 
 
 class GovernanceConfig(Section):
@@ -146,8 +172,18 @@ def _parse_bytes(value: Any) -> int:
     match = re.fullmatch(r"\s*([0-9.]+(?:[eE][0-9]+)?)\s*([KMGT]i?B|B)?\s*", str(value))
     if not match:
         raise ValueError(f"invalid size {value!r}: expected e.g. '512MB', '10GB', '2GiB' or a number of bytes")
-    units = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+    units = {
+        None: 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KiB": 2**10,
+        "MiB": 2**20,
+        "GiB": 2**30,
+        "TiB": 2**40,
+    }
     return int(float(match.group(1)) * units[match.group(2)])
 
 
@@ -173,14 +209,18 @@ class DataConfig(Section):
     manifest_root: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="data.url: " + _ROOT_DESCRIPTION)
     min_version: int | None = Field(None, ge=1, description="data.url: " + _VERSION_DESCRIPTION)
     # ... or a bundled image task (offline).
-    images: Literal["digits"] | None = Field(None, description="digits: scikit-learn's handwritten digits "
-                                             "(needs the [vision] extra), for model.name resnet")
+    images: Literal["digits"] | None = Field(
+        None, description="digits: scikit-learn's handwritten digits (needs the [vision] extra), for model.name resnet"
+    )
     image_size: int = Field(32, ge=8, description="images: side length the digits are upsampled to")
     taxonomy: Path | None = Field(None, description="signed taxonomy the dataset was tagged under")
     trust: Path | None = Field(None, description="public key of the data-governance authority (the trust anchor)")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="passed to fsspec (e.g. endpoint_url)")
-    cache_dir: Path = Field(Path("~/.cache/smalti/shards"), validate_default=True,  # the default is expanded too
-                            description="local cache for remote shards")
+    cache_dir: Path = Field(
+        Path("~/.cache/smalti/shards"),
+        validate_default=True,  # the default is expanded too
+        description="local cache for remote shards",
+    )
     cache_limit: int = Field(10 * 10**9, gt=0, description="cache size limit, e.g. '10GB'")
     verify: Literal["eager", "lazy"] = Field("eager", description="eager: check every shard before training")
     memory_shards: int = Field(8, ge=2, description="decoded shards kept in memory per process (at least 2)")
@@ -188,23 +228,40 @@ class DataConfig(Section):
     seq_len: int | None = Field(None, ge=1, description="training window; defaults to model.block_size")
     shuffle: bool = True
     batching: Literal["random", "stratified", "per_class"] | None = Field(
-        None, description="default: per_class under a routing policy, else random")
-    class_unit: int | None = Field(None, ge=1, description="per_class: examples per single-class unit "
-                                   "(default: train.microbatch_size, else the global batch)")
-    shuffle_block_shards: int | None = Field(None, ge=1, description="random: shuffle within blocks of this many shards")
+        None, description="default: per_class under a routing policy, else random"
+    )
+    class_unit: int | None = Field(
+        None,
+        ge=1,
+        description="per_class: examples per single-class unit (default: train.microbatch_size, else the global batch)",
+    )
+    shuffle_block_shards: int | None = Field(
+        None, ge=1, description="random: shuffle within blocks of this many shards"
+    )
     workers: int = Field(0, ge=0, description="loader worker processes (the order does not depend on it)")
     # Deletion (G5): the counterfactual of forgetting a class, and an order that keeps forgetting cheap.
-    exclude_classes: list[str] = Field(default_factory=list, description="leave these classes out of training "
-                                       "(taxonomy nodes cover their subtrees; evaluation keeps them)")
-    deletable_late: bool = Field(False, description="place the classes the taxonomy marks deletable last in every "
-                                 "epoch (with late_classes)")
-    late_classes: list[str] = Field(default_factory=list, description="place these classes last in every epoch, "
-                                    "so forgetting them replays only the tail")
-    only_classes: list[str] = Field(default_factory=list, description="train on these classes only (taxonomy nodes "
-                                    "cover their subtrees; evaluation keeps every class)")
-    train_examples: int | None = Field(None, ge=1, description="train on only this many examples of the kept "
-                                       "classes, chosen once from the seed (a relearning attack's k); epochs cycle "
-                                       "over them (batching random)")
+    exclude_classes: list[str] = Field(
+        default_factory=list,
+        description="leave these classes out of training (taxonomy nodes cover their subtrees; evaluation keeps them)",
+    )
+    deletable_late: bool = Field(
+        False, description="place the classes the taxonomy marks deletable last in every epoch (with late_classes)"
+    )
+    late_classes: list[str] = Field(
+        default_factory=list,
+        description="place these classes last in every epoch, so forgetting them replays only the tail",
+    )
+    only_classes: list[str] = Field(
+        default_factory=list,
+        description="train on these classes only (taxonomy nodes cover their subtrees; evaluation keeps every class)",
+    )
+    train_examples: int | None = Field(
+        None,
+        ge=1,
+        description="train on only this many examples of the kept "
+        "classes, chosen once from the seed (a relearning attack's k); epochs cycle "
+        "over them (batching random)",
+    )
 
     _check_cache_limit = field_validator("cache_limit", mode="before")(_parse_bytes)
 
@@ -217,8 +274,10 @@ class DataConfig(Section):
     def _one_source(self) -> "DataConfig":
         given = [name for name in ("corpus", "url", "mixture", "images") if getattr(self, name)]
         if len(given) != 1:
-            raise ValueError("give exactly one of data.corpus (a raw corpus), data.url (a prepared dataset), "
-                             "data.mixture (several prepared datasets) or data.images (a bundled image task)")
+            raise ValueError(
+                "give exactly one of data.corpus (a raw corpus), data.url (a prepared dataset), "
+                "data.mixture (several prepared datasets) or data.images (a bundled image task)"
+            )
         if given[0] not in ("corpus", "images") and (self.taxonomy is None or self.trust is None):
             raise ValueError(f"data.{given[0]} needs data.taxonomy and data.trust (the data-governance public key)")
         if given[0] != "url" and (self.manifest_root or self.min_version):
@@ -245,18 +304,25 @@ class SchedulerConfig(Section):
 
 class FSDPConfig(Section):
     param_dtype: Literal["fp32", "bf16"] = Field(
-        "fp32", description="bf16: parameters all-gathered and computed in bf16, gradients reduced in fp32")
-    cpu_offload: bool = Field(False, description="keep sharded parameters, gradients and optimizer state in CPU "
-                              "memory (GPU runs)")
-    reshard_after_forward: bool = Field(True, description="free each block's gathered parameters after its "
-                                        "forward (gathered again for backward): less memory, more communication")
+        "fp32", description="bf16: parameters all-gathered and computed in bf16, gradients reduced in fp32"
+    )
+    cpu_offload: bool = Field(
+        False, description="keep sharded parameters, gradients and optimizer state in CPU memory (GPU runs)"
+    )
+    reshard_after_forward: bool = Field(
+        True,
+        description="free each block's gathered parameters after its "
+        "forward (gathered again for backward): less memory, more communication",
+    )
 
 
 class TrainConfig(Section):
     max_duration: str = "1ep"
     parallelism: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="under several processes: ddp replicates the model, fsdp shards it with FSDP2 "
-        "(fully_shard per transformer block and the root) and checkpoints with torch.distributed.checkpoint")
+        "ddp",
+        description="under several processes: ddp replicates the model, fsdp shards it with FSDP2 "
+        "(fully_shard per transformer block and the root) and checkpoints with torch.distributed.checkpoint",
+    )
     fsdp: FSDPConfig = FSDPConfig()
     global_batch_size: int = Field(32, ge=1, description="samples per optimizer step, summed over ranks")
     microbatch_size: int | None = Field(None, ge=1, description="samples per forward/backward on one rank")
@@ -280,8 +346,10 @@ class EvalConfig(Section):
     interval: str = "500ba"
     max_samples: int | None = Field(1024, ge=1, description="validation windows per evaluation (None: all)")
     batch_size: int = Field(64, ge=1)
-    classes: list[str] = Field(default_factory=list, description="evaluate only these classes' held-out examples "
-                               "(taxonomy nodes; default: every class)")
+    classes: list[str] = Field(
+        default_factory=list,
+        description="evaluate only these classes' held-out examples (taxonomy nodes; default: every class)",
+    )
 
     _check_interval = field_validator("interval", mode="before")(_time)
 
@@ -291,23 +359,33 @@ class CheckpointConfig(Section):
     keep: int = Field(3, ge=1, description="how many recent checkpoints to keep")
     load_path: str | None = Field(None, description="start from this checkpoint (path or fsspec URL)")
     autoresume: bool = True
-    before_late_classes: bool = Field(True, description="with data.late_classes: also checkpoint just before "
-                                      "they begin each epoch, and keep that checkpoint (a deletion restarts there)")
-    async_save: bool = Field(False, description="train.parallelism fsdp: write sharded checkpoints in the background "
-                             "(dcp.async_save) while training goes on; each becomes latest when every rank has "
-                             "written it, and the final checkpoint is waited for")
+    before_late_classes: bool = Field(
+        True,
+        description="with data.late_classes: also checkpoint just before "
+        "they begin each epoch, and keep that checkpoint (a deletion restarts there)",
+    )
+    async_save: bool = Field(
+        False,
+        description="train.parallelism fsdp: write sharded checkpoints in the background "
+        "(dcp.async_save) while training goes on; each becomes latest when every rank has "
+        "written it, and the final checkpoint is waited for",
+    )
 
     _check_interval = field_validator("interval", mode="before")(_time)
 
 
 class WandbConfig(Section):
     project: str = Field(description="the W&B project")
-    mode: Literal["offline", "online"] = Field("offline", description="offline: written under RUN_DIR/wandb, no "
-                                               "network (upload later with `wandb sync`); online: streamed")
+    mode: Literal["offline", "online"] = Field(
+        "offline",
+        description="offline: written under RUN_DIR/wandb, no "
+        "network (upload later with `wandb sync`); online: streamed",
+    )
     entity: str | None = Field(None, description="the W&B team or user (online)")
     name: str | None = Field(None, description="the run's display name (default: the run directory's name)")
-    init_timeout: float = Field(30.0, gt=0.0, description="seconds to wait for W&B to start before warning and "
-                                "training on without it")
+    init_timeout: float = Field(
+        30.0, gt=0.0, description="seconds to wait for W&B to start before warning and training on without it"
+    )
 
 
 class LoggingConfig(Section):
@@ -317,11 +395,15 @@ class LoggingConfig(Section):
     jsonl: bool = True
     mlflow: bool = False
     tensorboard: bool = Field(False, description="TensorBoard event files in RUN_DIR/tensorboard (extra tensorboard)")
-    wandb: WandbConfig | None = Field(None, description="Weights & Biases (extra wandb): {project: ..., mode: "
-                                      "offline|online}")
-    governance_layers: list[str] = Field(default_factory=lambda: ["*"], description="layers whose per-class "
-                                         "gradient shares and updated flags trackers show (globs over the "
-                                         "ledger's layer names)")
+    wandb: WandbConfig | None = Field(
+        None, description="Weights & Biases (extra wandb): {project: ..., mode: offline|online}"
+    )
+    governance_layers: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="layers whose per-class "
+        "gradient shares and updated flags trackers show (globs over the "
+        "ledger's layer names)",
+    )
 
     _check_interval = field_validator("interval", mode="before")(_time)
 
@@ -344,8 +426,10 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":
         if (self.model.name == "resnet") != (self.data.images is not None):
-            raise ValueError(f"model.name {self.model.name!r} does not fit the data: use model.name resnet "
-                             "with data.images, gpt with text")
+            raise ValueError(
+                f"model.name {self.model.name!r} does not fit the data: use model.name resnet "
+                "with data.images, gpt with text"
+            )
         seq_len = self.data.seq_len or self.model.block_size
         if self.model.name != "hf" and seq_len > self.model.block_size:
             raise ValueError(f"data.seq_len ({seq_len}) exceeds model.block_size ({self.model.block_size})")
@@ -356,10 +440,14 @@ class Recipe(Section):
         if (self.model.adapters.classes or self.model.lora.classes) and self.data.taxonomy is None:
             raise ValueError("model.adapters and model.lora name classes: they need data.taxonomy")
         if self.checkpoint.async_save and self.train.parallelism != "fsdp":
-            raise ValueError("checkpoint.async_save writes sharded checkpoints in the background: it needs "
-                             "train.parallelism fsdp (a single-file checkpoint is written by rank 0 at once)")
+            raise ValueError(
+                "checkpoint.async_save writes sharded checkpoints in the background: it needs "
+                "train.parallelism fsdp (a single-file checkpoint is written by rank 0 at once)"
+            )
         if self.model.d_model % self.model.n_head:
-            raise ValueError(f"model.d_model ({self.model.d_model}) is not divisible by model.n_head ({self.model.n_head})")
+            raise ValueError(
+                f"model.d_model ({self.model.d_model}) is not divisible by model.n_head ({self.model.n_head})"
+            )
         return self
 
     @property
@@ -421,15 +509,18 @@ def _path_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             found += _path_fields(annotation, f"{prefix}{name}.")
-        elif annotation is Path or annotation == (Path | None) or (
-                field.json_schema_extra or {}).get("path"):  # type: ignore[union-attr]  # always a dict in Smalti's fields
+        elif annotation is Path or annotation == (Path | None) or (field.json_schema_extra or {}).get("path"):  # type: ignore[union-attr]  # always a dict in Smalti's fields
             found.append(f"{prefix}{name}")
     return found
 
 
 def _is_relative_path(value: Any) -> bool:
-    return (isinstance(value, str) and "://" not in value and not value.startswith(("~", "pkcs11:"))
-            and not Path(value).is_absolute())  # a pkcs11: URI names a key in a token, not a file
+    return (
+        isinstance(value, str)
+        and "://" not in value
+        and not value.startswith(("~", "pkcs11:"))
+        and not Path(value).is_absolute()
+    )  # a pkcs11: URI names a key in a token, not a file
 
 
 def _get(data: dict, dotted: str) -> Any:

@@ -18,5 +18,6 @@ def require(extra: str, command: str, *modules: str) -> None:
         try:
             importlib.import_module(module)
         except ImportError:
-            raise MissingExtra(f"{command} needs the {extra} extra ({module} is not installed): "
-                               f"pip install 'smalti[{extra}]'") from None
+            raise MissingExtra(
+                f"{command} needs the {extra} extra ({module} is not installed): pip install 'smalti[{extra}]'"
+            ) from None

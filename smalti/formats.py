@@ -33,5 +33,7 @@ def format_problem(found: object, expected: str, where: str) -> str | None:
     if mine and theirs and theirs["kind"] == mine["kind"] and int(theirs["version"]) > int(mine["version"]):
         return f"{where}: written by a newer format ({found}); this version of Smalti reads {expected} (upgrade Smalti)"
     named = "names no format" if found is None else f"names format {found!r}"
-    return (f"{where}: written by an older format ({named}); this version of Smalti reads {expected} only "
-            f"(write it again with this version)")
+    return (
+        f"{where}: written by an older format ({named}); this version of Smalti reads {expected} only "
+        f"(write it again with this version)"
+    )

@@ -59,8 +59,10 @@ def shard_model(model: nn.Module, device: torch.device, options: FSDPConfig) -> 
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     if options.cpu_offload and device.type != "cuda":
-        raise RecipeError("train.fsdp.cpu_offload moves sharded parameters from the GPU to the CPU; this run "
-                          "trains on the CPU already (set it false)")
+        raise RecipeError(
+            "train.fsdp.cpu_offload moves sharded parameters from the GPU to the CPU; this run "
+            "trains on the CPU already (set it false)"
+        )
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     kwargs: dict = {"mesh": mesh, "reshard_after_forward": options.reshard_after_forward}
     if options.param_dtype == "bf16":
@@ -100,7 +102,7 @@ class ShardedGradients:
         if full.dim() == 0:
             return full
         start = min(rank * self._rows[i], full.shape[0])
-        return full[start:min(start + self._rows[i], full.shape[0])]
+        return full[start : min(start + self._rows[i], full.shape[0])]
 
     def reduce_scatter(self, indices: Sequence[int], fulls: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """For each parameter ``indices[k]``, this rank's piece of the sum over ranks of ``fulls[k]`` divided by
@@ -115,7 +117,7 @@ class ShardedGradients:
             offset = 0
             for k, (i, full) in enumerate(zip(indices, fulls)):
                 piece = self.local_piece(i, full, rank).reshape(-1)
-                send[rank, offset:offset + piece.numel()].copy_(piece)
+                send[rank, offset : offset + piece.numel()].copy_(piece)
                 offset += sizes[k]
         received = fulls[0].new_empty(total)
         dist.reduce_scatter_tensor(received, send.reshape(-1))
@@ -123,7 +125,7 @@ class ShardedGradients:
         out, offset = [], 0
         for k, (i, full) in enumerate(zip(indices, fulls)):
             shape = self.local_piece(i, full).shape
-            out.append(received[offset:offset + math.prod(shape)].view(shape))
+            out.append(received[offset : offset + math.prod(shape)].view(shape))
             offset += sizes[k]
         return out
 
@@ -137,8 +139,11 @@ class ShardedGradients:
         for i in indices:
             holder = holders[i]
             grad = holder.grad if holder is not None else None
-            fulls.append(grad.float() if grad is not None else
-                         torch.zeros(self.params[i].shape, device=self.params[i].to_local().device))
+            fulls.append(
+                grad.float()
+                if grad is not None
+                else torch.zeros(self.params[i].shape, device=self.params[i].to_local().device)
+            )
         shards = self.reduce_scatter(indices, fulls) if indices else []
         for holder in holders:
             if holder is not None:
@@ -147,5 +152,6 @@ class ShardedGradients:
             p.grad = None
         for i, shard in zip(indices, shards):
             p = self.params[i]
-            p.grad = DTensor.from_local(shard.to(p.dtype).contiguous(), p.device_mesh, p.placements,
-                                        shape=p.shape, stride=p.stride())
+            p.grad = DTensor.from_local(
+                shard.to(p.dtype).contiguous(), p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+            )

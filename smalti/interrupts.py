@@ -23,8 +23,10 @@ def interrupts_deferred() -> Iterator[None]:
     Only the main thread can install signal handlers; elsewhere (and where a
     caller installed its own handler) the block runs unchanged.
     """
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
         yield
         return
     received: list[int] = []

@@ -57,8 +57,9 @@ def remote_filesystem(url: str, storage_options: dict | None = None):
     try:
         return fsspec.core.url_to_fs(url, **(storage_options or {}))
     except ImportError as error:
-        raise DataError(f"{url}: {error} (s3:// and http(s):// need the remote extra: pip install "
-                        f"'smalti[remote]')") from None
+        raise DataError(
+            f"{url}: {error} (s3:// and http(s):// need the remote extra: pip install 'smalti[remote]')"
+        ) from None
     except ValueError as error:
         raise DataError(f"{url}: cannot open ({error})") from None
 

@@ -60,13 +60,19 @@ class FolderLock:
         except BlockingIOError:
             holder = _read_holder(handle)
             os.close(handle)
-            raise LockHeld(f"{self.path.parent}: {describe_holder(holder)} (lock {self.path.name}); wait for it "
-                           f"to finish or stop it") from None
+            raise LockHeld(
+                f"{self.path.parent}: {describe_holder(holder)} (lock {self.path.name}); wait for it "
+                f"to finish or stop it"
+            ) from None
         _HELD[self._key] = [handle, 1]
         self.previous = _read_holder(handle)
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": self.purpose,
-                  "command": " ".join(sys.argv)[:300],
-                  "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "purpose": self.purpose,
+            "command": " ".join(sys.argv)[:300],
+            "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
         os.ftruncate(handle, 0)
         os.pwrite(handle, (json.dumps(record) + "\n").encode(), 0)
         self._handle = handle
@@ -111,8 +117,9 @@ class FolderLock:
     def __enter__(self) -> "FolderLock":
         return self.acquire()
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 trace: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
         self.release()
 
 
@@ -128,5 +135,7 @@ def describe_holder(holder: dict[str, object]) -> str:
     """``in use by pid 4242 on host gpu-3 (training into run/, since 2026-12-07T02:13:15+00:00)``."""
     if not holder:
         return "in use by another process"
-    return (f"in use by pid {holder.get('pid', '?')} on host {holder.get('host', '?')} "
-            f"({holder.get('purpose', '?')}, since {holder.get('since', '?')})")
+    return (
+        f"in use by pid {holder.get('pid', '?')} on host {holder.get('host', '?')} "
+        f"({holder.get('purpose', '?')}, since {holder.get('since', '?')})"
+    )

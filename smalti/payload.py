@@ -53,16 +53,52 @@ class Payload:
         return self.ledger.get("head") if self.ledger else None
 
 
-_ORDER = ["recipe", "recipe_fingerprint", "timestamp", "scheduler", "scaler", "rng", "sampler", "tokenizer", "data",
-          "classes", "policy_fingerprint", "eval_metrics", "train_loss", "wall_seconds", "eval_by_class",
-          "evaluated_at", "algorithms", "surgery", "callbacks", "ledger"]
+_ORDER = [
+    "recipe",
+    "recipe_fingerprint",
+    "timestamp",
+    "scheduler",
+    "scaler",
+    "rng",
+    "sampler",
+    "tokenizer",
+    "data",
+    "classes",
+    "policy_fingerprint",
+    "eval_metrics",
+    "train_loss",
+    "wall_seconds",
+    "eval_by_class",
+    "evaluated_at",
+    "algorithms",
+    "surgery",
+    "callbacks",
+    "ledger",
+]
 _TYPES: dict[str, tuple[type, ...]] = {
-    "recipe": (dict,), "recipe_fingerprint": (str,), "timestamp": (dict,), "scheduler": (dict,),
-    "scaler": (dict, _NONE), "rng": (list, tuple), "sampler": (dict,), "tokenizer": (str, _NONE), "data": (dict,),
-    "classes": (list, tuple), "policy_fingerprint": (str, _NONE), "eval_metrics": (dict,), "evaluated_at": (int,),
-    "algorithms": (dict,), "callbacks": (dict,), "ledger": (dict, _NONE), "train_loss": (float, int),
-    "wall_seconds": (float, int), "eval_by_class": (dict,), "surgery": (list, tuple), "model": (dict, _NONE),
-    "optimizer": (dict, _NONE), "format": (str,),
+    "recipe": (dict,),
+    "recipe_fingerprint": (str,),
+    "timestamp": (dict,),
+    "scheduler": (dict,),
+    "scaler": (dict, _NONE),
+    "rng": (list, tuple),
+    "sampler": (dict,),
+    "tokenizer": (str, _NONE),
+    "data": (dict,),
+    "classes": (list, tuple),
+    "policy_fingerprint": (str, _NONE),
+    "eval_metrics": (dict,),
+    "evaluated_at": (int,),
+    "algorithms": (dict,),
+    "callbacks": (dict,),
+    "ledger": (dict, _NONE),
+    "train_loss": (float, int),
+    "wall_seconds": (float, int),
+    "eval_by_class": (dict,),
+    "surgery": (list, tuple),
+    "model": (dict, _NONE),
+    "optimizer": (dict, _NONE),
+    "format": (str,),
 }
 
 
@@ -82,8 +118,9 @@ def read_payload(raw: Any, where: str) -> Payload:
         value = raw[item.name]
         if isinstance(value, bool) or not isinstance(value, _TYPES[item.name]):
             expected = " or ".join("None" if t is _NONE else t.__name__ for t in _TYPES[item.name])
-            raise CheckpointError(f"{where}: checkpoint field {item.name!r} is a {type(value).__name__}, "
-                                  f"not a {expected}")
+            raise CheckpointError(
+                f"{where}: checkpoint field {item.name!r} is a {type(value).__name__}, not a {expected}"
+            )
         values[item.name] = list(value) if isinstance(value, tuple) else value
     if "train_loss" in values:
         values["train_loss"] = float(values["train_loss"])

@@ -44,8 +44,10 @@ def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[st
     missing = [p for p in optimizer.state if id(p) not in names]
     if missing:
         raise CheckpointError(f"{len(missing)} optimizer state entries belong to no parameter of the model")
-    return {_MODEL: model.state_dict(),
-            _OPTIMIZER: {names[id(p)]: dict(state) for p, state in optimizer.state.items() if id(p) in names}}
+    return {
+        _MODEL: model.state_dict(),
+        _OPTIMIZER: {names[id(p)]: dict(state) for p, state in optimizer.state.items() if id(p) in names},
+    }
 
 
 class PendingSave:
@@ -69,15 +71,24 @@ class PendingSave:
 
     def seal(self) -> Path:
         """Rank 0, once every rank has written: hash every file; the folder is then ready to commit."""
-        sums = "".join(f"{file_sha256(path)}  {path.name}\n" for path in sorted(self.temporary.iterdir())
-                       if path.name != SUMS)
+        sums = "".join(
+            f"{file_sha256(path)}  {path.name}\n" for path in sorted(self.temporary.iterdir()) if path.name != SUMS
+        )
         with atomic_writer(self.temporary / SUMS) as handle:
             handle.write(sums.encode())
         return self.temporary
 
 
-def save(directory: Path, name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
-         meta: dict[str, Any] | None, is_main: bool, barrier, background_group: Any = None) -> PendingSave:
+def save(
+    directory: Path,
+    name: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    meta: dict[str, Any] | None,
+    is_main: bool,
+    barrier,
+    background_group: Any = None,
+) -> PendingSave:
     """Every rank writes its shards into a temporary folder; rank 0 adds ``meta``. Rank 0 seals and commits
     the folder once every rank has written it (:meth:`PendingSave.seal`,
     :meth:`smalti.checkpoint.CheckpointStore.commit`).
@@ -137,13 +148,16 @@ def load_into(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) ->
     for key, info in metadata.items():
         if not key.startswith(prefix) or not isinstance(info, TensorStorageMetadata):
             continue
-        name, _, field = key[len(prefix):].rpartition(".")
+        name, _, field = key[len(prefix) :].rpartition(".")
         if name not in params:
             raise CheckpointError(f"{path}: optimizer state for {name!r}, which this model does not have")
         param = params[name]
         same = tuple(info.size) == tuple(param.shape)
-        target = torch.zeros_like(param, dtype=info.properties.dtype) if same else torch.zeros(
-            tuple(info.size), dtype=info.properties.dtype)
+        target = (
+            torch.zeros_like(param, dtype=info.properties.dtype)
+            if same
+            else torch.zeros(tuple(info.size), dtype=info.properties.dtype)
+        )
         targets[_OPTIMIZER].setdefault(name, {})[field] = target
     try:
         dcp.load(targets, checkpoint_id=str(path))

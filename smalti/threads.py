@@ -34,6 +34,7 @@ BUSY_THRESHOLD = 0.5  # cores kept busy by other processes, from which spinning 
 
 def other_processes_busy_cores(seconds: float = 0.25) -> float | None:
     """Cores kept busy over ``seconds`` by everything but this (idle) process; None where /proc/stat is not."""
+
     def sample() -> tuple[float, float]:
         with open("/proc/stat", encoding="ascii") as handle:
             fields = [float(x) for x in handle.readline().split()[1:]]
@@ -68,7 +69,9 @@ def choose_wait_policy(environment: dict[str, str], busy_cores: float | None) ->
 
 def apply_thread_defaults(busy_cores: float | None = None, announce: bool = True) -> str:
     """Set the wait policy for a training command; return what is in force, for the record."""
-    chosen = os.environ.get(WAIT_POLICY) or (f"{SPIN_COUNT}={os.environ[SPIN_COUNT]}" if SPIN_COUNT in os.environ else None)
+    chosen = os.environ.get(WAIT_POLICY) or (
+        f"{SPIN_COUNT}={os.environ[SPIN_COUNT]}" if SPIN_COUNT in os.environ else None
+    )
     if chosen is not None:
         return f"{chosen} (set by the user)"
     if "torch" in sys.modules:  # too late for libgomp to read it: say nothing, change nothing
@@ -80,6 +83,9 @@ def apply_thread_defaults(busy_cores: float | None = None, announce: bool = True
         return "torch default (the machine is otherwise idle)"
     os.environ[WAIT_POLICY] = policy
     if announce:
-        print(f"smalti: other processes keep {busy_cores:.1f} of {os.cpu_count()} CPU cores busy: idle torch threads "
-              f"will sleep at once ({WAIT_POLICY}={policy}; set {WAIT_POLICY} yourself to choose)", file=sys.stderr)
+        print(
+            f"smalti: other processes keep {busy_cores:.1f} of {os.cpu_count()} CPU cores busy: idle torch threads "
+            f"will sleep at once ({WAIT_POLICY}={policy}; set {WAIT_POLICY} yourself to choose)",
+            file=sys.stderr,
+        )
     return policy

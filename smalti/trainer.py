@@ -37,8 +37,9 @@ class Trainer(TrainingLoop):
         algorithms: Sequence[Algorithm] | None = None,
         callbacks: Sequence[Callback] = (),
     ) -> None:
-        super().__init__(recipe, run_dir, model=model, data=data, algorithms=algorithms, callbacks=callbacks,
-                         seam=governed_step)
+        super().__init__(
+            recipe, run_dir, model=model, data=data, algorithms=algorithms, callbacks=callbacks, seam=governed_step
+        )
 
     def __enter__(self) -> "Trainer":
         return self

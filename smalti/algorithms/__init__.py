@@ -11,9 +11,22 @@ from typing import Any, Mapping
 
 from pydantic import BaseModel, ValidationError
 
-from smalti.algorithms.augmentation import (AugMix, AugMixConfig, ColOut, ColOutConfig, CutMix, CutMixConfig, CutOut,
-                                             CutOutConfig, MixUp, MixUpConfig, ProgressiveResizing,
-                                             ProgressiveResizingConfig, RandAugment, RandAugmentConfig)
+from smalti.algorithms.augmentation import (
+    AugMix,
+    AugMixConfig,
+    ColOut,
+    ColOutConfig,
+    CutMix,
+    CutMixConfig,
+    CutOut,
+    CutOutConfig,
+    MixUp,
+    MixUpConfig,
+    ProgressiveResizing,
+    ProgressiveResizingConfig,
+    RandAugment,
+    RandAugmentConfig,
+)
 from smalti.algorithms.ema import EMA, EMAConfig
 from smalti.algorithms.gradient_clipping import GradientClipping, GradientClippingConfig
 from smalti.algorithms.label_smoothing import LabelSmoothing, LabelSmoothingConfig
@@ -21,9 +34,21 @@ from smalti.algorithms.layer_freezing import LayerFreezing, LayerFreezingConfig
 from smalti.algorithms.sam import SAM, SAMConfig
 from smalti.algorithms.selective_backprop import SelectiveBackprop, SelectiveBackpropConfig
 from smalti.algorithms.seq_length_warmup import SequenceLengthWarmup, SequenceLengthWarmupConfig
-from smalti.algorithms.surgery import (Alibi, BlurPool, ChannelsLast, Factorize, GatedLinearUnits, GhostBatchNorm,
-                                        GyroDropout, LowPrecisionGroupNorm, LowPrecisionLayerNorm, NoOpModel,
-                                        SqueezeExcite, StochasticDepth, WeightStandardization)
+from smalti.algorithms.surgery import (
+    Alibi,
+    BlurPool,
+    ChannelsLast,
+    Factorize,
+    GatedLinearUnits,
+    GhostBatchNorm,
+    GyroDropout,
+    LowPrecisionGroupNorm,
+    LowPrecisionLayerNorm,
+    NoOpModel,
+    SqueezeExcite,
+    StochasticDepth,
+    WeightStandardization,
+)
 from smalti.algorithms.swa import SWA, SWAConfig
 from smalti.core.algorithm import Algorithm
 from smalti.errors import RecipeError
@@ -66,7 +91,8 @@ REGISTRY: dict[str, tuple[type[Algorithm], type[BaseModel]]] = {
 }
 
 __all__ = ["REGISTRY", "build_algorithms", "validate_algorithm_configs"] + sorted(
-    cls.__name__ for cls, _ in REGISTRY.values())
+    cls.__name__ for cls, _ in REGISTRY.values()
+)
 
 
 def validate_algorithm_configs(configs: Mapping[str, Mapping[str, Any] | None], where: str) -> None:

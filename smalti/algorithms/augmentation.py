@@ -39,8 +39,10 @@ def _images(state: State, method: str) -> torch.Tensor:
     assert state.batch is not None
     inputs = state.batch.inputs
     if inputs.dim() != 4 or not inputs.is_floating_point():
-        raise ValueError(f"{method} works on image batches [B, C, H, W] (data.images); "
-                         f"this recipe's inputs have shape {tuple(inputs.shape)}")
+        raise ValueError(
+            f"{method} works on image batches [B, C, H, W] (data.images); "
+            f"this recipe's inputs have shape {tuple(inputs.shape)}"
+        )
     return inputs
 
 
@@ -217,8 +219,9 @@ class RandAugment(BatchTransform):
     def transform(self, state: State) -> None:
         images = _images(state, "RandAugment")
         assert state.batch is not None  # _images checked it
-        state.batch = replace(state.batch, inputs=randaugment_batch(images, self.depth, self.severity,
-                                                                      self.augmentation_set))
+        state.batch = replace(
+            state.batch, inputs=randaugment_batch(images, self.depth, self.severity, self.augmentation_set)
+        )
 
 
 class AugMixConfig(_Config):
@@ -254,8 +257,10 @@ class AugMix(BatchTransform):
     def transform(self, state: State) -> None:
         images = _images(state, "AugMix")
         assert state.batch is not None  # _images checked it
-        state.batch = replace(state.batch, inputs=augmix_batch(images, self.severity, self.depth, self.width,
-                                                                 self.alpha, self.augmentation_set))
+        state.batch = replace(
+            state.batch,
+            inputs=augmix_batch(images, self.severity, self.depth, self.width, self.alpha, self.augmentation_set),
+        )
 
 
 class ProgressiveResizingConfig(_Config):

@@ -17,8 +17,10 @@ from smalti.core.logger import Logger
 
 class LayerFreezingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    mode: Literal["schedule", "entropy"] = Field("schedule", description="schedule: Composer's bottom-up "
-                                                 "schedule; entropy: freeze each layer once its entropy settles")
+    mode: Literal["schedule", "entropy"] = Field(
+        "schedule",
+        description="schedule: Composer's bottom-up schedule; entropy: freeze each layer once its entropy settles",
+    )
     freeze_start: float = Field(0.5, ge=0.0, lt=1.0)
     freeze_level: float = Field(1.0, ge=0.0, le=1.0)
     tolerance: float = Field(0.01, gt=0.0, description="entropy: largest relative change that counts as settled")
@@ -60,10 +62,17 @@ class LayerFreezing(Algorithm):
 
     changes = frozenset({"gradients"})
 
-    def __init__(self, mode: str = "schedule", freeze_start: float = 0.5, freeze_level: float = 1.0,
-                 tolerance: float = 0.01, patience: int = 2) -> None:
-        config = LayerFreezingConfig(mode=mode, freeze_start=freeze_start, freeze_level=freeze_level,
-                                     tolerance=tolerance, patience=patience)
+    def __init__(
+        self,
+        mode: str = "schedule",
+        freeze_start: float = 0.5,
+        freeze_level: float = 1.0,
+        tolerance: float = 0.01,
+        patience: int = 2,
+    ) -> None:
+        config = LayerFreezingConfig(
+            mode=mode, freeze_start=freeze_start, freeze_level=freeze_level, tolerance=tolerance, patience=patience
+        )
         self.mode, self.freeze_start, self.freeze_level = config.mode, config.freeze_start, config.freeze_level
         self.tolerance, self.patience = config.tolerance, config.patience
         self._previous: dict[str, float] = {}
@@ -93,8 +102,10 @@ class LayerFreezing(Algorithm):
         router = state.governance
         if event is Event.FIT_START:
             if router is None or not hasattr(router, "freeze"):
-                raise ValueError("layer_freezing mode 'entropy' needs the ledger's entropy profiles: "
-                                 "set governance.ledger.enabled and governance.ledger.entropy_every > 0")
+                raise ValueError(
+                    "layer_freezing mode 'entropy' needs the ledger's entropy profiles: "
+                    "set governance.ledger.enabled and governance.ledger.entropy_every > 0"
+                )
             for unit, batch in self._frozen.items():  # a resumed run: the same freezing as before the crash
                 router.freeze(self._unit_parameters(router, unit), batch)
             return
@@ -106,8 +117,11 @@ class LayerFreezing(Algorithm):
             if unit in self._frozen:
                 continue
             previous = self._previous.get(unit)
-            self._streak[unit] = self._streak.get(unit, 0) + 1 if previous is not None and settled(
-                previous, value, self.tolerance) else 0
+            self._streak[unit] = (
+                self._streak.get(unit, 0) + 1
+                if previous is not None and settled(previous, value, self.tolerance)
+                else 0
+            )
             self._previous[unit] = value
             parameters = self._unit_parameters(router, unit)
             if self._streak[unit] >= self.patience and parameters and not set(parameters) & protected:

@@ -48,15 +48,19 @@ class SelectiveBackprop(Algorithm):
     changes = frozenset({"batch"})
     order = 50  # after every other batch transform: it scores the rows as they will be trained
 
-    def __init__(self, start: float = 0.5, end: float = 0.9, keep: float = 0.5, scale_factor: float = 1.0,
-                 interrupt: int = 2) -> None:
-        config = SelectiveBackpropConfig(start=start, end=end, keep=keep, scale_factor=scale_factor, interrupt=interrupt)
+    def __init__(
+        self, start: float = 0.5, end: float = 0.9, keep: float = 0.5, scale_factor: float = 1.0, interrupt: int = 2
+    ) -> None:
+        config = SelectiveBackpropConfig(
+            start=start, end=end, keep=keep, scale_factor=scale_factor, interrupt=interrupt
+        )
         self.start, self.end, self.keep = config.start, config.end, config.keep
         self.scale_factor, self.interrupt = config.scale_factor, config.interrupt
 
     def match(self, event: Event, state: State) -> bool:
         return event is Event.AFTER_DATALOADER and should_select(
-            state.timestamp.batch_in_epoch, state.elapsed_fraction, self.start, self.end, self.interrupt)
+            state.timestamp.batch_in_epoch, state.elapsed_fraction, self.start, self.end, self.interrupt
+        )
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         batch, model = state.batch, state.model

@@ -225,8 +225,15 @@ class Factorize(SurgeryAlgorithm):
     config_model = FactorizeConfig
 
     def surgery(self, model: nn.Module) -> nn.Module:
-        self.replaced = apply_factorization(model, self.factorize_linears, self.factorize_convs, self.min_features,
-                                            self.min_channels, self.latent_features, self.latent_channels)
+        self.replaced = apply_factorization(
+            model,
+            self.factorize_linears,
+            self.factorize_convs,
+            self.min_features,
+            self.min_channels,
+            self.latent_features,
+            self.latent_channels,
+        )
         return model
 
 
@@ -259,7 +266,9 @@ class GatedLinearUnits(SurgeryAlgorithm):
 
 
 class AlibiConfig(_Config):
-    max_sequence_length: int | None = Field(None, ge=1, description="longest sequence at inference (default block_size)")
+    max_sequence_length: int | None = Field(
+        None, ge=1, description="longest sequence at inference (default block_size)"
+    )
 
 
 class Alibi(SurgeryAlgorithm):

@@ -47,8 +47,13 @@ class SWA(Algorithm):
 
     changes = frozenset({"weights", "learning_rate"})
 
-    def __init__(self, swa_start: str = "0.7dur", swa_end: str = "0.97dur", update_interval: str = "1ep",
-                 swa_lr: float | None = None) -> None:
+    def __init__(
+        self,
+        swa_start: str = "0.7dur",
+        swa_end: str = "0.97dur",
+        update_interval: str = "1ep",
+        swa_lr: float | None = None,
+    ) -> None:
         config = SWAConfig(swa_start=swa_start, swa_end=swa_end, update_interval=update_interval, swa_lr=swa_lr)
         self.swa_start, self.swa_end = config.swa_start, config.swa_end
         self.update_interval, self.swa_lr = config.update_interval, config.swa_lr

@@ -14,20 +14,25 @@ from smalti.errors import SmaltiError
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "audit", help="which classes reached which layers, when; the HTML audit report",
+        "audit",
+        help="which classes reached which layers, when; the HTML audit report",
         description="Answer from the run's ledger (verified first): --layer L: which classes contributed to layer L "
-                    "and how much; --class C: which layers class C (or any class under node C) touched and in "
-                    "which steps; --example ID: which steps and layers an example contributed to; --param NAME: "
-                    "as --layer for the parameter's layer; --report FILE: a self-contained HTML report. Without a "
-                    "question: a summary of every class. For a run with a lineage (a fine-tune, a deletion), --layer, "
-                    "--class and --param also answer for every ancestor's steps, marked as inherited, once the chain "
-                    "verifies.")
+        "and how much; --class C: which layers class C (or any class under node C) touched and in "
+        "which steps; --example ID: which steps and layers an example contributed to; --param NAME: "
+        "as --layer for the parameter's layer; --report FILE: a self-contained HTML report. Without a "
+        "question: a summary of every class. For a run with a lineage (a fine-tune, a deletion), --layer, "
+        "--class and --param also answer for every ancestor's steps, marked as inherited, once the chain "
+        "verifies.",
+    )
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     question = parser.add_mutually_exclusive_group()
     question.add_argument("--layer", help="a layer (module) name, e.g. blocks.0.attn.qkv")
     question.add_argument("--class", dest="class_name", help="a class or taxonomy node, e.g. gutenberg/history")
-    question.add_argument("--example", help="an example: its dataset id (e.g. tempest/train/000925, as errors name "
-                          "it) or its index in the training split")
+    question.add_argument(
+        "--example",
+        help="an example: its dataset id (e.g. tempest/train/000925, as errors name "
+        "it) or its index in the training split",
+    )
     question.add_argument("--param", help="a parameter name, e.g. tok_emb.weight")
     question.add_argument("--report", type=Path, metavar="FILE", help="write the HTML audit report here")
     parser.add_argument("--pubkey", type=Path, help="trainer public key to verify the ledger against")
@@ -49,8 +54,9 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"audit report: {path.resolve()}")
         return 0 if verified.ok else 1
     if not verified.ok:
-        raise SmaltiError(f"{args.run_dir}: the ledger failed verification, its answers cannot be trusted "
-                           f"({verified.problem})")
+        raise SmaltiError(
+            f"{args.run_dir}: the ledger failed verification, its answers cannot be trusted ({verified.problem})"
+        )
     ledger = Ledger.load(args.run_dir)
     try:
         if args.layer is not None or args.param is not None:
@@ -71,11 +77,16 @@ def run(args: argparse.Namespace) -> int:
     if ledger.steps or not inherited:
         _print(console, answer, len(ledger.layer_names))
     else:  # an ablation: no steps of its own, so its own table would be empty
-        console.print(f"{args.run_dir} has no training steps of its own (it is a deletion by ablation of its "
-                      f"parent's weights); what its lineage taught:", highlight=False)
+        console.print(
+            f"{args.run_dir} has no training steps of its own (it is a deletion by ablation of its "
+            f"parent's weights); what its lineage taught:",
+            highlight=False,
+        )
     for part in inherited:
-        console.print(f"\ninherited from {part['run_dir']} ({part['link']} link, its steps up to {part['up_to_step']}):",
-                      highlight=False)
+        console.print(
+            f"\ninherited from {part['run_dir']} ({part['link']} link, its steps up to {part['up_to_step']}):",
+            highlight=False,
+        )
         if "answer" in part:
             _print(console, part["answer"], part["layers"])
         else:
@@ -93,13 +104,19 @@ def _inherited(args: argparse.Namespace) -> list[dict]:
         return []
     problem = verify_chain(args.run_dir)
     if problem is not None:
-        raise SmaltiError(f"{args.run_dir}: its lineage does not verify, inherited answers cannot be trusted ({problem})")
+        raise SmaltiError(
+            f"{args.run_dir}: its lineage does not verify, inherited answers cannot be trusted ({problem})"
+        )
     found = []
     for parent, link in links:
         ledger = Ledger.load(parent)
         ledger.steps = ledger.steps[: int(link.head["size"]) - 1]  # entry 0 is the run entry
-        part = {"run_dir": str(parent), "link": link.kind, "up_to_step": ledger.steps[-1]["step"] if ledger.steps else 0,
-                "layers": len(ledger.layer_names)}
+        part = {
+            "run_dir": str(parent),
+            "link": link.kind,
+            "up_to_step": ledger.steps[-1]["step"] if ledger.steps else 0,
+            "layers": len(ledger.layer_names),
+        }
         try:
             if args.layer is not None or args.param is not None:
                 name = args.layer if args.layer is not None else None
@@ -112,7 +129,9 @@ def _inherited(args: argparse.Namespace) -> list[dict]:
             elif args.class_name is not None:
                 part["answer"] = ledger.for_class(args.class_name)
             else:
-                part["answer"] = {"classes": {c: len(ledger.for_class(c)["layers_touched"]) for c in ledger.run["classes"]}}
+                part["answer"] = {
+                    "classes": {c: len(ledger.for_class(c)["layers_touched"]) for c in ledger.run["classes"]}
+                }
         except AuditError as error:
             part["not_applicable"] = str(error)
         found.append(part)
@@ -127,9 +146,11 @@ def _print(console: Console, answer: dict, n_layers: int) -> None:
             table.add_row(name, str(row["steps"]), f"{row['norm_sum']:.4g}", f"{100 * row['share_of_total']:.1f}%")
         console.print(table)
     elif "class" in answer:
-        table = new_table(f"{answer['class']}: {counted(answer['examples_seen'], 'example')} in "
-                          f"{answer['steps_present_summary']}; touched {len(answer['layers_touched'])} of "
-                          f"{counted(n_layers, 'layer')}")
+        table = new_table(
+            f"{answer['class']}: {counted(answer['examples_seen'], 'example')} in "
+            f"{answer['steps_present_summary']}; touched {len(answer['layers_touched'])} of "
+            f"{counted(n_layers, 'layer')}"
+        )
         add_columns(table, "layer", "steps", "when")
         for name, row in answer["layers_touched"].items():
             when = "every step it was in" if row["whenever_present"] else row["summary"]
@@ -139,12 +160,19 @@ def _print(console: Console, answer: dict, n_layers: int) -> None:
             console.print("never touched: " + ", ".join(answer["layers_never_touched"]), highlight=False)
     elif "example" in answer:
         named = f"{answer['id']} (training example {answer['example']})" if answer["id"] else answer["example"]
-        console.print(f"example {named}: in steps {answer['steps'] or 'none'}"
-                      + (f"; dropped (did not contribute) in steps {answer['dropped_in_steps']}"
-                         if answer["dropped_in_steps"] else ""))
+        console.print(
+            f"example {named}: in steps {answer['steps'] or 'none'}"
+            + (
+                f"; dropped (did not contribute) in steps {answer['dropped_in_steps']}"
+                if answer["dropped_in_steps"]
+                else ""
+            )
+        )
         for row in answer["appearances"]:
-            console.print(f"  step {row['step']} as {'+'.join(row['classes'])}: {len(row['layers'])} layers "
-                          f"({', '.join(row['layers'])})")
+            console.print(
+                f"  step {row['step']} as {'+'.join(row['classes'])}: {len(row['layers'])} layers "
+                f"({', '.join(row['layers'])})"
+            )
     else:
         table = new_table("layers touched per class")
         add_columns(table, "class", "layers")

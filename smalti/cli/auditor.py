@@ -17,57 +17,88 @@ from typing import Any, cast
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "auditor", help="an auditor's client for smalti serve: sign in, runs, verify, proof, audit, access log",
+        "auditor",
+        help="an auditor's client for smalti serve: sign in, runs, verify, proof, audit, access log",
         description="Talk to a smalti serve service as an auditor. Requests are signed (RFC 9421) by --key for the "
-                    "service's ORIGIN; proofs are checked here against the trainer key you bring, not one the "
-                    "service names.")
+        "service's ORIGIN; proofs are checked here against the trainer key you bring, not one the "
+        "service names.",
+    )
     sub = parser.add_subparsers(dest="auditor_command", metavar="COMMAND", required=True)
 
     def command(name: str, help: str, description: str, run) -> argparse.ArgumentParser:  # noqa: A002
         p = sub.add_parser(name, help=help, description=description)
-        p.add_argument("origin", metavar="ORIGIN", help="the service, e.g. https://audit.example or http://127.0.0.1:8700")
+        p.add_argument(
+            "origin", metavar="ORIGIN", help="the service, e.g. https://audit.example or http://127.0.0.1:8700"
+        )
         p.add_argument("--key", required=True, help="your auditor private key: a key file or a pkcs11: URI")
         p.add_argument("--tls-ca", type=Path, help="a CA bundle to check the service's certificate with")
         p.set_defaults(run=run)
         return p
 
-    sign_in = command("sign-in", "a one-time code (and link) to sign in to the web UI",
-                      "Ask the service for a one-time challenge, sign it here for this origin, and print a sign-in link "
-                      "and code, good once, for two minutes. Your private key never enters the browser.", run_sign_in)
+    sign_in = command(
+        "sign-in",
+        "a one-time code (and link) to sign in to the web UI",
+        "Ask the service for a one-time challenge, sign it here for this origin, and print a sign-in link "
+        "and code, good once, for two minutes. Your private key never enters the browser.",
+        run_sign_in,
+    )
     sign_in.add_argument("--open", action="store_true", help="open the link in your browser")
     command("runs", "list the runs and whether the taxonomy's trainer signed each", "List the served runs.", run_runs)
-    verify = command("verify", "fetch every entry of a run and check it against its signed checkpoint",
-                     "Fetch the run's checkpoint and check its signature under --trainer-key; fetch every entry as "
-                     "tlog-tiles bundles, check their chain, and check they hash to the signed root.", run_verify)
+    verify = command(
+        "verify",
+        "fetch every entry of a run and check it against its signed checkpoint",
+        "Fetch the run's checkpoint and check its signature under --trainer-key; fetch every entry as "
+        "tlog-tiles bundles, check their chain, and check they hash to the signed root.",
+        run_verify,
+    )
     verify.add_argument("run_name", metavar="RUN")
     verify.add_argument("--trainer-key", type=Path, required=True, help="the trainer's public key, from the trainer")
     _history_options(verify)
-    proof = command("proof", "prove one step's entry into the signed checkpoint, and show it",
-                    "Fetch the step's entry and its inclusion proof, and check both here.", run_proof)
+    proof = command(
+        "proof",
+        "prove one step's entry into the signed checkpoint, and show it",
+        "Fetch the step's entry and its inclusion proof, and check both here.",
+        run_proof,
+    )
     proof.add_argument("run_name", metavar="RUN")
     proof.add_argument("--step", type=int, required=True)
     proof.add_argument("--trainer-key", type=Path, required=True, help="the trainer's public key, from the trainer")
     _history_options(proof)
-    audit = command("audit", "ask the service which layers a class reached, or which classes a layer learned from",
-                    "The service's answer to a forensic query, as JSON (computed by the service from the ledger; "
-                    "use verify to check the ledger itself).", run_audit)
+    audit = command(
+        "audit",
+        "ask the service which layers a class reached, or which classes a layer learned from",
+        "The service's answer to a forensic query, as JSON (computed by the service from the ledger; "
+        "use verify to check the ledger itself).",
+        run_audit,
+    )
     audit.add_argument("run_name", metavar="RUN")
     what = audit.add_mutually_exclusive_group(required=True)
     what.add_argument("--class", dest="class_name", metavar="CLASS")
     what.add_argument("--layer")
-    log = command("access-log", "the service's access log: its signed checkpoint and last records",
-                  "Print the access log's signed checkpoint and its last records, as JSON.", run_access_log)
+    log = command(
+        "access-log",
+        "the service's access log: its signed checkpoint and last records",
+        "Print the access log's signed checkpoint and its last records, as JSON.",
+        run_access_log,
+    )
     log.add_argument("--last", type=int, default=20)
 
 
 def _history_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--log", metavar="ORIGIN",
-                        help="the run's log name as the trainer told you (smalti ledger checkpoint RUN prints it "
-                             "first); a log of another run signed by the same trainer is refused")
-    parser.add_argument("--state", type=Path, metavar="DIR",
-                        help="a folder of yours where the last checkpoint verified for each run is kept: the next "
-                             "one must be the same log and extend it (a consistency proof checked here), so a cut "
-                             "or rewritten history is caught")
+    parser.add_argument(
+        "--log",
+        metavar="ORIGIN",
+        help="the run's log name as the trainer told you (smalti ledger checkpoint RUN prints it "
+        "first); a log of another run signed by the same trainer is refused",
+    )
+    parser.add_argument(
+        "--state",
+        type=Path,
+        metavar="DIR",
+        help="a folder of yours where the last checkpoint verified for each run is kept: the next "
+        "one must be the same log and extend it (a consistency proof checked here), so a cut "
+        "or rewritten history is caught",
+    )
 
 
 def _checkpoint(client, args: argparse.Namespace):
@@ -112,8 +143,10 @@ def run_runs(args: argparse.Namespace) -> int:
         trust = cast(dict[str, Any], run.get("trust")) if isinstance(run.get("trust"), dict) else {}
         state = "final" if run.get("final") else "in progress"
         verdict = "trusted" if trust.get("trusted") is True else "NOT TRUSTED: " + printable(trust.get("reason"))
-        print(f"{printable(run.get('run'), 64):<32} {printable(run.get('entries'), 12):>7} entries  {state:<11}  "
-              f"{verdict}")
+        print(
+            f"{printable(run.get('run'), 64):<32} {printable(run.get('entries'), 12):>7} entries  {state:<11}  "
+            f"{verdict}"
+        )
     return 0
 
 
@@ -123,9 +156,11 @@ def run_verify(args: argparse.Namespace) -> int:
     client = _client(args)
     checkpoint, history = _checkpoint(client, args)
     client.verify_entries(args.run_name, _trainer(args), checkpoint)
-    print(f"{printable(args.run_name)}: all {checkpoint.size} entries chain and hash to the root the trainer signed "
-          f"(log {printable(checkpoint.origin)}, final {printable(checkpoint.extension('final'))})"
-          + (f"; {history}" if history else ""))
+    print(
+        f"{printable(args.run_name)}: all {checkpoint.size} entries chain and hash to the root the trainer signed "
+        f"(log {printable(checkpoint.origin)}, final {printable(checkpoint.extension('final'))})"
+        + (f"; {history}" if history else "")
+    )
     return 0
 
 
@@ -136,8 +171,10 @@ def run_proof(args: argparse.Namespace) -> int:
     checkpoint, history = _checkpoint(client, args)
     body = client.verify_inclusion(args.run_name, args.step, _trainer(args), checkpoint)
     shown = {k: body[k] for k in ("step", "loss", "counts", "skipped") if k in body}
-    print(f"{printable(args.run_name)}: step {args.step}'s entry is in the tree the trainer signed (log "
-          f"{printable(checkpoint.origin)} at size {checkpoint.size})" + (f"; {history}" if history else ""))
+    print(
+        f"{printable(args.run_name)}: step {args.step}'s entry is in the tree the trainer signed (log "
+        f"{printable(checkpoint.origin)} at size {checkpoint.size})" + (f"; {history}" if history else "")
+    )
     json.dump(shown, sys.stdout, indent=1)
     print()
     return 0

@@ -10,32 +10,51 @@ from smalti.errors import SmaltiError
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "export", help="write a trained Hugging Face model as a save_pretrained folder",
+        "export",
+        help="write a trained Hugging Face model as a save_pretrained folder",
         description="Write RUN's model (a model.hf run) from its latest checkpoint (or --checkpoint) as a folder "
-                    "that transformers' AutoModelForCausalLM.from_pretrained loads unchanged: config.json and "
-                    "safetensors weights, the tokenizer (for a Hugging Face tokenizer), and each class's LoRA adapter "
-                    "as a peft adapter folder under adapters/<class key> (PeftModel.from_pretrained loads it on the "
-                    "base). DIR must not exist; it appears whole or not at all.")
+        "that transformers' AutoModelForCausalLM.from_pretrained loads unchanged: config.json and "
+        "safetensors weights, the tokenizer (for a Hugging Face tokenizer), and each class's LoRA adapter "
+        "as a peft adapter folder under adapters/<class key> (PeftModel.from_pretrained loads it on the "
+        "base). DIR must not exist; it appears whole or not at all.",
+    )
     parser.add_argument("run_dir", type=Path, metavar="RUN")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR")
     parser.add_argument("--checkpoint", default=None, help="checkpoint path (default: the run's latest)")
-    parser.add_argument("--weights", choices=("auto", "raw", "ema"), default="auto",
-                        help="'ema': the EMA algorithm's average weights; 'auto' uses them when the run has them")
-    parser.add_argument("--sign", action="store_true", help="sign the folder: an in-toto/SLSA provenance statement "
-                        "signed by the trainer key (provenance.intoto.json), then an OpenSSF model signature over "
-                        "every file (model.sig); check with smalti verify-model or model_signing verify")
-    parser.add_argument("--trainer-key", type=Path, help="--sign: the trainer's Ed25519 private key, the one that "
-                        "signed the run's ledger (default: the recipe's governance.ledger.key)")
-    parser.add_argument("--model-key", type=Path, help="--sign: the trainer's ECDSA P-256 private key for model "
-                        "signing (smalti keys new NAME --type ecdsa-p256)")
+    parser.add_argument(
+        "--weights",
+        choices=("auto", "raw", "ema"),
+        default="auto",
+        help="'ema': the EMA algorithm's average weights; 'auto' uses them when the run has them",
+    )
+    parser.add_argument(
+        "--sign",
+        action="store_true",
+        help="sign the folder: an in-toto/SLSA provenance statement "
+        "signed by the trainer key (provenance.intoto.json), then an OpenSSF model signature over "
+        "every file (model.sig); check with smalti verify-model or model_signing verify",
+    )
+    parser.add_argument(
+        "--trainer-key",
+        type=Path,
+        help="--sign: the trainer's Ed25519 private key, the one that "
+        "signed the run's ledger (default: the recipe's governance.ledger.key)",
+    )
+    parser.add_argument(
+        "--model-key",
+        type=Path,
+        help="--sign: the trainer's ECDSA P-256 private key for model signing (smalti keys new NAME --type ecdsa-p256)",
+    )
     parser.set_defaults(run=run)
 
     verify = subparsers.add_parser(
-        "verify-model", help="check a signed model folder: its model signature, provenance and ledger checkpoint",
+        "verify-model",
+        help="check a signed model folder: its model signature, provenance and ledger checkpoint",
         description="Check DIR as smalti export --sign wrote it: the OpenSSF model signature (model.sig) over every "
-                    "file, the in-toto statement's DSSE signature by the trainer key, that the files are the "
-                    "statement's subjects, and the final ledger checkpoint it carries (a C2SP signed note by the "
-                    "trainer key). Exit 1 naming the first thing that does not hold.")
+        "file, the in-toto statement's DSSE signature by the trainer key, that the files are the "
+        "statement's subjects, and the final ledger checkpoint it carries (a C2SP signed note by the "
+        "trainer key). Exit 1 naming the first thing that does not hold.",
+    )
     verify.add_argument("directory", type=Path, metavar="DIR")
     verify.add_argument("--trainer-pubkey", type=Path, required=True, help="the trainer's Ed25519 public key")
     verify.add_argument("--model-pubkey", type=Path, required=True, help="the trainer's model-signing public key (PEM)")
@@ -59,8 +78,9 @@ def run(args: argparse.Namespace) -> int:
     with progress.status("loading the trained model"):
         model, tokenizer, checkpoint = load_trained_model(args.run_dir, args.checkpoint, args.weights)
     if not isinstance(model, HFCausalLM):
-        raise SmaltiError(f"{args.run_dir}: export writes Hugging Face models (model.hf); this run trained "
-                          f"{type(model).__name__}")
+        raise SmaltiError(
+            f"{args.run_dir}: export writes Hugging Face models (model.hf); this run trained {type(model).__name__}"
+        )
     from smalti.workflows.certificate import ablated_classes
 
     left_out = frozenset(ablated_classes(args.run_dir))
@@ -74,12 +94,16 @@ def run(args: argparse.Namespace) -> int:
             from smalti.workflows.provenance import sign_model
 
             with progress.status("signing: in-toto provenance, then an OpenSSF model signature over every file"):
-                sign_model(scratch, args.run_dir, load_payload(checkpoint, tensors=False).to_dict(), trainer_key, model_key)
+                sign_model(
+                    scratch, args.run_dir, load_payload(checkpoint, tensors=False).to_dict(), trainer_key, model_key
+                )
             written += ["provenance.intoto.json", "model.sig"]
         try:
             scratch.rename(args.out)  # whole or not at all; a second export to the same --out finds it taken
         except OSError:
-            raise SmaltiError(f"--out {args.out}: appeared while exporting (another export?); nothing written") from None
+            raise SmaltiError(
+                f"--out {args.out}: appeared while exporting (another export?); nothing written"
+            ) from None
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise

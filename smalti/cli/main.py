@@ -11,13 +11,41 @@ import argparse
 import sys
 from typing import Sequence
 
-from smalti.cli import (audit, auditor, data, export, forget, keys, ledger, policy, sample, serve, taxonomy, tokenizer,
-                        train, witness)
+from smalti.cli import (
+    audit,
+    auditor,
+    data,
+    export,
+    forget,
+    keys,
+    ledger,
+    policy,
+    sample,
+    serve,
+    taxonomy,
+    tokenizer,
+    train,
+    witness,
+)
 from smalti.errors import SmaltiError
 from smalti.threads import apply_thread_defaults
 
-COMMANDS = (train, sample, export, keys, taxonomy, tokenizer, data, policy, ledger, audit, forget, witness, serve,
-            auditor)
+COMMANDS = (
+    train,
+    sample,
+    export,
+    keys,
+    taxonomy,
+    tokenizer,
+    data,
+    policy,
+    ledger,
+    audit,
+    forget,
+    witness,
+    serve,
+    auditor,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,13 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="smalti",
         description="Train PyTorch models fast, and govern what they learn.",
         epilog="Run 'smalti COMMAND --help' for a command's options. On a machine where other processes are busy, "
-               "training makes idle torch threads sleep at once (OMP_WAIT_POLICY=PASSIVE) unless OMP_WAIT_POLICY or "
-               "GOMP_SPINCOUNT is set (smalti -v COMMAND says when it does): see docs/architecture.md.",
+        "training makes idle torch threads sleep at once (OMP_WAIT_POLICY=PASSIVE) unless OMP_WAIT_POLICY or "
+        "GOMP_SPINCOUNT is set (smalti -v COMMAND says when it does): see docs/architecture.md.",
     )
     parser.add_argument("--version", action="version", version=version_line())
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="also print notes about how Smalti set itself up (e.g. torch's thread wait policy on a "
-                             "busy machine)")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also print notes about how Smalti set itself up (e.g. torch's thread wait policy on a busy machine)",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in COMMANDS:
         command.add_parser(subparsers)

@@ -12,11 +12,15 @@ from smalti.errors import SmaltiError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("policy", help="check a routing policy and print its allow-matrix",
-                                   description="Routing policies decide which parameters learn from which classes.")
+    parser = subparsers.add_parser(
+        "policy",
+        help="check a routing policy and print its allow-matrix",
+        description="Routing policies decide which parameters learn from which classes.",
+    )
     sub = parser.add_subparsers(dest="policy_command", metavar="COMMAND", required=True)
     check = sub.add_parser(
-        "check", help="validate a policy against a recipe's model and taxonomy; print the allow-matrix",
+        "check",
+        help="validate a policy against a recipe's model and taxonomy; print the allow-matrix",
         description=(
             "Check the policy's signature (by the model-risk authority of the recipe's taxonomy), its taxonomy "
             "and model fingerprints, every class and every parameter pattern, and that exclusive rules do not "
@@ -27,8 +31,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     check.add_argument("policy", type=Path)
     check.add_argument("--recipe", type=Path, required=True, help="the recipe the policy will train under")
-    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="recipe override, as for 'smalti train' (repeatable)")
+    check.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override, as for 'smalti train' (repeatable)",
+    )
     check.add_argument("--bind", type=Path, metavar="OUT", help="write a copy bound to the taxonomy and model")
     check.set_defaults(run=run_check)
 
@@ -51,7 +61,9 @@ def run_check(args: argparse.Namespace) -> int:
         raise SmaltiError(f"{args.recipe}: a policy needs a recipe with data.url, data.taxonomy and data.trust")
     taxonomy = Taxonomy.load(data.taxonomy, PublicKey.load(data.trust))
     manifest = read_manifest(data.url, taxonomy, data.storage_options)
-    model = with_recipe_surgery(build_model(recipe, open_tokenizer(manifest).vocab_size, list(taxonomy.classes)), recipe)
+    model = with_recipe_surgery(
+        build_model(recipe, open_tokenizer(manifest).vocab_size, list(taxonomy.classes)), recipe
+    )
     shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
     fingerprint = model_fingerprint(shapes)
 
@@ -63,10 +75,13 @@ def run_check(args: argparse.Namespace) -> int:
         spec["taxonomy"] = {"name": taxonomy.name, "fingerprint": taxonomy.fingerprint}
         spec["model"] = {"fingerprint": fingerprint}
         Policy.parse(yaml.safe_dump(spec, sort_keys=False).encode(), str(path)).check(
-            taxonomy, [n for n, _ in shapes], fingerprint, str(path))
+            taxonomy, [n for n, _ in shapes], fingerprint, str(path)
+        )
         atomic_write_text(args.bind, yaml.safe_dump(spec, sort_keys=False))
-        print(f"{args.bind}: bound to taxonomy {taxonomy.fingerprint[:12]}... and model {fingerprint[:12]}...; "
-              f"sign it: smalti sign {args.bind} --key <model-risk.key>")
+        print(
+            f"{args.bind}: bound to taxonomy {taxonomy.fingerprint[:12]}... and model {fingerprint[:12]}...; "
+            f"sign it: smalti sign {args.bind} --key <model-risk.key>"
+        )
         path = args.bind
     policy = Policy.load(path, taxonomy, signed=args.bind is None)
     policy.check(taxonomy, [n for n, _ in shapes], fingerprint, str(path))
@@ -78,8 +93,10 @@ def run_check(args: argparse.Namespace) -> int:
     router.close()
     print_matrix(router, leaf_classes(list(taxonomy.classes)), shape.batches_in(max_duration, max_duration))
     state = "bound, not yet signed" if args.bind else "signature verified"
-    print(f"{path}: valid ({state}); {counted(len(policy.rules), 'rule')}, {len(policy.exclusive)} exclusive; "
-          f"fingerprint {policy.fingerprint}")
+    print(
+        f"{path}: valid ({state}); {counted(len(policy.rules), 'rule')}, {len(policy.exclusive)} exclusive; "
+        f"fingerprint {policy.fingerprint}"
+    )
     return 0
 
 

@@ -28,7 +28,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="'ema' uses the EMA algorithm's average weights; 'auto' uses them when the run has them",
     )
     parser.add_argument(
-        "--adapter", dest="adapters", action="append", default=[], metavar="CLASS",
+        "--adapter",
+        dest="adapters",
+        action="append",
+        default=[],
+        metavar="CLASS",
         help="switch on the per-class adapter of CLASS (repeatable; default: the shared model alone)",
     )
     parser.set_defaults(run=run)

@@ -16,37 +16,64 @@ from smalti.trust.taxonomy import Taxonomy, taxonomy_yaml
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("taxonomy", help="write or show a provenance taxonomy",
-                                   description="The taxonomy lists provenance classes, authorities and tagging rights.")
+    parser = subparsers.add_parser(
+        "taxonomy",
+        help="write or show a provenance taxonomy",
+        description="The taxonomy lists provenance classes, authorities and tagging rights.",
+    )
     sub = parser.add_subparsers(dest="taxonomy_command", metavar="COMMAND", required=True)
     init = sub.add_parser(
-        "init", help="write a taxonomy file (then sign it with the data-governance key)",
+        "init",
+        help="write a taxonomy file (then sign it with the data-governance key)",
         description="Write a taxonomy YAML: classes from a CSV mapping (and --class), authorities from public keys. "
-                    "Sign it afterwards: smalti sign OUT --key data-governance.key",
+        "Sign it afterwards: smalti sign OUT --key data-governance.key",
     )
     init.add_argument("out", type=Path, help="taxonomy file to write")
     init.add_argument("--name", required=True, help="the taxonomy's name")
     init.add_argument("--classes-from", type=Path, help="CSV whose rows give classes (see --class-template)")
-    init.add_argument("--class-template", default=None,
-                      help="class of a CSV row from its columns, e.g. 'gutenberg/{genre}/{work}' (default: 'class' column)")
-    init.add_argument("--class", dest="classes", action="append", default=[], metavar="PATH",
-                      help="add a class path (repeatable)")
+    init.add_argument(
+        "--class-template",
+        default=None,
+        help="class of a CSV row from its columns, e.g. 'gutenberg/{genre}/{work}' (default: 'class' column)",
+    )
+    init.add_argument(
+        "--class", dest="classes", action="append", default=[], metavar="PATH", help="add a class path (repeatable)"
+    )
     init.add_argument("--data-governance", type=Path, required=True, metavar="PUB", help="data-governance public key")
-    init.add_argument("--tagger", action="append", default=[], metavar="NAME=PUB:SUBTREE[,SUBTREE]",
-                      help="a tagging authority, its public key and the subtrees it may tag (repeatable)")
+    init.add_argument(
+        "--tagger",
+        action="append",
+        default=[],
+        metavar="NAME=PUB:SUBTREE[,SUBTREE]",
+        help="a tagging authority, its public key and the subtrees it may tag (repeatable)",
+    )
     init.add_argument("--model-risk", type=Path, metavar="PUB", help="model-risk public key (owns routing policies)")
     init.add_argument("--trainer", type=Path, metavar="PUB", help="trainer public key (signs ledgers)")
-    init.add_argument("--auditor", action="append", default=[], metavar="NAME=PUB",
-                      help="an auditor and its public key: may read runs through smalti serve (repeatable)")
-    init.add_argument("--deletable", action="append", default=[], metavar="CLASS",
-                      help="mark a class as one that may have to be deleted later (repeatable)")
+    init.add_argument(
+        "--auditor",
+        action="append",
+        default=[],
+        metavar="NAME=PUB",
+        help="an auditor and its public key: may read runs through smalti serve (repeatable)",
+    )
+    init.add_argument(
+        "--deletable",
+        action="append",
+        default=[],
+        metavar="CLASS",
+        help="mark a class as one that may have to be deleted later (repeatable)",
+    )
     init.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     init.set_defaults(run=run_init)
 
     show = sub.add_parser("show", help="verify a taxonomy and print its classes and authorities")
     show.add_argument("taxonomy", type=Path)
-    show.add_argument("--trust", type=Path, metavar="PUB",
-                      help="pinned data-governance public key; without it only self-consistency is checked")
+    show.add_argument(
+        "--trust",
+        type=Path,
+        metavar="PUB",
+        help="pinned data-governance public key; without it only self-consistency is checked",
+    )
     show.set_defaults(run=run_show)
 
 
@@ -67,7 +94,9 @@ def run_init(args: argparse.Namespace) -> int:
         classes += classes_from_mapping(args.classes_from, args.class_template)
     if not classes:
         raise SmaltiError("no classes: give --classes-from CSV or --class PATH")
-    authorities: dict[str, dict] = {"data-governance": {"role": "data-governance", "key": PublicKey.load(args.data_governance).text}}
+    authorities: dict[str, dict] = {
+        "data-governance": {"role": "data-governance", "key": PublicKey.load(args.data_governance).text}
+    }
     for text in args.tagger:
         name, pub, subtrees = _tagger(text)
         authorities[name] = {"role": "tagging", "key": PublicKey.load(pub).text, "may_tag": subtrees}
@@ -85,8 +114,10 @@ def run_init(args: argparse.Namespace) -> int:
     Taxonomy.parse(text.encode(), str(args.out))  # refuse to write what would not load
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, text)
-    print(f"{args.out}: {counted(len(classes), 'class')}, {counted(len(authorities), 'authority', 'authorities')}; "
-          f"now sign it: smalti sign {args.out} --key <data-governance.key>")
+    print(
+        f"{args.out}: {counted(len(classes), 'class')}, {counted(len(authorities), 'authority', 'authorities')}; "
+        f"now sign it: smalti sign {args.out} --key <data-governance.key>"
+    )
     return 0
 
 

@@ -33,9 +33,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--run-dir", type=Path, default=None, help="where checkpoints and logs go (default: runs/<recipe name>)"
     )
     parser.add_argument(
-        "--init-from", type=Path, default=None, metavar="PARENT_RUN",
+        "--init-from",
+        type=Path,
+        default=None,
+        metavar="PARENT_RUN",
         help="a fine-tune: start from PARENT_RUN's final weights (only those), after verifying its ledger and the "
-             "chain behind it; the run's first ledger entry names the parent (same as --set init.from_run=...)")
+        "chain behind it; the run's first ledger entry names the parent (same as --set init.from_run=...)",
+    )
     parser.set_defaults(run=run, trains=True)
 
 
@@ -56,16 +60,22 @@ def run(args: argparse.Namespace) -> int:
     lock = trainer.run_lock
     if lock is not None and lock.took_over_stale:
         holder = lock.previous
-        print(f"smalti: note: {trainer.run_dir}: its previous writer (pid {holder.get('pid', '?')} on host "
-              f"{holder.get('host', '?')}) ended without releasing it; resuming", file=sys.stderr)
+        print(
+            f"smalti: note: {trainer.run_dir}: its previous writer (pid {holder.get('pid', '?')} on host "
+            f"{holder.get('host', '?')}) ended without releasing it; resuming",
+            file=sys.stderr,
+        )
     try:
         result = trainer.fit()
         if trainer.dist.is_main:
             print_summary(result)
     except KeyboardInterrupt:
         kept = trainer.checkpoints.latest() if trainer.dist.is_main else None
-        raise KeyboardInterrupt(f"the last checkpoint is {kept}: run the same command again to resume from it" if kept
-                                else "no checkpoint was written yet: running the command again starts over") from None
+        raise KeyboardInterrupt(
+            f"the last checkpoint is {kept}: run the same command again to resume from it"
+            if kept
+            else "no checkpoint was written yet: running the command again starts over"
+        ) from None
     finally:
         trainer.close()
     return 0
@@ -86,8 +96,10 @@ def print_summary(result) -> None:
     table.add_row("trained to", f"epoch {ts.epoch}, batch {ts.batch}, {ts.sample:,} samples, {ts.token:,} tokens")
     table.add_row("parameters", f"{result.parameters:,}")
     if result.already_complete:
-        table.add_row("wall time", f"{result.total_seconds:.1f} s in all sessions (nothing trained now; raise "
-                                   f"train.max_duration to train on)")
+        table.add_row(
+            "wall time",
+            f"{result.total_seconds:.1f} s in all sessions (nothing trained now; raise train.max_duration to train on)",
+        )
     else:
         total = f", {result.total_seconds:.1f} s in all sessions" if result.resumed_from is not None else ""
         table.add_row("wall time", f"{result.seconds:.1f} s ({result.tokens_per_second:,.0f} tokens/s){total}")

@@ -63,4 +63,5 @@ class Algorithm:
 
 def _plain(value: Any) -> bool:
     return isinstance(value, (bool, int, float, str, type(None))) or (
-        isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value))
+        isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value)
+    )

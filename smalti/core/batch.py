@@ -74,7 +74,9 @@ class Batch:
         if unique.shape[0] == 1:
             return [self]
         first = [int((inverse == k).nonzero()[0]) for k in range(unique.shape[0])]
-        return [self.select((inverse == k).nonzero().flatten()) for k in sorted(range(len(first)), key=first.__getitem__)]
+        return [
+            self.select((inverse == k).nonzero().flatten()) for k in sorted(range(len(first)), key=first.__getitem__)
+        ]
 
     def split(self, microbatch_size: int) -> list["Batch"]:
         """Consecutive microbatches of at most ``microbatch_size`` rows."""

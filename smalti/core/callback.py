@@ -36,4 +36,3 @@ class Callback:
 
     def close(self) -> None:
         """Release files and connections; called once, also after a failure."""
-

@@ -68,8 +68,10 @@ def surgeons(algorithms: Sequence[object]) -> list[Surgeon]:
     found = [a for a in algorithms if isinstance(a, Surgeon)]
     for algorithm in found:
         if algorithm.name not in SURGERY_ORDER:
-            raise ValueError(f"{algorithm.name} does model surgery but has no place in SURGERY_ORDER "
-                             "(smalti/core/surgery.py): add it there, with the reason")
+            raise ValueError(
+                f"{algorithm.name} does model surgery but has no place in SURGERY_ORDER "
+                "(smalti/core/surgery.py): add it there, with the reason"
+            )
     return sorted(found, key=lambda a: SURGERY_ORDER.index(a.name))
 
 

@@ -46,9 +46,7 @@ class Time:
             raise ValueError(f"time must not be negative: {self.value}{self.unit.value}")
         if self.unit is not TimeUnit.DURATION:
             if float(self.value) != int(self.value):
-                raise ValueError(
-                    f"'{self.value}{self.unit.value}' is not a whole number of {self.unit.name.lower()}s"
-                )
+                raise ValueError(f"'{self.value}{self.unit.value}' is not a whole number of {self.unit.name.lower()}s")
             object.__setattr__(self, "value", int(self.value))
         else:
             object.__setattr__(self, "value", float(self.value))
@@ -171,4 +169,3 @@ class Timestamp:
 
     def describe(self) -> str:
         return f"ep{self.epoch} ba{self.batch} sp{self.sample} tok{self.token}"
-

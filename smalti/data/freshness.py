@@ -44,11 +44,15 @@ def check_freshness(manifest: Manifest, rule: FreshnessRule, record_dir: Path | 
     """Refuse a pinned-out or rolled-back manifest; otherwise raise this machine's record to its version."""
     where = f"{manifest.url}/manifest.json"
     if rule.manifest_root is not None and manifest.root != rule.manifest_root:
-        raise DataError(f"{where}: manifest root {manifest.root[:16]}... is not the root data.manifest_root pins "
-                        f"({rule.manifest_root[:16]}...): another release of dataset '{manifest.name}'")
+        raise DataError(
+            f"{where}: manifest root {manifest.root[:16]}... is not the root data.manifest_root pins "
+            f"({rule.manifest_root[:16]}...): another release of dataset '{manifest.name}'"
+        )
     if rule.min_version is not None and manifest.version < rule.min_version:
-        raise DataError(f"{where}: dataset '{manifest.name}' version {manifest.version} is older than data.min_version "
-                        f"{rule.min_version} (rolled back to an earlier release?)")
+        raise DataError(
+            f"{where}: dataset '{manifest.name}' version {manifest.version} is older than data.min_version "
+            f"{rule.min_version} (rolled back to an earlier release?)"
+        )
     if record_dir is None:
         return
     key = f"{manifest.url} {manifest.name}"
@@ -58,7 +62,8 @@ def check_freshness(manifest: Manifest, rule: FreshnessRule, record_dir: Path | 
             raise DataError(
                 f"{where}: dataset '{manifest.name}' version {manifest.version} is older than version "
                 f"{previous['version']} already loaded from here on this machine (rolled back to an earlier "
-                f"release?); to train on it on purpose, pin it with data.manifest_root: {manifest.root}")
+                f"release?); to train on it on purpose, pin it with data.manifest_root: {manifest.root}"
+            )
         if not previous or manifest.version > previous["version"]:
             seen[key] = {"version": manifest.version, "root": manifest.root}
 

@@ -30,8 +30,9 @@ class ImageExamples:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         if images.dim() != 4 or images.shape[0] != labels.shape[0]:
-            raise ValueError(f"images must be [N, C, H, W] with one label each, got {tuple(images.shape)} "
-                             f"and {tuple(labels.shape)}")
+            raise ValueError(
+                f"images must be [N, C, H, W] with one label each, got {tuple(images.shape)} and {tuple(labels.shape)}"
+            )
         self.images = images.contiguous()
         self.labels = labels.long()
         self.classes = self.labels

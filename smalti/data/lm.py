@@ -23,8 +23,15 @@ import torch
 from smalti.core.state import DataShape
 from smalti.core.batch import Batch
 from smalti.data.freshness import FreshnessRule, check_freshness
-from smalti.data.sampler import (DeterministicSampler, FilteredOrder, MixtureOrder, PerClassOrder, RandomOrder,
-                                  SampleOrder, make_order)
+from smalti.data.sampler import (
+    DeterministicSampler,
+    FilteredOrder,
+    MixtureOrder,
+    PerClassOrder,
+    RandomOrder,
+    SampleOrder,
+    make_order,
+)
 from smalti.data.shards import CacheConfig, ShardedSplit, open_tokenizer, read_manifest
 from smalti.data.sources import documents_from_folder
 from smalti.data.tokenizer import CharTokenizer, HFTokenizer
@@ -90,8 +97,12 @@ class LanguageModelData:
                 shard_sizes=shard_sizes,
                 block_shards=self.order.shuffle_block_shards,
             )
-            if (self.order.exclude_classes or self.order.late_classes or self.order.only_classes
-                    or self.order.train_examples):
+            if (
+                self.order.exclude_classes
+                or self.order.late_classes
+                or self.order.only_classes
+                or self.order.train_examples
+            ):
                 sample_order = self._filtered(sample_order)
             self.sampler = DeterministicSampler(
                 sample_order, self.order.global_batch_size, self.order.seed, self.train.fingerprint, len(self.train)
@@ -128,12 +139,15 @@ class LanguageModelData:
         if self.order.train_examples:
             kept = np.flatnonzero(~np.isin(labels, sorted(chosen["exclude_classes"])))
             if self.order.train_examples > len(kept):
-                raise ValueError(f"train_examples: {self.order.train_examples} asked, the kept classes have {len(kept)}")
+                raise ValueError(
+                    f"train_examples: {self.order.train_examples} asked, the kept classes have {len(kept)}"
+                )
             picked = np.random.default_rng(self.order.seed).permutation(kept)[: self.order.train_examples]
             chosen_rows = np.zeros(len(labels), dtype=bool)
             chosen_rows[picked] = True
-        return FilteredOrder(inner, labels, chosen["exclude_classes"], chosen["late_classes"] - chosen["exclude_classes"],
-                             chosen_rows)
+        return FilteredOrder(
+            inner, labels, chosen["exclude_classes"], chosen["late_classes"] - chosen["exclude_classes"], chosen_rows
+        )
 
     def first_late_batch(self) -> int | None:
         """Where, in every epoch, the late classes begin (a deletion-aware checkpoint goes just before)."""
@@ -173,7 +187,10 @@ class LanguageModelData:
                     offset += len(chunk)
             return
         loader = torch.utils.data.DataLoader(
-            _Gather(self.train, indices), batch_size=None, num_workers=self.workers, prefetch_factor=4,
+            _Gather(self.train, indices),
+            batch_size=None,
+            num_workers=self.workers,
+            prefetch_factor=4,
         )
         yield from loader
 
@@ -300,8 +317,10 @@ class ConcatSource:
             mask = torch.from_numpy(owner == d)
             pieces.append((mask, self.sources[int(d)].gather(indices[mask] - int(self.offsets[d]))))
         first = pieces[0][1]
-        out = {name: torch.empty((len(indices), *getattr(first, name).shape[1:]), dtype=getattr(first, name).dtype)
-               for name in ("inputs", "targets", "provenance")}
+        out = {
+            name: torch.empty((len(indices), *getattr(first, name).shape[1:]), dtype=getattr(first, name).dtype)
+            for name in ("inputs", "targets", "provenance")
+        }
         for mask, batch in pieces:
             for name, tensor in out.items():
                 tensor[mask] = getattr(batch, name)
@@ -360,4 +379,6 @@ class _Truncated:
 
     def gather(self, indices: torch.Tensor) -> Batch:
         batch = self.source.gather(indices)
-        return Batch(batch.inputs[:, : self.seq_len], batch.targets[:, : self.seq_len], batch.sample_ids, batch.provenance)
+        return Batch(
+            batch.inputs[:, : self.seq_len], batch.targets[:, : self.seq_len], batch.sample_ids, batch.provenance
+        )

@@ -141,7 +141,9 @@ def check_manifest(raw: bytes, signature: Signature, taxonomy: Taxonomy, url: st
     where = f"{url}/{MANIFEST}"
     authority = taxonomy.authority_with_key(signature.key_id)
     if authority is None or authority.role != "tagging" or authority.key is None:
-        raise DataError(f"{where}: signed by key {signature.key_id}, which is no tagging authority of taxonomy '{taxonomy.name}'")
+        raise DataError(
+            f"{where}: signed by key {signature.key_id}, which is no tagging authority of taxonomy '{taxonomy.name}'"
+        )
     try:
         verify_bytes(raw, signature, authority.key, where)
     except SignatureError as error:
@@ -277,23 +279,29 @@ def verify_shard(data: bytes, entry: ShardEntry, url: str) -> ShardContent:
             if example_id in first:
                 raise DataError(f"{where}: example '{example_id}' appears twice (rows {first[example_id]} and {row})")
             first[example_id] = row
-    computed = [sha256(rows[start:start + width]).digest() for start in range(0, len(ids) * width, width)]
+    computed = [sha256(rows[start : start + width]).digest() for start in range(0, len(ids) * width, width)]
     if computed != digests or classes != signed_classes:
         for row, (example_id, class_name, digest) in enumerate(zip(ids, classes, digests)):
             if computed[row] != digest:
                 raise DataError(f"{where}: example '{example_id}': content does not match its content_sha256")
             if class_name != signed_classes[row]:
-                raise DataError(f"{where}: example '{example_id}': class '{class_name}' differs from the signed "
-                                f"class '{signed_classes[row]}'")
+                raise DataError(
+                    f"{where}: example '{example_id}': class '{class_name}' differs from the signed "
+                    f"class '{signed_classes[row]}'"
+                )
     # The leaf is the canonical JSON [id, class, content_sha256 hex]: json.dumps(ensure_ascii=False) of a
     # string is encode_basestring, called directly here (~1 us a row less).
     quote = json.encoder.encode_basestring
     class_json = {name: quote(name) for name in set(classes)}
-    leaves = [merkle.leaf_hash(f'[{quote(example_id)},{class_json[class_name]},"{digest.hex()}"]'.encode())
-              for example_id, class_name, digest in zip(ids, classes, digests)]
+    leaves = [
+        merkle.leaf_hash(f'[{quote(example_id)},{class_json[class_name]},"{digest.hex()}"]'.encode())
+        for example_id, class_name, digest in zip(ids, classes, digests)
+    ]
     if merkle.root(leaves).hex() != entry.merkle_root:
-        raise DataError(f"{where}: the examples' ids, order or content hashes differ from what was signed "
-                        "(Merkle root mismatch: a row was changed, moved, removed or replaced)")
+        raise DataError(
+            f"{where}: the examples' ids, order or content hashes differ from what was signed "
+            "(Merkle root mismatch: a row was changed, moved, removed or replaced)"
+        )
     if not bytes_ok:
         raise DataError(f"{where}: shard bytes differ from the signed manifest (sha256 mismatch)")
     _VERIFIED_ENTRIES.add(entry)

@@ -91,10 +91,14 @@ def _check_documents(documents: list[Document], taxonomy: Taxonomy, key: Signing
         seen.add(doc.doc_id)
         if doc.class_name not in taxonomy:
             close = difflib.get_close_matches(doc.class_name, taxonomy.classes, n=3, cutoff=0.6)
-            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else \
-                " (map a column's values into the taxonomy with --class-template, e.g. 'acme/{source}')"
-            raise DataError(f"document '{doc.doc_id}': class '{doc.class_name}' is not in taxonomy "
-                            f"'{taxonomy.name}'{hint}")
+            hint = (
+                f"; did you mean {' or '.join(repr(c) for c in close)}?"
+                if close
+                else " (map a column's values into the taxonomy with --class-template, e.g. 'acme/{source}')"
+            )
+            raise DataError(
+                f"document '{doc.doc_id}': class '{doc.class_name}' is not in taxonomy '{taxonomy.name}'{hint}"
+            )
         if not taxonomy.may_tag(authority, doc.class_name):
             raise DataError(f"document '{doc.doc_id}': '{authority.name}' may not tag class '{doc.class_name}'")
     return authority.name
@@ -126,12 +130,16 @@ class Holdout:
         for doc in docs:
             if doc.doc_id in self.documents:
                 by_class.setdefault(doc.class_name, []).append(doc.doc_id)
-        return {"mode": self.mode, "tail_classes": sorted(self.tail_classes),
-                "validation_documents": {c: sorted(ids) for c, ids in sorted(by_class.items())}}
+        return {
+            "mode": self.mode,
+            "tail_classes": sorted(self.tail_classes),
+            "validation_documents": {c: sorted(ids) for c, ids in sorted(by_class.items())},
+        }
 
 
-def choose_holdout(docs: list[Document], lengths: dict[str, int], mode: str, val_fraction: float,
-                   min_documents: int = 1) -> Holdout:
+def choose_holdout(
+    docs: list[Document], lengths: dict[str, int], mode: str, val_fraction: float, min_documents: int = 1
+) -> Holdout:
     """Which documents validate (``documents``), or that every document gives its tail (``tail``)."""
     if mode == "tail":
         return Holdout("tail", frozenset(), frozenset(d.class_name for d in docs))
@@ -155,8 +163,9 @@ def choose_holdout(docs: list[Document], lengths: dict[str, int], mode: str, val
     return Holdout("documents", frozenset(held), frozenset(tails))
 
 
-def _split_parts(docs: list[Document], encoded: dict[str, np.ndarray], split: str, holdout: Holdout,
-                 val_fraction: float) -> Iterable[tuple[Document, np.ndarray]]:
+def _split_parts(
+    docs: list[Document], encoded: dict[str, np.ndarray], split: str, holdout: Holdout, val_fraction: float
+) -> Iterable[tuple[Document, np.ndarray]]:
     """Each document's share of ``split``."""
     for doc in docs:
         yield doc, holdout.share(doc, encoded[doc.doc_id], split, val_fraction)
@@ -177,12 +186,14 @@ def _packed(parts: Iterable[tuple[Document, np.ndarray]], split: str, eos: int, 
 def _shard_bytes(examples: list[_Example], length: int, dtype: Any) -> bytes:
     flat = np.concatenate([e.tokens for e in examples]).astype(dtype)
     tokens = pa.FixedSizeListArray.from_arrays(pa.array(flat), length)
-    table = pa.table({
-        "id": pa.array([e.example_id for e in examples], pa.string()),
-        "class": pa.array([e.class_name for e in examples], pa.string()).dictionary_encode(),
-        "tokens": tokens,
-        "content_sha256": pa.array([e.digest for e in examples], pa.binary(32)),
-    })
+    table = pa.table(
+        {
+            "id": pa.array([e.example_id for e in examples], pa.string()),
+            "class": pa.array([e.class_name for e in examples], pa.string()).dictionary_encode(),
+            "tokens": tokens,
+            "content_sha256": pa.array([e.digest for e in examples], pa.binary(32)),
+        }
+    )
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue()
@@ -212,15 +223,17 @@ class _SplitWriter:
         data = _shard_bytes(self.pending, self.length, self.dtype)
         _write(self.fs, f"{self.root}/{name}", data)
         leaves = [merkle.leaf_hash(leaf_bytes(e.example_id, e.class_name, e.digest)) for e in self.pending]
-        self.shards.append({
-            "name": name,
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "bytes": len(data),
-            "examples": len(self.pending),
-            "first_example": len(self.leaves),
-            "merkle_root": merkle.root(leaves).hex(),
-            "classes": run_length([e.class_name for e in self.pending]),
-        })
+        self.shards.append(
+            {
+                "name": name,
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "bytes": len(data),
+                "examples": len(self.pending),
+                "first_example": len(self.leaves),
+                "merkle_root": merkle.root(leaves).hex(),
+                "classes": run_length([e.class_name for e in self.pending]),
+            }
+        )
         self.leaves.extend(leaves)
         self.pending = []
 
@@ -265,15 +278,18 @@ def prepare_dataset(
     if options.seq_len < 1 or options.shard_examples < 1 or not 0.0 < options.val_fraction < 1.0:
         raise DataError("need seq_len >= 1, shard_examples >= 1 and 0 < val_fraction < 1")
     if options.holdout not in HOLDOUT_MODES or options.min_holdout_documents < 1:
-        raise DataError(f"--holdout {options.holdout!r}: choose one of {', '.join(HOLDOUT_MODES)} (and at least one "
-                        f"document per class)")
+        raise DataError(
+            f"--holdout {options.holdout!r}: choose one of {', '.join(HOLDOUT_MODES)} (and at least one "
+            f"document per class)"
+        )
     docs = list(documents)
     signer = _check_documents(docs, taxonomy, key)
     tokenizer = tokenizer or CharTokenizer.from_texts(d.text for d in docs)
     encoded = {doc.doc_id: tokenizer.encode(doc.text, where=doc.doc_id) for doc in docs}
     mode = options.holdout if options.holdout != "auto" else ("tail" if tokenizer.eos_id is None else "documents")
-    holdout = choose_holdout(docs, {k: len(v) for k, v in encoded.items()}, mode, options.val_fraction,
-                             options.min_holdout_documents)
+    holdout = choose_holdout(
+        docs, {k: len(v) for k, v in encoded.items()}, mode, options.val_fraction, options.min_holdout_documents
+    )
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     length = options.seq_len + 1
 
@@ -318,14 +334,24 @@ def _next_version(fs: Any, root: str, out_url: str, options: PrepareOptions) -> 
         raise DataError(f"{out_url}: already holds a prepared dataset (pass --overwrite to replace it)")
     version = options.version if options.version is not None else (replaced or 0) + 1
     if version < 1 or (replaced is not None and version <= replaced):
-        raise DataError(f"{out_url}: version {version} must be at least 1 and above the version it replaces "
-                        f"({replaced}), or loaders that saw that one refuse this as a rollback")
+        raise DataError(
+            f"{out_url}: version {version} must be at least 1 and above the version it replaces "
+            f"({replaced}), or loaders that saw that one refuse this as a rollback"
+        )
     return version
 
 
-def _write_splits(docs: list[Document], encoded: dict[str, Any], holdout: Any, tokenizer: Any, fs: Any, root: str,
-                  dtype: Any, options: PrepareOptions,
-                  show_progress: bool) -> tuple[dict[str, dict[str, Any]], list[bytes]]:
+def _write_splits(
+    docs: list[Document],
+    encoded: dict[str, Any],
+    holdout: Any,
+    tokenizer: Any,
+    fs: Any,
+    root: str,
+    dtype: Any,
+    options: PrepareOptions,
+    show_progress: bool,
+) -> tuple[dict[str, dict[str, Any]], list[bytes]]:
     """Each split's shards (characters: windows inside each document; a Hugging Face tokenizer: each class's
     documents packed); their records and the Merkle leaves of every example."""
     splits: dict[str, dict[str, Any]] = {}
@@ -357,8 +383,13 @@ def _advancing(parts, progress, task):
 def _tokenizer_record(tokenizer: CharTokenizer | HFTokenizer) -> dict[str, Any]:
     if isinstance(tokenizer, CharTokenizer):
         return {"kind": "char", "chars": tokenizer.chars}
-    return {"kind": "hf", "file": TOKENIZER_FILE, "sha256": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
-            "eos_token": tokenizer.eos_token}
+    return {
+        "kind": "hf",
+        "file": TOKENIZER_FILE,
+        "sha256": tokenizer.fingerprint,
+        "vocab_size": tokenizer.vocab_size,
+        "eos_token": tokenizer.eos_token,
+    }
 
 
 def _previous_version(fs: fsspec.AbstractFileSystem, root: str, out_url: str) -> int | None:

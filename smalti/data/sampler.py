@@ -284,9 +284,7 @@ class DeterministicSampler:
     def rank_slice(self, global_batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
         """Rank ``r`` of ``w`` takes the ``r``-th contiguous ``1/w`` of the global batch."""
         if self.global_batch_size % world_size:
-            raise ValueError(
-                f"global batch size {self.global_batch_size} is not divisible by world size {world_size}"
-            )
+            raise ValueError(f"global batch size {self.global_batch_size} is not divisible by world size {world_size}")
         per_rank = self.global_batch_size // world_size
         return global_batch[rank * per_rank : (rank + 1) * per_rank]
 

@@ -85,8 +85,10 @@ def _refuse_unlisted_shards(fs: fsspec.AbstractFileSystem, root: str, manifest: 
     listed = {entry.name for split in manifest.data["splits"] for entry in manifest.shards(split)}
     unlisted = sorted(name for name in names if name.endswith(".parquet") and name not in listed)
     if unlisted:
-        raise DataError(f"{manifest.url}/{unlisted[0]}: a shard the signed manifest does not list "
-                        f"({len(unlisted)} such file{'s' if len(unlisted) > 1 else ''}); remove it or prepare the dataset again")
+        raise DataError(
+            f"{manifest.url}/{unlisted[0]}: a shard the signed manifest does not list "
+            f"({len(unlisted)} such file{'s' if len(unlisted) > 1 else ''}); remove it or prepare the dataset again"
+        )
 
 
 class ShardedSplit(Closing):
@@ -125,7 +127,9 @@ class ShardedSplit(Closing):
         self.memory_shards = max(2, memory_shards)  # a batch can straddle two consecutive shards
         if self.cache_config is not None:
             largest = max(self.shards, key=lambda s: s.bytes)
-            ShardCache(self.cache_config.directory, self.cache_config.limit_bytes).check_fits(largest.bytes, largest.name)
+            ShardCache(self.cache_config.directory, self.cache_config.limit_bytes).check_fits(
+                largest.bytes, largest.name
+            )
         self._reset()
 
     def _reset(self) -> None:

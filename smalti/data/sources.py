@@ -104,8 +104,10 @@ def documents_from_tree(folder: Path, template: str) -> Iterator[Document]:
     folder = Path(folder)
     unknown = [name for name in _template_fields(template) if name not in TREE_FIELDS]
     if unknown:
-        raise DataError(f"--class-template '{template}': a folder without a mapping CSV offers {{dir}} and {{stem}}, "
-                        f"not {{{unknown[0]}}}")
+        raise DataError(
+            f"--class-template '{template}': a folder without a mapping CSV offers {{dir}} and {{stem}}, "
+            f"not {{{unknown[0]}}}"
+        )
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith((".txt", ".txt.gz")))
     if not files:
         raise DataError(f"{folder}: no .txt or .txt.gz files (and no manifest.csv mapping)")
@@ -130,7 +132,9 @@ def _table_rows(path: Path) -> list[tuple[str, dict]]:
         try:
             import datasets
         except ImportError:
-            raise DataError(f"{path}: a Hugging Face datasets folder needs the hf extra: pip install 'smalti[hf]'") from None
+            raise DataError(
+                f"{path}: a Hugging Face datasets folder needs the hf extra: pip install 'smalti[hf]'"
+            ) from None
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
             if len(loaded) != 1:
@@ -165,7 +169,10 @@ def _table_rows(path: Path) -> list[tuple[str, dict]]:
 
 
 def documents_from_table(
-    path: Path, text_column: str = "text", class_column: str = "class", id_column: str | None = None,
+    path: Path,
+    text_column: str = "text",
+    class_column: str = "class",
+    id_column: str | None = None,
     template: str | None = None,
 ) -> Iterator[Document]:
     """A table's rows as documents; the class from ``class_column``, or from ``template`` over the row's columns
@@ -174,20 +181,27 @@ def documents_from_table(
     rows = _table_rows(path)
     fields = _template_fields(template) if template is not None else []
     for number, (where, row) in enumerate(rows):
-        needed = [text_column] + (fields if template is not None else [class_column]) + ([id_column] if id_column else [])
+        needed = (
+            [text_column] + (fields if template is not None else [class_column]) + ([id_column] if id_column else [])
+        )
         for column in needed:
             if column not in row:
                 hint = f" (for --class-template '{template}')" if column in fields else ""
                 raise DataError(f"{where}: no '{column}' column{hint}")
         doc_id = str(row[id_column]) if id_column else f"row{number:08d}"
-        class_name = (template.format(**{k: str(row[k]) for k in fields}) if template is not None
-                      else str(row[class_column]))
+        class_name = (
+            template.format(**{k: str(row[k]) for k in fields}) if template is not None else str(row[class_column])
+        )
         yield Document(doc_id=doc_id, class_name=class_name, text=str(row[text_column]))
 
 
 def documents_from_source(
-    source: Path, mapping: Path | None = None, template: str | None = None, text_column: str = "text",
-    class_column: str = "class", id_column: str | None = None,
+    source: Path,
+    mapping: Path | None = None,
+    template: str | None = None,
+    text_column: str = "text",
+    class_column: str = "class",
+    id_column: str | None = None,
 ) -> Iterator[Document]:
     """Any source: a folder with a mapping CSV, a folder of text files, a table, or a saved datasets folder."""
     source = Path(source)
@@ -198,6 +212,8 @@ def documents_from_source(
     if mapping is not None or (source / "manifest.csv").is_file():
         return documents_from_folder(source, mapping, template)
     if template is None:
-        raise DataError(f"{source}: a folder of text files without a manifest.csv needs --class-template, e.g. "
-                        f"'gutenberg/{{dir}}/{{stem}}'")
+        raise DataError(
+            f"{source}: a folder of text files without a manifest.csv needs --class-template, e.g. "
+            f"'gutenberg/{{dir}}/{{stem}}'"
+        )
     return documents_from_tree(source, template)

@@ -68,9 +68,7 @@ class CharTokenizer:
         bad = np.flatnonzero(ids < 0)
         if bad.size:
             position = int(bad[0])
-            raise ValueError(
-                f"{where}: character {text[position]!r} at position {position} is not in the vocabulary"
-            )
+            raise ValueError(f"{where}: character {text[position]!r} at position {position} is not in the vocabulary")
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -107,8 +105,10 @@ class HFTokenizer:
         directory = Path(directory)
         path = directory / "tokenizer.json"
         if not path.is_file():
-            raise DataError(f"{directory}: no tokenizer.json (a Hugging Face tokenizer directory; make one with "
-                            f"'smalti tokenizer train')")
+            raise DataError(
+                f"{directory}: no tokenizer.json (a Hugging Face tokenizer directory; make one with "
+                f"'smalti tokenizer train')"
+            )
         spec = path.read_text(encoding="utf-8")
         eos = None
         config = directory / "tokenizer_config.json"
@@ -166,8 +166,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
     tokenizer = RustTokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[TRAINED_EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[TRAINED_EOS],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return HFTokenizer(tokenizer.to_str(), TRAINED_EOS)
 

@@ -19,9 +19,7 @@ class TokenWindows:
     and the targets the last ``seq_len`` (next-token prediction).
     """
 
-    def __init__(
-        self, documents: Sequence[tuple[int, np.ndarray]], seq_len: int, class_names: Sequence[str]
-    ) -> None:
+    def __init__(self, documents: Sequence[tuple[int, np.ndarray]], seq_len: int, class_names: Sequence[str]) -> None:
         if seq_len < 1:
             raise ValueError("seq_len must be at least 1")
         self.seq_len = seq_len

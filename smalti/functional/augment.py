@@ -138,11 +138,23 @@ def _grayscale(x: torch.Tensor) -> torch.Tensor:
 
 
 SAFE_OPS: dict[str, Op] = {
-    "autocontrast": autocontrast, "equalize": equalize, "posterize": posterize, "solarize": solarize,
-    "rotate": rotate, "shear_x": shear_x, "shear_y": shear_y, "translate_x": translate_x, "translate_y": translate_y,
+    "autocontrast": autocontrast,
+    "equalize": equalize,
+    "posterize": posterize,
+    "solarize": solarize,
+    "rotate": rotate,
+    "shear_x": shear_x,
+    "shear_y": shear_y,
+    "translate_x": translate_x,
+    "translate_y": translate_y,
 }
-ALL_OPS: dict[str, Op] = {**SAFE_OPS, "brightness": brightness, "contrast": contrast, "color": color,
-                          "sharpness": sharpness}
+ALL_OPS: dict[str, Op] = {
+    **SAFE_OPS,
+    "brightness": brightness,
+    "contrast": contrast,
+    "color": color,
+    "sharpness": sharpness,
+}
 
 
 def augmentation_ops(augmentation_set: str) -> list[Op]:
@@ -151,8 +163,9 @@ def augmentation_ops(augmentation_set: str) -> list[Op]:
     return list((ALL_OPS if augmentation_set == "all" else SAFE_OPS).values())
 
 
-def apply_random_ops(x: torch.Tensor, ops: list[Op], levels: torch.Tensor,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+def apply_random_ops(
+    x: torch.Tensor, ops: list[Op], levels: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """One op per image, chosen uniformly; ``levels`` [n] in [0, 1] get a random sign (direction)."""
     n = x.shape[0]
     choice = torch.randint(len(ops), (n,), generator=generator)
@@ -166,8 +179,13 @@ def apply_random_ops(x: torch.Tensor, ops: list[Op], levels: torch.Tensor,
     return out
 
 
-def randaugment_batch(x: torch.Tensor, depth: int = 2, severity: int = 9, augmentation_set: str = "all",
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+def randaugment_batch(
+    x: torch.Tensor,
+    depth: int = 2,
+    severity: int = 9,
+    augmentation_set: str = "all",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """``depth`` random ops per image, each at strength ``severity / 10``."""
     if not 0 <= severity <= 10:
         raise ValueError(f"severity must be in [0, 10], got {severity}")
@@ -178,15 +196,24 @@ def randaugment_batch(x: torch.Tensor, depth: int = 2, severity: int = 9, augmen
     return x
 
 
-def augmix_batch(x: torch.Tensor, severity: int = 3, depth: int = -1, width: int = 3, alpha: float = 1.0,
-                 augmentation_set: str = "all", generator: torch.Generator | None = None) -> torch.Tensor:
+def augmix_batch(
+    x: torch.Tensor,
+    severity: int = 3,
+    depth: int = -1,
+    width: int = 3,
+    alpha: float = 1.0,
+    augmentation_set: str = "all",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """``m x + (1 - m) sum_i w_i chain_i(x)``, w ~ Dirichlet(alpha), m ~ Beta(alpha, alpha), per image.
 
     Each chain applies ``depth`` ops (1 to 3 at random if ``depth`` is -1),
     each at a strength drawn uniformly up to ``severity / 10``.
     """
     if not 1 <= severity <= 10 or width < 1 or alpha <= 0:
-        raise ValueError(f"augmix needs 1 <= severity <= 10, width >= 1 and alpha > 0, got {severity}, {width}, {alpha}")
+        raise ValueError(
+            f"augmix needs 1 <= severity <= 10, width >= 1 and alpha > 0, got {severity}, {width}, {alpha}"
+        )
     ops = augmentation_ops(augmentation_set)
     n = x.shape[0]
     concentration = torch.full((n, width), float(alpha))

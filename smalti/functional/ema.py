@@ -15,9 +15,7 @@ def ema_smoothing(update_interval_batches: float, half_life_batches: float) -> f
 
 
 @torch.no_grad()
-def compute_ema(
-    averages: Iterable[torch.Tensor], current: Iterable[torch.Tensor], smoothing: float
-) -> None:
+def compute_ema(averages: Iterable[torch.Tensor], current: Iterable[torch.Tensor], smoothing: float) -> None:
     """In place: ``average = smoothing * average + (1 - smoothing) * current`` for each floating pair.
 
     Pass buffers as well as parameters (Composer does): an average model evaluated with the

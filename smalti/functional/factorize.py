@@ -10,6 +10,7 @@ smaller dimension and as closely as any rank-``rank`` map can otherwise.
 from __future__ import annotations
 
 from collections import Counter
+from typing import cast
 
 import torch
 from torch import nn
@@ -44,8 +45,17 @@ class FactorizedConv2d(nn.Module):
         if conv.groups != 1:
             raise ValueError("grouped convolutions are not factorized")
         # nn.Conv2d stores kernel_size, stride, padding and dilation as tuple[int, ...]; a Conv2d's are pairs
-        self.first = nn.Conv2d(conv.in_channels, rank, conv.kernel_size, conv.stride, conv.padding,  # type: ignore[arg-type]
-                               conv.dilation, bias=False, padding_mode=conv.padding_mode)  # type: ignore[arg-type]
+        kernel, stride, dilation = (cast("tuple[int, int]", t) for t in (conv.kernel_size, conv.stride, conv.dilation))
+        self.first = nn.Conv2d(
+            conv.in_channels,
+            rank,
+            kernel,
+            stride,
+            cast("tuple[int, int] | str", conv.padding),
+            dilation,
+            bias=False,
+            padding_mode=conv.padding_mode,
+        )
         self.second = nn.Conv2d(rank, conv.out_channels, 1, bias=conv.bias is not None)
         first, second = svd_factors(conv.weight.flatten(1), rank)
         with torch.no_grad():
@@ -69,9 +79,15 @@ def saves_compute(in_size: int, out_size: int, rank: int) -> bool:
     return rank * (in_size + out_size) < in_size * out_size
 
 
-def apply_factorization(model: nn.Module, factorize_linears: bool = True, factorize_convs: bool = True,
-                        min_features: int = 256, min_channels: int = 256, latent_features: float = 0.25,
-                        latent_channels: float = 0.25) -> int:
+def apply_factorization(
+    model: nn.Module,
+    factorize_linears: bool = True,
+    factorize_convs: bool = True,
+    min_features: int = 256,
+    min_channels: int = 256,
+    latent_features: float = 0.25,
+    latent_channels: float = 0.25,
+) -> int:
     """Factorize every big-enough layer whose factorization saves multiply-adds; returns how many.
 
     Tied weights (a GPT's output head shares the embedding) are left alone.

@@ -15,8 +15,9 @@ def _unit_norms(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
 
 
-def adaptive_clip_(parameters: Iterable[torch.nn.Parameter], clipping_threshold: float = 0.01,
-                   eps: float = 1e-3) -> None:
+def adaptive_clip_(
+    parameters: Iterable[torch.nn.Parameter], clipping_threshold: float = 0.01, eps: float = 1e-3
+) -> None:
     """Per unit: scale the gradient down to ``threshold * max(||w||, eps)`` if it is larger."""
     for p in parameters:
         if p.grad is None:
@@ -27,7 +28,9 @@ def adaptive_clip_(parameters: Iterable[torch.nn.Parameter], clipping_threshold:
         p.grad.detach().mul_(factor)
 
 
-def apply_gradient_clipping(parameters: Iterable[torch.nn.Parameter], clipping_type: str, clipping_threshold: float) -> None:
+def apply_gradient_clipping(
+    parameters: Iterable[torch.nn.Parameter], clipping_type: str, clipping_threshold: float
+) -> None:
     parameters = [p for p in parameters if p.grad is not None]
     if clipping_type == "norm":
         torch.nn.utils.clip_grad_norm_(parameters, clipping_threshold)

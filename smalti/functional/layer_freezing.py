@@ -51,7 +51,6 @@ def freezing_units(model: nn.Module) -> list[str]:
     return units
 
 
-
 def unit_entropies(units: list[str], layer_names: list[str], entropies: torch.Tensor) -> dict[str, float]:
     """Mean entropy (over classes and over the unit's own layers) of each unit that has measured layers."""
     per_layer = entropies.double().mean(0).cpu()

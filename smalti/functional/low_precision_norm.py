@@ -31,8 +31,14 @@ class LowPrecisionLayerNorm(nn.LayerNorm):
         dtype = _autocast_dtype(x)
         if dtype is None:
             return super().forward(x)
-        return _uncast(F.layer_norm, x.to(dtype), self.normalized_shape, _cast(self.weight, dtype),
-                       _cast(self.bias, dtype), self.eps)
+        return _uncast(
+            F.layer_norm,
+            x.to(dtype),
+            self.normalized_shape,
+            _cast(self.weight, dtype),
+            _cast(self.bias, dtype),
+            self.eps,
+        )
 
 
 class LowPrecisionGroupNorm(nn.GroupNorm):
@@ -40,8 +46,9 @@ class LowPrecisionGroupNorm(nn.GroupNorm):
         dtype = _autocast_dtype(x)
         if dtype is None:
             return super().forward(x)
-        return _uncast(F.group_norm, x.to(dtype), self.num_groups, _cast(self.weight, dtype),
-                       _cast(self.bias, dtype), self.eps)
+        return _uncast(
+            F.group_norm, x.to(dtype), self.num_groups, _cast(self.weight, dtype), _cast(self.bias, dtype), self.eps
+        )
 
 
 def _uncast(norm: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:

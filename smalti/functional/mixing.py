@@ -22,10 +22,14 @@ def _dense_targets(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 def _check_images(batch: Batch, method: str) -> None:
     if batch.inputs.dim() != 4 or not batch.inputs.is_floating_point():
-        raise ValueError(f"{method} works on image batches [B, C, H, W]; got inputs of shape {tuple(batch.inputs.shape)}")
+        raise ValueError(
+            f"{method} works on image batches [B, C, H, W]; got inputs of shape {tuple(batch.inputs.shape)}"
+        )
 
 
-def mix_batches(batch: Batch, permutation: torch.Tensor, inputs: torch.Tensor, weight: float, num_classes: int) -> Batch:
+def mix_batches(
+    batch: Batch, permutation: torch.Tensor, inputs: torch.Tensor, weight: float, num_classes: int
+) -> Batch:
     """The batch with ``inputs``, targets ``weight * y + (1 - weight) * y[perm]`` and provenance the union."""
     targets = _dense_targets(batch.targets, num_classes)
     mixed_targets = weight * targets + (1.0 - weight) * targets[permutation]
@@ -50,8 +54,9 @@ def cutmix_box(height: int, width: int, area_fraction: float, center: tuple[int,
     return top, bottom, left, right
 
 
-def cutmix_batch(batch: Batch, num_classes: int, weight: float, permutation: torch.Tensor,
-                 center: tuple[int, int]) -> Batch:
+def cutmix_batch(
+    batch: Batch, num_classes: int, weight: float, permutation: torch.Tensor, center: tuple[int, int]
+) -> Batch:
     """Paste a box from ``x[perm]`` into ``x``; the label weight is the area actually kept."""
     _check_images(batch, "CutMix")
     height, width = batch.inputs.shape[-2:]

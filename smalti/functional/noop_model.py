@@ -21,8 +21,9 @@ class NoOpModel(nn.Module):
         config = getattr(original, "config", None)
         width = getattr(config, "vocab_size", None) or getattr(config, "num_classes", None)
         if width is None:
-            raise ValueError(f"NoOpModel needs a model whose config names vocab_size or num_classes, "
-                             f"got {type(original).__name__}")
+            raise ValueError(
+                f"NoOpModel needs a model whose config names vocab_size or num_classes, got {type(original).__name__}"
+            )
         self.config = config
         self.width = int(width)
         self.token_model = hasattr(config, "vocab_size")

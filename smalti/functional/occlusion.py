@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def cutout_batch(images: torch.Tensor, num_holes: int = 1, length: float = 0.5,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+def cutout_batch(
+    images: torch.Tensor, num_holes: int = 1, length: float = 0.5, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Zero ``num_holes`` squares of side ``length`` (fraction of the shorter side) per image, centres uniform.
 
     A hole near the edge is clipped, as in the paper.
@@ -26,8 +27,9 @@ def cutout_batch(images: torch.Tensor, num_holes: int = 1, length: float = 0.5,
     return images * keep[:, None].to(images.dtype)
 
 
-def colout_batch(images: torch.Tensor, p_row: float = 0.15, p_col: float = 0.15,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+def colout_batch(
+    images: torch.Tensor, p_row: float = 0.15, p_col: float = 0.15, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Drop a random ``p_row`` of the rows and ``p_col`` of the columns (the same ones for the whole batch).
 
     The images get smaller, which is the point: less compute per step. As Composer, the rows

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def resizing_scale(elapsed: float, initial_scale: float = 0.5, delay_fraction: float = 0.5,
-                   finetune_fraction: float = 0.2) -> float:
+def resizing_scale(
+    elapsed: float, initial_scale: float = 0.5, delay_fraction: float = 0.5, finetune_fraction: float = 0.2
+) -> float:
     """The image scale at ``elapsed`` (fraction of training): ``initial_scale`` until ``delay_fraction``,
     then linear up to 1 at ``1 - finetune_fraction``, and full size after."""
     if not 0.0 < initial_scale <= 1.0:
@@ -27,8 +28,13 @@ def scaled_size(size: int, scale: float, size_increment: int = 4) -> int:
     return max(size_increment, int(size * scale) // size_increment * size_increment) if scale < 1.0 else size
 
 
-def resize_batch(images: torch.Tensor, scale: float, mode: str = "resize", size_increment: int = 4,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+def resize_batch(
+    images: torch.Tensor,
+    scale: float,
+    mode: str = "resize",
+    size_increment: int = 4,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Shrink images to ``scale``: ``resize`` (bilinear, antialiased) or ``crop`` (one random crop per batch)."""
     if images.dim() != 4:
         raise ValueError(f"progressive resizing works on image batches [B, C, H, W]; got {tuple(images.shape)}")

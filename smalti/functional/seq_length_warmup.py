@@ -7,9 +7,7 @@ from dataclasses import replace
 from smalti.core.batch import Batch
 
 
-def warmup_sequence_length(
-    fraction_done: float, min_seq_length: int, max_seq_length: int, step_size: int = 8
-) -> int:
+def warmup_sequence_length(fraction_done: float, min_seq_length: int, max_seq_length: int, step_size: int = 8) -> int:
     """Linear from ``min`` to ``max`` as ``fraction_done`` (of the warmup) goes 0 -> 1.
 
     Rounded down to a multiple of ``step_size`` (hardware-friendly shapes,

@@ -50,15 +50,21 @@ class StochasticBlock(nn.Module):
         return x + drop(block.mlp(block.ln_2(x)))
 
 
-def apply_stochastic_depth(model: nn.Module, drop_rate: float = 0.2, drop_distribution: str = "linear",
-                           mode: str = "sample") -> int:
+def apply_stochastic_depth(
+    model: nn.Module, drop_rate: float = 0.2, drop_distribution: str = "linear", mode: str = "sample"
+) -> int:
     """Wrap every residual block; with ``linear`` the rate grows with depth up to ``drop_rate`` at the last block."""
     if not 0.0 <= drop_rate < 1.0:
         raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
     if drop_distribution not in ("linear", "uniform"):
         raise ValueError(f"drop_distribution must be 'linear' or 'uniform', got {drop_distribution!r}")
-    places = [(parent, name) for parent in model.modules() if not isinstance(parent, StochasticBlock)
-              for name, child in parent.named_children() if isinstance(child, (BasicBlock, Block))]
+    places = [
+        (parent, name)
+        for parent in model.modules()
+        if not isinstance(parent, StochasticBlock)
+        for name, child in parent.named_children()
+        if isinstance(child, (BasicBlock, Block))
+    ]
     for index, (parent, name) in enumerate(places):
         rate = drop_rate * (index + 1) / len(places) if drop_distribution == "linear" else drop_rate
         setattr(parent, name, StochasticBlock(getattr(parent, name), rate, mode))

@@ -19,4 +19,3 @@ def update_running_average(average: dict[str, torch.Tensor], model: torch.nn.Mod
                 average[name] = average[name].to(current.device)
             average[name].mul_(count / (count + 1.0)).add_(current, alpha=1.0 / (count + 1.0))
     return count + 1
-

@@ -6,5 +6,9 @@ import warnings
 from smalti.workflows import certificate as _moved
 
 DEPRECATED_ALIAS = True
-warnings.warn("smalti.governance.certificate moved to smalti.workflows.certificate; import it from there", DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "smalti.governance.certificate moved to smalti.workflows.certificate; import it from there",
+    DeprecationWarning,
+    stacklevel=2,
+)
 sys.modules[__name__] = _moved

@@ -8,5 +8,8 @@ from smalti.workflows.deletion import DeletionError, DeletionPlan, loss_by_class
 from smalti.workflows.forget import forget  # noqa: F401
 
 DEPRECATED_ALIAS = True
-warnings.warn("smalti.governance.deletion moved to smalti.workflows.deletion (forget: smalti.workflows.forget)",
-              DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "smalti.governance.deletion moved to smalti.workflows.deletion (forget: smalti.workflows.forget)",
+    DeprecationWarning,
+    stacklevel=2,
+)

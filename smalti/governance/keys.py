@@ -6,5 +6,7 @@ import warnings
 from smalti.trust import keys as _moved
 
 DEPRECATED_ALIAS = True
-warnings.warn("smalti.governance.keys moved to smalti.trust.keys; import it from there", DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "smalti.governance.keys moved to smalti.trust.keys; import it from there", DeprecationWarning, stacklevel=2
+)
 sys.modules[__name__] = _moved

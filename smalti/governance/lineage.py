@@ -161,16 +161,17 @@ def check_link(child: Path, link: Link, notes: list[str] | None = None) -> str |
         if not link.head.get("final"):
             return f"{where}: the head a fine-tune starts from must be the parent's final one"
         if link.start_weights_sha256 != link.head.get("weights"):
-            return (f"{where}: the child started from weights {str(link.start_weights_sha256)[:16]}..., the parent's "
-                    f"final head signs {str(link.head.get('weights'))[:16]}...")
+            return (
+                f"{where}: the child started from weights {str(link.start_weights_sha256)[:16]}..., the parent's "
+                f"final head signs {str(link.head.get('weights'))[:16]}..."
+            )
         return _named_checkpoint_problem(parent, link.head, where, notes)
     elif link.start_weights_sha256 and link.head.get("weights") and link.start_weights_sha256 != link.head["weights"]:
         return f"{where}: the child did not start from the weights the parent's head signs"
     return None
 
 
-def _named_checkpoint_problem(parent: Path, head: dict[str, Any], where: str,
-                              notes: list[str] | None) -> str | None:
+def _named_checkpoint_problem(parent: Path, head: dict[str, Any], where: str, notes: list[str] | None) -> str | None:
     """The parent's checkpoint at the head its child names must still hold the weights that head signs. A parent
     may train on after a child started from it (its summary invites it): its latest checkpoint is then another
     one, and says nothing about the link. Where the named checkpoint was pruned since, the link rests on the
@@ -188,13 +189,17 @@ def _named_checkpoint_problem(parent: Path, head: dict[str, Any], where: str,
         if (payload.ledger_head or {}).get("root") != head.get("root"):
             continue
         if weights_sha256(payload.model or {}) != head.get("weights"):
-            return f"{where}: its checkpoint {path.name} at the head the child names no longer holds the weights " \
-                   f"that head signs"
+            return (
+                f"{where}: its checkpoint {path.name} at the head the child names no longer holds the weights "
+                f"that head signs"
+            )
         return None
     if notes is not None:
-        notes.append(f"{parent} has trained on since the head its child names (size {head.get('size')}); that "
-                     f"head's checkpoint is no longer kept, so the link was checked against the weights' digest "
-                     f"the signed head carries")
+        notes.append(
+            f"{parent} has trained on since the head its child names (size {head.get('size')}); that "
+            f"head's checkpoint is no longer kept, so the link was checked against the weights' digest "
+            f"the signed head carries"
+        )
     return None
 
 
@@ -229,9 +234,11 @@ def admit_parent(parent: Path, trusted: list[PublicKey], tokenizer_json: str | N
         store.close()
     key = PublicKey.parse(recorded, f"{where} trainer key")
     if all(key.key_id != t.key_id for t in trusted):
-        raise LineageError(f"{where}: its ledger is signed by trainer key {key.key_id}, which is not trusted "
-                           f"({', '.join(t.key_id for t in trusted) or 'no key'}; set init.trust to the parent's "
-                           f"trainer public key)")
+        raise LineageError(
+            f"{where}: its ledger is signed by trainer key {key.key_id}, which is not trusted "
+            f"({', '.join(t.key_id for t in trusted) or 'no key'}; set init.trust to the parent's "
+            f"trainer public key)"
+        )
     report = verify_ledger(parent, key)
     if not report.ok:
         raise LineageError(f"{where}: its ledger does not verify ({report.problem})")
@@ -248,13 +255,21 @@ def admit_parent(parent: Path, trusted: list[PublicKey], tokenizer_json: str | N
     assert payload.model is not None  # read with its tensors
     digest = weights_sha256(payload.model)
     if (payload.ledger_head or {}).get("root") != final.get("root") or digest != final.get("weights"):
-        raise LineageError(f"{where}: {latest.name} is not the checkpoint its final signed head names (weights "
-                           f"{digest[:16]}..., the head signs {str(final.get('weights'))[:16]}...)")
+        raise LineageError(
+            f"{where}: {latest.name} is not the checkpoint its final signed head names (weights "
+            f"{digest[:16]}..., the head signs {str(final.get('weights'))[:16]}...)"
+        )
     if tokenizer_json is not None and payload.tokenizer not in (None, tokenizer_json):
         raise LineageError(f"{where}: it trained with another tokenizer; a fine-tune must use the parent's")
     head = next(h for h in _heads(parent) if h["size"] == final["size"])
-    link = Link(kind="init", run_dir=str(parent.resolve()), head=head, trainer_key=recorded,
-                start_weights_sha256=digest, fingerprints=run_entry(parent).get("fingerprints", {}))
+    link = Link(
+        kind="init",
+        run_dir=str(parent.resolve()),
+        head=head,
+        trainer_key=recorded,
+        start_weights_sha256=digest,
+        fingerprints=run_entry(parent).get("fingerprints", {}),
+    )
     return link, payload.model
 
 
@@ -288,6 +303,8 @@ def fit_parent_weights(parent: dict[str, Any], child_names: list[str], where: st
     new = [n for n in missing if ".lora_" not in n and ".adapters." not in n]
     if new or len(fitted) < len(parent):
         extra = sorted(set(parent) - {n.replace(".base_layer.", ".") for n in fitted})
-        raise CheckpointError(f"{where}: the parent's weights do not fit this model "
-                              f"({'missing ' + new[0] if new else 'no place for ' + extra[0]}); only adapters may be new")
+        raise CheckpointError(
+            f"{where}: the parent's weights do not fit this model "
+            f"({'missing ' + new[0] if new else 'no place for ' + extra[0]}); only adapters may be new"
+        )
     return fitted

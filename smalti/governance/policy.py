@@ -6,5 +6,7 @@ import warnings
 from smalti.trust import policy as _moved
 
 DEPRECATED_ALIAS = True
-warnings.warn("smalti.governance.policy moved to smalti.trust.policy; import it from there", DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "smalti.governance.policy moved to smalti.trust.policy; import it from there", DeprecationWarning, stacklevel=2
+)
 sys.modules[__name__] = _moved

@@ -6,5 +6,9 @@ import warnings
 from smalti.workflows import provenance as _moved
 
 DEPRECATED_ALIAS = True
-warnings.warn("smalti.governance.provenance moved to smalti.workflows.provenance; import it from there", DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "smalti.governance.provenance moved to smalti.workflows.provenance; import it from there",
+    DeprecationWarning,
+    stacklevel=2,
+)
 sys.modules[__name__] = _moved

@@ -78,8 +78,9 @@ def _own_forward_with(module: nn.Module, x: torch.Tensor, params: dict[str, torc
 
 _EXACT: dict[type, Callable[[Any, torch.Tensor, dict], torch.Tensor]] = {  # each takes a module of its key's type
     nn.Linear: lambda m, x, p: F.linear(x, p["weight"], p.get("bias")),
-    nn.Embedding: lambda m, x, p: F.embedding(x, p["weight"], m.padding_idx, m.max_norm, m.norm_type,
-                                              m.scale_grad_by_freq, m.sparse),
+    nn.Embedding: lambda m, x, p: F.embedding(
+        x, p["weight"], m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse
+    ),
     nn.LayerNorm: lambda m, x, p: F.layer_norm(x, m.normalized_shape, p.get("weight"), p.get("bias"), m.eps),
     nn.Conv1d: lambda m, x, p: m._conv_forward(x, p["weight"], p.get("bias")),
     nn.Conv2d: lambda m, x, p: m._conv_forward(x, p["weight"], p.get("bias")),
@@ -186,21 +187,33 @@ class Router(Closing):
 
     def _compile(self, policy: Policy | None, extra: list[Rule], batches_in: Callable[[Time], float]) -> list[Phase]:
         rules = extra + (policy.expanded_rules() if policy else [])
-        self._policy_allows = {n for r in (policy.expanded_rules() if policy else []) if r.action == "allow"
-                               for n in self.names if any(matches(pat, n) for pat in r.params)}
+        self._policy_allows = {
+            n
+            for r in (policy.expanded_rules() if policy else [])
+            if r.action == "allow"
+            for n in self.names
+            if any(matches(pat, n) for pat in r.params)
+        }
         default = policy.default if policy else "allow"
         n_classes, n_params = len(self.class_names), len(self.names)
-        covers = np.array([[r.covers(c) for c in self.class_names] for r in rules], dtype=bool).reshape(len(rules), n_classes)
-        hits = np.array([[any(matches(pat, n) for pat in r.params) for n in self.names] for r in rules],
-                        dtype=bool).reshape(len(rules), n_params)
-        windows = [(0, None) if r.phase is None else (round(batches_in(r.phase[0])), round(batches_in(r.phase[1])))
-                   for r in rules]
+        covers = np.array([[r.covers(c) for c in self.class_names] for r in rules], dtype=bool).reshape(
+            len(rules), n_classes
+        )
+        hits = np.array(
+            [[any(matches(pat, n) for pat in r.params) for n in self.names] for r in rules], dtype=bool
+        ).reshape(len(rules), n_params)
+        windows = [
+            (0, None) if r.phase is None else (round(batches_in(r.phase[0])), round(batches_in(r.phase[1])))
+            for r in rules
+        ]
 
         # Exclusive rules: hard constraints applied after the ordered rules.
         confined = np.zeros((n_classes, n_params), dtype=bool)  # class c may update p only if it is its own
         owned = np.ones((n_classes, n_params), dtype=bool)  # p confined to some node: only that node's classes
         own = np.zeros((n_classes, n_params), dtype=bool)
-        for exclusive, params in zip(policy.exclusive if policy else [], policy.exclusive_parameters(self.names) if policy else []):
+        for exclusive, params in zip(
+            policy.exclusive if policy else [], policy.exclusive_parameters(self.names) if policy else []
+        ):
             mask = np.array([n in params for n in self.names], dtype=bool)
             members = np.array([exclusive.covers(c) for c in self.class_names], dtype=bool)
             confined[members] = True
@@ -313,12 +326,17 @@ class Router(Closing):
         if key not in self._plan_cache:
             per_signature = np.stack([self._allowed_for(phase_index, s) for s in signatures])  # [S, P]
             anyone = per_signature.any(axis=0) & self._trainable
-            self._plan_cache[key] = (per_signature, anyone, np.flatnonzero(anyone).tolist(),
-                                     bool(np.array_equal(anyone, self._trainable)))
+            self._plan_cache[key] = (
+                per_signature,
+                anyone,
+                np.flatnonzero(anyone).tolist(),
+                bool(np.array_equal(anyone, self._trainable)),
+            )
         per_signature, anyone, indices, every_trainable = self._plan_cache[key]
         self.step_updated |= anyone
-        plan = MicrobatchPlan(rows=int(provenance.shape[0]), input_indices=indices, holders=self._holders,
-                              every_trainable=every_trainable)
+        plan = MicrobatchPlan(
+            rows=int(provenance.shape[0]), input_indices=indices, holders=self._holders, every_trainable=every_trainable
+        )
         if len(signatures) > 1:
             mixed = anyone & ~per_signature.all(axis=0)  # allowed for some signatures, not all
             if mixed.any():
@@ -456,9 +474,14 @@ def _routed_forward(router: Router, functional: Callable, original: Callable) ->
             )
         # under FSDP2, the unsharded parameters while the module runs; the split names only present ones
         current = cast("dict[str, nn.Parameter]", module._parameters)
-        outputs = [functional(module, x.index_select(0, rows),
-                              {n: current[n] if ok else current[n].detach() for n, ok in allowed.items()})
-                   for rows, allowed in split.partitions]
+        outputs = [
+            functional(
+                module,
+                x.index_select(0, rows),
+                {n: current[n] if ok else current[n].detach() for n, ok in allowed.items()},
+            )
+            for rows, allowed in split.partitions
+        ]
         return torch.cat(outputs).index_select(0, split.restore)
 
     return forward

@@ -55,8 +55,10 @@ class RoutedStep(StepSeam):
     def check(self, algorithms: Sequence[Algorithm], precision: str) -> None:
         unsafe = [a.name for a in algorithms if not a.routing_safe]
         if unsafe:
-            raise RecipeError(f"algorithm {unsafe[0]} computes gradients outside the routed backward pass; "
-                              "it cannot run with a routing policy or the ledger on")
+            raise RecipeError(
+                f"algorithm {unsafe[0]} computes gradients outside the routed backward pass; "
+                "it cannot run with a routing policy or the ledger on"
+            )
         super().check(algorithms, precision)
 
     def start_step(self, loaded: Batch, batch: Batch, step: int) -> None:
@@ -64,8 +66,11 @@ class RoutedStep(StepSeam):
 
     def microbatches(self, parts: list[Batch], step: int) -> list[Batch]:
         """A module routing cannot split by rows takes one routing signature at a time."""
-        return [piece for part in parts for piece in (
-            part.split_by_signature() if self.router.must_split(part.provenance, step) else (part,))]
+        return [
+            piece
+            for part in parts
+            for piece in (part.split_by_signature() if self.router.must_split(part.provenance, step) else (part,))
+        ]
 
     def begin_microbatch(self, microbatch: Batch, step: int) -> None:
         self.plan = self.router.plan(microbatch.provenance, step)
@@ -92,9 +97,17 @@ class RoutedStep(StepSeam):
 class LedgeredStep(RoutedStep):
     """Routing, with one backward pass per routing signature and a signed ledger entry per step."""
 
-    def __init__(self, router: Router, policy: Policy | None, dist: DistInfo, ledger_factory: Callable[[], Ledger],
-                 run_dir: Path, publish: Callable[[], None] | None, admitted: tuple[Link, dict[str, Any]] | None,
-                 layer_patterns: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        router: Router,
+        policy: Policy | None,
+        dist: DistInfo,
+        ledger_factory: Callable[[], Ledger],
+        run_dir: Path,
+        publish: Callable[[], None] | None,
+        admitted: tuple[Link, dict[str, Any]] | None,
+        layer_patterns: Sequence[str] = (),
+    ) -> None:
         super().__init__(router, policy, dist)
         self._ledger_factory, self._publish = ledger_factory, publish
         self._layer_patterns = list(layer_patterns)  # the layers whose signals trackers show
@@ -132,8 +145,10 @@ class LedgeredStep(RoutedStep):
             raise CheckpointError(f"{where}: written without a ledger; use another --run-dir to record one")
         forked = same_run and self._forked(payload)
         assert not forked or self.pending is not None
-        self.ledger.start(None if forked or not saved else saved["head"],
-                          parent=self.pending.to_json() if forked and self.pending else None)
+        self.ledger.start(
+            None if forked or not saved else saved["head"],
+            parent=self.pending.to_json() if forked and self.pending else None,
+        )
         if saved:
             self.ledger.load_state_dict(saved["recorder"])
 
@@ -143,10 +158,17 @@ class LedgeredStep(RoutedStep):
         if not logger.wants_governance:
             return
         entropy = self.ledger.entropy
-        self.ledger.listeners.append(GovernanceSignals(
-            logger.log_governance, self.ledger.recorder.layer_names, self._layer_patterns, log_every,
-            [p.start_batch for p in self.router.phases], entropy.layer_names if entropy is not None else (),
-            entropy.class_names if entropy is not None else ()))
+        self.ledger.listeners.append(
+            GovernanceSignals(
+                logger.log_governance,
+                self.ledger.recorder.layer_names,
+                self._layer_patterns,
+                log_every,
+                [p.start_batch for p in self.router.phases],
+                entropy.layer_names if entropy is not None else (),
+                entropy.class_names if entropy is not None else (),
+            )
+        )
 
     def checkpoint_record(self, final: bool, whole_weights: Callable[[], dict[str, torch.Tensor]]) -> Any:
         """The signed tree head (with the weights' digest) and the recorder's state; under FSDP2 both are
@@ -183,8 +205,9 @@ class LedgeredStep(RoutedStep):
     def after_step(self, state: State, loss_sum: torch.Tensor, loss_units: torch.Tensor, skipped: bool) -> None:
         assert self.ledger is not None
         global_loss = self.global_mean_loss(loss_sum, loss_units)
-        self.ledger.after_optimizer_step(state.timestamp.batch, state.timestamp.state_dict(), global_loss,
-                                         self.router.step_updated, skipped)
+        self.ledger.after_optimizer_step(
+            state.timestamp.batch, state.timestamp.state_dict(), global_loss, self.router.step_updated, skipped
+        )
         state.entropy_profile = self.ledger.last_entropy
 
     def close(self) -> None:
@@ -214,9 +237,16 @@ def governed_step(context: SeamContext) -> StepSeam:
     key = _ledger_key(context)
     admitted = _admit_parent(context, key) if recipe.init.from_run is not None and context.starts_fresh else None
     config = recipe.governance.ledger
-    return LedgeredStep(router, policy, context.dist, lambda: _build_ledger(context, key, router, policy),
-                        context.run_dir, _publisher(context) if config.publish else None, admitted,
-                        recipe.logging.governance_layers)
+    return LedgeredStep(
+        router,
+        policy,
+        context.dist,
+        lambda: _build_ledger(context, key, router, policy),
+        context.run_dir,
+        _publisher(context) if config.publish else None,
+        admitted,
+        recipe.logging.governance_layers,
+    )
 
 
 def _load_policy(context: SeamContext) -> Policy | None:
@@ -241,8 +271,10 @@ def _ledger_key(context: SeamContext) -> SigningKey:
     taxonomy = context.data.taxonomy
     expected = taxonomy.key_of_role("trainer") if taxonomy is not None else None
     if taxonomy is not None and expected is not None and expected.key_id != key.public.key_id:
-        raise RecipeError(f"governance.ledger.key ({config.key}): key {key.public.key_id} is not the trainer key "
-                          f"{expected.key_id} the taxonomy {taxonomy.name!r} names")
+        raise RecipeError(
+            f"governance.ledger.key ({config.key}): key {key.public.key_id} is not the trainer key "
+            f"{expected.key_id} the taxonomy {taxonomy.name!r} names"
+        )
     return key
 
 
@@ -251,8 +283,11 @@ def _admit_parent(context: SeamContext, key: SigningKey) -> tuple[Link, dict[str
     keys are ``init.trust`` if set, else the taxonomy's trainer and this run's own key."""
     config, data = context.recipe.init, context.data
     assert config.from_run is not None  # governed_step admits a parent only where init.from_run names one
-    trusted = [PublicKey.load(config.trust)] if config.trust is not None else [
-        k for k in (data.taxonomy.key_of_role("trainer") if data.taxonomy else None, key.public) if k]
+    trusted = (
+        [PublicKey.load(config.trust)]
+        if config.trust is not None
+        else [k for k in (data.taxonomy.key_of_role("trainer") if data.taxonomy else None, key.public) if k]
+    )
     tokenizer = data.tokenizer.to_json() if data.tokenizer is not None else None
     link, weights = admit_parent(Path(config.from_run), trusted, tokenizer)
     fitted = fit_parent_weights(weights, list(context.model.state_dict()), f"init.from_run {config.from_run}")
@@ -263,13 +298,26 @@ def _build_ledger(context: SeamContext, key: SigningKey, router: Router, policy:
     """The learning-dynamics ledger, signed with the trainer authority's key."""
     recipe, data = context.recipe, context.data
     config = recipe.governance.ledger
-    fingerprints = {"policy": policy.fingerprint if policy else None,
-                    "taxonomy": data.provenance.get("taxonomy_fingerprint"), "dataset": data.fingerprint}
+    fingerprints = {
+        "policy": policy.fingerprint if policy else None,
+        "taxonomy": data.provenance.get("taxonomy_fingerprint"),
+        "dataset": data.fingerprint,
+    }
     probe = probe_batch(data.val, config.probe_samples, len(data.class_names)) if config.entropy_every else None
-    return Ledger(context.run_dir, key, router, list(data.class_names), fingerprints, probe=probe,
-                  entropy_every=config.entropy_every, probe_tokens=config.probe_tokens, flush_every=config.flush_every,
-                  dist=context.dist, recipe_fingerprint=recipe.fingerprint(ignore=RESUMABLE_CHANGES),
-                  log_name=config.log_name)
+    return Ledger(
+        context.run_dir,
+        key,
+        router,
+        list(data.class_names),
+        fingerprints,
+        probe=probe,
+        entropy_every=config.entropy_every,
+        probe_tokens=config.probe_tokens,
+        flush_every=config.flush_every,
+        dist=context.dist,
+        recipe_fingerprint=recipe.fingerprint(ignore=RESUMABLE_CHANGES),
+        log_name=config.log_name,
+    )
 
 
 def _publisher(context: SeamContext) -> Callable[[], None]:
@@ -284,8 +332,10 @@ def _publisher(context: SeamContext) -> Callable[[], None]:
         try:
             publish(context.run_dir, str(config.publish), config.publish_options, verify=False)
         except Exception as error:  # a network or server failure must not stop training
-            print(f"smalti: warning: could not publish the ledger to {config.publish} ({error}); "
-                  "the next checkpoint tries again", file=sys.stderr)
+            print(
+                f"smalti: warning: could not publish the ledger to {config.publish} ({error}); "
+                "the next checkpoint tries again",
+                file=sys.stderr,
+            )
 
     return publish_now
-

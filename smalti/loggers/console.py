@@ -82,7 +82,9 @@ class ConsoleLogger(LoggerDestination):
     def batch_end(self, state: State, logger: Logger) -> None:
         done = state.timestamp.batch
         if self._progress is not None and self._task is not None:
-            self._progress.update(self._task, completed=done, loss=f"{self._loss:.4f}", rate=f"{self._rate(state):,.0f}")
+            self._progress.update(
+                self._task, completed=done, loss=f"{self._loss:.4f}", rate=f"{self._rate(state):,.0f}"
+            )
         elif self.mode == "lines" and (done % self._line_every == 0 or done == self._total):
             elapsed = time.perf_counter() - self._start_time
             fresh = done - self._start_batch

@@ -36,13 +36,23 @@ class StepSignals:
 class GovernanceSignals:
     """Called by the ledger with the steps it has just committed; logs the chosen numbers of each."""
 
-    def __init__(self, log: Callable[[int, dict[str, float]], None], layer_names: Sequence[str],
-                 layer_patterns: Sequence[str], every: int, phase_starts: Sequence[int] = (0,),
-                 entropy_layers: Sequence[str] = (), entropy_classes: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        log: Callable[[int, dict[str, float]], None],
+        layer_names: Sequence[str],
+        layer_patterns: Sequence[str],
+        every: int,
+        phase_starts: Sequence[int] = (0,),
+        entropy_layers: Sequence[str] = (),
+        entropy_classes: Sequence[str] = (),
+    ) -> None:
         self.log, self.every = log, max(1, every)
         self.layer_names = list(layer_names)
-        self.chosen = [i for i, name in enumerate(layer_names)
-                       if any(fnmatch.fnmatchcase(name, pattern) for pattern in layer_patterns)]
+        self.chosen = [
+            i
+            for i, name in enumerate(layer_names)
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in layer_patterns)
+        ]
         self.phase_starts = list(phase_starts) or [0]
         self.entropy_layers, self.entropy_classes = list(entropy_layers), list(entropy_classes)
 

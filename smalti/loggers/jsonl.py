@@ -39,8 +39,12 @@ class JSONLLogger(LoggerDestination):
         return self._handle
 
     def log_metrics(self, metrics: Mapping[str, float], timestamp: Timestamp) -> None:
-        record: dict[str, float] = {"ep": timestamp.epoch, "ba": timestamp.batch, "sp": timestamp.sample,
-                                    "tok": timestamp.token}
+        record: dict[str, float] = {
+            "ep": timestamp.epoch,
+            "ba": timestamp.batch,
+            "sp": timestamp.sample,
+            "tok": timestamp.token,
+        }
         record.update(metrics)
         self._open().write(json.dumps(record) + "\n")
 

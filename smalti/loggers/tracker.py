@@ -38,8 +38,12 @@ class TrackerDestination(LoggerDestination):
         except Exception as error:  # noqa: BLE001 - whatever the tracker raises, training goes on
             self.failed = True
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            print(f"smalti: warning: {self.tracker} logging failed ({reason}); training continues without it "
-                  "(the ledger and metrics.jsonl are unaffected)", file=sys.stderr, flush=True)
+            print(
+                f"smalti: warning: {self.tracker} logging failed ({reason}); training continues without it "
+                "(the ledger and metrics.jsonl are unaffected)",
+                file=sys.stderr,
+                flush=True,
+            )
             self._guard_close()
             return default
 

@@ -27,8 +27,15 @@ from smalti.loggers.tracker import TrackerDestination
 class WandbLogger(TrackerDestination):
     tracker = "Weights & Biases"
 
-    def __init__(self, run_dir: Path, project: str, mode: Literal["offline", "online"] = "offline",
-                 entity: str | None = None, name: str | None = None, init_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        project: str,
+        mode: Literal["offline", "online"] = "offline",
+        entity: str | None = None,
+        name: str | None = None,
+        init_timeout: float = 30.0,
+    ) -> None:
         super().__init__()
         try:
             import wandb  # noqa: F401
@@ -54,12 +61,28 @@ class WandbLogger(TrackerDestination):
             self.run_id = secrets.token_hex(6)
         # W&B writes its run file every x_transaction_log_flush_interval seconds (15 by default): 0.1 keeps what it
         # was handed at a checkpoint from dying with a killed process.
-        settings = wandb.Settings(init_timeout=self.init_timeout, x_disable_stats=True, console="off",
-                                  disable_git=True, save_code=False, silent=True, x_transaction_log_flush_interval=0.1)
+        settings = wandb.Settings(
+            init_timeout=self.init_timeout,
+            x_disable_stats=True,
+            console="off",
+            disable_git=True,
+            save_code=False,
+            silent=True,
+            x_transaction_log_flush_interval=0.1,
+        )
         self._done = self._committed()
-        self._run = wandb.init(project=self.project, entity=self.entity, name=self.name, id=self.run_id,
-                               resume="allow", mode=self.mode, dir=str(self.run_dir), config=self._params,
-                               settings=settings, reinit="create_new")
+        self._run = wandb.init(
+            project=self.project,
+            entity=self.entity,
+            name=self.name,
+            id=self.run_id,
+            resume="allow",
+            mode=self.mode,
+            dir=str(self.run_dir),
+            config=self._params,
+            settings=settings,
+            reinit="create_new",
+        )
 
     @property
     def _committed_file(self) -> Path:

@@ -91,8 +91,13 @@ class AdapterBank(nn.Module):
 
 
 def add_class_adapters(
-    model: nn.Module, targets: Sequence[str], adapter_classes: Sequence[str], class_names: Sequence[str], width: int,
-    hidden: int, gated: bool = True,
+    model: nn.Module,
+    targets: Sequence[str],
+    adapter_classes: Sequence[str],
+    class_names: Sequence[str],
+    width: int,
+    hidden: int,
+    gated: bool = True,
 ) -> AdapterGates:
     """Attach an adapter bank to each target module; returns the gates the trainer sets per batch."""
     keys = [adapter_key(c) for c in adapter_classes]

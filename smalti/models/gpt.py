@@ -74,9 +74,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(config.dropout)
         self.alibi = config.alibi
         if config.alibi:
-            self.register_buffer(
-                "alibi_bias", alibi_causal_bias(config.n_head, config.block_size), persistent=False
-            )
+            self.register_buffer("alibi_bias", alibi_causal_bias(config.n_head, config.block_size), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape

@@ -59,8 +59,10 @@ class HFCausalLM(CausalLMObjective, nn.Module):
             self.add_module(name, child)
         own = list(hf_model.named_parameters(recurse=False)) + list(hf_model.named_buffers(recurse=False))
         if own:
-            raise RecipeError(f"model.hf: {type(hf_model).__name__} holds tensors of its own ({own[0][0]}); "
-                              "only models whose weights live in submodules are supported")
+            raise RecipeError(
+                f"model.hf: {type(hf_model).__name__} holds tensors of its own ({own[0][0]}); "
+                "only models whose weights live in submodules are supported"
+            )
         # from_pretrained returns a model in eval mode while this wrapper starts in training mode: make every
         # module agree, so that nothing trains with dropout off until an evaluation happens to switch it on.
         self.train()
@@ -111,8 +113,9 @@ def build_hf_model(config: Any, vocab_size: int, seq_len: int) -> HFCausalLM:
         if not (path / "config.json").is_file():
             raise RecipeError(f"model.hf.path {path}: not a save_pretrained folder (no config.json)")
         try:
-            hf_model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
-                                                           attn_implementation=config.attn_implementation)
+            hf_model = AutoModelForCausalLM.from_pretrained(
+                str(path), local_files_only=True, attn_implementation=config.attn_implementation
+            )
         except (OSError, ValueError) as error:
             raise RecipeError(f"model.hf.path {path}: cannot load ({str(error).splitlines()[0]})") from None
         model_vocab = int(hf_model.config.vocab_size)
@@ -130,8 +133,10 @@ def build_hf_model(config: Any, vocab_size: int, seq_len: int) -> HFCausalLM:
         hf_model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=config.attn_implementation)
         model_vocab = int(hf_config.vocab_size)
     if model_vocab < vocab_size:
-        raise RecipeError(f"model.hf: the model's vocabulary has {model_vocab} tokens, the tokenizer's {vocab_size}: "
-                          "this tokenizer's ids do not fit this model")
+        raise RecipeError(
+            f"model.hf: the model's vocabulary has {model_vocab} tokens, the tokenizer's {vocab_size}: "
+            "this tokenizer's ids do not fit this model"
+        )
     model = HFCausalLM(hf_model)
     if seq_len > model.context_length:
         raise RecipeError(f"data.seq_len ({seq_len}) exceeds the model's context length ({model.context_length})")
@@ -152,17 +157,27 @@ def add_lora_adapters(model: HFCausalLM, lora: Any, class_names: Sequence[str]) 
     # GPT-2's projections are Conv1D (weights stored transposed): peft turns fan_in_fan_out on for them anyway,
     # with a warning on every run; say it up front instead.
     targets = list(lora.target_modules)
-    transposed = any(type(m).__name__ == "Conv1D" and any(n == t or n.endswith("." + t) for t in targets)
-                     for n, m in model.hf.named_modules())
-    settings = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                          bias="none", fan_in_fan_out=transposed)
+    transposed = any(
+        type(m).__name__ == "Conv1D" and any(n == t or n.endswith("." + t) for t in targets)
+        for n, m in model.hf.named_modules()
+    )
+    settings = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        bias="none",
+        fan_in_fan_out=transposed,
+    )
     try:
         with warnings.catch_warnings():  # peft warns that a second adapter is one more adapter: that is the point
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             for key in keys:
                 inject_adapter_in_model(settings, model.hf, adapter_name=key)
     except ValueError as error:
-        raise RecipeError(f"model.lora.target_modules {list(lora.target_modules)}: {str(error).splitlines()[0]}") from None
+        raise RecipeError(
+            f"model.lora.target_modules {list(lora.target_modules)}: {str(error).splitlines()[0]}"
+        ) from None
     for name, child in model.hf.named_children():  # injection replaced modules inside our children, not these
         if getattr(model, name) is not child:
             model.add_module(name, child)
@@ -193,8 +208,9 @@ def _gate_hook(gates: AdapterGates, index: int):
     return hook
 
 
-def export(model: HFCausalLM, directory: Path, tokenizer: Any | None = None,
-           leave_out: frozenset[str] = frozenset()) -> list[str]:
+def export(
+    model: HFCausalLM, directory: Path, tokenizer: Any | None = None, leave_out: frozenset[str] = frozenset()
+) -> list[str]:
     """A folder transformers loads unchanged: the base model (``save_pretrained``), the tokenizer, and each
     class's LoRA adapter as a peft adapter folder under ``adapters/<class key>``, except the classes in
     ``leave_out`` (adapters a deletion ablated: a reset adapter is no use, and its folder would name a deleted
@@ -227,8 +243,9 @@ def _without_lora(model: HFCausalLM) -> PreTrainedModel:
     return hf
 
 
-def _export_adapters(model: HFCausalLM, directory: Path, gates: AdapterGates,
-                     leave_out: frozenset[str] = frozenset()) -> list[str]:
+def _export_adapters(
+    model: HFCausalLM, directory: Path, gates: AdapterGates, leave_out: frozenset[str] = frozenset()
+) -> list[str]:
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -245,8 +262,10 @@ def _export_adapters(model: HFCausalLM, directory: Path, gates: AdapterGates,
         folder = directory / key
         folder.mkdir(parents=True, exist_ok=True)
         # peft's own files name weights from the PeftModel wrapper down (base_model.model.<the model's names>)
-        save_file({f"base_model.model.{k}": v.detach().contiguous().cpu() for k, v in state.items()},
-                  str(folder / "adapter_model.safetensors"))
+        save_file(
+            {f"base_model.model.{k}": v.detach().contiguous().cpu() for k, v in state.items()},
+            str(folder / "adapter_model.safetensors"),
+        )
         settings = dict(config[key])
         settings["base_model_name_or_path"] = ".."
         import json

@@ -19,6 +19,7 @@ from smalti.core.batch import IGNORE_INDEX
 
 class CausalLMObjective:
     if TYPE_CHECKING:  # what the model mixing this in brings (read-only there); declared for the checker only
+
         @property
         def context_length(self) -> int: ...
 

@@ -47,7 +47,9 @@ MAX_REFUSAL_BUCKETS = 1024
 class AccessLog(Closing):
     def __init__(self, path: Path, key: SigningKey, origin: str, window: float = 60.0) -> None:
         self.path = Path(path)
-        self.lock = FolderLock(self.path.with_name(self.path.name + ".lock"), f"serving with access log {self.path.name}")
+        self.lock = FolderLock(
+            self.path.with_name(self.path.name + ".lock"), f"serving with access log {self.path.name}"
+        )
         self.lock.acquire()  # before the file is touched: a second service stops here
         self.key, self.origin, self.window = key, origin, window
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -93,10 +95,26 @@ class AccessLog(Closing):
             except sqlite3.Error:  # a full disk: the records stay pending, the service goes on
                 pass
 
-    def record(self, reader: str | None, key_id: str | None, method: str, path: str, query: str, status: int,
-               event: str = "request") -> None:
-        record = {"time": round(time.time(), 3), "event": event, "reader": reader, "key_id": key_id,
-                  "method": method, "path": path, "query": query[:MAX_QUERY], "status": status}
+    def record(
+        self,
+        reader: str | None,
+        key_id: str | None,
+        method: str,
+        path: str,
+        query: str,
+        status: int,
+        event: str = "request",
+    ) -> None:
+        record = {
+            "time": round(time.time(), 3),
+            "event": event,
+            "reader": reader,
+            "key_id": key_id,
+            "method": method,
+            "path": path,
+            "query": query[:MAX_QUERY],
+            "status": status,
+        }
         with self._lock:
             self._flush_refusals(force=False)
             self._append(record)
@@ -117,8 +135,16 @@ class AccessLog(Closing):
                 self._window_start = now
             return
         for (client, status), count in sorted(self._refusals.items()):
-            self._append({"time": round(now, 3), "event": "refused", "client": client, "status": status,
-                          "count": count, "since": round(self._window_start, 3)})
+            self._append(
+                {
+                    "time": round(now, 3),
+                    "event": "refused",
+                    "client": client,
+                    "status": status,
+                    "count": count,
+                    "since": round(self._window_start, 3),
+                }
+            )
         self._refusals, self._window_start = {}, now
 
     # ---------------------------------------------------------------- reading
@@ -137,17 +163,21 @@ class AccessLog(Closing):
         self.flush()
         with self._disk:
             size = int(note.split("\n")[1])
-            rows = self._db.execute("SELECT idx, record FROM access WHERE idx >= ? AND idx < ? ORDER BY idx",
-                                    (max(0, size - last), size)).fetchall()
-        return {"size": size, "root": (self._frontier.root() if size else merkle.root([])).hex(), "checkpoint": note,
-                "last": [dict(json.loads(r), index=i) for i, r in rows]}
+            rows = self._db.execute(
+                "SELECT idx, record FROM access WHERE idx >= ? AND idx < ? ORDER BY idx", (max(0, size - last), size)
+            ).fetchall()
+        return {
+            "size": size,
+            "root": (self._frontier.root() if size else merkle.root([])).hex(),
+            "checkpoint": note,
+            "last": [dict(json.loads(r), index=i) for i, r in rows],
+        }
 
     def _leaf_hashes(self, stop: int) -> list[bytes]:
         """Read from the file when asked (proofs are rare; the log's size is not bounded by memory)."""
         self.flush()
         with self._disk:
-            return [leaf for (leaf,) in self._db.execute("SELECT leaf FROM access WHERE idx < ? ORDER BY idx",
-                                                         (stop,))]
+            return [leaf for (leaf,) in self._db.execute("SELECT leaf FROM access WHERE idx < ? ORDER BY idx", (stop,))]
 
     def consistency(self, first: int, second: int) -> list[bytes]:
         return merkle.consistency_proof(first, self._leaf_hashes(second))

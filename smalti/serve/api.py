@@ -50,13 +50,20 @@ def login_challenge(request: Request, svc: Service = Depends(service)) -> dict[s
         challenge = svc.sessions.challenge(request.state.client)
     except AuthError as error:
         return _error(error.status, error.message)  # type: ignore[return-value]
-    return {"challenge": challenge, "origin": svc.origin, "expires_in": Sessions.CHALLENGE_LIFETIME,
-            "sign": "Ed25519 over 'smalti-login/v2\\n' + origin + '\\n' + challenge + '\\n', by an auditor key, "
-                    "outside the browser: smalti auditor sign-in ORIGIN --key KEY"}
+    return {
+        "challenge": challenge,
+        "origin": svc.origin,
+        "expires_in": Sessions.CHALLENGE_LIFETIME,
+        "sign": "Ed25519 over 'smalti-login/v2\\n' + origin + '\\n' + challenge + '\\n', by an auditor key, "
+        "outside the browser: smalti auditor sign-in ORIGIN --key KEY",
+    }
 
 
-@sessions.post("/login", summary="exchange a sign-in code for a session: an HttpOnly cookie and a token for the "
-                                   "X-Smalti-Session header, both needed on every request")
+@sessions.post(
+    "/login",
+    summary="exchange a sign-in code for a session: an HttpOnly cookie and a token for the "
+    "X-Smalti-Session header, both needed on every request",
+)
 async def login(request: Request, svc: Service = Depends(service)) -> JSONResponse:
     try:
         body = json.loads(await request.body() or b"{}")
@@ -69,10 +76,18 @@ async def login(request: Request, svc: Service = Depends(service)) -> JSONRespon
     except AuthError as error:
         return _error(error.status, error.message)
     request.state.reader = who
-    response = JSONResponse({"reader": who.name, "key_id": who.key_id, "expires_in": Sessions.LIFETIME,
-                             "session": binding, "header": "X-Smalti-Session"})
-    response.set_cookie(svc.cookie_name, token, max_age=Sessions.LIFETIME, httponly=True, samesite="strict",
-                        path="/", secure=svc.secure)
+    response = JSONResponse(
+        {
+            "reader": who.name,
+            "key_id": who.key_id,
+            "expires_in": Sessions.LIFETIME,
+            "session": binding,
+            "header": "X-Smalti-Session",
+        }
+    )
+    response.set_cookie(
+        svc.cookie_name, token, max_age=Sessions.LIFETIME, httponly=True, samesite="strict", path="/", secure=svc.secure
+    )
     return response
 
 
@@ -86,8 +101,12 @@ def logout(request: Request, everywhere: bool = False, svc: Service = Depends(se
 
 @sessions.get("/whoami", summary="who this credential is, and until when a session lasts")
 def whoami(request: Request, who: Reader = Depends(reader), svc: Service = Depends(service)) -> dict[str, Any]:
-    return {"reader": who.name, "key_id": who.key_id, "origin": svc.origin,
-            "session": request.cookies.get(svc.cookie_name) is not None}
+    return {
+        "reader": who.name,
+        "key_id": who.key_id,
+        "origin": svc.origin,
+        "session": request.cookies.get(svc.cookie_name) is not None,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -103,15 +122,26 @@ def run_info(run: str = RUN, svc: Service = Depends(service)) -> dict[str, Any]:
     head, recorded = svc.runs.head(run)
     entry = svc.runs.run_entry(run, head)
     trust = svc.runs.trust(run, head, recorded)
-    return {"run": run, "classes": entry["classes"], "layers": [layer["name"] for layer in entry["layers"]],
-            "origin": head.origin, "trainer_key": recorded, "trust": trust.to_json(), "head": head.to_json(),
-            "verifier_key": verifier_key(head.origin, trust.key.raw) if trust.key else None,
-            "steps": head.size - 1, "lineage": svc.lineage(run),
-            "deletion_certificate": svc.runs.file(run, "deletion-certificate.json") is not None}
+    return {
+        "run": run,
+        "classes": entry["classes"],
+        "layers": [layer["name"] for layer in entry["layers"]],
+        "origin": head.origin,
+        "trainer_key": recorded,
+        "trust": trust.to_json(),
+        "head": head.to_json(),
+        "verifier_key": verifier_key(head.origin, trust.key.raw) if trust.key else None,
+        "steps": head.size - 1,
+        "lineage": svc.lineage(run),
+        "deletion_certificate": svc.runs.file(run, "deletion-certificate.json") is not None,
+    }
 
 
-@runs.get("/runs/{run}/checkpoint", response_class=PlainTextResponse,
-          summary="the latest signed tree head as a C2SP checkpoint (signed note)")
+@runs.get(
+    "/runs/{run}/checkpoint",
+    response_class=PlainTextResponse,
+    summary="the latest signed tree head as a C2SP checkpoint (signed note)",
+)
 def checkpoint(run: str = RUN, svc: Service = Depends(service)) -> PlainTextResponse:
     from smalti.trust.keys import PublicKey
 
@@ -131,11 +161,17 @@ def _parse_tile(tile: str) -> tuple[str, int, int | None]:
     path, _, partial = tile.partition(".p/")
     parts = path.split("/")
     level, groups = parts[0], parts[1:]
-    ok = (level == "entries" or level in ("0", "1", "2", "3")) and groups and all(
-        re.fullmatch(r"x[0-9]{3}", g) for g in groups[:-1]) and re.fullmatch(r"[0-9]{3}", groups[-1])
+    ok = (
+        (level == "entries" or level in ("0", "1", "2", "3"))
+        and groups
+        and all(re.fullmatch(r"x[0-9]{3}", g) for g in groups[:-1])
+        and re.fullmatch(r"[0-9]{3}", groups[-1])
+    )
     if not ok or (partial and not (re.fullmatch(r"[0-9]{1,3}", partial) and 1 <= int(partial) <= 255)):
-        raise NotFound(f"no tile {tile!r}: tiles are L/NNN or entries/NNN (x-prefixed groups of three digits), "
-                       f"with .p/W for a partial one")
+        raise NotFound(
+            f"no tile {tile!r}: tiles are L/NNN or entries/NNN (x-prefixed groups of three digits), "
+            f"with .p/W for a partial one"
+        )
     return level, int("".join(g.lstrip("x") for g in groups)), int(partial) if partial else None
 
 
@@ -143,18 +179,27 @@ def _parse_tile(tile: str) -> tuple[str, int, int | None]:
 def entry(run: str = RUN, index: int = Path(..., ge=0, le=BIG), svc: Service = Depends(service)) -> dict[str, Any]:
     head, _ = svc.runs.head(run)
     step, leaf, data = svc.runs.entry(run, head, index)
-    return {"index": index, "step": step, "leaf_hash": leaf.hex(), "entry_base64": base64.b64encode(data).decode(),
-            "body": svc.runs._decode(run, index, data)}
+    return {
+        "index": index,
+        "step": step,
+        "leaf_hash": leaf.hex(),
+        "entry_base64": base64.b64encode(data).decode(),
+        "body": svc.runs._decode(run, index, data),
+    }
 
 
 @runs.get("/runs/{run}/proof/inclusion", summary="RFC 6962 inclusion proof of a step's entry in a signed tree")
-def inclusion(run: str = RUN, step: int = Query(..., ge=0, le=BIG, description="the optimizer step"),
-              tree_size: int | None = Query(None, ge=1, le=BIG, description="a signed size (default: the latest)"),
-              svc: Service = Depends(service)) -> dict[str, Any]:
+def inclusion(
+    run: str = RUN,
+    step: int = Query(..., ge=0, le=BIG, description="the optimizer step"),
+    tree_size: int | None = Query(None, ge=1, le=BIG, description="a signed size (default: the latest)"),
+    svc: Service = Depends(service),
+) -> dict[str, Any]:
     with svc.runs.store(run) as store:  # one connection for the head, the entry's index and its bytes
         latest = store.latest_head()
-        head = (latest if tree_size is None or latest is None or tree_size == latest.size
-                else store.head_of_size(tree_size))
+        head = (
+            latest if tree_size is None or latest is None or tree_size == latest.size else store.head_of_size(tree_size)
+        )
         found = store.entry_at_step(step)
     if latest is None:
         raise NotFound(f"run {run!r} has no signed tree head yet")
@@ -167,21 +212,36 @@ def inclusion(run: str = RUN, step: int = Query(..., ge=0, le=BIG, description="
     if tree.root(0, head.size) != head.root or tree.levels[0][index] != merkle.leaf_hash(data):
         raise Unprocessable(f"run {run!r}: its signed head of size {head.size} does not match its entries")
     proof = tree.inclusion_proof(index, head.size)
-    return {"step": step, "leaf_index": index, "tree_size": head.size, "entry_base64": base64.b64encode(data).decode(),
-            "leaf_hash": leaf.hex(), "audit_path": [p.hex() for p in proof], "tree_head": head.to_json()}
+    return {
+        "step": step,
+        "leaf_index": index,
+        "tree_size": head.size,
+        "entry_base64": base64.b64encode(data).decode(),
+        "leaf_hash": leaf.hex(),
+        "audit_path": [p.hex() for p in proof],
+        "tree_head": head.to_json(),
+    }
 
 
 @runs.get("/runs/{run}/proof/consistency", summary="RFC 6962 consistency proof between two tree sizes")
-def consistency(run: str = RUN, first: int = Query(..., ge=1, le=BIG), second: int | None = Query(None, ge=1, le=BIG),
-                svc: Service = Depends(service)) -> dict[str, Any]:
+def consistency(
+    run: str = RUN,
+    first: int = Query(..., ge=1, le=BIG),
+    second: int | None = Query(None, ge=1, le=BIG),
+    svc: Service = Depends(service),
+) -> dict[str, Any]:
     head, _ = svc.runs.head(run)
     second = head.size if second is None else second
     if not first <= second <= head.size:
         raise BadRequest(f"first={first}, second={second}: need 0 < first <= second <= {head.size}")
     tree = svc.tree(run, head)
-    return {"first": first, "second": second, "first_root": tree.root(0, first).hex(),
-            "second_root": tree.root(0, second).hex(),
-            "proof": [p.hex() for p in tree.consistency_proof(first, second)]}
+    return {
+        "first": first,
+        "second": second,
+        "first_root": tree.root(0, first).hex(),
+        "second_root": tree.root(0, second).hex(),
+        "proof": [p.hex() for p in tree.consistency_proof(first, second)],
+    }
 
 
 NAME = Query(..., min_length=1, max_length=1000)
@@ -198,7 +258,9 @@ def audit_class(run: str = RUN, name: str = NAME, svc: Service = Depends(service
 
 
 @runs.get("/runs/{run}/audit/example", summary="which steps and layers an example (its ledger index) reached")
-def audit_example(run: str = RUN, index: int = Query(..., ge=0, le=BIG), svc: Service = Depends(service)) -> dict[str, Any]:
+def audit_example(
+    run: str = RUN, index: int = Query(..., ge=0, le=BIG), svc: Service = Depends(service)
+) -> dict[str, Any]:
     return svc.query(run, ("example", index), lambda ledger: ledger.example(index))
 
 
@@ -207,37 +269,55 @@ def audit_param(run: str = RUN, name: str = NAME, svc: Service = Depends(service
     return svc.query(run, ("param", name), lambda ledger: ledger.parameter(name))
 
 
-@runs.get("/runs/{run}/contributions", summary="per step, class signature and layer: norm and share (a page of entries)")
-def contributions(run: str = RUN, start: int = Query(1, ge=1, le=BIG, description="the first entry index"),
-                  limit: int = Query(100, ge=1, le=500), svc: Service = Depends(service)) -> dict[str, Any]:
+@runs.get(
+    "/runs/{run}/contributions", summary="per step, class signature and layer: norm and share (a page of entries)"
+)
+def contributions(
+    run: str = RUN,
+    start: int = Query(1, ge=1, le=BIG, description="the first entry index"),
+    limit: int = Query(100, ge=1, le=500),
+    svc: Service = Depends(service),
+) -> dict[str, Any]:
     head, _ = svc.runs.head(run)
-    steps = [{"index": start + i, "step": body["step"], "contributions": body["contributions"]}
-             for i, body in enumerate(svc.runs.steps(run, head, start, start + limit))]
+    steps = [
+        {"index": start + i, "step": body["step"], "contributions": body["contributions"]}
+        for i, body in enumerate(svc.runs.steps(run, head, start, start + limit))
+    ]
     following = start + limit if start + limit < head.size else None
     return {"entries": head.size - 1, "start": start, "next": following, "steps": steps}
 
 
 @runs.get("/runs/{run}/contributions/summary", summary="each layer's gradient shares per class, summed up to a step")
-def contribution_summary(run: str = RUN, upto_step: int | None = Query(None, ge=0, le=BIG),
-                         svc: Service = Depends(service)) -> dict[str, Any]:
+def contribution_summary(
+    run: str = RUN, upto_step: int | None = Query(None, ge=0, le=BIG), svc: Service = Depends(service)
+) -> dict[str, Any]:
     head, _ = svc.runs.head(run)
     return svc.heavy(lambda: svc.runs.summary(run, head, upto_step))
 
 
 @runs.get("/runs/{run}/entropy", summary="entropy profiles: per class and layer, at up to max_profiles measured steps")
-def entropy(run: str = RUN, max_profiles: int = Query(200, ge=1, le=1000), svc: Service = Depends(service)) -> dict[str, Any]:
+def entropy(
+    run: str = RUN, max_profiles: int = Query(200, ge=1, le=1000), svc: Service = Depends(service)
+) -> dict[str, Any]:
     return svc.entropy(run, max_profiles)
 
 
 @runs.get("/runs/{run}/certificate", summary="the deletion certificate and the exact bytes its signature covers")
 def certificate(run: str = RUN, svc: Service = Depends(service)) -> dict[str, Any]:
     content, message = svc.runs.certificate(run)
-    return {"certificate": content, "signed_message_base64": base64.b64encode(message).decode(),
-            "signature": content.get("signature"), "key_id": content.get("key_id")}
+    return {
+        "certificate": content,
+        "signed_message_base64": base64.b64encode(message).decode(),
+        "signature": content.get("signature"),
+        "key_id": content.get("key_id"),
+    }
 
 
-@runs.get("/runs/{run}/report", response_class=HTMLResponse, summary="the HTML audit report (checked against the "
-                                                                       "taxonomy's trainer key)")
+@runs.get(
+    "/runs/{run}/report",
+    response_class=HTMLResponse,
+    summary="the HTML audit report (checked against the taxonomy's trainer key)",
+)
 def report(run: str = RUN, svc: Service = Depends(service)) -> HTMLResponse:
     return HTMLResponse(svc.report(run))
 
@@ -253,8 +333,9 @@ def report_ticket(run: str = RUN, who: Reader = Depends(reader), svc: Service = 
 
 
 @reports.get("/report/{ticket}", response_class=HTMLResponse, include_in_schema=False)
-def report_by_ticket(request: Request, ticket: str = Path(..., max_length=64),
-                     svc: Service = Depends(service)) -> HTMLResponse:
+def report_by_ticket(
+    request: Request, ticket: str = Path(..., max_length=64), svc: Service = Depends(service)
+) -> HTMLResponse:
     found = svc.sessions.redeem(ticket)
     if found is None:
         raise NotFound("unknown, used or expired report ticket: open the report from the page again")
@@ -268,8 +349,9 @@ def access(last: int = Query(20, ge=0, le=1000), svc: Service = Depends(service)
 
 
 @runs.get("/access-log/proof/consistency", summary="RFC 6962 consistency proof between two sizes of the access log")
-def access_consistency(first: int = Query(..., ge=1, le=BIG), second: int = Query(..., ge=1, le=BIG),
-                       svc: Service = Depends(service)) -> dict[str, Any]:
+def access_consistency(
+    first: int = Query(..., ge=1, le=BIG), second: int = Query(..., ge=1, le=BIG), svc: Service = Depends(service)
+) -> dict[str, Any]:
     if not first <= second <= svc.access_log.size:
         raise BadRequest(f"first={first}, second={second}: need 0 < first <= second <= {svc.access_log.size}")
     proof = svc.heavy(lambda: svc.access_log.consistency(first, second))  # reads the log's leaves: one slot

@@ -42,9 +42,13 @@ UI_CSP = f"{_BASE_CSP}; script-src 'self'; style-src 'self'; img-src 'self' data
 # The report is one page of inline SVG and a stylesheet: no script at all, and sandboxed (an opaque origin), so
 # even markup that slipped through could not read the session or the API.
 REPORT_CSP = f"{_BASE_CSP}; style-src 'unsafe-inline'; img-src data:; sandbox"
-SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
-                    (b"referrer-policy", b"no-referrer"), (b"cross-origin-opener-policy", b"same-origin"),
-                    (b"cross-origin-resource-policy", b"same-origin")]
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cross-origin-opener-policy", b"same-origin"),
+    (b"cross-origin-resource-policy", b"same-origin"),
+]
 
 
 def _json(status: int, message: str) -> bytes:
@@ -88,13 +92,15 @@ class Guard:
         who = scope["state"].get("reader")  # a sign-in or a report ticket names its reader once the route ran
         if who is not None:
             event = {"/api/login": "sign-in", "/api/logout": "sign-out"}.get(
-                path, "report" if path.startswith("/report/") else "request")
+                path, "report" if path.startswith("/report/") else "request"
+            )
             if path.startswith("/report/"):  # the ticket is a secret; the run it opened is the record
                 shown, query = "/report/(ticket)", f"run={scope['state'].get('report_run', '')}"
             else:
                 shown = path
-            service.access_log.record(who.name, who.key_id, method, shown, query if path != "/api/login" else "",
-                                      status, event)
+            service.access_log.record(
+                who.name, who.key_id, method, shown, query if path != "/api/login" else "", status, event
+            )
         elif path == "/api/login" or path.startswith("/report/"):
             service.access_log.refused(client, status)
 
@@ -104,8 +110,10 @@ class Guard:
             return 431, f"request headers of {size} bytes: more than {MAX_HEADERS}"
         hosts = [v for k, v in headers if k == "host"]
         if len(hosts) != 1 or hosts[0].lower() not in self.service.hosts:
-            return 421, (f"this service answers as {self.service.origin}; the request was addressed to "
-                         f"{hosts[0] if hosts else 'no host'}")
+            return 421, (
+                f"this service answers as {self.service.origin}; the request was addressed to "
+                f"{hosts[0] if hosts else 'no host'}"
+            )
         if method not in ("GET", "HEAD") and not (method == "POST" and path in POSTS):
             return 405, f"{method}: this service only reads (GET, HEAD; POST only to sign in and out)"
         if method == "HEAD" and path.startswith("/report/"):
@@ -174,8 +182,13 @@ class Guard:
         """Run the route; HEAD is answered as GET without a body. Returns the status sent."""
         sent: dict[str, Any] = {"status": 500, "started": False}
         head = method == "HEAD"
-        csp = UI_CSP.encode() if (path.startswith("/ui") or path == "/") else (
-            REPORT_CSP.encode() if path.endswith("/report") or path.startswith("/report/") else _BASE_CSP.encode())
+        csp = (
+            UI_CSP.encode()
+            if (path.startswith("/ui") or path == "/")
+            else (
+                REPORT_CSP.encode() if path.endswith("/report") or path.startswith("/report/") else _BASE_CSP.encode()
+            )
+        )
 
         async def guarded_send(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -198,19 +211,34 @@ class Guard:
 
     async def _send_json(self, send: Any, status: int, message: str, path: str) -> None:
         body = _json(status, message)
-        await send({"type": "http.response.start", "status": status, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"content-security-policy", _BASE_CSP.encode()), (b"cache-control", b"no-store"), *SECURITY_HEADERS]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"content-security-policy", _BASE_CSP.encode()),
+                    (b"cache-control", b"no-store"),
+                    *SECURITY_HEADERS,
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
 def create_app(settings: ServeSettings) -> FastAPI:
     service = Service(settings)
-    app = FastAPI(title="Smalti audit service", version="2", docs_url=None, redoc_url=None,
-                  description="Read-only, credentialed access to training runs' evidence (docs/auditing.md). Every "
-                              "request is signed with HTTP Message Signatures (RFC 9421) by an auditor key the signed "
-                              "taxonomy names, for this service's origin, or carries a session cookie bought with "
-                              "a sign-in code (smalti auditor sign-in).")
+    app = FastAPI(
+        title="Smalti audit service",
+        version="2",
+        docs_url=None,
+        redoc_url=None,
+        description="Read-only, credentialed access to training runs' evidence (docs/auditing.md). Every "
+        "request is signed with HTTP Message Signatures (RFC 9421) by an auditor key the signed "
+        "taxonomy names, for this service's origin, or carries a session cookie bought with "
+        "a sign-in code (smalti auditor sign-in).",
+    )
     app.state.service = service
     app.router.add_event_handler("shutdown", service.close)
     app.mount("/ui", StaticFiles(directory=Path(__file__).parent / "static", html=True), name="ui")
@@ -228,14 +256,16 @@ def _add_error_handlers(app: FastAPI, service: Service) -> None:
         async def handler(_: Request, error: Exception) -> JSONResponse:
             message = service.scrub(str(error))  # no path of this machine leaves it
             return JSONResponse({"error": message, "status": status}, status_code=status)
+
         return handler
 
     for kind, status in ((NotFound, 404), (BadRequest, 400), (Unprocessable, 422), (Busy, 503), (SmaltiError, 400)):
         app.add_exception_handler(kind, answer(status))
 
     async def unreadable(_: Request, error: sqlite3.DatabaseError) -> JSONResponse:
-        return JSONResponse({"error": f"a ledger could not be read ({service.scrub(str(error))})", "status": 422},
-                            status_code=422)
+        return JSONResponse(
+            {"error": f"a ledger could not be read ({service.scrub(str(error))})", "status": 422}, status_code=422
+        )
 
     # Starlette types every handler as taking any Exception; it calls each with its own class only
     app.add_exception_handler(sqlite3.DatabaseError, unreadable)  # type: ignore[arg-type]

@@ -75,8 +75,10 @@ class RequestAuthenticator:
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
         from http_message_signatures import HTTPSignatureKeyResolver
 
-        keys = {key_id: Ed25519PublicKey.from_public_bytes(cast(PublicKey, a.key).raw)  # only authorities with a key
-                for key_id, a in self.authorities.items()}
+        keys = {
+            key_id: Ed25519PublicKey.from_public_bytes(cast(PublicKey, a.key).raw)  # only authorities with a key
+            for key_id, a in self.authorities.items()
+        }
 
         class Keys(HTTPSignatureKeyResolver):
             def resolve_public_key(self, key_id: str) -> Any:
@@ -91,16 +93,19 @@ class RequestAuthenticator:
 
         present = {name.lower() for name, _ in headers}
         if "signature" not in present or "signature-input" not in present:
-            raise AuthError(401, "no credential: sign the request (RFC 9421, an auditor key the taxonomy names); "
-                                 "see docs/auditing.md")
+            raise AuthError(
+                401,
+                "no credential: sign the request (RFC 9421, an auditor key the taxonomy names); see docs/auditing.md",
+            )
         size = sum(len(v) for n, v in headers if n.lower() in ("signature", "signature-input"))
         if size > MAX_HEADER:
             raise AuthError(401, f"signature headers of {size} bytes: more than {MAX_HEADER}")
         verifier = HTTPMessageVerifier(signature_algorithm=algorithms.ED25519, key_resolver=self._resolver)
         message = SimpleNamespace(method=method.upper(), url=self.origin + target, headers=_Headers(headers))
         try:
-            results = verifier.verify(message, max_age=MAX_AGE, expect_tag=TAG,
-                                      require_components=("@method", "@target-uri"))
+            results = verifier.verify(
+                message, max_age=MAX_AGE, expect_tag=TAG, require_components=("@method", "@target-uri")
+            )
         except (HTTPMessageSignaturesException, ValueError, TypeError, KeyError) as error:
             reason = " ".join(str(error).split())[:200] or type(error).__name__
             raise AuthError(401, f"signature refused: {reason} (requests are signed for {self.origin})") from None
@@ -230,11 +235,17 @@ class Sessions:
         with self._lock:
             self._drop_expired_challenges(now)
             if self._per_client.get(client, 0) >= self.MAX_CHALLENGES_PER_CLIENT:
-                raise AuthError(429, f"{self.MAX_CHALLENGES_PER_CLIENT} sign-in challenges are outstanding for this "
-                                     f"address; use one, or wait {self.CHALLENGE_LIFETIME} seconds")
+                raise AuthError(
+                    429,
+                    f"{self.MAX_CHALLENGES_PER_CLIENT} sign-in challenges are outstanding for this "
+                    f"address; use one, or wait {self.CHALLENGE_LIFETIME} seconds",
+                )
             if len(self._challenges) >= self.MAX_CHALLENGES:
-                raise AuthError(503, f"{self.MAX_CHALLENGES} sign-in challenges are outstanding; try again in "
-                                     f"{self.CHALLENGE_LIFETIME} seconds")
+                raise AuthError(
+                    503,
+                    f"{self.MAX_CHALLENGES} sign-in challenges are outstanding; try again in "
+                    f"{self.CHALLENGE_LIFETIME} seconds",
+                )
             token = secrets.token_hex(16)
             self._challenges[token] = (now + self.CHALLENGE_LIFETIME, client)
             self._per_client[client] = self._per_client.get(client, 0) + 1
@@ -244,16 +255,18 @@ class Sessions:
         """(reader, cookie token, header token)."""
         parts = code.strip().split(".") if isinstance(code, str) else []
         if len(parts) != 3:
-            raise AuthError(400, "sign-in code: expected CHALLENGE.KEY_ID.SIGNATURE, as smalti auditor sign-in "
-                                 "prints it")
+            raise AuthError(
+                400, "sign-in code: expected CHALLENGE.KEY_ID.SIGNATURE, as smalti auditor sign-in prints it"
+            )
         challenge, key_id, signature = parts
         with self._lock:
             expiry, client = self._challenges.pop(challenge, (0.0, ""))  # one use only
             if expiry:
                 self._uncount(client)
         if expiry <= time.time():
-            raise AuthError(401, "sign-in refused: unknown, used or expired challenge (run smalti auditor sign-in "
-                                 "again)")
+            raise AuthError(
+                401, "sign-in refused: unknown, used or expired challenge (run smalti auditor sign-in again)"
+            )
         authority = self.authenticator.authorities.get(key_id)
         try:
             raw = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
@@ -261,8 +274,11 @@ class Sessions:
             raise AuthError(401, "sign-in refused: the signature is not base64url") from None
         message = login_message(self.authenticator.origin, challenge)
         if authority is None or authority.key is None or not PublicKey(authority.key.raw).verify(raw, message):
-            raise AuthError(401, f"sign-in refused: the signature does not verify under a key the taxonomy names, "
-                                 f"for {self.authenticator.origin}")
+            raise AuthError(
+                401,
+                f"sign-in refused: the signature does not verify under a key the taxonomy names, "
+                f"for {self.authenticator.origin}",
+            )
         reader = self.authenticator.reader(key_id)
         token, binding = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         now = time.time()
@@ -294,8 +310,11 @@ class Sessions:
             if found is None or not binding or not secrets.compare_digest(found.binding, binding):
                 return 0
             assert token is not None  # sessions are keyed by issued tokens, never by ""
-            ended = [t for t, s in self._sessions.items() if s.reader.key_id == found.reader.key_id] \
-                if everywhere else [token]
+            ended = (
+                [t for t, s in self._sessions.items() if s.reader.key_id == found.reader.key_id]
+                if everywhere
+                else [token]
+            )
             for t in ended:
                 del self._sessions[t]
             return len(ended)

@@ -100,17 +100,26 @@ class AuditClient:
 
     # ---------------------------------------------------------------- requests
 
-    def request(self, method: str, path: str, params: dict[str, Any] | None = None, sign: bool = True,
-                **kwargs: Any) -> Any:
+    def request(
+        self, method: str, path: str, params: dict[str, Any] | None = None, sign: bool = True, **kwargs: Any
+    ) -> Any:
         prepared = self._requests.Request(method, self.origin + path, params=params, **kwargs).prepare()
         if sign:
-            self._signer.sign(prepared, key_id=self.key.public.key_id, covered_component_ids=("@method", "@target-uri"),
-                              tag=TAG, nonce=uuid.uuid4().hex, created=datetime.datetime.now(datetime.timezone.utc))
+            self._signer.sign(
+                prepared,
+                key_id=self.key.public.key_id,
+                covered_component_ids=("@method", "@target-uri"),
+                tag=TAG,
+                nonce=uuid.uuid4().hex,
+                created=datetime.datetime.now(datetime.timezone.utc),
+            )
         try:
             response = self.session.send(prepared, timeout=self.timeout, allow_redirects=False, stream=True)
             if 300 <= response.status_code < 400:  # never follow: the signature was made for this URL only
-                raise RemoteError(f"{self.origin}{path}: redirected ({response.status_code}) to "
-                                  f"{printable(response.headers.get('location', '?'))}; not followed")
+                raise RemoteError(
+                    f"{self.origin}{path}: redirected ({response.status_code}) to "
+                    f"{printable(response.headers.get('location', '?'))}; not followed"
+                )
             body = bytearray()
             for chunk in response.iter_content(1 << 16):
                 body += chunk
@@ -174,8 +183,9 @@ class AuditClient:
             text, _ = open_note(note, [Verifier(origin, trainer.raw)])
             return Checkpoint.parse(text)
         except NoteError as error:
-            raise RemoteError(f"run {run}: its checkpoint is not signed by trainer key {trainer.key_id} "
-                              f"({printable(str(error))})") from None
+            raise RemoteError(
+                f"run {run}: its checkpoint is not signed by trainer key {trainer.key_id} ({printable(str(error))})"
+            ) from None
 
     def check_history(self, run: str, checkpoint: Checkpoint, state: Path) -> str:
         """Hold ``checkpoint`` against the last one verified for this run from this service (kept in ``state``, a
@@ -191,29 +201,40 @@ class AuditClient:
         if before is not None:
             size, root = int(before["size"]), bytes.fromhex(before["root"])
             if before["origin"] != checkpoint.origin:
-                raise RemoteError(f"run {run}: its log was {before['origin']} when last verified; the service now "
-                                  f"shows {printable(checkpoint.origin)}")
+                raise RemoteError(
+                    f"run {run}: its log was {before['origin']} when last verified; the service now "
+                    f"shows {printable(checkpoint.origin)}"
+                )
             if size > checkpoint.size:
-                raise RemoteError(f"run {run}: a tree of {size} entries was verified before; the service now shows "
-                                  f"{checkpoint.size}: history was cut")
+                raise RemoteError(
+                    f"run {run}: a tree of {size} entries was verified before; the service now shows "
+                    f"{checkpoint.size}: history was cut"
+                )
             if size == checkpoint.size and root != checkpoint.root:
-                raise RemoteError(f"run {run}: another tree of {size} entries than the one verified before: a split "
-                                  "view")
+                raise RemoteError(
+                    f"run {run}: another tree of {size} entries than the one verified before: a split view"
+                )
             if size < checkpoint.size:
                 proof = self.json(f"/api/runs/{run}/proof/consistency", first=size, second=checkpoint.size)
-                if not merkle.verify_consistency(size, checkpoint.size, [bytes.fromhex(p) for p in proof["proof"]],
-                                                 root, checkpoint.root):
-                    raise RemoteError(f"run {run}: the tree of {checkpoint.size} entries does not extend the tree of "
-                                      f"{size} verified before")
+                if not merkle.verify_consistency(
+                    size, checkpoint.size, [bytes.fromhex(p) for p in proof["proof"]], root, checkpoint.root
+                ):
+                    raise RemoteError(
+                        f"run {run}: the tree of {checkpoint.size} entries does not extend the tree of "
+                        f"{size} verified before"
+                    )
             said = f"consistent with the tree of {size} entries verified before"
         from smalti.io import atomic_write_text
 
-        atomic_write_text(record, _json.dumps({"origin": checkpoint.origin, "size": checkpoint.size,
-                                               "root": checkpoint.root.hex()}) + "\n")
+        atomic_write_text(
+            record,
+            _json.dumps({"origin": checkpoint.origin, "size": checkpoint.size, "root": checkpoint.root.hex()}) + "\n",
+        )
         return said
 
-    def verify_inclusion(self, run: str, step: int, trainer: PublicKey,
-                         checkpoint: Checkpoint | None = None) -> dict[str, Any]:
+    def verify_inclusion(
+        self, run: str, step: int, trainer: PublicKey, checkpoint: Checkpoint | None = None
+    ) -> dict[str, Any]:
         """The entry of ``step``, proven into the trainer-signed checkpoint; returns its decoded body."""
         checkpoint = checkpoint or self.verified_checkpoint(run, trainer)
         proof = self.json(f"/api/runs/{run}/proof/inclusion", step=step, tree_size=checkpoint.size)
@@ -221,20 +242,23 @@ class AuditClient:
             raise RemoteError(f"run {run}: the inclusion proof is not a JSON object")
         index = proof.get("leaf_index")
         if not (type(index) is int and 0 <= index < checkpoint.size and proof["tree_size"] == checkpoint.size):
-            raise RemoteError(f"run {run}: the proof is for entry {printable(index)} of "
-                              f"{printable(proof.get('tree_size'))}, not within the signed tree of {checkpoint.size}")
+            raise RemoteError(
+                f"run {run}: the proof is for entry {printable(index)} of "
+                f"{printable(proof.get('tree_size'))}, not within the signed tree of {checkpoint.size}"
+            )
         try:
             entry = base64.b64decode(str(proof.get("entry_base64")), validate=True)
             path = [bytes.fromhex(p) for p in proof.get("audit_path") or []]
         except (ValueError, TypeError):
             raise RemoteError(f"run {run}: the inclusion proof is malformed") from None
-        if not merkle.verify_inclusion(index, checkpoint.size, merkle.leaf_hash(entry),
-                                       path, checkpoint.root):
+        if not merkle.verify_inclusion(index, checkpoint.size, merkle.leaf_hash(entry), path, checkpoint.root):
             raise RemoteError(f"run {run}: the inclusion proof for step {step} does not lead to the signed root")
         body = decode_entry(entry).body
         if struct.unpack(">Q", entry[4:12])[0] != index or body.get("step") != step:
-            raise RemoteError(f"run {run}: asked for step {step}, the service proved entry {index} "
-                              f"(step {printable(body.get('step'))})")
+            raise RemoteError(
+                f"run {run}: asked for step {step}, the service proved entry {index} "
+                f"(step {printable(body.get('step'))})"
+            )
         return body
 
     def verify_entries(self, run: str, trainer: PublicKey, checkpoint: Checkpoint | None = None) -> Checkpoint:
@@ -245,14 +269,15 @@ class AuditClient:
         previous = bytes(32)
         for bundle in range((checkpoint.size + 255) // 256):
             width = min(256, checkpoint.size - bundle * 256)
-            data = self.content(f"/api/runs/{run}/tile/entries/{_tile_index(bundle)}"
-                                + ("" if width == 256 else f".p/{width}"))
+            data = self.content(
+                f"/api/runs/{run}/tile/entries/{_tile_index(bundle)}" + ("" if width == 256 else f".p/{width}")
+            )
             at = 0
             for _ in range(width):
                 if at + 2 > len(data):
                     raise RemoteError(f"run {run}: entry bundle {bundle} is cut short")
-                (length,) = struct.unpack(">H", data[at:at + 2])
-                entry = data[at + 2:at + 2 + length]
+                (length,) = struct.unpack(">H", data[at : at + 2])
+                entry = data[at + 2 : at + 2 + length]
                 at += 2 + length
                 if entry[12:HEADER_SIZE] != previous:
                     raise RemoteError(f"run {run}: entry {len(leaves)} does not chain to the one before")

@@ -147,9 +147,13 @@ class Runs:
     # ---------------------------------------------------------------- naming
 
     def names(self) -> list[str]:
-        return sorted(entry.name for entry in os.scandir(self.root)
-                      if not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False)
-                      and _regular_file(Path(entry.path) / "recipe.yaml"))
+        return sorted(
+            entry.name
+            for entry in os.scandir(self.root)
+            if not entry.name.startswith(".")
+            and entry.is_dir(follow_symlinks=False)
+            and _regular_file(Path(entry.path) / "recipe.yaml")
+        )
 
     def is_run(self, name: str) -> bool:
         try:
@@ -217,8 +221,7 @@ class Runs:
 
     def trust(self, name: str, head: TreeHead, recorded: str) -> Trust:
         """Whether ``head`` is signed by a trainer the taxonomy names (cached per head)."""
-        return self._verdicts.get((name, head.size, head.root, head.signature),
-                                  lambda: self._judge(head, recorded))
+        return self._verdicts.get((name, head.size, head.root, head.signature), lambda: self._judge(head, recorded))
 
     def _judge(self, head: TreeHead, recorded: str) -> Trust:
         try:
@@ -229,13 +232,21 @@ class Runs:
         if authority is None:
             other = self.others.get(key.key_id)
             named = f"the taxonomy's {other.role} '{other.name}'" if other else "a key the taxonomy does not name"
-            return Trust(False, f"signed by key {key.key_id}, {named}, not by a trainer the taxonomy names "
-                                f"({', '.join(sorted(self.trainers)) or 'none'})")
+            return Trust(
+                False,
+                f"signed by key {key.key_id}, {named}, not by a trainer the taxonomy names "
+                f"({', '.join(sorted(self.trainers)) or 'none'})",
+            )
         if head.key_id != key.key_id or not key.verify(head.signature, head.message()):
-            return Trust(False, f"its latest tree head (size {head.size}) is not signed by the taxonomy's trainer "
-                                f"'{authority.name}'", authority.name, key)
-        return Trust(True, f"signed by the taxonomy's trainer '{authority.name}' (key {key.key_id})",
-                     authority.name, key)
+            return Trust(
+                False,
+                f"its latest tree head (size {head.size}) is not signed by the taxonomy's trainer '{authority.name}'",
+                authority.name,
+                key,
+            )
+        return Trust(
+            True, f"signed by the taxonomy's trainer '{authority.name}' (key {key.key_id})", authority.name, key
+        )
 
     def trainer_key(self, recorded: str) -> PublicKey | None:
         """The taxonomy's trainer key a ledger should be checked against: the one it claims, if the taxonomy
@@ -252,6 +263,7 @@ class Runs:
 
     def run_entry(self, name: str, head: TreeHead) -> dict[str, Any]:
         """Entry 0, decoded and type-checked (cached per log: it never changes)."""
+
         def read() -> dict[str, Any]:
             with self.store(name) as store:
                 rows = list(store.rows(0, 1))
@@ -270,8 +282,9 @@ class Runs:
         except EntryFormatError as error:
             raise Unprocessable(f"run {name!r}: entry {index} is malformed ({error})") from None
 
-    def steps(self, name: str, head: TreeHead, start: int = 1, stop: int | None = None,
-              run: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    def steps(
+        self, name: str, head: TreeHead, start: int = 1, stop: int | None = None, run: dict[str, Any] | None = None
+    ) -> Iterator[dict[str, Any]]:
         """Step entries ``start``..``stop - 1`` (default: all under the head), decoded one at a time and checked
         against the run entry's shape; nothing is kept."""
         run = run if run is not None else self.run_entry(name, head)
@@ -317,24 +330,34 @@ class Runs:
 
     # ---------------------------------------------------------------- Merkle tree
 
-    def tree(self, name: str, head: TreeHead, build: Callable[[Callable[[], Any]], Any] = lambda work: work()
-             ) -> merkle.Tree:
+    def tree(
+        self, name: str, head: TreeHead, build: Callable[[Callable[[], Any]], Any] = lambda work: work()
+    ) -> merkle.Tree:
         """The Merkle tree under ``head`` (every aligned subtree's hash), checked against its signed root once,
         then kept (bounded): proofs and tiles read it instead of the store. ``build`` runs the whole-ledger read
         (the service runs it in a heavy slot)."""
+
         def read() -> merkle.Tree:
             with self.store(name) as store:
                 leaves = store.leaf_range(0, head.size)
             tree = merkle.Tree(leaves)
             if len(leaves) != head.size or tree.root() != head.root:
-                raise Unprocessable(f"run {name!r}: the stored leaves do not hash to the signed root at size "
-                                    f"{head.size}")
+                raise Unprocessable(
+                    f"run {name!r}: the stored leaves do not hash to the signed root at size {head.size}"
+                )
             return tree
 
         return self._leaves.get((name, head.size, head.root), lambda: build(read), weigh=len)
 
-    def tile(self, name: str, head: TreeHead, level: str, index: int, width: int | None,
-             build: Callable[[Callable[[], Any]], Any] = lambda work: work()) -> bytes:
+    def tile(
+        self,
+        name: str,
+        head: TreeHead,
+        level: str,
+        index: int,
+        width: int | None,
+        build: Callable[[Callable[[], Any]], Any] = lambda work: work(),
+    ) -> bytes:
         """One C2SP tlog-tiles tile or entry bundle of the tree at ``head``, reading only what it covers."""
         if level == "entries":
             available = max(0, min(WIDTH, head.size - index * WIDTH))
@@ -345,11 +368,11 @@ class Runs:
                 raise Unprocessable(f"run {name!r}: an entry of bundle {index} is longer than a bundle can hold")
             return b"".join(struct.pack(">H", len(row[3])) + row[3] for row in rows)
         height = int(level)
-        span = WIDTH ** height  # leaves under one hash of this level
+        span = WIDTH**height  # leaves under one hash of this level
         available = max(0, min(WIDTH, head.size // span - index * WIDTH))
         width = self._tile_width(available, width, f"{level}/{index}")
         hashes = self.tree(name, head, build).levels[8 * height]  # a level-L tile: complete subtrees of 256**L leaves
-        return b"".join(hashes[index * WIDTH:index * WIDTH + width])
+        return b"".join(hashes[index * WIDTH : index * WIDTH + width])
 
     @staticmethod
     def _tile_width(available: int, asked: int | None, where: str) -> int:
@@ -370,21 +393,33 @@ class Runs:
         among its classes, as the UI always drew it): from the nearest kept snapshot plus at most 255 entries."""
         run = self.run_entry(name, head)
         classes, layers = run["classes"], [layer["name"] for layer in run["layers"]]
-        snapshots, steps = self._summaries.get((name, head.size, head.root),
-                                               lambda: self._snapshots(name, head, run))
+        snapshots, steps = self._summaries.get((name, head.size, head.root), lambda: self._snapshots(name, head, run))
         if not len(steps):  # a run with no steps of its own (an ablation: its run entry names its parent)
             shown = _shown_classes(classes, snapshots[0])
-            return {"classes": [classes[c] for c in shown], "layers": layers, "upto_step": 0, "first_step": 0,
-                    "last_step": 0, "entries": 0, "matrix": [[0.0] * len(shown) for _ in layers]}
+            return {
+                "classes": [classes[c] for c in shown],
+                "layers": layers,
+                "upto_step": 0,
+                "first_step": 0,
+                "last_step": 0,
+                "entries": 0,
+                "matrix": [[0.0] * len(shown) for _ in layers],
+            }
         upto = int(steps[-1]) if upto_step is None else upto_step
         stop = int(np.searchsorted(steps, upto, side="right")) + 1  # entries 1..stop-1 are at or before
         base = (stop - 1) // SUMMARY_EVERY
         matrix = snapshots[base].copy()
         self._accumulate(matrix, self.steps(name, head, base * SUMMARY_EVERY + 1, stop, run), classes)
         shown = _shown_classes(classes, matrix)
-        return {"classes": [classes[c] for c in shown], "layers": layers, "upto_step": upto,
-                "first_step": int(steps[0]), "last_step": int(steps[-1]), "entries": stop - 1,
-                "matrix": [[float(matrix[layer, c]) for c in shown] for layer in range(len(layers))]}
+        return {
+            "classes": [classes[c] for c in shown],
+            "layers": layers,
+            "upto_step": upto,
+            "first_step": int(steps[0]),
+            "last_step": int(steps[-1]),
+            "entries": stop - 1,
+            "matrix": [[float(matrix[layer, c]) for c in shown] for layer in range(len(layers))],
+        }
 
     def _snapshots(self, name: str, head: TreeHead, run: dict[str, Any]) -> tuple[list[np.ndarray], np.ndarray]:
         classes = run["classes"]
@@ -431,5 +466,4 @@ class Runs:
 def _shown_classes(classes: list[str], matrix: np.ndarray) -> list[int]:
     """The heatmap's columns: the taxonomy's leaves (nodes carry no examples), and any node that did contribute."""
     reached = matrix.sum(axis=0) > 0
-    return [i for i, c in enumerate(classes)
-            if reached[i] or not any(other.startswith(c + "/") for other in classes)]
+    return [i for i, c in enumerate(classes) if reached[i] or not any(other.startswith(c + "/") for other in classes)]

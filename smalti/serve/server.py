@@ -40,8 +40,10 @@ class ConnectionLimits:
 
 def _raw_response(status: int, reason: str, message: str) -> bytes:
     body = json.dumps({"error": message, "status": status}).encode()
-    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            f"connection: close\r\n\r\n").encode() + body
+    return (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        f"connection: close\r\n\r\n"
+    ).encode() + body
 
 
 def guarded_protocol(limits: ConnectionLimits) -> type:
@@ -74,8 +76,11 @@ def guarded_protocol(limits: ConnectionLimits) -> type:
         def _head_timed_out(self) -> None:
             self._head_timer = None
             if self.cycle is self._cycle_when_armed and not self.transport.is_closing():
-                self.transport.write(_raw_response(408, "Request Timeout",
-                                                   f"no complete request head within {limits.header_timeout:g} s"))
+                self.transport.write(
+                    _raw_response(
+                        408, "Request Timeout", f"no complete request head within {limits.header_timeout:g} s"
+                    )
+                )
                 self.transport.close()
 
         def handle_events(self) -> None:
@@ -95,8 +100,11 @@ def guarded_protocol(limits: ConnectionLimits) -> type:
         def send_400_response(self, msg: str) -> None:
             buffered = len(self.conn.trailing_data[0])
             if buffered >= MAX_HEAD:
-                self.transport.write(_raw_response(431, "Request Header Fields Too Large",
-                                                   f"a request head of more than {MAX_HEAD} bytes"))
+                self.transport.write(
+                    _raw_response(
+                        431, "Request Header Fields Too Large", f"a request head of more than {MAX_HEAD} bytes"
+                    )
+                )
             else:
                 self.transport.write(_raw_response(400, "Bad Request", "not a valid HTTP request"))
             self.transport.close()
@@ -104,8 +112,14 @@ def guarded_protocol(limits: ConnectionLimits) -> type:
     return GuardedH11Protocol
 
 
-def run(app: Any, host: str, port: int, limits: ConnectionLimits = ConnectionLimits(),
-        tls_cert: str | None = None, tls_key: str | None = None) -> None:
+def run(
+    app: Any,
+    host: str,
+    port: int,
+    limits: ConnectionLimits = ConnectionLimits(),
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+) -> None:
     import uvicorn
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -115,6 +129,18 @@ def run(app: Any, host: str, port: int, limits: ConnectionLimits = ConnectionLim
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
         except (ValueError, OSError):
             pass
-    uvicorn.run(app, host=host, port=port, log_level="warning", http=guarded_protocol(limits),
-                h11_max_incomplete_event_size=MAX_HEAD, server_header=False, proxy_headers=False,
-                forwarded_allow_ips="", timeout_keep_alive=5, timeout_graceful_shutdown=5, ssl_certfile=tls_cert, ssl_keyfile=tls_key)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        http=guarded_protocol(limits),
+        h11_max_incomplete_event_size=MAX_HEAD,
+        server_header=False,
+        proxy_headers=False,
+        forwarded_allow_ips="",
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=5,
+        ssl_certfile=tls_cert,
+        ssl_keyfile=tls_key,
+    )

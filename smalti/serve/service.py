@@ -66,8 +66,10 @@ def check_origin(origin: str) -> str:
     """``http(s)://host[:port]`` with nothing after it; a one-line error otherwise."""
     parts = urlsplit(origin)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") or parts.query:
-        raise SmaltiError(f"--origin {origin!r}: expected the service's public origin, e.g. https://audit.example "
-                          f"or http://127.0.0.1:8700")
+        raise SmaltiError(
+            f"--origin {origin!r}: expected the service's public origin, e.g. https://audit.example "
+            f"or http://127.0.0.1:8700"
+        )
     return f"{parts.scheme}://{parts.netloc.lower()}"
 
 
@@ -77,8 +79,11 @@ class Service(Closing):
         self.origin = check_origin(settings.origin)
         parts = urlsplit(self.origin)
         default_port = 443 if parts.scheme == "https" else 80
-        self.hosts = {parts.netloc} | ({cast(str, parts.hostname)}  # check_origin saw a host name
-                                       if (parts.port or default_port) == default_port else set())
+        self.hosts = {parts.netloc} | (
+            {cast(str, parts.hostname)}  # check_origin saw a host name
+            if (parts.port or default_port) == default_port
+            else set()
+        )
         self.secure = parts.scheme == "https"
         # One cookie name per origin: cookies ignore ports, and two services on one host must not overwrite each
         # other's session cookie (the header half is per origin anyway).
@@ -131,8 +136,9 @@ class Service(Closing):
     def query(self, run: str, question: tuple[Any, ...], ask: Callable[[Any], T]) -> T:
         """A forensic query, streamed over the ledger under one heavy slot; its (small) answer kept per head."""
         head, _ = self.runs.head(run)
-        return self._answers.get((run, head.size, head.root, question),
-                                 lambda: self.heavy(lambda: ask(self.runs.ledger(run, head))))
+        return self._answers.get(
+            (run, head.size, head.root, question), lambda: self.heavy(lambda: ask(self.runs.ledger(run, head)))
+        )
 
     # ---------------------------------------------------------------- runs
 
@@ -142,15 +148,29 @@ class Service(Closing):
             head, recorded = self.runs.head(name)
             trust = self.runs.trust(name, head, recorded).to_json()
             parent = self.runs.run_entry(name, head).get("parent") or {}
-            return {"run": name, "entries": head.size, "final": head.final, "signed": head.timestamp,
-                    "origin": head.origin, "trust": trust,
-                    "parent": self.runs.label(parent["run_dir"]) if parent else None,
-                    "link": parent.get("kind") if parent else None,
-                    "forgotten": parent.get("forgotten") if parent else None}
+            return {
+                "run": name,
+                "entries": head.size,
+                "final": head.final,
+                "signed": head.timestamp,
+                "origin": head.origin,
+                "trust": trust,
+                "parent": self.runs.label(parent["run_dir"]) if parent else None,
+                "link": parent.get("kind") if parent else None,
+                "forgotten": parent.get("forgotten") if parent else None,
+            }
         except (NotFound, Unprocessable, SmaltiError) as error:
-            return {"run": name, "entries": 0, "final": False, "signed": None, "origin": None,
-                    "trust": {"trusted": False, "reason": self.scrub(str(error)), "trainer": None},
-                    "parent": None, "link": None, "forgotten": None}
+            return {
+                "run": name,
+                "entries": 0,
+                "final": False,
+                "signed": None,
+                "origin": None,
+                "trust": {"trusted": False, "reason": self.scrub(str(error)), "trainer": None},
+                "parent": None,
+                "link": None,
+                "forgotten": None,
+            }
 
     def lineage(self, run: str) -> list[dict[str, Any]]:
         """The run's ancestors, nearest first, followed only within the served folder (a lookup per ancestor)."""
@@ -165,8 +185,15 @@ class Service(Closing):
             if not parent:
                 break
             label = self.runs.label(parent["run_dir"])
-            found.append({"run": label, "kind": parent.get("kind", "replay"), "forgotten": parent.get("forgotten"),
-                          "mode": parent.get("mode"), "head_size": (parent.get("head") or {}).get("size")})
+            found.append(
+                {
+                    "run": label,
+                    "kind": parent.get("kind", "replay"),
+                    "forgotten": parent.get("forgotten"),
+                    "mode": parent.get("mode"),
+                    "head_size": (parent.get("head") or {}).get("size"),
+                }
+            )
             if label in seen or not self.runs.is_run(label):
                 break  # outside the folder, not a run here, or a circle
             seen.add(label)
@@ -179,8 +206,10 @@ class Service(Closing):
 
     def entropy(self, run: str, max_profiles: int) -> dict[str, Any]:
         head, _ = self.runs.head(run)
-        return self._answers.get((run, head.size, head.root, "entropy", max_profiles),
-                                 lambda: self.heavy(lambda: self._entropy(run, head, max_profiles)))
+        return self._answers.get(
+            (run, head.size, head.root, "entropy", max_profiles),
+            lambda: self.heavy(lambda: self._entropy(run, head, max_profiles)),
+        )
 
     def _entropy(self, run: str, head: TreeHead, max_profiles: int) -> dict[str, Any]:
         config = self.runs.run_entry(run, head).get("entropy") or {}
@@ -193,8 +222,12 @@ class Service(Closing):
                 if seen % keep == 0:
                     profiles.append({"step": body["step"], "entropy": body["entropy"]})
                 seen += 1
-        return {"layers": config.get("layers", []), "classes": config.get("classes", []), "measured": seen,
-                "profiles": profiles[:max_profiles]}
+        return {
+            "layers": config.get("layers", []),
+            "classes": config.get("classes", []),
+            "measured": seen,
+            "profiles": profiles[:max_profiles],
+        }
 
     def report(self, run: str) -> str:
         """The HTML report, checked against the taxonomy's trainer key (rendered once per head, then kept)."""
@@ -209,16 +242,25 @@ class Service(Closing):
         def render() -> str:
             path = self.runs.path(run)
             key = self.runs.trainer_key(recorded)
-            verified = (verify_ledger(path, key, workers=1, in_progress=True, read_only=True) if key is not None
-                        else VerifyReport(ok=False, problem="the taxonomy names no single trainer to check it "
-                                                            "against"))
+            verified = (
+                verify_ledger(path, key, workers=1, in_progress=True, read_only=True)
+                if key is not None
+                else VerifyReport(ok=False, problem="the taxonomy names no single trainer to check it against")
+            )
             served = ServedBy(self.runs.label, key, self.settings.limits.max_report_checkpoint_bytes)
             try:
-                page = render_report(path, verified, read_only=True, title=run,
-                                     untrusted=None if trust.trusted else trust.reason, served=served)
+                page = render_report(
+                    path,
+                    verified,
+                    read_only=True,
+                    title=run,
+                    untrusted=None if trust.trusted else trust.reason,
+                    served=served,
+                )
             except (EntryFormatError, AuditError, ValueError, TypeError, OverflowError) as error:
                 raise Unprocessable(f"run {run!r}: its ledger cannot be reported ({error})") from None
             return self.scrub(page)  # whatever a message below quoted: no path of this machine leaves it
 
-        return self.runs.reports.get((run, head.size, head.root, head.signature),
-                                     lambda: self._slot(self._reports, render, "reports"))
+        return self.runs.reports.get(
+            (run, head.size, head.root, head.signature), lambda: self._slot(self._reports, render, "reports")
+        )

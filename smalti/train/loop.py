@@ -119,8 +119,7 @@ class TrainingLoop:
         # A sharded checkpoint being written in the background (checkpoint.async_save), over a gloo group of
         # its own so its coordination never interleaves with the training step's collectives.
         self._pending_save: tuple[sharded_checkpoint.PendingSave, str, bool] | None = None
-        self._background_group = (torch.distributed.new_group(backend="gloo") if recipe.checkpoint.async_save
-                                  else None)
+        self._background_group = torch.distributed.new_group(backend="gloo") if recipe.checkpoint.async_save else None
         self._last_loss = float("nan")
         self._earlier_seconds = 0.0
         self._fit_started = time.perf_counter()
@@ -130,8 +129,9 @@ class TrainingLoop:
         if self.dist.is_main:
             self._write_run_files()
 
-    def _build_parts(self, model: torch.nn.Module | None, data: LanguageModelData | None,
-                     algorithms: Sequence[Algorithm] | None) -> None:
+    def _build_parts(
+        self, model: torch.nn.Module | None, data: LanguageModelData | None, algorithms: Sequence[Algorithm] | None
+    ) -> None:
         """Data, algorithms, the model in place, and what steps it: nothing written to the run directory."""
         recipe = self.recipe
         # Same seed on every rank for the data order and the initial weights...
@@ -140,8 +140,9 @@ class TrainingLoop:
         self.algorithms = list(build_algorithms(recipe.algorithms) if algorithms is None else algorithms)
         # Model surgery, in its fixed order, before anything else holds the parameters (smalti/core/surgery.py).
         # Any module with ``loss`` (summed), ``loss_units`` and, for classifiers, ``accuracy_counts``.
-        self.model: Any = apply_surgery(model or build_model_for(recipe, self.data, surgery=False),
-                                        self.algorithms).to(self.device)
+        self.model: Any = apply_surgery(model or build_model_for(recipe, self.data, surgery=False), self.algorithms).to(
+            self.device
+        )
         # FSDP2 shards the model before anything holds its parameters (the optimizer, the seam).
         self.placement = Placement(self.model, recipe, self.dist, self.device)
         # ...then a per-rank stream for dropout and anything else random in the loop.
@@ -153,14 +154,20 @@ class TrainingLoop:
         self.log_every = Time.parse(recipe.logging.interval)
         self.eval_every = Time.parse(recipe.eval.interval)
         self.checkpoint_every = Time.parse(recipe.checkpoint.interval)
-        self.state = State(model=self.model, optimizer=self.optimizer, max_duration=Time.parse(recipe.train.max_duration),
-                           data_shape=self.data.shape, device=self.device)
+        self.state = State(
+            model=self.model,
+            optimizer=self.optimizer,
+            max_duration=Time.parse(recipe.train.max_duration),
+            data_shape=self.data.shape,
+            device=self.device,
+        )
 
     def _build_seam(self, factory: SeamFactory | None) -> StepSeam:
         """The step seam, checked against the algorithms and the placement before anything is written."""
         starts_fresh = not (self.recipe.checkpoint.autoresume and self.checkpoints.all())
-        context = SeamContext(self.recipe, self.run_dir, self.model, self.data, self.algorithms, self.state,
-                              self.dist, starts_fresh)
+        context = SeamContext(
+            self.recipe, self.run_dir, self.model, self.data, self.algorithms, self.state, self.dist, starts_fresh
+        )
         seam = factory(context) if factory is not None else StepSeam(self.dist)
         self.state.governance = seam.algorithm_view
         if seam.routes:
@@ -323,8 +330,9 @@ class TrainingLoop:
         state, engine, seam, placement = self.state, self.engine, self.seam, self.placement
         step = state.timestamp.batch
         total_loss = torch.zeros((), device=self.device)
-        microbatches = seam.microbatches(full_batch.split(-(-full_batch.num_samples // self.microbatches_per_rank)),
-                                         step)
+        microbatches = seam.microbatches(
+            full_batch.split(-(-full_batch.num_samples // self.microbatches_per_rank)), step
+        )
         if seam.routes:  # only a routing seam splits microbatches by signature, differently on each rank
             placement.lockstep_forwards(len(microbatches), full_batch.select(slice(0, 1)))
         for index, microbatch in enumerate(microbatches):
@@ -394,9 +402,15 @@ class TrainingLoop:
         classifier = hasattr(self.model, "accuracy_counts")
         by_class = ClassLosses(len(self.data.class_names), self.device)  # every row has a class: they sum to all
         correct = torch.zeros(1, dtype=torch.float64, device=self.device)
-        batches = list(self.data.eval_batches(
-            self.recipe.eval.batch_size, self.recipe.eval.max_samples, self.dist.rank, self.dist.world_size,
-            self.recipe.eval.classes))
+        batches = list(
+            self.data.eval_batches(
+                self.recipe.eval.batch_size,
+                self.recipe.eval.max_samples,
+                self.dist.rank,
+                self.dist.world_size,
+                self.recipe.eval.classes,
+            )
+        )
         if batches:
             self.placement.lockstep_forwards(len(batches), batches[0].select(slice(0, 1)).to(self.device))
         for batch in batches:
@@ -436,9 +450,16 @@ class TrainingLoop:
         if self.placement.fsdp:  # every rank writes its shards (smalti/sharded_checkpoint.py); rank 0 commits
             self._finish_save()  # one background save at a time
             background = None if state.is_done else self._background_group  # the final one is waited for
-            pending = sharded_checkpoint.save(self.checkpoints.directory, name, self.model, self.optimizer,
-                                              payload.to_dict() if payload is not None else None, self.dist.is_main,
-                                              lambda: distributed.barrier(self.dist), background)
+            pending = sharded_checkpoint.save(
+                self.checkpoints.directory,
+                name,
+                self.model,
+                self.optimizer,
+                payload.to_dict() if payload is not None else None,
+                self.dist.is_main,
+                lambda: distributed.barrier(self.dist),
+                background,
+            )
             self._pending_save = (pending, name, keep_always)
             if background is None:
                 self._finish_save()
@@ -503,8 +524,10 @@ class TrainingLoop:
         found = self.checkpoints.newest_intact(tensors=not self.placement.fsdp) if config.autoresume else None
         latest = found[0] if found is not None else None
         if found is not None and found[2] and self.dist.is_main:
-            print(f"smalti: {'; '.join(found[2])}; resuming from {found[0].name}, the newest intact checkpoint",
-                  file=sys.stderr)
+            print(
+                f"smalti: {'; '.join(found[2])}; resuming from {found[0].name}, the newest intact checkpoint",
+                file=sys.stderr,
+            )
         if found is not None:
             raw = found[1]
             self._check_same_recipe(raw, found[0], also_allowed=self.seam.resumable_changes(raw))
@@ -533,25 +556,36 @@ class TrainingLoop:
         """The same data (freshness, then order), signed taxonomy, surgery and policy; the sampler's position."""
         recorded, current = payload.data.get("manifest_version"), self.data.provenance.get("manifest_version")
         if same_run and recorded is not None and current is not None and current < recorded:
-            raise CheckpointError(f"{where}: trained on release {recorded} of the dataset; {self.data.provenance['url']} "
-                                  f"now holds release {current} (rolled back?)")
+            raise CheckpointError(
+                f"{where}: trained on release {recorded} of the dataset; {self.data.provenance['url']} "
+                f"now holds release {current} (rolled back?)"
+            )
         try:
             position = self.data.sampler.check_resumable(payload.sampler)
         except ValueError as error:
-            hint = ("; to start from its weights only, with this run's own data, use --init-from its run "
-                    "(init.from_run)" if not same_run else "")
+            hint = (
+                "; to start from its weights only, with this run's own data, use --init-from its run (init.from_run)"
+                if not same_run
+                else ""
+            )
             raise CheckpointError(f"{where}: {error}{hint}") from None
         # Keys never shape training (the order ignores them), but a run's evidence names one signed taxonomy
         # and policy: after a re-signing or a key rotation, continue from these weights as a new run.
-        signed_then, signed_now = payload.data.get("taxonomy_fingerprint"), self.data.provenance.get("taxonomy_fingerprint")
+        signed_then, signed_now = (
+            payload.data.get("taxonomy_fingerprint"),
+            self.data.provenance.get("taxonomy_fingerprint"),
+        )
         if same_run and signed_then != signed_now:
             raise CheckpointError(
                 f"{where}: trained under taxonomy {str(signed_then)[:12]}..., now {str(signed_now)[:12]}... (re-signed, or "
                 f"keys rotated); a run's ledger names one signed taxonomy: continue in a new run directory with "
-                f"--set checkpoint.load_path={where}")
+                f"--set checkpoint.load_path={where}"
+            )
         if payload.surgery != applied_surgery(self.model):
-            raise CheckpointError(f"{where}: written for a model with surgery {payload.surgery}, "
-                                  f"this one has {applied_surgery(self.model)}; use the same algorithms")
+            raise CheckpointError(
+                f"{where}: written for a model with surgery {payload.surgery}, "
+                f"this one has {applied_surgery(self.model)}; use the same algorithms"
+            )
         if same_run and payload.policy_fingerprint != self.seam.policy_fingerprint:
             raise CheckpointError(f"{where}: trained under another routing policy (or none); use another --run-dir")
         return position
@@ -561,8 +595,10 @@ class TrainingLoop:
         try:
             if self.placement.fsdp:  # every rank reads its own shards, resharded to this world size by DCP
                 if not Path(where).is_dir():
-                    raise CheckpointError(f"{where}: a single-file checkpoint; a train.parallelism fsdp run loads "
-                                          "sharded (.dcp) checkpoints (train it with ddp, or start a new run)")
+                    raise CheckpointError(
+                        f"{where}: a single-file checkpoint; a train.parallelism fsdp run loads "
+                        "sharded (.dcp) checkpoints (train it with ddp, or start a new run)"
+                    )
                 sharded_checkpoint.load_into(Path(where), self.model, self.optimizer)
             else:
                 self.model.load_state_dict(raw["model"])
@@ -616,8 +652,10 @@ class TrainingLoop:
         atomic_write_bytes(self.run_dir / "algorithms.json", (json.dumps(methods, indent=1) + "\n").encode())
         # The signed documents that governed the run, byte for byte with their signatures, so the run
         # directory alone answers an auditor (the ledger records their sha256: any swap shows).
-        documents = {"taxonomy.yaml": self.recipe.data.taxonomy if self.data.taxonomy is not None else None,
-                     "policy.yaml": self.recipe.governance.policy}
+        documents = {
+            "taxonomy.yaml": self.recipe.data.taxonomy if self.data.taxonomy is not None else None,
+            "policy.yaml": self.recipe.governance.policy,
+        }
         for name, source in documents.items():
             for suffix in ("", ".sig") if source is not None else ():
                 path = Path(f"{source}{suffix}")

@@ -42,8 +42,10 @@ class Placement(Closing):
         if not self.fsdp:
             return
         if self._param_dtype != "fp32":
-            raise RecipeError("train.fsdp.param_dtype bf16 cannot run with a routing policy or the ledger (they "
-                              "read each microbatch's fp32 gradients); use train.precision: amp_bf16 instead")
+            raise RecipeError(
+                "train.fsdp.param_dtype bf16 cannot run with a routing policy or the ledger (they "
+                "read each microbatch's fp32 gradients); use train.precision: amp_bf16 instead"
+            )
         # A routed backward pass stops below the lowest parameter its examples may update, so ranks would
         # all-gather different blocks in backward: blocks stay gathered from forward to backward instead, and
         # backward has no collective at all.
@@ -56,7 +58,8 @@ class Placement(Closing):
         checkpoints always see the plain module."""
         if self.dist.enabled and not self.fsdp:
             self.ddp = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
             self.forward_model = self.ddp
         if self._compile:
             self.forward_model = torch.compile(self.forward_model)

@@ -84,8 +84,10 @@ class StepSeam(Closing):
         if precision == "amp_fp16":
             scaled = [a.name for a in algorithms if a.needs_unscaled_gradients]
             if scaled:
-                raise RecipeError(f"algorithm {scaled[0]} reads gradients, which amp_fp16 keeps loss-scaled "
-                                  "until the step; use amp_bf16 or fp32")
+                raise RecipeError(
+                    f"algorithm {scaled[0]} reads gradients, which amp_fp16 keeps loss-scaled "
+                    "until the step; use amp_bf16 or fp32"
+                )
 
     def open(self, model: torch.nn.Module) -> None:
         """The run directory is this process's now: create what the seam writes there."""

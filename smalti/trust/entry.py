@@ -96,6 +96,7 @@ def canonical_json(body: dict[str, Any]) -> bytes:
 
 # ------------------------------------------------------------------ packed tables
 
+
 def _float32(value: Any) -> float:
     """A logical number as the float32 table stores it: null is NaN, "nan"/"inf"/"-inf" are themselves."""
     return math.nan if value is None else float(value)
@@ -112,9 +113,14 @@ def _pack(rows: list[list[float]] | np.ndarray, columns: int) -> dict[str, Any]:
 
 
 def _unpack(packed: Any, field: str) -> np.ndarray:
-    if (type(packed) is not dict or packed.keys() != {"f32", "shape"} or type(packed["f32"]) is not str
-            or type(packed["shape"]) is not list or len(packed["shape"]) != 2
-            or any(type(n) is not int or n < 0 for n in packed["shape"])):
+    if (
+        type(packed) is not dict
+        or packed.keys() != {"f32", "shape"}
+        or type(packed["f32"]) is not str
+        or type(packed["shape"]) is not list
+        or len(packed["shape"]) != 2
+        or any(type(n) is not int or n < 0 for n in packed["shape"])
+    ):
         raise EntryFormatError(f"{field}: not a packed float32 table")
     try:
         raw = base64.b64decode(packed["f32"], validate=True)
@@ -181,8 +187,11 @@ def unpack_body(stored: dict[str, Any]) -> dict[str, Any]:
             if table.size and table.shape[1] != 2:
                 raise EntryFormatError(f"contributions[{signature}]: not a (norm, share) table")
             positive = (table[:, 0] > 0).tolist() if table.size else []
-            contributions[signature] = [[layer, norm, share] for layer, ((norm, share), kept)
-                                        in enumerate(zip(_logical_rows(table), positive)) if kept]
+            contributions[signature] = [
+                [layer, norm, share]
+                for layer, ((norm, share), kept) in enumerate(zip(_logical_rows(table), positive))
+                if kept
+            ]
         body["contributions"] = contributions
     if "entropy" in stored:
         body["entropy"] = _logical_rows(_unpack(stored["entropy"], "entropy"))
@@ -190,6 +199,7 @@ def unpack_body(stored: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ entries
+
 
 def encode_entry(index: int, previous_leaf: bytes, body: dict[str, Any]) -> bytes:
     return encode_packed_entry(index, previous_leaf, pack_body(body))
@@ -296,9 +306,15 @@ def _check_run(body: dict[str, Any]) -> None:
     if "classes" in body:
         _require(_strings(body["classes"]), "classes", "a list of class names")
     layers = body.get("layers", [])
-    _require(type(layers) is list and all(type(layer) is dict and type(layer.get("name")) is str
-                                          and _strings(layer.get("parameters")) for layer in layers),
-             "layers", "a list of {name, parameters}")
+    _require(
+        type(layers) is list
+        and all(
+            type(layer) is dict and type(layer.get("name")) is str and _strings(layer.get("parameters"))
+            for layer in layers
+        ),
+        "layers",
+        "a list of {name, parameters}",
+    )
     for field in ("contribution_rule", "update_share_rule", "trainer_key", "recipe_fingerprint"):
         if field in body:
             _require(type(body[field]) is str, field, "a string")
@@ -306,23 +322,44 @@ def _check_run(body: dict[str, Any]) -> None:
         _require(_optional_str_map(body["fingerprints"]), "fingerprints", "a map of names to digests")
     routing = body.get("routing")
     if routing is not None:
-        _require(type(routing) is list and all(
-            type(phase) is dict and _is_int(phase.get("start_batch")) and _strings(phase.get("layers"))
-            and len(phase["layers"]) == len(body.get("classes", []))
-            and all(len(row) == len(layers) and set(row) <= {"0", "1", "p"} for row in phase["layers"])
-            for phase in routing), "routing", "per phase a start batch and one 0/1/p string per class")
+        _require(
+            type(routing) is list
+            and all(
+                type(phase) is dict
+                and _is_int(phase.get("start_batch"))
+                and _strings(phase.get("layers"))
+                and len(phase["layers"]) == len(body.get("classes", []))
+                and all(len(row) == len(layers) and set(row) <= {"0", "1", "p"} for row in phase["layers"])
+                for phase in routing
+            ),
+            "routing",
+            "per phase a start batch and one 0/1/p string per class",
+        )
     parent = body.get("parent")
     if parent is not None:
-        _require(type(parent) is dict and type(parent.get("run_dir")) is str and type(parent.get("head")) is dict
-                 and type(parent.get("kind", "replay")) is str
-                 and all(type(parent.get(f)) in (str, type(None)) for f in ("trainer_key", "forgotten", "mode",
-                                                                               "start_weights_sha256"))
-                 and type(parent.get("fork_step")) in (int, type(None)), "parent",
-                 "a link {kind, run_dir, head, trainer_key, ...}")
+        _require(
+            type(parent) is dict
+            and type(parent.get("run_dir")) is str
+            and type(parent.get("head")) is dict
+            and type(parent.get("kind", "replay")) is str
+            and all(
+                type(parent.get(f)) in (str, type(None))
+                for f in ("trainer_key", "forgotten", "mode", "start_weights_sha256")
+            )
+            and type(parent.get("fork_step")) in (int, type(None)),
+            "parent",
+            "a link {kind, run_dir, head, trainer_key, ...}",
+        )
     entropy = body.get("entropy")
     if entropy is not None:
-        _require(type(entropy) is dict and _strings(entropy.get("layers")) and _strings(entropy.get("classes"))
-                 and _is_int(entropy.get("every", 0)), "entropy", "{every, layers, classes, ...}")
+        _require(
+            type(entropy) is dict
+            and _strings(entropy.get("layers"))
+            and _strings(entropy.get("classes"))
+            and _is_int(entropy.get("every", 0)),
+            "entropy",
+            "{every, layers, classes, ...}",
+        )
 
 
 def _check_step(body: dict[str, Any]) -> None:
@@ -330,28 +367,52 @@ def _check_step(body: dict[str, Any]) -> None:
     if "loss" in body:
         _require(_is_number(body["loss"]), "loss", "a number")
     if "time" in body:
-        _require(type(body["time"]) is dict and all(_is_int(v) for v in body["time"].values()), "time",
-                 "a map of counters (batch, epoch, sample, ...) to integers")
+        _require(
+            type(body["time"]) is dict and all(_is_int(v) for v in body["time"].values()),
+            "time",
+            "a map of counters (batch, epoch, sample, ...) to integers",
+        )
     if "skipped" in body:
         _require(type(body["skipped"]) is bool, "skipped", "true or false")
     examples = body.get("examples", {})
-    _require(type(examples) is dict and all(_ints(ids) for ids in examples.values()), "examples",
-             "a map of class signatures to example indices")
+    _require(
+        type(examples) is dict and all(_ints(ids) for ids in examples.values()),
+        "examples",
+        "a map of class signatures to example indices",
+    )
     _require(_ints(body.get("dropped", [])), "dropped", "a list of example indices")
     counts = body.get("counts", {})
-    _require(type(counts) is dict and all(_is_int(n) for n in counts.values()), "counts",
-             "a map of classes to integers")
+    _require(
+        type(counts) is dict and all(_is_int(n) for n in counts.values()), "counts", "a map of classes to integers"
+    )
     if "fingerprints" in body:
         _require(_optional_str_map(body["fingerprints"]), "fingerprints", "a map of names to digests")
     contributions = body.get("contributions", {})
-    _require(type(contributions) is dict and all(
-        type(cells) is list and all(type(cell) is list and len(cell) == 3 and _is_int(cell[0])
-                                    and _is_number(cell[1]) and _is_number(cell[2]) for cell in cells)
-        for cells in contributions.values()), "contributions", "per signature a list of [layer, norm, share]")
+    _require(
+        type(contributions) is dict
+        and all(
+            type(cells) is list
+            and all(
+                type(cell) is list
+                and len(cell) == 3
+                and _is_int(cell[0])
+                and _is_number(cell[1])
+                and _is_number(cell[2])
+                for cell in cells
+            )
+            for cells in contributions.values()
+        ),
+        "contributions",
+        "per signature a list of [layer, norm, share]",
+    )
     for field in ("layers", "entropy"):
         if field in body:
-            _require(type(body[field]) is list and all(type(row) is list and all(
-                v is None or _is_number(v) for v in row) for row in body[field]), field, "a table of numbers")
+            _require(
+                type(body[field]) is list
+                and all(type(row) is list and all(v is None or _is_number(v) for v in row) for row in body[field]),
+                field,
+                "a table of numbers",
+            )
 
 
 @dataclass(frozen=True)
@@ -381,8 +442,9 @@ class TreeHead:
     origin: str = ""
 
     @classmethod
-    def signed(cls, key: Any, origin: str, size: int, root: bytes, final: bool, weights: str = "",
-               timestamp: str | None = None) -> "TreeHead":
+    def signed(
+        cls, key: Any, origin: str, size: int, root: bytes, final: bool, weights: str = "", timestamp: str | None = None
+    ) -> "TreeHead":
         """A head signed now by ``key`` (a ``SigningKey``)."""
         import datetime as _dt
 
@@ -393,8 +455,11 @@ class TreeHead:
     def message(self) -> bytes:
         from smalti.trust.note import checkpoint_text
 
-        extensions = [f"smalti-format {formats.TREE_HEAD}", f"smalti-time {self.timestamp}",
-                      f"smalti-final {'true' if self.final else 'false'}"]
+        extensions = [
+            f"smalti-format {formats.TREE_HEAD}",
+            f"smalti-time {self.timestamp}",
+            f"smalti-final {'true' if self.final else 'false'}",
+        ]
         if self.weights:
             extensions.append(f"smalti-weights {self.weights}")
         return checkpoint_text(self.origin, self.size, self.root, extensions).encode()
@@ -406,9 +471,17 @@ class TreeHead:
         return self.message().decode() + "\n" + signature_line(self.origin, public, self.signature)
 
     def to_json(self) -> dict[str, Any]:
-        return {"size": self.size, "root": self.root.hex(), "timestamp": self.timestamp, "final": self.final,
-                "key_id": self.key_id, "signature": self.signature.hex(), "weights": self.weights,
-                "origin": self.origin, "message": self.message().decode()}
+        return {
+            "size": self.size,
+            "root": self.root.hex(),
+            "timestamp": self.timestamp,
+            "final": self.final,
+            "key_id": self.key_id,
+            "signature": self.signature.hex(),
+            "weights": self.weights,
+            "origin": self.origin,
+            "message": self.message().decode(),
+        }
 
     @staticmethod
     def states_itself(head: dict[str, Any]) -> bool:
@@ -418,10 +491,14 @@ class TreeHead:
 
         try:
             checkpoint = Checkpoint.parse(head["message"])
-            return (checkpoint.origin == head["origin"] and checkpoint.size == head["size"]
-                    and checkpoint.root.hex() == head["root"] and checkpoint.extension("time") == head["timestamp"]
-                    and checkpoint.extension("final") == ("true" if head["final"] else "false")
-                    and (checkpoint.extension("weights") or "") == (head.get("weights") or "")
-                    and checkpoint.extension("format") == formats.TREE_HEAD)
+            return (
+                checkpoint.origin == head["origin"]
+                and checkpoint.size == head["size"]
+                and checkpoint.root.hex() == head["root"]
+                and checkpoint.extension("time") == head["timestamp"]
+                and checkpoint.extension("final") == ("true" if head["final"] else "false")
+                and (checkpoint.extension("weights") or "") == (head.get("weights") or "")
+                and checkpoint.extension("format") == formats.TREE_HEAD
+            )
         except (KeyError, TypeError, NoteError):
             return False

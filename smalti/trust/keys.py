@@ -31,7 +31,9 @@ class SigningKey:
 
     def __init__(self, key: Ed25519PrivateKey) -> None:
         self._key = key
-        self.public = PublicKey(key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+        self.public = PublicKey(
+            key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        )
 
     @classmethod
     def generate(cls) -> "SigningKey":
@@ -84,10 +86,14 @@ def write_key_pair(name: str, directory: str | Path, kind: str = "ed25519") -> t
         pem, public_text = key.private_pem(), f"# {name} (key id {key.public.key_id})\n{key.public.text}\n"
     else:
         curve_key = ec.generate_private_key(ec.SECP256R1())
-        pem = curve_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption())
-        public_text = curve_key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+        pem = curve_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        public_text = (
+            curve_key.public_key()
+            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            .decode()
+        )
     fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(pem)
@@ -101,10 +107,17 @@ class Signature:
     value: bytes
 
     def to_json(self) -> str:
-        return json.dumps(
-            {"algorithm": "ed25519", "key_id": self.key_id, "signature": base64.b64encode(self.value).decode("ascii")},
-            indent=2,
-        ) + "\n"
+        return (
+            json.dumps(
+                {
+                    "algorithm": "ed25519",
+                    "key_id": self.key_id,
+                    "signature": base64.b64encode(self.value).decode("ascii"),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
     @classmethod
     def from_json(cls, text: str, where: str) -> "Signature":

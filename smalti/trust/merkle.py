@@ -74,7 +74,7 @@ class Frontier:
             size = self.size & -self.size or 1 << (end - position).bit_length()
             while size > end - position:
                 size >>= 1
-            self._push(size, root(leaves[position:position + size]))
+            self._push(size, root(leaves[position : position + size]))
             position += size
 
     @property

@@ -112,7 +112,7 @@ class Checkpoint:
     def extension(self, key: str) -> str | None:
         """The value of Smalti's extension line ``smalti-<key> <value>``, if present."""
         prefix = f"smalti-{key} "
-        return next((line[len(prefix):] for line in self.extensions if line.startswith(prefix)), None)
+        return next((line[len(prefix) :] for line in self.extensions if line.startswith(prefix)), None)
 
 
 def signature_line(name: str, public: bytes, signature: bytes) -> str:

@@ -41,7 +41,7 @@ class Pkcs11Uri:
     def parse(cls, uri: str) -> "Pkcs11Uri":
         if not is_uri(uri):
             raise SignatureError(f"{uri}: not a pkcs11: URI")
-        path, _, query = uri[len("pkcs11:"):].partition("?")
+        path, _, query = uri[len("pkcs11:") :].partition("?")
         attributes: dict[str, str] = {}
         options: dict[str, str] = {}
         for part, into in ((path, attributes), (query, options)):
@@ -100,8 +100,9 @@ class Pkcs11SigningKey:
             self._private = self._session.get_key(ObjectClass.PRIVATE_KEY, KeyType.EC_EDWARDS, label=self.uri.object)
             public = self._session.get_key(ObjectClass.PUBLIC_KEY, KeyType.EC_EDWARDS, label=self.uri.object)
         except pkcs11.exceptions.NoSuchKey:
-            raise SignatureError(f"{uri}: no Ed25519 key pair labelled {self.uri.object!r} in token "
-                                 f"{self.uri.token!r}") from None
+            raise SignatureError(
+                f"{uri}: no Ed25519 key pair labelled {self.uri.object!r} in token {self.uri.token!r}"
+            ) from None
         except pkcs11.exceptions.MultipleObjectsReturned:
             raise SignatureError(f"{uri}: more than one key labelled {self.uri.object!r}") from None
         self.public = _public_from_point(public[Attribute.EC_POINT])
@@ -127,13 +128,18 @@ def generate(uri: str, kind: str = "ed25519") -> PublicKey | str:
     session = _session(parsed, write=True)
     try:
         if list(session.get_objects({Attribute.LABEL: parsed.object, Attribute.CLASS: ObjectClass.PRIVATE_KEY})):
-            raise SignatureError(f"{uri}: the token already holds a key labelled {parsed.object!r}; refusing to add another")
+            raise SignatureError(
+                f"{uri}: the token already holds a key labelled {parsed.object!r}; refusing to add another"
+            )
         edwards = kind == "ed25519"
         public, _ = session.generate_keypair(
-            KeyType.EC_EDWARDS if edwards else KeyType.EC, store=True, label=parsed.object,
+            KeyType.EC_EDWARDS if edwards else KeyType.EC,
+            store=True,
+            label=parsed.object,
             mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN if edwards else Mechanism.EC_KEY_PAIR_GEN,
             public_template={Attribute.EC_PARAMS: ED25519_PARAMS if edwards else P256_PARAMS, Attribute.VERIFY: True},
-            private_template={Attribute.SIGN: True, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False})
+            private_template={Attribute.SIGN: True, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False},
+        )
         if edwards:
             return _public_from_point(public[Attribute.EC_POINT])
         return _p256_pem(public[Attribute.EC_POINT])
@@ -157,7 +163,9 @@ def with_module_and_pin(uri: str) -> str:
     from urllib.parse import quote
 
     parsed = Pkcs11Uri.parse(uri)
-    module = parsed.module or os.environ.get(MODULE_ENV) or next((m for m in DEFAULT_MODULES if Path(m).is_file()), None)
+    module = (
+        parsed.module or os.environ.get(MODULE_ENV) or next((m for m in DEFAULT_MODULES if Path(m).is_file()), None)
+    )
     pin = parsed.pin or os.environ.get(PIN_ENV)
     extra = [f"module-path={quote(module, safe='/')}"] if module and not parsed.module else []
     extra += [f"pin-value={quote(pin, safe='')}"] if pin and not parsed.pin else []

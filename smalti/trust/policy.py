@@ -52,8 +52,13 @@ from smalti.trust.keys import read_signature, verify_bytes
 from smalti.trust.taxonomy import Taxonomy
 
 ADAPTER_MACRO = "@adapter"
-ADAPTER_FORMS = ("*.adapters.{key}", "*.lora_A.{key}", "*.lora_B.{key}", "*.lora_embedding_A.{key}",
-                 "*.lora_embedding_B.{key}")
+ADAPTER_FORMS = (
+    "*.adapters.{key}",
+    "*.lora_A.{key}",
+    "*.lora_B.{key}",
+    "*.lora_embedding_A.{key}",
+    "*.lora_embedding_B.{key}",
+)
 
 
 class PolicyError(SmaltiError):
@@ -138,7 +143,9 @@ class Policy:
             raise PolicyError(f"{where}: 'default' must be allow or deny, got {default!r}")
         taxonomy = spec.get("taxonomy") or {}
         rules = [_rule(entry, f"{where}: rule {i + 1}") for i, entry in enumerate(spec.get("rules") or [])]
-        exclusive = [_exclusive(entry, f"{where}: exclusive rule {i + 1}") for i, entry in enumerate(spec.get("exclusive") or [])]
+        exclusive = [
+            _exclusive(entry, f"{where}: exclusive rule {i + 1}") for i, entry in enumerate(spec.get("exclusive") or [])
+        ]
         return cls(
             name=str(spec.get("policy") or Path(where).stem),
             default=default,
@@ -163,7 +170,9 @@ class Policy:
                 raise PolicyError(f"{path}: taxonomy '{taxonomy.name}' names no model-risk authority to sign policies")
             signature = read_signature(path)
             if signature.key_id != key.key_id:
-                raise PolicyError(f"{path}: signed by key {signature.key_id}, not by the model-risk authority's key {key.key_id}")
+                raise PolicyError(
+                    f"{path}: signed by key {signature.key_id}, not by the model-risk authority's key {key.key_id}"
+                )
             verify_bytes(data, signature, key, where=str(path))
         return cls.parse(data, str(path))
 
@@ -183,7 +192,10 @@ class Policy:
                 f"{where}: written for a model with fingerprint {self.model_fingerprint[:12]}..., "
                 f"this model's is {fingerprint[:12]}... (layers or adapters differ)"
             )
-        groups: list[tuple[str, Sequence[Rule | ExclusiveRule]]] = [("rule", self.rules), ("exclusive rule", self.exclusive)]
+        groups: list[tuple[str, Sequence[Rule | ExclusiveRule]]] = [
+            ("rule", self.rules),
+            ("exclusive rule", self.exclusive),
+        ]
         for label, rules in groups:
             for i, rule in enumerate(rules, start=1):
                 for node in rule.classes:
@@ -225,7 +237,9 @@ class Policy:
     # ------------------------------------------------------------------ decisions
 
     def exclusive_parameters(self, parameter_names: Sequence[str]) -> list[set[str]]:
-        return [{n for n in parameter_names if any(matches(p, n) for p in self._expand(rule))} for rule in self.exclusive]
+        return [
+            {n for n in parameter_names if any(matches(p, n) for p in self._expand(rule))} for rule in self.exclusive
+        ]
 
     def expanded_rules(self) -> list[Rule]:
         return [Rule(r.classes, tuple(self._expand(r)), r.action, r.phase, r.name) for r in self.rules]

@@ -31,7 +31,7 @@ class PublicKey:
         if not text.startswith(PUBLIC_PREFIX):
             raise SignatureError(f"{where}: expected 'ed25519:<base64>', got {text[:24]!r}")
         try:
-            raw = base64.b64decode(text[len(PUBLIC_PREFIX):], validate=True)
+            raw = base64.b64decode(text[len(PUBLIC_PREFIX) :], validate=True)
         except (binascii.Error, ValueError):
             raise SignatureError(f"{where}: public key is not valid base64") from None
         if len(raw) != 32:
@@ -43,7 +43,9 @@ class PublicKey:
         path = Path(path)
         if not path.is_file():
             raise SignatureError(f"{path}: public key file not found")
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and not line.startswith("#")]
+        lines = [
+            line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and not line.startswith("#")
+        ]
         if len(lines) != 1:
             raise SignatureError(f"{path}: expected one line 'ed25519:<base64>'")
         return cls.parse(lines[0], where=str(path))

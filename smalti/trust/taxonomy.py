@@ -136,7 +136,9 @@ class Taxonomy:
         else:
             match = [a.key for a in governance if a.key is not None and a.key.key_id == signature.key_id]
             if not match:
-                raise TaxonomyError(f"{path}: signed by key {signature.key_id}, which is not its data-governance authority")
+                raise TaxonomyError(
+                    f"{path}: signed by key {signature.key_id}, which is not its data-governance authority"
+                )
             key = match[0]
         verify_bytes(data, signature, key, where=str(path))
         return taxonomy
@@ -186,8 +188,9 @@ def unknown_class(option: str, name: str, classes: list[str]) -> str:
     Candidates are every class and every node above one (a node covers its subtree); a name
     is matched whole and by its last segment, so ``hamlett`` finds ``gutenberg/tragedy/hamlet``.
     """
-    nodes = list(dict.fromkeys(p for c in classes for p in ("/".join(c.split("/")[: i + 1])
-                                                            for i in range(c.count("/") + 1))))
+    nodes = list(
+        dict.fromkeys(p for c in classes for p in ("/".join(c.split("/")[: i + 1]) for i in range(c.count("/") + 1)))
+    )
     close = difflib.get_close_matches(name, nodes, n=3, cutoff=0.6)
     by_leaf: dict[str, list[str]] = {}
     for node in nodes:
@@ -197,8 +200,9 @@ def unknown_class(option: str, name: str, classes: list[str]) -> str:
     hint = f"; did you mean {' or '.join(repr(c) for c in close[:3])}?" if close else ""
     leaf_count = sum(1 for c in classes if not any(other.startswith(c + "/") for other in classes))
     node_count = len(classes) - leaf_count
-    counted = f"{leaf_count} class{'es' if leaf_count != 1 else ''}" + (f" and {node_count} node{'s' if node_count != 1 else ''}"
-                                                               if node_count else "")
+    counted = f"{leaf_count} class{'es' if leaf_count != 1 else ''}" + (
+        f" and {node_count} node{'s' if node_count != 1 else ''}" if node_count else ""
+    )
     return f"{option} {name!r}: no class or node of this run's {counted} is called that{hint}"
 
 
@@ -227,8 +231,10 @@ def _check_distinct_keys(authorities: dict[str, Authority], allowed: bool, where
             continue
         other = seen.setdefault(authority.key.key_id, name)
         if other != name and not allowed:
-            raise TaxonomyError(f"{where}: authorities '{other}' and '{name}' have the same key "
-                                f"{authority.key.key_id}; give each its own key (or set allow_shared_keys: true)")
+            raise TaxonomyError(
+                f"{where}: authorities '{other}' and '{name}' have the same key "
+                f"{authority.key.key_id}; give each its own key (or set allow_shared_keys: true)"
+            )
 
 
 def _authority(name: str, entry: Any, known: set[str], where: str) -> Authority:

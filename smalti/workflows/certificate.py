@@ -87,8 +87,9 @@ def verify_certificate(run: str | Path, public_key: PublicKey | None = None) -> 
         certificate = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         return f"{path}: cannot read the certificate ({error})"
-    problem = formats.format_problem(certificate.get("version") if isinstance(certificate, dict) else None,
-                                     formats.DELETION_CERTIFICATE, str(path))
+    problem = formats.format_problem(
+        certificate.get("version") if isinstance(certificate, dict) else None, formats.DELETION_CERTIFICATE, str(path)
+    )
     if problem:
         return problem
     parent = certificate.get("parent") or {}
@@ -100,8 +101,9 @@ def verify_certificate(run: str | Path, public_key: PublicKey | None = None) -> 
             return f"{path}: no --pubkey and the parent ledger {parent_run} is not there to name the trainer key"
         key = PublicKey.parse(store.get_meta("trainer_public_key") or "", f"{parent_run} trainer key")
         store.close()
-    if certificate.get("key_id") != key.key_id or not key.verify(bytes.fromhex(certificate.get("signature", "")),
-                                                                  signed_message(certificate)):
+    if certificate.get("key_id") != key.key_id or not key.verify(
+        bytes.fromhex(certificate.get("signature", "")), signed_message(certificate)
+    ):
         return f"{path}: the signature does not verify under trainer key {key.key_id}"
     head = parent.get("head") or {}
     problem = _original_problem(path, "parent", parent_run, head, key)
@@ -120,8 +122,14 @@ def verify_certificate(run: str | Path, public_key: PublicKey | None = None) -> 
         if "replacement" in link:
             replaced.append(link["replacement"])
     for replacement in replaced[:-1]:  # the last one is this run, checked below
-        problem = _run_problem(path, Path(replacement["run_dir"]), replacement["ledger_head"],
-                               replacement["final_weights_sha256"], None, key)
+        problem = _run_problem(
+            path,
+            Path(replacement["run_dir"]),
+            replacement["ledger_head"],
+            replacement["final_weights_sha256"],
+            None,
+            key,
+        )
         if problem:
             return problem
     starts_from = replaced[-2]["ledger_head"] if len(replaced) >= 2 else head
@@ -146,8 +154,9 @@ def _original_problem(path: Path, what: str, run: Path, head: dict[str, Any], ke
     return None
 
 
-def _run_problem(path: Path, run: Path, ledger_head: dict[str, Any], weights: str,
-                 starts_from: dict[str, Any] | None, key: PublicKey) -> str | None:
+def _run_problem(
+    path: Path, run: Path, ledger_head: dict[str, Any], weights: str, starts_from: dict[str, Any] | None, key: PublicKey
+) -> str | None:
     """A run the deletion wrote: its ledger verifies, ends in the certified head, holds the certified weights
     and (``starts_from``) links that parent head."""
     if not ledger_path(run).is_file():

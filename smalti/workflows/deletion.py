@@ -95,8 +95,12 @@ class DeletionPlan:
 
     def describe(self) -> dict[str, Any]:
         out = asdict(self)
-        out.update(parent=str(self.parent), fork_checkpoint=self.fork_checkpoint and self.fork_checkpoint.name,
-                   steps_to_replay=self.steps_to_replay, estimated_cost_vs_full_retrain=round(self.cost_ratio, 4))
+        out.update(
+            parent=str(self.parent),
+            fork_checkpoint=self.fork_checkpoint and self.fork_checkpoint.name,
+            steps_to_replay=self.steps_to_replay,
+            estimated_cost_vs_full_retrain=round(self.cost_ratio, 4),
+        )
         return out
 
 
@@ -110,7 +114,9 @@ def plan_deletion(parent: str | Path, node: str) -> DeletionPlan:
 
     parent = Path(parent)
     if not ledger_path(parent).is_file():
-        raise DeletionError(f"{parent}: no ledger.sqlite; only runs trained with governance.ledger can be forgotten from")
+        raise DeletionError(
+            f"{parent}: no ledger.sqlite; only runs trained with governance.ledger can be forgotten from"
+        )
     report = verify_ledger(parent)
     if not report.ok:
         raise DeletionError(f"{parent}: the ledger does not verify ({report.problem}); refusing to plan from it")
@@ -140,17 +146,28 @@ def _ablation(parent: Path, node: str, genesis: dict[str, Any]) -> tuple[str, li
         return "not possible: the run has no routing policy, so no exclusive rule confines the class", []
     from smalti.trust.keys import PublicKey as _Key
 
-    taxonomy = (Taxonomy.load(recipe.data.taxonomy, _Key.load(recipe.data.trust))
-                if recipe.data.taxonomy and recipe.data.trust else None)
-    policy = Policy.load(recipe.governance.policy, taxonomy) if taxonomy else Policy.parse(
-        Path(recipe.governance.policy).read_bytes(), str(recipe.governance.policy))
+    taxonomy = (
+        Taxonomy.load(recipe.data.taxonomy, _Key.load(recipe.data.trust))
+        if recipe.data.taxonomy and recipe.data.trust
+        else None
+    )
+    policy = (
+        Policy.load(recipe.governance.policy, taxonomy)
+        if taxonomy
+        else Policy.parse(Path(recipe.governance.policy).read_bytes(), str(recipe.governance.policy))
+    )
     recorded = genesis.get("fingerprints", {}).get("policy")
     if recorded and recorded != policy.fingerprint:
-        raise DeletionError(f"{recipe.governance.policy}: not the policy the run was trained under (ledger: {recorded[:16]}...)")
+        raise DeletionError(
+            f"{recipe.governance.policy}: not the policy the run was trained under (ledger: {recorded[:16]}...)"
+        )
     names = list(load_payload(latest_checkpoint(parent))["model"])
     for rule, params in zip(policy.exclusive, policy.exclusive_parameters(names)):
         if any(Taxonomy.covers(c, node) for c in rule.classes):
-            return f"possible: exclusive rule for {', '.join(rule.classes)} confines it to {len(params)} parameters", sorted(params)
+            return (
+                f"possible: exclusive rule for {', '.join(rule.classes)} confines it to {len(params)} parameters",
+                sorted(params),
+            )
     return f"not possible: no exclusive rule of policy {recipe.governance.policy} confines {node!r}", []
 
 
@@ -179,8 +196,6 @@ def latest_checkpoint(run: Path) -> Path:
 # ---------------------------------------------------------------------------------------------- hashes
 
 
-
-
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
@@ -190,8 +205,9 @@ def loss_by_class(recipe_path: Path, checkpoint: Path | None, max_samples: int |
 
 
 @torch.inference_mode()  # no autograd bookkeeping at all (~10% faster than no_grad here)
-def losses_by_class(recipe_path: Path, checkpoints: list[Path | dict[str, torch.Tensor] | None],
-                    max_samples: int | None = None) -> list[dict[str, float]]:
+def losses_by_class(
+    recipe_path: Path, checkpoints: list[Path | dict[str, torch.Tensor] | None], max_samples: int | None = None
+) -> list[dict[str, float]]:
     """``loss_by_class`` for several checkpoints (paths, or model state dicts already loaded; None: the
     initial weights) of one recipe, reading the held-out data once.
 
@@ -214,8 +230,11 @@ def losses_by_class(recipe_path: Path, checkpoints: list[Path | dict[str, torch.
         results = []
         for checkpoint in checkpoints:
             if checkpoint is not None:
-                load_weights(model, checkpoint if isinstance(checkpoint, dict) else load_payload(checkpoint)["model"],
-                             "the given weights" if isinstance(checkpoint, dict) else checkpoint)
+                load_weights(
+                    model,
+                    checkpoint if isinstance(checkpoint, dict) else load_payload(checkpoint)["model"],
+                    "the given weights" if isinstance(checkpoint, dict) else checkpoint,
+                )
             model.eval()
             losses = ClassLosses(len(data.class_names))
             for batch in batches:
@@ -259,17 +278,26 @@ def evaluation(parent: Path, payloads: list[dict[str, Any]], max_samples: int | 
 # ---------------------------------------------------------------------------------------------- forget
 
 
-def _replay_link(plan: DeletionPlan, head: dict[str, Any], mode: str, start_weights: str,
-                 fork_step: int | None = None) -> Link:
+def _replay_link(
+    plan: DeletionPlan, head: dict[str, Any], mode: str, start_weights: str, fork_step: int | None = None
+) -> Link:
     """The link a deletion's run writes into its run entry: the parent, its head and key, what is left out."""
     store = LedgerStore(ledger_path(plan.parent))
     try:
         trainer_key = store.get_meta("trainer_public_key") or ""
     finally:
         store.close()
-    return Link(kind="replay", run_dir=str(plan.parent.resolve()), head=head, trainer_key=trainer_key,
-                start_weights_sha256=start_weights, fingerprints=run_entry(plan.parent).get("fingerprints", {}),
-                fork_step=plan.fork_step if fork_step is None else fork_step, forgotten=plan.node, mode=mode)
+    return Link(
+        kind="replay",
+        run_dir=str(plan.parent.resolve()),
+        head=head,
+        trainer_key=trainer_key,
+        start_weights_sha256=start_weights,
+        fingerprints=run_entry(plan.parent).get("fingerprints", {}),
+        fork_step=plan.fork_step if fork_step is None else fork_step,
+        forgotten=plan.node,
+        mode=mode,
+    )
 
 
 def base_certificate(plan: DeletionPlan, mode: str, parent_head: dict[str, Any]) -> dict[str, Any]:
@@ -322,14 +350,20 @@ def require_world_size(run: Path, payload: dict[str, Any], world_size: int) -> N
     ranks' gradient sums are added in an order that depends on it. Refuse any other."""
     ranks = len(payload["rng"])  # every rank's random state, saved at each checkpoint
     if ranks != world_size:
-        launch = "in one process, without torchrun" if ranks == 1 else (
-            f"under torchrun at that world size: torchrun --nproc-per-node {ranks} -m smalti forget ...")
-        raise DeletionError(f"{run} trained on {ranks} rank{'s' if ranks > 1 else ''} and this is {world_size}; an "
-                            f"exact replay must run {launch}")
+        launch = (
+            "in one process, without torchrun"
+            if ranks == 1
+            else (f"under torchrun at that world size: torchrun --nproc-per-node {ranks} -m smalti forget ...")
+        )
+        raise DeletionError(
+            f"{run} trained on {ranks} rank{'s' if ranks > 1 else ''} and this is {world_size}; an "
+            f"exact replay must run {launch}"
+        )
 
 
-def replay(plan: DeletionPlan, out: Path, key: SigningKey,
-            parent_final: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def replay(
+    plan: DeletionPlan, out: Path, key: SigningKey, parent_final: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Replay without the class from the fork, in this process; the certificate and the final checkpoint's payload."""
     fork_head, fork_hash = fork(plan, out, parent_final)
     train_without(plan.parent, plan.node, out)
@@ -364,14 +398,16 @@ def train_without(parent: Path, node: str, out: Path) -> None:
     excluded = sorted(set(load_recipe(parent / "recipe.yaml").data.exclude_classes) | {node})
     # Shards are verified as the replay reads them (``lazy``): still fail-closed for every example it
     # trains on, without re-verifying the shards of classes the replay never reads.
-    recipe = load_recipe(parent / "recipe.yaml", [f"data.exclude_classes={json.dumps(excluded)}",
-                                                  f"run_dir={out}", "data.verify=lazy"])
+    recipe = load_recipe(
+        parent / "recipe.yaml", [f"data.exclude_classes={json.dumps(excluded)}", f"run_dir={out}", "data.verify=lazy"]
+    )
     with Trainer(recipe, out) as trainer:
         trainer.fit()
 
 
-def replay_certificate(plan: DeletionPlan, out: Path, fork_head: dict[str, Any],
-                        fork_hash: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+def replay_certificate(
+    plan: DeletionPlan, out: Path, fork_head: dict[str, Any], fork_hash: str | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     final = load_payload(latest_checkpoint(out))
     excluded = sorted(set(final["recipe"]["data"]["exclude_classes"]))
     certificate = base_certificate(plan, "exact", fork_head)
@@ -409,14 +445,26 @@ def ablation_evidence(run: Path, node: str, confined: list[str]) -> dict[str, An
     if outside or intruders:
         raise DeletionError(
             f"cannot ablate {node!r}: {run}'s ledger shows its gradient in {', '.join(outside) or 'no other layer'} "
-            f"and other classes in its layers ({', '.join(sorted(intruders)) or 'none'}); use --mode exact")
-    return {"layers_with_class_gradient": sorted(touched), "confined_layers": confined_layers,
-            "steps_with_class_gradient": len(steps_with), "other_classes_in_confined_layers": [],
-            "steps_checked": len(steps)}
+            f"and other classes in its layers ({', '.join(sorted(intruders)) or 'none'}); use --mode exact"
+        )
+    return {
+        "layers_with_class_gradient": sorted(touched),
+        "confined_layers": confined_layers,
+        "steps_with_class_gradient": len(steps_with),
+        "other_classes_in_confined_layers": [],
+        "steps_checked": len(steps),
+    }
 
 
-def ablate(plan: DeletionPlan, out: Path, key: SigningKey, reset: str, parent_final: dict[str, Any],
-           initial_from: Path | None = None, evidence: dict[str, Any] | None = None) -> dict[str, Any]:
+def ablate(
+    plan: DeletionPlan,
+    out: Path,
+    key: SigningKey,
+    reset: str,
+    parent_final: dict[str, Any],
+    initial_from: Path | None = None,
+    evidence: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Reset ``plan.confined`` in the parent's final weights. ``initial_from``: the run whose initial weights
     ``--reset initial`` restores (through a lineage: where the adapter was born); ``evidence``: the ledger
     checks, when the caller made them over a whole chain."""
@@ -459,8 +507,9 @@ def _initial_model(run: Path) -> torch.nn.Module:
         _close(data)
 
 
-def _reset_confined(plan: DeletionPlan, payload: dict[str, Any], reset: str,
-                    initial_from: Path | None) -> dict[str, torch.Tensor]:
+def _reset_confined(
+    plan: DeletionPlan, payload: dict[str, Any], reset: str, initial_from: Path | None
+) -> dict[str, torch.Tensor]:
     """Reset the confined parameters in ``payload``'s weights, and clear their optimizer state (Adam's moments
     hold the class's gradients too); the weights."""
     from smalti.optim import optimizer_parameter_names
@@ -473,7 +522,9 @@ def _reset_confined(plan: DeletionPlan, payload: dict[str, Any], reset: str,
     names = optimizer_parameter_names(built)
     for index, state in payload["optimizer"]["state"].items():
         # Keyed by position in the optimizer (a single-file checkpoint) or by name (a sharded one).
-        name = index if isinstance(index, str) else names[index] if isinstance(index, int) and index < len(names) else None
+        name = (
+            index if isinstance(index, str) else names[index] if isinstance(index, int) and index < len(names) else None
+        )
         if name in plan.confined:
             for k, v in state.items():
                 if isinstance(v, torch.Tensor) and v.shape == model[name].shape:
@@ -481,8 +532,15 @@ def _reset_confined(plan: DeletionPlan, payload: dict[str, Any], reset: str,
     return model
 
 
-def _ablation_ledger(plan: DeletionPlan, out: Path, key: SigningKey, reset: str, parent_final: dict[str, Any],
-                     evidence: dict[str, Any], weights: str) -> dict[str, Any]:
+def _ablation_ledger(
+    plan: DeletionPlan,
+    out: Path,
+    key: SigningKey,
+    reset: str,
+    parent_final: dict[str, Any],
+    evidence: dict[str, Any],
+    weights: str,
+) -> dict[str, Any]:
     """The new run's ledger: one entry naming the parent head and what was reset, then a final signed head."""
     from smalti.config import load_recipe
     from smalti.trust import merkle
@@ -490,8 +548,11 @@ def _ablation_ledger(plan: DeletionPlan, out: Path, key: SigningKey, reset: str,
 
     genesis = ledger_entries(plan.parent, tables=False)[0]
     link = _replay_link(plan, parent_final, "ablate", parent_final.get("weights", ""), fork_step=plan.total_steps)
-    body = dict(genesis, parent=link.to_json(),
-                ablation={"reset": reset, "parameters": plan.confined, "layers": evidence["confined_layers"]})
+    body = dict(
+        genesis,
+        parent=link.to_json(),
+        ablation={"reset": reset, "parameters": plan.confined, "layers": evidence["confined_layers"]},
+    )
     data_bytes = encode_entry(0, ZERO_HASH, body)
     leaf = merkle.leaf_hash(data_bytes)
     store = LedgerStore(ledger_path(out), create=True)

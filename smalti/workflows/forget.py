@@ -16,15 +16,36 @@ from smalti.errors import SmaltiError
 from smalti.locks import RUN_LOCK
 from smalti.trust.keys import SigningKey
 from smalti.workflows.certificate import sign_certificate, write_certificate
-from smalti.workflows.deletion import (DeletionError, DeletionPlan, ablate, base_certificate, evaluation, final_head,
-                                       fork, latest_checkpoint, load_payload, lock_for_deletion, plan_deletion,
-                                       prepare_out, replay_certificate, require_world_size, train_without)
+from smalti.workflows.deletion import (
+    DeletionError,
+    DeletionPlan,
+    ablate,
+    base_certificate,
+    evaluation,
+    final_head,
+    fork,
+    latest_checkpoint,
+    load_payload,
+    lock_for_deletion,
+    plan_deletion,
+    prepare_out,
+    replay_certificate,
+    require_world_size,
+    train_without,
+)
 from smalti.workflows.lineage_deletion import forget_through_lineage, plan_through_lineage
 from smalti.checkpoint import weights_sha256
 
 
-def forget(parent: str | Path, node: str, out: str | Path, key: SigningKey, mode: str = "exact",
-           reset: str = "initial", max_eval_samples: int | None = None) -> dict[str, Any]:
+def forget(
+    parent: str | Path,
+    node: str,
+    out: str | Path,
+    key: SigningKey,
+    mode: str = "exact",
+    reset: str = "initial",
+    max_eval_samples: int | None = None,
+) -> dict[str, Any]:
     """Forget ``node`` from the run in ``parent`` into the new run directory ``out``; returns the certificate.
 
     Where an ancestor of ``parent`` learned the class, the deletion crosses the lineage
@@ -63,22 +84,40 @@ class _Replay:
     fork_hash: str | None
 
 
-def _forget(parent: Path, node: str, out: Path, key: SigningKey, mode: str, reset: str,
-            max_eval_samples: int | None, info: distributed.DistInfo) -> dict[str, Any]:
+def _forget(
+    parent: Path,
+    node: str,
+    out: Path,
+    key: SigningKey,
+    mode: str,
+    reset: str,
+    max_eval_samples: int | None,
+    info: distributed.DistInfo,
+) -> dict[str, Any]:
     created = not out.exists()
     try:
         with contextlib.ExitStack() as locks:
             return _forget_locked(parent, node, out, key, mode, reset, max_eval_samples, info, locks)
     except BaseException:
-        if info.is_main and created and out.is_dir() and [p.name for p in out.iterdir()] == [RUN_LOCK]:  # refused: nothing
+        if (
+            info.is_main and created and out.is_dir() and [p.name for p in out.iterdir()] == [RUN_LOCK]
+        ):  # refused: nothing
             (out / RUN_LOCK).unlink()
             out.rmdir()
         raise
 
 
-def _forget_locked(parent: Path, node: str, out: Path, key: SigningKey, mode: str, reset: str,
-                   max_eval_samples: int | None, info: distributed.DistInfo,
-                   locks: contextlib.ExitStack) -> dict[str, Any]:
+def _forget_locked(
+    parent: Path,
+    node: str,
+    out: Path,
+    key: SigningKey,
+    mode: str,
+    reset: str,
+    max_eval_samples: int | None,
+    info: distributed.DistInfo,
+    locks: contextlib.ExitStack,
+) -> dict[str, Any]:
     done: dict[str, Any] | _Replay | None = None
     failure: SmaltiError | None = None
     if info.is_main:
@@ -106,21 +145,32 @@ def _forget_locked(parent: Path, node: str, out: Path, key: SigningKey, mode: st
     return done
 
 
-def _decide(parent: Path, node: str, out: Path, key: SigningKey, mode: str, reset: str,
-            max_eval_samples: int | None, world_size: int) -> dict[str, Any] | _Replay:
+def _decide(
+    parent: Path,
+    node: str,
+    out: Path,
+    key: SigningKey,
+    mode: str,
+    reset: str,
+    max_eval_samples: int | None,
+    world_size: int,
+) -> dict[str, Any] | _Replay:
     """Rank 0's part: plan, check, and either finish the deletion (ablation, a class that never
     contributed, a lineage) and return its certificate, or prepare ``out`` for the replay."""
     through = plan_through_lineage(parent, node)
     if through is not None:
         if world_size > 1:
-            raise DeletionError(f"{node!r} was learned by an ancestor of {parent}; a deletion across a lineage runs "
-                                "in one process: run smalti forget without torchrun")
+            raise DeletionError(
+                f"{node!r} was learned by an ancestor of {parent}; a deletion across a lineage runs "
+                "in one process: run smalti forget without torchrun"
+            )
         return forget_through_lineage(through, out, key, mode, reset, max_eval_samples)
     plan = plan_deletion(parent, node)
     parent_final = final_head(parent)
     if key.public.key_id != parent_final["key_id"]:
-        raise DeletionError(f"the signing key {key.public.key_id} is not the parent run's trainer key "
-                            f"{parent_final['key_id']}")
+        raise DeletionError(
+            f"the signing key {key.public.key_id} is not the parent run's trainer key {parent_final['key_id']}"
+        )
     parent_payload = load_payload(latest_checkpoint(parent))
     if mode == "exact" and plan.first_step is not None:
         require_world_size(parent, parent_payload, world_size)
@@ -135,9 +185,11 @@ def _decide(parent: Path, node: str, out: Path, key: SigningKey, mode: str, rese
     else:
         prepare_out(out)
         certificate = base_certificate(plan, "noop", parent_final)
-        certificate.update(steps_replayed=0, final_weights_sha256=weights_sha256(parent_payload["model"]),
-                           note=f"{node} never contributed to a step of this run: nothing to forget; the parent's "
-                                "weights stand")
+        certificate.update(
+            steps_replayed=0,
+            final_weights_sha256=weights_sha256(parent_payload["model"]),
+            note=f"{node} never contributed to a step of this run: nothing to forget; the parent's weights stand",
+        )
         final = parent_payload
     certificate["evaluation"] = evaluation(parent, [parent_payload, final], max_eval_samples)
     write_certificate(out, sign_certificate(certificate, key))

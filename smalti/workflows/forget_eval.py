@@ -74,7 +74,7 @@ def example_losses(model: torch.nn.Module, source, indices: torch.Tensor, batch_
 
     out = []
     for start in range(0, len(indices), batch_size):
-        batch = source.gather(indices[start:start + batch_size])
+        batch = source.gather(indices[start : start + batch_size])
         set_row_classes(model, batch.provenance)
         # Module.__getattr__ types the model's loss methods as Tensor | Module
         out.append(model.example_losses(model(batch.inputs), batch.targets).double().cpu())  # type: ignore[operator]
@@ -105,7 +105,7 @@ def held_out_loss(model: torch.nn.Module, source, indices: torch.Tensor, batch_s
 
     by_class = ClassLosses(int(source.classes.max()) + 1)
     for start in range(0, len(indices), batch_size):
-        batch = source.gather(indices[start:start + batch_size])
+        batch = source.gather(indices[start : start + batch_size])
         set_row_classes(model, batch.provenance)
         by_class.add(model, batch.provenance[:, 0], model(batch.inputs), batch.targets)
     loss, units = by_class.sums.sum(dim=1)
@@ -133,17 +133,38 @@ def relearning_recipe(run: Path, node: str, k: int, budget: RelearningBudget):
 
     recipe = load_recipe(run / "recipe.yaml")
     overrides: dict[str, Any] = {
-        "run_dir": None, "init.from_run": str(run.resolve()), "init.trust": None, "algorithms": {},
-        "governance.policy": None, "governance.ledger.entropy_every": 0, "governance.ledger.publish": None,
-        "data.exclude_classes": [], "data.only_classes": [node], "data.late_classes": [], "data.deletable_late": False,
-        "data.batching": "random", "data.train_examples": k, "data.verify": "lazy",
-        "train.max_duration": f"{budget.steps}ba", "train.global_batch_size": budget.batch(k),
+        "run_dir": None,
+        "init.from_run": str(run.resolve()),
+        "init.trust": None,
+        "algorithms": {},
+        "governance.policy": None,
+        "governance.ledger.entropy_every": 0,
+        "governance.ledger.publish": None,
+        "data.exclude_classes": [],
+        "data.only_classes": [node],
+        "data.late_classes": [],
+        "data.deletable_late": False,
+        "data.batching": "random",
+        "data.train_examples": k,
+        "data.verify": "lazy",
+        "train.max_duration": f"{budget.steps}ba",
+        "train.global_batch_size": budget.batch(k),
         "train.microbatch_size": None,
-        "optimizer.lr": budget.lr, "optimizer.weight_decay": 0.0, "scheduler.name": "constant", "scheduler.warmup": "0ba",
-        "eval.interval": "1ba", "eval.classes": [node], "eval.max_samples": budget.max_examples,
-        "checkpoint.interval": f"{budget.checkpoint_every or budget.steps}ba", "checkpoint.keep": 1,
-        "checkpoint.load_path": None, "checkpoint.before_late_classes": False, "checkpoint.autoresume": True,
-        "logging.console": False, "logging.jsonl": True, "logging.mlflow": False,
+        "optimizer.lr": budget.lr,
+        "optimizer.weight_decay": 0.0,
+        "scheduler.name": "constant",
+        "scheduler.warmup": "0ba",
+        "eval.interval": "1ba",
+        "eval.classes": [node],
+        "eval.max_samples": budget.max_examples,
+        "checkpoint.interval": f"{budget.checkpoint_every or budget.steps}ba",
+        "checkpoint.keep": 1,
+        "checkpoint.load_path": None,
+        "checkpoint.before_late_classes": False,
+        "checkpoint.autoresume": True,
+        "logging.console": False,
+        "logging.jsonl": True,
+        "logging.mlflow": False,
     }
     if recipe.model.lora.classes:
         overrides["model.lora.freeze_base"] = False
@@ -157,8 +178,9 @@ def relearning_run_dir(work: Path, run: Path, node: str, k: int, budget: Relearn
     return work / f"{run.name}-k{k}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
-def relearn(run: Path, node: str, k: int, budget: RelearningBudget, work: Path,
-            start_loss: float) -> tuple[list[float], int | None]:
+def relearn(
+    run: Path, node: str, k: int, budget: RelearningBudget, work: Path, start_loss: float
+) -> tuple[list[float], int | None]:
     """Fine-tune ``run`` on k examples of ``node`` as a Smalti run (checkpointed, ledgered, resumable). Returns the
     class's held-out loss before (``start_loss``) and after every step, read from the run's metrics, and the step
     the run resumed from (None: it started afresh)."""
@@ -187,15 +209,67 @@ def steps_to(curve: list[float], target: float) -> int | None:
     return next((step for step, loss in enumerate(curve) if loss <= target), None)
 
 
-def evaluate_forgetting(parent: Path, forgotten: Path, node: str, counterfactual: Path | None = None,
-                        relearn_examples: tuple[int, ...] = (16, 64, 256), relearn_steps: int = 50,
-                        relearn_lr: float | None = None, max_examples: int = 512, work: Path | None = None,
-                        checkpoint_every: int | None = None) -> dict[str, Any]:
+def _other_classes_losses(
+    data: Any, models: dict[str, Any], parent: Path, covered: list[int], max_examples: int
+) -> dict[str, dict[str, float]]:
+    """Every other class the parent trained on: each model's mean held-out loss on it (retained utility)."""
+    from smalti.config import load_recipe
+
+    others = {}
+    never_trained = load_recipe(parent / "recipe.yaml").data.exclude_classes  # the parent's own exclusions
+    for index, name in enumerate(data.class_names):
+        if index in covered or any(Taxonomy.covers(node_out, name) for node_out in never_trained):
+            continue
+        rows = data.eval_indices(max_examples, [name])
+        if len(rows):
+            others[name] = {run: round(float(example_losses(m, data.val, rows).mean()), 6) for run, m in models.items()}
+    return others
+
+
+def _relearning_attacks(
+    runs: dict[str, Path],
+    node: str,
+    relearn_examples: tuple[int, ...],
+    available: int,
+    budget: RelearningBudget,
+    work: Path,
+    start: dict[str, float],
+) -> list[dict[str, Any]]:
+    """Fine-tune the forgotten model and the counterfactual on k examples of the class, for each k: how many
+    steps each takes back to the parent's loss on it."""
+    relearning = []
+    for asked in relearn_examples:
+        k = min(asked, available)  # a class with fewer training examples: all of them
+        for run in ("forgotten", "counterfactual"):
+            curve, _ = relearn(runs[run], node, k, budget, work, start[run])
+            relearning.append(
+                {
+                    "model": run,
+                    "examples": k,
+                    "examples_asked": asked,
+                    "steps_to_parent_loss": steps_to(curve, start["parent"]),
+                    "run": str(relearning_run_dir(work, runs[run], node, k, budget)),
+                    "curve": [round(x, 6) for x in curve],
+                }
+            )
+    return relearning
+
+
+def evaluate_forgetting(
+    parent: Path,
+    forgotten: Path,
+    node: str,
+    counterfactual: Path | None = None,
+    relearn_examples: tuple[int, ...] = (16, 64, 256),
+    relearn_steps: int = 50,
+    relearn_lr: float | None = None,
+    max_examples: int = 512,
+    work: Path | None = None,
+    checkpoint_every: int | None = None,
+) -> dict[str, Any]:
     """The four measurements for forgetting ``node`` (a class or taxonomy node), parent vs forgotten vs
     counterfactual; see the module docstring. The relearning attacks are Smalti runs in ``work``
     (default: ``FORGOTTEN/forget-eval/relearning``)."""
-    from smalti.config import load_recipe
-
     parent, forgotten = Path(parent), Path(forgotten)
     work = Path(work) if work is not None else forgotten / "forget-eval" / "relearning"
     counterfactual = Path(counterfactual) if counterfactual else _counterfactual_of(forgotten)
@@ -217,45 +291,44 @@ def evaluate_forgetting(parent: Path, forgotten: Path, node: str, counterfactual
         losses = {name: example_losses(model, data.val, held) for name, model in models.items()}
         member = {name: example_losses(model, data.train, trained) for name, model in models.items()}
         test = ks_test(losses["forgotten"], losses["counterfactual"])
-        others = {}
-        never_trained = load_recipe(parent / "recipe.yaml").data.exclude_classes  # the parent's own exclusions
-        for index, name in enumerate(data.class_names):
-            if index in covered or any(Taxonomy.covers(node_out, name) for node_out in never_trained):
-                continue
-            rows = data.eval_indices(max_examples, [name])
-            if len(rows):
-                others[name] = {run: round(float(example_losses(m, data.val, rows).mean()), 6)
-                                for run, m in models.items()}
+        others = _other_classes_losses(data, models, parent, covered, max_examples)
         utility = {run: float(np.mean([v[run] for v in others.values()])) if others else math.nan for run in models}
         start = {name: held_out_loss(model, data.val, held, recipe.eval.batch_size) for name, model in models.items()}
         target = start["parent"]
-        budget = RelearningBudget(relearn_steps, relearn_lr if relearn_lr is not None else recipe.optimizer.lr,
-                                  max_examples, checkpoint_every)
+        budget = RelearningBudget(
+            relearn_steps, relearn_lr if relearn_lr is not None else recipe.optimizer.lr, max_examples, checkpoint_every
+        )
         available = int(torch.isin(data.train.classes, torch.tensor(covered)).sum())
-        relearning = []
-        for asked in relearn_examples:
-            k = min(asked, available)  # a class with fewer training examples: all of them
-            for run in ("forgotten", "counterfactual"):
-                curve, _ = relearn(runs[run], node, k, budget, work, start[run])
-                relearning.append({"model": run, "examples": k, "examples_asked": asked,
-                                   "steps_to_parent_loss": steps_to(curve, target),
-                                   "run": str(relearning_run_dir(work, runs[run], node, k, budget)),
-                                   "curve": [round(x, 6) for x in curve]})
+        relearning = _relearning_attacks(runs, node, relearn_examples, available, budget, work, start)
         return {
-            "class": node, "runs": {k: str(v) for k, v in runs.items()},
-            "held_out_examples": len(held), "training_examples": len(trained),
+            "class": node,
+            "runs": {k: str(v) for k, v in runs.items()},
+            "held_out_examples": len(held),
+            "training_examples": len(trained),
             "forget_quality": {
                 "loss_on_class": {run: round(float(v.mean()), 6) for run, v in losses.items()},
-                "ks_statistic": round(float(test.statistic), 6), "ks_p_value": float(test.pvalue),
-                "compared": "forgotten vs counterfactual per-example held-out losses (two-sample KS, as TOFU)"},
-            "retained_utility": {"per_class": others, "mean": {k: round(v, 6) for k, v in utility.items()},
-                                 "change_vs_parent": round(utility["forgotten"] - utility["parent"], 6),
-                                 "change_vs_counterfactual": round(utility["forgotten"] - utility["counterfactual"], 6)},
+                "ks_statistic": round(float(test.statistic), 6),
+                "ks_p_value": float(test.pvalue),
+                "compared": "forgotten vs counterfactual per-example held-out losses (two-sample KS, as TOFU)",
+            },
+            "retained_utility": {
+                "per_class": others,
+                "mean": {k: round(v, 6) for k, v in utility.items()},
+                "change_vs_parent": round(utility["forgotten"] - utility["parent"], 6),
+                "change_vs_counterfactual": round(utility["forgotten"] - utility["counterfactual"], 6),
+            },
             "membership_inference_auc": {run: round(membership_auc(member[run], losses[run]), 6) for run in models},
-            "relearning": {"budget": {"steps": budget.steps, "lr": budget.lr, "optimizer": recipe.optimizer.name +
-                                      ", no weight decay, constant learning rate, every weight trainable",
-                                      "batch": "min(8, k) of the k examples, cycled (a Smalti run each)"},
-                           "target": {"parent_loss_on_class": round(target, 6)}, "runs": relearning},
+            "relearning": {
+                "budget": {
+                    "steps": budget.steps,
+                    "lr": budget.lr,
+                    "optimizer": recipe.optimizer.name
+                    + ", no weight decay, constant learning rate, every weight trainable",
+                    "batch": "min(8, k) of the k examples, cycled (a Smalti run each)",
+                },
+                "target": {"parent_loss_on_class": round(target, 6)},
+                "runs": relearning,
+            },
         }
     finally:
         for source in (data.train, data.val):
@@ -271,8 +344,10 @@ def _counterfactual_of(forgotten: Path) -> Path:
     certificate = forgotten / CERTIFICATE
     if certificate.is_file() and json.loads(certificate.read_text()).get("mode") == "exact":
         return forgotten
-    raise EvalError(f"{forgotten}: not an exact forget, so it is not its own counterfactual; pass --counterfactual "
-                    "RUN (an exact forget of the same class, or a run trained without it)")
+    raise EvalError(
+        f"{forgotten}: not an exact forget, so it is not its own counterfactual; pass --counterfactual "
+        "RUN (an exact forget of the same class, or a run trained without it)"
+    )
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -286,8 +361,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for run in result["relearning"]["runs"]:
         style = "-" if run["model"] == "forgotten" else "--"
         axis.plot(run["curve"], style, label=f"{run['model']}, k={run['examples']}")
-    axis.axhline(result["relearning"]["target"]["parent_loss_on_class"], color="black", linewidth=0.8,
-                 label="parent")
+    axis.axhline(result["relearning"]["target"]["parent_loss_on_class"], color="black", linewidth=0.8, label="parent")
     axis.set_xlabel("relearning steps")
     axis.set_ylabel(f"held-out loss on {result['class']}")
     axis.legend(fontsize=7)

@@ -31,9 +31,22 @@ from typing import Any
 
 from smalti.checkpoint import weights_sha256
 from smalti.workflows.certificate import sign_certificate, write_certificate
-from smalti.workflows.deletion import (DeletionError, DeletionPlan, ablate, base_certificate, evaluation,
-                                        ablation_evidence, final_head, latest_checkpoint, load_payload, prepare_out, replay, occupied,
-                                        plan_deletion, require_world_size)
+from smalti.workflows.deletion import (
+    DeletionError,
+    DeletionPlan,
+    ablate,
+    base_certificate,
+    evaluation,
+    ablation_evidence,
+    final_head,
+    latest_checkpoint,
+    load_payload,
+    prepare_out,
+    replay,
+    occupied,
+    plan_deletion,
+    require_world_size,
+)
 from smalti.trust.keys import SigningKey
 from smalti.governance.lineage import chain, run_entry, verify_chain
 from smalti.trust.taxonomy import Taxonomy
@@ -53,9 +66,13 @@ class LineagePlan:
         return self.runs[-1]
 
     def describe(self) -> dict[str, Any]:
-        return {"class": self.node, "origin": str(self.runs[0]), "origin_plan": self.origin.describe(),
-                "runs": [{"run_dir": str(r), "contributed": c} for r, c in zip(self.runs, self.contributed)],
-                "ablation": self.origin.ablation}
+        return {
+            "class": self.node,
+            "origin": str(self.runs[0]),
+            "origin_plan": self.origin.describe(),
+            "runs": [{"run_dir": str(r), "contributed": c} for r, c in zip(self.runs, self.contributed)],
+            "ablation": self.origin.ablation,
+        }
 
 
 def _contributed(run: Path, node: str) -> bool:
@@ -89,22 +106,28 @@ def lineage_dir(out: Path) -> Path:
     return out.with_name(out.name + ".lineage")
 
 
-def forget_through_lineage(plan: LineagePlan, out: Path, key: SigningKey, mode: str, reset: str,
-                           max_eval_samples: int | None) -> dict[str, Any]:
+def forget_through_lineage(
+    plan: LineagePlan, out: Path, key: SigningKey, mode: str, reset: str, max_eval_samples: int | None
+) -> dict[str, Any]:
     """Carry out ``plan`` into ``out`` (the new child) and ``OUT.lineage/``; returns the signed certificate."""
     for run in plan.runs:
         signer = final_head(run)["key_id"]
         if signer != key.public.key_id:
-            raise DeletionError(f"the signing key {key.public.key_id} is not the trainer key {signer} of {run}, "
-                                f"a run this deletion replaces; every run of the chain from {plan.runs[0]} down "
-                                f"must be signed by the same trainer")
+            raise DeletionError(
+                f"the signing key {key.public.key_id} is not the trainer key {signer} of {run}, "
+                f"a run this deletion replaces; every run of the chain from {plan.runs[0]} down "
+                f"must be signed by the same trainer"
+            )
     if mode == "exact":  # every run of the chain is trained again in this process
         for run in plan.runs:
             require_world_size(run, load_payload(latest_checkpoint(run), tensors=False), 1)
     child_final = final_head(plan.child)
     child_payload = load_payload(latest_checkpoint(plan.child))
     if mode == "ablate":
-        certificate, final = _ablate_through_lineage(plan, out, key, reset, child_final), load_payload(latest_checkpoint(out))
+        certificate, final = (
+            _ablate_through_lineage(plan, out, key, reset, child_final),
+            load_payload(latest_checkpoint(out)),
+        )
     elif mode == "exact":
         certificate, final = _replay_through_lineage(plan, out, key, child_final)
     else:
@@ -127,14 +150,21 @@ def _excluding(run: Path, node: str) -> list[str]:
 
 def _replacement(original: Path, new: Path, how: str, steps: int) -> dict[str, Any]:
     final = load_payload(latest_checkpoint(new))
-    return {"original": {"run_dir": str(original.resolve()), "head": final_head(original)},
-            "replacement": {"run_dir": str(new.resolve()), "ledger_head": final_head(new),
-                            "final_weights_sha256": weights_sha256(final["model"])},
-            "how": how, "steps": steps}
+    return {
+        "original": {"run_dir": str(original.resolve()), "head": final_head(original)},
+        "replacement": {
+            "run_dir": str(new.resolve()),
+            "ledger_head": final_head(new),
+            "final_weights_sha256": weights_sha256(final["model"]),
+        },
+        "how": how,
+        "steps": steps,
+    }
 
 
-def _replay_through_lineage(plan: LineagePlan, out: Path, key: SigningKey,
-                            child_final: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _replay_through_lineage(
+    plan: LineagePlan, out: Path, key: SigningKey, child_final: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     from smalti.config import load_recipe
     from smalti.trainer import Trainer
 
@@ -145,11 +175,21 @@ def _replay_through_lineage(plan: LineagePlan, out: Path, key: SigningKey,
             raise DeletionError(f"{target}: exists and is not empty; name a new --out")
     prepare_out(targets[0])
     origin_certificate, _ = replay(plan.origin, targets[0], key, final_head(plan.runs[0]))
-    links = [_replacement(plan.runs[0], targets[0], f"exact replay after step {plan.origin.fork_step}",
-                          origin_certificate["steps_replayed"])]
+    links = [
+        _replacement(
+            plan.runs[0],
+            targets[0],
+            f"exact replay after step {plan.origin.fork_step}",
+            origin_certificate["steps_replayed"],
+        )
+    ]
     for parent, run, target in zip(targets, plan.runs[1:], targets[1:]):
-        overrides = [f"init.from_run={parent.resolve()}", f"run_dir={target}", "data.verify=lazy",
-                     *_excluding(run, plan.node)]
+        overrides = [
+            f"init.from_run={parent.resolve()}",
+            f"run_dir={target}",
+            "data.verify=lazy",
+            *_excluding(run, plan.node),
+        ]
         recipe = load_recipe(run / "recipe.yaml", overrides)
         prepare_out(target)
         with Trainer(recipe, target) as trainer:
@@ -158,39 +198,68 @@ def _replay_through_lineage(plan: LineagePlan, out: Path, key: SigningKey,
         links.append(_replacement(run, target, "trained again from its new parent", steps))
     final = load_payload(latest_checkpoint(out))
     certificate = _chain_certificate(plan, "exact", child_final, links)
-    certificate.update(steps_replayed=sum(link["steps"] for link in links),
-                       final_weights_sha256=weights_sha256(final["model"]), ledger_head=final_head(out),
-                       counterfactual=f"every run from {plan.runs[0]} down, trained with {plan.node} excluded")
+    certificate.update(
+        steps_replayed=sum(link["steps"] for link in links),
+        final_weights_sha256=weights_sha256(final["model"]),
+        ledger_head=final_head(out),
+        counterfactual=f"every run from {plan.runs[0]} down, trained with {plan.node} excluded",
+    )
     return certificate, final
 
 
-def _chain_certificate(plan: LineagePlan, mode: str, child_final: dict[str, Any],
-                       links: list[dict[str, Any]]) -> dict[str, Any]:
+def _chain_certificate(
+    plan: LineagePlan, mode: str, child_final: dict[str, Any], links: list[dict[str, Any]]
+) -> dict[str, Any]:
     certificate = base_certificate(plan.origin, mode, child_final)
-    certificate.update(parent={"run_dir": str(plan.child.resolve()), "head": child_final},
-                       origin=str(plan.runs[0].resolve()), lineage=links,
-                       full_retrain_steps=sum(plan_deletion(run, plan.node).total_steps for run in plan.runs))
+    certificate.update(
+        parent={"run_dir": str(plan.child.resolve()), "head": child_final},
+        origin=str(plan.runs[0].resolve()),
+        lineage=links,
+        full_retrain_steps=sum(plan_deletion(run, plan.node).total_steps for run in plan.runs),
+    )
     return certificate
 
 
-def _ablate_through_lineage(plan: LineagePlan, out: Path, key: SigningKey, reset: str,
-                            child_final: dict[str, Any]) -> dict[str, Any]:
+def _ablate_through_lineage(
+    plan: LineagePlan, out: Path, key: SigningKey, reset: str, child_final: dict[str, Any]
+) -> dict[str, Any]:
     """Reset the origin's confined parameters in the child's weights, after checking every run's ledger."""
     if not plan.origin.confined:
-        raise DeletionError(f"cannot ablate {plan.node!r}: {plan.origin.ablation} (in {plan.runs[0]}, where it was "
-                            f"learned); use --mode exact")
+        raise DeletionError(
+            f"cannot ablate {plan.node!r}: {plan.origin.ablation} (in {plan.runs[0]}, where it was "
+            f"learned); use --mode exact"
+        )
     # In every run since the origin: the class's gradient only in its parameters, no other class there.
     evidence = [ablation_evidence(run, plan.node, plan.origin.confined) for run in plan.runs]
-    child_plan = DeletionPlan(plan.child, plan.node, plan.origin.classes, plan_deletion(plan.child, plan.node).total_steps,
-                              None, 0, None, plan.origin.ablation, plan.origin.confined)
+    child_plan = DeletionPlan(
+        plan.child,
+        plan.node,
+        plan.origin.classes,
+        plan_deletion(plan.child, plan.node).total_steps,
+        None,
+        0,
+        None,
+        plan.origin.ablation,
+        plan.origin.confined,
+    )
     prepare_out(out)
-    merged = {"confined_layers": sorted({layer for e in evidence for layer in e["confined_layers"]}),
-              "layers_with_class_gradient": sorted({layer for e in evidence for layer in e["layers_with_class_gradient"]}),
-              "steps_with_class_gradient": sum(e["steps_with_class_gradient"] for e in evidence),
-              "other_classes_in_confined_layers": [], "steps_checked": sum(e["steps_checked"] for e in evidence)}
+    merged = {
+        "confined_layers": sorted({layer for e in evidence for layer in e["confined_layers"]}),
+        "layers_with_class_gradient": sorted({layer for e in evidence for layer in e["layers_with_class_gradient"]}),
+        "steps_with_class_gradient": sum(e["steps_with_class_gradient"] for e in evidence),
+        "other_classes_in_confined_layers": [],
+        "steps_checked": sum(e["steps_checked"] for e in evidence),
+    }
     certificate = ablate(child_plan, out, key, reset, child_final, initial_from=plan.runs[0], evidence=merged)
-    certificate.update(origin=str(plan.runs[0].resolve()), lineage=[
-        {"original": {"run_dir": str(run.resolve()), "head": final_head(run)},
-         "how": "ledger checked: its gradient only in the confined parameters, no other class there",
-         "steps": e["steps_checked"]} for run, e in zip(plan.runs, evidence)])
+    certificate.update(
+        origin=str(plan.runs[0].resolve()),
+        lineage=[
+            {
+                "original": {"run_dir": str(run.resolve()), "head": final_head(run)},
+                "how": "ledger checked: its gradient only in the confined parameters, no other class there",
+                "steps": e["steps_checked"],
+            }
+            for run, e in zip(plan.runs, evidence)
+        ],
+    )
     return certificate

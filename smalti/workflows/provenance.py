@@ -50,13 +50,54 @@ def file_digests(directory: Path, skip: tuple[str, ...] = (SIGNATURE, PROVENANCE
     """in-toto subjects: every file under ``directory`` by relative path, with its sha256."""
     from smalti.io import file_sha256
 
-    return [{"name": path.relative_to(directory).as_posix(), "digest": {"sha256": file_sha256(path)}}
-            for path in sorted(directory.rglob("*")) if path.is_file() and path.name not in skip]
+    return [
+        {"name": path.relative_to(directory).as_posix(), "digest": {"sha256": file_sha256(path)}}
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name not in skip
+    ]
 
 
 def _descriptor(name: str, content: bytes, media_type: str, **annotations: Any) -> dict[str, Any]:
-    return {"name": name, "digest": {"sha256": hashlib.sha256(content).hexdigest()}, "mediaType": media_type,
-            "content": base64.b64encode(content).decode(), **({"annotations": annotations} if annotations else {})}
+    return {
+        "name": name,
+        "digest": {"sha256": hashlib.sha256(content).hexdigest()},
+        "mediaType": media_type,
+        "content": base64.b64encode(content).decode(),
+        **({"annotations": annotations} if annotations else {}),
+    }
+
+
+def _dependencies(run: Path, checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
+    """What the model was built from: each signed dataset, and each ancestor's signed head the run started from."""
+    from smalti.governance.lineage import chain
+
+    data = checkpoint.get("data") or {}
+    datasets = data.get("datasets") if data.get("source") == "mixture" else [data]
+    dependencies = [
+        {
+            "name": f"dataset {d.get('name', '')}".strip(),
+            "uri": _uri(d["url"]),
+            "digest": {"sha256": d["manifest_sha256"]},
+            "annotations": {
+                "manifest_root": d.get("manifest_root"),
+                "manifest_version": d.get("manifest_version"),
+                "signer": d.get("signer"),
+                "taxonomy": d.get("taxonomy"),
+            },
+        }
+        for d in datasets or []
+        if d.get("url")
+    ]
+    for parent, link in chain(run):  # the lineage: each ancestor's signed head the child started from
+        dependencies.append(
+            {
+                "name": f"parent run ({link.kind})",
+                "uri": Path(parent).resolve().as_uri(),
+                "digest": {"sha256": link.head.get("weights") or link.start_weights_sha256 or ""},
+                "annotations": {k: v for k, v in link.to_json().items() if k != "run_dir"},
+            }
+        )
+    return dependencies
 
 
 def statement(directory: Path, run: Path, checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -64,7 +105,7 @@ def statement(directory: Path, run: Path, checkpoint: dict[str, Any]) -> dict[st
     from smalti.workflows.certificate import CERTIFICATE, ablated_classes
     from smalti.trust.note import verifier_key
     from smalti.governance.ledger.store import LedgerStore, ledger_path
-    from smalti.governance.lineage import chain, run_entry
+    from smalti.governance.lineage import run_entry
     from smalti.software import software
 
     store = LedgerStore(ledger_path(run))
@@ -76,19 +117,16 @@ def statement(directory: Path, run: Path, checkpoint: dict[str, Any]) -> dict[st
     if not heads or not heads[-1].final:
         raise ProvenanceError(f"{run}: the ledger has no final signed tree head; sign models of finished runs")
     entry = run_entry(run)
-    data = checkpoint.get("data") or {}
-    datasets = data.get("datasets") if data.get("source") == "mixture" else [data]
-    dependencies = [{"name": f"dataset {d.get('name', '')}".strip(), "uri": _uri(d["url"]),
-                     "digest": {"sha256": d["manifest_sha256"]},
-                     "annotations": {"manifest_root": d.get("manifest_root"), "manifest_version": d.get("manifest_version"),
-                                     "signer": d.get("signer"), "taxonomy": d.get("taxonomy")}}
-                    for d in datasets or [] if d.get("url")]
-    for parent, link in chain(run):  # the lineage: each ancestor's signed head the child started from
-        dependencies.append({"name": f"parent run ({link.kind})", "uri": Path(parent).resolve().as_uri(),
-                             "digest": {"sha256": link.head.get("weights") or link.start_weights_sha256 or ""},
-                             "annotations": {k: v for k, v in link.to_json().items() if k != "run_dir"}})
-    byproducts = [_descriptor("ledger checkpoint", heads[-1].note(trainer.raw).encode(), "text/plain; charset=utf-8",
-                              verifier_key=verifier_key(origin, trainer.raw), entries=heads[-1].size)]
+    dependencies = _dependencies(run, checkpoint)
+    byproducts = [
+        _descriptor(
+            "ledger checkpoint",
+            heads[-1].note(trainer.raw).encode(),
+            "text/plain; charset=utf-8",
+            verifier_key=verifier_key(origin, trainer.raw),
+            entries=heads[-1].size,
+        )
+    ]
     if (run / CERTIFICATE).is_file():
         byproducts.append(_descriptor("deletion certificate", (run / CERTIFICATE).read_bytes(), "application/json"))
     return {
@@ -99,14 +137,16 @@ def statement(directory: Path, run: Path, checkpoint: dict[str, Any]) -> dict[st
             "buildDefinition": {
                 "buildType": BUILD_TYPE,
                 "externalParameters": {"recipe": checkpoint["recipe"]},
-                "internalParameters": {"recipe_fingerprint": checkpoint.get("recipe_fingerprint"),
-                                       "fingerprints": entry.get("fingerprints", {}),
-                                       "classes": entry.get("classes", []),
-                                       "trained_to": checkpoint.get("timestamp"),
-                                       "adapters_left_out": {
-                                           "classes": ablated_classes(run),
-                                           "why": "ablated by smalti forget (the deletion certificate is a "
-                                                  "byproduct): not exported"}},
+                "internalParameters": {
+                    "recipe_fingerprint": checkpoint.get("recipe_fingerprint"),
+                    "fingerprints": entry.get("fingerprints", {}),
+                    "classes": entry.get("classes", []),
+                    "trained_to": checkpoint.get("timestamp"),
+                    "adapters_left_out": {
+                        "classes": ablated_classes(run),
+                        "why": "ablated by smalti forget (the deletion certificate is a byproduct): not exported",
+                    },
+                },
                 "resolvedDependencies": dependencies,
             },
             "runDetails": {
@@ -156,6 +196,7 @@ def verify_envelope(envelope: dict[str, Any], trainer: PublicKey) -> dict[str, A
     """The statement in a DSSE envelope, after checking the trainer key signed it."""
     from securesystemslib.dsse import Envelope
     from securesystemslib.exceptions import VerificationError
+
     try:
         parsed = Envelope.from_dict(envelope)
         parsed.verify([_sslib_key(trainer)], 1)
@@ -166,8 +207,9 @@ def verify_envelope(envelope: dict[str, Any], trainer: PublicKey) -> dict[str, A
     return json.loads(parsed.payload)
 
 
-def sign_model(directory: Path, run: Path, checkpoint: dict[str, Any], trainer_key: SigningKey,
-               model_key: Path) -> None:
+def sign_model(
+    directory: Path, run: Path, checkpoint: dict[str, Any], trainer_key: SigningKey, model_key: Path
+) -> None:
     """Write ``provenance.intoto.json``, then ``model.sig`` over the whole folder (the provenance included)."""
     model_signing = _model_signing()
     directory = Path(directory).resolve()  # model_signing compares ignored paths with the absolute ones it walks
@@ -175,8 +217,10 @@ def sign_model(directory: Path, run: Path, checkpoint: dict[str, Any], trainer_k
     from smalti.io import atomic_write_text
 
     if trainer_key.public.key_id != _ledger_key(run).key_id:
-        raise ProvenanceError(f"the trainer key {trainer_key.public.key_id} is not the key that signed {run}'s ledger "
-                              f"({_ledger_key(run).key_id})")
+        raise ProvenanceError(
+            f"the trainer key {trainer_key.public.key_id} is not the key that signed {run}'s ledger "
+            f"({_ledger_key(run).key_id})"
+        )
     check_model_key(model_key)
     envelope = sign_envelope(statement(directory, run, checkpoint), trainer_key)
     atomic_write_text(directory / PROVENANCE, json.dumps(envelope, indent=1) + "\n")
@@ -188,11 +232,16 @@ def sign_model(directory: Path, run: Path, checkpoint: dict[str, Any], trainer_k
             config = config.use_pkcs11_signer(pkcs11_uri=with_module_and_pin(str(model_key)))
         else:
             config = config.use_elliptic_key_signer(private_key=model_key)
-        (config.set_hashing_config(model_signing.hashing.Config().set_ignored_paths(paths=[directory / SIGNATURE]))
-         .sign(directory, directory / SIGNATURE))
+        (
+            config.set_hashing_config(
+                model_signing.hashing.Config().set_ignored_paths(paths=[directory / SIGNATURE])
+            ).sign(directory, directory / SIGNATURE)
+        )
     except (ValueError, TypeError, OSError, RuntimeError) as error:
-        raise ProvenanceError(f"--model-key {model_key}: {error} (an ECDSA P-256/384/521 PEM private key: "
-                              f"smalti keys new NAME --type ecdsa-p256)") from None
+        raise ProvenanceError(
+            f"--model-key {model_key}: {error} (an ECDSA P-256/384/521 PEM private key: "
+            f"smalti keys new NAME --type ecdsa-p256)"
+        ) from None
 
 
 def check_model_key(path: Path) -> None:
@@ -209,8 +258,10 @@ def check_model_key(path: Path) -> None:
     except (OSError, ValueError, TypeError) as error:
         raise ProvenanceError(f"--model-key {path}: not a readable PEM private key ({error})") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name not in ("secp256r1", "secp384r1", "secp521r1"):
-        raise ProvenanceError(f"--model-key {path}: OpenSSF model signing needs an ECDSA P-256/384/521 key "
-                              "(smalti keys new NAME --type ecdsa-p256)")
+        raise ProvenanceError(
+            f"--model-key {path}: OpenSSF model signing needs an ECDSA P-256/384/521 key "
+            "(smalti keys new NAME --type ecdsa-p256)"
+        )
 
 
 def _ledger_key(run: Path) -> PublicKey:
@@ -237,9 +288,12 @@ def verify_model(directory: Path, trainer: PublicKey, model_key: Path) -> list[s
         if not (directory / name).is_file():
             raise ProvenanceError(f"{directory}: no {name}; not a signed model folder (smalti export --sign)")
     try:
-        (model_signing.verifying.Config().use_elliptic_key_verifier(public_key=model_key)
-         .set_hashing_config(model_signing.hashing.Config().set_ignored_paths(paths=[directory / SIGNATURE]))
-         .verify(directory, directory / SIGNATURE))
+        (
+            model_signing.verifying.Config()
+            .use_elliptic_key_verifier(public_key=model_key)
+            .set_hashing_config(model_signing.hashing.Config().set_ignored_paths(paths=[directory / SIGNATURE]))
+            .verify(directory, directory / SIGNATURE)
+        )
     except Exception as error:  # the library raises ValueError and others; any failure is the answer
         raise ProvenanceError(f"{directory / SIGNATURE}: the model signature does not verify ({error})") from None
     lines = [f"model signature OK: every file of {shown} (OMS bundle, key {model_key})"]
@@ -268,6 +322,8 @@ def verify_model(directory: Path, trainer: PublicKey, model_key: Path) -> list[s
             checkpoint = Checkpoint.parse(open_note(note, [verifier])[0])
         except (NoteError, KeyError) as error:
             raise ProvenanceError(f"{PROVENANCE}: the ledger checkpoint does not verify ({error})") from None
-        lines.append(f"ledger checkpoint OK: {checkpoint.origin} at size {checkpoint.size}, final "
-                     f"{checkpoint.extension('final')}")
+        lines.append(
+            f"ledger checkpoint OK: {checkpoint.origin} at size {checkpoint.size}, final "
+            f"{checkpoint.extension('final')}"
+        )
     return lines

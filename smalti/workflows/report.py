@@ -80,7 +80,7 @@ def _svg(figure) -> str:
 
     plt.close(figure)
     text = buffer.getvalue()
-    return text[text.index("<svg"):]
+    return text[text.index("<svg") :]
 
 
 def _group(name: str) -> str:
@@ -178,11 +178,13 @@ def _heatmap(ledger: Ledger) -> str:
     cmap = plt.get_cmap("viridis").copy()
     cmap.set_bad("white")
     floor = max(1e-4, float(shown.min()) if shown.count() else 1e-4)
-    image = ax.imshow(shown, aspect="auto", cmap=cmap, norm=colors.LogNorm(vmin=floor, vmax=1.0),
-                      interpolation="nearest")
+    image = ax.imshow(
+        shown, aspect="auto", cmap=cmap, norm=colors.LogNorm(vmin=floor, vmax=1.0), interpolation="nearest"
+    )
     for r, layer in zip(*np.nonzero(forbidden)):
-        ax.text(layer, r, "×" if forbidden[r, layer] == 2 else "/", ha="center", va="center", fontsize=7,
-                color="#b91c1c")
+        ax.text(
+            layer, r, "×" if forbidden[r, layer] == 2 else "/", ha="center", va="center", fontsize=7, color="#b91c1c"
+        )
     ax.set_xticks(range(len(layers)), layers, rotation=90, fontsize=6.5)
     ax.set_yticks(range(len(rows)), [_label(r) for r in rows], fontsize=6.5)
     groups = [_group(r) for r in rows]
@@ -190,8 +192,7 @@ def _heatmap(ledger: Ledger) -> str:
         if groups[r] != groups[r - 1]:
             ax.axhline(r - 0.5, color="#333", linewidth=0.8)
     ax.set_xlabel("layer")
-    fig.colorbar(image, ax=ax, label="share of the layer's gradient, over the run (log scale)", pad=0.09,
-                 fraction=0.03)
+    fig.colorbar(image, ax=ax, label="share of the layer's gradient, over the run (log scale)", pad=0.09, fraction=0.03)
     return _svg(fig)
 
 
@@ -201,8 +202,14 @@ def _update_norms(ledger: Ledger) -> str:
     steps = [e["step"] for e in ledger.steps]
     norms = np.array([[layer[1] for layer in e["layers"]] for e in ledger.steps]).T  # [L, steps]
     fig, ax = plt.subplots(figsize=(12, max(3, 0.16 * len(ledger.layer_names) + 1)))
-    image = ax.imshow(np.log10(np.maximum(norms, 1e-12)), aspect="auto", cmap="magma", interpolation="nearest",
-                      extent=(steps[0] - 0.5, steps[-1] + 0.5, len(norms) - 0.5, -0.5), vmin=-8)
+    image = ax.imshow(
+        np.log10(np.maximum(norms, 1e-12)),
+        aspect="auto",
+        cmap="magma",
+        interpolation="nearest",
+        extent=(steps[0] - 0.5, steps[-1] + 0.5, len(norms) - 0.5, -0.5),
+        vmin=-8,
+    )
     ax.set_yticks(range(len(ledger.layer_names)), ledger.layer_names, fontsize=6.5)
     ax.set_xlabel("step")
     fig.colorbar(image, ax=ax, label="log10 update norm (black: not updated)")
@@ -246,15 +253,21 @@ def _entropy(ledger: Ledger) -> str | None:
     values = np.array([e["entropy"] for e in measured])  # [T, C, L]
     # Constrained layout makes room for the right panel's class names (long taxonomy paths) instead of letting
     # them run into the left panel; the legend sits under the left panel, clear of both.
-    fig, (over_time, profile) = plt.subplots(1, 2, figsize=(12, max(3.8, 0.16 * len(classes) + 1.2)),
-                                              gridspec_kw={"width_ratios": [1, 1]}, layout="constrained")
+    fig, (over_time, profile) = plt.subplots(
+        1,
+        2,
+        figsize=(12, max(3.8, 0.16 * len(classes) + 1.2)),
+        gridspec_kw={"width_ratios": [1, 1]},
+        layout="constrained",
+    )
     palette = plt.get_cmap("tab10" if len(layers) <= 10 else "tab20")
     for j, layer in enumerate(layers):
         over_time.plot(steps, values[:, :, j].mean(axis=1), label=layer, color=palette(j % palette.N))
     over_time.set_xlabel("step")
     over_time.set_ylabel("spectral entropy (mean over classes)")
-    over_time.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=min(4, len(layers)),
-                     frameon=False)
+    over_time.legend(
+        fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=min(4, len(layers)), frameon=False
+    )
     image = profile.imshow(values[-1], aspect="auto", cmap="cividis", interpolation="nearest")
     profile.set_xticks(range(len(layers)), layers, rotation=45, ha="right", fontsize=7)
     profile.set_yticks(range(len(classes)), [_label(c) for c in classes], fontsize=6.5)
@@ -271,14 +284,15 @@ def _governance(run_dir: Path, ledger: Ledger, path_label: Callable[[str], str] 
     fingerprints = ledger.run.get("fingerprints") or {}
     data = _json_object(run_dir / "data.json")
     run_software = ledger.run.get("software") or {}
-    facts: list[tuple[str, Any]] = [("trained with", _describe(run_software)),
-             ("this report by", describe(software()))]
+    facts: list[tuple[str, Any]] = [("trained with", _describe(run_software)), ("this report by", describe(software()))]
     if data.get("source") == "dataset":
         url = str(data.get("url"))
         shown = url if "://" in url and not url.startswith("file://") else path_label(url)
-        facts += [("dataset", f"{data.get('name', '?')} version {data.get('manifest_version', '?')} at {shown}"),
-                  ("dataset manifest root", data.get("manifest_root")),
-                  ("tagged and signed by", data.get("signer"))]
+        facts += [
+            ("dataset", f"{data.get('name', '?')} version {data.get('manifest_version', '?')} at {shown}"),
+            ("dataset manifest root", data.get("manifest_root")),
+            ("tagged and signed by", data.get("signer")),
+        ]
     elif data:
         facts.append(("data", data.get("corpus") or data.get("source")))
     facts += [(f"{k} fingerprint", v) for k, v in fingerprints.items()]
@@ -298,12 +312,18 @@ def _governance(run_dir: Path, ledger: Ledger, path_label: Callable[[str], str] 
         rows = "".join(
             f"<tr><td>{_e(a.name)}</td><td>{_e(a.role)}</td><td><code>{_e(a.key.key_id if a.key else '-')}</code>"
             f"{' (signs this ledger)' if a.key and a.key.key_id == trainer else ''}</td>"
-            f"<td>{_e(', '.join(a.may_tag))}</td></tr>" for a in taxonomy.authorities.values())
-        parts.append(f"<h3>Taxonomy {_e(taxonomy.name)}: authorities</h3><p class='sub'>{_e(where)}</p>"
-                     f"<table><tr><th>authority</th><th>role</th><th>key id</th><th>may tag</th></tr>{rows}</table>")
+            f"<td>{_e(', '.join(a.may_tag))}</td></tr>"
+            for a in taxonomy.authorities.values()
+        )
+        parts.append(
+            f"<h3>Taxonomy {_e(taxonomy.name)}: authorities</h3><p class='sub'>{_e(where)}</p>"
+            f"<table><tr><th>authority</th><th>role</th><th>key id</th><th>may tag</th></tr>{rows}</table>"
+        )
     else:
-        parts.append(f"<h3>Taxonomy</h3><p>{_e(where)}; the ledger records fingerprint "
-                     f"<code>{_e(fingerprints.get('taxonomy'))}</code> and trainer key <code>{_e(trainer)}</code>.</p>")
+        parts.append(
+            f"<h3>Taxonomy</h3><p>{_e(where)}; the ledger records fingerprint "
+            f"<code>{_e(fingerprints.get('taxonomy'))}</code> and trainer key <code>{_e(trainer)}</code>.</p>"
+        )
 
     parts.append(_policy(run_dir, fingerprints))
     parts.append(_allow_matrix(ledger))
@@ -337,23 +357,36 @@ def _policy(run_dir: Path, fingerprints: dict[str, Any]) -> str:
         except (yaml.YAMLError, UnicodeDecodeError, AttributeError, TypeError) as error:
             where = f"{where}, but it does not parse ({type(error).__name__})"
     if fingerprints.get("policy"):
-        return (f"<h3>Routing policy</h3><p>{_e(where)}; the ledger records fingerprint "
-                f"<code>{_e(fingerprints.get('policy'))}</code>.</p>")
+        return (
+            f"<h3>Routing policy</h3><p>{_e(where)}; the ledger records fingerprint "
+            f"<code>{_e(fingerprints.get('policy'))}</code>.</p>"
+        )
     return ""
 
 
 def _policy_rules(policy_bytes: bytes, where: str) -> str:
     spec = yaml.safe_load(policy_bytes.decode("utf-8")) or {}
-    rules = "".join(f"<tr><td>{i}</td><td>{_e(', '.join(r.get('classes', [])))}</td>"
-                    f"<td>{_e(', '.join(r.get('params', [])))}</td><td>{_e(r.get('phase', 'always'))}</td>"
-                    f"<td>{_e(r.get('action'))}</td></tr>" for i, r in enumerate(spec.get("rules") or [], 1))
-    exclusive = "".join(f"<tr><td>{_e(', '.join(r.get('classes', [])))}</td><td>{_e(', '.join(r.get('params', [])))}"
-                        f"</td></tr>" for r in spec.get("exclusive") or [])
-    return (f"<h3>Routing policy {_e(spec.get('policy', ''))}</h3><p class='sub'>{_e(where)}; default "
-            f"<b>{_e(spec.get('default', 'allow'))}</b>; the first matching rule decides</p>"
-            f"<table><tr><th>#</th><th>classes</th><th>parameters</th><th>phase</th><th>action</th></tr>{rules}</table>"
-            + (f"<p>Exclusive (the class may update only these; no other class may):</p><table><tr><th>classes</th>"
-               f"<th>parameters</th></tr>{exclusive}</table>" if exclusive else ""))
+    rules = "".join(
+        f"<tr><td>{i}</td><td>{_e(', '.join(r.get('classes', [])))}</td>"
+        f"<td>{_e(', '.join(r.get('params', [])))}</td><td>{_e(r.get('phase', 'always'))}</td>"
+        f"<td>{_e(r.get('action'))}</td></tr>"
+        for i, r in enumerate(spec.get("rules") or [], 1)
+    )
+    exclusive = "".join(
+        f"<tr><td>{_e(', '.join(r.get('classes', [])))}</td><td>{_e(', '.join(r.get('params', [])))}</td></tr>"
+        for r in spec.get("exclusive") or []
+    )
+    return (
+        f"<h3>Routing policy {_e(spec.get('policy', ''))}</h3><p class='sub'>{_e(where)}; default "
+        f"<b>{_e(spec.get('default', 'allow'))}</b>; the first matching rule decides</p>"
+        f"<table><tr><th>#</th><th>classes</th><th>parameters</th><th>phase</th><th>action</th></tr>{rules}</table>"
+        + (
+            f"<p>Exclusive (the class may update only these; no other class may):</p><table><tr><th>classes</th>"
+            f"<th>parameters</th></tr>{exclusive}</table>"
+            if exclusive
+            else ""
+        )
+    )
 
 
 def _allow_matrix(ledger: Ledger) -> str:
@@ -366,9 +399,11 @@ def _allow_matrix(ledger: Ledger) -> str:
     names, layers = ledger.run["classes"], ledger.layer_names
     leaves = set(leaf_classes(names))  # nodes carry no examples; the same columns as smalti policy check
     last_step = ledger.steps[-1]["step"] if ledger.steps else 0
-    out = ["<h3>What the policy allowed, per phase</h3><p class='sub'>From the ledger's run entry: ✓ the "
-           "classes may update the layer, ✗ they may not, ~ only some of its parameters. Decisions taken during "
-           "training (an entropy-driven freeze) show in the update norms below, not here.</p>"]
+    out = [
+        "<h3>What the policy allowed, per phase</h3><p class='sub'>From the ledger's run entry: ✓ the "
+        "classes may update the layer, ✗ they may not, ~ only some of its parameters. Decisions taken during "
+        "training (an entropy-driven freeze) show in the update norms below, not here.</p>"
+    ]
     for number, phase in enumerate(phases):
         end = phases[number + 1]["start_batch"] if number + 1 < len(phases) else last_step
         groups: dict[str, list[str]] = {}
@@ -376,16 +411,26 @@ def _allow_matrix(ledger: Ledger) -> str:
             if name in leaves:
                 groups.setdefault(row, []).append(name)
         if len(groups) == 1 and set(next(iter(groups))) == {"1"}:
-            out.append(f"<p>Batches {_e(phase['start_batch'])}&ndash;{_e(end)}: every class may update every layer.</p>")
+            out.append(
+                f"<p>Batches {_e(phase['start_batch'])}&ndash;{_e(end)}: every class may update every layer.</p>"
+            )
             continue
         keys = list(groups)
         head = "".join(f"<th>({i}) {_e(group_label(groups[k]))}</th>" for i, k in enumerate(keys, 1))
-        body = "".join(f"<tr><td><code>{_e(layer)}</code></td>" + "".join(
-            {"1": "<td class='y'>✓</td>", "0": "<td class='n'>✗</td>"}.get(k[j], "<td class='p'>~</td>") for k in keys)
-            + "</tr>" for j, layer in enumerate(layers))
+        body = "".join(
+            f"<tr><td><code>{_e(layer)}</code></td>"
+            + "".join(
+                {"1": "<td class='y'>✓</td>", "0": "<td class='n'>✗</td>"}.get(k[j], "<td class='p'>~</td>")
+                for k in keys
+            )
+            + "</tr>"
+            for j, layer in enumerate(layers)
+        )
         legend = "".join(f"<li>({i}) {_e(', '.join(_label(c) for c in groups[k]))}</li>" for i, k in enumerate(keys, 1))
-        out.append(f"<p><b>Batches {_e(phase['start_batch'])}&ndash;{_e(end)}</b></p><div class='grid'><table><tr><th>layer"
-                   f"</th>{head}</tr>{body}</table><ul>{legend}</ul></div>")
+        out.append(
+            f"<p><b>Batches {_e(phase['start_batch'])}&ndash;{_e(end)}</b></p><div class='grid'><table><tr><th>layer"
+            f"</th>{head}</tr>{body}</table><ul>{legend}</ul></div>"
+        )
     return "".join(out)
 
 
@@ -397,14 +442,22 @@ def _held_out(run_dir: Path, max_bytes: int | None = None) -> str:
 
     try:
         folder = run_dir / "checkpoints"
-        if max_bytes is not None and (folder.is_symlink() or not folder.is_dir() or (
-                (folder / "latest").exists() and plain_file(folder, "latest") is None)):
+        if max_bytes is not None and (
+            folder.is_symlink()
+            or not folder.is_dir()
+            or ((folder / "latest").exists() and plain_file(folder, "latest") is None)
+        ):
             return "<h2>Held-out loss per class</h2><p>Not shown: the run holds no checkpoints folder of its own.</p>"
         latest = CheckpointStore(folder, keep=1).latest()
-        if latest is not None and max_bytes is not None and (
-                plain_file(folder, latest.name) is None or latest.stat().st_size > max_bytes):
-            return (f"<h2>Held-out loss per class</h2><p>Not shown: {_e(latest.name)} is not a plain checkpoint file "
-                    f"of at most {max_bytes >> 20} MB.</p>")
+        if (
+            latest is not None
+            and max_bytes is not None
+            and (plain_file(folder, latest.name) is None or latest.stat().st_size > max_bytes)
+        ):
+            return (
+                f"<h2>Held-out loss per class</h2><p>Not shown: {_e(latest.name)} is not a plain checkpoint file "
+                f"of at most {max_bytes >> 20} MB.</p>"
+            )
         payload = load_payload(latest) if latest is not None else None
     except CheckpointError as error:
         shown = "the latest checkpoint cannot be read" if max_bytes is not None else str(error)  # no server paths
@@ -414,11 +467,16 @@ def _held_out(run_dir: Path, max_bytes: int | None = None) -> str:
         return "<h2>Held-out loss per class</h2><p>Not recorded (no evaluation in the latest checkpoint).</p>"
     assert payload is not None and latest is not None  # the losses came from the latest checkpoint
     at = payload.evaluated_at
-    rows = "".join(f"<tr><td>{_e(_group(str(name)))}</td><td>{_e(str(name).rsplit('/', 1)[-1])}</td>"
-                   f"<td class='num'>{_e(_number(loss))}</td></tr>" for name, loss in sorted(losses.items(), key=str))
-    return (f"<h2>Held-out loss per class</h2><p class='sub'>At the evaluation after batch {_e(at)} "
-            f"({_e(latest.name)}), the validation examples of each class.</p><div class='grid'><table><tr><th>under"
-            f"</th><th>class</th><th>loss</th></tr>{rows}</table></div>")
+    rows = "".join(
+        f"<tr><td>{_e(_group(str(name)))}</td><td>{_e(str(name).rsplit('/', 1)[-1])}</td>"
+        f"<td class='num'>{_e(_number(loss))}</td></tr>"
+        for name, loss in sorted(losses.items(), key=str)
+    )
+    return (
+        f"<h2>Held-out loss per class</h2><p class='sub'>At the evaluation after batch {_e(at)} "
+        f"({_e(latest.name)}), the validation examples of each class.</p><div class='grid'><table><tr><th>under"
+        f"</th><th>class</th><th>loss</th></tr>{rows}</table></div>"
+    )
 
 
 def _certificate(run_dir: Path, served: ServedBy | None = None, log: str = "") -> str:
@@ -435,24 +493,35 @@ def _certificate(run_dir: Path, served: ServedBy | None = None, log: str = "") -
     except (ValueError, UnicodeDecodeError) as error:
         return f"<h2>Deletion certificate</h2><p class='status bad'>CERTIFICATE UNREADABLE: {_e(error)}</p>"
     status = _certificate_status(run_dir, certificate, served, log)
-    evaluation = (cast(dict[str, Any], certificate.get("evaluation")) if isinstance(certificate.get("evaluation"), dict)
-                  else {})
+    evaluation = (
+        cast(dict[str, Any], certificate.get("evaluation")) if isinstance(certificate.get("evaluation"), dict) else {}
+    )
     before = cast(dict[str, Any], evaluation.get("before")) if isinstance(evaluation.get("before"), dict) else {}
     after = cast(dict[str, Any], evaluation.get("after")) if isinstance(evaluation.get("after"), dict) else {}
     forgotten = cast(list[Any], certificate.get("classes")) if isinstance(certificate.get("classes"), list) else []
-    losses = "".join(f"<tr><td>{_e(n)}{' (forgotten)' if n in forgotten else ''}</td>"
-                     f"<td class='num'>{_e(_number(before[n]))}</td><td class='num'>{_e(_number(after.get(n, math.nan)))}"
-                     f"</td></tr>" for n in sorted(before, key=str))
+    losses = "".join(
+        f"<tr><td>{_e(n)}{' (forgotten)' if n in forgotten else ''}</td>"
+        f"<td class='num'>{_e(_number(before[n]))}</td><td class='num'>{_e(_number(after.get(n, math.nan)))}"
+        f"</td></tr>"
+        for n in sorted(before, key=str)
+    )
     parent = cast(dict[str, Any], certificate.get("parent")) if isinstance(certificate.get("parent"), dict) else {}
-    facts = [("forgotten", certificate.get("class")), ("mode", certificate.get("mode")),
-             ("parent run", path_label(parent["run_dir"]) if isinstance(parent.get("run_dir"), str) else None),
-             ("first contribution step", certificate.get("first_contribution_step")),
-             ("steps replayed", f"{certificate.get('steps_replayed')} of {certificate.get('full_retrain_steps')}"),
-             ("signed", certificate.get("timestamp")), ("by trainer key", certificate.get("key_id")),
-             ("software", describe(certificate["software"]) if isinstance(certificate.get("software"), dict)
-              else "not recorded")]
-    return (f"<h2>Deletion certificate</h2>{status}{_rows(facts)}"
-            + (f"<table><tr><th>class</th><th>loss before</th><th>loss after</th></tr>{losses}</table>" if losses else ""))
+    facts = [
+        ("forgotten", certificate.get("class")),
+        ("mode", certificate.get("mode")),
+        ("parent run", path_label(parent["run_dir"]) if isinstance(parent.get("run_dir"), str) else None),
+        ("first contribution step", certificate.get("first_contribution_step")),
+        ("steps replayed", f"{certificate.get('steps_replayed')} of {certificate.get('full_retrain_steps')}"),
+        ("signed", certificate.get("timestamp")),
+        ("by trainer key", certificate.get("key_id")),
+        (
+            "software",
+            describe(certificate["software"]) if isinstance(certificate.get("software"), dict) else "not recorded",
+        ),
+    ]
+    return f"<h2>Deletion certificate</h2>{status}{_rows(facts)}" + (
+        f"<table><tr><th>class</th><th>loss before</th><th>loss after</th></tr>{losses}</table>" if losses else ""
+    )
 
 
 def _certificate_status(run_dir: Path, certificate: dict[str, Any], served: ServedBy | None, log: str) -> str:
@@ -463,25 +532,38 @@ def _certificate_status(run_dir: Path, certificate: dict[str, Any], served: Serv
 
     if served is None:
         problem = verify_certificate(run_dir)
-        return ("<p class='status ok'>CERTIFICATE VERIFIED against the trainer key the parent ledger records</p>"
-                if problem is None else f"<p class='status bad'>CERTIFICATE FAILED: {_e(problem)}</p>")
+        return (
+            "<p class='status ok'>CERTIFICATE VERIFIED against the trainer key the parent ledger records</p>"
+            if problem is None
+            else f"<p class='status bad'>CERTIFICATE FAILED: {_e(problem)}</p>"
+        )
     key = served.certificate_key
     try:
-        valid = (key is not None and certificate.get("key_id") == key.key_id
-                 and key.verify(bytes.fromhex(str(certificate.get("signature", ""))), signed_message(certificate)))
+        valid = (
+            key is not None
+            and certificate.get("key_id") == key.key_id
+            and key.verify(bytes.fromhex(str(certificate.get("signature", ""))), signed_message(certificate))
+        )
     except (ValueError, TypeError):
         valid = False
     if not valid:
-        return ("<p class='status bad'>CERTIFICATE NOT SIGNED by the taxonomy's trainer key"
-                f"{' ' + _e(key.key_id) if key is not None else ''}</p>")
-    certified = (cast(dict[str, Any], certificate.get("ledger_head")) if isinstance(certificate.get("ledger_head"), dict)
-                 else {})
+        return (
+            "<p class='status bad'>CERTIFICATE NOT SIGNED by the taxonomy's trainer key"
+            f"{' ' + _e(key.key_id) if key is not None else ''}</p>"
+        )
+    certified = (
+        cast(dict[str, Any], certificate.get("ledger_head")) if isinstance(certificate.get("ledger_head"), dict) else {}
+    )
     if certified.get("origin") != log:  # a genuine certificate of another run, copied in
-        return (f"<p class='status bad'>CERTIFICATE OF ANOTHER RUN: it certifies the log "
-                f"{_e(certified.get('origin'))}, this run's ledger is {_e(log)}</p>")
-    return (f"<p class='status ok'>CERTIFICATE SIGNATURE VERIFIED against the taxonomy's trainer key {_e(key.key_id)}"
-            "</p><p class='sub'>The service checks the signature only; smalti ledger verify on the runs checks the "
-            "parent's ledger, the replay's and the certified weights.</p>")
+        return (
+            f"<p class='status bad'>CERTIFICATE OF ANOTHER RUN: it certifies the log "
+            f"{_e(certified.get('origin'))}, this run's ledger is {_e(log)}</p>"
+        )
+    return (
+        f"<p class='status ok'>CERTIFICATE SIGNATURE VERIFIED against the taxonomy's trainer key {_e(key.key_id)}"
+        "</p><p class='sub'>The service checks the signature only; smalti ledger verify on the runs checks the "
+        "parent's ledger, the replay's and the certified weights.</p>"
+    )
 
 
 def _forget_eval(run_dir: Path) -> str:
@@ -497,25 +579,45 @@ def _forget_eval(run_dir: Path) -> str:
         return f"<h2>How much was forgotten (smalti eval-forget)</h2><p>Unreadable: {_e(type(error).__name__)}</p>"
 
 
-def _forget_eval_rows(path: Path, result: dict[str, Any], quality: dict[str, Any], mia: dict[str, Any],
-                      utility: dict[str, Any]) -> str:
+def _forget_eval_rows(
+    path: Path, result: dict[str, Any], quality: dict[str, Any], mia: dict[str, Any], utility: dict[str, Any]
+) -> str:
     import base64
 
-    facts = [("class", result["class"]),
-             ("held-out loss on it: parent / forgotten / counterfactual",
-              " / ".join(_number(quality['loss_on_class'][r]) for r in ("parent", "forgotten", "counterfactual"))),
-             ("forget quality: KS forgotten vs counterfactual", f"{_number(quality['ks_statistic'])} "
-                                                                 f"(p = {_number(quality['ks_p_value'], '.3g')})"),
-             ("other classes' mean loss change vs parent / vs counterfactual",
-              f"{_number(utility['change_vs_parent'])} / {_number(utility['change_vs_counterfactual'])}"),
-             ("membership inference AUC: parent / forgotten / counterfactual",
-              " / ".join(_number(mia[r], '.3f') for r in ("parent", "forgotten", "counterfactual")))]
-    facts += [(f"relearning, {r['model']}, k={r['examples']}: steps back to the parent's loss",
-               r["steps_to_parent_loss"] if r["steps_to_parent_loss"] is not None
-               else f"more than {result['relearning']['budget']['steps']}") for r in result["relearning"]["runs"]]
+    facts = [
+        ("class", result["class"]),
+        (
+            "held-out loss on it: parent / forgotten / counterfactual",
+            " / ".join(_number(quality["loss_on_class"][r]) for r in ("parent", "forgotten", "counterfactual")),
+        ),
+        (
+            "forget quality: KS forgotten vs counterfactual",
+            f"{_number(quality['ks_statistic'])} (p = {_number(quality['ks_p_value'], '.3g')})",
+        ),
+        (
+            "other classes' mean loss change vs parent / vs counterfactual",
+            f"{_number(utility['change_vs_parent'])} / {_number(utility['change_vs_counterfactual'])}",
+        ),
+        (
+            "membership inference AUC: parent / forgotten / counterfactual",
+            " / ".join(_number(mia[r], ".3f") for r in ("parent", "forgotten", "counterfactual")),
+        ),
+    ]
+    facts += [
+        (
+            f"relearning, {r['model']}, k={r['examples']}: steps back to the parent's loss",
+            r["steps_to_parent_loss"]
+            if r["steps_to_parent_loss"] is not None
+            else f"more than {result['relearning']['budget']['steps']}",
+        )
+        for r in result["relearning"]["runs"]
+    ]
     png = plain_file(path.parent.parent, path.parent.name, "relearning.png")
-    image = (f'<img alt="relearning curves" src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}">'
-             if png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" else "")
+    image = (
+        f'<img alt="relearning curves" src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}">'
+        if png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        else ""
+    )
     return f"<h2>How much was forgotten (smalti eval-forget)</h2>{_rows(facts)}{image}"
 
 
@@ -529,8 +631,73 @@ def write_report(run_dir: str | Path, out: str | Path, verified: VerifyReport) -
     return out
 
 
-def render_report(run_dir: str | Path, verified: VerifyReport, read_only: bool = False, title: str | None = None,
-                  untrusted: str | None = None, served: ServedBy | None = None) -> str:
+def _figures(ledger: Ledger) -> list[tuple[str, str, str, str]]:
+    """The report's figures (id, title, caption, SVG): none for a run without steps of its own."""
+    import matplotlib.pyplot as plt
+
+    # Text stays text, and names are never read as TeX: a layer called "$\\foo$" is the ledger's writing.
+    with plt.rc_context({"svg.fonttype": "none", "font.family": "sans-serif", "text.parse_math": False}):
+        sections = (
+            []
+            if not ledger.steps
+            else [
+                (
+                    "heatmap",
+                    "Which classes each layer learned from",
+                    "Mean share of each layer's step gradient per class, over the run, on a log scale: blank, the class "
+                    "never reached the layer; × the policy forbade it in every phase; / in some phases. Classes are grouped "
+                    "under their taxonomy node.",
+                    _heatmap(ledger),
+                ),
+                (
+                    "updates",
+                    "Update norms per layer over time",
+                    "Norm of each layer's update per step; black: skipped (frozen, or no class allowed).",
+                    _update_norms(ledger),
+                ),
+                (
+                    "composition",
+                    "Class composition over time",
+                    "Examples per class in each step (the most frequent classes; grey: all others).",
+                    _composition(ledger),
+                ),
+            ]
+        )
+        entropy = _entropy(ledger) if ledger.steps else None
+    if entropy is not None:
+        sections.append(
+            (
+                "entropy",
+                "Entropy profiles",
+                "Spectral entropy of each probed layer's representation "
+                "on the fixed probe set: over time (left), and for every class at the last profile (right).",
+                entropy,
+            )
+        )
+    return sections
+
+
+def _status(verified: VerifyReport, untrusted: str | None) -> str:
+    """The verdict line: verified, not trusted (a signer the taxonomy does not name), or failed."""
+    status = (
+        f'<p class="status ok" id="status">VERIFIED: {_e(verified.entries)} entries, every leaf, the tree and '
+        f"{_e(verified.heads)} signed tree heads check out</p>"
+        if verified.ok and untrusted is None
+        else f'<p class="status bad" id="status">NOT TRUSTED: {_e(untrusted)}</p>'
+        if untrusted is not None
+        else f'<p class="status bad" id="status">VERIFICATION FAILED: {_e(verified.problem or "")}</p>'
+    )
+    return status
+
+
+def render_report(
+    run_dir: str | Path,
+    verified: VerifyReport,
+    read_only: bool = False,
+    title: str | None = None,
+    untrusted: str | None = None,
+    served: ServedBy | None = None,
+) -> str:
     """The report as one self-contained HTML page.
 
     Everything in it that the run folder supplies is escaped: the ledger, its certificate and its files are
@@ -538,47 +705,38 @@ def render_report(run_dir: str | Path, verified: VerifyReport, read_only: bool =
     ``title`` (the run's name rather than a path of its machine), ``untrusted`` (why the signer is not the
     taxonomy's trainer, shown in red above everything) and ``served`` (``ServedBy``)."""
     import matplotlib
-    import matplotlib.pyplot as plt
 
     matplotlib.use("Agg")
     run_dir = Path(run_dir)
     ledger = Ledger.load(run_dir, read_only=read_only)
-    status = (f'<p class="status ok" id="status">VERIFIED: {_e(verified.entries)} entries, every leaf, the tree and '
-              f"{_e(verified.heads)} signed tree heads check out</p>" if verified.ok and untrusted is None else
-              f'<p class="status bad" id="status">NOT TRUSTED: {_e(untrusted)}</p>' if untrusted is not None else
-              f'<p class="status bad" id="status">VERIFICATION FAILED: {_e(verified.problem or "")}</p>')
+    status = _status(verified, untrusted)
     head = verified.last_head or {}
-    head_rows = [("entries", verified.entries), ("signed tree heads", verified.heads),
-                 ("checked against", f"key {verified.key_id} ({verified.key_source})")]
-    head_rows += [("log" if k == "origin" else k, head[k]) for k in ("origin", "size", "root", "timestamp", "final",
-                                                                     "key_id", "signature") if k in head]
-    # Text stays text, and names are never read as TeX: a layer called "$\\foo$" is the ledger's writing.
-    with plt.rc_context({"svg.fonttype": "none", "font.family": "sans-serif", "text.parse_math": False}):
-        sections = [] if not ledger.steps else [
-            ("heatmap", "Which classes each layer learned from",
-             "Mean share of each layer's step gradient per class, over the run, on a log scale: blank, the class "
-             "never reached the layer; × the policy forbade it in every phase; / in some phases. Classes are grouped "
-             "under their taxonomy node.", _heatmap(ledger)),
-            ("updates", "Update norms per layer over time", "Norm of each layer's update per step; black: skipped "
-             "(frozen, or no class allowed).", _update_norms(ledger)),
-            ("composition", "Class composition over time", "Examples per class in each step (the most frequent "
-             "classes; grey: all others).", _composition(ledger)),
-        ]
-        entropy = _entropy(ledger) if ledger.steps else None
-    if entropy is not None:
-        sections.append(("entropy", "Entropy profiles", "Spectral entropy of each probed layer's representation "
-                         "on the fixed probe set: over time (left), and for every class at the last profile (right).",
-                         entropy))
-    figures = "".join(f'<figure id="{fid}"><h2>{_e(title)}</h2>{svg}<figcaption>{_e(caption)}'
-                      f"</figcaption></figure>" for fid, title, caption, svg in sections[:1])
-    later = "".join(f'<figure id="{fid}"><h2>{_e(title)}</h2>{svg}<figcaption>{_e(caption)}'
-                    f"</figcaption></figure>" for fid, title, caption, svg in sections[1:])
+    head_rows = [
+        ("entries", verified.entries),
+        ("signed tree heads", verified.heads),
+        ("checked against", f"key {verified.key_id} ({verified.key_source})"),
+    ]
+    head_rows += [
+        ("log" if k == "origin" else k, head[k])
+        for k in ("origin", "size", "root", "timestamp", "final", "key_id", "signature")
+        if k in head
+    ]
+    sections = _figures(ledger)
+    figures = "".join(
+        f'<figure id="{fid}"><h2>{_e(title)}</h2>{svg}<figcaption>{_e(caption)}</figcaption></figure>'
+        for fid, title, caption, svg in sections[:1]
+    )
+    later = "".join(
+        f'<figure id="{fid}"><h2>{_e(title)}</h2>{svg}<figcaption>{_e(caption)}</figcaption></figure>'
+        for fid, title, caption, svg in sections[1:]
+    )
     name = title if title is not None else str(run_dir)
     if ledger.steps:
         first, last = ledger.steps[0], ledger.steps[-1]
         loss_text = ", ".join(_number(v) for v in (first.get("loss"), last.get("loss")))
-        summary = (f"steps {_e(first['step'])}&ndash;{_e(last['step'])} &middot; training loss (first, last): "
-                   f"{_e(loss_text)}")
+        summary = (
+            f"steps {_e(first['step'])}&ndash;{_e(last['step'])} &middot; training loss (first, last): {_e(loss_text)}"
+        )
     else:  # an ablation: a run entry that names its parent, and no steps of its own
         summary = "no training steps of its own (a deletion by ablation of its parent's weights)"
     page = f"""<!DOCTYPE html>
@@ -590,8 +748,8 @@ def render_report(run_dir: str | Path, verified: VerifyReport, read_only: bool =
 {_certificate(run_dir, served, str(head.get("origin", "")))}
 {_forget_eval(run_dir)}
 {_governance(run_dir, ledger, served.path_label if served else str)}
-<p>Contribution rule: {_e(ledger.run.get('contribution_rule', ''))}.<br>
-Update-share rule: {_e(ledger.run.get('update_share_rule', ''))}.</p>
+<p>Contribution rule: {_e(ledger.run.get("contribution_rule", ""))}.<br>
+Update-share rule: {_e(ledger.run.get("update_share_rule", ""))}.</p>
 {figures}
 {_held_out(run_dir, served.max_checkpoint_bytes if served else None)}
 {later}

@@ -27,8 +27,7 @@ from typing import Any
 from smalti.errors import SmaltiError
 from smalti.trust.keys import PublicKey, SigningKey
 from smalti.trust import merkle
-from smalti.trust.note import (DASH, Checkpoint, NoteError, Verifier, check_key_name, open_note,
-                                           split_note)
+from smalti.trust.note import DASH, Checkpoint, NoteError, Verifier, check_key_name, open_note, split_note
 from smalti.governance.ledger.tiles import PublishedLog, PublishError
 from smalti.io import atomic_write_bytes
 
@@ -90,8 +89,15 @@ def _state_paths(state: Path, origin: str) -> tuple[Path, Path]:
     return state / f"{stem}.log-key", state / f"{stem}.checkpoint"
 
 
-def cosign(url: str, key: SigningKey, name: str, state: Path, log_key: str | None = None,
-           storage_options: dict[str, Any] | None = None, write_back: bool = True) -> dict[str, Any]:
+def cosign(
+    url: str,
+    key: SigningKey,
+    name: str,
+    state: Path,
+    log_key: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    write_back: bool = True,
+) -> dict[str, Any]:
     """Check the log at ``url`` against this witness's state and cosign its checkpoint; what was done."""
     log = PublishedLog(url, storage_options)
     fetched = log.read("checkpoint").decode("utf-8", errors="replace")
@@ -104,7 +110,9 @@ def cosign(url: str, key: SigningKey, name: str, state: Path, log_key: str | Non
     if known is not None and log_key is not None and log_key.strip() != known:
         raise WitnessError(f"--log-key differs from the key {state} holds for {origin}; a log's key does not change")
     if known is None and log_key is None:
-        raise WitnessError(f"first cosignature of {origin}: pass --log-key (smalti ledger checkpoint RUN --verifier-key)")
+        raise WitnessError(
+            f"first cosignature of {origin}: pass --log-key (smalti ledger checkpoint RUN --verifier-key)"
+        )
     verifier = Verifier.parse(known or log_key or "")
     if verifier.name != origin:
         raise WitnessError(f"{url}/checkpoint: origin {origin!r}, the log key is {verifier.name!r}'s")
@@ -117,22 +125,29 @@ def cosign(url: str, key: SigningKey, name: str, state: Path, log_key: str | Non
     if checkpoint_path.is_file():
         old = Checkpoint.parse(open_note(checkpoint_path.read_text(), [verifier])[0])
         if new.size < old.size:
-            raise WitnessError(f"{origin}: the log shows size {new.size}, smaller than size {old.size} this witness "
-                               f"cosigned: refusing (a log only grows)")
+            raise WitnessError(
+                f"{origin}: the log shows size {new.size}, smaller than size {old.size} this witness "
+                f"cosigned: refusing (a log only grows)"
+            )
         if new.size == old.size and new.root != old.root:
-            raise WitnessError(f"{origin}: a different root at size {new.size} than the one this witness cosigned: "
-                               "a split view; refusing")
+            raise WitnessError(
+                f"{origin}: a different root at size {new.size} than the one this witness cosigned: "
+                "a split view; refusing"
+            )
         if new.size > old.size:
             try:
                 proof = log.consistency_proof(old.size, new.size)
             except PublishError as error:
                 raise WitnessError(f"{origin}: cannot build a consistency proof from the tiles ({error})") from None
             if not merkle.verify_consistency(old.size, new.size, proof, old.root, new.root):
-                raise WitnessError(f"{origin}: size {new.size} is not consistent with size {old.size} this witness "
-                                   "cosigned: history was rewritten (a split view); refusing")
+                raise WitnessError(
+                    f"{origin}: size {new.size} is not consistent with size {old.size} this witness "
+                    "cosigned: history was rewritten (a split view); refusing"
+                )
     stamp = int(time.time())
-    others = "".join(line + "\n" for line in fetched.split("\n\n")[-1].splitlines()
-                     if not line.startswith(f"{DASH} {name} "))  # an earlier cosignature of ours is replaced
+    others = "".join(
+        line + "\n" for line in fetched.split("\n\n")[-1].splitlines() if not line.startswith(f"{DASH} {name} ")
+    )  # an earlier cosignature of ours is replaced
     cosigned = text + "\n" + others + cosignature_line(text, name, key, stamp)
     state.mkdir(parents=True, exist_ok=True)
     if known is None:
@@ -146,8 +161,14 @@ def cosign(url: str, key: SigningKey, name: str, state: Path, log_key: str | Non
                 written_back = True
         except PublishError:
             written_back = False
-    return {"origin": origin, "size": new.size, "previous_size": old.size if old else None, "timestamp": stamp,
-            "checkpoint": cosigned, "written_back": written_back}
+    return {
+        "origin": origin,
+        "size": new.size,
+        "previous_size": old.size if old else None,
+        "timestamp": stamp,
+        "checkpoint": cosigned,
+        "written_back": written_back,
+    }
 
 
 def check_witnessed(run: Path, cosigned_note: str, witness: PublicKey) -> str:
@@ -169,9 +190,13 @@ def check_witnessed(run: Path, cosigned_note: str, witness: PublicKey) -> str:
         raise WitnessError(f"the cosigned checkpoint is not this run's ({origin}): {error}") from None
     found = cosignatures(cosigned_note, witness)
     if not found:
-        raise WitnessError(f"no cosignature by witness key {witness.key_id} on the checkpoint at size {checkpoint.size}")
-    if checkpoint.size > len(leaves) or merkle.root(leaves[:checkpoint.size]) != checkpoint.root:
-        raise WitnessError(f"the witnessed checkpoint at size {checkpoint.size} does not match this ledger: the ledger "
-                           "differs from what the witness saw")
+        raise WitnessError(
+            f"no cosignature by witness key {witness.key_id} on the checkpoint at size {checkpoint.size}"
+        )
+    if checkpoint.size > len(leaves) or merkle.root(leaves[: checkpoint.size]) != checkpoint.root:
+        raise WitnessError(
+            f"the witnessed checkpoint at size {checkpoint.size} does not match this ledger: the ledger "
+            "differs from what the witness saw"
+        )
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(found[0].timestamp))
     return f"witnessed by {found[0].name} at size {checkpoint.size} ({when})"

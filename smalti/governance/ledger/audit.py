@@ -62,8 +62,11 @@ def check_step_shape(run: dict[str, Any], step: dict[str, Any]) -> None:
         if any(not 0 <= cell[0] < layers for cell in cells):
             raise EntryFormatError(f"contributions[{signature}]: a layer index outside 0..{layers - 1}")
     entropy, config = step.get("entropy"), run.get("entropy")
-    if entropy is not None and (config is None or len(entropy) != len(config["classes"])
-                                or any(len(row) != len(config["layers"]) for row in entropy)):
+    if entropy is not None and (
+        config is None
+        or len(entropy) != len(config["classes"])
+        or any(len(row) != len(config["layers"]) for row in entropy)
+    ):
         raise EntryFormatError("entropy: not one row per probed class and a column per probed layer")
 
 
@@ -134,10 +137,14 @@ class Ledger:
         total_share = sum(r["share_sum"] for r in by_class.values()) or 1.0
         for row in by_class.values():
             row["share_of_total"] = row["share_sum"] / total_share
-        return {"layer": name, "parameters": self.run["layers"][index]["parameters"],
-                "updated_steps": step_ranges(updated), "updated_count": len(updated),
-                "updated_summary": describe_steps(updated),
-                "classes": dict(sorted(by_class.items(), key=lambda kv: -kv[1]["share_sum"]))}
+        return {
+            "layer": name,
+            "parameters": self.run["layers"][index]["parameters"],
+            "updated_steps": step_ranges(updated),
+            "updated_count": len(updated),
+            "updated_summary": describe_steps(updated),
+            "classes": dict(sorted(by_class.items(), key=lambda kv: -kv[1]["share_sum"])),
+        }
 
     def parameter(self, name: str) -> dict[str, Any]:
         for layer in self.run["layers"]:
@@ -170,9 +177,15 @@ class Ledger:
             "steps_present": step_ranges(seen_steps),
             "steps_present_count": len(seen_steps),
             "steps_present_summary": describe_steps(seen_steps),
-            "layers_touched": {names[j]: {"steps": len(s), "step_ranges": step_ranges(s),
-                                          "whenever_present": s == seen_steps, "summary": describe_steps(s)}
-                               for j, s in sorted(touched.items())},
+            "layers_touched": {
+                names[j]: {
+                    "steps": len(s),
+                    "step_ranges": step_ranges(s),
+                    "whenever_present": s == seen_steps,
+                    "summary": describe_steps(s),
+                }
+                for j, s in sorted(touched.items())
+            },
             "layers_never_touched": [names[j] for j in range(len(names)) if j not in touched],
         }
 
@@ -185,10 +198,20 @@ class Ledger:
             for signature, ids in entry["examples"].items():
                 if example_id in ids:
                     cells = entry["contributions"].get(signature, [])
-                    appearances.append({"step": entry["step"], "classes": _signature_classes(signature),
-                                        "layers": [names[layer] for layer, norm, _ in cells if norm > 0]})
-        return {"example": example_id, "id": name, "steps": step_ranges([a["step"] for a in appearances]),
-                "dropped_in_steps": step_ranges(dropped), "appearances": appearances}
+                    appearances.append(
+                        {
+                            "step": entry["step"],
+                            "classes": _signature_classes(signature),
+                            "layers": [names[layer] for layer, norm, _ in cells if norm > 0],
+                        }
+                    )
+        return {
+            "example": example_id,
+            "id": name,
+            "steps": step_ranges([a["step"] for a in appearances]),
+            "dropped_in_steps": step_ranges(dropped),
+            "appearances": appearances,
+        }
 
 
 def training_index(run_dir: str | Path, example: str) -> int:
@@ -210,14 +233,18 @@ def training_index(run_dir: str | Path, example: str) -> int:
     recipe = load_recipe(run_dir / "recipe.yaml")
     data = recipe.data
     if data.url is None or data.taxonomy is None or data.trust is None:
-        raise AuditError(f"--example {example!r}: ids name examples of a prepared dataset (data.url); this run did "
-                         f"not train on one, so give the example's index")
+        raise AuditError(
+            f"--example {example!r}: ids name examples of a prepared dataset (data.url); this run did "
+            f"not train on one, so give the example's index"
+        )
     taxonomy = Taxonomy.load(data.taxonomy, PublicKey.load(data.trust))
     manifest = read_manifest(data.url, taxonomy, data.storage_options)
     trained_on = json.loads((run_dir / "data.json").read_text()).get("manifest_root")
     if trained_on and manifest.root != trained_on:
-        raise AuditError(f"--example {example!r}: {data.url} now holds another release than the run trained on "
-                         f"(root {manifest.root[:16]}..., not {trained_on[:16]}...); give the example's index")
+        raise AuditError(
+            f"--example {example!r}: {data.url} now holds another release than the run trained on "
+            f"(root {manifest.root[:16]}..., not {trained_on[:16]}...); give the example's index"
+        )
     split = ShardedSplit(manifest, "train", taxonomy, data.storage_options, cache=None, memory_shards=2)
     try:
         for shard, entry in enumerate(split.shards):

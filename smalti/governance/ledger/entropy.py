@@ -126,8 +126,9 @@ class EntropyProbe:
             groups = []
             for count, classes in by_count.items():
                 positions = self._positions(count * per_example)
-                index = torch.stack([self._rows[k][positions // per_example] * per_example + positions % per_example
-                                     for k in classes])
+                index = torch.stack(
+                    [self._rows[k][positions // per_example] * per_example + positions % per_example for k in classes]
+                )
                 groups.append((classes, index.to(device)))
             self._on_device[key] = groups
         return self._on_device[key]
@@ -144,4 +145,5 @@ class EntropyProbe:
         def hook(module, inputs, output):
             if isinstance(output, torch.Tensor) and output.dim() >= 2:
                 captured[name] = output.detach()
+
         return hook

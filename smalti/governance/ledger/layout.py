@@ -53,7 +53,7 @@ class FlatLayout:
 
     def views(self, flat: torch.Tensor, shapes: Sequence[torch.Size]) -> list[torch.Tensor]:
         """One view per parameter into ``flat`` (a vector of ``size``), shaped like the parameter."""
-        return [flat[o:o + n].view(shape) for o, n, shape in zip(self.offsets.tolist(), self.numels, shapes)]
+        return [flat[o : o + n].view(shape) for o, n, shape in zip(self.offsets.tolist(), self.numels, shapes)]
 
     def gram(self, rows: torch.Tensor) -> torch.Tensor:
         """[L, R, R]: per layer, the dot product of every pair of rows of ``rows`` [R, size] (float32).
@@ -74,7 +74,7 @@ class FlatLayout:
                 blocks.append(rows.new_zeros(count, count_rows, count_rows))
                 continue
             pieces = numel // chunk  # chunk divides numel: the view below needs no copy
-            block = rows[:, start:start + count * numel].view(count_rows, count * pieces, chunk).transpose(0, 1)
+            block = rows[:, start : start + count * numel].view(count_rows, count * pieces, chunk).transpose(0, 1)
             gram = torch.bmm(block, block.transpose(1, 2))
             blocks.append(gram.view(count, pieces, count_rows, count_rows).sum(1) if pieces > 1 else gram)
         return torch.cat(blocks).float().index_select(0, self.layer_order(rows.device))
@@ -95,7 +95,7 @@ def chunk_length(numel: int, longest: int = 1 << 16) -> int:
     if numel <= longest:
         return max(numel, 1)
     best = 0
-    for small in range(1, int(numel ** 0.5) + 1):
+    for small in range(1, int(numel**0.5) + 1):
         if numel % small == 0:
             for divisor in (small, numel // small):
                 if divisor <= longest:

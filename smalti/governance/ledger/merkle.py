@@ -6,5 +6,9 @@ import warnings
 from smalti.trust import merkle as _moved
 
 DEPRECATED_ALIAS = True
-warnings.warn("smalti.governance.ledger.merkle moved to smalti.trust.merkle; import it from there", DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "smalti.governance.ledger.merkle moved to smalti.trust.merkle; import it from there",
+    DeprecationWarning,
+    stacklevel=2,
+)
 sys.modules[__name__] = _moved

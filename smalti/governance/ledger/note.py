@@ -6,5 +6,7 @@ import warnings
 from smalti.trust import note as _moved
 
 DEPRECATED_ALIAS = True
-warnings.warn("smalti.governance.ledger.note moved to smalti.trust.note; import it from there", DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "smalti.governance.ledger.note moved to smalti.trust.note; import it from there", DeprecationWarning, stacklevel=2
+)
 sys.modules[__name__] = _moved

@@ -88,8 +88,11 @@ class ContributionRecorder:
         self.layer_parameters: list[list[str]] = []
         layer_of = np.full(len(self.params), -1, dtype=np.int64)
         for name, module in router.model.named_modules():
-            own = [self._index[id(p)] for p in module.parameters(recurse=False)
-                   if id(p) in self._index and layer_of[self._index[id(p)]] < 0]
+            own = [
+                self._index[id(p)]
+                for p in module.parameters(recurse=False)
+                if id(p) in self._index and layer_of[self._index[id(p)]] < 0
+            ]
             if own:
                 layer_of[own] = len(self.layer_names)
                 self.layer_names.append(name or "(model)")
@@ -235,7 +238,7 @@ class ContributionRecorder:
             self._clean(len(self._signatures) + 1)
             signatures = list(self._signatures)
             outside = bool(self._written[0].any())
-            rows = self._rows[0 if outside else 1:len(signatures) + 1]
+            rows = self._rows[0 if outside else 1 : len(signatures) + 1]
         self._copy_before()
         return signatures, self.layout.gram(rows), outside, inv_scale
 
@@ -248,8 +251,11 @@ class ContributionRecorder:
         rows = torch.zeros(len(everyone) + 1, self.update_layout.size, device=self._rows.device)
         everything = list(range(len(self.params)))
         for k, source in enumerate([0] + [self._signatures.get(s) for s in everyone]):
-            fulls = self._row_views[source] if source is not None else [torch.zeros(s, device=rows.device)
-                                                                        for s in self._shapes]
+            fulls = (
+                self._row_views[source]
+                if source is not None
+                else [torch.zeros(s, device=rows.device) for s in self._shapes]
+            )
             pieces = self._shards.reduce_scatter(everything, fulls)
             torch._foreach_copy_(self.update_layout.views(rows[k], self._update_shapes), pieces)
         gram = self.update_layout.gram(rows)
@@ -311,8 +317,12 @@ class ContributionRecorder:
         if not self.sharded:
             return {"previous_update": local}
         gathered = distributed.all_gather_object(local, self.dist)
-        return {"previous_update": {name: torch.cat([part[name] for part in gathered]) if local[name].dim() else
-                                    local[name] for name in self.names}}
+        return {
+            "previous_update": {
+                name: torch.cat([part[name] for part in gathered]) if local[name].dim() else local[name]
+                for name in self.names
+            }
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self._have_before = False  # the loaded weights are the next step's "before"

@@ -71,8 +71,11 @@ class LedgerStore:
         if read_only:
             try:
                 live = all(self.path.with_name(self.path.name + s).exists() for s in ("-wal", "-shm"))
-                self.db = sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=ro{'' if live else '&immutable=1'}",
-                                          uri=True, isolation_level=None)
+                self.db = sqlite3.connect(
+                    f"{self.path.absolute().as_uri()}?mode=ro{'' if live else '&immutable=1'}",
+                    uri=True,
+                    isolation_level=None,
+                )
                 deadline = time.monotonic() + READ_SECONDS  # whatever a file holds, no read runs longer
                 self.db.set_progress_handler(lambda: int(time.monotonic() > deadline), 100_000)
                 problem = self._checked_shape()
@@ -97,8 +100,11 @@ class LedgerStore:
         except sqlite3.DatabaseError as error:
             raise LedgerError(f"{self.path}: not a readable ledger ({error})") from None
 
-    _TABLES = {"meta": ["key", "value"], "entries": ["idx", "step", "leaf", "data"],
-               "heads": ["size", "root", "timestamp", "final", "key_id", "signature", "weights"]}
+    _TABLES = {
+        "meta": ["key", "value"],
+        "entries": ["idx", "step", "leaf", "data"],
+        "heads": ["size", "root", "timestamp", "final", "key_id", "signature", "weights"],
+    }
 
     def _checked_shape(self) -> str | None:
         """Smalti's tables, then its format, once per version of the file (its device, inode, size and time): a
@@ -107,8 +113,11 @@ class LedgerStore:
         key = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
         if key not in _GOOD_SHAPES:
             shape = self._shape_problem()
-            problem = f"{self.path}: {shape}" if shape else formats.format_problem(
-                self.get_meta("format"), formats.LEDGER, str(self.path))
+            problem = (
+                f"{self.path}: {shape}"
+                if shape
+                else formats.format_problem(self.get_meta("format"), formats.LEDGER, str(self.path))
+            )
             if problem:
                 return problem
             if len(_GOOD_SHAPES) > 4096:
@@ -177,9 +186,10 @@ class LedgerStore:
             self._insert_head(head)
 
     def _insert_head(self, head: TreeHead) -> None:
-        self.db.execute("INSERT OR REPLACE INTO heads VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (head.size, head.root, head.timestamp, int(head.final), head.key_id, head.signature,
-                         head.weights))
+        self.db.execute(
+            "INSERT OR REPLACE INTO heads VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (head.size, head.root, head.timestamp, int(head.final), head.key_id, head.signature, head.weights),
+        )
 
     def truncate(self, size: int) -> None:
         """Forget entries and heads past ``size`` (what a crashed run wrote after its last checkpoint)."""
@@ -192,8 +202,9 @@ class LedgerStore:
         stop = stop if stop is not None else 2**62
         # A plain loop, not ``yield from``: a reader that stops early and closes the store must not have the
         # cursor closed after the connection (``yield from`` would, when the generator is collected).
-        for row in self.db.execute("SELECT idx, step, leaf, data FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx",
-                                   (start, stop)):
+        for row in self.db.execute(
+            "SELECT idx, step, leaf, data FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx", (start, stop)
+        ):
             yield row
 
     def row_chunks(self, size: int, start: int | None = None) -> Iterator[list[tuple[int, int, bytes, bytes]]]:
@@ -201,8 +212,7 @@ class LedgerStore:
         if start is None:
             cursor = self.db.execute("SELECT idx, step, leaf, data FROM entries ORDER BY idx")
         else:
-            cursor = self.db.execute("SELECT idx, step, leaf, data FROM entries WHERE idx >= ? ORDER BY idx",
-                                     (start,))
+            cursor = self.db.execute("SELECT idx, step, leaf, data FROM entries WHERE idx >= ? ORDER BY idx", (start,))
         while rows := list(itertools.islice(cursor, size)):  # iterating beats fetchmany (measured)
             yield rows
 
@@ -216,27 +226,35 @@ class LedgerStore:
 
     def latest_head(self) -> TreeHead | None:
         """The newest signed head (one row read, however many heads the ledger holds)."""
-        row = self.db.execute("SELECT size, root, timestamp, final, key_id, signature, weights FROM heads "
-                              "ORDER BY size DESC LIMIT 1").fetchone()
+        row = self.db.execute(
+            "SELECT size, root, timestamp, final, key_id, signature, weights FROM heads ORDER BY size DESC LIMIT 1"
+        ).fetchone()
         if row is None:
             return None
         s, r, t, f, k, sig, w = row
-        return TreeHead(size=s, root=r, timestamp=t, final=bool(f), key_id=k, signature=sig, weights=w,
-                        origin=self.origin)
+        return TreeHead(
+            size=s, root=r, timestamp=t, final=bool(f), key_id=k, signature=sig, weights=w, origin=self.origin
+        )
 
     def head_of_size(self, size: int) -> TreeHead | None:
-        row = self.db.execute("SELECT size, root, timestamp, final, key_id, signature, weights FROM heads "
-                              "WHERE size = ?", (size,)).fetchone()
+        row = self.db.execute(
+            "SELECT size, root, timestamp, final, key_id, signature, weights FROM heads WHERE size = ?", (size,)
+        ).fetchone()
         if row is None:
             return None
         s, r, t, f, k, sig, w = row
-        return TreeHead(size=s, root=r, timestamp=t, final=bool(f), key_id=k, signature=sig, weights=w,
-                        origin=self.origin)
+        return TreeHead(
+            size=s, root=r, timestamp=t, final=bool(f), key_id=k, signature=sig, weights=w, origin=self.origin
+        )
 
     def leaf_range(self, start: int, stop: int) -> list[bytes]:
         """The leaf hashes of entries ``start`` to ``stop - 1``."""
-        return [row[0] for row in self.db.execute("SELECT leaf FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx",
-                                                  (start, stop))]
+        return [
+            row[0]
+            for row in self.db.execute(
+                "SELECT leaf FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx", (start, stop)
+            )
+        ]
 
     def index_at_step(self, step: int) -> int | None:
         """The index of the last entry at or before ``step`` (None before the first step)."""
@@ -250,10 +268,14 @@ class LedgerStore:
         self.close()
 
     def heads(self) -> list[TreeHead]:
-        rows = self.db.execute("SELECT size, root, timestamp, final, key_id, signature, weights FROM heads ORDER BY size")
+        rows = self.db.execute(
+            "SELECT size, root, timestamp, final, key_id, signature, weights FROM heads ORDER BY size"
+        )
         origin = self.origin
-        return [TreeHead(size=s, root=r, timestamp=t, final=bool(f), key_id=k, signature=sig, weights=w, origin=origin)
-                for s, r, t, f, k, sig, w in rows]
+        return [
+            TreeHead(size=s, root=r, timestamp=t, final=bool(f), key_id=k, signature=sig, weights=w, origin=origin)
+            for s, r, t, f, k, sig, w in rows
+        ]
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:

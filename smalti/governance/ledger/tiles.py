@@ -42,7 +42,7 @@ def tile_index(n: int) -> str:
     """1234067 -> ``x001/x234/067``: three digits per element, every element but the last prefixed by x."""
     digits = f"{n:d}"
     digits = "0" * (-len(digits) % 3) + digits
-    groups = [digits[i:i + 3] for i in range(0, len(digits), 3)]
+    groups = [digits[i : i + 3] for i in range(0, len(digits), 3)]
     return "/".join([f"x{g}" for g in groups[:-1]] + [groups[-1]])
 
 
@@ -59,27 +59,33 @@ def level_hashes(leaves: list[bytes]) -> Iterator[list[bytes]]:
     hashes = leaves
     while hashes:
         yield hashes
-        hashes = [merkle.root(hashes[i:i + WIDTH]) for i in range(0, len(hashes) - WIDTH + 1, WIDTH)]
+        hashes = [merkle.root(hashes[i : i + WIDTH]) for i in range(0, len(hashes) - WIDTH + 1, WIDTH)]
 
 
-def tiles(leaves: list[bytes], entries: Callable[[int, int], list[bytes]],
-          published: int = 0) -> Iterator[tuple[str, bytes, bool]]:
+def tiles(
+    leaves: list[bytes], entries: Callable[[int, int], list[bytes]], published: int = 0
+) -> Iterator[tuple[str, bytes, bool]]:
     """(path, bytes, full) of every tile and bundle a tree of ``len(leaves)`` entries needs that a tree of
     ``published`` entries did not already have as a full tile; ``entries(start, stop)`` reads entries."""
     start = published // WIDTH * WIDTH
     bundled = entries(start, len(leaves))
     for index, entry in enumerate(bundled, start):
         if len(entry) > MAX_ENTRY:
-            raise PublishError(f"entry {index} has {len(entry)} bytes; tlog-tiles entry bundles hold at most "
-                               f"{MAX_ENTRY} (uint16 lengths)")
+            raise PublishError(
+                f"entry {index} has {len(entry)} bytes; tlog-tiles entry bundles hold at most "
+                f"{MAX_ENTRY} (uint16 lengths)"
+            )
     for n in range(start // WIDTH, (len(leaves) + WIDTH - 1) // WIDTH):
-        chunk = bundled[n * WIDTH - start:(n + 1) * WIDTH - start]
-        yield (tile_path("entries", n, len(chunk)), b"".join(struct.pack(">H", len(e)) + e for e in chunk),
-               len(chunk) == WIDTH)
+        chunk = bundled[n * WIDTH - start : (n + 1) * WIDTH - start]
+        yield (
+            tile_path("entries", n, len(chunk)),
+            b"".join(struct.pack(">H", len(e)) + e for e in chunk),
+            len(chunk) == WIDTH,
+        )
     for level, hashes in enumerate(level_hashes(leaves)):
-        before = published // WIDTH ** level  # this level's hashes at the published size
+        before = published // WIDTH**level  # this level's hashes at the published size
         for n in range(before // WIDTH, (len(hashes) + WIDTH - 1) // WIDTH):  # full tiles before it are out
-            chunk = hashes[n * WIDTH:(n + 1) * WIDTH]
+            chunk = hashes[n * WIDTH : (n + 1) * WIDTH]
             yield tile_path(level, n, len(chunk)), b"".join(chunk), len(chunk) == WIDTH
 
 
@@ -123,9 +129,11 @@ def publish(run: Path, url: str, storage_options: dict[str, Any] | None = None, 
                 old = Checkpoint.parse(open_note(existing.decode("utf-8"), [Verifier(origin, public)])[0])
             except (NoteError, UnicodeDecodeError) as error:
                 raise PublishError(f"{url}/checkpoint: not this run's log ({origin}): {error}") from None
-            if old.size > head.size or merkle.root(leaves[:old.size]) != old.root:
-                raise PublishError(f"{url}/checkpoint: the published log at size {old.size} is not a prefix of this "
-                                   f"ledger (its root differs): refusing to rewrite published history")
+            if old.size > head.size or merkle.root(leaves[: old.size]) != old.root:
+                raise PublishError(
+                    f"{url}/checkpoint: the published log at size {old.size} is not a prefix of this "
+                    f"ledger (its root differs): refusing to rewrite published history"
+                )
             previous = old.size
         written = 0
         for path, data, _ in tiles(leaves, lambda a, b: [row[3] for row in store.rows(a, b)], previous):
@@ -190,7 +198,7 @@ class PublishedLog:
     def _hashes(self, level: int, index: int, count: int, size: int) -> list[bytes]:
         """``count`` hashes of ``level`` from ``index`` on, for a tree of ``size`` entries (one tile)."""
         tile, offset = divmod(index, WIDTH)
-        width = min(WIDTH, size // WIDTH ** level - tile * WIDTH)
+        width = min(WIDTH, size // WIDTH**level - tile * WIDTH)
         path = tile_path(level, tile, width)
         if path not in self._tiles:
             data = self.read(path)
@@ -198,7 +206,7 @@ class PublishedLog:
                 raise PublishError(f"{self.url}/{path}: {len(data)} bytes, a tile of width {width} has {width * 32}")
             self._tiles[path] = data
         data = self._tiles[path]
-        return [data[i * 32:(i + 1) * 32] for i in range(offset, offset + count)]
+        return [data[i * 32 : (i + 1) * 32] for i in range(offset, offset + count)]
 
     def range_hash(self, start: int, stop: int, size: int) -> bytes:
         """MTH(D[start:stop]) of the tree of ``size`` entries, for the ranges proofs use (aligned subtrees and
@@ -207,12 +215,13 @@ class PublishedLog:
         if length & (length - 1) == 0 and start % length == 0:
             k = length.bit_length() - 1
             level = k // 8
-            return merkle.root(self._hashes(level, start // WIDTH ** level, 1 << (k % 8), size))
+            return merkle.root(self._hashes(level, start // WIDTH**level, 1 << (k % 8), size))
         split = 1 << ((length - 1).bit_length() - 1)
         return merkle.node_hash(self.range_hash(start, start + split, size), self.range_hash(start + split, stop, size))
 
     def consistency_proof(self, first: int, size: int) -> list[bytes]:
         """RFC 6962's PROOF(first, D[size]), its nodes read from the tiles."""
+
         def sub(m: int, start: int, stop: int, complete: bool) -> list[bytes]:
             if m == stop - start:
                 return [] if complete else [self.range_hash(start, stop, size)]

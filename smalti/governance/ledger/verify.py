@@ -50,8 +50,14 @@ class VerifyReport:
     last_head: dict | None = None
 
 
-def verify_ledger(run_dir: str | Path, public_key: PublicKey | None = None, deep: bool = False,
-                  workers: int | None = None, in_progress: bool = False, read_only: bool = False) -> VerifyReport:
+def verify_ledger(
+    run_dir: str | Path,
+    public_key: PublicKey | None = None,
+    deep: bool = False,
+    workers: int | None = None,
+    in_progress: bool = False,
+    read_only: bool = False,
+) -> VerifyReport:
     """Recompute everything; ``deep`` also parses every entry (canonical JSON, kinds, step order).
 
     ``in_progress``: a run that may still be training; its last head need not be final, and entries
@@ -83,8 +89,9 @@ def _hash_leaves(rows: list[tuple[int, int, bytes, bytes]]) -> list[bytes]:
     return [merkle.leaf_hash(data) for _, _, _, data in rows]
 
 
-def _holds_together(rows: list[tuple[int, int, bytes, bytes]], leaves: list[bytes], start: int,
-                    previous_leaf: bytes) -> bool:
+def _holds_together(
+    rows: list[tuple[int, int, bytes, bytes]], leaves: list[bytes], start: int, previous_leaf: bytes
+) -> bool:
     """Whether ``rows`` are entries start.. in order, each matching its stored leaf and chained to the one before.
 
     Checked with a few list operations; a False sends the verifier entry by entry to say what is wrong.
@@ -94,8 +101,10 @@ def _holds_together(rows: list[tuple[int, int, bytes, bytes]], leaves: list[byte
     if leaves != [stored for _, _, stored, _ in rows]:
         return False
     links = [previous_leaf] + leaves[:-1]
-    return all(data[:4] in MAGICS and data[4:44] == (start + k).to_bytes(8, "big") + link
-               for k, ((_, _, _, data), link) in enumerate(zip(rows, links)))
+    return all(
+        data[:4] in MAGICS and data[4:44] == (start + k).to_bytes(8, "big") + link
+        for k, ((_, _, _, data), link) in enumerate(zip(rows, links))
+    )
 
 
 @dataclass
@@ -124,15 +133,16 @@ def _hash_span(task: tuple[str, int, int, list[int]]) -> _Span | None:
         return None
     tree, heads, position = merkle.Frontier(), {}, 0
     for size in head_sizes:  # those inside the span, ascending
-        tree.extend(leaves[position:size - start])
+        tree.extend(leaves[position : size - start])
         position = size - start
         heads[size] = tree.subtrees
     tree.extend(leaves[position:])
     return _Span(first_link, leaves[-1], heads, tree.subtrees)
 
 
-def _spans(store: LedgerStore, workers: int, deep: bool,
-           head_sizes: list[int]) -> list[tuple[str, int, int, list[int]]]:
+def _spans(
+    store: LedgerStore, workers: int, deep: bool, head_sizes: list[int]
+) -> list[tuple[str, int, int, list[int]]]:
     """The spans to hand to worker processes, or none where one process should do it all."""
     if workers < 2 or deep or sys.platform != "linux":  # fork: workers start in milliseconds, importing nothing
         return []
@@ -149,8 +159,9 @@ def _spans(store: LedgerStore, workers: int, deep: bool,
     return spans
 
 
-def _verify(store: LedgerStore, public_key: PublicKey | None, deep: bool, workers: int,
-            in_progress: bool = False) -> VerifyReport:
+def _verify(
+    store: LedgerStore, public_key: PublicKey | None, deep: bool, workers: int, in_progress: bool = False
+) -> VerifyReport:
     report = VerifyReport(ok=False)
     if public_key is None:
         recorded = store.get_meta("trainer_public_key")
@@ -178,8 +189,10 @@ def _verify(store: LedgerStore, public_key: PublicKey | None, deep: bool, worker
                 if problem:
                     break
     except sqlite3.DatabaseError as error:
-        problem = (f"entries from {walk.frontier.size} on cannot be read: the SQLite file is damaged ({error}); "
-                   "the entries before them check out")
+        problem = (
+            f"entries from {walk.frontier.size} on cannot be read: the SQLite file is damaged ({error}); "
+            "the entries before them check out"
+        )
     if problem:
         report.problem = problem
         return report
@@ -187,19 +200,25 @@ def _verify(store: LedgerStore, public_key: PublicKey | None, deep: bool, worker
     report.entries = frontier.size
     beyond = [h.size for h in heads if h.size > frontier.size]
     if beyond:
-        report.problem = (f"tree head at size {beyond[0]}: the ledger has only {frontier.size} entries "
-                          "(entries were removed from the end)")
+        report.problem = (
+            f"tree head at size {beyond[0]}: the ledger has only {frontier.size} entries "
+            "(entries were removed from the end)"
+        )
         return report
     if not heads:
         report.problem = "no signed tree head: nothing vouches for these entries"
         return report
     if heads[-1].size != frontier.size and not in_progress:
-        report.problem = (f"entries {heads[-1].size}..{frontier.size - 1} are not covered by a signed tree head "
-                          "(appended after the last checkpoint: a crashed run, or added by hand)")
+        report.problem = (
+            f"entries {heads[-1].size}..{frontier.size - 1} are not covered by a signed tree head "
+            "(appended after the last checkpoint: a crashed run, or added by hand)"
+        )
         return report
     if not heads[-1].final and not in_progress:
-        report.problem = (f"the last tree head (size {heads[-1].size}) is not the final one: training did not "
-                          "finish, or the ledger was cut short")
+        report.problem = (
+            f"the last tree head (size {heads[-1].size}) is not the final one: training did not "
+            "finish, or the ledger was cut short"
+        )
         return report
     report.ok = True
     report.last_head = heads[-1].to_json()
@@ -256,10 +275,10 @@ class _Walk:
     def extend(self, leaves: list[bytes]) -> str | None:
         """Add leaves already known to hold together, checking each signed head they reach."""
         start, position = self.frontier.size, 0
-        for size in self.head_sizes[bisect.bisect_right(self.head_sizes, start):]:
+        for size in self.head_sizes[bisect.bisect_right(self.head_sizes, start) :]:
             if size > start + len(leaves):
                 break
-            self.frontier.extend(leaves[position:size - start])
+            self.frontier.extend(leaves[position : size - start])
             position = size - start
             problem = self._check_head(size, self.frontier.root())
             if problem:
@@ -271,11 +290,15 @@ class _Walk:
     def _check_head(self, size: int, root: bytes) -> str | None:
         head = self.head_at[size]
         if root != head.root:
-            return (f"tree head at size {size}: its signed root does not match entries {self.previous_head_size}.."
-                    f"{size - 1} (an entry in that range was changed, inserted or removed)")
+            return (
+                f"tree head at size {size}: its signed root does not match entries {self.previous_head_size}.."
+                f"{size - 1} (an entry in that range was changed, inserted or removed)"
+            )
         if head.key_id != self.public_key.key_id:  # name the key that did sign: a wrong --pubkey reads as such
-            return (f"tree head at size {size}: signed by key {head.key_id}, not by trainer key "
-                    f"{self.public_key.key_id} (is --pubkey the trainer's?)")
+            return (
+                f"tree head at size {size}: signed by key {head.key_id}, not by trainer key "
+                f"{self.public_key.key_id} (is --pubkey the trainer's?)"
+            )
         if not self.public_key.verify(head.signature, head.message()):
             return f"tree head at size {size}: signature is not valid for trainer key {self.public_key.key_id}"
         self.previous_head_size = size

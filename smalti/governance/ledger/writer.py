@@ -48,8 +48,14 @@ CONTRIBUTION_RULE = (
     "share = <G_s, G>/|G|^2, G_s the summed gradient of the step's examples with signature s, G the layer's step "
     "gradient, both before clipping; shares of a layer sum to 1"
 )
-LAYER_FIELDS = ["updated", "update_norm", "relative_update", "cosine_previous_update", "parameter_norm",
-                "gradient_norm"]
+LAYER_FIELDS = [
+    "updated",
+    "update_norm",
+    "relative_update",
+    "cosine_previous_update",
+    "parameter_norm",
+    "gradient_norm",
+]
 
 
 @dataclass
@@ -113,7 +119,11 @@ class Ledger(Closing):
         self.class_names = class_names
         self.fingerprints = fingerprints
         self.recorder = ContributionRecorder(router, dist)
-        self.entropy = EntropyProbe(router.model, probe, class_names, probe_tokens) if probe is not None and entropy_every else None
+        self.entropy = (
+            EntropyProbe(router.model, probe, class_names, probe_tokens)
+            if probe is not None and entropy_every
+            else None
+        )
         self.entropy_every, self.flush_every = entropy_every, flush_every
         # The latest profile, (step, layer names, [classes, layers] entropies): what State.entropy_profile holds.
         self.last_entropy: tuple[int, list[str], torch.Tensor] | None = None
@@ -123,8 +133,9 @@ class Ledger(Closing):
             "kind": "run",
             "format": ENTRY_FORMAT,
             "classes": list(class_names),
-            "layers": [{"name": n, "parameters": p} for n, p in
-                       zip(self.recorder.layer_names, self.recorder.layer_parameters)],
+            "layers": [
+                {"name": n, "parameters": p} for n, p in zip(self.recorder.layer_names, self.recorder.layer_parameters)
+            ],
             "layer_fields": LAYER_FIELDS,
             "contribution_rule": CONTRIBUTION_RULE,
             "update_share_rule": UPDATE_SHARE_RULE,
@@ -133,8 +144,13 @@ class Ledger(Closing):
             "trainer_key": key.public.key_id,
             "software": software(),
             "routing": routing_record(router, self.recorder.layer_of.numpy(), len(self.recorder.layer_names)),
-            "entropy": None if self.entropy is None else {
-                "every": entropy_every, "tokens_per_class": probe_tokens, "layers": self.entropy.layer_names, "classes": self.entropy.class_names,
+            "entropy": None
+            if self.entropy is None
+            else {
+                "every": entropy_every,
+                "tokens_per_class": probe_tokens,
+                "layers": self.entropy.layer_names,
+                "classes": self.entropy.class_names,
                 "probe_examples": probe.sample_ids.tolist(),  # type: ignore[union-attr]  # entropy implies a probe
             },
         }
@@ -165,7 +181,8 @@ class Ledger(Closing):
             raise LedgerError(
                 f"{self.store.path}: its tree heads are signed by trainer key {PublicKey.parse(recorded).key_id}, this "
                 f"run's key is {self.key.public.key_id}; one ledger has one signing key (use that key, or continue in a "
-                f"new run directory from the checkpoint)")
+                f"new run directory from the checkpoint)"
+            )
         leaves = self.store.leaves(stop=size)
         if len(leaves) < size or merkle.root(leaves) != expected:
             raise LedgerError(
@@ -199,8 +216,9 @@ class Ledger(Closing):
         """Gradients are final (summed over ranks, unscaled, not yet clipped): measure contributions."""
         self._gradient = self.recorder.gradient_statistics(inv_scale)
 
-    def after_optimizer_step(self, step: int, time: dict[str, int], loss: torch.Tensor, updated: np.ndarray,
-                             skipped: bool = False) -> None:
+    def after_optimizer_step(
+        self, step: int, time: dict[str, int], loss: torch.Tensor, updated: np.ndarray, skipped: bool = False
+    ) -> None:
         assert self._gradient is not None, "gradient_statistics must run before the optimizer step"
         signatures, gram, outside, inv_scale = self._gradient
         update = self.recorder.update_statistics()
@@ -219,11 +237,21 @@ class Ledger(Closing):
             self.last_entropy = (step, self.entropy.layer_names, entropy)  # every rank: same model, same probe
         if not self.dist.is_main:
             return
-        self.pending.append(_PendingStep(
-            step=step, time=time, loss=loss.detach(), examples=examples, dropped=dropped,
-            skipped=skipped, updated=self.recorder.layer_flags(updated) & (not skipped), signatures=signatures,
-            gradient=(gram, outside, inv_scale), update=update, entropy=entropy,
-        ))
+        self.pending.append(
+            _PendingStep(
+                step=step,
+                time=time,
+                loss=loss.detach(),
+                examples=examples,
+                dropped=dropped,
+                skipped=skipped,
+                updated=self.recorder.layer_flags(updated) & (not skipped),
+                signatures=signatures,
+                gradient=(gram, outside, inv_scale),
+                update=update,
+                entropy=entropy,
+            )
+        )
         if len(self.pending) >= self.flush_every:
             self.flush()
 
@@ -238,8 +266,13 @@ class Ledger(Closing):
         for p in self.pending:
             loss, gradient = next(host), contribution_numbers(next(host), *p.gradient[1:])
             update = update_numbers(next(host), p.update[1])
-            step = StepSignals(p.step, list(p.signatures), _shares(gradient), p.updated.astype(bool),
-                               None if p.entropy is None else p.entropy.cpu().double().numpy())
+            step = StepSignals(
+                p.step,
+                list(p.signatures),
+                _shares(gradient),
+                p.updated.astype(bool),
+                None if p.entropy is None else p.entropy.cpu().double().numpy(),
+            )
             bodies.append(self._body(p, loss, gradient, update, step))
             signals.append(step)
         self._append_bodies(bodies)
@@ -260,8 +293,14 @@ class Ledger(Closing):
         assert self.store is not None  # both callers return early without a store
         self.store.append(rows)
 
-    def _body(self, p: _PendingStep, loss: np.ndarray, gradient: tuple[np.ndarray, ...],
-              update: tuple[np.ndarray, ...], signals: StepSignals) -> dict[str, Any]:
+    def _body(
+        self,
+        p: _PendingStep,
+        loss: np.ndarray,
+        gradient: tuple[np.ndarray, ...],
+        update: tuple[np.ndarray, ...],
+        signals: StepSignals,
+    ) -> dict[str, Any]:
         """A step entry with its tables packed straight from the arrays (NaN where a statistic is undefined;
         a signature's table runs to the last layer it reached, zero where it sent no gradient)."""
         norms, _, gradient_sq = gradient
@@ -271,8 +310,9 @@ class Ledger(Closing):
             moved = (update_norm > 0) & (previous_norm > 0)
             cosine = np.where(moved, dot_previous / (update_norm * previous_norm), np.nan)
         shares = signals.shares
-        layers = np.column_stack([p.updated.astype(np.float64), update_norm, relative, cosine, after_norm,
-                                  np.sqrt(gradient_sq)])
+        layers = np.column_stack(
+            [p.updated.astype(np.float64), update_norm, relative, cosine, after_norm, np.sqrt(gradient_sq)]
+        )
         contributions = {}
         for s, signature in enumerate(p.signatures):
             reached = norms[s] > 0
