@@ -22,53 +22,17 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import random
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 from common import emit, machine
+from ledgers import build_ledger
 
 from smalti.trust.keys import SigningKey
-from smalti.trust import merkle
-from smalti.trust.entry import ZERO_HASH, TreeHead, encode_entry
 from smalti.governance.ledger.store import LedgerStore, ledger_path
 from smalti.governance.ledger.verify import default_workers, verify_ledger
-
-LAYERS, CLASSES = 27, ["gutenberg/tragedy/hamlet", "gutenberg/comedy/tempest", "gutenberg/history/henry_v"]
-
-
-def body(step: int, rng: random.Random) -> dict:
-    return {
-        "kind": "step", "step": step, "time": {"batch": step, "epoch": 0, "sample": 12 * step, "token": 768 * step},
-        "loss": rng.random() * 4, "examples": {c: [rng.randrange(10**6) for _ in range(4)] for c in CLASSES},
-        "dropped": [], "counts": {c: 4 for c in CLASSES}, "skipped": False,
-        "fingerprints": {"policy": "ab" * 32, "taxonomy": "cd" * 32, "dataset": "ef" * 32},
-        "layers": [[1] + [rng.random() for _ in range(5)] for _ in range(LAYERS)],
-        "contributions": {c: [[j, rng.random(), rng.random()] for j in range(LAYERS)] for c in CLASSES},
-    }
-
-
-def build(run_dir: Path, entries: int, key: SigningKey) -> int:
-    store = LedgerStore(ledger_path(run_dir), create=True)
-    origin = store.start_log(key.public)
-    rng, frontier, previous, rows = random.Random(0), merkle.Frontier(), ZERO_HASH, []
-    template = [body(s, rng) for s in range(1, 101)]  # encode real bodies; vary the step
-    for index in range(entries):
-        content = dict(template[index % 100], step=index) if index else {"kind": "run"}
-        data = encode_entry(index, previous, content)
-        leaf = merkle.leaf_hash(data)
-        rows.append((index, index, leaf, data))
-        frontier.append(leaf)
-        previous = leaf
-        if frontier.size % 1000 == 0 or index == entries - 1:
-            store.append(rows, TreeHead.signed(key, origin, frontier.size, frontier.root(), index == entries - 1,
-                                               timestamp="2026-01-01T00:00:00+00:00"))
-            rows = []
-    size = ledger_path(run_dir).stat().st_size
-    store.close()
-    return size
 
 
 def main() -> None:
@@ -80,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     key = SigningKey.generate()
     with tempfile.TemporaryDirectory() as tmp:
-        size = build(Path(tmp), args.entries, key)
+        size = build_ledger(Path(tmp), args.entries, key)
         store = LedgerStore(ledger_path(tmp))
         entries = [data for _, _, _, data in store.rows()]
         store.close()

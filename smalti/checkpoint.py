@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import re
 import shutil
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -27,13 +26,13 @@ import fsspec
 import torch
 
 from smalti import formats
+from smalti.checkpoint_fields import CHECKPOINT_NAME, LATEST, expected_digest, latest_checkpoint
 from smalti.errors import CheckpointCorrupt, CheckpointError
 from smalti.interrupts import interrupts_deferred
 from smalti.io import atomic_write_bytes, atomic_writer, file_sha256
 from smalti.payload import Payload, read_payload
 
-LATEST = "latest"
-_NAME = re.compile(r"^ep(\d+)-ba(\d+)\.(pt|dcp)$")
+_NAME = CHECKPOINT_NAME
 
 
 class _HashingWriter(io.RawIOBase):
@@ -109,14 +108,7 @@ class CheckpointStore:
         )
 
     def latest(self) -> Path | None:
-        pointer = self.directory / LATEST
-        if not pointer.is_file():
-            return None
-        name = pointer.read_text(encoding="utf-8").strip()
-        path = self.directory / name
-        if not _NAME.match(name) or not path.exists():
-            raise CheckpointError(f"{pointer}: points at '{name}', which is not a checkpoint in {self.directory}")
-        return path
+        return latest_checkpoint(self.directory)
 
     def save(self, payload: dict[str, Any], name: str, keep_always: bool = False) -> Path:
         """Write atomically with a sha256 sidecar; ``keep_always`` exempts it from pruning (a ``.keep`` marker)."""
@@ -161,16 +153,6 @@ def _order(path: Path) -> tuple[int, int]:
     match = _NAME.match(path.name)
     assert match is not None
     return int(match.group(2)), int(match.group(1))
-
-
-def _expected_digest(path: Path) -> str | None:
-    sidecar = path.with_name(path.name + ".sha256")
-    if not sidecar.is_file():
-        return None
-    words = sidecar.read_text(encoding="utf-8", errors="replace").split()
-    if not words:
-        raise CheckpointCorrupt(f"{sidecar}: empty (it should hold the checkpoint's sha256)")
-    return words[0]
 
 
 def load_payload(location: str | Path, tensors: bool = True) -> Payload:
@@ -220,7 +202,7 @@ def load_checkpoint(location: str | Path, tensors: bool = True) -> dict[str, Any
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{location}: cannot read checkpoint ({error})") from None
     if is_local:
-        expected = _expected_digest(Path(location))
+        expected = expected_digest(Path(location))
         if expected is not None and hashlib.sha256(data).hexdigest() != expected:
             raise CheckpointCorrupt(
                 f"{location}: checkpoint is corrupt (sha256 differs from {Path(location).name}.sha256)"

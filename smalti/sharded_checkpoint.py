@@ -27,11 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from smalti.checkpoint_fields import META, SUMS, verify_sharded as verify
 from smalti.errors import CheckpointCorrupt, CheckpointError
 from smalti.io import atomic_writer, file_sha256
 
-SUMS = "SHA256SUMS"
-META = "meta.pt"
 _MODEL, _OPTIMIZER = "model", "optimizer_state"
 
 
@@ -174,22 +173,6 @@ def read_meta(path: Path) -> dict[str, Any]:
     """The non-tensor part of a sharded checkpoint, after checking every file against ``SHA256SUMS``."""
     verify(path)
     return torch.load(path / META, map_location="cpu", weights_only=True)
-
-
-def verify(path: Path) -> None:
-    sums = path / SUMS
-    if not sums.is_file():
-        raise CheckpointCorrupt(f"{path}: sharded checkpoint has no {SUMS}")
-    sidecar = path.with_name(path.name + ".sha256")
-    if sidecar.is_file() and sidecar.read_text(encoding="utf-8").split()[0] != file_sha256(sums):
-        raise CheckpointCorrupt(f"{path}: checkpoint is corrupt ({SUMS} differs from {sidecar.name})")
-    for line in sums.read_text(encoding="utf-8").splitlines():
-        digest, _, name = line.partition("  ")
-        file = path / name
-        if not file.is_file():
-            raise CheckpointCorrupt(f"{path}: checkpoint is missing {name}")
-        if file_sha256(file) != digest:
-            raise CheckpointCorrupt(f"{path}: checkpoint is corrupt ({name} differs from {SUMS})")
 
 
 def consolidated(path: Path) -> dict[str, Any]:

@@ -173,3 +173,23 @@ def test_forget_quality_reports_one_line_per_method_and_class():
     assert ascent["loss_on_class"]["forgotten"] > ascent["loss_on_class"]["parent"] and ascent["ks_statistic"] > 0
     assert all(r["benchmark"] == "forget_quality" and r["ratio"] > 0 and "4" in r["relearning_steps"]
                for r in results.values())
+
+
+def test_ledger_publish_reports_the_slower_destination():
+    result = _run("ledger_publish.py", "--entries", "600", "--runs", "1")
+    assert result["benchmark"] == "ledger_publish" and result["entries"] == 600
+    assert result["entries_per_s"] == min(result["folder_entries_per_s"], result["http_entries_per_s"])
+    assert result["ratio"] > 0 and result["files"] >= 6  # 3 bundles, 3 level-0 tiles, a level-1 tile, checkpoint
+
+
+def test_tiles_verify_proves_with_go_s_client():
+    result = _run("tiles_verify.py", "--entries", "600", "--proofs", "300", "--runs", "1")
+    assert result["benchmark"] == "tiles_verify" and result["proofs_per_s"] > 0
+    assert result["tiles_fetched"][0] >= 2 and result["ratio"] > 0
+
+
+def test_cli_startup_reports_the_torch_free_fraction(tiny_corpus):
+    result = _run("cli_startup.py", "--repeats", "1", "--corpus", str(tiny_corpus))
+    assert result["benchmark"] == "cli_startup" and result["commands"] >= 25
+    assert result["torch_free_commands"] == 1.0, result["importing_torch"]
+    assert 0 < result["ledger_verify_s"] and result["ratio"] > 1

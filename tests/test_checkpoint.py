@@ -140,3 +140,60 @@ def test_a_sharded_checkpoint_replaces_one_of_the_same_name(tmp_path):
         store.commit(temporary, "ep0-ba4.dcp")
     assert (tmp_path / "ep0-ba4.dcp" / "shard").read_bytes() == b"new"
     assert store.latest().name == "ep0-ba4.dcp" and not temporary.exists()
+
+
+# ------------------------------------------------------------ the plain fields, without torch (issue 35)
+
+
+def _training_checkpoint(tmp_path):
+    from smalti.checkpoint import load_payload
+    from smalti.payload import Payload
+
+    fields = dict(recipe={"seed": 1}, recipe_fingerprint="f" * 64, timestamp={"batch": 3}, scheduler={}, scaler=None,
+                  rng=[torch.get_rng_state(), (3, (1, 2), None)], sampler={}, tokenizer=None, data={}, classes=["a"],
+                  policy_fingerprint=None, eval_metrics={"loss": 2.5}, evaluated_at=3, algorithms={}, callbacks={},
+                  ledger={"head": {"size": 4}}, train_loss=2.25, eval_by_class={"a": 2.0, "b": 3.5})
+    payload = {**Payload(**fields).to_dict(), "model": {"w": torch.ones(3)}, "optimizer": {"state": {}}}
+    path = CheckpointStore(tmp_path, keep=1).save(payload, "ep0-ba3.pt")
+    return path, load_payload(path)
+
+
+def test_the_report_reads_a_checkpoint_s_plain_fields_as_torch_does_without_running_its_code(tmp_path):
+    from smalti.checkpoint_fields import Opaque, latest_checkpoint, read_fields
+
+    path, loaded = _training_checkpoint(tmp_path)
+    assert latest_checkpoint(tmp_path) == path
+    plain = read_fields(path)
+    for name in ("recipe", "timestamp", "eval_metrics", "eval_by_class", "evaluated_at", "ledger", "train_loss",
+                 "classes"):
+        assert getattr(plain, name) == getattr(loaded, name), name
+    assert isinstance(plain.model["w"], Opaque) and isinstance(plain.rng[0], Opaque)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"format": formats.CHECKPOINT, "x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match=r"evil.pt: .*refers to __builtin__.print") as info:
+        read_fields(tmp_path / "evil.pt")
+    assert "\n" not in str(info.value)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256 differs"):
+        read_fields(path)
+    (tmp_path / "latest").write_text("../../etc/passwd\n")
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        latest_checkpoint(tmp_path)
+
+
+def test_reading_a_checkpoint_s_fields_imports_no_torch(tmp_path):
+    import subprocess
+    import sys
+
+    path, _ = _training_checkpoint(tmp_path)
+    done = subprocess.run([sys.executable, "-c", "import sys; from smalti.checkpoint_fields import read_fields; "
+                           f"p = read_fields({str(path)!r}); print(p.eval_by_class, 'torch' in sys.modules)"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["{'a':", "2.0,", "'b':", "3.5}", "False"]

@@ -44,7 +44,8 @@ GATHER_BATCHES = 32
 
 
 class ExampleSource(Protocol):
-    classes: torch.Tensor  # class index of every example
+    @property
+    def classes(self) -> torch.Tensor: ...  # class index of every example (an attribute or a property)
 
     @property
     def fingerprint(self) -> str: ...  # read-only: an attribute or a property

@@ -8,13 +8,11 @@ import hashlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import fsspec
 import numpy as np
-import torch
 
-from smalti.core.batch import Batch
 from smalti.data.cache import ShardCache
 from smalti.data.manifest import (
     MANIFEST,
@@ -32,6 +30,11 @@ from smalti.errors import DataError
 from smalti.io import remote_filesystem, Closing
 from smalti.trust.keys import Signature
 from smalti.trust.taxonomy import Taxonomy
+
+if TYPE_CHECKING:  # torch is imported where examples become tensors: `data verify` and `data prepare` never load it
+    import torch
+
+    from smalti.core.batch import Batch
 
 
 PREFETCH_SHARDS = 2  # decoded ahead of use, in a background thread (pyarrow decodes without the GIL)
@@ -121,8 +124,7 @@ class ShardedSplit(Closing):
         self.class_names = list(taxonomy.classes)
         self.class_tree_fingerprint = taxonomy.class_tree_fingerprint
         names = [name for shard in self.shards for name in expand_runs(shard.class_runs)]
-        self.classes = torch.tensor([taxonomy.index(n) for n in names], dtype=torch.long)
-        self._class_array = self.classes.numpy()
+        self._class_array = np.array([taxonomy.index(n) for n in names], dtype=np.int64)
         self.cache_config = cache if not is_local(self.url) else None
         self.memory_shards = max(2, memory_shards)  # a batch can straddle two consecutive shards
         if self.cache_config is not None:
@@ -153,6 +155,13 @@ class ShardedSplit(Closing):
 
     def __len__(self) -> int:
         return int(self.starts[-1])
+
+    @property
+    def classes(self) -> torch.Tensor:
+        """Each example's class index, from the signed manifest (shares memory with the numpy copy)."""
+        import torch
+
+        return torch.from_numpy(self._class_array)
 
     @property
     def fingerprint(self) -> str:
@@ -237,6 +246,10 @@ class ShardedSplit(Closing):
         return shard, positions - self.starts[shard]
 
     def gather(self, indices: torch.Tensor) -> Batch:
+        import torch
+
+        from smalti.core.batch import Batch
+
         positions = indices.numpy()
         shard_of, row_of = self._locate(positions)
         if (shard_of == shard_of[0]).all():  # the common case, and the only one with shuffle blocks

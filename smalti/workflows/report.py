@@ -437,7 +437,7 @@ def _allow_matrix(ledger: Ledger) -> str:
 def _held_out(run_dir: Path, max_bytes: int | None = None) -> str:
     """Each class's held-out loss at the run's last evaluation (recorded in its latest checkpoint; read only if it
     is a plain file within ``max_bytes``, as the service asks)."""
-    from smalti.checkpoint import CheckpointStore, load_payload
+    from smalti.checkpoint_fields import latest_checkpoint, read_fields  # no torch: the service renders this
     from smalti.errors import CheckpointError
 
     try:
@@ -448,7 +448,7 @@ def _held_out(run_dir: Path, max_bytes: int | None = None) -> str:
             or ((folder / "latest").exists() and plain_file(folder, "latest") is None)
         ):
             return "<h2>Held-out loss per class</h2><p>Not shown: the run holds no checkpoints folder of its own.</p>"
-        latest = CheckpointStore(folder, keep=1).latest()
+        latest = latest_checkpoint(folder)
         if (
             latest is not None
             and max_bytes is not None
@@ -458,7 +458,7 @@ def _held_out(run_dir: Path, max_bytes: int | None = None) -> str:
                 f"<h2>Held-out loss per class</h2><p>Not shown: {_e(latest.name)} is not a plain checkpoint file "
                 f"of at most {max_bytes >> 20} MB.</p>"
             )
-        payload = load_payload(latest) if latest is not None else None
+        payload = read_fields(latest) if latest is not None else None
     except CheckpointError as error:
         shown = "the latest checkpoint cannot be read" if max_bytes is not None else str(error)  # no server paths
         return f"<h2>Held-out loss per class</h2><p>{_e(shown)}</p>"

@@ -8,6 +8,10 @@
 //	c2sp_check tiles BASE_URL VERIFIER_KEY [OLD_CHECKPOINT_FILE]
 //	    read a published tlog-tiles log over HTTP as a tlog client does: check the checkpoint, every
 //	    entry's inclusion from the tiles, and consistency with an older checkpoint
+//	c2sp_check prove-many BASE_URL VERIFIER_KEY COUNT SEED
+//	    as a tlog client serving proofs: COUNT inclusion proofs of entries chosen at random (seeded), each
+//	    proved from the tiles (fetched over HTTP once, authenticated, then kept as a client keeps them) and
+//	    checked against the entry's bytes and the signed checkpoint; prints one JSON line with the rate
 //	c2sp_check keygen NAME / c2sp_check sign SIGNER_KEY TEXT_FILE
 //	    make a key pair and sign a note with Go's code, for Smalti's reader to open
 package main
@@ -19,10 +23,12 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	mathrand "math/rand"
 	"net/http"
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	"golang.org/x/mod/sumdb/note"
 	"golang.org/x/mod/sumdb/tlog"
@@ -56,6 +62,15 @@ func main() {
 			fail("sign: %v", err)
 		}
 		os.Stdout.Write(signed)
+		return
+	}
+	if len(os.Args) == 6 && os.Args[1] == "prove-many" {
+		count, err1 := strconv.Atoi(os.Args[4])
+		seed, err2 := strconv.ParseInt(os.Args[5], 10, 64)
+		if err1 != nil || err2 != nil || count < 1 {
+			fail("usage: c2sp_check prove-many BASE_URL VERIFIER_KEY COUNT SEED")
+		}
+		proveMany(os.Args[2], os.Args[3], count, seed)
 		return
 	}
 	if len(os.Args) >= 4 && os.Args[1] == "tiles" {
@@ -224,4 +239,95 @@ func checkTiles(base string, vkey string, older []string) {
 		}
 		fmt.Printf("consistent with size %d\n", old.N)
 	}
+}
+
+// cachedTiles is c2spTiles with the memory a real client has: tlog hands SaveTiles only tiles it has
+// authenticated against the checkpoint, and ReadTiles answers from them before going to the network.
+type cachedTiles struct {
+	c2spTiles
+	kept    map[string][]byte
+	fetched int
+}
+
+func (r *cachedTiles) ReadTiles(tiles []tlog.Tile) ([][]byte, error) {
+	out := make([][]byte, len(tiles))
+	for i, t := range tiles {
+		if data, ok := r.kept[t.Path()]; ok {
+			out[i] = data
+			continue
+		}
+		data, err := r.c2spTiles.ReadTiles([]tlog.Tile{t})
+		if err != nil {
+			return nil, err
+		}
+		r.fetched++
+		out[i] = data[0]
+	}
+	return out, nil
+}
+
+func (r *cachedTiles) SaveTiles(tiles []tlog.Tile, data [][]byte) {
+	for i, t := range tiles {
+		r.kept[t.Path()] = data[i]
+	}
+}
+
+// entryAt is entry i of a bundle of entries (each a two-byte big-endian length and the bytes).
+func entryAt(bundle []byte, skip int64) []byte {
+	for ; ; skip-- {
+		if len(bundle) < 2 {
+			fail("entry bundle truncated")
+		}
+		length := int(bundle[0])<<8 | int(bundle[1])
+		if 2+length > len(bundle) {
+			fail("entry bundle truncated")
+		}
+		if skip == 0 {
+			return bundle[2 : 2+length]
+		}
+		bundle = bundle[2+length:]
+	}
+}
+
+func proveMany(base string, vkey string, count int, seed int64) {
+	verifier, err := note.NewVerifier(vkey)
+	if err != nil {
+		fail("verifier key: %v", err)
+	}
+	started := time.Now()
+	signed, err := get(base + "/checkpoint")
+	if err != nil {
+		fail("%v", err)
+	}
+	tree, _ := openCheckpoint(signed, verifier)
+	tiles := &cachedTiles{c2spTiles{base}, map[string][]byte{}, 0}
+	reader := tlog.TileHashReader(tree, tiles)
+	bundles := map[int64][]byte{}
+	random := mathrand.New(mathrand.NewSource(seed))
+	for n := 0; n < count; n++ {
+		i := random.Int63n(tree.N)
+		proof, err := tlog.ProveRecord(tree.N, i, reader)
+		if err != nil {
+			fail("prove entry %d: %v", i, err)
+		}
+		bundle, ok := bundles[i/256]
+		if !ok {
+			t := tlog.Tile{H: 8, L: -1, N: i / 256, W: 256}
+			if rest := tree.N - t.N*256; rest < 256 {
+				t.W = int(rest)
+			}
+			data, err := tiles.c2spTiles.ReadTiles([]tlog.Tile{t})
+			if err != nil {
+				fail("entries: %v", err)
+			}
+			bundle, bundles[i/256] = data[0], data[0]
+			tiles.fetched++
+		}
+		if err := tlog.CheckRecord(proof, tree.N, tree.Hash, i, tlog.RecordHash(entryAt(bundle, i%256))); err != nil {
+			fail("entry %d: %v", i, err)
+		}
+	}
+	seconds := time.Since(started).Seconds()
+	fmt.Printf("{\"proofs\": %d, \"seconds\": %.6f, \"proofs_per_s\": %.1f, \"tree_size\": %d, \"tiles_fetched\": %d}\n",
+		count, seconds, float64(count)/seconds, tree.N, tiles.fetched)
 }

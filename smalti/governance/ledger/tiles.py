@@ -219,6 +219,39 @@ class PublishedLog:
         split = 1 << ((length - 1).bit_length() - 1)
         return merkle.node_hash(self.range_hash(start, start + split, size), self.range_hash(start + split, stop, size))
 
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        """RFC 6962's PATH(index, D[size]), its nodes read from the tiles (tiles once read are kept)."""
+        if not 0 <= index < size:
+            raise PublishError(f"{self.url}: entry {index} is outside a tree of {size}")
+        path: list[bytes] = []
+        start, stop = 0, size
+        while stop - start > 1:
+            k = 1 << ((stop - start - 1).bit_length() - 1)
+            if index < start + k:
+                path.append(self.range_hash(start + k, stop, size))
+                stop = start + k
+            else:
+                path.append(self.range_hash(start, start + k, size))
+                start += k
+        return path[::-1]
+
+    def entry(self, index: int, size: int) -> bytes:
+        """Entry ``index``'s bytes, from its bundle (bundles once read are kept)."""
+        bundle, offset = divmod(index, WIDTH)
+        width = min(WIDTH, size - bundle * WIDTH)
+        path = tile_path("entries", bundle, width)
+        if path not in self._tiles:
+            self._tiles[path] = self.read(path)
+        data, at = self._tiles[path], 0
+        for _ in range(offset + 1):
+            if at + 2 > len(data):
+                raise PublishError(f"{self.url}/{path}: the bundle ends before entry {index}")
+            (length,) = struct.unpack_from(">H", data, at)
+            start, at = at + 2, at + 2 + length
+        if at > len(data):
+            raise PublishError(f"{self.url}/{path}: the bundle ends inside entry {index}")
+        return data[start:at]
+
     def consistency_proof(self, first: int, size: int) -> list[bytes]:
         """RFC 6962's PROOF(first, D[size]), its nodes read from the tiles."""
 
