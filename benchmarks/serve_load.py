@@ -6,7 +6,8 @@ seconds per case: inclusion proofs of random steps (every one checked: the Merkl
 root, and the head's signature by the trainer key) and forensic queries (layer -> classes). With
 --train-while a second run trains into the same folder meanwhile. Prints one JSON line:
 
-  {"benchmark": "serve_load", "p99_ms": worst p99 at the largest client count, "errors": N,
+  {"benchmark": "serve_load", "proofs_per_s_200": proofs answered per second at the largest client count,
+   "p99_ms": worst p99 at the largest client count, "errors": N,
    "ratio": p99 at the largest client count / p99 at 1 client (the same kind), "cases": [...]}
 
 errors counts failed requests, non-200 answers and proofs that do not verify; it must be 0.
@@ -180,7 +181,9 @@ def measure(env: dict, clients: list[int], seconds: float, train_while: bool, po
     largest = max(clients)
     worst = max(c["p99_ms"] for c in cases if c["clients"] == largest)
     single = [c["p99_ms"] for c in cases if c["clients"] == min(clients)]
-    return {"benchmark": "serve_load", "p99_ms": worst, "errors": sum(c["errors"] for c in cases),
+    proofs = [c["rps"] for c in cases if c["clients"] == largest and c["kind"] == "proof"]
+    return {"benchmark": "serve_load", "proofs_per_s_200": proofs[0] if proofs else None, "p99_ms": worst,
+            "errors": sum(c["errors"] for c in cases),
             "ratio": round(worst / max(statistics.median(single), 1e-9), 2), "seconds_per_case": seconds,
             "train_while": train_while, "cases": cases}
 

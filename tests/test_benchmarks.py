@@ -154,6 +154,7 @@ def test_fsdp_overhead_reports_the_ratio_to_ddp():
 def test_serve_load_reports_latency_and_errors():
     result = _run("serve_load.py", "--clients", "1,3", "--seconds", "1", "--steps", "10")
     assert result["benchmark"] == "serve_load" and result["errors"] == 0 and result["p99_ms"] > 0
+    assert result["proofs_per_s_200"] > 0
     assert {(c["kind"], c["clients"]) for c in result["cases"]} == {("proof", 1), ("query", 1), ("proof", 3),
                                                                      ("query", 3)}
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from smalti.trust import merkle
 from smalti.trust.note import verifier_key
@@ -29,11 +30,11 @@ runs = APIRouter(prefix="/api", tags=["runs"])
 reports = APIRouter(tags=["reports"])
 
 
-def service(request: Request) -> Service:
+async def service(request: Request) -> Service:  # async: FastAPI would run a plain def in a worker thread
     return request.app.state.service
 
 
-def reader(request: Request) -> Reader:
+async def reader(request: Request) -> Reader:
     return request.state.reader
 
 
@@ -189,12 +190,15 @@ def entry(run: str = RUN, index: int = Path(..., ge=0, le=BIG), svc: Service = D
 
 
 @runs.get("/runs/{run}/proof/inclusion", summary="RFC 6962 inclusion proof of a step's entry in a signed tree")
-def inclusion(
+async def inclusion(
     run: str = RUN,
     step: int = Query(..., ge=0, le=BIG, description="the optimizer step"),
     tree_size: int | None = Query(None, ge=1, le=BIG, description="a signed size (default: the latest)"),
     svc: Service = Depends(service),
-) -> dict[str, Any]:
+) -> JSONResponse:
+    """The service's hottest route, so it runs on the event loop: a read-only SQLite lookup of the head and
+    the entry (a few indexed rows), and the audit path from the kept Merkle tree. Only building that tree
+    (a whole-ledger read, once per signed head) goes to a worker thread, under a heavy slot."""
     with svc.runs.store(run) as store:  # one connection for the head, the entry's index and its bytes
         latest = store.latest_head()
         head = (
@@ -208,19 +212,22 @@ def inclusion(
     if found is None or found[0] >= head.size:
         raise BadRequest(f"step {step}: no entry under the signed head of size {head.size}")
     index, leaf, data = found
-    tree = svc.tree(run, latest)
+    kept = svc.runs.kept_tree(run, latest)
+    tree = kept if kept is not None else await run_in_threadpool(svc.tree, run, latest)
     if tree.root(0, head.size) != head.root or tree.levels[0][index] != merkle.leaf_hash(data):
         raise Unprocessable(f"run {run!r}: its signed head of size {head.size} does not match its entries")
     proof = tree.inclusion_proof(index, head.size)
-    return {
-        "step": step,
-        "leaf_index": index,
-        "tree_size": head.size,
-        "entry_base64": base64.b64encode(data).decode(),
-        "leaf_hash": leaf.hex(),
-        "audit_path": [p.hex() for p in proof],
-        "tree_head": head.to_json(),
-    }
+    return JSONResponse(
+        {
+            "step": step,
+            "leaf_index": index,
+            "tree_size": head.size,
+            "entry_base64": base64.b64encode(data).decode(),
+            "leaf_hash": leaf.hex(),
+            "audit_path": [p.hex() for p in proof],
+            "tree_head": head.to_json(),
+        }
+    )
 
 
 @runs.get("/runs/{run}/proof/consistency", summary="RFC 6962 consistency proof between two tree sizes")
@@ -247,26 +254,32 @@ def consistency(
 NAME = Query(..., min_length=1, max_length=1000)
 
 
+async def _answer(svc: Service, run: str, question: tuple[Any, ...], ask: Any) -> Any:
+    """A kept answer straight from the event loop; a new one computed in a worker thread under a heavy slot."""
+    kept = svc.kept_answer(run, question)
+    return kept if kept is not None else await run_in_threadpool(svc.query, run, question, ask)
+
+
 @runs.get("/runs/{run}/audit/layer", summary="which classes reached a layer, how much, how often")
-def audit_layer(run: str = RUN, name: str = NAME, svc: Service = Depends(service)) -> dict[str, Any]:
-    return svc.query(run, ("layer", name), lambda ledger: ledger.layer(name))
+async def audit_layer(run: str = RUN, name: str = NAME, svc: Service = Depends(service)) -> dict[str, Any]:
+    return await _answer(svc, run, ("layer", name), lambda ledger: ledger.layer(name))
 
 
 @runs.get("/runs/{run}/audit/class", summary="which layers a class (or taxonomy node) reached, in which steps")
-def audit_class(run: str = RUN, name: str = NAME, svc: Service = Depends(service)) -> dict[str, Any]:
-    return svc.query(run, ("class", name), lambda ledger: ledger.for_class(name))
+async def audit_class(run: str = RUN, name: str = NAME, svc: Service = Depends(service)) -> dict[str, Any]:
+    return await _answer(svc, run, ("class", name), lambda ledger: ledger.for_class(name))
 
 
 @runs.get("/runs/{run}/audit/example", summary="which steps and layers an example (its ledger index) reached")
-def audit_example(
+async def audit_example(
     run: str = RUN, index: int = Query(..., ge=0, le=BIG), svc: Service = Depends(service)
 ) -> dict[str, Any]:
-    return svc.query(run, ("example", index), lambda ledger: ledger.example(index))
+    return await _answer(svc, run, ("example", index), lambda ledger: ledger.example(index))
 
 
 @runs.get("/runs/{run}/audit/param", summary="as audit/layer, for the layer holding a parameter")
-def audit_param(run: str = RUN, name: str = NAME, svc: Service = Depends(service)) -> dict[str, Any]:
-    return svc.query(run, ("param", name), lambda ledger: ledger.parameter(name))
+async def audit_param(run: str = RUN, name: str = NAME, svc: Service = Depends(service)) -> dict[str, Any]:
+    return await _answer(svc, run, ("param", name), lambda ledger: ledger.parameter(name))
 
 
 @runs.get(

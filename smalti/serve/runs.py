@@ -86,6 +86,14 @@ class BoundedCache:
         self._held = 0
         self._lock = threading.Lock()
 
+    def peek(self, key: Any) -> Any | None:
+        """The kept value, or None: never builds, never waits (what an event loop may call)."""
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key][0]
+        return None
+
     def get(self, key: Any, make: Callable[[], Any], weigh: Callable[[Any], int] = lambda _: 0) -> Any:
         while True:
             with self._lock:
@@ -348,6 +356,10 @@ class Runs:
             return tree
 
         return self._leaves.get((name, head.size, head.root), lambda: build(read), weigh=len)
+
+    def kept_tree(self, name: str, head: TreeHead) -> merkle.Tree | None:
+        """The tree under ``head`` if it is already built and checked; None otherwise (nothing is read)."""
+        return self._leaves.peek((name, head.size, head.root))
 
     def tile(
         self,

@@ -140,6 +140,11 @@ class Service(Closing):
             (run, head.size, head.root, question), lambda: self.heavy(lambda: ask(self.runs.ledger(run, head)))
         )
 
+    def kept_answer(self, run: str, question: tuple[Any, ...]) -> Any | None:
+        """A forensic answer already kept for the run's latest head, or None: cheap enough for the event loop."""
+        head, _ = self.runs.head(run)
+        return self._answers.peek((run, head.size, head.root, question))
+
     # ---------------------------------------------------------------- runs
 
     def run_summary(self, name: str) -> dict[str, Any]:
