@@ -172,9 +172,10 @@ softhsm:
 		(apt-get install -y -qq softhsm2 >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq softhsm2 >/dev/null)) \
 		|| echo "warning: could not install softhsm2"; }
 
-# pytest exits 5 when it collects nothing; make treats that as the failure it is.
+# pytest exits 5 when it collects nothing; make treats that as the failure it is. The slowest 15 tests are
+# printed at the end, so the suite's cost stays in view (its budget: 18 minutes on the 2-core build machine).
 test: lint browser go-interop softhsm
-	SMALTI_REQUIRE_BROWSER=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+	SMALTI_REQUIRE_BROWSER=1 $(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
 
 # Lint (ruff: pyflakes and a few bug patterns), formatting (ruff format) and types (mypy) of smalti/, as
 # pyproject.toml configures them; `make test` runs this first.

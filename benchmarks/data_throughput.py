@@ -60,20 +60,22 @@ def open_loader(url: str, taxonomy: Taxonomy, cache: Path, batch_size: int):
     return dataset_data(url, taxonomy, 64, order, cache=CacheConfig(cache, 10**9), verify="lazy", memory_shards=2)
 
 
-def loader_pass(data, epoch: int) -> tuple[float, int]:
-    """One epoch of the train split: every shard read from the cache, decoded, and batched."""
+def loader_pass(data, epochs: range) -> tuple[float, int]:
+    """``epochs`` of the train split: every shard read from the cache, decoded, and batched, each epoch anew."""
     started = time.perf_counter()
     samples = 0
-    for batch in data.train_batches(epoch, 0):
-        samples += batch.num_samples
+    for epoch in epochs:
+        for batch in data.train_batches(epoch, 0):
+            samples += batch.num_samples
     return time.perf_counter() - started, samples
 
 
-def raw_pass(paths: list[Path]) -> tuple[float, int]:
+def raw_pass(paths: list[Path], repeats: int = 1) -> tuple[float, int]:
     started = time.perf_counter()
     rows = 0
-    for path in paths:
-        table = pq.read_table(path, columns=["tokens"])  # the payload: what a loader must decode
+    for path in paths * repeats:
+        # the payload, read as the loader reads it (smalti.data.manifest.parse_shard): one thread, memory-mapped
+        table = pq.read_table(path, columns=["tokens"], memory_map=True, use_threads=False)
         tokens = table.column("tokens").combine_chunks().values.to_numpy(zero_copy_only=False)
         rows += len(tokens) // 65
     return time.perf_counter() - started, rows
@@ -81,7 +83,10 @@ def raw_pass(paths: list[Path]) -> tuple[float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--passes", type=int, default=5)
+    parser.add_argument("--passes", type=int, default=7, help="timed passes per batch size (default 7)")
+    parser.add_argument("--epochs-per-pass", type=int, default=10,
+                        help="epochs in one timed pass (default 10: a pass of one epoch lasts ~50 ms, too short "
+                             "for two runs to agree)")
     parser.add_argument("--shard-examples", type=int, default=20_000)
     args = parser.parse_args()
 
@@ -98,19 +103,21 @@ def main() -> None:
             url = f"http://127.0.0.1:{port}"
             started = time.perf_counter()
             cold = open_loader(url, taxonomy, root / "cache", BATCH_SIZES[0])
-            _, samples = loader_pass(cold, 0)  # downloads and verifies every shard
+            _, samples = loader_pass(cold, range(1))  # downloads and verifies every shard
             cold_seconds = time.perf_counter() - started
             train_shards = sorted(dataset.glob("train-*.parquet"))
-            results = {}
+            results, spread = {}, {}
             for batch_size in BATCH_SIZES:
                 data = open_loader(url, taxonomy, root / "cache", batch_size)
                 warm, raw = [], []
-                for epoch in range(1, args.passes + 1):
-                    seconds, samples = loader_pass(data, epoch)
-                    warm.append(samples / seconds)
-                    raw_seconds, raw_rows = raw_pass(train_shards)
+                for run in range(args.passes):
+                    first = 1 + run * args.epochs_per_pass
+                    seconds, read = loader_pass(data, range(first, first + args.epochs_per_pass))
+                    warm.append(read / seconds)
+                    raw_seconds, raw_rows = raw_pass(train_shards, args.epochs_per_pass)
                     raw.append(raw_rows / raw_seconds)
                 results[batch_size] = (statistics.median(warm), statistics.median(raw))
+                spread[batch_size] = (warm, raw)
         finally:
             server.terminate()
             server.wait()
@@ -143,6 +150,8 @@ def main() -> None:
         "shard_bytes": total_bytes,
         "samples_per_pass": samples,
         "passes": args.passes,
+        "epochs_per_pass": args.epochs_per_pass,
+        "runs_ratio": [round(w / r, 4) for w, r in zip(*spread[BATCH_SIZES[-1]])],
         "machine": machine(),
     })
 

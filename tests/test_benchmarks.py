@@ -194,3 +194,15 @@ def test_cli_startup_reports_the_torch_free_fraction(tiny_corpus):
     assert result["benchmark"] == "cli_startup" and result["commands"] >= 25
     assert result["torch_free_commands"] == 1.0, result["importing_torch"]
     assert 0 < result["ledger_verify_s"] and result["ratio"] > 1
+
+
+def test_gpu_suite_runs_its_tiny_configuration_on_the_cpu():
+    """The prepared GPU command: on a machine without CUDA the same code runs a 2-layer model, so it is ready
+    the day a GPU is lent (docs/benchmarks.md, GPU)."""
+    result = _run("gpu_suite.py", "--size", "tiny")
+    assert result["benchmark"] == "gpu_suite" and result["size"] == "tiny"
+    for case in ("dense", "fsdp"):
+        assert result[case]["off"]["tokens_per_s"] > 0 and result[case]["governed"]["tokens_per_s"] > 0
+        assert result[case]["ratio"] > 0 and result[case]["off"]["mfu"] is None  # no GPU peak to divide by
+    assert result["ledger"]["ratio"] > 0 and result["parameters"] > 0
+    assert result["checkpoint_save_s"]["sync"] > 0 and result["checkpoint_save_s"]["async"] > 0

@@ -23,6 +23,7 @@ import requests
 
 from conftest import REPO, free_port, smalti_cli, wait_for_port
 from serve_helpers import Client, make_audit_taxonomy, serving, sign_in_code
+from test_c2sp import go, go_check  # noqa: F401 (a session fixture: the Go tlog client)
 from test_ledger import train
 
 
@@ -840,3 +841,40 @@ def test_one_address_cannot_take_every_sign_in_challenge(service):
     for _ in range(620):  # refused sign-ins count toward the address's budget too
         requests.post(base + "/api/login", json={"code": "a.b.c"}, timeout=30)
     assert requests.post(base + "/api/login", json={"code": "a.b.c"}, timeout=30).status_code == 429
+
+
+def test_public_tiles_are_immutable_for_caches_and_go_s_tlog_client_reads_the_log_through_the_service(
+        service, governed, go_check, tmp_path):  # noqa: F811 (the fixture imported above)
+    """--public-tiles: a run's checkpoint and tiles need no credential (a CDN in front may answer them), full
+    tiles are marked immutable, partial ones never cached, and everything else still needs a credential.
+    Without it, full tiles are immutable only in the auditor's own cache."""
+    import shutil
+
+    from ledger_factory import grow_ledger
+    from smalti.trust.keys import SigningKey
+
+    _, runs, auditor, _, taxonomy = service
+    public = tmp_path / "runs"
+    shutil.copytree(runs / "alpha", public / "long")
+    size = grow_ledger(public / "long", 600, SigningKey.load(governed.key("trainer")))
+    assert size > 512
+    verifier = smalti_cli("ledger", "checkpoint", str(public / "long"), "--verifier-key").stdout.strip()
+    full, partial = "/api/runs/long/tile/0/001", f"/api/runs/long/tile/0/002.p/{size - 512}"
+    with serving(public, taxonomy, governed.trust, "--public-tiles") as (base, _):
+        anyone = Client(base, None)
+        for path in (full, "/api/runs/long/tile/entries/000", "/api/runs/long/tile/1/000.p/2"):
+            answer = anyone.get(path)
+            assert answer.status_code == 200, (path, answer.text)
+        assert anyone.get(full).headers["cache-control"] == "public, max-age=31536000, immutable"
+        assert anyone.get(partial).headers["cache-control"] == "no-store"
+        assert anyone.get("/api/runs/long/checkpoint").headers["cache-control"] == "no-store"
+        for closed in ("/api/runs", "/api/runs/long", "/api/runs/long/entries/1", "/api/runs/long/proof/inclusion?step=1"):
+            assert anyone.get(closed).status_code == 401, closed
+        assert anyone.get("/api/runs/long/tile/0/999").status_code == 404  # beyond the log: an error, not cached
+        assert "immutable" not in anyone.get("/api/runs/long/tile/0/999").headers["cache-control"]
+        checked = go(go_check, "tiles", f"{base}/api/runs/long", verifier)
+        assert checked.returncode == 0, checked.stderr
+        assert f"all {size} entries included" in checked.stdout
+    with serving(public, taxonomy, governed.trust) as (base, _):
+        assert Client(base, None).get(full).status_code == 401
+        assert Client(base, auditor).get(full).headers["cache-control"] == "private, max-age=31536000, immutable"

@@ -64,6 +64,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "client is the last address it appended to X-Forwarded-For (for throttling and the "
         "access log), and it is exempt from --max-per-client; repeatable",
     )
+    parser.add_argument(
+        "--public-tiles",
+        action="store_true",
+        help="serve the runs' tlog tiles and entry bundles (/api/runs/RUN/tile/...) without a credential, full "
+        "ones marked immutable so a CDN or HTTP cache in front can answer them: only for ledgers anyone may "
+        "read (every entry's classes, example ids and losses are in the bundles); see docs/auditing.md",
+    )
     parser.set_defaults(run=run)
 
 
@@ -121,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         service_key=_service_key(args, log),
         proxies=tuple(args.proxy),
         body_timeout=args.header_timeout,
+        public_tiles=args.public_tiles,
     )
     app = create_app(settings)
     service = app.state.service

@@ -37,6 +37,12 @@ MAX_HEADERS = 16384  # bytes of all request headers together
 MAX_BODY = 4096  # bytes of a sign-in request's body
 PUBLIC = ("/", "/ui", "/openapi.json", "/api/login/challenge", "/api/login")  # served without a credential
 POSTS = ("/api/login", "/api/logout")
+# A full tile or entry bundle (no ".p/W" suffix): its bytes are fixed by the log's append-only history, so any
+# cache may keep it for good; a partial tile grows and is never cached.
+FULL_TILE = re.compile(r"/api/runs/[^/]+/tile/(?:[0-9]+|entries)(?:/x[0-9]{3})*/[0-9]{3}")
+IMMUTABLE = b"max-age=31536000, immutable"
+# A run's log as a tlog client reads it (RUN/checkpoint, RUN/tile/...): public with --public-tiles
+LOG_READ = re.compile(r"/api/runs/[^/]+/(?:checkpoint|tile/.+)")
 _BASE_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 UI_CSP = f"{_BASE_CSP}; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'"
 # The report is one page of inline SVG and a stylesheet: no script at all, and sandboxed (an opaque origin), so
@@ -73,7 +79,8 @@ class Guard:
         reader, refusal = None, self._refusal(method, path, headers, client)
         if refusal is None and method == "POST":
             receive, refusal = await self._read_body(receive)
-        if refusal is None and not self._public(path):
+        public_log = service.settings.public_tiles and LOG_READ.fullmatch(path) is not None
+        if refusal is None and not self._public(path) and not public_log:
             try:
                 reader = self._authenticate(method, target, headers)
             except AuthError as error:
@@ -194,7 +201,11 @@ class Guard:
             if message["type"] == "http.response.start":
                 sent["status"], sent["started"] = message["status"], True
                 extra = [(b"content-security-policy", csp), *SECURITY_HEADERS]
-                if path.startswith(("/api/", "/report/")) or path == "/openapi.json":
+                if message["status"] == 200 and FULL_TILE.fullmatch(path):
+                    # public only where the operator made tiles public; else the auditor's own cache keeps it
+                    public = self.service.settings.public_tiles
+                    extra.append((b"cache-control", (b"public, " if public else b"private, ") + IMMUTABLE))
+                elif path.startswith(("/api/", "/report/")) or path == "/openapi.json":
                     extra.append((b"cache-control", b"no-store"))
                 message = dict(message, headers=[*message.get("headers", []), *extra])
             elif message["type"] == "http.response.body" and head:

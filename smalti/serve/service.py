@@ -46,6 +46,7 @@ class ServeSettings:
     heavy_wait: float = 30.0  # seconds a request waits for a slot before 503
     proxies: tuple[str, ...] = ()  # reverse proxies whose X-Forwarded-For names the client (the only ones believed)
     body_timeout: float = 10.0  # seconds a sign-in request has to send its body
+    public_tiles: bool = False  # tiles and entry bundles readable without a credential (a CDN may cache them)
 
 
 def normal_address(address: str) -> str:
