@@ -142,11 +142,11 @@ def main() -> None:
         policy = write_signed_policy(governed, root / "policy.yaml", rules=[
             {"classes": ["gutenberg/history"], "params": ["model.embed_tokens"], "action": "deny"}])
         model = {"hf": {"config": dict(size["model"])}}
-        common = dict(model=model, policy=policy, key=key)
+        shared = dict(model=model, policy=policy, key=key)
         for name, fsdp in (("dense", False), ("fsdp", True)):
             off, tokens, parameters = train_case(
-                recipe(governed, size, governed_run=False, fsdp=fsdp, bf16_params=fsdp, **common), root / f"{name}-off")
-            on, _, _ = train_case(recipe(governed, size, governed_run=True, fsdp=fsdp, **common), root / f"{name}-on")
+                recipe(governed, size, governed_run=False, fsdp=fsdp, bf16_params=fsdp, **shared), root / f"{name}-off")
+            on, _, _ = train_case(recipe(governed, size, governed_run=True, fsdp=fsdp, **shared), root / f"{name}-on")
             results[name] = {"off": throughput(off, tokens, parameters), "governed": throughput(on, tokens, parameters),
                              "ratio": round(on / off, 4)}
         results["parameters"] = parameters
@@ -161,7 +161,7 @@ def main() -> None:
         saves = {}
         for mode, async_save in (("sync", False), ("async", True)):
             config = recipe(governed, size, governed_run=False, fsdp=True, checkpoint_every=2, async_save=async_save,
-                            steps=6, **common)
+                            steps=6, **shared)
             with Trainer(config, root / f"checkpoint-{mode}") as trainer:
                 times = save_times(trainer)
                 trainer.fit()

@@ -44,7 +44,8 @@ def main() -> None:
     args = parser.parse_args()
     key = SigningKey.generate()
     with tempfile.TemporaryDirectory() as tmp:
-        size = build_ledger(Path(tmp), args.entries, key)
+        build_ledger(Path(tmp), args.entries, key)
+        size = ledger_path(tmp).stat().st_size
         store = LedgerStore(ledger_path(tmp))
         entries = [data for _, _, _, data in store.rows()]
         store.close()

@@ -38,9 +38,9 @@ def step_body(step: int, rng: random.Random) -> dict:
     }
 
 
-def build_ledger(run_dir: Path, entries: int, key: SigningKey, head_every: int = 1000) -> int:
+def build_ledger(run_dir: Path, entries: int, key: SigningKey, head_every: int = 1000) -> str:
     """A ledger of ``entries`` (the real encoder and store; a signed head every ``head_every`` entries and a final
-    one) under ``run_dir``. Returns the ledger file's size in bytes."""
+    one) under ``run_dir``. Returns the log's origin (what its checkpoints and verifier key are named by)."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     store = LedgerStore(ledger_path(run_dir), create=True)
     origin = store.start_log(key.public)
@@ -57,9 +57,8 @@ def build_ledger(run_dir: Path, entries: int, key: SigningKey, head_every: int =
             store.append(rows, TreeHead.signed(key, origin, frontier.size, frontier.root(), index == entries - 1,
                                                timestamp="2026-01-01T00:00:00+00:00"))
             rows = []
-    size = ledger_path(run_dir).stat().st_size
     store.close()
-    return size
+    return origin
 
 
 def go_tlog_client(folder: Path) -> Path:

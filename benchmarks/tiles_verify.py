@@ -29,7 +29,6 @@ from ledgers import build_ledger, go_tlog_client, put_server
 from smalti.trust import merkle
 from smalti.trust.keys import SigningKey
 from smalti.trust.note import Checkpoint, Verifier, open_note, verifier_key
-from smalti.governance.ledger.store import LedgerStore, ledger_path
 from smalti.governance.ledger.tiles import PublishedLog, publish
 
 
@@ -56,10 +55,7 @@ def main() -> None:
     key = SigningKey.generate()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        build_ledger(root / "run", args.entries, key)
-        store = LedgerStore(ledger_path(root / "run"))
-        origin = store.origin
-        store.close()
+        origin = build_ledger(root / "run", args.entries, key)
         client = go_tlog_client(root)
         go_rates, ours, fetched = [], [], []
         with put_server(root / "served") as base:

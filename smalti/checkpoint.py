@@ -32,8 +32,6 @@ from smalti.interrupts import interrupts_deferred
 from smalti.io import atomic_write_bytes, atomic_writer, file_sha256
 from smalti.payload import Payload, read_payload
 
-_NAME = CHECKPOINT_NAME
-
 
 class _HashingWriter(io.RawIOBase):
     """Forwards writes to a file while hashing them, so the bytes are read only once."""
@@ -77,7 +75,7 @@ class CheckpointStore:
         """Every checkpoint in the folder, oldest first."""
         if not self.directory.is_dir():
             return []
-        return sorted((path for path in self.directory.iterdir() if _NAME.match(path.name)), key=_order)
+        return sorted((path for path in self.directory.iterdir() if CHECKPOINT_NAME.match(path.name)), key=_order)
 
     def newest_intact(self, tensors: bool = True) -> tuple[Path, dict[str, Any], list[str]] | None:
         """The newest checkpoint that loads, and why each newer one did not (None: the folder has none).
@@ -150,7 +148,7 @@ class CheckpointStore:
 
 
 def _order(path: Path) -> tuple[int, int]:
-    match = _NAME.match(path.name)
+    match = CHECKPOINT_NAME.match(path.name)
     assert match is not None
     return int(match.group(2)), int(match.group(1))
 
