@@ -12,6 +12,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 PYTEST_ARGS ?=
+# The suite runs in two processes (pytest-xdist), one file per process at a time: nearly every test is
+# single-threaded (bitwise comparisons pin one intra-op thread), so a second process uses the second core.
+# `make test PYTEST_WORKERS=0` runs it in one process.
+PYTEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),-p no:xdist,-n $(PYTEST_WORKERS) --dist loadfile)
 
 .PHONY: demo demo-finetune install test test-fast lint bench browser go-interop softhsm clean
 
@@ -175,7 +180,7 @@ softhsm:
 # pytest exits 5 when it collects nothing; make treats that as the failure it is. The slowest 15 tests are
 # printed at the end, so the suite's cost stays in view (its budget: 18 minutes on the 2-core build machine).
 test: lint browser go-interop softhsm
-	SMALTI_REQUIRE_BROWSER=1 $(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
+	SMALTI_REQUIRE_BROWSER=1 $(BIN)/python -m pytest $(XDIST) --durations=15 $(PYTEST_ARGS)
 
 # Lint (ruff: pyflakes and a few bug patterns), formatting (ruff format) and types (mypy) of smalti/, as
 # pyproject.toml configures them; `make test` runs this first.
@@ -185,7 +190,7 @@ lint: $(VENV)/.test-installed
 	$(BIN)/mypy
 
 test-fast: $(VENV)/.test-installed
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 bench: $(VENV)/.test-installed
 	$(BIN)/python benchmarks/run_all.py

@@ -207,12 +207,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="whole-process timings of ledger verify (default 7)")
     parser.add_argument("--corpus", type=Path, default=REPO / "data" / "shakespeare",
                         help="the session's source texts: a folder with a manifest.csv (default: the bundled plays)")
+    parser.add_argument("--session", type=Path, default=None,
+                        help="replay the session in this folder and keep it (default: a temporary folder)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "benchmarks"))
     from common import emit, machine
 
     with tempfile.TemporaryDirectory() as tmp:
-        outcomes = user_session(Path(tmp) / "session", args.corpus.resolve(), BENCH_RECIPE)
+        session = args.session.resolve() if args.session else Path(tmp) / "session"
+        outcomes = user_session(session, args.corpus.resolve(), BENCH_RECIPE)
         failed = [o for o in outcomes if o.returncode != 0]
         if failed:
             raise SystemExit(f"smalti {failed[0].command} failed: {failed[0].stderr}")
@@ -227,6 +230,7 @@ def main() -> None:
         "torch_free_commands": round(len(free) / len(outcomes), 3),
         "commands": len(outcomes),
         "importing_torch": sorted({o.command for o in outcomes if o.torch is not False}),
+        "command_families": sorted({o.command.split()[0] for o in outcomes}),
         "median_command_s": round(statistics.median(o.seconds for o in outcomes if o.command != "serve"), 3),
         "machine": machine(),
     })

@@ -75,7 +75,7 @@ def raw_pass(paths: list[Path], repeats: int = 1) -> tuple[float, int]:
     rows = 0
     for path in paths * repeats:
         # the payload, read as the loader reads it (smalti.data.manifest.parse_shard): one thread, memory-mapped
-        table = pq.read_table(path, columns=["tokens"], memory_map=True, use_threads=False)
+        table = pq.read_table(path, columns=["tokens"], memory_map=True, use_threads=False, pre_buffer=False)
         tokens = table.column("tokens").combine_chunks().values.to_numpy(zero_copy_only=False)
         rows += len(tokens) // 65
     return time.perf_counter() - started, rows

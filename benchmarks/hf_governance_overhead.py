@@ -43,7 +43,8 @@ def write_policy(governed, path: Path, lora: bool) -> Path:
         {"classes": ["gutenberg/tragedy"], "params": ["model.layers.0"], "action": "deny"}])
 
 
-def recipe(governed, steps: int, governed_run: bool, lora: bool, policy: Path, trainer_key: Path) -> Recipe:
+def recipe(governed, steps: int, governed_run: bool, lora: bool, policy: Path, trainer_key: Path,
+           batch: int = BATCH) -> Recipe:
     model = {"hf": {"config": dict(HF_LLAMA)}}
     if lora:
         model["lora"] = {"classes": ADAPTED, "r": 8, "freeze_base": False}
@@ -54,7 +55,7 @@ def recipe(governed, steps: int, governed_run: bool, lora: bool, policy: Path, t
                  "seq_len": SEQ_LEN, "batching": "random" if lora else "per_class"},
         "optimizer": {"name": "adamw", "lr": 1e-3},
         "scheduler": {"warmup": "4ba"},
-        "train": {"max_duration": f"{steps}ba", "global_batch_size": BATCH, "microbatch_size": BATCH if lora else 8,
+        "train": {"max_duration": f"{steps}ba", "global_batch_size": batch, "microbatch_size": batch if lora else min(8, batch),
                   "grad_clip_norm": 1.0},
         "eval": {"interval": "1000000ba", "max_samples": 8},
         "checkpoint": {"interval": "1000000ba"},
@@ -64,12 +65,12 @@ def recipe(governed, steps: int, governed_run: bool, lora: bool, policy: Path, t
     })
 
 
-def measure(governed, root: Path, lora: bool, steps: int, runs: int, trainer_key: Path) -> float:
+def measure(governed, root: Path, lora: bool, steps: int, runs: int, trainer_key: Path, batch: int) -> float:
     policy = write_policy(governed, root / f"policy-{lora}.yaml", lora)
     on, off = [], []
     for run in range(runs):
-        twin = Trainer(recipe(governed, steps, False, lora, policy, trainer_key), root / f"off-{lora}-{run}")
-        routed = Trainer(recipe(governed, steps, True, lora, policy, trainer_key), root / f"on-{lora}-{run}")
+        twin = Trainer(recipe(governed, steps, False, lora, policy, trainer_key, batch), root / f"off-{lora}-{run}")
+        routed = Trainer(recipe(governed, steps, True, lora, policy, trainer_key, batch), root / f"on-{lora}-{run}")
         pairs = TwinSteps(routed, twin)
         routed.fit()
         routed.close()
@@ -83,14 +84,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=BATCH,
+                        help=f"rows of {SEQ_LEN} tokens a step (default {BATCH}; the tests' smoke run uses fewer)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         governed = governed_shakespeare(root, seq_len=SEQ_LEN, bpe_vocab=2048)
         write_key_pair("trainer", root / "keys")
         trainer_key = root / "keys" / "trainer.key"
-        ratio = measure(governed, root, False, args.steps, args.runs, trainer_key)
-        ratio_lora = measure(governed, root, True, args.steps, args.runs, trainer_key)
+        ratio = measure(governed, root, False, args.steps, args.runs, trainer_key, args.batch)
+        ratio_lora = measure(governed, root, True, args.steps, args.runs, trainer_key, args.batch)
     emit({
         "benchmark": "hf_governance_overhead",
         "ratio": round(ratio, 4),
@@ -98,7 +101,7 @@ def main() -> None:
         "ratio_lora_mixed": round(ratio_lora, 4),
         "lora_adapters": len(ADAPTED),
         "model": dict(HF_LLAMA),
-        "tokens_per_step": SEQ_LEN * BATCH,
+        "tokens_per_step": SEQ_LEN * args.batch,
         "steps": args.steps,
         "runs": args.runs,
         "machine": machine(),

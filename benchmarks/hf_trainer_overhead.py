@@ -30,7 +30,7 @@ from smalti.trainer import Trainer
 SEQ_LEN, BATCH = 256, 32
 
 
-def recipe(governed, steps: int) -> Recipe:
+def recipe(governed, steps: int, batch: int = BATCH) -> Recipe:
     return Recipe.model_validate({
         "seed": 1,
         "model": {"hf": {"config": dict(HF_LLAMA)}},
@@ -38,8 +38,8 @@ def recipe(governed, steps: int) -> Recipe:
                  "seq_len": SEQ_LEN},
         "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.99]},
         "scheduler": {"name": "cosine", "warmup": "4ba"},
-        "train": {"max_duration": f"{steps}ba", "global_batch_size": BATCH, "grad_clip_norm": 1.0},
-        "eval": {"interval": "1000000ba"},
+        "train": {"max_duration": f"{steps}ba", "global_batch_size": batch, "grad_clip_norm": 1.0},
+        "eval": {"interval": "1000000ba", "max_samples": 8},  # the final evaluation only; never timed
         "checkpoint": {"interval": "1000000ba", "keep": 1},
         "logging": {"console": False, "jsonl": True},
     })
@@ -49,11 +49,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=BATCH,
+                        help=f"rows of {SEQ_LEN} tokens a step (default {BATCH}; the tests' smoke run uses fewer)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         governed = governed_shakespeare(root, seq_len=SEQ_LEN, bpe_vocab=2048)
-        config = recipe(governed, args.steps)
+        config = recipe(governed, args.steps, args.batch)
         data = build_data(config, DistInfo())
         smalti, hand, per_run, same = [], [], [], True
         for run in range(args.runs):
@@ -85,7 +87,7 @@ def main() -> None:
         "goal": "<= 1.01",
         "same_losses_bitwise": same,
         "model": {k: v for k, v in HF_LLAMA.items()},
-        "tokens_per_step": SEQ_LEN * BATCH,
+        "tokens_per_step": SEQ_LEN * args.batch,
         "steps": args.steps,
         "runs": args.runs,
         "smalti_step_ms_median": round(1000 * median(smalti), 2),

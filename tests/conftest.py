@@ -13,11 +13,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import torch
 import yaml
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parent.parent
 SHAKESPEARE = REPO / "data" / "shakespeare"
@@ -30,10 +31,34 @@ os.environ["MKL_DYNAMIC"] = "FALSE"
 TINY_WORKS = {"hamlet": "tragedy", "macbeth": "tragedy", "tempest": "comedy", "sonnets": "poetry"}
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """A read-only folder that ``build`` fills once for the whole session, shared by every xdist worker.
+
+    The suite runs in two worker processes (``-n 2``, see the Makefile); without this each would
+    rebuild the session's keys, dataset and Go checker. The first worker to arrive builds it under a
+    file lock (in place: what is built may record its own path) and marks it complete; the others
+    wait and reuse it. A build that failed halfway is started over.
+    """
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the folder all workers' base temps share
+    target = base / f"shared-{name}"
+    with FileLock(str(target) + ".lock"):
+        if not (target / ".complete").exists():
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir()
+            build(target)
+            (target / ".complete").touch()
+    return target
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Four works, 6,000 characters each (from the middle of the real texts), with a manifest."""
-    root = tmp_path_factory.mktemp("tiny_corpus")
+    return built_once(tmp_path_factory, "tiny_corpus", _write_tiny_corpus)
+
+
+def _write_tiny_corpus(root: Path) -> None:
     rows = []
     for work, genre in TINY_WORKS.items():
         text = gzip.decompress((SHAKESPEARE / f"{work}.txt.gz").read_bytes()).decode("utf-8")
@@ -45,7 +70,6 @@ def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
         writer = csv.DictWriter(handle, fieldnames=["work", "title", "genre", "sha256"])
         writer.writeheader()
         writer.writerows(rows)
-    return root
 
 
 def tiny_recipe(corpus: Path, **sections: dict[str, Any]) -> dict[str, Any]:
@@ -153,7 +177,8 @@ def make_governance(root: Path, corpus: Path, shard_examples: int = 200, deletab
 
 @pytest.fixture(scope="session")
 def governed(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path) -> Governed:
-    return make_governance(tmp_path_factory.mktemp("governed"), tiny_corpus)
+    root = built_once(tmp_path_factory, "governed", lambda partial: make_governance(partial, tiny_corpus))
+    return Governed(root=root, keys=root / "keys", taxonomy=root / "taxonomy.yaml", dataset=root / "dataset")
 
 
 @pytest.fixture

@@ -128,14 +128,14 @@ def test_noisy_neighbour_reports_both_policies():
 
 
 def test_hf_trainer_overhead_reports_a_ratio_and_the_same_losses():
-    result = _run("hf_trainer_overhead.py", "--steps", "3", "--runs", "1")
+    result = _run("hf_trainer_overhead.py", "--steps", "3", "--runs", "1", "--batch", "4")
     assert result["benchmark"] == "hf_trainer_overhead" and result["ratio"] > 0
-    assert result["same_losses_bitwise"] is True and result["tokens_per_step"] >= 8192
+    assert result["same_losses_bitwise"] is True and result["tokens_per_step"] == 4 * 256
 
 
 def test_hf_governance_overhead_reports_both_ratios():
-    result = _run("hf_governance_overhead.py", "--steps", "3", "--runs", "1")
-    assert result["benchmark"] == "hf_governance_overhead" and result["tokens_per_step"] >= 8192
+    result = _run("hf_governance_overhead.py", "--steps", "3", "--runs", "1", "--batch", "8")
+    assert result["benchmark"] == "hf_governance_overhead" and result["tokens_per_step"] == 8 * 256
     assert result["ratio"] > 0 and result["ratio_lora_mixed"] > 0 and result["lora_adapters"] == 4
 
 
@@ -187,13 +187,6 @@ def test_tiles_verify_proves_with_go_s_client():
     result = _run("tiles_verify.py", "--entries", "600", "--proofs", "300", "--runs", "1")
     assert result["benchmark"] == "tiles_verify" and result["proofs_per_s"] > 0
     assert result["tiles_fetched"][0] >= 2 and result["ratio"] > 0
-
-
-def test_cli_startup_reports_the_torch_free_fraction(tiny_corpus):
-    result = _run("cli_startup.py", "--repeats", "1", "--corpus", str(tiny_corpus))
-    assert result["benchmark"] == "cli_startup" and result["commands"] >= 25
-    assert result["torch_free_commands"] == 1.0, result["importing_torch"]
-    assert 0 < result["ledger_verify_s"] and result["ratio"] > 1
 
 
 def test_gpu_suite_runs_its_tiny_configuration_on_the_cpu():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, smalti_cli
+from conftest import REPO, built_once, smalti_cli
 from test_ledger import train
 
 GOPATH = "/usr/share/gocode"  # where Debian puts golang.org/x/mod
@@ -25,12 +25,14 @@ def go_check(tmp_path_factory) -> Path:
     if shutil.which("go") is None or not Path(GOPATH, "src/golang.org/x/mod/sumdb/note").is_dir():
         pytest.fail("Go and golang.org/x/mod are needed (make go-interop: apt-get install golang-go "
                     "golang-golang-x-mod-dev)")
-    binary = tmp_path_factory.mktemp("go") / "c2sp_check"
-    env = {**os.environ, "GO111MODULE": "off", "GOPATH": GOPATH, "GOFLAGS": "",
-           "GOCACHE": str(binary.parent / "cache")}
-    built = subprocess.run(["go", "build", "-o", str(binary), str(REPO / "tests/interop/c2sp_check.go")],
-                           capture_output=True, text=True, env=env, cwd=binary.parent)
-    assert built.returncode == 0, built.stderr
+
+    def build(folder: Path) -> None:
+        env = {**os.environ, "GO111MODULE": "off", "GOPATH": GOPATH, "GOFLAGS": "", "GOCACHE": str(folder / "cache")}
+        built = subprocess.run(["go", "build", "-o", str(folder / "c2sp_check"), str(REPO / "tests/interop/c2sp_check.go")],
+                               capture_output=True, text=True, env=env, cwd=folder)
+        assert built.returncode == 0, built.stderr
+
+    binary = built_once(tmp_path_factory, "go-c2sp-check", build) / "c2sp_check"
     return binary
 
 

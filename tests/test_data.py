@@ -152,3 +152,37 @@ def test_split_by_signature_groups_rows_by_their_set_of_classes():
     parts = mixed.split_by_signature()
     assert [p.sample_ids.tolist() for p in parts] == [[100, 102], [101, 103], [104]]
     assert [p.inputs.flatten().tolist() for p in parts] == [[0, 2], [1, 3], [4]]
+
+
+THREAD_PROBE = """
+import os, sys
+from pathlib import Path
+from smalti.data.manifest import parse_shard, verify_shard, ShardEntry
+import json, pyarrow  # imported before counting: importing starts jemalloc's own thread
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+dataset = Path(sys.argv[1])
+manifest = json.loads((dataset / "manifest.json").read_text())
+entry = ShardEntry.from_json("train", manifest["splits"]["train"]["shards"][0])
+path = dataset / entry.name
+before = threads()
+content = parse_shard(path, "file", columns=["tokens"])  # a cached, verified shard: memory-mapped
+content.ids  # the other columns, read on demand
+verify_shard(path.read_bytes(), entry, str(dataset)).classes  # a downloaded shard: bytes
+print(before, threads(), content.tokens.shape[0])
+"""
+
+
+def test_reading_shards_starts_no_arrow_thread(governed):
+    """Arrow's thread pools can abort a process at exit (apache/arrow#34314, seen after `smalti audit` in
+    CI): reading a shard, from a file or from bytes, must start none."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", THREAD_PROBE, str(governed.dataset)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    before, after, rows = map(int, done.stdout.split())
+    assert rows > 0 and after == before, f"{after - before} thread(s) started while reading shards"

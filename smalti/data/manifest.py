@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,13 +212,17 @@ class ShardContent:
 
 
 def _read(source: bytes | Path, columns: list[str] | None) -> pa.Table:
-    """Decoded on the calling thread (``use_threads=False``): a shard is small, loading already runs on
-    Smalti's own prefetch thread, and Arrow's global thread pool, once started, can abort the process
-    at exit ("terminate called without an active exception", apache/arrow#34314; seen once in CI after
-    ``smalti audit``)."""
-    if isinstance(source, Path):
-        return pq.read_table(source, columns=columns, memory_map=True, use_threads=False)
-    return pq.read_table(io.BytesIO(source), columns=columns, use_threads=False)
+    """Decoded on the calling thread, with no Arrow thread ever started.
+
+    A shard is small and loading already runs on Smalti's own prefetch thread; Arrow's thread pools, once
+    started, can abort the process at exit ("terminate called without an active exception",
+    apache/arrow#34314; seen in CI after ``smalti audit``). ``pq.read_table`` starts one even with
+    ``use_threads=False`` (its dataset layer), and a Python file object sends reads to Arrow's IO pool
+    (apache/arrow#50482), so the shard is read with the plain Parquet reader from an in-memory buffer: the
+    bytes, or the file memory-mapped (zero-copy). ``tests/test_data.py`` counts the process's threads.
+    """
+    buffer = pa.memory_map(str(source)).read_buffer() if isinstance(source, Path) else pa.py_buffer(source)
+    return pq.ParquetFile(pa.BufferReader(buffer)).read(columns=columns, use_threads=False)
 
 
 SHARD_COLUMNS = ("id", "class", "tokens", "content_sha256")
@@ -231,7 +234,7 @@ def parse_shard(data: bytes | Path, where: str, columns: list[str] | None = None
     ``columns=["tokens"]`` decodes only the payload (what training needs).
     """
     try:
-        schema = pq.read_schema(data if isinstance(data, Path) else io.BytesIO(data))
+        schema = pq.read_schema(data if isinstance(data, Path) else pa.BufferReader(data))
         missing = [c for c in SHARD_COLUMNS if c not in schema.names]
         if missing:
             raise DataError(f"{where}: missing column '{missing[0]}'")

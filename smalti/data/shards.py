@@ -208,7 +208,8 @@ class ShardedSplit(Closing):
     def plan(self, indices: torch.Tensor) -> None:
         """The examples about to be read, in order: lets the next shards be fetched while this one is used."""
         shard_of, _ = self._locate(indices.numpy())
-        sequence = list(dict.fromkeys(shard_of.tolist()))  # shards in order of first use
+        runs = shard_of[_run_starts(shard_of)]  # one per run of examples from the same shard: few, in order
+        sequence = list(dict.fromkeys(runs.tolist()))  # shards in order of first use
         self._next_shard = {s: sequence[i + 1 : i + 1 + PREFETCH_SHARDS] for i, s in enumerate(sequence)}
         if sequence:
             self._prefetch(sequence[0])
@@ -252,9 +253,14 @@ class ShardedSplit(Closing):
 
         positions = indices.numpy()
         shard_of, row_of = self._locate(positions)
-        if (shard_of == shard_of[0]).all():  # the common case, and the only one with shuffle blocks
-            rows = self._load(int(shard_of[0]))[0][row_of]
-        else:
+        starts = _run_starts(shard_of)
+        if len(starts) == 1:  # the common case: one shard
+            rows = np.take(self._load(int(shard_of[0]))[0], row_of, axis=0)
+        elif len(starts) <= 4 * len(self.shards):  # block-shuffled: a few runs, each a row gather from one shard
+            rows = np.empty((len(positions), self.manifest.example_length), dtype=self.manifest.data["token_dtype"])
+            for start, end in zip(starts, [*starts[1:], len(positions)]):
+                np.take(self._load(int(shard_of[start]))[0], row_of[start:end], axis=0, out=rows[start:end])
+        else:  # shards interleaved example by example: once per shard
             rows = np.empty((len(positions), self.manifest.example_length), dtype=self.manifest.data["token_dtype"])
             for shard in np.unique(shard_of):
                 where = np.flatnonzero(shard_of == shard)
@@ -264,7 +270,7 @@ class ShardedSplit(Closing):
             inputs=window[:, :-1],
             targets=window[:, 1:],
             sample_ids=indices,
-            provenance=torch.from_numpy(self._class_array[positions, None]),
+            provenance=torch.from_numpy(np.take(self._class_array, positions)[:, None]),
         )
 
     def example_ids(self, indices: torch.Tensor) -> list[str]:
@@ -284,6 +290,11 @@ class ShardedSplit(Closing):
             self._prefetcher, self._pending = None, {}
         if self._cache is not None:
             self._cache.close()
+
+
+def _run_starts(shard_of: np.ndarray) -> np.ndarray:
+    """Where each run of consecutive positions from the same shard begins (numpy: an epoch has millions)."""
+    return np.flatnonzero(np.concatenate(([True], shard_of[1:] != shard_of[:-1]))) if len(shard_of) else shard_of[:0]
 
 
 def open_tokenizer(manifest: Manifest, storage_options: dict[str, Any] | None = None) -> CharTokenizer | HFTokenizer:

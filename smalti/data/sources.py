@@ -158,7 +158,8 @@ def _table_rows(path: Path) -> list[tuple[str, dict]]:
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        rows = [(f"{path} row {number}", row) for number, row in enumerate(pq.read_table(path).to_pylist(), start=1)]
+        table = pq.read_table(path, use_threads=False, pre_buffer=False)  # no Arrow threads: see manifest._read
+        rows = [(f"{path} row {number}", row) for number, row in enumerate(table.to_pylist(), start=1)]
     elif path.suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
