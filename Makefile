@@ -13,7 +13,8 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 PYTEST_ARGS ?=
 # The suite runs in two processes (pytest-xdist), one file per process at a time: nearly every test is
-# single-threaded (bitwise comparisons pin one intra-op thread), so a second process uses the second core.
+# single-threaded (bitwise comparisons pin one intra-op thread), so a second process uses the second core
+# (three read no faster on 2 cores: docs/benchmarks.md, "The test suite").
 # `make test PYTEST_WORKERS=0` runs it in one process.
 PYTEST_WORKERS ?= 2
 XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),-p no:xdist,-n $(PYTEST_WORKERS) --dist loadfile)

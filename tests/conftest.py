@@ -273,7 +273,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     """Files marked slow as a whole (multi-process, kill -9, end to end: a minute or more each) first.
 
     Under xdist (``make test``) each worker takes a file at a time; a long file dealt out last runs alone
-    at the end while the other core idles (that cost 1.5 minutes of the suite's wall time). Dealt first,
+    at the end while the other core idles. Dealt first,
     the many short files fill in behind them. A stable sort, file by file: each file's tests keep their order.
     """
 
