@@ -191,7 +191,7 @@ class ShardContent:
 
     def _column(self, name: str) -> pa.ChunkedArray:
         if name not in self._table.column_names:
-            self._table = _read(self._source, columns=None)
+            self._table = read_parquet(self._source)
         return self._table.column(name)
 
     @functools.cached_property
@@ -211,7 +211,7 @@ class ShardContent:
         return self._column("content_sha256").to_pylist()
 
 
-def _read(source: bytes | Path, columns: list[str] | None) -> pa.Table:
+def read_parquet(source: bytes | Path, columns: list[str] | None = None) -> pa.Table:
     """Decoded on the calling thread, with no Arrow thread ever started.
 
     A shard is small and loading already runs on Smalti's own prefetch thread; Arrow's thread pools, once
@@ -238,7 +238,7 @@ def parse_shard(data: bytes | Path, where: str, columns: list[str] | None = None
         missing = [c for c in SHARD_COLUMNS if c not in schema.names]
         if missing:
             raise DataError(f"{where}: missing column '{missing[0]}'")
-        return ShardContent(_read(data, columns), data)
+        return ShardContent(read_parquet(data, columns), data)
     except (pa.ArrowException, OSError):
         raise DataError(f"{where}: not a readable Parquet shard") from None
 

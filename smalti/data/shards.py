@@ -256,15 +256,15 @@ class ShardedSplit(Closing):
         starts = _run_starts(shard_of)
         if len(starts) == 1:  # the common case: one shard
             rows = np.take(self._load(int(shard_of[0]))[0], row_of, axis=0)
-        elif len(starts) <= 4 * len(self.shards):  # block-shuffled: a few runs, each a row gather from one shard
+        else:
             rows = np.empty((len(positions), self.manifest.example_length), dtype=self.manifest.data["token_dtype"])
-            for start, end in zip(starts, [*starts[1:], len(positions)]):
-                np.take(self._load(int(shard_of[start]))[0], row_of[start:end], axis=0, out=rows[start:end])
-        else:  # shards interleaved example by example: once per shard
-            rows = np.empty((len(positions), self.manifest.example_length), dtype=self.manifest.data["token_dtype"])
-            for shard in np.unique(shard_of):
-                where = np.flatnonzero(shard_of == shard)
-                rows[where] = self._load(int(shard))[0][row_of[where]]
+            if len(starts) <= 4 * len(self.shards):  # block-shuffled: a few runs, each a row gather from one shard
+                for start, end in zip(starts, [*starts[1:], len(positions)]):
+                    np.take(self._load(int(shard_of[start]))[0], row_of[start:end], axis=0, out=rows[start:end])
+            else:  # shards interleaved example by example: once per shard
+                for shard in np.unique(shard_of):
+                    where = np.flatnonzero(shard_of == shard)
+                    rows[where] = self._load(int(shard))[0][row_of[where]]
         window = torch.from_numpy(rows.astype(np.int64))
         return Batch(
             inputs=window[:, :-1],

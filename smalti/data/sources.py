@@ -156,9 +156,9 @@ def _table_rows(path: Path) -> list[tuple[str, dict]]:
                         raise DataError(f"{path}:{line}: not a JSON object")
                     rows.append((f"{path}:{line}", row))
     elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+        from smalti.data.manifest import read_parquet  # starts no Arrow thread (see there)
 
-        table = pq.read_table(path, use_threads=False, pre_buffer=False)  # no Arrow threads: see manifest._read
+        table = read_parquet(path)
         rows = [(f"{path} row {number}", row) for number, row in enumerate(table.to_pylist(), start=1)]
     elif path.suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as handle:
