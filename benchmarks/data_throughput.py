@@ -74,7 +74,7 @@ def raw_pass(paths: list[Path], repeats: int = 1) -> tuple[float, int]:
     started = time.perf_counter()
     rows = 0
     for path in paths * repeats:
-        # the payload, read as the loader reads it (smalti.data.manifest.parse_shard): one thread, memory-mapped
+        # the payload on one thread, memory-mapped, as the loader decodes it (smalti.data.manifest.read_parquet)
         table = pq.read_table(path, columns=["tokens"], memory_map=True, use_threads=False, pre_buffer=False)
         tokens = table.column("tokens").combine_chunks().values.to_numpy(zero_copy_only=False)
         rows += len(tokens) // 65
