@@ -1,9 +1,10 @@
 """fsdp_overhead: per-step time of FSDP2 against DDP, 2 gloo ranks on the CPU, the baby GPT.
 
 Informative only: gloo on a 2-core CPU is not the production path (NCCL on GPUs, where FSDP2
-overlaps its all-gathers and reduce-scatters with compute). Each measurement is one torchrun of
-2 workers; the two modes alternate, and each worker times every step after a warm-up with a
-callback (``--worker``), so start-up is not counted.
+overlaps its all-gathers and reduce-scatters with compute). One torchrun of 2 workers trains every
+measurement in turn, one Trainer after another in the same process group (``--worker``): the modes
+alternate, their order reverses from one repeat to the next, and each worker times every step after
+a warm-up with a callback, so neither start-up nor the first run's cold caches are counted.
 
 - ``ratio``: median FSDP2 step time / median DDP step time (each the median over its runs of the
   median step). ``governed_ratio``: the same with a routing policy's worth of governance on (the
@@ -42,56 +43,72 @@ class StepTimes(Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def worker(recipe_path: str, run_dir: str, out: str, warmup: int) -> None:
+def worker(plan_path: str, out: str, warmup: int) -> None:
+    import torch.distributed as dist
+
     from smalti.config import load_recipe
     from smalti.trainer import Trainer
 
-    timer = StepTimes()
-    trainer = Trainer(load_recipe(recipe_path), run_dir, callbacks=[timer])
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
-    if trainer.dist.is_main:
-        Path(out).write_text(json.dumps(statistics.median(timer.times[warmup:])))
+    dist.init_process_group("gloo")  # joined by every Trainer below, so none of them tears it down
+    medians: dict[str, float] = {}
+    for tag, recipe_path, run_dir in json.loads(Path(plan_path).read_text()):
+        timer = StepTimes()
+        trainer = Trainer(load_recipe(recipe_path), run_dir, callbacks=[timer])
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+        medians[tag] = statistics.median(timer.times[warmup:])
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(medians))
+    dist.destroy_process_group()
 
 
-def one_run(root: Path, mode: str, governed: bool, steps: int, warmup: int, tag: str) -> float:
+def write_recipe(root: Path, mode: str, governed: bool, steps: int, tag: str) -> Path:
     sections = {"train": {"max_duration": f"{steps}ba", "global_batch_size": 12, "parallelism": mode, "device": "cpu"}}
-    recipe = baby_recipe(steps, **sections)
-    data = recipe.to_dict()
+    data = baby_recipe(steps, **sections).to_dict()
     if governed:
         data["governance"] = {"ledger": {"enabled": True, "key": str(root / "trainer.key")}}
     path = root / f"{tag}.yaml"
     path.write_text(yaml.safe_dump(data))
-    out = root / f"{tag}.json"
+    return path
+
+
+def run_all(root: Path, keys: list[str], steps: int, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """One torchrun for every measurement: the start-up of 2 workers is paid once, not per run."""
+    plan = []
+    for repeat in range(repeats):
+        for key in keys if repeat % 2 == 0 else keys[::-1]:
+            tag = f"{key}-{repeat}"
+            path = write_recipe(root, key.split("+")[0], key.endswith("+ledger"), steps, tag)
+            plan.append((tag, str(path), str(root / tag)))
+    (root / "plan.json").write_text(json.dumps(plan))
+    out = root / "step-times.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-               f"--master-port={free_port()}", __file__, "--worker", str(path), str(root / tag), str(out), str(warmup)]
+               f"--master-port={free_port()}", __file__, "--worker", str(root / "plan.json"), str(out), str(warmup)]
     subprocess.run(command, cwd=REPO / "benchmarks", check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    return float(json.loads(out.read_text()))
+    medians = json.loads(out.read_text())
+    return {key: [float(medians[f"{key}-{repeat}"]) for repeat in range(repeats)] for key in keys}
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         sys.path.insert(0, str(REPO))
-        worker(*sys.argv[2:5], int(sys.argv[5]))
+        worker(sys.argv[2], sys.argv[3], int(sys.argv[4]))
         return
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    times: dict[str, list[float]] = {f"{m}{g}": [] for m in ("ddp", "fsdp") for g in ("", "+ledger")}
+    keys = [f"{m}{g}" for m in ("ddp", "fsdp") for g in ("", "+ledger")]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         from smalti.trust.keys import write_key_pair
 
         write_key_pair("trainer", root)
-        for repeat in range(args.repeats):
-            for key in times:
-                mode, governed = key.split("+")[0], key.endswith("+ledger")
-                times[key].append(one_run(root, mode, governed, args.steps, args.warmup, f"{key}-{repeat}"))
+        times = run_all(root, keys, args.steps, args.warmup, args.repeats)
     median = {k: statistics.median(v) for k, v in times.items()}
     emit({
         "benchmark": "fsdp_overhead",

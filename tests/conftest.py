@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import gzip
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -269,16 +270,24 @@ def write_policy(g: Governed, path: Path, rules: list, exclusive: list | None = 
     return path
 
 
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Files marked slow as a whole (multi-process, kill -9, end to end: a minute or more each) first.
+FILE_SECONDS = json.loads((Path(__file__).with_name("file_seconds.json")).read_text())
 
-    Under xdist (``make test``) each worker takes a file at a time; a long file dealt out last runs alone
-    at the end while the other core idles. Dealt first,
-    the many short files fill in behind them. A stable sort, file by file: each file's tests keep their order.
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The longest files first, by the times in ``file_seconds.json`` (``tests/file_seconds.py`` remakes it).
+
+    Under xdist (``make test``) each worker takes a file at a time. A long file dealt out last runs alone
+    at the end while the other core idles; dealt out longest first, the files pack the two workers to
+    within the shortest files' time. A file the table does not know yet counts as 60 s if it is marked
+    slow as a whole and 5 s otherwise. A stable sort, file by file: each file's tests keep their order.
     """
 
     def slow_file(item: pytest.Item) -> bool:
         marks = getattr(getattr(item, "module", None), "pytestmark", [])
         return any(getattr(mark, "name", None) == "slow" for mark in (marks if isinstance(marks, list) else [marks]))
 
-    items.sort(key=lambda item: not slow_file(item))
+    def seconds(item: pytest.Item) -> float:
+        name = Path(str(item.fspath)).relative_to(REPO).as_posix()
+        return FILE_SECONDS.get(name, 60.0 if slow_file(item) else 5.0)
+
+    items.sort(key=lambda item: -seconds(item))

@@ -18,10 +18,10 @@ from conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-SHORTER = {"finetune-base.yaml": {"train": {"max_duration": "24ba"}, "eval": {"interval": "24ba", "max_samples": 64},
-                                  "checkpoint": {"interval": "12ba"}},
-           "finetune-tragedies.yaml": {"train": {"max_duration": "16ba"}, "eval": {"interval": "16ba", "max_samples": 64},
-                                       "checkpoint": {"interval": "8ba"}}}
+SHORTER = {"finetune-base.yaml": {"train": {"max_duration": "12ba"}, "eval": {"interval": "12ba", "max_samples": 32},
+                                  "checkpoint": {"interval": "6ba"}},
+           "finetune-tragedies.yaml": {"train": {"max_duration": "8ba"}, "eval": {"interval": "8ba", "max_samples": 32},
+                                       "checkpoint": {"interval": "4ba"}}}
 
 
 def test_make_demo_finetune_runs_every_step(tmp_path):
