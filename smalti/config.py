@@ -286,12 +286,17 @@ class DataConfig(Section):
 
 
 class OptimizerConfig(Section):
-    name: Literal["adamw", "sgd"] = "adamw"
+    name: Literal["adamw", "sgd", "adafactor", "muon", "lion"] = Field(
+        "adamw", description="docs/routing.md lists what each couples, and so what routing proves with it"
+    )
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.1, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW and Lion (and Muon's AdamW)")
     eps: float = Field(1e-8, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, description="SGD only")
+    fallback_lr: float = Field(
+        3e-4, gt=0.0, description="Muon only: the lr of the AdamW that takes embeddings, the output head and vectors"
+    )
 
 
 class SchedulerConfig(Section):
@@ -572,6 +577,9 @@ def _describe_error(error: ErrorDetails) -> str:
         hint = f" (did you mean '{'.'.join([*map(str, parent_path), suggestion[0]])}'?)" if suggestion else ""
         return f"unknown key '{location}'{hint}"
     message = error["msg"].removeprefix("Value error, ")
+    given = error.get("input")
+    if error["type"] == "literal_error" and isinstance(given, (str, int, float)) and len(str(given)) <= 80:
+        message = f"{message}, not {given!r}"  # a choice among names: say which name was given
     return f"'{location}': {message}" if location else message
 
 

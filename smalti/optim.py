@@ -1,51 +1,14 @@
-"""Optimizers and learning-rate schedules in Time units."""
+"""Learning-rate schedules in Time units (the optimizers themselves: ``smalti.optimizers``)."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
-import torch
 
-from smalti.config import OptimizerConfig, SchedulerConfig
+from smalti.config import SchedulerConfig
 from smalti.core.state import State
 from smalti.core.time import Time
-
-
-def build_optimizer(model: torch.nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
-    """Weight decay on matrices and embeddings only; biases and norm gains are not decayed.
-
-    Parameters are grouped by name in ``named_parameters`` order, so the
-    optimizer state layout is identical on every rank and after a resume.
-    """
-    decay, no_decay = _groups(model)
-    parameters = dict(model.named_parameters())
-    groups = [
-        {"params": [parameters[n] for n in decay], "weight_decay": config.weight_decay},
-        {"params": [parameters[n] for n in no_decay], "weight_decay": 0.0},
-    ]
-    if config.name == "adamw":
-        return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
-    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
-
-
-def _groups(model: torch.nn.Module) -> tuple[list[str], list[str]]:
-    decay: list[str] = []
-    no_decay: list[str] = []
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            (decay if parameter.dim() >= 2 else no_decay).append(name)
-    return decay, no_decay
-
-
-def optimizer_parameter_names(model: torch.nn.Module) -> list[str]:
-    """The parameter name behind each index of ``build_optimizer``'s state dict (decayed group first).
-
-    Whoever edits a saved optimizer state (deletion resets a class's Adam moments) must map indices
-    through this, not through the model's state dict order.
-    """
-    decay, no_decay = _groups(model)
-    return decay + no_decay
 
 
 class LRSchedule:
@@ -75,9 +38,11 @@ class LRSchedule:
         return self.final_fraction + (1.0 - self.final_fraction) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def apply(self, state: State) -> float:
-        lr = self.base_lr * self.factor(state)
+        """Every group's rate, scaled alike; a group with a base rate of its own (Muon's AdamW) keeps its ratio."""
+        factor = self.factor(state)
+        lr = self.base_lr * factor
         for group in state.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = group.get("base_lr", self.base_lr) * factor
         return lr
 
     def state_dict(self) -> dict[str, Any]:

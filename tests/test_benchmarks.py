@@ -38,6 +38,15 @@ def test_data_throughput_reports_ratios():
     assert result["samples_per_pass"] > 70_000
 
 
+def test_optimizer_matrix_reports_a_ratio_per_optimizer():
+    result = _run("optimizer_matrix.py", "--steps", "4", "--runs", "1", "--optimizers", "adafactor,muon")
+    assert result["benchmark"] == "optimizer_matrix" and set(result["step_ms"]) == {"adafactor", "muon"}
+    assert result["ratio_adafactor"] > 0 and result["ratio_muon"] > 0 and "ratio_adamw" not in result
+    refused = subprocess.run([sys.executable, str(REPO / "benchmarks" / "optimizer_matrix.py"), "--optimizers", "lamb"],
+                             capture_output=True, text=True, cwd=REPO / "benchmarks")
+    assert refused.returncode == 2 and "'lamb' is not one of" in refused.stderr
+
+
 def test_routing_overhead_reports_both_ratios():
     result = _run("routing_overhead.py", "--steps", "6", "--runs", "1")
     assert result["benchmark"] == "routing_overhead" and result["ratio"] > 0 and result["ratio_mixed"] > 0

@@ -210,7 +210,7 @@ def test_ablation_resets_only_the_confined_parameters(governed, tmp_path):
         # parameter is read from a real optimizer's groups (decayed matrices first, not the state dict order).
         from smalti.build import build_data as _data
         from smalti.distributed import DistInfo as _Dist
-        from smalti.optim import build_optimizer
+        from smalti.optimizers import build_optimizer
 
         config = recipe(ledger_recipe(governed, governance={"policy": str(policy)},
                                       model={"adapters": {"classes": [HAMLET], "hidden": 8}},

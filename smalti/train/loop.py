@@ -42,7 +42,8 @@ from smalti.errors import CheckpointError, RecipeError
 from smalti.io import atomic_write_bytes
 from smalti.locks import RUN_LOCK, FolderLock, LockHeld
 from smalti.models.adapters import set_row_classes
-from smalti.optim import LRSchedule, build_optimizer
+from smalti.optim import LRSchedule
+from smalti.optimizers import build_optimizer
 from smalti.precision import autocast, check_precision, grad_scaler
 from smalti.payload import Payload, read_payload
 from smalti.train.placement import Placement

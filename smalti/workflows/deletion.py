@@ -512,23 +512,22 @@ def _reset_confined(
 ) -> dict[str, torch.Tensor]:
     """Reset the confined parameters in ``payload``'s weights, and clear their optimizer state (Adam's moments
     hold the class's gradients too); the weights."""
-    from smalti.optim import optimizer_parameter_names
+    from smalti.config import load_recipe
+    from smalti.optimizers import optimizer_parameter_names, reset_optimizer_state
 
     built = _initial_model(plan.parent)  # the run's optimizer layout (and, by default, its initial weights)
     initial = (built if initial_from is None else _initial_model(initial_from)).state_dict()
     model = payload["model"]
     for confined in plan.confined:
         model[confined] = initial[confined].clone() if reset == "initial" else torch.zeros_like(model[confined])
-    names = optimizer_parameter_names(built)
+    names = optimizer_parameter_names(built, load_recipe(plan.parent / "recipe.yaml").optimizer)
     for index, state in payload["optimizer"]["state"].items():
         # Keyed by position in the optimizer (a single-file checkpoint) or by name (a sharded one).
         name = (
             index if isinstance(index, str) else names[index] if isinstance(index, int) and index < len(names) else None
         )
         if name in plan.confined:
-            for k, v in state.items():
-                if isinstance(v, torch.Tensor) and v.shape == model[name].shape:
-                    state[k] = torch.zeros_like(v)
+            reset_optimizer_state(state)
     return model
 
 

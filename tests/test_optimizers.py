@@ -1,0 +1,186 @@
+"""Optimizers other than AdamW under governance: G1, G5 and G7 for each, and ablation of their state.
+
+AdamW and SGD are proven by the routing, deletion and fault tests; each optimizer here keeps a different
+state (Adafactor: factored rows and columns; Muon: a momentum it orthogonalises per matrix, beside an
+AdamW for the rest; Lion: a sign of an interpolated momentum), which is where a forbidden class could leak.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from smalti.build import build_data
+from smalti.config import OptimizerConfig
+from smalti.core.batch import Batch
+from smalti.core.callback import Callback
+from smalti.distributed import DistInfo
+from smalti.optimizers import KINDS, MuonWithAdamW, build_optimizer, optimizer_parameter_names, parameter_groups
+from smalti.trainer import Trainer
+from smalti.trust.keys import SigningKey
+
+from conftest import smalti_cli, write_policy, write_recipe
+from helpers import assert_tree_equal, crash_and_resume, latest_payload, recipe
+from test_routing import PerturbClass
+
+NEW = ["adafactor", "muon", "lion"]
+OPTIMIZER = {"adafactor": {"name": "adafactor", "lr": 1e-2}, "muon": {"name": "muon", "lr": 2e-2},
+             "lion": {"name": "lion", "lr": 1e-4, "betas": [0.9, 0.99]}}
+FORBIDDEN = ("blocks.0.", "tok_emb")  # a block of matrices (Muon's) and the embedding (Muon's AdamW)
+
+
+class Snapshot(Callback):
+    """The forbidden parameters and their optimizer state after every step."""
+
+    def __init__(self, into: list) -> None:
+        self.into = into
+
+    def batch_end(self, state, logger) -> None:
+        params = dict(state.model.named_parameters())
+        names = [n for n in params if n.startswith(FORBIDDEN)]
+        self.into.append(({n: params[n].detach().clone() for n in names},
+                          {n: copy.deepcopy(state.optimizer.state[params[n]]) for n in names}))
+
+
+class PerturbLastStep(PerturbClass):
+    """The class's examples in the last step only are replaced by noise: both runs reach that step from the
+    same weights and the same optimizer state, so the state it starts from is real (moments, factored
+    rows, momentum), not the empty state of a first step."""
+
+    def __init__(self, source, class_index: int, last_step_ids: set[int]) -> None:
+        super().__init__(source, class_index)
+        self.last_step_ids = last_step_ids
+
+    def gather(self, indices):  # the loader may gather several steps at once: only the last step's rows change
+        batch = self.source.gather(indices)
+        in_last = torch.tensor([int(i) in self.last_step_ids for i in batch.sample_ids])
+        rows = (batch.provenance == self.class_index).any(dim=1) & in_last
+        window = torch.cat([batch.inputs, batch.targets[:, -1:]], dim=1).clone()
+        noise = torch.randint(0, int(window.max()) + 1, window.shape, generator=torch.Generator().manual_seed(1234))
+        window[rows] = noise[rows]
+        return Batch(window[:, :-1], window[:, 1:], batch.sample_ids, batch.provenance)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_g1_forbidden_parameters_and_their_state_do_not_feel_the_class(governed, tmp_path, name):
+    """G1 for a step that starts from real optimizer state: the forbidden parameters and every tensor of
+    their state after it are bitwise the same whatever the class's examples in it were. (Across several
+    perturbed steps they need not be: what the class taught the parameters it may update flows on, legitimately,
+    into the next steps' gradients of all parameters.)"""
+    steps = 3
+    sections = dict(data={"batching": "random"}, train={"max_duration": f"{steps}ba", "microbatch_size": 4},
+                    optimizer=OPTIMIZER[name])
+    probe = build_data(recipe(governed.recipe(**sections)), DistInfo())
+    last = probe.sampler.global_batch(0, steps - 1)
+    batch = probe.train.gather(last)
+    victim_index = int(batch.provenance[0, 0])  # a class the last step certainly holds
+    assert len(set(batch.provenance[:, 0].tolist())) > 1, "the step should mix classes"
+    victim = probe.class_names[victim_index]
+    policy = write_policy(governed, tmp_path / "policy.yaml",
+                          [{"classes": [victim], "params": [p.rstrip(".") for p in FORBIDDEN], "action": "deny"}])
+    config = recipe(governed.recipe(governance={"policy": str(policy)}, **sections))
+
+    runs = {}
+    for label in ("plain", "perturbed"):
+        data = build_data(config, DistInfo())
+        if label == "perturbed":
+            data.train = PerturbLastStep(data.train, victim_index, {int(i) for i in last})
+        snapshots: list = []
+        trainer = Trainer(config, tmp_path / label, data=data, callbacks=[Snapshot(snapshots)])
+        trainer.fit()
+        runs[label] = (trainer, snapshots)
+
+    (plain, plain_steps), (perturbed, perturbed_steps) = runs["plain"], runs["perturbed"]
+    assert len(plain_steps) == steps
+    for step, (a, b) in enumerate(zip(plain_steps, perturbed_steps)):
+        assert_tree_equal(a[0], b[0], f"forbidden parameters after step {step}")
+        assert_tree_equal(a[1], b[1], f"their {name} state after step {step}")
+    assert all(state for state in plain_steps[-2][1].values()), "no state before the last step: nothing was proven"
+    allowed = "blocks.1.attn.qkv.weight"
+    assert not torch.equal(dict(plain.model.named_parameters())[allowed],
+                           dict(perturbed.model.named_parameters())[allowed]), \
+        "an allowed parameter should feel the perturbation (else the test proves nothing)"
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_g7_a_crash_and_resume_is_bitwise_the_uninterrupted_run(governed, tmp_path, name):
+    config = governed.recipe(train={"max_duration": "6ba"}, checkpoint={"interval": "2ba"}, optimizer=OPTIMIZER[name])
+    reference, resumed, _ = crash_and_resume(tmp_path, config, crash_at=5)
+    a, b = latest_payload(reference), latest_payload(resumed)
+    assert_tree_equal(a["model"], b["model"], "weights")
+    assert_tree_equal(a["optimizer"], b["optimizer"], f"{name} state")
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_g5_exact_forget_is_bitwise_the_counterfactual(governed, tmp_path, name):
+    from smalti.workflows.forget import forget
+    from test_deletion import TEMPEST, _train_config, late_config
+
+    config, late = late_config(governed)
+    config = dict(config, optimizer=OPTIMIZER[name])
+    parent = _train_config(config, tmp_path / "parent")
+    forget(parent, TEMPEST, tmp_path / "forgot", SigningKey.load(governed.key("trainer")))
+    counterfactual = _train_config({**config, "data": {**config["data"], "exclude_classes": [TEMPEST]}},
+                                   tmp_path / "counterfactual")
+    forgot, reference = latest_payload(tmp_path / "forgot"), latest_payload(counterfactual)
+    assert_tree_equal(forgot["model"], reference["model"], "forgotten vs counterfactual")
+    assert_tree_equal(forgot["optimizer"], reference["optimizer"], f"{name} state")
+    assert not torch.equal(forgot["model"]["tok_emb.weight"], latest_payload(parent)["model"]["tok_emb.weight"])
+
+
+def test_ablation_clears_every_piece_of_a_confined_parameter_s_adafactor_state(governed, tmp_path):
+    """Adafactor keeps a row and a column vector per matrix, not a tensor of the matrix's shape: the reset
+    must clear them too, or the class's gradients stay in the state the ablated run goes on from."""
+    from smalti.workflows.forget import forget
+    from test_ledger import HAMLET, ledger_recipe
+
+    policy = write_policy(governed, tmp_path / "policy.yaml", [], [{"classes": [HAMLET], "params": ["@adapter"]}])
+    config = ledger_recipe(governed, governance={"policy": str(policy)},
+                           model={"adapters": {"classes": [HAMLET], "hidden": 8}},
+                           train={"max_duration": "4ba", "microbatch_size": 2}, data={"batching": "per_class"},
+                           checkpoint={"interval": "2ba"}, optimizer=OPTIMIZER["adafactor"])
+    Trainer(recipe(config), tmp_path / "parent").fit()
+    forget(tmp_path / "parent", HAMLET, tmp_path / "ablated", SigningKey.load(governed.key("trainer")), mode="ablate")
+    before, after = latest_payload(tmp_path / "parent"), latest_payload(tmp_path / "ablated")
+    model = Trainer(recipe(config), tmp_path / "layout").model
+    names = optimizer_parameter_names(model, recipe(config).optimizer)
+    confined = [i for i, n in enumerate(names) if "adapter" in n and i in before["optimizer"]["state"]]
+    assert confined, "no confined parameter had optimizer state: nothing to check"
+    for index in confined:
+        pieces = {k: v for k, v in after["optimizer"]["state"][index].items() if k != "step" and v.dim() > 0}
+        assert pieces and all(not v.any() for v in pieces.values()), (names[index], list(pieces))
+        assert any(v.any() for k, v in before["optimizer"]["state"][index].items() if k != "step" and v.dim() > 0)
+    untouched = next(i for i, n in enumerate(names) if "adapter" not in n and i in before["optimizer"]["state"])
+    assert_tree_equal(before["optimizer"]["state"][untouched], after["optimizer"]["state"][untouched], "unconfined")
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest_in_one_state_dict(governed):
+    from smalti.build import build_model
+
+    config = recipe(governed.recipe(optimizer=OPTIMIZER["muon"]))
+    model = build_model(config, vocab_size=64)
+    groups = {role: names for role, names, _ in parameter_groups(model, config.optimizer)}
+    assert "tok_emb.weight" in groups["decay"] and "blocks.0.attn.qkv.weight" in groups["muon"]
+    assert all(name.endswith(".weight") for name in groups["muon"]) and not any("ln" in n for n in groups["muon"])
+    optimizer = build_optimizer(model, config.optimizer)
+    assert isinstance(optimizer, MuonWithAdamW)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    saved = optimizer.state_dict()
+    assert sorted(saved["state"]) == list(range(len(optimizer_parameter_names(model, config.optimizer))))
+    again = build_optimizer(model, config.optimizer)
+    again.load_state_dict(copy.deepcopy(saved))
+    assert_tree_equal(again.state_dict(), saved, "reloaded")
+    assert {g["lr"] for g in optimizer.param_groups} == {2e-2, config.optimizer.fallback_lr}
+
+
+def test_an_unknown_optimizer_is_refused_in_one_line_and_nothing_is_written(governed, tmp_path):
+    path = write_recipe(tmp_path / "recipe.yaml", governed.recipe(optimizer={"name": "lamb"}))
+    done = smalti_cli("train", str(path), "--run-dir", str(tmp_path / "run"))
+    assert done.returncode != 0 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "optimizer.name" in done.stderr and "lamb" in done.stderr and "muon" in done.stderr
+    assert not (tmp_path / "run").exists()
+    assert set(KINDS) == {"adamw", "sgd", "adafactor", "muon", "lion"} and OptimizerConfig().name == "adamw"
