@@ -490,3 +490,46 @@ def test_a_module_that_cannot_be_split_by_rows_gets_one_signature_at_a_time(gove
     assert_tree_equal(state_a, state_b, "their optimizer state")
     assert not torch.equal(dict(plain.model.named_parameters())["head.weight"],
                            dict(perturbed.model.named_parameters())["head.weight"])
+
+
+# ---------------------------------------------------------------- rows coupled by batch statistics (G1)
+
+
+class TinyBatchNormLM(nn.Module):
+    """Embedding, a BatchNorm over the whole microbatch's tokens, a linear head: the norm mixes the rows."""
+
+    def __init__(self, vocab: int, width: int = 12) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.norm = nn.BatchNorm1d(width)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, idx):
+        return self.head(self.norm(self.embed(idx).transpose(1, 2)).transpose(1, 2))
+
+    loss = staticmethod(GPT.loss)
+    loss_units = staticmethod(GPT.loss_units)
+
+
+def test_a_batch_norm_that_mixes_the_rows_makes_a_mixed_microbatch_run_one_signature_at_a_time(governed, tmp_path):
+    """The victim may not update the embedding; every class may update the BatchNorm. Split by rows alone,
+    the embedding's gradient from the allowed rows would flow back through batch statistics the victim's rows
+    took part in: its update would depend on the victim's content (G1 broken, silently)."""
+    sections = dict(data={"batching": "random"}, train={"max_duration": "1ba", "microbatch_size": None})
+    probe = build_data(recipe(governed.recipe(**sections)), DistInfo())
+    first = probe.train.gather(probe.sampler.global_batch(0, 0))
+    victim_index = int(first.provenance[0, 0])
+    assert len(set(first.provenance[:, 0].tolist())) > 1
+    config = _config(governed, tmp_path, [{"classes": [probe.class_names[victim_index]], "params": ["embed"],
+                                           "action": "deny"}], **sections)
+    weights = {}
+    for label in ("plain", "perturbed"):
+        data = build_data(config, DistInfo())
+        if label == "perturbed":
+            data.train = PerturbClass(data.train, victim_index)
+        torch.manual_seed(0)
+        trainer = Trainer(config, tmp_path / label, model=TinyBatchNormLM(data.tokenizer.vocab_size), data=data)
+        trainer.fit()
+        weights[label] = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    assert torch.equal(weights["plain"]["embed.weight"], weights["perturbed"]["embed.weight"])
+    assert not torch.equal(weights["plain"]["head.weight"], weights["perturbed"]["head.weight"])

@@ -182,6 +182,7 @@ class Router(Closing):
             if module not in self._functional:
                 self._unsplittable[indices] = True
         self.step_updated = np.zeros(len(self.params), dtype=bool)
+        self._coupling_modules = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     # ------------------------------------------------------------------ compiling
 
@@ -302,20 +303,29 @@ class Router(Closing):
             self._signature_cache[key] = np.logical_and.reduce([allowed[c] for c in signature])
         return self._signature_cache[key]
 
+    def _rows_coupled(self) -> bool:
+        """Whether a module mixes the rows of a batch in the forward pass (a BatchNorm normalising by batch
+        statistics, in training mode). Then no parameter can be routed by rows: an allowed row's gradient
+        flows back through statistics the other rows took part in, so its contribution to any parameter
+        depends on their content."""
+        return any(module.training for module in self._coupling_modules)
+
     def must_split(self, provenance: torch.Tensor, batch: int) -> bool:
         """Whether this microbatch must run one routing signature at a time: some module the router cannot
-        split by rows (BatchNorm, an unknown type) holds parameters its rows disagree about."""
-        if not self._unsplittable.any():
+        split by rows (BatchNorm, an unknown type) holds parameters its rows disagree about, or a module mixes
+        the rows (``_rows_coupled``) and they disagree about any parameter."""
+        coupled = self._rows_coupled()
+        if not coupled and not self._unsplittable.any():
             return False
         phase_index = bisect.bisect_right(self._starts, batch) - 1
         signatures, _ = self._signatures(provenance)
         if len(signatures) < 2:
             return False
-        key = (phase_index, tuple(signatures))
+        key = (phase_index, tuple(signatures), coupled)
         if key not in self._must_split_cache:
             per_signature = np.stack([self._allowed_for(phase_index, s) for s in signatures])
             mixed = (per_signature.any(axis=0) & ~per_signature.all(axis=0)) & self._trainable
-            self._must_split_cache[key] = bool(mixed[self._unsplittable].any())
+            self._must_split_cache[key] = bool(mixed.any() if coupled else mixed[self._unsplittable].any())
         return self._must_split_cache[key]
 
     def plan(self, provenance: torch.Tensor, batch: int) -> MicrobatchPlan:
