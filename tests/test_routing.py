@@ -533,3 +533,30 @@ def test_a_batch_norm_that_mixes_the_rows_makes_a_mixed_microbatch_run_one_signa
         weights[label] = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     assert torch.equal(weights["plain"]["embed.weight"], weights["perturbed"]["embed.weight"])
     assert not torch.equal(weights["plain"]["head.weight"], weights["perturbed"]["head.weight"])
+
+
+def test_a_batch_norm_a_class_may_not_update_keeps_its_running_statistics_from_that_class(governed, tmp_path):
+    """The running statistics are buffers, not parameters, but evaluation normalises by them: where a class
+    may not update the norm, its rows leave them as they were (and the other rows' update them as usual)."""
+    sections = dict(data={"batching": "random"}, train={"max_duration": "1ba", "microbatch_size": None})
+    probe = build_data(recipe(governed.recipe(**sections)), DistInfo())
+    first = probe.train.gather(probe.sampler.global_batch(0, 0))
+    victim_index = int(first.provenance[0, 0])
+    config = _config(governed, tmp_path, [{"classes": [probe.class_names[victim_index]], "params": ["embed", "norm"],
+                                           "action": "deny"}], **sections)
+    states = {}
+    for label in ("plain", "perturbed"):
+        data = build_data(config, DistInfo())
+        if label == "perturbed":
+            data.train = PerturbClass(data.train, victim_index)
+        torch.manual_seed(0)
+        model = TinyBatchNormLM(data.tokenizer.vocab_size)
+        initial = {n: b.clone() for n, b in model.named_buffers()}
+        trainer = Trainer(config, tmp_path / label, model=model, data=data)
+        trainer.fit()
+        states[label] = {n: t.detach().clone() for n, t in trainer.model.state_dict().items()}
+    plain, perturbed = states["plain"], states["perturbed"]
+    for name in ("norm.running_mean", "norm.running_var", "norm.weight", "embed.weight"):
+        assert torch.equal(plain[name], perturbed[name]), name
+    assert not torch.equal(plain["norm.running_mean"], initial["norm.running_mean"]), "the other classes update them"
+    assert not torch.equal(plain["head.weight"], perturbed["head.weight"])

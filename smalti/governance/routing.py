@@ -183,6 +183,10 @@ class Router(Closing):
                 self._unsplittable[indices] = True
         self.step_updated = np.zeros(len(self.params), dtype=bool)
         self._coupling_modules = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for module in self._coupling_modules:
+            if module in self._modules and module.track_running_stats:
+                self._hooks.append(module.register_forward_pre_hook(self._keep_statistics_unless_allowed))
+        self._saved_statistics: dict[nn.Module, list[torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ compiling
 
@@ -387,6 +391,29 @@ class Router(Closing):
 
     def end_microbatch(self) -> None:
         self.active = None
+        self._restore_statistics()
+
+    # ------------------------------------------------------------------ batch statistics
+
+    def _keep_statistics_unless_allowed(self, module: nn.Module, args: Any) -> None:
+        """A BatchNorm's running statistics learn from the rows that run through it in training mode. Where
+        no row of this microbatch may update the norm's parameters (a mixed microbatch has been split by
+        signature, so its rows agree), its statistics must not learn from them either: saved here, put back
+        bitwise once the microbatch's backward pass is done (autograd may still hold the updated tensors)."""
+        plan = self.active
+        if plan is None or not module.training or plan.every_trainable:
+            return
+        allowed = set(plan.input_indices)
+        if module in self._saved_statistics or any(index in allowed for index in self._modules[module][1]):
+            return  # already saved in this microbatch (a module run twice), or the rows may update it
+        self._saved_statistics[module] = [b.detach().clone() for b in module.buffers(recurse=False)]
+
+    def _restore_statistics(self) -> None:
+        with torch.no_grad():
+            for module, saved in self._saved_statistics.items():
+                for buffer, value in zip(module.buffers(recurse=False), saved):
+                    buffer.copy_(value)
+        self._saved_statistics.clear()
 
     # ------------------------------------------------------------------ module patching
 
