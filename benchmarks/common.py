@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import socket
 import sys
 import time
@@ -220,7 +221,30 @@ def governed_shakespeare(root: Path, shard_examples: int = 20_000, seq_len: int 
                          bpe_vocab: int | None = None) -> Governed:
     """Keys, a signed taxonomy and the prepared, signed Shakespeare dataset (examples of ``seq_len`` tokens),
     made the way the demo makes them; ``bpe_vocab``: tokenized with a byte-level BPE of that size trained on
-    the corpus (``make demo-finetune``'s way), else by character."""
+    the corpus (``make demo-finetune``'s way), else by character.
+
+    With ``SMALTI_BENCH_DATA_CACHE`` set to a folder, each variant is made once there and reused (read
+    only) by later benchmark processes: the test suite's smoke runs set it, so thirteen benchmarks do not
+    prepare the same corpus thirteen times. Without it, everything is made under ``root``.
+    """
+    cache = os.environ.get("SMALTI_BENCH_DATA_CACHE")
+    if cache:
+        made = Path(cache) / f"shakespeare-{shard_examples}-{seq_len}-{bpe_vocab or 'chars'}"
+        if not (made / ".complete").exists():
+            partial = made.with_name(made.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            governed_shakespeare_in(partial, shard_examples, seq_len, bpe_vocab)
+            (partial / ".complete").write_text("")
+            partial.rename(made)
+        keys = made / "keys"
+        return Governed(made, made / "taxonomy.yaml", keys / "data-governance.pub", made / "dataset",
+                        keys / "model-risk.key")
+    return governed_shakespeare_in(root, shard_examples, seq_len, bpe_vocab)
+
+
+def governed_shakespeare_in(root: Path, shard_examples: int, seq_len: int, bpe_vocab: int | None) -> Governed:
+    """``governed_shakespeare``'s making, always under ``root``."""
     from smalti.data.prepare import PrepareOptions, prepare_dataset
     from smalti.data.sources import classes_from_mapping, documents_from_folder
     from smalti.data.tokenizer import train_bpe

@@ -3,12 +3,34 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import REPO
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_benchmark_data(tmp_path_factory):
+    """The benchmarks' prepared Shakespeare datasets, made once for this file (``common.governed_shakespeare``)."""
+    cache = tmp_path_factory.mktemp("benchmark-data")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SMALTI_BENCH_DATA_CACHE", str(cache))
+        yield cache
+
+
+def test_the_shared_data_is_made_once_and_reused_read_only(shared_benchmark_data, tmp_path):
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; "
+            "from common import governed_shakespeare; "
+            "print(governed_shakespeare(Path(sys.argv[1]), shard_examples=500).dataset)")
+    made = [subprocess.run([sys.executable, "-c", code, str(tmp_path / f"root{i}")], capture_output=True, text=True,
+                           cwd=REPO, timeout=300) for i in range(2)]
+    assert all(m.returncode == 0 for m in made), made[0].stderr[-2000:]
+    first, second = (Path(m.stdout.strip()) for m in made)
+    assert first == second and first.parent.parent == shared_benchmark_data and (first / "manifest.json").is_file()
+    assert not (tmp_path / "root0").exists() and not (tmp_path / "root1").exists()  # nothing made twice
 
 
 def _run(script: str, *args: str) -> dict:
