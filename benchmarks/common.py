@@ -186,6 +186,16 @@ class TwinSteps:
         measured._train_batch = paired  # this instance only
 
 
+def interleaved_step_times(measured, twin, warmup: int = 2) -> tuple[list[float], list[float]]:
+    """Train ``measured`` with ``twin`` stepping beside it (``TwinSteps``), close both, and return each side's
+    step times after the first ``warmup`` steps (those warm up allocators)."""
+    pairs = TwinSteps(measured, twin)
+    measured.fit()
+    measured.close()
+    twin.close()
+    return pairs.measured[warmup:], pairs.twin[warmup:]
+
+
 @dataclass(frozen=True)
 class Governed:
     root: Path

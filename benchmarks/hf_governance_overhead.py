@@ -24,7 +24,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common import HF_LLAMA, TwinSteps, emit, governed_shakespeare, machine, write_signed_policy
+from common import HF_LLAMA, emit, governed_shakespeare, interleaved_step_times, machine, write_signed_policy
 
 from smalti.config import Recipe
 from smalti.trust.keys import write_key_pair
@@ -71,12 +71,9 @@ def measure(governed, root: Path, lora: bool, steps: int, runs: int, trainer_key
     for run in range(runs):
         twin = Trainer(recipe(governed, steps, False, lora, policy, trainer_key, batch), root / f"off-{lora}-{run}")
         routed = Trainer(recipe(governed, steps, True, lora, policy, trainer_key, batch), root / f"on-{lora}-{run}")
-        pairs = TwinSteps(routed, twin)
-        routed.fit()
-        routed.close()
-        twin.close()
-        on += pairs.measured[2:]  # the first steps warm up allocators
-        off += pairs.twin[2:]
+        routed_times, twin_times = interleaved_step_times(routed, twin)
+        on += routed_times
+        off += twin_times
     return statistics.median(on) / statistics.median(off)
 
 

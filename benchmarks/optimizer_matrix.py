@@ -18,7 +18,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common import BABY_GPT, TwinSteps, emit, governed_shakespeare, machine, write_signed_policy
+from common import BABY_GPT, emit, governed_shakespeare, interleaved_step_times, machine, write_signed_policy
 
 from smalti.config import Recipe
 from smalti.optimizers import KINDS
@@ -51,12 +51,9 @@ def measure(governed, root: Path, name: str, policy: Path, trainer_key: Path, st
     for run in range(runs):
         twin = Trainer(recipe(governed, steps, name, None, trainer_key), root / f"off-{name}-{run}")
         routed = Trainer(recipe(governed, steps, name, policy, trainer_key), root / f"on-{name}-{run}")
-        pairs = TwinSteps(routed, twin)
-        routed.fit()
-        routed.close()
-        twin.close()
-        on += pairs.measured[2:]  # the first steps warm up allocators
-        off += pairs.twin[2:]
+        routed_times, twin_times = interleaved_step_times(routed, twin)
+        on += routed_times
+        off += twin_times
     return {"ratio": statistics.median(on) / statistics.median(off), "on_ms": 1000 * statistics.median(on),
             "off_ms": 1000 * statistics.median(off)}
 

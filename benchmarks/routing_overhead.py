@@ -24,7 +24,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common import BABY_GPT, TwinSteps, emit, governed_shakespeare, machine, write_signed_policy
+from common import BABY_GPT, emit, governed_shakespeare, interleaved_step_times, machine, write_signed_policy
 
 from smalti.config import Recipe
 from smalti.core.callback import Callback
@@ -86,12 +86,9 @@ def measure(governed, root: Path, mixed: bool, steps: int, runs: int) -> tuple[f
         routed = Trainer(recipe(governed, steps, policy, batching, microbatch), root / f"routed-{mixed}-{run}",
                          callbacks=[counter])
         counter.router = routed.router
-        pairs = TwinSteps(routed, twin)
-        routed.fit()
-        routed.close()
-        twin.close()
-        routed_times += pairs.measured[2:]  # the first steps warm up allocators
-        plain_times += pairs.twin[2:]
+        measured, twin_times = interleaved_step_times(routed, twin)
+        routed_times += measured
+        plain_times += twin_times
         signatures += counter.signatures
     return statistics.median(routed_times) / statistics.median(plain_times), statistics.mean(signatures)
 

@@ -511,38 +511,15 @@ class TinyBatchNormLM(nn.Module):
     loss_units = staticmethod(GPT.loss_units)
 
 
-def test_a_batch_norm_that_mixes_the_rows_makes_a_mixed_microbatch_run_one_signature_at_a_time(governed, tmp_path):
-    """The victim may not update the embedding; every class may update the BatchNorm. Split by rows alone,
-    the embedding's gradient from the allowed rows would flow back through batch statistics the victim's rows
-    took part in: its update would depend on the victim's content (G1 broken, silently)."""
+def _batch_norm_runs(governed, tmp_path, denied: list[str]) -> tuple[dict, dict, dict]:
+    """One step of ``TinyBatchNormLM`` on a mixed microbatch, with a class of that step denied ``denied``, and
+    the same step with that class's content replaced by noise: both final state dicts and the initial buffers."""
     sections = dict(data={"batching": "random"}, train={"max_duration": "1ba", "microbatch_size": None})
     probe = build_data(recipe(governed.recipe(**sections)), DistInfo())
     first = probe.train.gather(probe.sampler.global_batch(0, 0))
     victim_index = int(first.provenance[0, 0])
     assert len(set(first.provenance[:, 0].tolist())) > 1
-    config = _config(governed, tmp_path, [{"classes": [probe.class_names[victim_index]], "params": ["embed"],
-                                           "action": "deny"}], **sections)
-    weights = {}
-    for label in ("plain", "perturbed"):
-        data = build_data(config, DistInfo())
-        if label == "perturbed":
-            data.train = PerturbClass(data.train, victim_index)
-        torch.manual_seed(0)
-        trainer = Trainer(config, tmp_path / label, model=TinyBatchNormLM(data.tokenizer.vocab_size), data=data)
-        trainer.fit()
-        weights[label] = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    assert torch.equal(weights["plain"]["embed.weight"], weights["perturbed"]["embed.weight"])
-    assert not torch.equal(weights["plain"]["head.weight"], weights["perturbed"]["head.weight"])
-
-
-def test_a_batch_norm_a_class_may_not_update_keeps_its_running_statistics_from_that_class(governed, tmp_path):
-    """The running statistics are buffers, not parameters, but evaluation normalises by them: where a class
-    may not update the norm, its rows leave them as they were (and the other rows' update them as usual)."""
-    sections = dict(data={"batching": "random"}, train={"max_duration": "1ba", "microbatch_size": None})
-    probe = build_data(recipe(governed.recipe(**sections)), DistInfo())
-    first = probe.train.gather(probe.sampler.global_batch(0, 0))
-    victim_index = int(first.provenance[0, 0])
-    config = _config(governed, tmp_path, [{"classes": [probe.class_names[victim_index]], "params": ["embed", "norm"],
+    config = _config(governed, tmp_path, [{"classes": [probe.class_names[victim_index]], "params": denied,
                                            "action": "deny"}], **sections)
     states = {}
     for label in ("plain", "perturbed"):
@@ -555,7 +532,22 @@ def test_a_batch_norm_a_class_may_not_update_keeps_its_running_statistics_from_t
         trainer = Trainer(config, tmp_path / label, model=model, data=data)
         trainer.fit()
         states[label] = {n: t.detach().clone() for n, t in trainer.model.state_dict().items()}
-    plain, perturbed = states["plain"], states["perturbed"]
+    return states["plain"], states["perturbed"], initial
+
+
+def test_a_batch_norm_that_mixes_the_rows_makes_a_mixed_microbatch_run_one_signature_at_a_time(governed, tmp_path):
+    """The victim may not update the embedding; every class may update the BatchNorm. Split by rows alone,
+    the embedding's gradient from the allowed rows would flow back through batch statistics the victim's rows
+    took part in: its update would depend on the victim's content (G1 broken, silently)."""
+    plain, perturbed, _ = _batch_norm_runs(governed, tmp_path, ["embed"])
+    assert torch.equal(plain["embed.weight"], perturbed["embed.weight"])
+    assert not torch.equal(plain["head.weight"], perturbed["head.weight"])
+
+
+def test_a_batch_norm_a_class_may_not_update_keeps_its_running_statistics_from_that_class(governed, tmp_path):
+    """The running statistics are buffers, not parameters, but evaluation normalises by them: where a class
+    may not update the norm, its rows leave them as they were (and the other rows' update them as usual)."""
+    plain, perturbed, initial = _batch_norm_runs(governed, tmp_path, ["embed", "norm"])
     for name in ("norm.running_mean", "norm.running_var", "norm.weight", "embed.weight"):
         assert torch.equal(plain[name], perturbed[name]), name
     assert not torch.equal(plain["norm.running_mean"], initial["norm.running_mean"]), "the other classes update them"

@@ -31,6 +31,7 @@ unsharded parameters autograd sees from the modules as they run.
 from __future__ import annotations
 
 import bisect
+import functools
 import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, cast
@@ -121,6 +122,11 @@ class MicrobatchPlan:
     holders: list[torch.Tensor]  # the tensors autograd accumulates into, by index (the router's, kept current)
     splits: dict[nn.Module, Split] = field(default_factory=dict)
     every_trainable: bool = False  # ``inputs`` are all the trainable parameters: no one is denied
+
+    @functools.cached_property
+    def allowed(self) -> frozenset[int]:
+        """``input_indices`` as a set, made once per plan (a BatchNorm asks at each of its forward passes)."""
+        return frozenset(self.input_indices)
 
     @property
     def inputs(self) -> list[torch.Tensor]:
@@ -403,8 +409,7 @@ class Router(Closing):
         plan = self.active
         if plan is None or not module.training or plan.every_trainable:
             return
-        allowed = set(plan.input_indices)
-        if module in self._saved_statistics or any(index in allowed for index in self._modules[module][1]):
+        if module in self._saved_statistics or any(index in plan.allowed for index in self._modules[module][1]):
             return  # already saved in this microbatch (a module run twice), or the rows may update it
         self._saved_statistics[module] = [b.detach().clone() for b in module.buffers(recurse=False)]
 
