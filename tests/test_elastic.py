@@ -48,13 +48,20 @@ def _checkpoint_batch(run_dir: Path) -> int:
     return int(name.split("-ba")[1].split(".")[0]) if name else -1
 
 
-def test_torchrun_restarts_workers_killed_mid_run_and_the_run_is_bitwise_identical(tmp_path, tiny_corpus):
-    recipe = _recipe(tmp_path, tiny_corpus)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_corpus) -> tuple[Path, Path]:
+    """One plain two-rank torchrun of the recipe, the reference both tests compare against (read-only)."""
+    root = tmp_path_factory.mktemp("elastic")
+    recipe = _recipe(root, tiny_corpus)
     launch = ["--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={free_port()}"]
-    reference = subprocess.run(_torchrun(*launch, recipe=recipe, run_dir=tmp_path / "reference"),
+    reference = subprocess.run(_torchrun(*launch, recipe=recipe, run_dir=root / "reference"),
                                capture_output=True, text=True, env=ENV, cwd=REPO, timeout=900)
     assert reference.returncode == 0, reference.stderr[-3000:]
+    return recipe, root / "reference"
 
+
+def test_torchrun_restarts_workers_killed_mid_run_and_the_run_is_bitwise_identical(tmp_path, uninterrupted):
+    recipe, reference = uninterrupted
     run = tmp_path / "elastic"
     elastic = ["--nproc-per-node=2", "--max-restarts=3", "--rdzv-backend=c10d",
                f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--monitor-interval=0.2"]
@@ -78,15 +85,11 @@ def test_torchrun_restarts_workers_killed_mid_run_and_the_run_is_bitwise_identic
     assert agent.returncode == 0, stderr[-3000:]
     assert stderr.count("will restart worker group") == 2, stderr[-3000:]  # torchelastic's own log, at INFO
     assert latest_payload(run)["timestamp"]["batch"] == 240
-    _assert_same_run(tmp_path / "reference", run)
+    _assert_same_run(reference, run)
 
 
-def test_two_agents_rendezvous_on_loopback_and_match_one_agent(tmp_path, tiny_corpus):
-    recipe = _recipe(tmp_path, tiny_corpus)
-    one = subprocess.run(_torchrun("--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-                                   recipe=recipe, run_dir=tmp_path / "one-agent"),
-                         capture_output=True, text=True, env=ENV, cwd=REPO, timeout=900)
-    assert one.returncode == 0, one.stderr[-3000:]
+def test_two_agents_rendezvous_on_loopback_and_match_one_agent(tmp_path, uninterrupted):
+    recipe, one_agent = uninterrupted
     endpoint = f"127.0.0.1:{free_port()}"
     nodes = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
              "--rdzv-id=smalti-test"]
@@ -96,4 +99,4 @@ def test_two_agents_rendezvous_on_loopback_and_match_one_agent(tmp_path, tiny_co
     for agent, (_, stderr) in zip(agents, outputs):
         assert agent.returncode == 0, stderr[-3000:]
     assert sum(out.count("summary") for out, _ in outputs) == 1  # one rank 0 across both nodes
-    _assert_same_run(tmp_path / "one-agent", tmp_path / "two-agents")
+    _assert_same_run(one_agent, tmp_path / "two-agents")
