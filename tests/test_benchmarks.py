@@ -60,6 +60,13 @@ def test_data_throughput_reports_ratios():
     assert result["samples_per_pass"] > 70_000
 
 
+def test_moe_governance_overhead_reports_a_ratio():
+    result = _run("moe_governance_overhead.py", "--steps", "3", "--runs", "1", "--batch", "8")
+    assert result["benchmark"] == "moe_governance_overhead" and result["ratio"] > 0
+    assert result["parameters"] > 3_000_000 and result["tokens_per_step"] == 8 * 256
+    assert result["model"]["num_local_experts"] == 8 and result["step_ms"]["governed"] > 0
+
+
 def test_optimizer_matrix_reports_a_ratio_per_optimizer():
     result = _run("optimizer_matrix.py", "--steps", "4", "--runs", "1", "--optimizers", "adafactor,muon")
     assert result["benchmark"] == "optimizer_matrix" and set(result["step_ms"]) == {"adafactor", "muon"}

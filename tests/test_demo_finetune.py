@@ -53,3 +53,23 @@ def test_make_demo_finetune_runs_every_step(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(export)
     assert model.config.model_type == "llama" and model.config.vocab_size >= len(tokenizer)
     assert (export / "adapters").is_dir()
+
+    # recipes/moe-mixtral.yaml on the same dataset, its policy bound and signed as its comment says
+    for name in ("moe-mixtral.yaml", "governance/moe-policy.yaml"):
+        (tmp_path / "recipes" / name).write_text((REPO / "recipes" / name).read_text())
+    policy_comment = (REPO / "recipes" / "governance" / "moe-policy.yaml").read_text()
+    commands = [line.removeprefix("#").strip() for line in policy_comment.splitlines() if line.startswith("#   ")
+                or line.startswith("#     ")]
+    commands = " ".join(commands).replace("\\ ", "").split("smalti ")[1:]
+    assert [c.split()[0] for c in commands] == ["policy", "sign"], commands
+    smalti = [sys.executable, "-m", "smalti"]
+    for command in commands + ["train recipes/moe-mixtral.yaml --run-dir demo-finetune/moe --set train.max_duration=4ba "
+                               "--set eval.interval=4ba --set eval.max_samples=16",
+                               "audit demo-finetune/moe --class gutenberg/tragedy --json"]:
+        done = subprocess.run(smalti + command.split(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"smalti {command}: {done.stderr[-2000:]}"
+    import json
+
+    reached = json.loads(done.stdout)["experts_reached"]
+    assert list(reached) == [f"model.layers.{i}.mlp.experts" for i in range(4)]
+    assert sum(sum(layer["tokens"]) for layer in reached.values()) > 0  # the tragedies were routed somewhere

@@ -72,16 +72,38 @@ def _hf_lora_recipe(tmp_path, governed):
     return write_recipe(tmp_path / "recipe.yaml", config)
 
 
-@pytest.mark.parametrize("model", ["gpt", "hf-lora"])
+def _moe_recipe(tmp_path, governed):
+    """A Mixtral mixture of experts with the load-balancing loss and the router's jitter noise, a class denied
+    an expert and the gates, with the ledger."""
+    from conftest import write_policy
+    from test_hf_models import HAMLET
+    from test_moe import moe_model
+
+    policy = write_policy(governed, tmp_path / "policy.yaml", [{"classes": [HAMLET], "action": "deny",
+                                                               "params": ["model.layers.*.mlp.experts.1", "model.layers.*.mlp.gate"]}])
+    model = moe_model("mixtral", aux=True)
+    model["hf"]["config"]["router_jitter_noise"] = 0.1
+    config = governed.recipe(
+        model=model, data={"batching": "random"}, train={"max_duration": "60ba", "microbatch_size": 4},
+        eval={"interval": "40ba"}, checkpoint={"interval": "10ba", "keep": 2},
+        governance={"policy": str(policy),
+                    "ledger": {"enabled": True, "key": str(governed.key("trainer")), "entropy_every": 25, "flush_every": 7}},
+    )
+    return write_recipe(tmp_path / "recipe.yaml", config)
+
+
+@pytest.mark.parametrize("model", ["gpt", "hf-lora", "moe"])
 def test_random_kill_9_then_rerun_is_bitwise_identical(tmp_path, tiny_corpus, governed, model):
-    recipe = _recipe(tmp_path, tiny_corpus) if model == "gpt" else _hf_lora_recipe(tmp_path, governed)
+    recipes = {"gpt": lambda: _recipe(tmp_path, tiny_corpus), "hf-lora": lambda: _hf_lora_recipe(tmp_path, governed),
+               "moe": lambda: _moe_recipe(tmp_path, governed)}
+    recipe = recipes[model]()
     reference = tmp_path / "reference"
     assert smalti_cli("train", str(recipe), "--run-dir", str(reference)).returncode == 0
 
     killed = tmp_path / "killed"
     rng = random.Random(int(os.environ.get("SMALTI_TEST_SEED", "1234")))
     kills = 0
-    for _ in range(3):
+    for _ in range(1 if model == "moe" else 3):  # one kill for the MoE: each restart costs a transformers import
         before = _latest_name(killed)
         process = subprocess.Popen(
             [sys.executable, "-m", "smalti", "train", str(recipe), "--run-dir", str(killed)],

@@ -158,6 +158,13 @@ def _print(console: Console, answer: dict, n_layers: int) -> None:
         console.print(table)
         if answer["layers_never_touched"]:
             console.print("never touched: " + ", ".join(answer["layers_never_touched"]), highlight=False)
+        if "experts_reached" in answer:
+            experts = new_table(f"{answer['class']}: the experts its tokens were routed to")
+            add_columns(experts, "layer of experts", "experts reached", "tokens per expert")
+            for layer, row in answer["experts_reached"].items():
+                reached = ", ".join(str(e) for e in row["experts"]) or "none"
+                experts.add_row(layer, reached, " ".join(str(n) for n in row["tokens"]))
+            console.print(experts)
     elif "example" in answer:
         named = f"{answer['id']} (training example {answer['example']})" if answer["id"] else answer["example"]
         console.print(

@@ -47,6 +47,7 @@ from smalti.core.time import Time, TimeUnit
 from smalti.distributed import DistInfo
 from smalti.errors import SmaltiError
 from smalti.fsdp import ShardedGradients
+from smalti.models import rows
 from smalti.trust.policy import Policy, Rule, matches
 from smalti.io import Closing
 
@@ -65,6 +66,8 @@ class Phase:
 # from (LlamaRMSNorm, Qwen2RMSNorm, T5LayerNorm, ...): their own forward runs with substituted parameters.
 _ROW_WISE_NORM_SUFFIXES = ("RMSNorm", "LayerNorm")
 _NOT_ROW_WISE = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+# transformers' mixture-of-experts gates (MixtralTopKRouter, Qwen2MoeTopKRouter, OlmoeTopKRouter, ...)
+_TOKEN_ROUTER_SUFFIX = "TopKRouter"
 
 
 def _own_forward_with(module: nn.Module, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -102,8 +105,11 @@ def _functional(module: nn.Module) -> Callable[[nn.Module, torch.Tensor, dict], 
         return _EXACT[type(module)]
     if isinstance(module, _ROW_WISE_BASES) or type(module).__name__.endswith(_ROW_WISE_NORM_SUFFIXES):
         return _own_forward_with
-    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
-        return _own_forward_with  # GPT-2's transposed linear layer
+    if type(module).__module__.startswith("transformers"):
+        if type(module).__name__ == "Conv1D":
+            return _own_forward_with  # GPT-2's transposed linear layer
+        if type(module).__name__.endswith(_TOKEN_ROUTER_SUFFIX) and set(module._parameters) == {"weight"}:
+            return _own_forward_with  # a mixture-of-experts gate: logits, softmax and top-k, token by token
     return None
 
 
@@ -315,10 +321,12 @@ class Router(Closing):
 
     def _rows_coupled(self) -> bool:
         """Whether a module mixes the rows of a batch in the forward pass (a BatchNorm normalising by batch
-        statistics, in training mode). Then no parameter can be routed by rows: an allowed row's gradient
+        statistics, in training mode), or the model's loss does (a mixture of experts' load-balancing loss). Then no parameter can be routed by rows: an allowed row's gradient
         flows back through statistics the other rows took part in, so its contribution to any parameter
         depends on their content."""
-        return any(module.training for module in self._coupling_modules)
+        return any(module.training for module in self._coupling_modules) or bool(
+            getattr(self.model, "couples_rows", False)
+        )
 
     def must_split(self, provenance: torch.Tensor, batch: int) -> bool:
         """Whether this microbatch must run one routing signature at a time: some module the router cannot
@@ -507,26 +515,60 @@ def _routed_forward(router: Router, functional: Callable, original: Callable) ->
             return original(*args, **kwargs)
         assert plan is not None  # a split comes from the active plan
         x = args[0]
-        if x.shape[0] == 1 and plan.rows > 1:  # shared by every row (GPT-2's positions): one copy per row,
-            x = x.expand(plan.rows, *x.shape[1:])  # so each row's share of the gradient goes where it may
-        if x.shape[0] != plan.rows:
-            raise RoutingError(
-                f"module {router._module_names[module]} must be split by examples but its input has no batch "
-                f"dimension (shape {tuple(x.shape)})"
-            )
+        gathered = rows.current()
+        if gathered is not None and (
+            x.shape[0] != gathered.count or (gathered.positions is None and x.shape[0] == plan.rows)
+        ):
+            gathered = None  # not rows of the flattened batch (or they are the examples themselves)
+        if gathered is None and x.shape[0] == 1 and plan.rows > 1:  # shared by every row (GPT-2's positions):
+            x = x.expand(plan.rows, *x.shape[1:])  # one copy per row, so each row's gradient goes where it may
+        partitions, restore = _partitions_of(router, module, split, plan.rows, x.shape, gathered)
         # under FSDP2, the unsharded parameters while the module runs; the split names only present ones
         current = cast("dict[str, nn.Parameter]", module._parameters)
         outputs = [
             functional(
                 module,
-                x.index_select(0, rows),
+                x.index_select(0, members),
                 {n: current[n] if ok else current[n].detach() for n, ok in allowed.items()},
             )
-            for rows, allowed in split.partitions
+            for members, allowed in partitions
         ]
-        return torch.cat(outputs).index_select(0, split.restore)
+        if isinstance(outputs[0], tuple):  # a gate's (logits, scores, experts): each row-aligned
+            return tuple(torch.cat(parts).index_select(0, restore) for parts in zip(*outputs))
+        return torch.cat(outputs).index_select(0, restore)
 
     return forward
+
+
+def _partitions_of(
+    router: Router,
+    module: nn.Module,
+    split: Split,
+    batch_rows: int,
+    shape: torch.Size,
+    gathered: rows.GatheredRows | None,
+) -> tuple[list[tuple[torch.Tensor, dict[str, bool]]], torch.Tensor]:
+    """The split's partitions as rows of this input. Its rows are the examples, or (in a mixture-of-experts
+    block, ``smalti.models.rows``) the tokens of the flattened batch or those gathered for one expert."""
+    if gathered is not None:
+        if gathered.total % batch_rows:
+            raise RoutingError(
+                f"module {router._module_names[module]}: {gathered.total} flattened rows do not split "
+                f"into {batch_rows} examples"
+            )
+        examples = gathered.examples(batch_rows)
+        partitions = [
+            (torch.isin(examples, members).nonzero().flatten(), allowed) for members, allowed in split.partitions
+        ]
+        partitions = [(r, allowed) for r, allowed in partitions if r.numel()]
+        order = torch.cat([r for r, _ in partitions])
+        return partitions, torch.argsort(order)
+    if shape[0] != batch_rows:
+        raise RoutingError(
+            f"module {router._module_names[module]} must be split by examples but its input has no batch "
+            f"dimension (shape {tuple(shape)})"
+        )
+    return split.partitions, split.restore
 
 
 def _holder_recorder(router: Router, module: nn.Module, owned: tuple[list[str], list[int]]) -> Callable:

@@ -193,6 +193,16 @@ class LedgeredStep(RoutedStep):
         """One routing signature per backward pass: its gradient is its contribution."""
         return [piece for part in parts for piece in part.split_by_signature()]
 
+    def begin_microbatch(self, microbatch: Batch, step: int) -> None:
+        super().begin_microbatch(microbatch, step)
+        assert self.ledger is not None
+        self.ledger.begin_microbatch(microbatch)  # a mixture of experts counts its tokens per class
+
+    def end_microbatch(self) -> None:
+        super().end_microbatch()
+        if self.ledger is not None:
+            self.ledger.end_microbatch()
+
     def backward(self, loss: torch.Tensor, microbatch: Batch) -> None:
         assert self.plan is not None and self.ledger is not None
         if self.plan.input_indices:  # this signature's gradient, kept apart

@@ -27,6 +27,7 @@ from torch import nn
 
 from smalti.errors import RecipeError
 from smalti.models.adapters import AdapterGates
+from smalti.models.moe import unfuse_experts
 from smalti.models.objective import CausalLMObjective
 
 if TYPE_CHECKING:
@@ -68,7 +69,36 @@ class HFCausalLM(CausalLMObjective, nn.Module):
         self.train()
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.hf(input_ids=idx, use_cache=False).logits
+        if not (self.training and self.aux_loss_coefficient):
+            return self.hf(input_ids=idx, use_cache=False).logits
+        output = self.hf(input_ids=idx, use_cache=False, output_router_logits=True)
+        self.__dict__["_aux_loss"] = output.aux_loss  # this forward pass's load-balancing loss, added by ``loss``
+        return output.logits
+
+    @property
+    def aux_loss_coefficient(self) -> float:
+        """The mixture-of-experts load-balancing loss's weight, where the config asks for it (0: none)."""
+        config = self.hf.config
+        return (
+            float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+            if getattr(config, "output_router_logits", False)
+            else 0.0
+        )
+
+    @property
+    def couples_rows(self) -> bool:
+        """The load-balancing loss mixes every token of a batch: each row's gradient depends on the other rows'
+        routing, so routing must run a batch one routing signature at a time (``Router.must_split``)."""
+        return self.training and self.aux_loss_coefficient > 0
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # type: ignore[override]  # reads the forward's loss
+        """The summed cross-entropy, plus the load-balancing loss weighted as transformers weights it against the
+        mean (so times the positions summed), where the model has one."""
+        total = CausalLMObjective.loss(logits, targets)
+        aux = self.__dict__.pop("_aux_loss", None)
+        if aux is not None:
+            total = total + self.aux_loss_coefficient * aux.float() * CausalLMObjective.loss_units(targets)
+        return total
 
     def train(self, mode: bool = True) -> "HFCausalLM":
         super().train(mode)
@@ -137,6 +167,7 @@ def build_hf_model(config: Any, vocab_size: int, seq_len: int) -> HFCausalLM:
             f"model.hf: the model's vocabulary has {model_vocab} tokens, the tokenizer's {vocab_size}: "
             "this tokenizer's ids do not fit this model"
         )
+    unfuse_experts(hf_model, str(hf_model.config.model_type))  # one module per expert, so a policy can name it
     model = HFCausalLM(hf_model)
     if seq_len > model.context_length:
         raise RecipeError(f"data.seq_len ({seq_len}) exceeds the model's context length ({model.context_length})")

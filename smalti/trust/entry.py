@@ -53,6 +53,7 @@ MAGICS = (MAGIC, LEGACY_MAGIC)
 HEADER = struct.Struct(">4sQ32s")
 HEADER_SIZE = HEADER.size  # 44
 ZERO_HASH = bytes(32)
+MAX_EXPERTS = 4096  # experts per layer a run entry may declare (the largest models have a few hundred)
 NULLABLE_LAYER_COLUMNS = (2, 3)  # relative update and cosine: undefined when a norm they divide by is 0
 
 
@@ -350,6 +351,16 @@ def _check_run(body: dict[str, Any]) -> None:
             "parent",
             "a link {kind, run_dir, head, trainer_key, ...}",
         )
+    experts = body.get("experts")
+    if experts is not None:
+        _require(
+            type(experts) is dict
+            and _strings(experts.get("layers"))
+            and _is_int(experts.get("count"))
+            and 0 < experts["count"] <= MAX_EXPERTS,  # a reader allocates a row of this length per layer
+            "experts",
+            f"{{layers, count}} with 1 to {MAX_EXPERTS} experts",
+        )
     entropy = body.get("entropy")
     if entropy is not None:
         _require(
@@ -405,6 +416,17 @@ def _check_step(body: dict[str, Any]) -> None:
         "contributions",
         "per signature a list of [layer, norm, share]",
     )
+    if "expert_tokens" in body:
+        tokens = body["expert_tokens"]
+        _require(
+            type(tokens) is dict
+            and all(
+                type(table) is list and all(type(row) is list and all(_is_int(n) for n in row) for row in table)
+                for table in tokens.values()
+            ),
+            "expert_tokens",
+            "per class a table of token counts (layers x experts)",
+        )
     for field in ("layers", "entropy"):
         if field in body:
             _require(

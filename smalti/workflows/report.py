@@ -330,6 +330,30 @@ def _governance(run_dir: Path, ledger: Ledger, path_label: Callable[[str], str] 
     return "".join(parts)
 
 
+def _experts(ledger: Ledger) -> str:
+    """Per layer of experts, the tokens each class sent each expert over the run (a mixture-of-experts model;
+    empty otherwise). The ledger's shapes were checked on loading; every value is still escaped."""
+    experts = ledger.run.get("experts")
+    if not isinstance(experts, dict):
+        return ""
+    classes = sorted({name for entry in ledger.steps for name in entry.get("expert_tokens", {})})
+    parts = [
+        "<h2>Tokens per expert, by class</h2><p class='sub'>How many tokens of each class the gate sent to each "
+        "expert over the run (a token sent to two experts counts for both), from the ledger's step entries.</p>"
+    ]
+    reached = {c: ledger.experts_reached(c) or {} for c in classes}
+    header = "".join(f"<th>expert {_e(e)}</th>" for e in range(int(experts["count"])))
+    for layer in experts["layers"]:
+        body = "".join(
+            f"<tr><th>{_e(c)}</th>" + "".join(f"<td>{_e(n)}</td>" for n in by_layer[layer]["tokens"]) + "</tr>"
+            for c, by_layer in reached.items()
+        )
+        parts.append(
+            f"<table class='experts'><caption>{_e(layer)}</caption><tr><th>class</th>{header}</tr>{body}</table>"
+        )
+    return "".join(parts)
+
+
 def _json_object(path: Path) -> dict[str, Any]:
     """A JSON object from the run folder, or {} if it is missing, a link, or not an object."""
     if plain_file(path.parent, path.name) is None:
@@ -748,6 +772,7 @@ def render_report(
 {_certificate(run_dir, served, str(head.get("origin", "")))}
 {_forget_eval(run_dir)}
 {_governance(run_dir, ledger, served.path_label if served else str)}
+{_experts(ledger)}
 <p>Contribution rule: {_e(ledger.run.get("contribution_rule", ""))}.<br>
 Update-share rule: {_e(ledger.run.get("update_share_rule", ""))}.</p>
 {figures}

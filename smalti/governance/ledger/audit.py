@@ -68,6 +68,18 @@ def check_step_shape(run: dict[str, Any], step: dict[str, Any]) -> None:
         or any(len(row) != len(config["layers"]) for row in entropy)
     ):
         raise EntryFormatError("entropy: not one row per probed class and a column per probed layer")
+    tokens, experts = step.get("expert_tokens"), run.get("experts")
+    if tokens is not None and (
+        experts is None
+        or not set(tokens) <= set(run.get("classes", []))
+        or any(
+            len(table) != len(experts["layers"]) or any(len(row) != experts["count"] for row in table)
+            for table in tokens.values()
+        )
+    ):
+        raise EntryFormatError(
+            "expert_tokens: not a run class's table of a row per layer of experts, a column per expert"
+        )
 
 
 def _signature_classes(signature: str) -> list[str]:
@@ -171,7 +183,9 @@ class Ledger:
                             if not steps or steps[-1] != entry["step"]:
                                 steps.append(entry["step"])
         names = self.layer_names
+        reached = self.experts_reached(node)
         return {
+            **({"experts_reached": reached} if reached is not None else {}),
             "class": node,
             "examples_seen": examples,
             "steps_present": step_ranges(seen_steps),
@@ -187,6 +201,24 @@ class Ledger:
                 for j, s in sorted(touched.items())
             },
             "layers_never_touched": [names[j] for j in range(len(names)) if j not in touched],
+        }
+
+    def experts_reached(self, node: str) -> dict[str, dict[str, Any]] | None:
+        """Per layer of experts, the tokens of the class (or node) each expert received over the run, and
+        which experts those are (None: the model has no experts)."""
+        experts = self.run.get("experts")
+        if experts is None:
+            return None
+        totals = [[0] * experts["count"] for _ in experts["layers"]]
+        for entry in self.steps:
+            for name, table in entry.get("expert_tokens", {}).items():
+                if Taxonomy.covers(node, name):
+                    for row, counts in zip(totals, table):
+                        for e, n in enumerate(counts):
+                            row[e] += n
+        return {
+            layer: {"experts": [e for e, n in enumerate(row) if n], "tokens": row}
+            for layer, row in zip(experts["layers"], totals)
         }
 
     def example(self, example_id: int, name: str | None = None) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from smalti.governance.ledger.recorder import (
 )
 from smalti.governance.ledger.store import ENTRY_FORMAT, LedgerError, LedgerStore, ledger_path
 from smalti.loggers.governance import StepSignals
+from smalti.models.moe import ExpertCounts, attach_counts
 from smalti.governance.routing import MicrobatchPlan, Router
 from smalti.io import Closing
 
@@ -71,6 +72,7 @@ class _PendingStep:
     gradient: tuple[torch.Tensor, bool, float]  # Gram matrix of signature rows, outside row first?, 1/loss scale
     update: tuple[torch.Tensor, tuple[int, int, int, int]]  # Gram matrix of parameters and updates, row roles
     entropy: torch.Tensor | None = None
+    experts: dict[str, list[list[int]]] | None = None  # tokens per expert per mixture-of-experts layer, per class
 
 
 def _shares(gradient: tuple[np.ndarray, ...]) -> np.ndarray:
@@ -119,6 +121,7 @@ class Ledger(Closing):
         self.class_names = class_names
         self.fingerprints = fingerprints
         self.recorder = ContributionRecorder(router, dist)
+        self.experts = attach_counts(router.model, len(class_names))  # None: the model has no experts
         self.entropy = (
             EntropyProbe(router.model, probe, class_names, probe_tokens)
             if probe is not None and entropy_every
@@ -154,6 +157,8 @@ class Ledger(Closing):
                 "probe_examples": probe.sample_ids.tolist(),  # type: ignore[union-attr]  # entropy implies a probe
             },
         }
+        if self.experts is not None:  # a mixture-of-experts model: its layers of experts, named for the audit
+            self.genesis["experts"] = {"layers": self.experts.layer_names, "count": self.experts.experts}
         self.store: LedgerStore | None = None
         self.frontier = merkle.Frontier()
         self._previous_leaf = ZERO_HASH
@@ -206,6 +211,17 @@ class Ledger(Closing):
             by_signature.setdefault(signature_key([c for c in row if c >= 0], self.class_names), []).append(example)
         self._step_examples = (by_signature, dropped)
         self.recorder.start_step()
+        if self.experts is not None:
+            self.experts.zero()
+
+    def begin_microbatch(self, microbatch: Batch) -> None:
+        """The experts count this microbatch's tokens by its rows' classes (what the ledger records)."""
+        if self.experts is not None:
+            self.experts.begin(microbatch.provenance)
+
+    def end_microbatch(self) -> None:
+        if self.experts is not None:
+            self.experts.end()
 
     def backward(self, loss: torch.Tensor, plan: MicrobatchPlan, microbatch: Batch) -> None:
         """The backward pass of one single-signature microbatch, its contribution kept apart."""
@@ -231,6 +247,12 @@ class Ledger(Closing):
                 for signature, ids in part.items():
                     examples.setdefault(signature, []).extend(ids)
             dropped = [i for _, part in gathered for i in part]
+        experts = None
+        if self.experts is not None:
+            counts = self.experts.counts.clone()
+            if self.dist.enabled:
+                distributed.all_reduce_sum(counts, self.dist)
+            experts = ExpertCounts.table_by_class(counts, self.class_names)
         entropy = None
         if self.entropy is not None and step % self.entropy_every == 0:
             entropy = self.entropy.measure()
@@ -250,6 +272,7 @@ class Ledger(Closing):
                 gradient=(gram, outside, inv_scale),
                 update=update,
                 entropy=entropy,
+                experts=experts,
             )
         )
         if len(self.pending) >= self.flush_every:
@@ -334,6 +357,8 @@ class Ledger(Closing):
         }
         if signals.entropy is not None:
             body["entropy"] = pack_table(signals.entropy)
+        if p.experts is not None:
+            body["expert_tokens"] = p.experts
         return body
 
     def sign(self, final: bool, weights: str = "") -> dict[str, Any] | None:
