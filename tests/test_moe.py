@@ -1,4 +1,4 @@
-"""Mixture-of-experts language models from transformers (Mixtral, OLMoE, Qwen2-MoE) under governance.
+"""Mixture-of-experts language models from transformers (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE) under governance.
 
 The experts are unfused into one module each (``smalti.models.moe``), so that a policy names them and the
 router splits each expert's tokens by the example they came from. What is proven here, each against an
@@ -36,9 +36,11 @@ CONFIGS = {
     "olmoe": {"model_type": "olmoe", **SMALL, "num_experts": 4, "num_experts_per_tok": 2},
     "qwen2_moe": {"model_type": "qwen2_moe", **SMALL, "num_experts": 4, "num_experts_per_tok": 2,
                   "moe_intermediate_size": 16, "shared_expert_intermediate_size": 32},
+    "qwen3_moe": {"model_type": "qwen3_moe", **SMALL, "num_experts": 4, "num_experts_per_tok": 2,
+                  "moe_intermediate_size": 16, "head_dim": 8},
 }
 GATE = {"mixtral": ("w1", "w3", "w2"), "olmoe": ("gate_proj", "up_proj", "down_proj"),
-        "qwen2_moe": ("gate_proj", "up_proj", "down_proj")}
+        "qwen2_moe": ("gate_proj", "up_proj", "down_proj"), "qwen3_moe": ("gate_proj", "up_proj", "down_proj")}
 
 
 def moe_model(family: str, aux: bool = False) -> dict:
@@ -124,7 +126,8 @@ def _plain_and_perturbed(config, tmp_path, victim, last, watched):
     return runs["plain"], runs["perturbed"]
 
 
-@pytest.mark.parametrize("family,aux", [("mixtral", False), ("mixtral", True), ("olmoe", False), ("qwen2_moe", True)])
+@pytest.mark.parametrize("family,aux", [("mixtral", False), ("mixtral", True), ("olmoe", False), ("qwen2_moe", True),
+                                        ("qwen3_moe", False)])
 def test_g1_a_class_denied_an_expert_and_the_gate_leaves_them_and_their_state_untouched(governed, tmp_path, family, aux):
     """The victim's examples in the last step are replaced by noise; the experts and gates it may not update,
     with their AdamW moments, are bitwise the same after every step. With the load-balancing loss on, the
