@@ -26,7 +26,8 @@ from smalti.trainer import Trainer
 from smalti.trust.keys import write_key_pair
 
 SETTINGS = {"adamw": {"lr": 1e-3}, "sgd": {"lr": 1e-2}, "adafactor": {"lr": 1e-2}, "muon": {"lr": 2e-2},
-            "lion": {"lr": 1e-4, "betas": [0.9, 0.99]}}
+            "lion": {"lr": 1e-4, "betas": [0.9, 0.99]}, "schedulefree_adamw": {"lr": 3e-3, "betas": [0.9, 0.99]}}
+assert set(SETTINGS) == set(KINDS), "every optimizer a recipe can name is measured"
 
 
 def recipe(governed, steps: int, name: str, policy: Path | None, trainer_key: Path) -> Recipe:
@@ -36,7 +37,7 @@ def recipe(governed, steps: int, name: str, policy: Path | None, trainer_key: Pa
         "data": {"url": str(governed.dataset), "taxonomy": str(governed.taxonomy), "trust": str(governed.trust),
                  "batching": "per_class"},
         "optimizer": {"name": name, **SETTINGS[name]},
-        "scheduler": {"warmup": "4ba"},
+        "scheduler": {"warmup": "4ba", "name": "constant" if name == "schedulefree_adamw" else "cosine"},
         "train": {"max_duration": f"{steps}ba", "global_batch_size": 12, "microbatch_size": 4, "grad_clip_norm": 1.0},
         "eval": {"interval": "1000000ba", "max_samples": 12},
         "checkpoint": {"interval": "1000000ba"},

@@ -286,12 +286,14 @@ class DataConfig(Section):
 
 
 class OptimizerConfig(Section):
-    name: Literal["adamw", "sgd", "adafactor", "muon", "lion"] = Field(
+    name: Literal["adamw", "sgd", "adafactor", "muon", "lion", "schedulefree_adamw"] = Field(
         "adamw", description="docs/routing.md lists what each couples, and so what routing proves with it"
     )
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.1, ge=0.0)
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW and Lion (and Muon's AdamW)")
+    betas: tuple[float, float] = Field(
+        (0.9, 0.95), description="AdamW, Lion, schedule-free AdamW (its beta1 interpolates) and Muon's AdamW"
+    )
     eps: float = Field(1e-8, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, description="SGD only")
     fallback_lr: float = Field(
@@ -448,6 +450,12 @@ class Recipe(Section):
             raise ValueError(
                 "checkpoint.async_save writes sharded checkpoints in the background: it needs "
                 "train.parallelism fsdp (a single-file checkpoint is written by rank 0 at once)"
+            )
+        averaging = sorted({"ema", "swa"} & set(self.algorithms))
+        if self.optimizer.name == "schedulefree_adamw" and averaging:
+            raise ValueError(
+                f"algorithms.{averaging[0]} averages weights, and optimizer.name schedulefree_adamw already trains "
+                "an average (what evaluation, sampling and export use): use one of them"
             )
         if self.model.d_model % self.model.n_head:
             raise ValueError(

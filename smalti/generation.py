@@ -85,5 +85,29 @@ def load_trained_model(
         with torch.no_grad():  # by name, so tied weights (head = tok_emb) stay tied; buffers too (EMA averages them)
             for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
                 tensor.copy_(averages[name])
+    elif weights == "auto" and recipe.optimizer.name == "schedulefree_adamw" and payload.optimizer is not None:
+        _schedule_free_point(model, recipe, payload.optimizer)
     model.eval()
     return model, tokenizer, checkpoint
+
+
+def _schedule_free_point(model: torch.nn.Module, recipe: Recipe, optimizer: dict) -> None:
+    """Schedule-free AdamW's parameters hold ``y``, the point gradients were taken at; the model it trained is
+    ``x``, computed here from each parameter's ``z`` (``smalti.schedule_free``), as evaluation saw it."""
+    from smalti.optimizers import optimizer_parameter_names
+    from smalti.schedule_free import evaluation_point
+
+    names = optimizer_parameter_names(model, recipe.optimizer)
+    parameters = dict(model.named_parameters())
+    beta1 = recipe.optimizer.betas[0]
+    with torch.no_grad():
+        for index, state in optimizer.get("state", {}).items():
+            name = (
+                index
+                if isinstance(index, str)
+                else names[index]
+                if isinstance(index, int) and index < len(names)
+                else None
+            )
+            if name in parameters and isinstance(state.get("z"), torch.Tensor):
+                parameters[name].copy_(evaluation_point(parameters[name], state["z"], beta1))

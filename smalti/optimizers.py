@@ -5,7 +5,7 @@ class could have moved it (``smalti.governance.routing``). That holds for an opt
 skips a parameter whose gradient is None and its update of one parameter reads no other parameter's
 gradient or state. Each optimizer here is listed with the widest thing its update couples:
 
-- ``element``: each number of a parameter on its own (AdamW, SGD, Lion);
+- ``element``: each number of a parameter on its own (AdamW, SGD, Lion, schedule-free AdamW);
 - ``parameter``: one parameter tensor as a whole (Adafactor's factored second moment over rows and
   columns; Muon's orthogonalisation of a matrix's momentum).
 
@@ -20,6 +20,7 @@ the state that summarises its gradients, whatever its shape (Adafactor keeps a r
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
@@ -63,6 +64,13 @@ def _muon(groups: list[dict[str, Any]], c: OptimizerConfig) -> "MuonWithAdamW":
     return MuonWithAdamW(groups, c)
 
 
+def _schedulefree_adamw(groups: list[dict[str, Any]], c: OptimizerConfig) -> Any:
+    require("optimizers", "optimizer.name: schedulefree_adamw", "schedulefree")
+    from smalti.schedule_free import ScheduleFreeAdamW
+
+    return ScheduleFreeAdamW(groups, lr=c.lr, betas=c.betas, eps=c.eps)
+
+
 KINDS: dict[str, OptimizerKind] = {
     kind.name: kind
     for kind in (
@@ -71,6 +79,7 @@ KINDS: dict[str, OptimizerKind] = {
         OptimizerKind("adafactor", "parameter", "torch", _adafactor),
         OptimizerKind("muon", "parameter", "torch", _muon),
         OptimizerKind("lion", "element", "pytorch-optimizer", _lion),
+        OptimizerKind("schedulefree_adamw", "element", "schedulefree", _schedulefree_adamw),
     )
 }
 
@@ -137,14 +146,30 @@ def optimizer_parameter_names(model: nn.Module, config: OptimizerConfig) -> list
     return [n for _, names, _ in parameter_groups(model, config) for n in names]
 
 
-def reset_optimizer_state(state: dict[str, Any]) -> None:
-    """Forget what a parameter's optimizer state learned from its gradients (ablation of a confined class).
+def evaluation_weights(optimizer: Any) -> contextlib.AbstractContextManager[None]:
+    """The weights an optimizer means to produce, in the parameters while a block runs: schedule-free's
+    averaged ``x`` (``smalti.schedule_free``); a no-op for every other optimizer."""
+    swap = getattr(optimizer, "evaluation_weights", None)
+    return swap() if callable(swap) else contextlib.nullcontext()
+
+
+# State that holds a copy of the weights rather than a summary of gradients: schedule-free's base sequence.
+_WEIGHT_COPIES = ("z",)
+
+
+def reset_optimizer_state(state: dict[str, Any], weights: torch.Tensor) -> None:
+    """Forget what a parameter's optimizer state learned from its gradients (ablation of a confined class);
+    ``weights``: the parameter's reset value.
 
     Every tensor of the state but the step count (moments, factored rows and columns, momentum buffers) is
     zeroed, whatever its shape; the step count stays, so bias corrections and schedules go on where they were.
+    A copy of the weights (schedule-free's ``z``) takes the reset value, so the point the optimizer evaluates
+    at is the reset parameter too.
     """
     for key, value in list(state.items()):
-        if isinstance(value, torch.Tensor) and key != "step" and value.dim() > 0:
+        if isinstance(value, torch.Tensor) and key in _WEIGHT_COPIES:
+            state[key] = weights.detach().clone().to(value.dtype)
+        elif isinstance(value, torch.Tensor) and key != "step" and value.dim() > 0:
             state[key] = torch.zeros_like(value)
 
 

@@ -2,7 +2,8 @@
 
 AdamW and SGD are proven by the routing, deletion and fault tests; each optimizer here keeps a different
 state (Adafactor: factored rows and columns; Muon: a momentum it orthogonalises per matrix, beside an
-AdamW for the rest; Lion: a sign of an interpolated momentum), which is where a forbidden class could leak.
+AdamW for the rest; Lion: a sign of an interpolated momentum; schedule-free AdamW: a base sequence ``z``
+beside the weights, and an average it evaluates at), which is where a forbidden class could leak.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from conftest import smalti_cli, write_policy, write_recipe
 from helpers import assert_tree_equal, crash_and_resume, latest_payload, recipe
 from test_routing import PerturbClass
 
-NEW = ["adafactor", "muon", "lion"]
+NEW = ["adafactor", "muon", "lion", "schedulefree_adamw"]
 OPTIMIZER = {"adafactor": {"name": "adafactor", "lr": 1e-2}, "muon": {"name": "muon", "lr": 2e-2},
-             "lion": {"name": "lion", "lr": 1e-4, "betas": [0.9, 0.99]}}
+             "lion": {"name": "lion", "lr": 1e-4, "betas": [0.9, 0.99]},
+             "schedulefree_adamw": {"name": "schedulefree_adamw", "lr": 3e-3, "betas": [0.9, 0.99]}}
 FORBIDDEN = ("blocks.0.", "tok_emb")  # a block of matrices (Muon's) and the embedding (Muon's AdamW)
 
 
@@ -183,4 +185,56 @@ def test_an_unknown_optimizer_is_refused_in_one_line_and_nothing_is_written(gove
     assert done.returncode != 0 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "optimizer.name" in done.stderr and "lamb" in done.stderr and "muon" in done.stderr
     assert not (tmp_path / "run").exists()
-    assert set(KINDS) == {"adamw", "sgd", "adafactor", "muon", "lion"} and OptimizerConfig().name == "adamw"
+    assert set(KINDS) == {"adamw", "sgd", "adafactor", "muon", "lion", "schedulefree_adamw"}
+    assert OptimizerConfig().name == "adamw"
+
+
+def test_schedule_free_evaluates_sampling_and_export_at_its_average_and_trains_on_bitwise(governed, tmp_path):
+    """Evaluation, sampling and export see ``x``, as the schedulefree package's own ``eval()`` computes it;
+    training goes on from ``y`` bitwise (a run evaluating every step ends where one evaluating once does)."""
+    from schedulefree import AdamWScheduleFree
+
+    from smalti.build import build_model
+    from smalti.generation import load_trained_model
+
+    config = governed.recipe(train={"max_duration": "6ba"}, optimizer=OPTIMIZER["schedulefree_adamw"],
+                             checkpoint={"interval": "6ba"})
+    often = dict(config, eval={**config["eval"], "interval": "1ba"})
+    Trainer(recipe(config), tmp_path / "once").fit()
+    Trainer(recipe(often), tmp_path / "often").fit()
+    once, every = latest_payload(tmp_path / "once"), latest_payload(tmp_path / "often")
+    assert_tree_equal(once["model"], every["model"], "weights after evaluating every step vs once")
+    assert_tree_equal(once["optimizer"], every["optimizer"], "schedule-free state")
+
+    # the package's own eval() on the trained y and z is the reference for x
+    model = build_model(recipe(config), vocab_size=once["model"]["tok_emb.weight"].shape[0])
+    model.load_state_dict(once["model"])
+    parameters = dict(model.named_parameters())
+    reference = AdamWScheduleFree([{"params": [parameters[n] for n in names], "weight_decay": decay}
+                                   for _, names, decay in parameter_groups(model, recipe(config).optimizer)], lr=3e-3)
+    state = copy.deepcopy(once["optimizer"])
+    reference.load_state_dict(state)
+    reference.eval()
+    x = {n: p.detach().clone() for n, p in model.named_parameters()}
+    averaged, _, _ = load_trained_model(tmp_path / "once")
+    raw, _, _ = load_trained_model(tmp_path / "once", weights="raw")
+    got, trained = dict(averaged.named_parameters()), dict(raw.named_parameters())
+    assert_tree_equal({n: got[n].detach() for n in x}, x, "sample/export weights vs schedulefree's eval()")
+    assert_tree_equal({n: trained[n].detach() for n in x}, {n: once["model"][n] for n in x}, "--weights raw")
+    assert any(not torch.equal(x[n], once["model"][n]) for n in x), "x and y should differ after 6 steps"
+
+
+def test_schedule_free_with_an_averaging_algorithm_is_refused_in_one_line(governed, tmp_path):
+    config = governed.recipe(optimizer=OPTIMIZER["schedulefree_adamw"], algorithms={"ema": {"half_life": "10ba"}})
+    done = smalti_cli("train", str(write_recipe(tmp_path / "recipe.yaml", config)), "--run-dir", str(tmp_path / "run"))
+    assert done.returncode != 0 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "algorithms.ema" in done.stderr and "schedulefree_adamw" in done.stderr and not (tmp_path / "run").exists()
+
+
+def test_ablation_resets_schedule_free_s_base_sequence_to_the_reset_weights():
+    from smalti.optimizers import reset_optimizer_state
+
+    state = {"z": torch.full((2, 2), 3.0), "exp_avg_sq": torch.ones(2, 2), "step": torch.tensor(4.0)}
+    reset = torch.zeros(2, 2)
+    reset_optimizer_state(state, reset)
+    assert torch.equal(state["z"], reset) and not state["exp_avg_sq"].any() and state["step"] == 4

@@ -25,7 +25,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--weights",
         choices=("auto", "raw", "ema"),
         default="auto",
-        help="'ema' uses the EMA algorithm's average weights; 'auto' uses them when the run has them",
+        help="'ema' uses the EMA algorithm's average weights; 'auto' uses them when the run has them "
+        "and, for optimizer.name schedulefree_adamw, the averaged weights it evaluates at; 'raw': the parameters as "
+        "trained",
     )
     parser.add_argument(
         "--adapter",

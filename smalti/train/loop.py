@@ -43,7 +43,7 @@ from smalti.io import atomic_write_bytes
 from smalti.locks import RUN_LOCK, FolderLock, LockHeld
 from smalti.models.adapters import set_row_classes
 from smalti.optim import LRSchedule
-from smalti.optimizers import build_optimizer
+from smalti.optimizers import build_optimizer, evaluation_weights
 from smalti.precision import autocast, check_precision, grad_scaler
 from smalti.payload import Payload, read_payload
 from smalti.train.placement import Placement
@@ -397,6 +397,11 @@ class TrainingLoop:
         state = self.state
         if self._evaluated_at == state.timestamp.batch:
             return state.eval_metrics
+        with evaluation_weights(self.optimizer):  # schedule-free's averaged weights, the training ones back after
+            return self._evaluate()
+
+    def _evaluate(self) -> dict[str, float]:
+        state = self.state
         self.engine.run(Event.EVAL_START)
         was_training = self.model.training
         self.model.eval()

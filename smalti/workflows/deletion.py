@@ -527,7 +527,7 @@ def _reset_confined(
             index if isinstance(index, str) else names[index] if isinstance(index, int) and index < len(names) else None
         )
         if name in plan.confined:
-            reset_optimizer_state(state)
+            reset_optimizer_state(state, model[name])
     return model
 
 
