@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("trust", ["smalti.trust"]),
     ("data, models, algorithms", ["smalti.data", "smalti.models", "smalti.functional", "smalti.algorithms",
                                   "smalti.loggers", "smalti.config", "smalti.build", "smalti.precision", "smalti.optim", "smalti.optimizers",
+                                  "smalti.schedule_free", "smalti.sophia",
                                   "smalti.distributed", "smalti.fsdp", "smalti.checkpoint", "smalti.sharded_checkpoint",
                                   "smalti.generation", "smalti.interrupts", "smalti.payload",
                                   "smalti.checkpoint_fields"]),
