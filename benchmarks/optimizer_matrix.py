@@ -26,7 +26,8 @@ from smalti.trainer import Trainer
 from smalti.trust.keys import write_key_pair
 
 SETTINGS = {"adamw": {"lr": 1e-3}, "sgd": {"lr": 1e-2}, "adafactor": {"lr": 1e-2}, "muon": {"lr": 2e-2},
-            "lion": {"lr": 1e-4, "betas": [0.9, 0.99]}, "schedulefree_adamw": {"lr": 3e-3, "betas": [0.9, 0.99]}}
+            "lion": {"lr": 1e-4, "betas": [0.9, 0.99]}, "schedulefree_adamw": {"lr": 3e-3, "betas": [0.9, 0.99]},
+            "sophia": {"lr": 1e-3, "betas": [0.965, 0.99], "hessian_every": 10}}
 assert set(SETTINGS) == set(KINDS), "every optimizer a recipe can name is measured"
 
 

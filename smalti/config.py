@@ -286,7 +286,7 @@ class DataConfig(Section):
 
 
 class OptimizerConfig(Section):
-    name: Literal["adamw", "sgd", "adafactor", "muon", "lion", "schedulefree_adamw"] = Field(
+    name: Literal["adamw", "sgd", "adafactor", "muon", "lion", "schedulefree_adamw", "sophia"] = Field(
         "adamw", description="docs/routing.md lists what each couples, and so what routing proves with it"
     )
     lr: float = Field(1e-3, gt=0.0)
@@ -298,6 +298,10 @@ class OptimizerConfig(Section):
     momentum: float = Field(0.9, ge=0.0, description="SGD only")
     fallback_lr: float = Field(
         3e-4, gt=0.0, description="Muon only: the lr of the AdamW that takes embeddings, the output head and vectors"
+    )
+    rho: float = Field(0.04, gt=0.0, description="Sophia only: how far the Hessian clips the update (gamma)")
+    hessian_every: int = Field(
+        10, ge=1, description="Sophia only: steps between Hessian estimates (each costs a forward and backward pass)"
     )
 
 
@@ -450,6 +454,11 @@ class Recipe(Section):
             raise ValueError(
                 "checkpoint.async_save writes sharded checkpoints in the background: it needs "
                 "train.parallelism fsdp (a single-file checkpoint is written by rank 0 at once)"
+            )
+        if self.optimizer.name == "sophia" and (self.train.precision == "amp_fp16" or self.train.parallelism == "fsdp"):
+            raise ValueError(
+                "optimizer.name sophia: its Hessian pass needs train.precision fp32 or amp_bf16 (no loss scaler) "
+                "and one process without FSDP"
             )
         averaging = sorted({"ema", "swa"} & set(self.algorithms))
         if self.optimizer.name == "schedulefree_adamw" and averaging:

@@ -5,7 +5,8 @@ class could have moved it (``smalti.governance.routing``). That holds for an opt
 skips a parameter whose gradient is None and its update of one parameter reads no other parameter's
 gradient or state. Each optimizer here is listed with the widest thing its update couples:
 
-- ``element``: each number of a parameter on its own (AdamW, SGD, Lion, schedule-free AdamW);
+- ``element``: each number of a parameter on its own (AdamW, SGD, Lion, schedule-free AdamW, Sophia, whose
+  Hessian estimate comes from a second routed backward pass: ``smalti.sophia``);
 - ``parameter``: one parameter tensor as a whole (Adafactor's factored second moment over rows and
   columns; Muon's orthogonalisation of a matrix's momentum).
 
@@ -71,6 +72,12 @@ def _schedulefree_adamw(groups: list[dict[str, Any]], c: OptimizerConfig) -> Any
     return ScheduleFreeAdamW(groups, lr=c.lr, betas=c.betas, eps=c.eps)
 
 
+def _sophia(groups: list[dict[str, Any]], c: OptimizerConfig) -> Any:
+    from smalti.sophia import SophiaG
+
+    return SophiaG(groups, lr=c.lr, betas=c.betas, rho=c.rho, hessian_every=c.hessian_every)
+
+
 KINDS: dict[str, OptimizerKind] = {
     kind.name: kind
     for kind in (
@@ -80,6 +87,7 @@ KINDS: dict[str, OptimizerKind] = {
         OptimizerKind("muon", "parameter", "torch", _muon),
         OptimizerKind("lion", "element", "pytorch-optimizer", _lion),
         OptimizerKind("schedulefree_adamw", "element", "schedulefree", _schedulefree_adamw),
+        OptimizerKind("sophia", "element", "smalti", _sophia),
     )
 }
 

@@ -3,7 +3,8 @@
 AdamW and SGD are proven by the routing, deletion and fault tests; each optimizer here keeps a different
 state (Adafactor: factored rows and columns; Muon: a momentum it orthogonalises per matrix, beside an
 AdamW for the rest; Lion: a sign of an interpolated momentum; schedule-free AdamW: a base sequence ``z``
-beside the weights, and an average it evaluates at), which is where a forbidden class could leak.
+beside the weights, and an average it evaluates at; Sophia: a Hessian estimate from a second, sampled-label
+backward pass), which is where a forbidden class could leak.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from conftest import smalti_cli, write_policy, write_recipe
 from helpers import assert_tree_equal, crash_and_resume, latest_payload, recipe
 from test_routing import PerturbClass
 
-NEW = ["adafactor", "muon", "lion", "schedulefree_adamw"]
+NEW = ["adafactor", "muon", "lion", "schedulefree_adamw", "sophia"]
 OPTIMIZER = {"adafactor": {"name": "adafactor", "lr": 1e-2}, "muon": {"name": "muon", "lr": 2e-2},
              "lion": {"name": "lion", "lr": 1e-4, "betas": [0.9, 0.99]},
-             "schedulefree_adamw": {"name": "schedulefree_adamw", "lr": 3e-3, "betas": [0.9, 0.99]}}
+             "schedulefree_adamw": {"name": "schedulefree_adamw", "lr": 3e-3, "betas": [0.9, 0.99]},
+             "sophia": {"name": "sophia", "lr": 1e-3, "betas": [0.965, 0.99], "hessian_every": 2}}
 FORBIDDEN = ("blocks.0.", "tok_emb")  # a block of matrices (Muon's) and the embedding (Muon's AdamW)
 
 
@@ -185,7 +187,7 @@ def test_an_unknown_optimizer_is_refused_in_one_line_and_nothing_is_written(gove
     assert done.returncode != 0 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "optimizer.name" in done.stderr and "lamb" in done.stderr and "muon" in done.stderr
     assert not (tmp_path / "run").exists()
-    assert set(KINDS) == {"adamw", "sgd", "adafactor", "muon", "lion", "schedulefree_adamw"}
+    assert set(KINDS) == {"adamw", "sgd", "adafactor", "muon", "lion", "schedulefree_adamw", "sophia"}
     assert OptimizerConfig().name == "adamw"
 
 
@@ -238,3 +240,50 @@ def test_ablation_resets_schedule_free_s_base_sequence_to_the_reset_weights():
     reset = torch.zeros(2, 2)
     reset_optimizer_state(state, reset)
     assert torch.equal(state["z"], reset) and not state["exp_avg_sq"].any() and state["step"] == 4
+
+
+class HessianWatch(Callback):
+    """Each step's Hessian estimate of one parameter, and its gradient (what the update used)."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.hessians, self.gradients = name, [], []
+
+    def batch_end(self, state, logger) -> None:
+        param = dict(state.model.named_parameters())[self.name]
+        self.hessians.append(state.optimizer.state[param]["hessian"].clone())
+
+
+def test_sophia_s_hessian_estimate_is_the_gauss_newton_bartlett_estimate_of_its_own_sampled_labels(governed, tmp_path):
+    """An independent recomputation of the first step's estimate: the same model and batch, labels drawn with
+    the loop's generator by the same Gumbel-max rule, the mean loss's gradient by plain autograd; the estimate is
+    ``(1 - beta2) * B * g_hat**2``. The step's own update used the true labels' gradient, not these."""
+    from smalti.build import build_model
+    from smalti.sophia import sampled_labels
+
+    config = recipe(governed.recipe(train={"max_duration": "1ba"}, optimizer=OPTIMIZER["sophia"],
+                                    model={"dropout": 0.0}))
+    watch = HessianWatch("blocks.0.attn.qkv.weight")
+    trainer = Trainer(config, tmp_path / "run", callbacks=[watch])
+    initial = {n: v.detach().clone() for n, v in trainer.model.state_dict().items()}
+    batch = trainer.data.train.gather(trainer.data.sampler.global_batch(0, 0))
+    trainer.fit()
+
+    model = build_model(config, vocab_size=initial["tok_emb.weight"].shape[0])
+    model.load_state_dict(initial)
+    model.train()
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + 0)
+    logits = model(batch.inputs)
+    labels = sampled_labels(logits, batch.targets, generator)
+    units = model.loss_units(batch.targets)
+    (model.loss(logits, labels) / units).backward()
+    g_hat = dict(model.named_parameters())["blocks.0.attn.qkv.weight"].grad
+    expected = (1 - 0.99) * float(units) * g_hat * g_hat
+    torch.testing.assert_close(watch.hessians[0], expected, rtol=1e-5, atol=1e-12)
+    assert watch.hessians[0].any()
+
+
+def test_sophia_under_torchrun_or_fp16_is_refused_in_one_line(governed, tmp_path):
+    config = governed.recipe(optimizer=OPTIMIZER["sophia"], train={"precision": "amp_fp16"})
+    done = smalti_cli("train", str(write_recipe(tmp_path / "recipe.yaml", config)), "--run-dir", str(tmp_path / "run"))
+    assert done.returncode != 0 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "optimizer.name sophia" in done.stderr and not (tmp_path / "run").exists()

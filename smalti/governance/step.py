@@ -87,6 +87,17 @@ class RoutedStep(StepSeam):
     def end_backward(self) -> None:
         self.router.synchronize()  # all ranks: the same routed gradients, the same updated parameters
 
+    def extra_backward(self, loss_of: Callable[[], torch.Tensor], microbatch: Batch, step: int) -> None:
+        """Routed by the same plan as the step's own pass over this microbatch; the ledger records only the
+        gradient the update uses, so it is not told."""
+        plan = self.router.plan(microbatch.provenance, step)
+        try:
+            loss = loss_of()
+            if plan.input_indices:
+                routed_backward(loss, plan)
+        finally:
+            self.router.end_microbatch()
+
     def clip(self, max_norm: float, step: int) -> None:
         self.router.clip(max_norm, step)  # per cell: one class's gradients never change another cell's clipping
 

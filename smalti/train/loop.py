@@ -44,6 +44,7 @@ from smalti.locks import RUN_LOCK, FolderLock, LockHeld
 from smalti.models.adapters import set_row_classes
 from smalti.optim import LRSchedule
 from smalti.optimizers import build_optimizer, evaluation_weights
+from smalti.sophia import sampled_labels
 from smalti.precision import autocast, check_precision, grad_scaler
 from smalti.payload import Payload, read_payload
 from smalti.train.placement import Placement
@@ -149,6 +150,10 @@ class TrainingLoop:
         # ...then a per-rank stream for dropout and anything else random in the loop.
         seed_everything(recipe.seed + self.dist.rank)
         self.optimizer = build_optimizer(self.model, recipe.optimizer)
+        if hasattr(self.optimizer, "update_hessian") and self.dist.world_size > 1:
+            raise RecipeError(
+                "optimizer.name sophia: its Hessian pass runs in one process for now; train it without torchrun"
+            )
         self.schedule = LRSchedule(recipe.scheduler, recipe.optimizer.lr)
         self.scaler = grad_scaler(recipe.train.precision, self.device)
         self.microbatches_per_rank = self._microbatches_per_rank()
@@ -315,6 +320,9 @@ class TrainingLoop:
         loss_units = distributed.all_reduce_sum(loss_units, self.dist)
         scale = self.dist.world_size / loss_units  # DDP averages over ranks; undo that
         total_loss = self._forward_backward(full_batch, scale)
+        hessian_due = getattr(self.optimizer, "hessian_due", None)
+        if hessian_due is not None and hessian_due(state.timestamp.batch):
+            self._sampled_label_pass(full_batch, scale, float(loss_units))
 
         engine.run(Event.BEFORE_OPTIMIZER_STEP)
         skipped = self._optimizer_step()
@@ -360,6 +368,30 @@ class TrainingLoop:
         state.batch, state.outputs, state.loss = full_batch, None, None
         seam.end_backward()  # e.g. all ranks: the same routed gradients, the same updated parameters
         return total_loss
+
+    def _sampled_label_pass(self, full_batch: Batch, scale: torch.Tensor, batch_tokens: float) -> None:
+        """Sophia's Hessian estimate (``smalti.sophia``): the step's examples once more, with labels the model
+        samples from its own predictions, each microbatch through the seam's ``extra_backward`` (routed as the
+        step's own pass was). The step's gradient is set aside meanwhile and put back untouched."""
+        step = self.state.timestamp.batch
+        parameters = list(self.model.parameters())
+        kept = [p.grad for p in parameters]
+        for p in parameters:
+            p.grad = None
+        generator = torch.Generator().manual_seed(self.recipe.seed * 1_000_003 + step)  # the same after a resume
+        parts = full_batch.split(-(-full_batch.num_samples // self.microbatches_per_rank))
+        for microbatch in self.seam.microbatches(parts, step):
+
+            def loss_of(microbatch: Batch = microbatch) -> torch.Tensor:
+                set_row_classes(self.model, microbatch.provenance)
+                with autocast(self.recipe.train.precision, self.device):
+                    logits = self.placement.forward_model(microbatch.inputs)
+                return self.model.loss(logits, sampled_labels(logits, microbatch.targets, generator)) * scale
+
+            self.seam.extra_backward(loss_of, microbatch, step)
+        self.optimizer.update_hessian(batch_tokens)
+        for p, grad in zip(parameters, kept):
+            p.grad = grad
 
     def _optimizer_step(self) -> bool:
         """Unscale, clip (through the seam) and step; whether the loss scaler skipped the step (inf/nan)."""

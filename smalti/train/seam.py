@@ -10,6 +10,7 @@ The loop calls a seam in this order, every step (``TrainingLoop._train_batch``):
         backward(scaled_loss, microbatch)            # instead of ``loss.backward()``
         end_microbatch()                             # always, also after an error
     end_backward()                                   # every microbatch's gradient is in
+    extra_backward(loss_of, microbatch, step)        # per microbatch, where the optimizer asks for a second pass
     before_unscale(inverse_scale)                    # gradients final, still loss-scaled, not clipped
     clip(max_norm, step)                             # instead of ``clip_grad_norm_``
     after_step(state, loss_sum, loss_units, skipped) # the optimizer stepped
@@ -133,6 +134,12 @@ class StepSeam(Closing):
 
     def end_microbatch(self) -> None:
         pass
+
+    def extra_backward(self, loss_of: Callable[[], torch.Tensor], microbatch: Batch, step: int) -> None:
+        """A backward pass an optimizer asks for beyond the step's gradient (Sophia's sampled labels):
+        ``loss_of`` runs the forward pass; the gradient lands in ``.grad`` as the step's would, and nothing
+        records it."""
+        loss_of().backward()
 
     def end_backward(self) -> None:
         pass
