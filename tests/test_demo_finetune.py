@@ -71,5 +71,12 @@ def test_make_demo_finetune_runs_every_step(tmp_path):
     import json
 
     reached = json.loads(done.stdout)["experts_reached"]
+    # recipes/mamba.yaml on the same dataset, as written but for its length
+    (tmp_path / "recipes" / "mamba.yaml").write_text((REPO / "recipes" / "mamba.yaml").read_text())
+    mamba = subprocess.run(smalti + ["train", "recipes/mamba.yaml", "--run-dir", "demo-finetune/mamba", "--set",
+                                     "train.max_duration=1ba", "--set", "eval.interval=1ba", "--set",
+                                     "eval.max_samples=16"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert mamba.returncode == 0, mamba.stderr[-2000:]
+    assert (tmp_path / "demo-finetune" / "mamba" / "ledger.sqlite").is_file()
     assert list(reached) == [f"model.layers.{i}.mlp.experts" for i in range(4)]
     assert sum(sum(layer["tokens"]) for layer in reached.values()) > 0  # the tragedies were routed somewhere

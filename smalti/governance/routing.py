@@ -31,10 +31,11 @@ unsharded parameters autograd sees from the modules as they run.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
 import types
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence, cast
+from typing import Any, Callable, Iterator, Sequence, cast
 
 import numpy as np
 import torch
@@ -68,6 +69,11 @@ _ROW_WISE_NORM_SUFFIXES = ("RMSNorm", "LayerNorm")
 _NOT_ROW_WISE = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 # transformers' mixture-of-experts gates (MixtralTopKRouter, Qwen2MoeTopKRouter, OlmoeTopKRouter, ...)
 _TOKEN_ROUTER_SUFFIX = "TopKRouter"
+# Modules whose own code reads their children's weights directly (Mamba's mixer multiplies by
+# ``dt_proj.weight`` and, with kernels installed, hands every child's weight to one fused function): their
+# children are never split by rows, and a microbatch whose rows disagree about any of them runs one routing
+# signature at a time. ``guard_unrun_splits`` catches a module of this kind the list does not name.
+_READS_CHILD_WEIGHTS = ("MambaMixer", "Mamba2Mixer", "FalconMambaMixer")
 
 
 def _own_forward_with(module: nn.Module, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -128,6 +134,7 @@ class MicrobatchPlan:
     holders: list[torch.Tensor]  # the tensors autograd accumulates into, by index (the router's, kept current)
     splits: dict[nn.Module, Split] = field(default_factory=dict)
     every_trainable: bool = False  # ``inputs`` are all the trainable parameters: no one is denied
+    ran: set[nn.Module] = field(default_factory=set)  # the split modules whose (split) forward ran
 
     @functools.cached_property
     def allowed(self) -> frozenset[int]:
@@ -407,6 +414,28 @@ class Router(Closing):
         self.active = None
         self._restore_statistics()
 
+    @contextlib.contextmanager
+    def guard_unrun_splits(self, plan: MicrobatchPlan) -> Iterator[None]:
+        """Fail closed where a module the plan splits never ran, yet its parameters reach the loss: some other
+        module's code read them directly (as Mamba's mixer reads ``dt_proj.weight``), so every row's gradient
+        would reach them. A gradient arriving for such a parameter stops the backward pass with a
+        ``RoutingError`` before anything is applied. (A module that did not run and whose parameters get no
+        gradient, an expert no token was sent to, is fine.)"""
+        handles = []
+        for module in plan.splits:
+            if module in plan.ran:
+                continue
+            names, indices = self._modules[module]
+            for name, index in zip(names, indices):
+                holder = self._holders[index]
+                if holder.requires_grad:
+                    handles.append(holder.register_hook(_refuse_direct_use(self._module_names[module], name)))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     # ------------------------------------------------------------------ batch statistics
 
     def _keep_statistics_unless_allowed(self, module: nn.Module, args: Any) -> None:
@@ -435,6 +464,12 @@ class Router(Closing):
         found: dict[nn.Module, tuple[list[str], list[int]]] = {}
         self._functional: dict[nn.Module, Callable] = {}
         self._module_names: dict[nn.Module, str] = {}
+        opaque = {
+            id(child)
+            for module in self.model.modules()
+            if type(module).__name__ in _READS_CHILD_WEIGHTS
+            for child in module.modules()
+        }
         for name, module in self.model.named_modules():
             own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) in self._index]
             if not own:
@@ -443,7 +478,7 @@ class Router(Closing):
             self._module_names[module] = name or "(model)"
             if self.sharded:
                 self._hooks.append(module.register_forward_pre_hook(_holder_recorder(self, module, found[module])))
-            functional = _functional(module)
+            functional = _functional(module) if id(module) not in opaque else None
             if functional is not None:
                 self._functional[module] = functional
                 module.forward = types.MethodType(_routed_forward(self, functional, module.forward), module)
@@ -514,6 +549,7 @@ def _routed_forward(router: Router, functional: Callable, original: Callable) ->
         if split is None:
             return original(*args, **kwargs)
         assert plan is not None  # a split comes from the active plan
+        plan.ran.add(module)
         x = args[0]
         gathered = rows.current()
         if gathered is not None and (
@@ -569,6 +605,17 @@ def _partitions_of(
             f"dimension (shape {tuple(shape)})"
         )
     return split.partitions, split.restore
+
+
+def _refuse_direct_use(module: str, parameter: str) -> Callable[[torch.Tensor], None]:
+    def refuse(_grad: torch.Tensor) -> None:
+        raise RoutingError(
+            f"module {module} was to be split by examples but never ran, and its {parameter} still reached the loss: "
+            "another module reads it directly, so its rows cannot be routed (name that module's type in "
+            "routing._READS_CHILD_WEIGHTS to run such microbatches one routing signature at a time)"
+        )
+
+    return refuse
 
 
 def _holder_recorder(router: Router, module: nn.Module, owned: tuple[list[str], list[int]]) -> Callable:

@@ -78,7 +78,8 @@ class RoutedStep(StepSeam):
     def backward(self, loss: torch.Tensor, microbatch: Batch) -> None:
         assert self.plan is not None
         if self.plan.input_indices:  # only routed parameters receive (or even compute) a gradient
-            routed_backward(loss, self.plan)
+            with self.router.guard_unrun_splits(self.plan):
+                routed_backward(loss, self.plan)
 
     def end_microbatch(self) -> None:
         self.router.end_microbatch()
@@ -94,7 +95,8 @@ class RoutedStep(StepSeam):
         try:
             loss = loss_of()
             if plan.input_indices:
-                routed_backward(loss, plan)
+                with self.router.guard_unrun_splits(plan):
+                    routed_backward(loss, plan)
         finally:
             self.router.end_microbatch()
 
@@ -217,7 +219,8 @@ class LedgeredStep(RoutedStep):
     def backward(self, loss: torch.Tensor, microbatch: Batch) -> None:
         assert self.plan is not None and self.ledger is not None
         if self.plan.input_indices:  # this signature's gradient, kept apart
-            self.ledger.backward(loss, self.plan, microbatch)
+            with self.router.guard_unrun_splits(self.plan):
+                self.ledger.backward(loss, self.plan, microbatch)
 
     def before_unscale(self, inverse_scale: float) -> None:
         assert self.ledger is not None

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence, cast
+from typing import TYPE_CHECKING, Any, Callable, Sequence, cast
 
 import torch
 from torch import nn
@@ -143,8 +143,11 @@ def build_hf_model(config: Any, vocab_size: int, seq_len: int) -> HFCausalLM:
         if not (path / "config.json").is_file():
             raise RecipeError(f"model.hf.path {path}: not a save_pretrained folder (no config.json)")
         try:
-            hf_model = AutoModelForCausalLM.from_pretrained(
-                str(path), local_files_only=True, attn_implementation=config.attn_implementation
+            hf_model = _with_attention(
+                lambda attention: AutoModelForCausalLM.from_pretrained(
+                    str(path), local_files_only=True, attn_implementation=attention
+                ),
+                config.attn_implementation,
             )
         except (OSError, ValueError) as error:
             raise RecipeError(f"model.hf.path {path}: cannot load ({str(error).splitlines()[0]})") from None
@@ -159,8 +162,10 @@ def build_hf_model(config: Any, vocab_size: int, seq_len: int) -> HFCausalLM:
             hf_config = AutoConfig.for_model(model_type, **settings)
         except (ValueError, KeyError, TypeError) as error:
             raise RecipeError(f"model.hf.config: {str(error).splitlines()[0]}") from None
-        hf_config._attn_implementation = config.attn_implementation
-        hf_model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=config.attn_implementation)
+        hf_model = _with_attention(
+            lambda attention: AutoModelForCausalLM.from_config(hf_config, attn_implementation=attention),
+            config.attn_implementation,
+        )
         model_vocab = int(hf_config.vocab_size)
     if model_vocab < vocab_size:
         raise RecipeError(
@@ -172,6 +177,17 @@ def build_hf_model(config: Any, vocab_size: int, seq_len: int) -> HFCausalLM:
     if seq_len > model.context_length:
         raise RecipeError(f"data.seq_len ({seq_len}) exceeds the model's context length ({model.context_length})")
     return model
+
+
+def _with_attention(make: Callable[[str], Any], requested: str) -> Any:
+    """``make(requested)``; where the default ``sdpa`` is one the model does not offer (a state-space model has
+    no attention at all), its own eager implementation instead."""
+    try:
+        return make(requested)
+    except ValueError as error:
+        if requested != "sdpa" or "does not support an attention implementation" not in str(error):
+            raise
+        return make("eager")
 
 
 def add_lora_adapters(model: HFCausalLM, lora: Any, class_names: Sequence[str]) -> AdapterGates:
