@@ -63,8 +63,8 @@ def test_make_demo_finetune_runs_every_step(tmp_path):
     commands = " ".join(commands).replace("\\ ", "").split("smalti ")[1:]
     assert [c.split()[0] for c in commands] == ["policy", "sign"], commands
     smalti = [sys.executable, "-m", "smalti"]
-    for command in commands + ["train recipes/moe-mixtral.yaml --run-dir demo-finetune/moe --set train.max_duration=4ba "
-                               "--set eval.interval=4ba --set eval.max_samples=16",
+    for command in commands + ["train recipes/moe-mixtral.yaml --run-dir demo-finetune/moe --set train.max_duration=2ba "
+                               "--set eval.interval=2ba --set eval.max_samples=16",
                                "audit demo-finetune/moe --class gutenberg/tragedy --json"]:
         done = subprocess.run(smalti + command.split(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"smalti {command}: {done.stderr[-2000:]}"

@@ -64,7 +64,7 @@ def _hf_lora_recipe(tmp_path, governed):
     policy = write_policy(governed, tmp_path / "policy.yaml", [], [{"classes": [HAMLET], "params": ["@adapter"]}])
     config = governed.recipe(
         model=hf_model("llama", classes=[HAMLET], freeze_base=False, dropout=0.1),
-        train={"max_duration": "160ba", "microbatch_size": 4},
+        train={"max_duration": "100ba", "microbatch_size": 4},
         eval={"interval": "40ba"}, checkpoint={"interval": "20ba", "keep": 2},
         governance={"policy": str(policy),
                     "ledger": {"enabled": True, "key": str(governed.key("trainer")), "entropy_every": 25, "flush_every": 7}},
@@ -84,8 +84,8 @@ def _moe_recipe(tmp_path, governed):
     model = moe_model("mixtral", aux=True)
     model["hf"]["config"]["router_jitter_noise"] = 0.1
     config = governed.recipe(
-        model=model, data={"batching": "random"}, train={"max_duration": "60ba", "microbatch_size": 4},
-        eval={"interval": "40ba"}, checkpoint={"interval": "10ba", "keep": 2},
+        model=model, data={"batching": "random"}, train={"max_duration": "40ba", "microbatch_size": 4},
+        eval={"interval": "20ba"}, checkpoint={"interval": "10ba", "keep": 2},
         governance={"policy": str(policy),
                     "ledger": {"enabled": True, "key": str(governed.key("trainer")), "entropy_every": 25, "flush_every": 7}},
     )

@@ -82,6 +82,25 @@ def test_unfused_experts_compute_what_transformers_fused_experts_compute(family,
         torch.testing.assert_close(loaded(input_ids=ids).logits, reference, rtol=0, atol=1e-5)
 
 
+def test_a_deep_copy_of_an_unfused_model_runs_its_own_blocks():
+    """Algorithms and tools copy models (``copy.deepcopy``): the copy's MoE blocks must compute with the copy's
+    weights, not the original's."""
+    from smalti.models.moe import unfuse_experts
+
+    original = _hf("mixtral").eval()
+    unfuse_experts(original, "mixtral")
+    twin = copy.deepcopy(original)
+    with torch.no_grad():
+        for p in twin.model.layers[0].mlp.parameters():
+            p.mul_(2)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert not torch.equal(twin(input_ids=ids).logits, original(input_ids=ids).logits)
+        block = twin.model.layers[0].mlp
+        hidden = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(4))
+        assert torch.equal(block(hidden), type(block).forward(block, hidden))
+
+
 def test_an_unknown_fused_layout_is_refused_in_one_line():
     from smalti.errors import RecipeError
     from smalti.models.moe import unfuse_experts

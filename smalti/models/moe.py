@@ -127,12 +127,14 @@ class UnfusedExperts(nn.ModuleList):
 
 
 def _declares_flattened_rows(block: nn.Module) -> None:
-    """The block flattens ``[batch, tokens, hidden]`` to one row per token before its gate and experts."""
-    original = block.forward
+    """The block flattens ``[batch, tokens, hidden]`` to one row per token before its gate and experts.
+
+    The class's forward is looked up on the instance each call (not captured), so a deep copy of the model
+    runs its own block."""
 
     def forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         with rows.gathered(None, hidden_states.shape[0] * hidden_states.shape[1]):
-            return original(hidden_states, *args, **kwargs)
+            return type(self).forward(self, hidden_states, *args, **kwargs)
 
     block.forward = types.MethodType(forward, block)
 
