@@ -158,7 +158,7 @@ def test_twin_steps_times_each_step_of_both_trainers_on_the_same_batches(tmp_pat
 
 
 def test_noisy_neighbour_reports_both_policies():
-    result = _run("noisy_neighbour.py", "--steps", "6", "--rounds", "1")
+    result = _run("noisy_neighbour.py", "--steps", "5", "--rounds", "1")
     assert result["benchmark"] == "noisy_neighbour" and result["ratio"] > 0 and result["baseline_ratio"] > 0
     assert result["quiet_cost"] > 0 and result["passive_quiet_cost"] > 0 and set(result["step_ms_median"]) == {"smalti", "torch"}
     assert result["smalti_chose"]["beside"] == ["PASSIVE"]  # it saw the neighbour
@@ -172,8 +172,8 @@ def test_hf_trainer_overhead_reports_a_ratio_and_the_same_losses():
 
 
 def test_hf_governance_overhead_reports_both_ratios():
-    result = _run("hf_governance_overhead.py", "--steps", "3", "--runs", "1", "--batch", "8")
-    assert result["benchmark"] == "hf_governance_overhead" and result["tokens_per_step"] == 8 * 256
+    result = _run("hf_governance_overhead.py", "--steps", "3", "--runs", "1", "--batch", "4")
+    assert result["benchmark"] == "hf_governance_overhead" and result["tokens_per_step"] == 4 * 256
     assert result["ratio"] > 0 and result["ratio_lora_mixed"] > 0 and result["lora_adapters"] == 4
 
 
