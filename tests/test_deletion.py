@@ -41,6 +41,22 @@ def late_config(governed, train: dict | None = None, **data):
                          checkpoint={"interval": "4ba", "keep": 1}), late
 
 
+def assert_exact_forget_is_the_counterfactual(governed, tmp_path: Path, config: dict, changed: str) -> None:
+    """Train ``config`` (from ``late_config``), forget TEMPEST exactly, train the counterfactual without it:
+    weights and optimizer state bitwise equal, and ``changed`` differs from the parent's (TEMPEST taught it)."""
+    from smalti.trust.keys import SigningKey
+    from smalti.workflows.forget import forget
+
+    parent = _train_config(config, tmp_path / "parent")
+    forget(parent, TEMPEST, tmp_path / "forgot", SigningKey.load(governed.key("trainer")))
+    counterfactual = _train_config({**config, "data": {**config["data"], "exclude_classes": [TEMPEST]}},
+                                   tmp_path / "counterfactual")
+    forgot, reference = latest_payload(tmp_path / "forgot"), latest_payload(counterfactual)
+    assert_tree_equal(forgot["model"], reference["model"], "forgotten vs counterfactual")
+    assert_tree_equal(forgot["optimizer"], reference["optimizer"], f"{config['optimizer']['name']} state")
+    assert not torch.equal(forgot["model"][changed], latest_payload(parent)["model"][changed])
+
+
 def _train_config(config: dict, run_dir: Path) -> Path:
     from smalti.trainer import Trainer
 

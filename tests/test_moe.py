@@ -266,21 +266,11 @@ def _fused(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def test_g5_exact_forget_of_a_moe_run_is_bitwise_the_counterfactual(governed, tmp_path):
-    from smalti.trust.keys import SigningKey
-    from smalti.workflows.forget import forget
-    from test_deletion import TEMPEST, _train_config, late_config
+    from test_deletion import assert_exact_forget_is_the_counterfactual, late_config
 
     config, _ = late_config(governed)
     config = dict(config, model={**config["model"], **moe_model("mixtral", aux=True)})
-    parent = _train_config(config, tmp_path / "parent")
-    forget(parent, TEMPEST, tmp_path / "forgot", SigningKey.load(governed.key("trainer")))
-    counterfactual = _train_config({**config, "data": {**config["data"], "exclude_classes": [TEMPEST]}},
-                                   tmp_path / "counterfactual")
-    forgot, reference = latest_payload(tmp_path / "forgot"), latest_payload(counterfactual)
-    assert_tree_equal(forgot["model"], reference["model"], "forgotten vs counterfactual")
-    assert_tree_equal(forgot["optimizer"], reference["optimizer"], "AdamW state")
-    expert = "model.layers.0.mlp.experts.0.w1.weight"
-    assert not torch.equal(forgot["model"][expert], latest_payload(parent)["model"][expert])
+    assert_exact_forget_is_the_counterfactual(governed, tmp_path, config, "model.layers.0.mlp.experts.0.w1.weight")
 
 
 def test_g7_a_crash_and_resume_of_a_moe_run_is_bitwise_the_uninterrupted_run(governed, tmp_path):

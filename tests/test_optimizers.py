@@ -119,19 +119,10 @@ def test_g7_a_crash_and_resume_is_bitwise_the_uninterrupted_run(governed, tmp_pa
 
 @pytest.mark.parametrize("name", NEW)
 def test_g5_exact_forget_is_bitwise_the_counterfactual(governed, tmp_path, name):
-    from smalti.workflows.forget import forget
-    from test_deletion import TEMPEST, _train_config, late_config
+    from test_deletion import assert_exact_forget_is_the_counterfactual, late_config
 
-    config, late = late_config(governed)
-    config = dict(config, optimizer=OPTIMIZER[name])
-    parent = _train_config(config, tmp_path / "parent")
-    forget(parent, TEMPEST, tmp_path / "forgot", SigningKey.load(governed.key("trainer")))
-    counterfactual = _train_config({**config, "data": {**config["data"], "exclude_classes": [TEMPEST]}},
-                                   tmp_path / "counterfactual")
-    forgot, reference = latest_payload(tmp_path / "forgot"), latest_payload(counterfactual)
-    assert_tree_equal(forgot["model"], reference["model"], "forgotten vs counterfactual")
-    assert_tree_equal(forgot["optimizer"], reference["optimizer"], f"{name} state")
-    assert not torch.equal(forgot["model"]["tok_emb.weight"], latest_payload(parent)["model"]["tok_emb.weight"])
+    config, _ = late_config(governed)
+    assert_exact_forget_is_the_counterfactual(governed, tmp_path, dict(config, optimizer=OPTIMIZER[name]), "tok_emb.weight")
 
 
 def test_ablation_clears_every_piece_of_a_confined_parameter_s_adafactor_state(governed, tmp_path):

@@ -62,21 +62,11 @@ def test_g4_the_ledger_of_a_mamba_run_equals_an_independent_replay(governed, tmp
 
 
 def test_g5_exact_forget_of_a_mamba_run_is_bitwise_the_counterfactual(governed, tmp_path):
-    from smalti.trust.keys import SigningKey
-    from smalti.workflows.forget import forget
-    from test_deletion import TEMPEST, _train_config, late_config
+    from test_deletion import assert_exact_forget_is_the_counterfactual, late_config
 
     config, _ = late_config(governed)
     config = dict(config, model={**config["model"], **mamba()})
-    parent = _train_config(config, tmp_path / "parent")
-    forget(parent, TEMPEST, tmp_path / "forgot", SigningKey.load(governed.key("trainer")))
-    counterfactual = _train_config({**config, "data": {**config["data"], "exclude_classes": [TEMPEST]}},
-                                   tmp_path / "counterfactual")
-    forgot, reference = latest_payload(tmp_path / "forgot"), latest_payload(counterfactual)
-    assert_tree_equal(forgot["model"], reference["model"], "forgotten vs counterfactual")
-    assert_tree_equal(forgot["optimizer"], reference["optimizer"], "AdamW state")
-    a_log = "backbone.layers.0.mixer.A_log"
-    assert not torch.equal(forgot["model"][a_log], latest_payload(parent)["model"][a_log])
+    assert_exact_forget_is_the_counterfactual(governed, tmp_path, config, "backbone.layers.0.mixer.A_log")
 
 
 def test_g7_a_crash_and_resume_of_a_mamba_run_is_bitwise_the_uninterrupted_run(governed, tmp_path):
