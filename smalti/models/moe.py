@@ -182,10 +182,3 @@ def attach_counts(model: nn.Module, classes: int) -> ExpertCounts | None:
     for index, (_, module) in enumerate(layers):
         module.counts, module.layer = counts, index
     return counts
-
-
-def expert_counts(model: nn.Module) -> ExpertCounts | None:
-    for module in model.modules():
-        if isinstance(module, UnfusedExperts):
-            return module.counts
-    return None
