@@ -196,6 +196,17 @@ def interleaved_step_times(measured, twin, warmup: int = 2) -> tuple[list[float]
     return pairs.measured[warmup:], pairs.twin[warmup:]
 
 
+def twin_runs(make_pair, runs: int) -> tuple[list[float], list[float]]:
+    """``runs`` times, ``make_pair(run)`` -> (measured, twin) Trainers stepped together (``interleaved_step_times``);
+    every step time of each side, pooled over the runs."""
+    measured, twin = [], []
+    for run in range(runs):
+        a, b = interleaved_step_times(*make_pair(run))
+        measured += a
+        twin += b
+    return measured, twin
+
+
 @dataclass(frozen=True)
 class Governed:
     root: Path

@@ -24,7 +24,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common import HF_LLAMA, emit, governed_shakespeare, interleaved_step_times, machine, write_signed_policy
+from common import HF_LLAMA, emit, governed_shakespeare, machine, twin_runs, write_signed_policy
 
 from smalti.config import Recipe
 from smalti.trust.keys import write_key_pair
@@ -67,13 +67,9 @@ def recipe(governed, steps: int, governed_run: bool, lora: bool, policy: Path, t
 
 def measure(governed, root: Path, lora: bool, steps: int, runs: int, trainer_key: Path, batch: int) -> float:
     policy = write_policy(governed, root / f"policy-{lora}.yaml", lora)
-    on, off = [], []
-    for run in range(runs):
-        twin = Trainer(recipe(governed, steps, False, lora, policy, trainer_key, batch), root / f"off-{lora}-{run}")
-        routed = Trainer(recipe(governed, steps, True, lora, policy, trainer_key, batch), root / f"on-{lora}-{run}")
-        routed_times, twin_times = interleaved_step_times(routed, twin)
-        on += routed_times
-        off += twin_times
+    on, off = twin_runs(lambda run: (
+        Trainer(recipe(governed, steps, True, lora, policy, trainer_key, batch), root / f"on-{lora}-{run}"),
+        Trainer(recipe(governed, steps, False, lora, policy, trainer_key, batch), root / f"off-{lora}-{run}")), runs)
     return statistics.median(on) / statistics.median(off)
 
 

@@ -20,7 +20,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common import emit, governed_shakespeare, interleaved_step_times, machine, write_signed_policy
+from common import emit, governed_shakespeare, machine, twin_runs, write_signed_policy
 
 from smalti.config import Recipe
 from smalti.trust.keys import write_key_pair
@@ -66,14 +66,14 @@ def main() -> None:
         policy = write_signed_policy(governed, root / "policy.yaml", rules=[
             {"classes": ["gutenberg/history"], "params": ["model.layers.*.mlp.experts.0"], "action": "deny"},
             {"classes": ["gutenberg/tragedy"], "params": ["model.layers.*.mlp.gate"], "action": "deny"}])
-        on, off, parameters = [], [], 0
-        for run in range(args.runs):
-            twin = Trainer(recipe(governed, args.steps, False, policy, trainer_key, args.batch), root / f"off-{run}")
-            routed = Trainer(recipe(governed, args.steps, True, policy, trainer_key, args.batch), root / f"on-{run}")
-            parameters = sum(p.numel() for p in routed.model.parameters())
-            routed_times, twin_times = interleaved_step_times(routed, twin)
-            on += routed_times
-            off += twin_times
+        built: list[Trainer] = []
+
+        def pair(run: int) -> tuple[Trainer, Trainer]:
+            built.append(Trainer(recipe(governed, args.steps, True, policy, trainer_key, args.batch), root / f"on-{run}"))
+            return built[-1], Trainer(recipe(governed, args.steps, False, policy, trainer_key, args.batch), root / f"off-{run}")
+
+        on, off = twin_runs(pair, args.runs)
+        parameters = sum(p.numel() for p in built[0].model.parameters())
     emit({
         "benchmark": "moe_governance_overhead",
         "ratio": round(statistics.median(on) / statistics.median(off), 4),
