@@ -52,14 +52,24 @@ def build_data(recipe: Recipe, dist: DistInfo) -> LanguageModelData:
         only_classes=tuple(config.only_classes),
         train_examples=config.train_examples,
     )
-    if config.deletable_late and config.url is None and not config.mixture:
+    if config.deletable_late and config.taxonomy is None:
         raise RecipeError(
-            "data.deletable_late needs a prepared dataset (data.url) whose taxonomy marks classes deletable"
+            "data.deletable_late needs a taxonomy that marks classes deletable (data.url, or data.images with "
+            "data.taxonomy)"
         )
     if config.images is not None:
         from smalti.data.images import digits_data
 
-        return digits_data(order, config.image_size)
+        from smalti.data.images import digit_classes
+
+        if config.taxonomy is None or config.trust is None:
+            return digits_data(order, config.image_size)
+        taxonomy = Taxonomy.load(config.taxonomy, trust=PublicKey.load(config.trust))  # governed digits
+        digit_classes(taxonomy, config.taxonomy)  # named in the error, before anything is built
+        if config.deletable_late:
+            late = tuple(dict.fromkeys(order.late_classes + tuple(sorted(taxonomy.deletable))))
+            order = dataclasses.replace(order, late_classes=late)
+        return digits_data(order, config.image_size, taxonomy=taxonomy)
     if config.corpus is not None:
         data = corpus_data(config.corpus, recipe.seq_len, order, config.val_fraction, config.class_template)
         data.workers = config.workers
@@ -115,6 +125,15 @@ def build_model(recipe: Recipe, vocab_size: int, class_names: list[str] | None =
         model = build_hf_model(config.hf, vocab_size, recipe.seq_len)
         if config.lora.classes:
             add_lora_adapters(model, config.lora, class_names or [])
+        return model
+    if config.name == "diffusion":
+        from smalti.models.diffusion import DiffusionUNet, lora_targets_hint
+
+        model = DiffusionUNet(config.diffusion, recipe.data.image_size, noise_seed=recipe.seed)
+        if config.lora.classes:
+            from smalti.models.hf import add_lora_adapters
+
+            add_lora_adapters(model, config.lora, class_names or [], inner=model.unet, hint=lora_targets_hint)
         return model
     if config.name == "resnet":
         return ResNet(

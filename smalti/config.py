@@ -50,6 +50,40 @@ class ResNetSection(Section):
     blocks_per_stage: int = Field(1, ge=1)
 
 
+class DiffusionSection(Section):
+    """A diffusers UNet2DModel trained as a DDPM (``smalti.models.diffusion``) on data.images."""
+
+    block_out_channels: list[int] = Field(
+        default_factory=lambda: [32, 64], description="channels of each resolution level (each halves the image)"
+    )
+    attention: list[bool] = Field(
+        default_factory=lambda: [False, True], description="self-attention at each level (as many as the levels)"
+    )
+    layers_per_block: int = Field(1, ge=1)
+    norm_num_groups: int = Field(8, ge=1, description="group norm groups (must divide every level's channels)")
+    attention_head_dim: int = Field(8, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    train_timesteps: int = Field(1000, ge=2, description="DDPM's noise levels")
+    beta_schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"] = Field(
+        "squaredcos_cap_v2", description="the noise schedule (diffusers' DDPMScheduler names)"
+    )
+
+    @model_validator(mode="after")
+    def _levels_agree(self) -> "DiffusionSection":
+        if not self.block_out_channels or len(self.attention) != len(self.block_out_channels):
+            raise ValueError(
+                f"model.diffusion.attention has {len(self.attention)} entries for "
+                f"{len(self.block_out_channels)} levels of block_out_channels: give one per level"
+            )
+        odd = [c for c in self.block_out_channels if c < 1 or c % self.norm_num_groups]
+        if odd:
+            raise ValueError(
+                f"model.diffusion.block_out_channels: {odd[0]} is not a positive multiple of "
+                f"norm_num_groups ({self.norm_num_groups})"
+            )
+        return self
+
+
 class HFModelSection(Section):
     config: dict[str, Any] | None = Field(
         None,
@@ -94,8 +128,10 @@ class LoraSection(Section):
 
 
 class ModelConfig(Section):
-    name: Literal["gpt", "resnet", "hf"] = Field(
-        "gpt", description="gpt (text), resnet (data.images) or hf (a Hugging Face causal LM: set model.hf)"
+    name: Literal["gpt", "resnet", "hf", "diffusion"] = Field(
+        "gpt",
+        description="gpt (text), resnet (data.images), hf (a Hugging Face causal LM: set model.hf) or "
+        "diffusion (a DDPM on data.images: model.diffusion)",
     )
     n_layer: int = Field(4, ge=1)
     n_head: int = Field(4, ge=1)
@@ -107,6 +143,7 @@ class ModelConfig(Section):
     alibi: bool = False
     adapters: AdapterConfig = AdapterConfig()
     resnet: ResNetSection = ResNetSection()
+    diffusion: DiffusionSection = DiffusionSection()
     hf: HFModelSection = HFModelSection()
     lora: LoraSection = LoraSection()
 
@@ -121,8 +158,11 @@ class ModelConfig(Section):
     def _hf_consistent(self) -> "ModelConfig":
         if (self.name == "hf") != self.hf.enabled:
             raise ValueError("model.name hf needs model.hf.config or model.hf.path, and model.hf needs model.name hf")
-        if self.lora.classes and self.name != "hf":
-            raise ValueError("model.lora adapts Hugging Face models (model.hf); the bundled GPT has model.adapters")
+        if self.lora.classes and self.name not in ("hf", "diffusion"):
+            raise ValueError(
+                "model.lora adapts Hugging Face models (model.hf) and diffusion UNets; the bundled GPT has "
+                "model.adapters"
+            )
         return self
 
 
@@ -280,6 +320,8 @@ class DataConfig(Section):
             )
         if given[0] not in ("corpus", "images") and (self.taxonomy is None or self.trust is None):
             raise ValueError(f"data.{given[0]} needs data.taxonomy and data.trust (the data-governance public key)")
+        if given[0] == "images" and (self.taxonomy is None) != (self.trust is None):
+            raise ValueError("data.images with a taxonomy needs both data.taxonomy and data.trust")
         if given[0] != "url" and (self.manifest_root or self.min_version):
             raise ValueError("data.manifest_root and data.min_version pin data.url (a mixture pins each entry)")
         return self
@@ -436,10 +478,15 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":
-        if (self.model.name == "resnet") != (self.data.images is not None):
+        if (self.model.name in ("resnet", "diffusion")) != (self.data.images is not None):
             raise ValueError(
-                f"model.name {self.model.name!r} does not fit the data: use model.name resnet "
-                "with data.images, gpt with text"
+                f"model.name {self.model.name!r} does not fit the data: use model.name resnet or diffusion "
+                "with data.images, gpt or hf with text"
+            )
+        if self.model.name == "diffusion" and self.optimizer.name == "sophia":
+            raise ValueError(
+                "optimizer.name sophia estimates its Hessian from labels sampled from the model's predicted "
+                "distribution; a diffusion model predicts noise, not a distribution: choose another optimizer"
             )
         seq_len = self.data.seq_len or self.model.block_size
         if self.model.name != "hf" and seq_len > self.model.block_size:
@@ -447,7 +494,10 @@ class Recipe(Section):
         if self.governance.ledger.enabled and self.governance.ledger.key is None:
             raise ValueError("governance.ledger.enabled needs governance.ledger.key (the trainer's private key)")
         if self.governance.policy is not None and self.data.taxonomy is None:
-            raise ValueError("governance.policy needs a prepared dataset (data.url with data.taxonomy)")
+            raise ValueError(
+                "governance.policy needs data.taxonomy: a prepared dataset (data.url), or data.images with a "
+                "taxonomy naming its classes"
+            )
         if (self.model.adapters.classes or self.model.lora.classes) and self.data.taxonomy is None:
             raise ValueError("model.adapters and model.lora name classes: they need data.taxonomy")
         if self.checkpoint.async_save and self.train.parallelism != "fsdp":

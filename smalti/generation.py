@@ -48,16 +48,19 @@ class Generator:
 def load_generator(
     run_dir: Path, checkpoint: str | None = None, weights: str = "auto", adapters: list[str] | None = None
 ) -> Generator:
-    model, tokenizer, _ = load_trained_model(run_dir, checkpoint, weights, adapters)
+    model, tokenizer, where = load_trained_model(run_dir, checkpoint, weights, adapters)
+    if tokenizer is None:
+        raise CheckpointError(f"{where}: a diffusion model samples images: give --out FILE.png, not --prompt")
     # a text model: the GPT or a Hugging Face one, both with CausalLMObjective's generate
     return Generator(model=model, tokenizer=tokenizer, adapters=list(adapters or []))  # type: ignore[arg-type]
 
 
 def load_trained_model(
     run_dir: Path, checkpoint: str | None = None, weights: str = "auto", adapters: list[str] | None = None
-) -> tuple[torch.nn.Module, CharTokenizer | HFTokenizer, str]:
+) -> tuple[torch.nn.Module, CharTokenizer | HFTokenizer | None, str]:
     """A run's model as its recipe builds it, with a checkpoint's weights (the latest by default), in eval mode;
-    its tokenizer; and the checkpoint it came from. ``adapters`` are checked against the model's."""
+    its tokenizer (None for a diffusion model); and the checkpoint it came from. ``adapters`` are checked
+    against the model's."""
     if checkpoint is None:
         if not Path(run_dir).is_dir():
             raise CheckpointError(f"{run_dir}: run directory not found")
@@ -67,10 +70,15 @@ def load_trained_model(
         checkpoint = str(latest)
     payload = load_payload(checkpoint)
     recipe = Recipe.model_validate(payload.recipe)
-    if payload.tokenizer is None:
-        raise CheckpointError(f"{checkpoint}: not a text model (no tokenizer in the checkpoint); nothing to sample")
-    tokenizer = load_tokenizer(payload.tokenizer)
-    model = with_recipe_surgery(build_model(recipe, tokenizer.vocab_size, payload.classes), recipe)
+    tokenizer = None
+    if recipe.model.name != "diffusion":
+        if payload.tokenizer is None:
+            raise CheckpointError(
+                f"{checkpoint}: not a text or diffusion model (an image classifier); nothing to sample"
+            )
+        tokenizer = load_tokenizer(payload.tokenizer)
+    vocab_size = tokenizer.vocab_size if tokenizer is not None else 0
+    model = with_recipe_surgery(build_model(recipe, vocab_size, payload.classes), recipe)
     assert payload.model is not None  # read with its tensors
     load_weights(model, payload.model, checkpoint)
     gates = getattr(model, "adapter_gates", None)
@@ -111,3 +119,24 @@ def _schedule_free_point(model: torch.nn.Module, recipe: Recipe, optimizer: dict
             )
             if name in parameters and isinstance(state.get("z"), torch.Tensor):
                 parameters[name].copy_(evaluation_point(parameters[name], state["z"], beta1))
+
+
+def sample_images(
+    run_dir: Path,
+    count: int,
+    steps: int,
+    seed: int = 0,
+    checkpoint: str | None = None,
+    weights: str = "auto",
+    adapters: list[str] | None = None,
+) -> torch.Tensor:
+    """``count`` images [N, C, H, W] in [0, 1] from a diffusion run, its class adapters ``adapters`` switched on."""
+    from smalti.models.diffusion import DiffusionUNet
+
+    model, _, where = load_trained_model(run_dir, checkpoint, weights, adapters)
+    if not isinstance(model, DiffusionUNet):
+        raise CheckpointError(f"{where}: not a diffusion model; --out samples images from model.name diffusion")
+    gates = getattr(model, "adapter_gates", None)
+    if gates is not None:
+        gates.set_on(list(adapters or []), batch_size=count)
+    return model.sample(count, steps, generator=torch.Generator().manual_seed(seed))

@@ -478,7 +478,7 @@ def _replayed_cells(run: Path, which: str, rel: float = 1e-5, abs: float = 1e-6)
     from smalti.checkpoint import load_checkpoint
     from smalti.config import load_recipe
     from smalti.distributed import DistInfo
-    from smalti.models.adapters import set_row_classes
+    from smalti.models.rows import set_rows
 
     recipe = load_recipe(run / "recipe.yaml")
     data = build_data(recipe, DistInfo())
@@ -489,7 +489,7 @@ def _replayed_cells(run: Path, which: str, rel: float = 1e-5, abs: float = 1e-6)
         step = entry["step"]
         before = load_checkpoint(run / "checkpoints" / f"ep0-ba{step - 1}.pt")["model"]
         after = load_checkpoint(run / "checkpoints" / f"ep0-ba{step}.pt")["model"]
-        model = build_model(recipe, data.tokenizer.vocab_size, data.class_names)
+        model = build_model(recipe, data.tokenizer.vocab_size if data.tokenizer else 0, data.class_names)
         model.load_state_dict(before)
         params = dict(model.named_parameters())
         all_ids = [i for ids in entry["examples"].values() for i in ids]
@@ -497,7 +497,7 @@ def _replayed_cells(run: Path, which: str, rel: float = 1e-5, abs: float = 1e-6)
         grads = {}
         for class_name, ids in entry["examples"].items():
             batch = data.train.gather(torch.tensor(ids))
-            set_row_classes(model, batch.provenance)
+            set_rows(model, batch, step - 1)  # the step's draw (a diffusion model's noise: smalti.models.diffusion)
             loss = model.loss(model(batch.inputs), batch.targets) / units
             names = [n for n in params if _allowed(which, class_name, n)]
             grads[class_name] = dict(zip(names, torch.autograd.grad(loss, [params[n] for n in names])))

@@ -57,13 +57,21 @@ def run_check(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     data = recipe.data
-    if data.taxonomy is None or data.trust is None or data.url is None:
-        raise SmaltiError(f"{args.recipe}: a policy needs a recipe with data.url, data.taxonomy and data.trust")
+    if data.taxonomy is None or data.trust is None or (data.url is None and data.images is None):
+        raise SmaltiError(
+            f"{args.recipe}: a policy needs a recipe with data.taxonomy and data.trust, and data.url (or data.images)"
+        )
     taxonomy = Taxonomy.load(data.taxonomy, PublicKey.load(data.trust))
-    manifest = read_manifest(data.url, taxonomy, data.storage_options)
-    model = with_recipe_surgery(
-        build_model(recipe, open_tokenizer(manifest).vocab_size, list(taxonomy.classes)), recipe
-    )
+    if data.url is not None:
+        manifest = read_manifest(data.url, taxonomy, data.storage_options)
+        vocab_size, train_examples = open_tokenizer(manifest).vocab_size, manifest.examples("train")
+    else:  # the bundled digits: their classes checked against the taxonomy as training will
+        from smalti.build import build_data
+        from smalti.distributed import DistInfo
+
+        images = build_data(recipe, DistInfo())
+        vocab_size, train_examples = 0, len(images.train)
+    model = with_recipe_surgery(build_model(recipe, vocab_size, list(taxonomy.classes)), recipe)
     shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
     fingerprint = model_fingerprint(shapes)
 
@@ -87,7 +95,7 @@ def run_check(args: argparse.Namespace) -> int:
     policy.check(taxonomy, [n for n, _ in shapes], fingerprint, str(path))
 
     batch = recipe.train.global_batch_size
-    shape = DataShape(manifest.examples("train") // batch, batch, recipe.seq_len)
+    shape = DataShape(train_examples // batch, batch, recipe.seq_len)
     max_duration = Time.parse(recipe.train.max_duration)
     router = Router(model, list(taxonomy.classes), policy, [], lambda t: shape.batches_in(t, max_duration))
     router.close()

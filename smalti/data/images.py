@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from smalti.core.batch import Batch
 from smalti.data.lm import LanguageModelData, OrderConfig
 from smalti.errors import DataError
+from smalti.trust.taxonomy import Taxonomy
 
 DIGIT_CLASSES = [f"digits/{d}" for d in range(10)]
 
@@ -28,27 +29,32 @@ DIGIT_CLASSES = [f"digits/{d}" for d in range(10)]
 class ImageExamples:
     """Images [N, C, H, W] (float, in [0, 1]) with integer labels; the label is the provenance class."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor | None = None) -> None:
         if images.dim() != 4 or images.shape[0] != labels.shape[0]:
             raise ValueError(
                 f"images must be [N, C, H, W] with one label each, got {tuple(images.shape)} and {tuple(labels.shape)}"
             )
         self.images = images.contiguous()
         self.labels = labels.long()
-        self.classes = self.labels
+        self.classes = self.labels if classes is None else classes.long()  # a taxonomy's class of each image
         digest = hashlib.sha256(self.images.numpy().tobytes())
         digest.update(self.labels.numpy().tobytes())
+        if classes is not None:  # governed: which class each image is counts too
+            digest.update(self.classes.numpy().tobytes())
         self.fingerprint = digest.hexdigest()
 
     def __len__(self) -> int:
         return int(self.labels.numel())
+
+    def close(self) -> None:
+        """Nothing to release (the images are in memory); a source's interface."""
 
     def gather(self, indices: torch.Tensor) -> Batch:
         return Batch(
             inputs=self.images[indices],
             targets=self.labels[indices],
             sample_ids=indices,
-            provenance=self.labels[indices].unsqueeze(1),
+            provenance=self.classes[indices].unsqueeze(1),
         )
 
 
@@ -62,8 +68,32 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return digits.images.astype(np.float32), digits.target.astype(np.int64)
 
 
-def digits_data(order: OrderConfig, image_size: int = 32, val_every: int = 5) -> LanguageModelData:
-    """Digits upsampled (bilinear) to ``image_size``; every ``val_every``-th example is held out."""
+def digit_classes(taxonomy: Taxonomy, where: object) -> torch.Tensor:
+    """Each digit's class index in a signed taxonomy [10].
+
+    Governing the digits (a policy, deletion) needs their classes in a signed taxonomy: each digit is the one
+    leaf class whose last segment is the digit (``digits/3``; ``digits/odd/3`` groups them, and a policy or a
+    deletion can then name a group by its node)."""
+    leaves = [c for c in taxonomy.classes if not any(o.startswith(c + "/") for o in taxonomy.classes)]
+    indices = []
+    for digit in range(10):
+        named = [c for c in leaves if c.rsplit("/", 1)[-1] == str(digit)]
+        if len(named) != 1:
+            raise DataError(
+                f"data.taxonomy {where}: the digits need one leaf class per digit, ending in the digit (e.g. "
+                f"digits/{digit}, or digits/odd/{digit} to group them); digit {digit} has "
+                f"{len(named) and ', '.join(named) or 'none'}"
+            )
+        indices.append(taxonomy.index(named[0]))
+    return torch.tensor(indices)
+
+
+def digits_data(
+    order: OrderConfig, image_size: int = 32, val_every: int = 5, taxonomy: Taxonomy | None = None
+) -> LanguageModelData:
+    """Digits upsampled (bilinear) to ``image_size``; every ``val_every``-th example is held out. With a signed
+    ``taxonomy`` (already verified), each digit's class is its leaf there (``digit_classes``); the targets stay
+    the digits."""
     if image_size < 8:
         raise DataError(f"data.image_size must be at least 8 (the digits are 8x8), got {image_size}")
     images, labels = load_digits_arrays()
@@ -74,11 +104,13 @@ def digits_data(order: OrderConfig, image_size: int = 32, val_every: int = 5) ->
     held_out = torch.zeros(len(labels), dtype=torch.bool)
     held_out[::val_every] = True
     targets = torch.from_numpy(labels)
+    classes = targets if taxonomy is None else digit_classes(taxonomy, "")[targets]
     return LanguageModelData(
-        train=ImageExamples(pixels[~held_out], targets[~held_out]),
-        val=ImageExamples(pixels[held_out], targets[held_out]),
+        train=ImageExamples(pixels[~held_out], targets[~held_out], classes[~held_out]),
+        val=ImageExamples(pixels[held_out], targets[held_out], classes[held_out]),
         tokenizer=None,
-        class_names=list(DIGIT_CLASSES),
+        class_names=list(taxonomy.classes) if taxonomy is not None else list(DIGIT_CLASSES),
         order=order,
         provenance={"source": "images", "images": "digits", "image_size": image_size},
+        taxonomy=taxonomy,
     )

@@ -190,8 +190,18 @@ def _with_attention(make: Callable[[str], Any], requested: str) -> Any:
         return make("eager")
 
 
-def add_lora_adapters(model: HFCausalLM, lora: Any, class_names: Sequence[str]) -> AdapterGates:
-    """One LoRA adapter per class of ``lora.classes`` on ``lora.target_modules``, gated per example by provenance."""
+def add_lora_adapters(
+    model: nn.Module,
+    lora: Any,
+    class_names: Sequence[str],
+    inner: nn.Module | None = None,
+    hint: Callable[[Sequence[str]], str] | None = None,
+) -> AdapterGates:
+    """One LoRA adapter per class of ``lora.classes`` on ``lora.target_modules``, gated per example by provenance.
+
+    ``inner``: the library model whose children ``model`` adopted (default ``model.hf``; a diffusion model's
+    UNet); ``hint``: what to say when no module matches the targets."""
+    inner = inner if inner is not None else cast(HFCausalLM, model).hf
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -206,7 +216,7 @@ def add_lora_adapters(model: HFCausalLM, lora: Any, class_names: Sequence[str]) 
     targets = list(lora.target_modules)
     transposed = any(
         type(m).__name__ == "Conv1D" and any(n == t or n.endswith("." + t) for t in targets)
-        for n, m in model.hf.named_modules()
+        for n, m in inner.named_modules()
     )
     settings = LoraConfig(
         r=lora.r,
@@ -220,12 +230,11 @@ def add_lora_adapters(model: HFCausalLM, lora: Any, class_names: Sequence[str]) 
         with warnings.catch_warnings():  # peft warns that a second adapter is one more adapter: that is the point
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             for key in keys:
-                inject_adapter_in_model(settings, model.hf, adapter_name=key)
+                inject_adapter_in_model(settings, inner, adapter_name=key)
     except ValueError as error:
-        raise RecipeError(
-            f"model.lora.target_modules {list(lora.target_modules)}: {str(error).splitlines()[0]}"
-        ) from None
-    for name, child in model.hf.named_children():  # injection replaced modules inside our children, not these
+        where = hint(targets) if hint is not None else f"model.lora.target_modules {targets}"
+        raise RecipeError(f"{where}: {str(error).splitlines()[0]}") from None
+    for name, child in inner.named_children():  # injection replaced modules inside our children, not these
         if getattr(model, name) is not child:
             model.add_module(name, child)
     gates = AdapterGates(class_names, lora.classes, lora.gated)

@@ -7,6 +7,9 @@ the router maps rows back to examples from it, without having to trust a shape t
 
 ``positions`` index the batch-major flattened ``[batch * tokens]`` rows (token ``t`` of example ``b`` is
 ``b * tokens + t``); ``None`` means all of them, in order.
+
+``set_rows`` is the other half: before every forward pass, whoever runs the model says which examples the rows
+are (their classes, for per-class adapters; their ids, for a model that draws randomness per example).
 """
 
 from __future__ import annotations
@@ -14,9 +17,12 @@ from __future__ import annotations
 import contextlib
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
+
+if TYPE_CHECKING:
+    from smalti.core.batch import Batch
 
 
 @dataclass(frozen=True)
@@ -51,3 +57,15 @@ def gathered(positions: torch.Tensor | None, total: int) -> Iterator[None]:
         yield
     finally:
         _CURRENT.reset(token)
+
+
+def set_rows(model: "torch.nn.Module", batch: "Batch", draw: int | None = None) -> None:
+    """Tell the model which examples the next forward pass runs: their classes (per-class adapters gate by them)
+    and, for a model that draws per-example randomness (a diffusion model's noise), their ids and ``draw``, the
+    pass they are drawn for (a training step's batch number; None for evaluation)."""
+    from smalti.models.adapters import set_row_classes
+
+    set_row_classes(model, batch.provenance)
+    receiver = getattr(model, "set_row_examples", None)
+    if receiver is not None:
+        receiver(batch.sample_ids, draw)

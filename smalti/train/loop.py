@@ -41,7 +41,7 @@ from smalti.determinism import capture_rng_state, configure_determinism, restore
 from smalti.errors import CheckpointError, RecipeError
 from smalti.io import atomic_write_bytes
 from smalti.locks import RUN_LOCK, FolderLock, LockHeld
-from smalti.models.adapters import set_row_classes
+from smalti.models.rows import set_rows
 from smalti.optim import LRSchedule
 from smalti.optimizers import build_optimizer, evaluation_weights
 from smalti.sophia import sampled_labels
@@ -348,7 +348,7 @@ class TrainingLoop:
             state.batch = microbatch
             with placement.no_sync_unless(index == len(microbatches) - 1):
                 engine.run(Event.BEFORE_FORWARD)
-                set_row_classes(self.model, state.batch.provenance)
+                set_rows(self.model, state.batch, step)
                 seam.begin_microbatch(state.batch, step)  # e.g. which parameters may learn from each row
                 try:
                     with autocast(self.recipe.train.precision, self.device):
@@ -383,7 +383,7 @@ class TrainingLoop:
         for microbatch in self.seam.microbatches(parts, step):
 
             def loss_of(microbatch: Batch = microbatch) -> torch.Tensor:
-                set_row_classes(self.model, microbatch.provenance)
+                set_rows(self.model, microbatch, step)
                 with autocast(self.recipe.train.precision, self.device):
                     logits = self.placement.forward_model(microbatch.inputs)
                 return self.model.loss(logits, sampled_labels(logits, microbatch.targets, generator)) * scale
@@ -454,7 +454,7 @@ class TrainingLoop:
         for batch in batches:
             classes = batch.provenance[:, 0]
             batch = batch.to(self.device)
-            set_row_classes(self.model, batch.provenance)
+            set_rows(self.model, batch)
             with autocast(self.recipe.train.precision, self.device):
                 logits = self.model(batch.inputs)
             by_class.add(self.model, classes, logits, batch.targets)

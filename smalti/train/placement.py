@@ -18,7 +18,7 @@ from smalti.core.batch import Batch
 from smalti.distributed import DistInfo
 from smalti.errors import RecipeError
 from smalti.io import Closing
-from smalti.models.adapters import set_row_classes
+from smalti.models.rows import set_rows
 
 
 class Placement(Closing):
@@ -90,9 +90,9 @@ class Placement(Closing):
         if missing:
             was_training = self.model.training
             self.model.eval()
-            set_row_classes(self.model, sample.provenance)  # per-class adapters need the row's class
             with torch.no_grad():
                 for _ in range(missing):
+                    set_rows(self.model, sample)  # per-class adapters need the row's class (a DDPM its id)
                     self.forward_model(sample.inputs)
                     fsdp_support.reshard_all(self.model)  # as a backward pass would (blocks stay gathered otherwise)
             self.model.train(was_training)

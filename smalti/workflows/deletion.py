@@ -219,7 +219,7 @@ def losses_by_class(
     from smalti.config import load_recipe
     from smalti.determinism import seed_everything
     from smalti.distributed import DistInfo
-    from smalti.models.adapters import set_row_classes
+    from smalti.models.rows import set_rows
 
     recipe = load_recipe(recipe_path, ["data.verify=lazy"])
     seed_everything(recipe.seed)
@@ -238,7 +238,7 @@ def losses_by_class(
             model.eval()
             losses = ClassLosses(len(data.class_names))
             for batch in batches:
-                set_row_classes(model, batch.provenance)
+                set_rows(model, batch)
                 losses.add(model, batch.provenance[:, 0], model(batch.inputs), batch.targets)
             results.append(losses.means(data.class_names))
     finally:

@@ -70,12 +70,12 @@ def _data_and_models(runs: dict[str, Path], recipe_run: Path):
 @torch.inference_mode()
 def example_losses(model: torch.nn.Module, source, indices: torch.Tensor, batch_size: int = 32) -> np.ndarray:
     """Each example's mean token loss (the rows of ``source`` at ``indices``)."""
-    from smalti.models.adapters import set_row_classes
+    from smalti.models.rows import set_rows
 
     out = []
     for start in range(0, len(indices), batch_size):
         batch = source.gather(indices[start : start + batch_size])
-        set_row_classes(model, batch.provenance)
+        set_rows(model, batch)
         # Module.__getattr__ types the model's loss methods as Tensor | Module
         out.append(model.example_losses(model(batch.inputs), batch.targets).double().cpu())  # type: ignore[operator]
     return torch.cat(out).numpy() if out else np.zeros(0)
@@ -101,12 +101,12 @@ def held_out_loss(model: torch.nn.Module, source, indices: torch.Tensor, batch_s
     """The mean loss per target token over ``indices``, summed by the trainer's own evaluation code (so the
     relearning curve's first point and the parent's target are the numbers its later points are)."""
     from smalti.core.class_losses import ClassLosses
-    from smalti.models.adapters import set_row_classes
+    from smalti.models.rows import set_rows
 
     by_class = ClassLosses(int(source.classes.max()) + 1)
     for start in range(0, len(indices), batch_size):
         batch = source.gather(indices[start : start + batch_size])
-        set_row_classes(model, batch.provenance)
+        set_rows(model, batch)
         by_class.add(model, batch.provenance[:, 0], model(batch.inputs), batch.targets)
     loss, units = by_class.sums.sum(dim=1)
     return float(loss / units.clamp(min=1))

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from smalti.core.batch import Batch
-from smalti.models.adapters import set_row_classes
+from smalti.models.rows import set_rows
 
 
 def representation_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -88,7 +88,7 @@ class EntropyProbe:
         try:
             device = next(self.model.parameters()).device
             batch = self.probe.to(device)
-            set_row_classes(self.model, batch.provenance)
+            set_rows(self.model, batch)
             self.model(batch.inputs)
         finally:
             self.model.train(was_training)
