@@ -101,16 +101,80 @@ def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
 
 
 def smalti_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run the real command line in a fresh interpreter (single-threaded: see the top of this file)."""
+    """Run the real command line (``python -m smalti ARGS``) in its own process, single-threaded (see the top of
+    this file): a child forked from ``cli_zygote``, which imported torch once for the whole worker; a fresh
+    interpreter where ``env`` sets a ``PYTHON*`` variable, or everywhere with ``SMALTI_TEST_FRESH_CLI=1``."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "smalti", *args],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        timeout=timeout,
-        cwd=REPO,
-    )
+    # What the interpreter reads as it starts (PYTHONPATH shadowing a package, ...) needs one that starts afresh.
+    starts_differently = any(k.startswith("PYTHON") and k != "PYTHONUNBUFFERED" for k in env or {})
+    if starts_differently or os.environ.get("SMALTI_TEST_FRESH_CLI") == "1":
+        return subprocess.run([sys.executable, "-m", "smalti", *args], capture_output=True, text=True,
+                              env=full_env, timeout=timeout, cwd=REPO)
+    return _ZYGOTE.run(list(args), full_env, timeout)
+
+
+class _Zygote:
+    """``tests/cli_zygote.py``, started on first use in each test process and ended with it."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.process: subprocess.Popen | None = None
+        self.lock = threading.Lock()
+
+    def _started(self) -> subprocess.Popen:
+        if self.process is None or self.process.poll() is not None:
+            self.process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("cli_zygote.py"))],
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+            assert self.process.stdout is not None
+            assert json.loads(self.process.stdout.readline()) == {"ready": True}
+        return self.process
+
+    def run(self, args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+        import tempfile
+
+        out = Path(tempfile.mkdtemp(prefix="smalti-cli-"))
+        try:
+            with self.lock:
+                process = self._started()
+                assert process.stdin is not None and process.stdout is not None
+                process.stdin.write(json.dumps({"args": args, "cwd": str(REPO), "env": env, "out": str(out)}) + "\n")
+                process.stdin.flush()
+                pid = json.loads(process.stdout.readline())["pid"]
+            deadline, rc = time.monotonic() + timeout, out / "rc"
+            while not rc.exists():
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:  # gone without an exit code: killed by a signal
+                    if rc.exists():
+                        break
+                    return subprocess.CompletedProcess(["smalti", *args], -9, *self._streams(out))
+                if time.monotonic() > deadline:
+                    os.kill(pid, 9)
+                    raise subprocess.TimeoutExpired(["smalti", *args], timeout)
+                time.sleep(0.005)
+            return subprocess.CompletedProcess(["smalti", *args], int(rc.read_text()), *self._streams(out))
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+
+    @staticmethod
+    def _streams(out: Path) -> tuple[str, str]:
+        read = lambda name: (out / name).read_text(errors="replace") if (out / name).exists() else ""  # noqa: E731
+        return read("stdout"), read("stderr")
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.stdin.close()  # type: ignore[union-attr]
+            self.process.wait(timeout=30)
+
+
+_ZYGOTE = _Zygote()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _end_the_cli_zygote():
+    yield
+    _ZYGOTE.close()
 
 
 # ---------------------------------------------------------------- governed data
