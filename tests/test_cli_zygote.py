@@ -26,7 +26,7 @@ def test_a_forked_command_answers_as_a_fresh_interpreter_does(tmp_path, tiny_cor
             "bad-recipe": ["train", str(bad), "--run-dir", str(tmp_path / "run")],
             "not-found": ["sample", str(tmp_path / "none"), "--prompt", "A"]}[case]
     runs = []
-    for label, runner in (("fresh", fresh), ("forked", smalti_cli)):
+    for label, runner in (("way-one", fresh), ("way-two", smalti_cli)):
         done = runner(*[a.format(label) for a in args])
         runs.append((done.returncode, done.stdout.replace(label, "*"), done.stderr.replace(label, "*")))
     assert runs[0][0] == runs[1][0], runs
