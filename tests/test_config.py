@@ -14,8 +14,9 @@ def test_shipped_recipes_are_valid():
     for path in paths:
         recipe = load_recipe(path)
         data = recipe.data
-        if data.images:  # a bundled image task: nothing to locate
-            assert recipe.model.name == "resnet", path
+        if data.images:  # a bundled image task: only its taxonomy (if governed) to locate
+            assert recipe.model.name in ("resnet", "diffusion"), path
+            assert all(p.is_absolute() for p in (data.taxonomy, data.trust) if p is not None), path
             continue
         located = [data.corpus] if data.corpus else [Path(data.url), data.taxonomy, data.trust]
         assert all(p.is_absolute() for p in located), path
