@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Iterator
 
 REPO = Path(__file__).resolve().parent.parent
-MODEL_COMMANDS = ("train", "sample", "eval", "eval-forget", "forget", "export")
+MODEL_COMMANDS = ("train", "sample", "eval", "eval-forget", "evaluate", "forget", "export")
 MARK = "smalti-probe: torch imported="
 # Runs the real entry point, then says whether torch was ever imported; also on SIGTERM (the service).
 PROBE = (

@@ -206,14 +206,15 @@ class Governed:
 CLASS_TEMPLATE = "gutenberg/{genre}/{work}"
 
 
-def make_governance(root: Path, corpus: Path, shard_examples: int = 200, deletable: tuple[str, ...] = ()) -> Governed:
+def make_governance(root: Path, corpus: Path, shard_examples: int = 200, deletable: tuple[str, ...] = (),
+                    evaluator: bool = False) -> Governed:
     from smalti.data.prepare import PrepareOptions, prepare_dataset
     from smalti.data.sources import classes_from_mapping, documents_from_folder
     from smalti.trust.keys import PublicKey, SigningKey, sign_bytes, write_key_pair
     from smalti.trust.taxonomy import Taxonomy, taxonomy_yaml
 
     keys = root / "keys"
-    for name in ("data-governance", "tagger", "comedy-tagger", "model-risk", "trainer"):
+    for name in ("data-governance", "tagger", "comedy-tagger", "model-risk", "trainer") + (("evaluator",) * evaluator):
         write_key_pair(name, keys)
     pub = lambda name: PublicKey.load(keys / f"{name}.pub").text  # noqa: E731
     authorities = {
@@ -223,6 +224,8 @@ def make_governance(root: Path, corpus: Path, shard_examples: int = 200, deletab
         "model-risk": {"role": "model-risk", "key": pub("model-risk")},
         "trainer": {"role": "trainer", "key": pub("trainer")},
     }
+    if evaluator:
+        authorities["lab-evals"] = {"role": "evaluator", "key": pub("evaluator")}
     classes = classes_from_mapping(corpus / "manifest.csv", CLASS_TEMPLATE)
     taxonomy_path = root / "taxonomy.yaml"
     taxonomy_path.write_text(taxonomy_yaml("tiny", classes + ["gutenberg/history"], authorities, list(deletable)), encoding="utf-8")

@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("train", ["smalti.train"]),
     ("governance", ["smalti.governance"]),
     ("assembly", ["smalti.trainer"]),
-    ("workflows", ["smalti.workflows"]),
+    ("workflows", ["smalti.workflows", "smalti.evaluation"]),
     ("serve, cli", ["smalti.serve", "smalti.cli", "smalti.__main__"]),
 ]
 

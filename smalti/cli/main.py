@@ -15,6 +15,7 @@ from smalti.cli import (
     audit,
     auditor,
     data,
+    evaluate,
     export,
     forget,
     keys,
@@ -33,6 +34,7 @@ from smalti.threads import apply_thread_defaults
 COMMANDS = (
     train,
     sample,
+    evaluate,
     export,
     keys,
     taxonomy,

@@ -57,6 +57,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="an auditor and its public key: may read runs through smalti serve (repeatable)",
     )
     init.add_argument(
+        "--evaluator",
+        action="append",
+        default=[],
+        metavar="NAME=PUB",
+        help="an evaluator and its public key: signs evaluation attestations (smalti evaluate; repeatable)",
+    )
+    init.add_argument(
         "--deletable",
         action="append",
         default=[],
@@ -103,13 +110,14 @@ def run_init(args: argparse.Namespace) -> int:
     for role, path in (("model-risk", args.model_risk), ("trainer", args.trainer)):
         if path is not None:
             authorities[role] = {"role": role, "key": PublicKey.load(path).text}
-    for entry in args.auditor:
-        name, sep, pub = entry.partition("=")
-        if not sep or not name or not pub:
-            raise SmaltiError(f"--auditor {entry!r}: expected NAME=PUB, e.g. external-auditor=keys/auditor.pub")
-        if name in authorities:
-            raise SmaltiError(f"--auditor {name}: an authority of that name exists already")
-        authorities[name] = {"role": "auditor", "key": PublicKey.load(Path(pub)).text}
+    for role, entries in (("auditor", args.auditor), ("evaluator", args.evaluator)):
+        for entry in entries:
+            name, sep, pub = entry.partition("=")
+            if not sep or not name or not pub:
+                raise SmaltiError(f"--{role} {entry!r}: expected NAME=PUB, e.g. external-{role}=keys/{role}.pub")
+            if name in authorities:
+                raise SmaltiError(f"--{role} {name}: an authority of that name exists already")
+            authorities[name] = {"role": role, "key": PublicKey.load(Path(pub)).text}
     text = taxonomy_yaml(args.name, classes, authorities, args.deletable)
     Taxonomy.parse(text.encode(), str(args.out))  # refuse to write what would not load
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ Format (YAML)::
       gutenberg-tagger: {role: tagging, key: "ed25519:...", may_tag: [gutenberg]}
       model-risk: {role: model-risk, key: "ed25519:..."}
       trainer: {role: trainer, key: "ed25519:..."}
+      lab-evals: {role: evaluator, key: "ed25519:..."}     # signs evaluation attestations (smalti evaluate)
     classes:
       gutenberg:
         tragedy:
@@ -41,7 +42,7 @@ import yaml
 from smalti.errors import SmaltiError
 from smalti.trust.keys import PublicKey, read_signature, verify_bytes
 
-ROLES = ("data-governance", "tagging", "model-risk", "trainer", "auditor")
+ROLES = ("data-governance", "tagging", "model-risk", "trainer", "auditor", "evaluator")
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 

@@ -100,13 +100,11 @@ def _dependencies(run: Path, checkpoint: dict[str, Any]) -> list[dict[str, Any]]
     return dependencies
 
 
-def statement(directory: Path, run: Path, checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """The in-toto Statement (SLSA Provenance v1) for the model files in ``directory``, trained in ``run``."""
-    from smalti.workflows.certificate import CERTIFICATE, ablated_classes
-    from smalti.trust.note import verifier_key
+def final_ledger_checkpoint(run: Path) -> dict[str, Any]:
+    """The run's final signed tree head as a C2SP signed note, with its verifier key, size, origin and time: what
+    an attestation about the run's model names (it does not verify the ledger; the caller has)."""
     from smalti.governance.ledger.store import LedgerStore, ledger_path
-    from smalti.governance.lineage import run_entry
-    from smalti.software import software
+    from smalti.trust.note import verifier_key
 
     store = LedgerStore(ledger_path(run))
     try:
@@ -115,16 +113,32 @@ def statement(directory: Path, run: Path, checkpoint: dict[str, Any]) -> dict[st
     finally:
         store.close()
     if not heads or not heads[-1].final:
-        raise ProvenanceError(f"{run}: the ledger has no final signed tree head; sign models of finished runs")
+        raise ProvenanceError(f"{run}: the ledger has no final signed tree head; attest models of finished runs")
+    return {
+        "checkpoint": heads[-1].note(trainer.raw),
+        "verifier_key": verifier_key(origin, trainer.raw),
+        "entries": heads[-1].size,
+        "origin": origin,
+        "finished_on": heads[-1].timestamp,
+    }
+
+
+def statement(directory: Path, run: Path, checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The in-toto Statement (SLSA Provenance v1) for the model files in ``directory``, trained in ``run``."""
+    from smalti.workflows.certificate import CERTIFICATE, ablated_classes
+    from smalti.governance.lineage import run_entry
+    from smalti.software import software
+
+    ledger = final_ledger_checkpoint(run)
     entry = run_entry(run)
     dependencies = _dependencies(run, checkpoint)
     byproducts = [
         _descriptor(
             "ledger checkpoint",
-            heads[-1].note(trainer.raw).encode(),
+            ledger["checkpoint"].encode(),
             "text/plain; charset=utf-8",
-            verifier_key=verifier_key(origin, trainer.raw),
-            entries=heads[-1].size,
+            verifier_key=ledger["verifier_key"],
+            entries=ledger["entries"],
         )
     ]
     if (run / CERTIFICATE).is_file():
@@ -151,7 +165,7 @@ def statement(directory: Path, run: Path, checkpoint: dict[str, Any]) -> dict[st
             },
             "runDetails": {
                 "builder": {"id": "urn:smalti:trainer", "version": software()},
-                "metadata": {"invocationId": origin, "finishedOn": heads[-1].timestamp},
+                "metadata": {"invocationId": ledger["origin"], "finishedOn": ledger["finished_on"]},
                 "byproducts": byproducts,
             },
         },

@@ -1,0 +1,71 @@
+"""An evaluation as a signed attestation: an in-toto Statement v1 in a DSSE envelope, signed by an evaluator.
+
+Why in-toto and DSSE: an evaluation is a claim by one party (the evaluator) about an artifact (the model's
+files), which is exactly what an in-toto statement is, and the deployer, the auditor and any supply-chain tool
+already verify those envelopes. The in-toto test-result predicate records pass/fail counts, not measured
+values, so the predicate is Smalti's own, documented in docs/closure.md::
+
+    predicateType: https://smalti.dev/attestation/evaluation/v1
+    predicate:
+      evaluator: {name, key_id}
+      model: {run, checkpoint, trained_to, ledger: {checkpoint: <C2SP signed note>, verifier_key, entries}}
+      harness: {name: lm-evaluation-harness, version, smalti}
+      tasks: [{name, definition: {name, sha256}, data: [{name, sha256}], metrics: {acc, acc_stderr, ...}, items}]
+      held_out: {losses_by_class: {class: loss}, recipe_fingerprint}
+      evaluated_on: ISO 8601 time
+
+The subject is the evaluated model's files by sha256 (for a run: its checkpoint), so an attestation of one
+model never passes for another's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from smalti.trust.keys import PublicKey, SigningKey
+from smalti.workflows.provenance import PAYLOAD_TYPE, STATEMENT_TYPE, ProvenanceError, sign_envelope, verify_envelope
+
+PREDICATE_TYPE = "https://smalti.dev/attestation/evaluation/v1"
+EVALUATIONS = "evaluations"  # the folder of a run (or an export) that holds its evaluation attestations
+SUFFIX = ".intoto.json"
+
+
+class AttestationError(ProvenanceError):
+    """An evaluation attestation that does not hold."""
+
+
+def evaluation_statement(subject: list[dict[str, Any]], predicate: dict[str, Any]) -> dict[str, Any]:
+    return {"_type": STATEMENT_TYPE, "subject": subject, "predicateType": PREDICATE_TYPE, "predicate": predicate}
+
+
+def sign_evaluation(statement: dict[str, Any], key: SigningKey) -> dict[str, Any]:
+    return sign_envelope(statement, key)
+
+
+def read_evaluation(path: Path, evaluators: dict[str, PublicKey]) -> tuple[str, dict[str, Any]]:
+    """The statement in an attestation file, and the name of the evaluator (of ``evaluators``) whose key signed
+    it; refused in one line if none did, or if it is not an evaluation statement."""
+    try:
+        envelope = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AttestationError(f"{path}: not a readable JSON envelope ({error})") from None
+    if not isinstance(envelope, dict) or envelope.get("payloadType") != PAYLOAD_TYPE:
+        raise AttestationError(f"{path}: not a DSSE envelope of an in-toto statement")
+    for name, key in evaluators.items():
+        try:
+            statement = verify_envelope(envelope, key)
+        except ProvenanceError:
+            continue
+        if statement.get("predicateType") != PREDICATE_TYPE or statement.get("_type") != STATEMENT_TYPE:
+            raise AttestationError(f"{path}: signed by {name}, but not an evaluation statement ({PREDICATE_TYPE})")
+        return name, statement
+    known = ", ".join(f"{n} ({k.key_id})" for n, k in evaluators.items()) or "none"
+    raise AttestationError(f"{path}: not signed by any evaluator the taxonomy names (known: {known})")
+
+
+def evaluations_of(folder: Path) -> list[Path]:
+    """The attestation files a run or an export folder holds, in name order."""
+    directory = Path(folder) / EVALUATIONS
+    return sorted(p for p in directory.glob(f"*{SUFFIX}") if p.is_file()) if directory.is_dir() else []
