@@ -500,7 +500,9 @@ def _replayed_cells(run: Path, which: str, rel: float = 1e-5, abs: float = 1e-6)
             set_rows(model, batch, step - 1)  # the step's draw (a diffusion model's noise: smalti.models.diffusion)
             loss = model.loss(model(batch.inputs), batch.targets) / units
             names = [n for n in params if _allowed(which, class_name, n)]
-            grads[class_name] = dict(zip(names, torch.autograd.grad(loss, [params[n] for n in names])))
+            found = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+            # a parameter the class's rows never reached (an expert no token of it was routed to) learned nothing
+            grads[class_name] = {n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, found)}
         for j, layer in enumerate(layers):
             total = {n: sum(g[n] for g in grads.values() if n in g) for n in layer["parameters"]}
             total = {n: t for n, t in total.items() if isinstance(t, torch.Tensor)}
