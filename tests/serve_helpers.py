@@ -22,8 +22,9 @@ import requests
 from conftest import REPO, free_port, wait_for_port
 
 
-def make_audit_taxonomy(governed, root: Path) -> Path:
-    """The governed taxonomy's classes, with data governance, the trainer and one auditor (root/keys/auditor)."""
+def make_audit_taxonomy(governed, root: Path, evaluators: dict[str, Path] | None = None) -> Path:
+    """The governed taxonomy's classes, with data governance, the trainer and one auditor (root/keys/auditor);
+    ``evaluators``: name -> public key file of each evaluator to name too."""
     from smalti.trust.keys import PublicKey, SigningKey, sign_bytes, write_key_pair
     from smalti.trust.taxonomy import Taxonomy, taxonomy_yaml
 
@@ -37,6 +38,8 @@ def make_audit_taxonomy(governed, root: Path) -> Path:
                    "trainer": {"role": "trainer", "key": pub(governed.keys / "trainer.pub")},
                    "model-risk": {"role": "model-risk", "key": pub(governed.keys / "model-risk.pub")},
                    "auditor-one": {"role": "auditor", "key": pub(keys / "auditor.pub")}}
+    for name, public in (evaluators or {}).items():
+        authorities[name] = {"role": "evaluator", "key": pub(public)}
     taxonomy = root / "audit-taxonomy.yaml"
     taxonomy.write_text(taxonomy_yaml("audit", original.classes, authorities))
     (root / "audit-taxonomy.yaml.sig").write_text(

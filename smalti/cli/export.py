@@ -32,7 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--sign",
         action="store_true",
-        help="sign the folder: an in-toto/SLSA provenance statement "
+        help="sign the folder: the run's evaluations of this checkpoint (evaluations/, each signed by an "
+        "evaluator of its taxonomy), an in-toto/SLSA provenance statement "
         "signed by the trainer key (provenance.intoto.json), then an OpenSSF model signature over "
         "every file (model.sig); check with smalti verify-model or model_signing verify",
     )
@@ -96,10 +97,15 @@ def run(args: argparse.Namespace) -> int:
             from smalti.workflows.provenance import sign_model
 
             with progress.status("signing: in-toto provenance, then an OpenSSF model signature over every file"):
-                sign_model(
-                    scratch, args.run_dir, load_payload(checkpoint, tensors=False).to_dict(), trainer_key, model_key
+                evaluations = sign_model(
+                    scratch,
+                    args.run_dir,
+                    load_payload(checkpoint, tensors=False).to_dict(),
+                    trainer_key,
+                    model_key,
+                    Path(checkpoint).name,
                 )
-            written += ["provenance.intoto.json", "model.sig"]
+            written += [f"evaluation {name}" for name in evaluations] + ["provenance.intoto.json", "model.sig"]
         try:
             scratch.rename(args.out)  # whole or not at all; a second export to the same --out finds it taken
         except OSError:

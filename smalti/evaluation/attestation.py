@@ -8,7 +8,7 @@ values, so the predicate is Smalti's own, documented in docs/closure.md::
     predicateType: https://smalti.dev/attestation/evaluation/v1
     predicate:
       evaluator: {name, key_id}
-      model: {run, checkpoint, trained_to, ledger: {checkpoint: <C2SP signed note>, verifier_key, entries}}
+      model: {run, checkpoint, weights_sha256, ledger: {checkpoint: <C2SP signed note>, verifier_key, entries}}
       harness: {name: lm-evaluation-harness, version, smalti}
       tasks: [{name, definition: {name, sha256}, data: [{name, sha256}], metrics: {acc, acc_stderr, ...}, items}]
       held_out: {losses_by_class: {class: loss}, recipe_fingerprint}
@@ -24,15 +24,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+from smalti.errors import SmaltiError
 from smalti.trust.keys import PublicKey, SigningKey
-from smalti.workflows.provenance import PAYLOAD_TYPE, STATEMENT_TYPE, ProvenanceError, sign_envelope, verify_envelope
+from smalti.workflows.dsse import PAYLOAD_TYPE, STATEMENT_TYPE, EnvelopeError, open_envelope, sign_envelope
 
 PREDICATE_TYPE = "https://smalti.dev/attestation/evaluation/v1"
 EVALUATIONS = "evaluations"  # the folder of a run (or an export) that holds its evaluation attestations
 SUFFIX = ".intoto.json"
 
 
-class AttestationError(ProvenanceError):
+class AttestationError(SmaltiError):
     """An evaluation attestation that does not hold."""
 
 
@@ -55,8 +56,8 @@ def read_evaluation(path: Path, evaluators: dict[str, PublicKey]) -> tuple[str, 
         raise AttestationError(f"{path}: not a DSSE envelope of an in-toto statement")
     for name, key in evaluators.items():
         try:
-            statement = verify_envelope(envelope, key)
-        except ProvenanceError:
+            statement = open_envelope(envelope, key)
+        except EnvelopeError:
             continue
         if statement.get("predicateType") != PREDICATE_TYPE or statement.get("_type") != STATEMENT_TYPE:
             raise AttestationError(f"{path}: signed by {name}, but not an evaluation statement ({PREDICATE_TYPE})")
@@ -69,3 +70,22 @@ def evaluations_of(folder: Path) -> list[Path]:
     """The attestation files a run or an export folder holds, in name order."""
     directory = Path(folder) / EVALUATIONS
     return sorted(p for p in directory.glob(f"*{SUFFIX}") if p.is_file()) if directory.is_dir() else []
+
+
+def evaluator_keys(run: Path) -> dict[str, PublicKey]:
+    """The evaluators the run's taxonomy names, by name (none without a taxonomy)."""
+    taxonomy = run_taxonomy(run)
+    if taxonomy is None:
+        return {}
+    return {n: a.key for n, a in taxonomy.authorities.items() if a.role == "evaluator" and a.key is not None}
+
+
+def run_taxonomy(run: Path):
+    """The signed taxonomy a run's recipe names, verified against its data-governance key (None without one)."""
+    from smalti.config import load_recipe
+    from smalti.trust.taxonomy import Taxonomy
+
+    recipe = load_recipe(Path(run) / "recipe.yaml")
+    if recipe.data.taxonomy is None or recipe.data.trust is None:
+        return None
+    return Taxonomy.load(recipe.data.taxonomy, PublicKey.load(recipe.data.trust))

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from smalti.evaluation.attestation import EVALUATIONS, SUFFIX, evaluation_statement, sign_evaluation
+from smalti.evaluation.attestation import EVALUATIONS, SUFFIX, evaluation_statement, run_taxonomy, sign_evaluation
 from smalti.evaluation.harness import EvaluationError, TaskDefinition, harness_version, run_tasks
 from smalti.trust.keys import PublicKey, SigningKey
 
@@ -32,7 +32,7 @@ class Evaluation:
 
 def evaluator_name(run: Path, key: SigningKey, name: str | None) -> str:
     """The taxonomy's name for the evaluator whose key this is; a run without a taxonomy takes ``name``."""
-    taxonomy = _taxonomy(run)
+    taxonomy = run_taxonomy(run)
     if taxonomy is None:
         if not name:
             raise EvaluationError(f"{run} has no taxonomy to name its evaluators: give --name")
@@ -48,18 +48,8 @@ def evaluator_name(run: Path, key: SigningKey, name: str | None) -> str:
     )
 
 
-def _taxonomy(run: Path):
-    from smalti.config import load_recipe
-    from smalti.trust.taxonomy import Taxonomy
-
-    recipe = load_recipe(run / "recipe.yaml")
-    if recipe.data.taxonomy is None or recipe.data.trust is None:
-        return None
-    return Taxonomy.load(recipe.data.taxonomy, PublicKey.load(recipe.data.trust))
-
-
 def trainer_key(run: Path, given: PublicKey | None) -> PublicKey:
-    taxonomy = _taxonomy(run)
+    taxonomy = run_taxonomy(run)
     key = given or (taxonomy.key_of_role("trainer") if taxonomy is not None else None)
     if key is None:
         raise EvaluationError(f"{run}: no trainer key to verify its ledger with: give --trainer-pubkey")
@@ -76,7 +66,7 @@ def evaluate_run(
     trainer: PublicKey | None = None,
     out: Path | None = None,
 ) -> Evaluation:
-    from smalti.checkpoint import checkpoint_sha256
+    from smalti.checkpoint import checkpoint_sha256, load_payload, weights_sha256
     from smalti.governance.ledger.verify import verify_ledger
     from smalti.generation import load_trained_model
     from smalti.io import atomic_write_text
@@ -94,6 +84,12 @@ def evaluate_run(
     ledger = final_ledger_checkpoint(run)
     model, tokenizer, checkpoint = load_trained_model(run)
     checkpoint_path = Path(checkpoint)
+    weights = weights_sha256(load_payload(checkpoint_path).model or {})
+    if ledger["weights"] and weights != ledger["weights"]:
+        raise EvaluationError(
+            f"{checkpoint_path}: its weights ({weights[:12]}...) are not the ones the ledger's final signed head "
+            f"names ({ledger['weights'][:12]}...); nothing was evaluated"
+        )
     if tokenizer is None:
         raise EvaluationError(f"{checkpoint}: not a language model; smalti evaluate runs language tasks")
     results = run_tasks(model, tokenizer, tasks, limit) if tasks else {}
@@ -103,6 +99,7 @@ def evaluate_run(
         "model": {
             "run": ledger["origin"],
             "checkpoint": checkpoint_path.name,
+            "weights_sha256": weights,
             "ledger": {k: ledger[k] for k in ("checkpoint", "verifier_key", "entries")},
         },
         "harness": {

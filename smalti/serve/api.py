@@ -327,6 +327,14 @@ def certificate(run: str = RUN, svc: Service = Depends(service)) -> dict[str, An
 
 
 @runs.get(
+    "/runs/{run}/evaluations",
+    summary="the run's evaluation attestations, each checked against the taxonomy's evaluators",
+)
+def evaluations(run: str = RUN, svc: Service = Depends(service)) -> list[dict[str, Any]]:
+    return svc.runs.evaluations(run)
+
+
+@runs.get(
     "/runs/{run}/report",
     response_class=HTMLResponse,
     summary="the HTML audit report (checked against the taxonomy's trainer key)",

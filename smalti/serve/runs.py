@@ -38,6 +38,7 @@ from smalti.trust.taxonomy import Taxonomy
 
 SUMMARY_EVERY = 256  # entries between the heatmap's cumulative snapshots
 MAX_CERTIFICATE_BYTES = 1 << 20
+MAX_EVALUATIONS, MAX_EVALUATION_BYTES = 100, 1 << 20  # what one listing of a run's evaluations reads at most
 
 
 class NotFound(SmaltiError):
@@ -146,6 +147,7 @@ class Runs:
         self.limits = limits
         self.trainers = {a.key.key_id: a for a in taxonomy.authorities.values() if a.role == "trainer" and a.key}
         self.others = {a.key.key_id: a for a in taxonomy.authorities.values() if a.role != "trainer" and a.key}
+        self.evaluators = {n: a.key for n, a in taxonomy.authorities.items() if a.role == "evaluator" and a.key}
         self._leaves = BoundedCache(limits.cached_runs * 4, limits.cached_hashes)
         self._summaries = BoundedCache(limits.cached_runs)
         self._verdicts = BoundedCache(256)
@@ -473,6 +475,32 @@ class Runs:
             return certificate, signed_message(certificate)
         except (ValueError, UnicodeDecodeError) as error:
             raise Unprocessable(f"run {name!r}: {CERTIFICATE} is not a JSON object ({error})") from None
+
+    def evaluations(self, name: str) -> list[dict[str, Any]]:
+        """The run's evaluation attestations, each checked against the served taxonomy's evaluators (never a key
+        the run folder names): verified ones with their statement, the rest with why not."""
+        from smalti.evaluation.attestation import EVALUATIONS, SUFFIX, AttestationError, read_evaluation
+
+        folder = self.path(name) / EVALUATIONS
+        if not _real_folder(folder):
+            return []
+        listed = sorted(e.name for e in os.scandir(folder) if e.name.endswith(SUFFIX))[:MAX_EVALUATIONS]
+        found = []
+        for file_name in listed:
+            path = self.file(name, f"{EVALUATIONS}/{file_name}")
+            if path is None:
+                found.append({"name": file_name, "verified": False, "problem": "not a regular file"})
+            elif path.stat().st_size > MAX_EVALUATION_BYTES:
+                found.append(
+                    {"name": file_name, "verified": False, "problem": f"larger than {MAX_EVALUATION_BYTES} bytes"}
+                )
+            else:
+                try:
+                    evaluator, statement = read_evaluation(path, self.evaluators)
+                    found.append({"name": file_name, "verified": True, "evaluator": evaluator, "statement": statement})
+                except AttestationError as error:
+                    found.append({"name": file_name, "verified": False, "problem": str(error).split(": ", 1)[-1]})
+        return found
 
 
 def _shown_classes(classes: list[str], matrix: np.ndarray) -> list[int]:

@@ -253,7 +253,9 @@ class Service(Closing):
                 if key is not None
                 else VerifyReport(ok=False, problem="the taxonomy names no single trainer to check it against")
             )
-            served = ServedBy(self.runs.label, key, self.settings.limits.max_report_checkpoint_bytes)
+            served = ServedBy(
+                self.runs.label, key, self.settings.limits.max_report_checkpoint_bytes, dict(self.runs.evaluators)
+            )
             try:
                 page = render_report(
                     path,

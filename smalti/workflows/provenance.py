@@ -21,15 +21,16 @@ import base64
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from smalti.errors import SmaltiError
 from smalti.trust.keys import PublicKey, SigningKey
+from smalti.workflows.dsse import PAYLOAD_TYPE, STATEMENT_TYPE, EnvelopeError, open_envelope, sign_envelope
 
-STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+__all__ = ["PAYLOAD_TYPE", "STATEMENT_TYPE", "sign_envelope", "verify_envelope", "sign_model", "statement"]
+
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
 BUILD_TYPE = "urn:smalti:build-type:train:v1"  # documented in docs/models.md (Signed models)
-PAYLOAD_TYPE = "application/vnd.in-toto+json"
 PROVENANCE = "provenance.intoto.json"
 SIGNATURE = "model.sig"
 
@@ -120,10 +121,42 @@ def final_ledger_checkpoint(run: Path) -> dict[str, Any]:
         "entries": heads[-1].size,
         "origin": origin,
         "finished_on": heads[-1].timestamp,
+        "weights": heads[-1].weights,  # sha256 of the final weights, as the head signs them
     }
 
 
-def statement(directory: Path, run: Path, checkpoint: dict[str, Any]) -> dict[str, Any]:
+def include_evaluations(directory: Path, run: Path, checkpoint_name: str) -> list[str]:
+    """Copy into ``directory/evaluations/`` each of the run's evaluation attestations that an evaluator of its
+    taxonomy signed about this very checkpoint; the others stay out (a run folder is not trusted). Returns the
+    names included."""
+    import shutil
+
+    from smalti.evaluation.attestation import (
+        EVALUATIONS,
+        AttestationError,
+        evaluations_of,
+        evaluator_keys,
+        read_evaluation,
+    )
+
+    included = []
+    keys = evaluator_keys(run)
+    for path in evaluations_of(run):
+        try:
+            _, attested = read_evaluation(path, keys)
+        except AttestationError:
+            continue
+        if attested["predicate"].get("model", {}).get("checkpoint") != checkpoint_name:
+            continue
+        (directory / EVALUATIONS).mkdir(exist_ok=True)
+        shutil.copyfile(path, directory / EVALUATIONS / path.name)
+        included.append(path.name)
+    return included
+
+
+def statement(
+    directory: Path, run: Path, checkpoint: dict[str, Any], evaluations: Sequence[str] = ()
+) -> dict[str, Any]:
     """The in-toto Statement (SLSA Provenance v1) for the model files in ``directory``, trained in ``run``."""
     from smalti.workflows.certificate import CERTIFICATE, ablated_classes
     from smalti.governance.lineage import run_entry
@@ -143,6 +176,9 @@ def statement(directory: Path, run: Path, checkpoint: dict[str, Any]) -> dict[st
     ]
     if (run / CERTIFICATE).is_file():
         byproducts.append(_descriptor("deletion certificate", (run / CERTIFICATE).read_bytes(), "application/json"))
+    for name in evaluations:  # copied into the folder, so also subjects; here so a reader finds them named
+        content = (directory / "evaluations" / name).read_bytes()
+        byproducts.append(_descriptor(f"evaluation {name}", content, "application/vnd.dsse.envelope.v1+json"))
     return {
         "_type": STATEMENT_TYPE,
         "subject": file_digests(directory),
@@ -177,54 +213,25 @@ def _uri(location: str) -> str:
     return location if "://" in location else Path(location).resolve().as_uri()
 
 
-def sign_envelope(payload: dict[str, Any], key: SigningKey) -> dict[str, Any]:
-    """A DSSE envelope of the statement, signed with securesystemslib (the in-toto project's signing library)."""
-    from securesystemslib.dsse import Envelope
-
-    envelope = Envelope(json.dumps(payload, sort_keys=True).encode(), PAYLOAD_TYPE, {})
-    envelope.sign(_Signer(key))  # type: ignore[arg-type]  # _Signer has the Signer interface, not its ABC as base
-    return envelope.to_dict()
-
-
-class _Signer:
-    """securesystemslib's signer interface over any Smalti key (a file's, or a PKCS#11 token's); the keyid is
-    the key id Smalti prints."""
-
-    def __init__(self, key: SigningKey) -> None:
-        self.key = key
-        self.public_key = _sslib_key(key.public)
-
-    def sign(self, payload: bytes):
-        from securesystemslib.signer import Signature
-
-        return Signature(self.public_key.keyid, self.key.sign(payload).hex())
-
-
-def _sslib_key(public: PublicKey):
-    from securesystemslib.signer import SSlibKey
-
-    return SSlibKey(public.key_id, "ed25519", "ed25519", {"public": public.raw.hex()})
-
-
 def verify_envelope(envelope: dict[str, Any], trainer: PublicKey) -> dict[str, Any]:
     """The statement in a DSSE envelope, after checking the trainer key signed it."""
-    from securesystemslib.dsse import Envelope
-    from securesystemslib.exceptions import VerificationError
-
     try:
-        parsed = Envelope.from_dict(envelope)
-        parsed.verify([_sslib_key(trainer)], 1)
-    except (VerificationError, KeyError, ValueError, TypeError) as error:
-        raise ProvenanceError(f"{PROVENANCE}: not signed by trainer key {trainer.key_id} ({error})") from None
-    if parsed.payload_type != PAYLOAD_TYPE:
-        raise ProvenanceError(f"{PROVENANCE}: payload type {parsed.payload_type!r}, not an in-toto statement")
-    return json.loads(parsed.payload)
+        return open_envelope(envelope, trainer, "trainer")
+    except EnvelopeError as error:
+        raise ProvenanceError(f"{PROVENANCE}: {error}") from None
 
 
 def sign_model(
-    directory: Path, run: Path, checkpoint: dict[str, Any], trainer_key: SigningKey, model_key: Path
-) -> None:
-    """Write ``provenance.intoto.json``, then ``model.sig`` over the whole folder (the provenance included)."""
+    directory: Path,
+    run: Path,
+    checkpoint: dict[str, Any],
+    trainer_key: SigningKey,
+    model_key: Path,
+    checkpoint_name: str | None = None,
+) -> list[str]:
+    """Copy in the run's evaluations of checkpoint ``checkpoint_name`` (``include_evaluations``), write
+    ``provenance.intoto.json``, then ``model.sig`` over the whole folder (both included). Returns the names of
+    the evaluations included."""
     model_signing = _model_signing()
     directory = Path(directory).resolve()  # model_signing compares ignored paths with the absolute ones it walks
 
@@ -236,7 +243,8 @@ def sign_model(
             f"({_ledger_key(run).key_id})"
         )
     check_model_key(model_key)
-    envelope = sign_envelope(statement(directory, run, checkpoint), trainer_key)
+    included = include_evaluations(directory, run, checkpoint_name) if checkpoint_name else []
+    envelope = sign_envelope(statement(directory, run, checkpoint, included), trainer_key)
     atomic_write_text(directory / PROVENANCE, json.dumps(envelope, indent=1) + "\n")
     config = model_signing.signing.Config()
     try:
@@ -256,6 +264,7 @@ def sign_model(
             f"--model-key {model_key}: {error} (an ECDSA P-256/384/521 PEM private key: "
             f"smalti keys new NAME --type ecdsa-p256)"
         ) from None
+    return included
 
 
 def check_model_key(path: Path) -> None:

@@ -23,13 +23,14 @@ import io
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, cast
 
 import numpy as np
 import yaml
 
+from smalti.errors import SmaltiError
 from smalti.governance.ledger.audit import Ledger
 from smalti.governance.ledger.verify import VerifyReport
 from smalti.io import atomic_write_bytes
@@ -98,6 +99,7 @@ class ServedBy:
     path_label: Callable[[str], str]
     certificate_key: Any  # a PublicKey
     max_checkpoint_bytes: int
+    evaluators: dict[str, Any] = field(default_factory=dict)  # name -> PublicKey: the taxonomy's evaluators
 
 
 def plain_file(run_dir: Path, *parts: str) -> Path | None:
@@ -503,6 +505,71 @@ def _held_out(run_dir: Path, max_bytes: int | None = None) -> str:
     )
 
 
+def _mapping(value: Any) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else empty: a signed statement's fields are still typed before use."""
+    return value if isinstance(value, dict) else {}
+
+
+def _evaluations(run_dir: Path, served: ServedBy | None = None) -> str:
+    """The run's evaluation attestations (``RUN/evaluations/``): each checked against the taxonomy's evaluators
+    (the service's own when served; else the run's), at most 100 of at most 1 MB; what did not verify is said."""
+    from smalti.evaluation.attestation import EVALUATIONS, SUFFIX, AttestationError, read_evaluation
+
+    folder = run_dir / EVALUATIONS
+    if folder.is_symlink() or not folder.is_dir():
+        return ""
+    if served is not None:
+        keys = served.evaluators
+    else:
+        from smalti.evaluation.attestation import evaluator_keys
+
+        try:
+            keys = evaluator_keys(run_dir)
+        except SmaltiError as error:
+            return f"<h2>Evaluations</h2><p class='status bad'>NOT CHECKED: {_e(error)}</p>"
+    rows = []
+    for name in sorted(p.name for p in folder.iterdir() if p.name.endswith(SUFFIX))[:100]:
+        path = plain_file(run_dir, EVALUATIONS, name)
+        if path is None or path.stat().st_size > 1 << 20:
+            rows.append(
+                f"<tr><th>{_e(name)}</th><td colspan='3' class='bad'>NOT VERIFIED: not a plain file of at "
+                "most 1 MB</td></tr>"
+            )
+            continue
+        try:
+            evaluator, statement = read_evaluation(path, keys)
+        except AttestationError as error:
+            rows.append(
+                f"<tr><th>{_e(name)}</th><td colspan='3' class='bad'>NOT VERIFIED: "
+                f"{_e(str(error).split(': ', 1)[-1])}</td></tr>"
+            )
+            continue
+        predicate = _mapping(statement.get("predicate"))
+        listed = predicate.get("tasks")
+        tasks: list[Any] = listed if isinstance(listed, list) else []
+        measured = "; ".join(
+            f"{t.get('name')}: "
+            + ", ".join(
+                f"{k} {_number(v)}" for k, v in sorted(t.get("metrics", {}).items()) if k in ("acc", "acc_norm")
+            )
+            for t in tasks
+            if isinstance(t, dict) and isinstance(t.get("metrics"), dict)
+        )
+        model = _mapping(predicate.get("model"))
+        losses = _mapping(_mapping(predicate.get("held_out")).get("losses_by_class"))
+        held_text = f"{len(losses)} classes" if losses else "not measured"
+        rows.append(
+            f"<tr><th>{_e(name)}</th><td>{_e(evaluator)} (verified), of {_e(model.get('checkpoint'))}</td>"
+            f"<td>{_e(measured or 'no tasks')}</td><td>held-out loss: {_e(held_text)}</td></tr>"
+        )
+    if not rows:
+        return ""
+    return (
+        "<h2>Evaluations</h2><p class='sub'>Attestations in the run's evaluations/ folder, each checked against "
+        "the evaluators the taxonomy names (docs/closure.md).</p><table>" + "".join(rows) + "</table>"
+    )
+
+
 def _certificate(run_dir: Path, served: ServedBy | None = None, log: str = "") -> str:
     from smalti.workflows.certificate import CERTIFICATE
 
@@ -777,6 +844,7 @@ def render_report(
 Update-share rule: {_e(ledger.run.get("update_share_rule", ""))}.</p>
 {figures}
 {_held_out(run_dir, served.max_checkpoint_bytes if served else None)}
+{_evaluations(run_dir, served)}
 {later}
 </body></html>
 """
