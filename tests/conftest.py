@@ -249,6 +249,14 @@ def governed(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path) -> Gov
     return Governed(root=root, keys=root / "keys", taxonomy=root / "taxonomy.yaml", dataset=root / "dataset")
 
 
+@pytest.fixture(scope="session")
+def evaluated_governance(tmp_path_factory, tiny_corpus) -> Governed:
+    """The governed fixture's data and authorities, plus an evaluator (``lab-evals``) in the taxonomy."""
+    root = built_once(tmp_path_factory, "governed-evaluator",
+                      lambda partial: make_governance(partial, tiny_corpus, evaluator=True))
+    return Governed(root=root, keys=root / "keys", taxonomy=root / "taxonomy.yaml", dataset=root / "dataset")
+
+
 @pytest.fixture
 def governed_copy(governed: Governed, tmp_path: Path) -> Governed:
     """A private copy to tamper with."""

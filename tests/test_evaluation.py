@@ -16,19 +16,11 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, Governed, built_once, make_governance, smalti_cli, tiny_recipe, write_recipe
+from conftest import REPO, smalti_cli, tiny_recipe, write_recipe
 from helpers import latest_payload
 
 pytest.importorskip("lm_eval")
 TASKS = REPO / "smalti" / "evaluation" / "tasks" / "shakespeare"
-
-
-@pytest.fixture(scope="session")
-def evaluated_governance(tmp_path_factory, tiny_corpus) -> Governed:
-    """The governed fixture's data and authorities, plus an evaluator (``lab-evals``) in the taxonomy."""
-    root = built_once(tmp_path_factory, "governed-evaluator",
-                      lambda partial: make_governance(partial, tiny_corpus, evaluator=True))
-    return Governed(root=root, keys=root / "keys", taxonomy=root / "taxonomy.yaml", dataset=root / "dataset")
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import sys
 from typing import Sequence
 
 from smalti.cli import (
+    admit,
     audit,
     auditor,
     data,
@@ -47,6 +48,7 @@ COMMANDS = (
     witness,
     serve,
     auditor,
+    admit,
 )
 
 

@@ -141,13 +141,15 @@ def include_evaluations(directory: Path, run: Path, checkpoint_name: str) -> lis
 
     included = []
     keys = evaluator_keys(run)
+    weights = final_ledger_checkpoint(run)["weights"]
     for path in evaluations_of(run):
         try:
             _, attested = read_evaluation(path, keys)
         except AttestationError:
             continue
-        if attested["predicate"].get("model", {}).get("checkpoint") != checkpoint_name:
-            continue
+        measured = attested["predicate"].get("model", {})
+        if measured.get("checkpoint") != checkpoint_name or measured.get("weights_sha256") != weights:
+            continue  # an evaluation of another checkpoint, or of another run's weights copied in
         (directory / EVALUATIONS).mkdir(exist_ok=True)
         shutil.copyfile(path, directory / EVALUATIONS / path.name)
         included.append(path.name)
