@@ -64,6 +64,15 @@ def recipe(data: dict[str, Any]) -> Recipe:
     return Recipe.model_validate(data)
 
 
+def assert_resume_is_bitwise(tmp_path: Path, config: dict[str, Any], state: str = "AdamW state") -> None:
+    """G7: a run crashed after batch 5 and rerun ends with weights and optimizer state bitwise the uninterrupted
+    run's (``state``: what the optimizer state is called in a failure)."""
+    reference, resumed, _ = crash_and_resume(tmp_path, config, crash_at=5)
+    a, b = latest_payload(reference), latest_payload(resumed)
+    assert_tree_equal(a["model"], b["model"], "weights")
+    assert_tree_equal(a["optimizer"], b["optimizer"], state)
+
+
 def crash_and_resume(tmp_path: Path, config: dict[str, Any], crash_at: int) -> tuple[Path, Path, int]:
     """Train uninterrupted into ``reference``; train again into ``resumed``, crash after batch ``crash_at``,
     rerun to resume and finish. Returns both run directories and the batch the rerun resumed from."""

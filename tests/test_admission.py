@@ -16,10 +16,9 @@ import pytest
 import yaml
 
 from conftest import smalti_cli, tiny_recipe, write_recipe
+from test_hf_models import hf_model
 
 pytest.importorskip("celpy")
-LLAMA = {"hf": {"config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 32}}}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +27,7 @@ def exported(evaluated_governance, tmp_path_factory):
     root = tmp_path_factory.mktemp("admit")
     data = {"corpus": None, "url": str(g.dataset), "taxonomy": str(g.taxonomy), "trust": str(g.trust),
             "cache_dir": str(root / "cache")}
-    config = tiny_recipe(Path("unused"), model=LLAMA, data=data, train={"max_duration": "4ba"},
+    config = tiny_recipe(Path("unused"), model=hf_model(), data=data, train={"max_duration": "4ba"},
                          eval={"interval": "4ba"}, checkpoint={"interval": "4ba"},
                          governance={"ledger": {"enabled": True, "key": str(g.key("trainer"))}})
     run = root / "run"

@@ -21,7 +21,7 @@ from smalti.distributed import DistInfo
 from smalti.trainer import Trainer
 
 from conftest import Governed, write_policy
-from helpers import assert_tree_equal, crash_and_resume, latest_payload, recipe
+from helpers import assert_tree_equal, assert_resume_is_bitwise, latest_payload, recipe
 
 pytest.importorskip("diffusers")
 
@@ -172,7 +172,7 @@ def test_g1_a_digit_denied_the_attention_and_time_embedding_leaves_them_and_thei
 ):
     """The victim digit's images in the last step are replaced by noise: the parameters it may not update, and
     every tensor of their optimizer state, are bitwise the same after every step; an allowed one feels it."""
-    from test_moe import Snapshot
+    from test_moe import _plain_and_perturbed
 
     if optimizer == "lion":
         pytest.importorskip("pytorch_optimizer")
@@ -192,17 +192,9 @@ def test_g1_a_digit_denied_the_attention_and_time_embedding_leaves_them_and_thei
     model, _ = _model(config.to_dict())
     forbidden = [n for n, _ in model.named_parameters() if any(n.startswith(d + ".") for d in DENIED)]
     assert len(forbidden) >= 8
-    runs = {}
-    for label in ("plain", "perturbed"):
-        data = _data(config.to_dict())
-        if label == "perturbed":
-            data.train = PerturbDigitInLastStep(data.train, victim, {int(i) for i in last})
-        snapshots: list = []
-        trainer = Trainer(config, tmp_path / label, data=data, callbacks=[Snapshot(forbidden, snapshots)])
-        assert not trainer.router._unsplittable.any()  # every module of the UNet splits by rows
-        trainer.fit()
-        runs[label] = (trainer, snapshots)
-    (plain, a), (perturbed, b) = runs["plain"], runs["perturbed"]
+    (plain, a), (perturbed, b) = _plain_and_perturbed(config, tmp_path, victim, {int(i) for i in last}, forbidden,
+                                                      perturb=PerturbDigitInLastStep)
+    assert not plain.router._unsplittable.any()  # every module of the UNet splits by rows
     assert len(a) == steps
     for step, (x, y) in enumerate(zip(a, b)):
         assert_tree_equal(x[0], y[0], f"forbidden parameters after step {step}")
@@ -265,10 +257,7 @@ def test_g5_exact_forget_of_a_digit_is_bitwise_the_counterfactual(digits, tmp_pa
 def test_g7_a_crash_and_resume_with_dropout_on_is_bitwise_the_uninterrupted_run(digits, tmp_path):
     config = _ledgered(digits, model={"name": "diffusion", "diffusion": {**TINY_UNET, "dropout": 0.1}},
                        train={"max_duration": "6ba"}, checkpoint={"interval": "2ba"})
-    reference, resumed, _ = crash_and_resume(tmp_path, config, crash_at=5)
-    a, b = latest_payload(reference), latest_payload(resumed)
-    assert_tree_equal(a["model"], b["model"], "weights")
-    assert_tree_equal(a["optimizer"], b["optimizer"], "AdamW state")
+    assert_resume_is_bitwise(tmp_path, config)
 
 
 # ---------------------------------------------------------------------------------------------- adapters

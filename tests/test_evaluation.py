@@ -241,17 +241,16 @@ def test_data_governance_names_an_evaluator_in_the_taxonomy(governed, tmp_path):
 
 
 def test_a_signed_export_carries_the_evaluations_of_its_checkpoint_and_only_those(evaluated_governance, tmp_path):
+    from test_hf_models import hf_model
+
     from smalti.evaluation.attestation import evaluation_statement
     from smalti.trust.keys import SigningKey
     from smalti.workflows.provenance import sign_envelope
 
     g = evaluated_governance
-    llama = {"hf": {"config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
-                               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                               "max_position_embeddings": 32}}}
     data = {"corpus": None, "url": str(g.dataset), "taxonomy": str(g.taxonomy), "trust": str(g.trust),
             "cache_dir": str(tmp_path / "cache")}
-    config = tiny_recipe(Path("unused"), model=llama, data=data, train={"max_duration": "4ba"},
+    config = tiny_recipe(Path("unused"), model=hf_model(), data=data, train={"max_duration": "4ba"},
                          eval={"interval": "4ba"}, checkpoint={"interval": "4ba"},
                          governance={"ledger": {"enabled": True, "key": str(g.key("trainer"))}})
     run = tmp_path / "run"

@@ -14,22 +14,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smalti.build import build_data
+from smalti.build import build_data, build_model_for
 from smalti.distributed import DistInfo
-from smalti.trainer import Trainer
 
 from conftest import write_policy
 from helpers import assert_tree_equal, recipe
-from test_moe import Snapshot, moe_model
-from test_optimizers import OPTIMIZER, PerturbLastStep
+from test_hf_models import CONFIGS, hf_model
+from test_moe import _plain_and_perturbed, moe_model
+from test_optimizers import OPTIMIZER
 from test_ssm import mamba
 
-LLAMA = {"hf": {"config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 32}}}
 EXPERTS = ["model.layers.*.mlp.experts.1", "model.layers.*.mlp.gate"]
 # architecture: (model section, denied parameter patterns, a parameter the victim may update)
 ARCHITECTURES = {
-    "llama": (LLAMA, ["model.layers.0", "model.embed_tokens"], "model.layers.1.self_attn.q_proj.weight"),
+    "llama": (hf_model("llama"), *CONFIGS["llama"][1:]),
     "mixtral-split": (moe_model("mixtral"), EXPERTS, "model.layers.1.self_attn.q_proj.weight"),
     "mixtral-signature": (moe_model("mixtral", aux=True), EXPERTS, "model.layers.1.self_attn.q_proj.weight"),
     "olmoe": (moe_model("olmoe"), EXPERTS, "model.layers.1.self_attn.q_proj.weight"),
@@ -62,25 +60,15 @@ def test_g1_per_architecture_and_optimizer(governed, tmp_path, architecture, opt
     probe = build_data(recipe(governed.recipe(**sections)), DistInfo())
     last = probe.sampler.global_batch(0, steps - 1)
     classes = probe.train.gather(last).provenance[:, 0]
-    probe.train.close(), probe.val.close()
     assert len(set(classes.tolist())) > 1, "the step should mix classes"
     victim = int(classes[0])
     policy = write_policy(governed, tmp_path / "policy.yaml",
                           [{"classes": [probe.class_names[victim]], "params": denied, "action": "deny"}])
     config = recipe(governed.recipe(governance={"policy": str(policy)}, **sections))
-    runs = {}
-    for label in ("plain", "perturbed"):
-        data = build_data(config, DistInfo())
-        if label == "perturbed":
-            data.train = PerturbLastStep(data.train, victim, {int(i) for i in last})
-        snapshots: list = []
-        snapshot = Snapshot([], snapshots)
-        trainer = Trainer(config, tmp_path / label, data=data, callbacks=[snapshot])
-        snapshot.names = [n for n in trainer.router.names if any(_matches(n, d) for d in denied)]
-        assert len(snapshot.names) >= 3, snapshot.names
-        trainer.fit()
-        runs[label] = (trainer, snapshots)
-    (plain, a), (perturbed, b) = runs["plain"], runs["perturbed"]
+    watched = [n for n, _ in build_model_for(config, probe).named_parameters() if any(_matches(n, d) for d in denied)]
+    probe.train.close(), probe.val.close()
+    assert len(watched) >= 3, watched
+    (plain, a), (perturbed, b) = _plain_and_perturbed(config, tmp_path, victim, {int(i) for i in last}, watched)
     assert len(a) == steps
     for step, (x, y) in enumerate(zip(a, b)):
         assert_tree_equal(x[0], y[0], f"denied parameters after step {step}")

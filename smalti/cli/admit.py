@@ -6,8 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from smalti.errors import SmaltiError
-
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -39,17 +37,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
+    from smalti.cli.arguments import named_key
     from smalti.io import atomic_write_text
     from smalti.trust.keys import PublicKey, SigningKey
     from smalti.workflows.admission import check, load_policy, model_record, verification_summary
 
     policy = load_policy(args.policy)
-    evaluators = {}
-    for entry in args.evaluator:
-        name, sep, pub = entry.partition("=")
-        if not sep or not name or not pub:
-            raise SmaltiError(f"--evaluator {entry!r}: expected NAME=PUB, e.g. lab-evals=keys/lab-evals.pub")
-        evaluators[name] = PublicKey.load(Path(pub))
+    evaluators = {name: PublicKey.load(pub) for name, pub in (named_key(e, "--evaluator") for e in args.evaluator)}
     key = SigningKey.load(args.key) if args.key else None
     model, inputs = model_record(args.directory, PublicKey.load(args.trainer_pubkey), args.model_pubkey, evaluators)
     if args.facts:

@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.tree import Tree
 
 from smalti.data.sources import classes_from_mapping
+from smalti.cli.arguments import named_key
 from smalti.cli.output import console as output_console, counted
 from smalti.errors import SmaltiError
 from smalti.trust.keys import PublicKey
@@ -112,12 +113,10 @@ def run_init(args: argparse.Namespace) -> int:
             authorities[role] = {"role": role, "key": PublicKey.load(path).text}
     for role, entries in (("auditor", args.auditor), ("evaluator", args.evaluator)):
         for entry in entries:
-            name, sep, pub = entry.partition("=")
-            if not sep or not name or not pub:
-                raise SmaltiError(f"--{role} {entry!r}: expected NAME=PUB, e.g. external-{role}=keys/{role}.pub")
+            name, pub = named_key(entry, f"--{role}")
             if name in authorities:
                 raise SmaltiError(f"--{role} {name}: an authority of that name exists already")
-            authorities[name] = {"role": role, "key": PublicKey.load(Path(pub)).text}
+            authorities[name] = {"role": role, "key": PublicKey.load(pub).text}
     text = taxonomy_yaml(args.name, classes, authorities, args.deletable)
     Taxonomy.parse(text.encode(), str(args.out))  # refuse to write what would not load
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,14 +21,16 @@ model never passes for another's.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from smalti.errors import SmaltiError
 from smalti.trust.keys import PublicKey, SigningKey
 from smalti.workflows.dsse import PAYLOAD_TYPE, STATEMENT_TYPE, EnvelopeError, open_envelope, sign_envelope
 
 PREDICATE_TYPE = "https://smalti.dev/attestation/evaluation/v1"
+MAX_EVALUATIONS, MAX_EVALUATION_BYTES = 100, 1 << 20  # what one reading of a run's evaluations reads at most
 EVALUATIONS = "evaluations"  # the folder of a run (or an export) that holds its evaluation attestations
 SUFFIX = ".intoto.json"
 
@@ -66,6 +68,29 @@ def read_evaluation(path: Path, evaluators: dict[str, PublicKey]) -> tuple[str, 
     raise AttestationError(f"{path}: not signed by any evaluator the taxonomy names (known: {known})")
 
 
+def check_evaluations(
+    folder: Path, file_of: Callable[[str], Path | None], evaluators: dict[str, PublicKey]
+) -> list[dict[str, Any]]:
+    """Each attestation in a run's ``folder`` of evaluations (at most 100, of at most 1 MB each), checked against
+    ``evaluators``: ``{name, verified: True, evaluator, statement}``, or ``{name, verified: False, problem}``.
+    ``file_of(name)`` is the file as the caller's rules allow it to be read (None: refused, e.g. a link)."""
+    names = sorted(e.name for e in os.scandir(folder) if e.name.endswith(SUFFIX))[:MAX_EVALUATIONS]
+    found: list[dict[str, Any]] = []
+    for name in names:
+        path = file_of(name)
+        if path is None:
+            found.append({"name": name, "verified": False, "problem": "not a regular file"})
+        elif path.stat().st_size > MAX_EVALUATION_BYTES:
+            found.append({"name": name, "verified": False, "problem": f"larger than {MAX_EVALUATION_BYTES} bytes"})
+        else:
+            try:
+                evaluator, statement = read_evaluation(path, evaluators)
+                found.append({"name": name, "verified": True, "evaluator": evaluator, "statement": statement})
+            except AttestationError as error:
+                found.append({"name": name, "verified": False, "problem": str(error).split(": ", 1)[-1]})
+    return found
+
+
 def evaluations_of(folder: Path) -> list[Path]:
     """The attestation files a run or an export folder holds, in name order."""
     directory = Path(folder) / EVALUATIONS
@@ -75,8 +100,11 @@ def evaluations_of(folder: Path) -> list[Path]:
 def evaluator_keys(run: Path) -> dict[str, PublicKey]:
     """The evaluators the run's taxonomy names, by name (none without a taxonomy)."""
     taxonomy = run_taxonomy(run)
-    if taxonomy is None:
-        return {}
+    return evaluators_of(taxonomy) if taxonomy is not None else {}
+
+
+def evaluators_of(taxonomy: Any) -> dict[str, PublicKey]:
+    """A taxonomy's evaluator authorities, by name."""
     return {n: a.key for n, a in taxonomy.authorities.items() if a.role == "evaluator" and a.key is not None}
 
 

@@ -19,7 +19,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from smalti.evaluation.attestation import EVALUATIONS, SUFFIX, evaluation_statement, run_taxonomy, sign_evaluation
+from smalti.evaluation.attestation import (
+    EVALUATIONS,
+    SUFFIX,
+    evaluation_statement,
+    evaluators_of,
+    run_taxonomy,
+    sign_evaluation,
+)
 from smalti.evaluation.harness import EvaluationError, TaskDefinition, harness_version, run_tasks
 from smalti.trust.keys import PublicKey, SigningKey
 
@@ -30,26 +37,24 @@ class Evaluation:
     statement: dict[str, Any]
 
 
-def evaluator_name(run: Path, key: SigningKey, name: str | None) -> str:
-    """The taxonomy's name for the evaluator whose key this is; a run without a taxonomy takes ``name``."""
-    taxonomy = run_taxonomy(run)
+def evaluator_name(run: Path, taxonomy: Any, key: SigningKey, name: str | None) -> str:
+    """The run's taxonomy's name for the evaluator whose key this is; a run without a taxonomy takes ``name``."""
     if taxonomy is None:
         if not name:
             raise EvaluationError(f"{run} has no taxonomy to name its evaluators: give --name")
         return name
-    for authority_name, authority in taxonomy.authorities.items():
-        if authority.role == "evaluator" and authority.key is not None and authority.key.raw == key.public.raw:
-            if name and name != authority_name:
-                raise EvaluationError(f"--name {name}: the taxonomy names this key's evaluator {authority_name!r}")
-            return authority_name
+    for evaluator, public in evaluators_of(taxonomy).items():
+        if public.raw == key.public.raw:
+            if name and name != evaluator:
+                raise EvaluationError(f"--name {name}: the taxonomy names this key's evaluator {evaluator!r}")
+            return evaluator
     raise EvaluationError(
         f"key {key.public.key_id} is not an evaluator of taxonomy {taxonomy.name!r}: data governance adds one with "
         "'smalti taxonomy init ... --evaluator NAME=PUB' and signs the taxonomy again"
     )
 
 
-def trainer_key(run: Path, given: PublicKey | None) -> PublicKey:
-    taxonomy = run_taxonomy(run)
+def trainer_key(run: Path, taxonomy: Any, given: PublicKey | None) -> PublicKey:
     key = given or (taxonomy.key_of_role("trainer") if taxonomy is not None else None)
     if key is None:
         raise EvaluationError(f"{run}: no trainer key to verify its ledger with: give --trainer-pubkey")
@@ -77,8 +82,9 @@ def evaluate_run(
     run = Path(run)
     if not (run / "recipe.yaml").is_file():
         raise EvaluationError(f"{run}: not a run directory (no recipe.yaml)")
-    evaluator = evaluator_name(run, key, name)
-    report = verify_ledger(run, trainer_key(run, trainer))
+    taxonomy = run_taxonomy(run)
+    evaluator = evaluator_name(run, taxonomy, key, name)
+    report = verify_ledger(run, trainer_key(run, taxonomy, trainer))
     if not report.ok:
         raise EvaluationError(f"{run}: its ledger does not verify ({report.problem}); nothing was evaluated")
     ledger = final_ledger_checkpoint(run)

@@ -34,11 +34,11 @@ from smalti.governance.ledger.audit import Ledger, check_step_shape
 from smalti.trust.entry import EntryFormatError, TreeHead, decode_entry
 from smalti.governance.ledger.store import LEDGER_FILE, LedgerError, LedgerStore
 from smalti.governance.ledger.tiles import MAX_ENTRY, WIDTH
+from smalti.evaluation.attestation import evaluators_of
 from smalti.trust.taxonomy import Taxonomy
 
 SUMMARY_EVERY = 256  # entries between the heatmap's cumulative snapshots
 MAX_CERTIFICATE_BYTES = 1 << 20
-MAX_EVALUATIONS, MAX_EVALUATION_BYTES = 100, 1 << 20  # what one listing of a run's evaluations reads at most
 
 
 class NotFound(SmaltiError):
@@ -147,7 +147,7 @@ class Runs:
         self.limits = limits
         self.trainers = {a.key.key_id: a for a in taxonomy.authorities.values() if a.role == "trainer" and a.key}
         self.others = {a.key.key_id: a for a in taxonomy.authorities.values() if a.role != "trainer" and a.key}
-        self.evaluators = {n: a.key for n, a in taxonomy.authorities.items() if a.role == "evaluator" and a.key}
+        self.evaluators = evaluators_of(taxonomy)
         self._leaves = BoundedCache(limits.cached_runs * 4, limits.cached_hashes)
         self._summaries = BoundedCache(limits.cached_runs)
         self._verdicts = BoundedCache(256)
@@ -479,28 +479,12 @@ class Runs:
     def evaluations(self, name: str) -> list[dict[str, Any]]:
         """The run's evaluation attestations, each checked against the served taxonomy's evaluators (never a key
         the run folder names): verified ones with their statement, the rest with why not."""
-        from smalti.evaluation.attestation import EVALUATIONS, SUFFIX, AttestationError, read_evaluation
+        from smalti.evaluation.attestation import EVALUATIONS, check_evaluations
 
         folder = self.path(name) / EVALUATIONS
         if not _real_folder(folder):
             return []
-        listed = sorted(e.name for e in os.scandir(folder) if e.name.endswith(SUFFIX))[:MAX_EVALUATIONS]
-        found = []
-        for file_name in listed:
-            path = self.file(name, f"{EVALUATIONS}/{file_name}")
-            if path is None:
-                found.append({"name": file_name, "verified": False, "problem": "not a regular file"})
-            elif path.stat().st_size > MAX_EVALUATION_BYTES:
-                found.append(
-                    {"name": file_name, "verified": False, "problem": f"larger than {MAX_EVALUATION_BYTES} bytes"}
-                )
-            else:
-                try:
-                    evaluator, statement = read_evaluation(path, self.evaluators)
-                    found.append({"name": file_name, "verified": True, "evaluator": evaluator, "statement": statement})
-                except AttestationError as error:
-                    found.append({"name": file_name, "verified": False, "problem": str(error).split(": ", 1)[-1]})
-        return found
+        return check_evaluations(folder, lambda file: self.file(name, f"{EVALUATIONS}/{file}"), self.evaluators)
 
 
 def _shown_classes(classes: list[str], matrix: np.ndarray) -> list[int]:

@@ -513,7 +513,7 @@ def _mapping(value: Any) -> dict[str, Any]:
 def _evaluations(run_dir: Path, served: ServedBy | None = None) -> str:
     """The run's evaluation attestations (``RUN/evaluations/``): each checked against the taxonomy's evaluators
     (the service's own when served; else the run's), at most 100 of at most 1 MB; what did not verify is said."""
-    from smalti.evaluation.attestation import EVALUATIONS, SUFFIX, AttestationError, read_evaluation
+    from smalti.evaluation.attestation import EVALUATIONS, check_evaluations
 
     folder = run_dir / EVALUATIONS
     if folder.is_symlink() or not folder.is_dir():
@@ -528,22 +528,14 @@ def _evaluations(run_dir: Path, served: ServedBy | None = None) -> str:
         except SmaltiError as error:
             return f"<h2>Evaluations</h2><p class='status bad'>NOT CHECKED: {_e(error)}</p>"
     rows = []
-    for name in sorted(p.name for p in folder.iterdir() if p.name.endswith(SUFFIX))[:100]:
-        path = plain_file(run_dir, EVALUATIONS, name)
-        if path is None or path.stat().st_size > 1 << 20:
+    for found in check_evaluations(folder, lambda file: plain_file(run_dir, EVALUATIONS, file), keys):
+        name = found["name"]
+        if not found["verified"]:
             rows.append(
-                f"<tr><th>{_e(name)}</th><td colspan='3' class='bad'>NOT VERIFIED: not a plain file of at "
-                "most 1 MB</td></tr>"
+                f"<tr><th>{_e(name)}</th><td colspan='3' class='bad'>NOT VERIFIED: {_e(found['problem'])}</td></tr>"
             )
             continue
-        try:
-            evaluator, statement = read_evaluation(path, keys)
-        except AttestationError as error:
-            rows.append(
-                f"<tr><th>{_e(name)}</th><td colspan='3' class='bad'>NOT VERIFIED: "
-                f"{_e(str(error).split(': ', 1)[-1])}</td></tr>"
-            )
-            continue
+        evaluator, statement = found["evaluator"], found["statement"]
         predicate = _mapping(statement.get("predicate"))
         listed = predicate.get("tasks")
         tasks: list[Any] = listed if isinstance(listed, list) else []
